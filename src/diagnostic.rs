@@ -1,0 +1,200 @@
+//! Problems found in policy files, reported rustc-style: file, line, column, underline, help.
+
+use std::fmt;
+use std::sync::Arc;
+
+use miette::{Diagnostic, GraphicalReportHandler, GraphicalTheme, NamedSource, SourceSpan};
+use thiserror::Error;
+
+/// A byte range in one source file.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Span {
+    /// First byte.
+    pub start: usize,
+    /// One past the last byte.
+    pub end: usize,
+}
+
+impl Span {
+    /// The range `start..end`.
+    pub const fn new(start: usize, end: usize) -> Self {
+        Span { start, end }
+    }
+}
+
+impl fmt::Debug for Span {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}..{}", self.start, self.end)
+    }
+}
+
+impl From<Span> for SourceSpan {
+    fn from(span: Span) -> Self {
+        SourceSpan::from(span.start..span.end)
+    }
+}
+
+/// One policy source file: its name as shown to users, and its text.
+#[derive(Clone)]
+pub struct SourceFile {
+    name: Arc<str>,
+    text: Arc<str>,
+}
+
+impl SourceFile {
+    /// A source file named `name` holding `text`.
+    pub fn new(name: impl Into<Arc<str>>, text: impl Into<Arc<str>>) -> Self {
+        SourceFile {
+            name: name.into(),
+            text: text.into(),
+        }
+    }
+
+    /// The name shown in diagnostics.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The file's text.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    fn named_source(&self) -> NamedSource<Arc<str>> {
+        NamedSource::new(self.name.to_string(), Arc::clone(&self.text))
+    }
+}
+
+impl fmt::Debug for SourceFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SourceFile")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One problem in a policy file.
+#[derive(Debug, Clone, Error, Diagnostic)]
+#[error("{message}")]
+pub struct PolicyError {
+    message: String,
+    #[source_code]
+    source_code: NamedSource<Arc<str>>,
+    #[label("{label}")]
+    span: Option<SourceSpan>,
+    label: String,
+    #[help]
+    help: Option<String>,
+}
+
+impl PolicyError {
+    /// A problem at `span` of `file`: `message` heads it, `label` underlines the span.
+    pub fn new(
+        file: &SourceFile,
+        span: Span,
+        message: impl Into<String>,
+        label: impl Into<String>,
+    ) -> Self {
+        PolicyError {
+            message: message.into(),
+            source_code: file.named_source(),
+            span: Some(span.into()),
+            label: label.into(),
+            help: None,
+        }
+    }
+
+    /// A problem with a whole file (it cannot be read, say), with no place inside it.
+    pub fn whole_file(name: &str, message: impl Into<String>) -> Self {
+        PolicyError {
+            message: message.into(),
+            source_code: NamedSource::new(name, Arc::from("")),
+            span: None,
+            label: String::new(),
+            help: None,
+        }
+    }
+
+    /// Adds a help line.
+    pub fn with_help(mut self, help: impl Into<String>) -> Self {
+        self.help = Some(help.into());
+        self
+    }
+
+    /// The one-line message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The name of the file the problem is in.
+    pub fn file_name(&self) -> &str {
+        self.source_code.name()
+    }
+
+    /// Where in the file, as a byte range, if the problem has a place.
+    pub fn span(&self) -> Option<Span> {
+        self.span
+            .map(|s| Span::new(s.offset(), s.offset() + s.len()))
+    }
+
+    /// The help line, if any.
+    pub fn help_text(&self) -> Option<&str> {
+        self.help.as_deref()
+    }
+
+    /// The diagnostic as rustc-style text without colours, `width` columns wide.
+    pub fn render_plain(&self, width: usize) -> String {
+        render(self, GraphicalTheme::unicode_nocolor(), width)
+    }
+
+    /// The diagnostic as rustc-style text for a terminal.
+    pub fn render_terminal(&self, width: usize) -> String {
+        render(self, GraphicalTheme::default(), width)
+    }
+}
+
+fn render(error: &PolicyError, theme: GraphicalTheme, width: usize) -> String {
+    let mut out = String::new();
+    GraphicalReportHandler::new_themed(theme)
+        .with_width(width)
+        .render_report(&mut out, error)
+        .map(|()| out)
+        .unwrap_or_else(|_| error.message.clone())
+}
+
+/// Every problem found in a set of policy files, in file order.
+#[derive(Debug, Error, Diagnostic)]
+#[error("{} in the policy files", count(.errors.len()))]
+pub struct PolicyErrors {
+    #[related]
+    errors: Vec<PolicyError>,
+}
+
+fn count(n: usize) -> String {
+    if n == 1 {
+        "1 problem".to_owned()
+    } else {
+        format!("{n} problems")
+    }
+}
+
+impl PolicyErrors {
+    /// Wraps a non-empty list of problems.
+    pub fn new(errors: Vec<PolicyError>) -> Self {
+        PolicyErrors { errors }
+    }
+
+    /// The problems, in file order.
+    pub fn errors(&self) -> &[PolicyError] {
+        &self.errors
+    }
+
+    /// Every problem rendered without colours, separated by blank lines.
+    pub fn render_plain(&self, width: usize) -> String {
+        self.errors
+            .iter()
+            .map(|e| e.render_plain(width))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}

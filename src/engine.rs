@@ -1,0 +1,509 @@
+//! The decision engine: plan × request × store → [`Verdict`].
+//!
+//! A thin async orchestrator around pure parts: lists, then the route index and conditions,
+//! then tiers and keys, then one atomic [`Store::apply`] for every limit that applies, then
+//! soft thresholds, shadow mode and priorities decide what the client sees.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http::StatusCode;
+
+use crate::clock::{Clock, SystemClock, Timestamp};
+use crate::limiter::{Decision, LeaseId, Quota};
+use crate::plan::condition::Env;
+use crate::plan::{
+    Cost, KeyHasher, Limit, LimitRate, Mode, Plan, SoftAction, StoreErrorMode, TierSource,
+    TierTable, TierValue,
+};
+use crate::request::RequestCtx;
+use crate::store::{BatchResult, MemoryStore, Op, Store};
+
+/// What to do with a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Pass it on.
+    Allow,
+    /// Pass it on with a warning: a soft threshold was crossed.
+    Warn,
+    /// Hold it this long, then pass it on.
+    Delay(Duration),
+    /// On a safelist: no limit applies.
+    Bypass {
+        /// The safelist.
+        list: Arc<str>,
+    },
+    /// Over a limit.
+    Reject {
+        /// The status to answer with (429 unless the policy says otherwise).
+        status: StatusCode,
+        /// The limit that rejected.
+        limit: Arc<str>,
+        /// The policy's reason.
+        reason: Option<Arc<str>>,
+        /// When the same request would fit, if known.
+        retry_after: Option<Duration>,
+    },
+    /// On a denylist.
+    Forbid {
+        /// The status to answer with (403 unless the list says otherwise).
+        status: StatusCode,
+        /// The denylist.
+        list: Arc<str>,
+        /// The list's reason.
+        reason: Option<Arc<str>>,
+    },
+    /// The counter store failed and a limit that applies fails closed.
+    Unavailable {
+        /// The limit that fails closed.
+        limit: Arc<str>,
+    },
+}
+
+/// How a limit's decision was reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counted {
+    /// By the configured store.
+    Store,
+    /// By this node's memory, because the store failed (`on_store_error local`).
+    Local,
+    /// Not at all: the store failed and the limit fails open (`on_store_error allow`).
+    Skipped,
+    /// Refused by the tier's `blocked` value, without counting.
+    Blocked,
+}
+
+/// One limit that applied to the request, and what it decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitReport {
+    /// The limit's name.
+    pub limit: Arc<str>,
+    /// Enforce or shadow.
+    pub mode: Mode,
+    /// The algorithm's name.
+    pub algorithm: &'static str,
+    /// The counter key (secrets hashed).
+    pub key: String,
+    /// The tier, for tiered limits.
+    pub tier: Option<Arc<str>>,
+    /// The quota and window, in seconds, for `RateLimit-Policy`.
+    pub policy: (u64, u64),
+    /// The decision.
+    pub decision: Decision,
+    /// Whether the key was refused because of a ban.
+    pub banned: bool,
+    /// How the decision was reached.
+    pub counted: Counted,
+}
+
+/// A concurrency lease held by an admitted request, to give back when it ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    key: String,
+    id: LeaseId,
+    local: bool,
+}
+
+/// The engine's answer for one request.
+#[derive(Debug, Clone)]
+pub struct Verdict {
+    /// What to do.
+    pub action: Action,
+    /// Every limit that applied, highest priority first.
+    pub reports: Vec<LimitReport>,
+    /// Concurrency leases to give back with [`Engine::release`].
+    pub leases: Vec<Lease>,
+    /// The plan version that decided.
+    pub plan_version: Arc<str>,
+}
+
+impl Verdict {
+    /// Whether the request goes on (allowed, warned, delayed or safelisted).
+    pub fn is_allowed(&self) -> bool {
+        matches!(
+            self.action,
+            Action::Allow | Action::Warn | Action::Delay(_) | Action::Bypass { .. }
+        )
+    }
+
+    /// The report headers should show: the rejecting limit when rejected, else the most
+    /// restrictive enforced limit (least remaining, then longest reset).
+    pub fn headline(&self) -> Option<&LimitReport> {
+        if let Action::Reject { limit, .. } = &self.action {
+            return self.reports.iter().find(|r| &r.limit == limit);
+        }
+        self.reports
+            .iter()
+            .filter(|r| r.mode == Mode::Enforce && r.counted != Counted::Skipped)
+            .min_by(|a, b| {
+                a.decision
+                    .remaining
+                    .cmp(&b.decision.remaining)
+                    .then(b.decision.reset.cmp(&a.decision.reset))
+            })
+    }
+
+    /// Shadow limits that would have rejected this request.
+    pub fn shadow_rejections(&self) -> impl Iterator<Item = &LimitReport> {
+        self.reports
+            .iter()
+            .filter(|r| r.mode == Mode::Shadow && !r.decision.allowed)
+    }
+}
+
+/// Decides requests against the current plan and a store.
+pub struct Engine<S, C = SystemClock> {
+    plan: ArcSwap<Plan>,
+    store: S,
+    clock: C,
+    hasher: KeyHasher,
+    local: MemoryStore,
+    lease_base: u64,
+    lease_counter: AtomicU64,
+}
+
+impl<S: std::fmt::Debug, C: std::fmt::Debug> std::fmt::Debug for Engine<S, C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("plan_version", &self.plan.load().version())
+            .field("store", &self.store)
+            .field("clock", &self.clock)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Store> Engine<S, SystemClock> {
+    /// An engine on the system clock, hashing secrets with a random key (hashes then agree
+    /// only within this process: set a key with [`Engine::with_key_hasher`] for several
+    /// nodes).
+    pub fn new(plan: Plan, store: S) -> Self {
+        Self::with_clock(plan, store, SystemClock)
+    }
+}
+
+impl<S: Store, C: Clock> Engine<S, C> {
+    /// An engine reading time from `clock`.
+    pub fn with_clock(plan: Plan, store: S, clock: C) -> Self {
+        Engine {
+            plan: ArcSwap::from_pointee(plan),
+            store,
+            clock,
+            hasher: KeyHasher::random(),
+            local: MemoryStore::with_max_keys(100_000),
+            lease_base: rand::random::<u64>() & !0xFFFF_FFFF,
+            lease_counter: AtomicU64::new(0),
+        }
+    }
+
+    /// Uses `hasher` for secrets in keys.
+    pub fn with_key_hasher(mut self, hasher: KeyHasher) -> Self {
+        self.hasher = hasher;
+        self
+    }
+
+    /// The current plan.
+    pub fn plan(&self) -> Arc<Plan> {
+        self.plan.load_full()
+    }
+
+    /// Replaces the plan; requests already being decided finish with the old one.
+    pub fn swap_plan(&self, plan: Plan) -> Arc<Plan> {
+        self.plan.swap(Arc::new(plan))
+    }
+
+    /// The store.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// The clock.
+    pub fn clock(&self) -> &C {
+        &self.clock
+    }
+
+    /// Decides one request; when admitted, its counters are consumed.
+    pub async fn decide(&self, request: &RequestCtx) -> Verdict {
+        let plan = self.plan.load();
+        let now = self.clock.now();
+        let routes = plan.routes.matches(&request.path);
+        let env = Env {
+            request,
+            routes: &routes,
+            index: &plan.routes,
+        };
+        let verdict = |action, reports, leases| Verdict {
+            action,
+            reports,
+            leases,
+            plan_version: Arc::clone(&plan.version),
+        };
+
+        if let Some(list) = plan
+            .safelists
+            .iter()
+            .find(|l| l.conditions.iter().any(|c| c.eval(&env)))
+        {
+            let list = Arc::clone(&list.name);
+            return verdict(Action::Bypass { list }, Vec::new(), Vec::new());
+        }
+        if let Some(deny) = plan
+            .denylists
+            .iter()
+            .find(|d| d.list.conditions.iter().any(|c| c.eval(&env)))
+        {
+            let action = Action::Forbid {
+                status: deny.status,
+                list: Arc::clone(&deny.list.name),
+                reason: deny.reason.clone(),
+            };
+            return verdict(action, Vec::new(), Vec::new());
+        }
+
+        let lease = LeaseId(self.lease_base | self.lease_counter.fetch_add(1, Ordering::Relaxed));
+        let mut reports = Vec::new();
+        let mut ops = Vec::new();
+        let mut applied: Vec<&Limit> = Vec::new();
+        let mut blocked = false;
+        for index in plan.routes.candidates(&routes) {
+            let limit = &plan.limits[index];
+            if limit.mode == Mode::Off || !limit.condition.eval(&env) {
+                continue;
+            }
+            let (value, tier) = match &limit.rate {
+                LimitRate::Fixed(v) => (*v, None),
+                LimitRate::Tiered { table, values, .. } => {
+                    let table = &plan.tiers[*table];
+                    let t = resolve_tier(table, request);
+                    (values[t], Some(Arc::clone(&table.tiers[t])))
+                }
+            };
+            let route = limit
+                .condition
+                .matched_route(&env)
+                .map(|p| &**plan.routes.template(p));
+            let Some(client) = limit.key.eval(request, route, &self.hasher) else {
+                continue;
+            };
+            let key = format!("{}:{{{client}}}:{}", limit.namespace, limit.name);
+            let quota = match value {
+                TierValue::Unlimited => continue,
+                TierValue::Blocked => {
+                    blocked |= limit.mode == Mode::Enforce;
+                    reports.push(LimitReport {
+                        limit: Arc::clone(&limit.name),
+                        mode: limit.mode,
+                        algorithm: "blocked",
+                        key,
+                        tier,
+                        policy: (0, 0),
+                        decision: Decision {
+                            allowed: false,
+                            limit: 0,
+                            remaining: 0,
+                            reset: Duration::ZERO,
+                            retry_after: None,
+                        },
+                        banned: false,
+                        counted: Counted::Blocked,
+                    });
+                    applied.push(limit);
+                    continue;
+                }
+                TierValue::Quota(q) => q,
+            };
+            let cost = match &limit.cost {
+                Cost::Fixed(c) => *c,
+                Cost::Header { name, default, max } => request
+                    .header(name)
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .filter(|c| *c > 0)
+                    .unwrap_or(*default)
+                    .min(*max),
+            };
+            ops.push((
+                reports.len(),
+                Op {
+                    key: key.clone(),
+                    quota,
+                    cost,
+                    enforce: limit.mode == Mode::Enforce,
+                    ban: limit.on_exceed.ban,
+                    lease,
+                },
+            ));
+            reports.push(LimitReport {
+                limit: Arc::clone(&limit.name),
+                mode: limit.mode,
+                algorithm: quota.algorithm(),
+                key,
+                tier,
+                policy: quota.policy(),
+                decision: Decision {
+                    allowed: true,
+                    limit: quota.policy().0,
+                    remaining: quota.policy().0,
+                    reset: Duration::ZERO,
+                    retry_after: None,
+                },
+                banned: false,
+                counted: Counted::Store,
+            });
+            applied.push(limit);
+        }
+
+        let mut leases = Vec::new();
+        let mut unavailable = None;
+        if !blocked && !ops.is_empty() {
+            let batch: Vec<Op> = ops.iter().map(|(_, op)| op.clone()).collect();
+            match self.store.apply(&batch, now).await {
+                Ok(result) => {
+                    record(
+                        &mut reports,
+                        &ops,
+                        &result,
+                        Counted::Store,
+                        &mut leases,
+                        false,
+                    );
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "counter store failed; applying each limit's on_store_error");
+                    let mut local = Vec::new();
+                    for (slot, op) in &ops {
+                        match applied[*slot].on_store_error {
+                            StoreErrorMode::Allow => reports[*slot].counted = Counted::Skipped,
+                            StoreErrorMode::Deny if op.enforce => {
+                                unavailable.get_or_insert_with(|| Arc::clone(&applied[*slot].name));
+                                reports[*slot].counted = Counted::Skipped;
+                            }
+                            StoreErrorMode::Deny => reports[*slot].counted = Counted::Skipped,
+                            StoreErrorMode::Local => local.push((*slot, op.clone())),
+                        }
+                    }
+                    if unavailable.is_none() && !local.is_empty() {
+                        let batch: Vec<Op> = local.iter().map(|(_, op)| op.clone()).collect();
+                        let result = self.local.apply_now(&batch, now);
+                        record(
+                            &mut reports,
+                            &local,
+                            &result,
+                            Counted::Local,
+                            &mut leases,
+                            true,
+                        );
+                    }
+                }
+            }
+        }
+
+        let action = if let Some(limit) = unavailable {
+            Action::Unavailable { limit }
+        } else {
+            self.action(&reports, &applied)
+        };
+        if !matches!(action, Action::Allow | Action::Warn | Action::Delay(_)) {
+            leases.clear();
+        }
+        verdict(action, reports, leases)
+    }
+
+    /// Rejection, soft action or allow, from the reports of the limits that applied.
+    fn action(&self, reports: &[LimitReport], applied: &[&Limit]) -> Action {
+        let counted = |r: &LimitReport| r.counted != Counted::Skipped;
+        let rejected = reports
+            .iter()
+            .zip(applied)
+            .filter(|(r, _)| r.mode == Mode::Enforce && counted(r) && !r.decision.allowed)
+            // Highest priority first; among equals, the longest wait.
+            .max_by(|(a, la), (b, lb)| {
+                la.priority
+                    .cmp(&lb.priority)
+                    .then(a.decision.retry_after.cmp(&b.decision.retry_after))
+            });
+        if let Some((report, limit)) = rejected {
+            return Action::Reject {
+                status: limit.on_exceed.status,
+                limit: Arc::clone(&limit.name),
+                reason: limit.on_exceed.reason.clone(),
+                retry_after: report.decision.retry_after,
+            };
+        }
+        let mut soft: Option<SoftAction> = None;
+        for (report, limit) in reports.iter().zip(applied) {
+            if report.mode != Mode::Enforce || !counted(report) {
+                continue;
+            }
+            let used = report.decision.used_percent();
+            if let Some(step) = limit
+                .soft
+                .iter()
+                .rev()
+                .find(|s| used >= u64::from(s.at_percent))
+            {
+                soft = soft.max(Some(step.action));
+            }
+        }
+        match soft {
+            None => Action::Allow,
+            Some(SoftAction::Warn) => Action::Warn,
+            Some(SoftAction::Delay(d)) => Action::Delay(d),
+        }
+    }
+
+    /// Gives back the concurrency leases an admitted request holds; call when its response
+    /// ends (or it is dropped).
+    pub async fn release(&self, leases: &[Lease]) {
+        let now = self.clock.now();
+        for lease in leases {
+            if lease.local {
+                self.local.release_now(&lease.key, lease.id, now);
+            } else if let Err(error) = self.store.release(&lease.key, lease.id, now).await {
+                tracing::warn!(%error, "could not release a concurrency lease; it will expire");
+            }
+        }
+    }
+
+    /// The engine's time now.
+    pub fn now(&self) -> Timestamp {
+        self.clock.now()
+    }
+}
+
+/// Copies a store's results into the reports and collects the leases taken.
+fn record(
+    reports: &mut [LimitReport],
+    ops: &[(usize, Op)],
+    result: &BatchResult,
+    counted: Counted,
+    leases: &mut Vec<Lease>,
+    local: bool,
+) {
+    for ((slot, op), r) in ops.iter().zip(&result.results) {
+        let report = &mut reports[*slot];
+        report.decision = r.decision;
+        report.banned = r.banned;
+        report.counted = counted;
+        if result.admitted && r.decision.allowed && matches!(op.quota, Quota::Concurrency(_)) {
+            leases.push(Lease {
+                key: op.key.clone(),
+                id: op.lease,
+                local,
+            });
+        }
+    }
+}
+
+/// The request's tier in a table: from its source, else the default.
+pub fn resolve_tier(table: &TierTable, request: &RequestCtx) -> usize {
+    let named = match &table.source {
+        TierSource::Header(name) => request.header(name),
+        TierSource::Claim(claim) => request.claims.get(&**claim).map(String::as_str),
+        // Cedar-chosen tiers arrive with the authorization module.
+        TierSource::CedarAnnotation { .. } => None,
+    };
+    named
+        .and_then(|n| table.tier_index(n.trim()))
+        .unwrap_or(table.default)
+}

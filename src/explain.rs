@@ -1,0 +1,212 @@
+//! `tollgate explain`: which limits apply to a described request, and why the others do not.
+//!
+//! Nothing is counted: this reads the plan only.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::engine::resolve_tier;
+use crate::limiter::Quota;
+use crate::plan::condition::Env;
+use crate::plan::{KeyHasher, LimitRate, Mode, Plan, TierSource, TierValue};
+use crate::request::RequestCtx;
+
+/// The explanation for one request.
+#[derive(Debug, Clone)]
+pub struct Explanation {
+    /// The plan version explained.
+    pub plan_version: Arc<str>,
+    /// The safelist the request is on, with the reason.
+    pub safelisted: Option<(Arc<str>, String)>,
+    /// The denylist the request is on, with the reason.
+    pub denylisted: Option<(Arc<str>, String)>,
+    /// Every limit of the plan, highest priority first.
+    pub limits: Vec<LimitExplanation>,
+}
+
+/// One limit, for one request.
+#[derive(Debug, Clone)]
+pub struct LimitExplanation {
+    /// The limit.
+    pub name: Arc<str>,
+    /// Its mode.
+    pub mode: Mode,
+    /// Whether it applies.
+    pub applies: bool,
+    /// Why it applies or not.
+    pub why: String,
+    /// The counter key it would use.
+    pub key: Option<String>,
+    /// The tier chosen and how.
+    pub tier: Option<String>,
+    /// The rate it would count against.
+    pub rate: String,
+}
+
+/// Explains `request` against `plan`.
+pub fn explain(plan: &Plan, request: &RequestCtx, hasher: &KeyHasher) -> Explanation {
+    let routes = plan.routes.matches(&request.path);
+    let env = Env {
+        request,
+        routes: &routes,
+        index: &plan.routes,
+    };
+    let on_list = |conditions: &[crate::plan::Condition]| {
+        conditions.iter().find_map(|c| c.explain(&env).ok())
+    };
+    let safelisted = plan
+        .safelists
+        .iter()
+        .find_map(|l| on_list(&l.conditions).map(|why| (Arc::clone(&l.name), why)));
+    let denylisted = plan
+        .denylists
+        .iter()
+        .find_map(|d| on_list(&d.list.conditions).map(|why| (Arc::clone(&d.list.name), why)));
+    let limits = plan
+        .limits
+        .iter()
+        .map(|limit| {
+            let (tier, value) = match &limit.rate {
+                LimitRate::Fixed(v) => (None, *v),
+                LimitRate::Tiered {
+                    table,
+                    entry,
+                    values,
+                } => {
+                    let table = &plan.tiers[*table];
+                    let t = resolve_tier(table, request);
+                    let how = match &table.source {
+                        TierSource::Header(h) if request.header(h).is_some() => {
+                            format!("from header `{h}`")
+                        }
+                        TierSource::Header(h) => format!("the default: header `{h}` is missing"),
+                        TierSource::Claim(c) if request.claims.contains_key(&**c) => {
+                            format!("from claim `{c}`")
+                        }
+                        TierSource::Claim(c) => format!("the default: claim `{c}` is missing"),
+                        TierSource::CedarAnnotation { annotation, .. } => format!(
+                            "the default: Cedar annotation `{annotation}` is not evaluated yet"
+                        ),
+                    };
+                    let tier = format!(
+                        "`{}` of `{}` ({how}), entry `{entry}`",
+                        table.tiers[t], table.name
+                    );
+                    (Some(tier), values[t])
+                }
+            };
+            let route = limit
+                .condition
+                .matched_route(&env)
+                .map(|p| &**plan.routes.template(p));
+            let key = limit.key.eval(request, route, hasher);
+            let (applies, why) = match limit.condition.explain(&env) {
+                Err(why) => (false, why),
+                Ok(_) if limit.mode == Mode::Off => (false, "`mode off`".to_owned()),
+                Ok(_) if key.is_none() => {
+                    (false, "its key has no value for this request".to_owned())
+                }
+                Ok(_) if value == TierValue::Unlimited => {
+                    (false, "the tier is unlimited".to_owned())
+                }
+                Ok(why) => (true, why),
+            };
+            LimitExplanation {
+                name: Arc::clone(&limit.name),
+                mode: limit.mode,
+                applies,
+                why,
+                key: key.map(|k| format!("{}:{{{k}}}:{}", limit.namespace, limit.name)),
+                tier,
+                rate: describe_value(value),
+            }
+        })
+        .collect();
+    Explanation {
+        plan_version: Arc::clone(&plan.version),
+        safelisted,
+        denylisted,
+        limits,
+    }
+}
+
+/// A rate in words: `60 per 1m (sliding_window)`.
+pub fn describe_value(value: TierValue) -> String {
+    match value {
+        TierValue::Unlimited => "unlimited".to_owned(),
+        TierValue::Blocked => "blocked: every request is refused".to_owned(),
+        TierValue::Quota(q) => describe_quota(&q),
+    }
+}
+
+fn describe_quota(q: &Quota) -> String {
+    let per = |micros: u64| human(Duration::from_micros(micros));
+    match q {
+        Quota::FixedWindow(w) | Quota::SlidingWindow(w) => {
+            format!(
+                "{} per {} ({})",
+                w.limit,
+                per(w.window.get()),
+                q.algorithm()
+            )
+        }
+        Quota::TokenBucket(b) | Quota::Gcra(b) => format!(
+            "{} per {}, burst {} ({})",
+            b.count,
+            per(b.period.get()),
+            b.capacity,
+            q.algorithm()
+        ),
+        Quota::Concurrency(c) => format!("{} in flight, lease {}", c.max, per(c.lease.get())),
+        Quota::Calendar { limit, period } => {
+            format!("{limit} per calendar {period:?} (UTC)").to_lowercase()
+        }
+    }
+}
+
+fn human(d: Duration) -> String {
+    let ms = d.as_millis();
+    match ms {
+        _ if ms % 86_400_000 == 0 => format!("{}d", ms / 86_400_000),
+        _ if ms % 3_600_000 == 0 => format!("{}h", ms / 3_600_000),
+        _ if ms % 60_000 == 0 => format!("{}min", ms / 60_000),
+        _ if ms % 1_000 == 0 => format!("{}s", ms / 1_000),
+        _ if d.as_micros() % 1_000 == 0 => format!("{ms}ms"),
+        _ => format!("{}µs", d.as_micros()),
+    }
+}
+
+impl fmt::Display for Explanation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "plan {}", self.plan_version)?;
+        if let Some((list, why)) = &self.safelisted {
+            writeln!(f, "safelisted by `{list}`: {why}; no limit applies")?;
+        }
+        if let Some((list, why)) = &self.denylisted {
+            writeln!(f, "denylisted by `{list}`: {why}; the request is refused")?;
+        }
+        let (applies, skipped): (Vec<_>, Vec<_>) = self.limits.iter().partition(|l| l.applies);
+        writeln!(f, "\n{} limit(s) apply:", applies.len())?;
+        for l in &applies {
+            let shadow = if l.mode == Mode::Shadow {
+                " [shadow]"
+            } else {
+                ""
+            };
+            writeln!(f, "  ✓ {}{shadow}: {}", l.name, l.rate)?;
+            writeln!(f, "      because {}", l.why)?;
+            if let Some(key) = &l.key {
+                writeln!(f, "      key   {key}")?;
+            }
+            if let Some(tier) = &l.tier {
+                writeln!(f, "      tier  {tier}")?;
+            }
+        }
+        writeln!(f, "\n{} limit(s) do not apply:", skipped.len())?;
+        for l in &skipped {
+            writeln!(f, "  ✗ {}: {}", l.name, l.why)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,190 @@
+//! The counting algorithms, as pure functions of `(quota, state, now, cost)`.
+//!
+//! Each algorithm decides one request against one key's state and returns the decision and
+//! the state to store. Nothing here reads a clock or touches a store: the memory store applies
+//! these functions under a lock, and the Redis store runs the same arithmetic in Lua. All
+//! state is integers (microseconds, counts) so that both agree exactly.
+
+pub mod bucket;
+pub mod concurrency;
+pub mod window;
+
+use std::num::NonZeroU64;
+use std::time::Duration;
+
+use crate::clock::Timestamp;
+
+pub use bucket::{BucketQuota, GcraState, TokenBucketState};
+pub use concurrency::{ConcurrencyQuota, ConcurrencyState, LeaseId};
+pub use window::{CalendarPeriod, SlidingState, WindowQuota, WindowState};
+
+/// What one algorithm decided for one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    /// Whether the request fits.
+    pub allowed: bool,
+    /// The quota: requests per window, or the bucket's capacity.
+    pub limit: u64,
+    /// What is left after this request (before it, when rejected).
+    pub remaining: u64,
+    /// How long until the quota is whole again (the window ends, the bucket refills).
+    pub reset: Duration,
+    /// When rejected: how long until the same request would fit, if nothing else happens.
+    /// `None` when it never can (its cost is larger than the whole quota) or when allowed.
+    pub retry_after: Option<Duration>,
+}
+
+impl Decision {
+    /// The share of the quota in use after this decision, in percent (0–100).
+    pub fn used_percent(&self) -> u64 {
+        let used = self.limit.saturating_sub(self.remaining);
+        (u128::from(used) * 100 / u128::from(self.limit.max(1))) as u64
+    }
+}
+
+/// How much one limit allows, with the algorithm that counts it. Every field is valid by
+/// construction: rates and windows are non-zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Quota {
+    /// `limit` per aligned window.
+    FixedWindow(WindowQuota),
+    /// `limit` per rolling window, estimated from two aligned windows.
+    SlidingWindow(WindowQuota),
+    /// A bucket of `capacity` tokens refilled continuously.
+    TokenBucket(BucketQuota),
+    /// The generic cell rate algorithm: a bucket kept as one timestamp.
+    Gcra(BucketQuota),
+    /// At most `max` requests in flight, each holding a lease that expires.
+    Concurrency(ConcurrencyQuota),
+    /// `limit` per UTC calendar day or month.
+    Calendar {
+        /// Requests (or cost units) per period.
+        limit: NonZeroU64,
+        /// Which calendar period.
+        period: CalendarPeriod,
+    },
+}
+
+impl Quota {
+    /// The algorithm's name as written in policies.
+    pub fn algorithm(&self) -> &'static str {
+        match self {
+            Quota::FixedWindow(_) => "fixed_window",
+            Quota::SlidingWindow(_) => "sliding_window",
+            Quota::TokenBucket(_) => "token_bucket",
+            Quota::Gcra(_) => "gcra",
+            Quota::Concurrency(_) => "concurrency",
+            Quota::Calendar { .. } => "quota",
+        }
+    }
+
+    /// The headline figures for `RateLimit-Policy`: quota and window in seconds.
+    pub fn policy(&self) -> (u64, u64) {
+        match *self {
+            Quota::FixedWindow(q) | Quota::SlidingWindow(q) => {
+                (q.limit.get(), q.window.get().div_ceil(1_000_000))
+            }
+            Quota::TokenBucket(q) | Quota::Gcra(q) => {
+                (q.capacity.get(), q.time_to_fill().div_ceil(1_000_000))
+            }
+            Quota::Concurrency(q) => (q.max.get(), q.lease.get().div_ceil(1_000_000)),
+            Quota::Calendar { limit, period } => (limit.get(), period.nominal_secs()),
+        }
+    }
+}
+
+/// One key's stored state; which variant depends on the algorithm.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum State {
+    /// Fixed windows and calendar quotas.
+    Window(WindowState),
+    /// Sliding windows.
+    Sliding(SlidingState),
+    /// Token buckets.
+    TokenBucket(TokenBucketState),
+    /// GCRA.
+    Gcra(GcraState),
+    /// Concurrency leases.
+    Concurrency(ConcurrencyState),
+}
+
+/// The result of deciding: the decision, the state to store, and when that state stops
+/// mattering (a key whose state has expired is the same as a key never seen).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// The decision.
+    pub decision: Decision,
+    /// The state to store if the request is admitted.
+    pub state: State,
+    /// When the stored state may be forgotten.
+    pub expires_at: Timestamp,
+}
+
+/// Decides one request of weight `cost` against `state` (`None`: never seen or expired).
+///
+/// `lease` identifies the request for concurrency limits, so that it can be released.
+/// A state of another algorithm's kind (the policy changed) counts as absent.
+pub fn decide(
+    quota: &Quota,
+    state: Option<&State>,
+    now: Timestamp,
+    cost: u64,
+    lease: LeaseId,
+) -> Outcome {
+    match quota {
+        Quota::FixedWindow(q) => {
+            let state = match state {
+                Some(State::Window(s)) => Some(s),
+                _ => None,
+            };
+            let (start, end) = q.bounds(now);
+            window::fixed(q.limit.get(), start, end, state, now, cost)
+        }
+        Quota::Calendar { limit, period } => {
+            let state = match state {
+                Some(State::Window(s)) => Some(s),
+                _ => None,
+            };
+            let (start, end) = period.bounds(now);
+            window::fixed(limit.get(), start, end, state, now, cost)
+        }
+        Quota::SlidingWindow(q) => {
+            let state = match state {
+                Some(State::Sliding(s)) => Some(s),
+                _ => None,
+            };
+            window::sliding(q, state, now, cost)
+        }
+        Quota::TokenBucket(q) => {
+            let state = match state {
+                Some(State::TokenBucket(s)) => Some(s),
+                _ => None,
+            };
+            bucket::token_bucket(q, state, now, cost)
+        }
+        Quota::Gcra(q) => {
+            let state = match state {
+                Some(State::Gcra(s)) => Some(s),
+                _ => None,
+            };
+            bucket::gcra(q, state, now, cost)
+        }
+        Quota::Concurrency(q) => {
+            let state = match state {
+                Some(State::Concurrency(s)) => Some(s),
+                _ => None,
+            };
+            concurrency::acquire(q, state, now, lease)
+        }
+    }
+}
+
+/// Microseconds to a `Duration`.
+pub(crate) fn us(micros: u64) -> Duration {
+    Duration::from_micros(micros)
+}
+
+/// Saturating conversion after 128-bit arithmetic.
+pub(crate) fn clamp_u64(v: u128) -> u64 {
+    u64::try_from(v).unwrap_or(u64::MAX)
+}

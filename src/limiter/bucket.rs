@@ -1,0 +1,152 @@
+//! Buckets: the token bucket and GCRA, two ways of keeping the same continuous refill.
+
+use std::num::NonZeroU64;
+
+use super::{Decision, Outcome, State, clamp_u64, us};
+use crate::clock::Timestamp;
+
+/// A bucket of `capacity` that refills `count` units every `period` microseconds.
+///
+/// Build it with [`BucketQuota::new`], which reduces the rate to lowest terms so that the
+/// scaled arithmetic stays small.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BucketQuota {
+    /// The most that can be spent at once (the burst).
+    pub capacity: NonZeroU64,
+    /// Units added per period.
+    pub count: NonZeroU64,
+    /// The period, in microseconds.
+    pub period: NonZeroU64,
+}
+
+impl BucketQuota {
+    /// A bucket of `capacity` refilled at `count` per `period` microseconds.
+    pub fn new(capacity: NonZeroU64, count: NonZeroU64, period: NonZeroU64) -> Self {
+        let g = gcd(count.get(), period.get());
+        BucketQuota {
+            capacity,
+            // Dividing non-zero numbers by a common divisor leaves them non-zero.
+            count: NonZeroU64::new(count.get() / g).unwrap_or(count),
+            period: NonZeroU64::new(period.get() / g).unwrap_or(period),
+        }
+    }
+
+    /// GCRA's emission interval: microseconds per unit, rounded up so that GCRA never admits
+    /// faster than the rate.
+    pub fn emission_interval(&self) -> u64 {
+        self.period.get().div_ceil(self.count.get())
+    }
+
+    /// Microseconds for an empty bucket to fill.
+    pub fn time_to_fill(&self) -> u64 {
+        clamp_u64(
+            (u128::from(self.capacity.get()) * u128::from(self.period.get()))
+                .div_ceil(u128::from(self.count.get())),
+        )
+    }
+}
+
+fn gcd(mut a: u64, mut b: u64) -> u64 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a.max(1)
+}
+
+/// A token bucket's level, in units of `1 / period` token, and when it was measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenBucketState {
+    /// Tokens × `period`, so that refilling `count` per microsecond stays exact.
+    pub level: u64,
+    /// When `level` was measured, microseconds since the epoch.
+    pub updated: u64,
+}
+
+/// Token bucket: refill since the last request, then take `cost` tokens if there are enough.
+pub(crate) fn token_bucket(
+    q: &BucketQuota,
+    state: Option<&TokenBucketState>,
+    now: Timestamp,
+    cost: u64,
+) -> Outcome {
+    let period = u128::from(q.period.get());
+    let rate = u128::from(q.count.get());
+    let full = u128::from(q.capacity.get()) * period;
+    let now_us = now.as_micros();
+    let level = match state {
+        Some(s) => {
+            let elapsed = u128::from(now_us.saturating_sub(s.updated));
+            (u128::from(s.level) + elapsed * rate).min(full)
+        }
+        None => full,
+    };
+    let need = u128::from(cost) * period;
+    let allowed = level >= need;
+    let (level, retry_after) = if allowed {
+        (level - need, None)
+    } else {
+        let retry = (need <= full).then(|| us(clamp_u64((need - level).div_ceil(rate))));
+        (level, retry)
+    };
+    let to_full = clamp_u64((full - level).div_ceil(rate));
+    Outcome {
+        decision: Decision {
+            allowed,
+            limit: q.capacity.get(),
+            remaining: clamp_u64(level / period),
+            reset: us(to_full),
+            retry_after,
+        },
+        state: State::TokenBucket(TokenBucketState {
+            level: clamp_u64(level),
+            updated: now_us,
+        }),
+        expires_at: Timestamp::from_micros(now_us.saturating_add(to_full)),
+    }
+}
+
+/// GCRA's theoretical arrival time: when the bucket would be full again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GcraState {
+    /// Microseconds since the epoch.
+    pub tat: u64,
+}
+
+/// GCRA (virtual scheduling): each unit pushes the theoretical arrival time one emission
+/// interval `T` later; a request fits while that time stays within `capacity × T` of now.
+pub(crate) fn gcra(
+    q: &BucketQuota,
+    state: Option<&GcraState>,
+    now: Timestamp,
+    cost: u64,
+) -> Outcome {
+    let t = u128::from(q.emission_interval());
+    let tolerance = u128::from(q.capacity.get()) * t;
+    let now_us = u128::from(now.as_micros());
+    let tat = state.map_or(now_us, |s| u128::from(s.tat)).max(now_us);
+    let new_tat = tat + u128::from(cost) * t;
+    let allowed = new_tat - now_us <= tolerance;
+    let (tat, retry_after) = if allowed {
+        (new_tat, None)
+    } else {
+        let fits = u128::from(cost) * t <= tolerance;
+        (
+            tat,
+            fits.then(|| us(clamp_u64(new_tat - now_us - tolerance))),
+        )
+    };
+    let ahead = tat - now_us;
+    Outcome {
+        decision: Decision {
+            allowed,
+            limit: q.capacity.get(),
+            remaining: clamp_u64((tolerance - ahead) / t),
+            reset: us(clamp_u64(ahead)),
+            retry_after,
+        },
+        state: State::Gcra(GcraState {
+            tat: clamp_u64(tat),
+        }),
+        expires_at: Timestamp::from_micros(clamp_u64(tat)),
+    }
+}

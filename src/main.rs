@@ -1,0 +1,166 @@
+//! The `tollgate` command: check and explain policies (and, soon, serve).
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tollgate::plan::KeyHasher;
+use tollgate::{PolicySet, RequestCtx, compile};
+
+#[derive(Parser)]
+#[command(name = "tollgate", version, about = "Policy-driven HTTP rate limiter")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate policy files; print every problem, rustc-style.
+    Check {
+        /// Policy files or directories of `.rl` files.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Show which limits apply to a request, and why the others do not.
+    Explain {
+        /// Policy directory (or file).
+        #[arg(long, default_value = "policies")]
+        policies: PathBuf,
+        /// The request's method.
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// The request's path, with an optional query string.
+        #[arg(long)]
+        path: String,
+        /// A request header, `Name: value` (repeatable).
+        #[arg(long = "header", value_name = "NAME:VALUE")]
+        headers: Vec<String>,
+        /// The client's address.
+        #[arg(long)]
+        ip: Option<IpAddr>,
+        /// The authenticated user.
+        #[arg(long)]
+        user_id: Option<String>,
+        /// The API token presented (shown only hashed).
+        #[arg(long)]
+        api_token: Option<String>,
+        /// A claim of the verified token, `name=value` (repeatable).
+        #[arg(long = "claim", value_name = "NAME=VALUE")]
+        claims: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Check { paths } => check(&paths),
+        Command::Explain {
+            policies,
+            method,
+            path,
+            headers,
+            ip,
+            user_id,
+            api_token,
+            claims,
+        } => {
+            let request =
+                match build_request(&method, &path, &headers, ip, user_id, api_token, &claims) {
+                    Ok(r) => r,
+                    Err(message) => {
+                        eprintln!("error: {message}");
+                        return ExitCode::from(2);
+                    }
+                };
+            let set = PolicySet::load(&[policies]);
+            match compile(&set) {
+                Ok(plan) => {
+                    let explanation =
+                        tollgate::explain::explain(&plan, &request, &KeyHasher::random());
+                    print!("{explanation}");
+                    ExitCode::SUCCESS
+                }
+                Err(errors) => report(&errors),
+            }
+        }
+    }
+}
+
+fn check(paths: &[PathBuf]) -> ExitCode {
+    let set = PolicySet::load(paths);
+    match compile(&set) {
+        Ok(plan) => {
+            println!(
+                "ok: {} file(s), {} limit(s), plan {}",
+                set.files().len(),
+                plan.limits().len(),
+                plan.version()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(errors) => report(&errors),
+    }
+}
+
+fn report(errors: &tollgate::PolicyErrors) -> ExitCode {
+    let width = terminal_width();
+    let color = std::env::var_os("NO_COLOR").is_none()
+        && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    for error in errors.errors() {
+        let text = if color {
+            error.render_terminal(width)
+        } else {
+            error.render_plain(width)
+        };
+        eprintln!("{text}");
+    }
+    eprintln!("error: {errors}");
+    ExitCode::FAILURE
+}
+
+fn terminal_width() -> usize {
+    std::env::var("COLUMNS")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(100)
+}
+
+fn build_request(
+    method: &str,
+    path: &str,
+    headers: &[String],
+    ip: Option<IpAddr>,
+    user_id: Option<String>,
+    api_token: Option<String>,
+    claims: &[String],
+) -> Result<RequestCtx, String> {
+    let method = http::Method::from_bytes(method.to_ascii_uppercase().as_bytes())
+        .map_err(|_| format!("`{method}` is not an HTTP method"))?;
+    if !path.starts_with('/') {
+        return Err(format!("the path `{path}` must start with `/`"));
+    }
+    let mut request = RequestCtx::new(method, path);
+    for header in headers {
+        let (name, value) = header
+            .split_once(':')
+            .ok_or_else(|| format!("`{header}` is not `Name: value`"))?;
+        request = request.try_header(name, value).map_err(|e| e.to_string())?;
+    }
+    if let Some(ip) = ip {
+        request = request.with_client_ip(ip);
+    }
+    if let Some(user) = user_id {
+        request = request.with_user_id(user);
+    }
+    if let Some(token) = api_token {
+        request = request.with_api_token(token);
+    }
+    for claim in claims {
+        let (name, value) = claim
+            .split_once('=')
+            .ok_or_else(|| format!("`{claim}` is not `name=value`"))?;
+        request = request.with_claim(name.trim(), value.trim());
+    }
+    Ok(request)
+}

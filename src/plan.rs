@@ -1,0 +1,314 @@
+//! The decision plan: policies compiled into values that cannot hold an invalid limit.
+//!
+//! [`compile`] resolves every name, checks every rate and window, compiles route templates
+//! into one [`RouteIndex`], and reports every problem of the whole file set at once. A
+//! [`Plan`] is immutable; a new version replaces it whole.
+
+mod compile;
+pub mod condition;
+pub mod key;
+pub mod route;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::StatusCode;
+
+pub use self::compile::compile;
+pub use self::condition::Condition;
+pub use self::key::{KeyHasher, KeySpec};
+pub use self::route::{RouteIndex, RouteMatches};
+use crate::limiter::Quota;
+
+/// A compiled, validated set of policies.
+#[derive(Debug)]
+pub struct Plan {
+    pub(crate) version: Arc<str>,
+    pub(crate) limits: Vec<Limit>,
+    pub(crate) routes: RouteIndex,
+    pub(crate) safelists: Vec<ListRule>,
+    pub(crate) denylists: Vec<DenyRule>,
+    pub(crate) anomalies: Vec<Anomaly>,
+    pub(crate) tiers: Vec<TierTable>,
+    pub(crate) cedar_imports: Vec<CedarImport>,
+}
+
+impl Plan {
+    /// The content hash of the sources this plan was compiled from.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// The limits, highest priority first (then by name).
+    pub fn limits(&self) -> &[Limit] {
+        &self.limits
+    }
+
+    /// A limit by name.
+    pub fn limit(&self, name: &str) -> Option<&Limit> {
+        self.limits.iter().find(|l| &*l.name == name)
+    }
+
+    /// The safelists.
+    pub fn safelists(&self) -> &[ListRule] {
+        &self.safelists
+    }
+
+    /// The denylists.
+    pub fn denylists(&self) -> &[DenyRule] {
+        &self.denylists
+    }
+
+    /// The anomaly detectors.
+    pub fn anomalies(&self) -> &[Anomaly] {
+        &self.anomalies
+    }
+
+    /// The tier tables.
+    pub fn tier_tables(&self) -> &[TierTable] {
+        &self.tiers
+    }
+
+    /// The Cedar files the policies import.
+    pub fn cedar_imports(&self) -> &[CedarImport] {
+        &self.cedar_imports
+    }
+
+    /// The route matcher shared by every rule of the plan.
+    pub fn routes(&self) -> &RouteIndex {
+        &self.routes
+    }
+}
+
+/// One named limit.
+#[derive(Debug)]
+pub struct Limit {
+    /// Its name, unique in the plan.
+    pub name: Arc<str>,
+    /// The namespace its counters live in.
+    pub namespace: Arc<str>,
+    /// When it applies.
+    pub condition: Condition,
+    /// What it counts by.
+    pub key: KeySpec,
+    /// How much it allows.
+    pub rate: LimitRate,
+    /// What one request costs.
+    pub cost: Cost,
+    /// Soft thresholds before the hard limit, lowest first.
+    pub soft: Vec<SoftStep>,
+    /// What happens over the limit.
+    pub on_exceed: OnExceed,
+    /// Enforce, shadow or off.
+    pub mode: Mode,
+    /// What to do when the store fails.
+    pub on_store_error: StoreErrorMode,
+    /// Higher goes first, and its rejection is the one reported.
+    pub priority: i32,
+}
+
+/// A limit's rate: fixed, or chosen by the request's tier.
+#[derive(Debug, Clone)]
+pub enum LimitRate {
+    /// The same for every request.
+    Fixed(TierValue),
+    /// Chosen by tier: `values[i]` is the value for tier `i` of the table.
+    Tiered {
+        /// Index into [`Plan::tier_tables`].
+        table: usize,
+        /// The entry's name, for explanations.
+        entry: Arc<str>,
+        /// One value per tier of the table.
+        values: Box<[TierValue]>,
+    },
+}
+
+/// What a limit allows for one tier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TierValue {
+    /// Counted against this quota.
+    Quota(Quota),
+    /// Not limited.
+    Unlimited,
+    /// Always refused.
+    Blocked,
+}
+
+/// What one request costs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cost {
+    /// The same for every request.
+    Fixed(u64),
+    /// Read from a header, with a default and a ceiling.
+    Header {
+        /// The header.
+        name: http::HeaderName,
+        /// When the header is missing or not a whole number.
+        default: u64,
+        /// The largest accepted.
+        max: u64,
+    },
+}
+
+/// A soft threshold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SoftStep {
+    /// Share of the limit in use, in percent, from which the step applies.
+    pub at_percent: u8,
+    /// What it does.
+    pub action: SoftAction,
+}
+
+/// What a soft threshold does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SoftAction {
+    /// Adds a warning header and logs.
+    Warn,
+    /// Holds the request this long before passing it on.
+    Delay(Duration),
+}
+
+/// What happens when a request exceeds the limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OnExceed {
+    /// The status of the rejection.
+    pub status: StatusCode,
+    /// The reason shown to the client.
+    pub reason: Option<Arc<str>>,
+    /// How long the key stays refused afterwards.
+    pub ban: Option<Duration>,
+}
+
+/// Whether a limit rejects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// Counts and rejects.
+    Enforce,
+    /// Counts, reports what it would do, never rejects.
+    Shadow,
+    /// Does nothing.
+    Off,
+}
+
+impl Mode {
+    /// The name as written in policies.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Enforce => "enforce",
+            Mode::Shadow => "shadow",
+            Mode::Off => "off",
+        }
+    }
+}
+
+/// What a limit does when the counter store fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StoreErrorMode {
+    /// Let the request through (fail open).
+    Allow,
+    /// Refuse it with 503 (fail closed).
+    Deny,
+    /// Count it in this node's memory instead.
+    Local,
+}
+
+/// A safelist: a request meeting any condition skips every limit.
+#[derive(Debug)]
+pub struct ListRule {
+    /// Its name.
+    pub name: Arc<str>,
+    /// Any one of these puts a request on the list.
+    pub conditions: Vec<Condition>,
+}
+
+/// A denylist: a request meeting any condition is refused.
+#[derive(Debug)]
+pub struct DenyRule {
+    /// The conditions.
+    pub list: ListRule,
+    /// The status of the refusal.
+    pub status: StatusCode,
+    /// The reason shown to the client.
+    pub reason: Option<Arc<str>>,
+}
+
+/// An anomaly detector: counts matching responses per key and acts past a threshold.
+#[derive(Debug)]
+pub struct Anomaly {
+    /// Its name.
+    pub name: Arc<str>,
+    /// The namespace its counters live in.
+    pub namespace: Arc<str>,
+    /// Which requests it watches.
+    pub condition: Condition,
+    /// What it counts by.
+    pub key: KeySpec,
+    /// The response statuses counted.
+    pub statuses: Vec<u16>,
+    /// How many counted responses trigger it.
+    pub threshold: u64,
+    /// Within how long.
+    pub window: Duration,
+    /// How long the key is banned when triggered.
+    pub ban: Option<Duration>,
+    /// Alert channels told when triggered.
+    pub alerts: Vec<Arc<str>>,
+}
+
+/// A tier table: how a request's tier is found, and the tiers.
+#[derive(Debug)]
+pub struct TierTable {
+    /// Its name.
+    pub name: Arc<str>,
+    /// Where the tier comes from.
+    pub source: TierSource,
+    /// The tiers, by index.
+    pub tiers: Vec<Arc<str>>,
+    /// The tier used when the source gives none or an unknown one.
+    pub default: usize,
+}
+
+impl TierTable {
+    /// The index of the tier named `name`.
+    pub fn tier_index(&self, name: &str) -> Option<usize> {
+        self.tiers.iter().position(|t| t.eq_ignore_ascii_case(name))
+    }
+}
+
+/// Where a request's tier comes from.
+#[derive(Debug, Clone)]
+pub enum TierSource {
+    /// A request header.
+    Header(http::HeaderName),
+    /// A claim of the verified token.
+    Claim(Arc<str>),
+    /// A Cedar annotation on the policies that permit the request.
+    CedarAnnotation {
+        /// The annotation's name.
+        annotation: Arc<str>,
+        /// Which tier wins when several apply.
+        pick: Pick,
+    },
+}
+
+/// Which tier wins when several apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pick {
+    /// The one listed last in the table.
+    Highest,
+    /// The one listed first.
+    Lowest,
+    /// The first policy's.
+    First,
+}
+
+/// A Cedar file imported by a policy file.
+#[derive(Debug, Clone)]
+pub struct CedarImport {
+    /// The policy file.
+    pub policies: std::path::PathBuf,
+    /// The schema file.
+    pub schema: Option<std::path::PathBuf>,
+    /// The Cedar namespace.
+    pub namespace: Option<Arc<str>>,
+}

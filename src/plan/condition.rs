@@ -1,0 +1,275 @@
+//! Compiled conditions on a request, and the reasons they hold or fail.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use http::{HeaderName, Method};
+use ipnet::IpNet;
+use regex::Regex;
+
+use super::route::{PatternId, RouteIndex, RouteMatches};
+use crate::request::RequestCtx;
+
+/// A condition on a request, with names resolved and regexes compiled.
+#[derive(Debug, Clone)]
+pub enum Condition {
+    /// Always holds.
+    Always,
+    /// Every part holds.
+    All(Vec<Condition>),
+    /// At least one part holds.
+    Any(Vec<Condition>),
+    /// The part does not hold.
+    Not(Box<Condition>),
+    /// The method is one of `methods` (empty: any) and the path matches one of `patterns`.
+    Route {
+        /// Methods; empty means any.
+        methods: Vec<Method>,
+        /// Templates in the plan's route set.
+        patterns: Vec<PatternId>,
+    },
+    /// The method is one of these.
+    Method(Vec<Method>),
+    /// The host equals this (lowercase).
+    HostIs(Arc<str>),
+    /// The host matches this.
+    HostMatches(Regex),
+    /// The header is present.
+    HeaderPresent(HeaderName),
+    /// The header equals the value.
+    HeaderIs(HeaderName, Arc<str>),
+    /// The header is missing or differs from the value.
+    HeaderIsNot(HeaderName, Arc<str>),
+    /// The header matches the regex.
+    HeaderMatches(HeaderName, Regex),
+    /// The client address is in one of the networks.
+    IpIn(Vec<IpNet>),
+    /// Cedar permits the action for the request's principal.
+    Cedar(Arc<str>),
+}
+
+/// What a condition needs to be evaluated besides the request.
+pub struct Env<'a> {
+    /// The request.
+    pub request: &'a RequestCtx,
+    /// The plan's route set matched against the request's path.
+    pub routes: &'a RouteMatches,
+    /// The plan's route index, for templates in explanations.
+    pub index: &'a RouteIndex,
+}
+
+impl Condition {
+    /// Whether the condition holds.
+    pub fn eval(&self, env: &Env<'_>) -> bool {
+        let r = env.request;
+        match self {
+            Condition::Always => true,
+            Condition::All(parts) => parts.iter().all(|c| c.eval(env)),
+            Condition::Any(parts) => parts.iter().any(|c| c.eval(env)),
+            Condition::Not(part) => !part.eval(env),
+            Condition::Route { methods, patterns } => {
+                method_in(methods, &r.method) && patterns.iter().any(|p| env.routes.matched(*p))
+            }
+            Condition::Method(methods) => method_in(methods, &r.method),
+            Condition::HostIs(host) => r.host.as_deref() == Some(&**host),
+            Condition::HostMatches(re) => r.host.as_deref().is_some_and(|h| re.is_match(h)),
+            Condition::HeaderPresent(name) => r.headers.contains_key(name),
+            Condition::HeaderIs(name, value) => r.header(name) == Some(&**value),
+            Condition::HeaderIsNot(name, value) => r.header(name) != Some(&**value),
+            Condition::HeaderMatches(name, re) => r.header(name).is_some_and(|v| re.is_match(v)),
+            Condition::IpIn(nets) => r.client_ip.is_some_and(|ip| in_nets(nets, ip)),
+            // Cedar evaluation arrives with the authorization module; until then a Cedar
+            // condition holds, and `explain` says so.
+            Condition::Cedar(_) => true,
+        }
+    }
+
+    /// Why the condition holds (`Ok`) or fails (`Err`), in words.
+    pub fn explain(&self, env: &Env<'_>) -> Result<String, String> {
+        let r = env.request;
+        let verdict = |holds: bool, yes: String, no: String| if holds { Ok(yes) } else { Err(no) };
+        match self {
+            Condition::Always => Ok("no conditions".to_owned()),
+            Condition::All(parts) => {
+                let mut reasons = Vec::new();
+                for part in parts {
+                    reasons.push(part.explain(env)?);
+                }
+                Ok(reasons.join("; "))
+            }
+            Condition::Any(parts) => {
+                let mut failures = Vec::new();
+                for part in parts {
+                    match part.explain(env) {
+                        Ok(why) => return Ok(why),
+                        Err(why) => failures.push(why),
+                    }
+                }
+                Err(failures.join("; and "))
+            }
+            Condition::Not(part) => match part.explain(env) {
+                Ok(why) => Err(format!("not ({why})")),
+                Err(why) => Ok(format!("not ({why})")),
+            },
+            Condition::Route { methods, patterns } => {
+                let templates: Vec<String> = patterns
+                    .iter()
+                    .map(|p| format!("`{}`", env.index.template(*p)))
+                    .collect();
+                if !method_in(methods, &r.method) {
+                    return Err(format!(
+                        "method {} is not {}",
+                        r.method,
+                        method_list(methods)
+                    ));
+                }
+                match patterns.iter().find(|p| env.routes.matched(**p)) {
+                    Some(p) => Ok(format!(
+                        "{} {} matches route `{}`",
+                        r.method,
+                        r.path,
+                        env.index.template(*p)
+                    )),
+                    None => Err(format!(
+                        "path `{}` matches none of {}",
+                        r.path,
+                        templates.join(", ")
+                    )),
+                }
+            }
+            Condition::Method(methods) => verdict(
+                method_in(methods, &r.method),
+                format!("method {} is {}", r.method, method_list(methods)),
+                format!("method {} is not {}", r.method, method_list(methods)),
+            ),
+            Condition::HostIs(host) => verdict(
+                self.eval(env),
+                format!("host is `{host}`"),
+                format!("host {} is not `{host}`", shown(r.host.as_deref())),
+            ),
+            Condition::HostMatches(re) => verdict(
+                self.eval(env),
+                format!("host matches `{re}`"),
+                format!("host {} does not match `{re}`", shown(r.host.as_deref())),
+            ),
+            Condition::HeaderPresent(name) => verdict(
+                self.eval(env),
+                format!("header `{name}` is present"),
+                format!("header `{name}` is missing"),
+            ),
+            Condition::HeaderIs(name, value) => verdict(
+                self.eval(env),
+                format!("header `{name}` is `{value}`"),
+                format!(
+                    "header `{name}` is {}, not `{value}`",
+                    shown(r.header(name))
+                ),
+            ),
+            Condition::HeaderIsNot(name, value) => verdict(
+                self.eval(env),
+                format!("header `{name}` is not `{value}`"),
+                format!("header `{name}` is `{value}`"),
+            ),
+            Condition::HeaderMatches(name, re) => verdict(
+                self.eval(env),
+                format!("header `{name}` matches `{re}`"),
+                format!(
+                    "header `{name}` ({}) does not match `{re}`",
+                    shown(r.header(name))
+                ),
+            ),
+            Condition::IpIn(nets) => {
+                let list: Vec<String> = nets.iter().map(ToString::to_string).collect();
+                verdict(
+                    self.eval(env),
+                    format!(
+                        "client {} is in [{}]",
+                        shown_ip(r.client_ip),
+                        list.join(", ")
+                    ),
+                    format!(
+                        "client {} is not in [{}]",
+                        shown_ip(r.client_ip),
+                        list.join(", ")
+                    ),
+                )
+            }
+            Condition::Cedar(action) => Ok(format!(
+                "cedar permits action `{action}` is assumed (Cedar is not evaluated yet)"
+            )),
+        }
+    }
+
+    /// The route patterns of which one must match for the condition to hold, when the
+    /// condition's shape says so; `None` when it may hold on any path.
+    pub(crate) fn required_patterns(&self) -> Option<Vec<PatternId>> {
+        match self {
+            Condition::Route { patterns, .. } => Some(patterns.clone()),
+            Condition::All(parts) => parts
+                .iter()
+                .filter_map(Condition::required_patterns)
+                .min_by_key(Vec::len),
+            Condition::Any(parts) => {
+                let mut all = Vec::new();
+                for part in parts {
+                    all.extend(part.required_patterns()?);
+                }
+                all.sort_unstable();
+                all.dedup();
+                Some(all)
+            }
+            _ => None,
+        }
+    }
+
+    /// The first route template that matched in the condition, for the `route` key.
+    pub fn matched_route(&self, env: &Env<'_>) -> Option<PatternId> {
+        match self {
+            Condition::Route { patterns, .. } => {
+                patterns.iter().copied().find(|p| env.routes.matched(*p))
+            }
+            Condition::All(parts) | Condition::Any(parts) => {
+                parts.iter().find_map(|c| c.matched_route(env))
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether the condition, or a part of it, asks Cedar.
+    pub fn uses_cedar(&self) -> bool {
+        match self {
+            Condition::Cedar(_) => true,
+            Condition::All(parts) | Condition::Any(parts) => {
+                parts.iter().any(Condition::uses_cedar)
+            }
+            Condition::Not(part) => part.uses_cedar(),
+            _ => false,
+        }
+    }
+}
+
+fn method_in(methods: &[Method], method: &Method) -> bool {
+    methods.is_empty() || methods.contains(method)
+}
+
+fn method_list(methods: &[Method]) -> String {
+    let names: Vec<&str> = methods.iter().map(Method::as_str).collect();
+    names.join("|")
+}
+
+fn in_nets(nets: &[IpNet], ip: IpAddr) -> bool {
+    // An IPv4 client seen through an IPv6 socket (`::ffff:a.b.c.d`) is an IPv4 client.
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    nets.iter().any(|n| n.contains(&ip))
+}
+
+fn shown(value: Option<&str>) -> String {
+    value.map_or_else(|| "missing".to_owned(), |v| format!("`{v}`"))
+}
+
+fn shown_ip(ip: Option<IpAddr>) -> String {
+    ip.map_or_else(|| "address unknown".to_owned(), |ip| ip.to_string())
+}

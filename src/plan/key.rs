@@ -1,0 +1,327 @@
+//! Keys: what a limit counts by, evaluated per request, with secrets hashed.
+
+use std::fmt::Write as _;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use http::HeaderName;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+use crate::request::RequestCtx;
+
+/// The client part of a counter key: parts joined by `+`, each `source:value`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeySpec {
+    /// The parts; every one must have a value for the key to have one.
+    pub parts: Vec<KeyPart>,
+}
+
+/// One part of a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyPart {
+    /// The first source that has a value.
+    FirstOf(Vec<KeySource>),
+    /// A single source.
+    One(KeySource),
+}
+
+/// A source of a key value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// The client address, grouped by prefix length per family.
+    Ip {
+        /// Prefix length for IPv4 clients.
+        v4: u8,
+        /// Prefix length for IPv6 clients.
+        v6: u8,
+    },
+    /// The authenticated user.
+    UserId,
+    /// The API token, hashed.
+    ApiToken,
+    /// A header; `secret` headers are hashed.
+    Header {
+        /// The header.
+        name: HeaderName,
+        /// Whether its value is a credential.
+        secret: bool,
+    },
+    /// A claim of the verified token.
+    Claim(Arc<str>),
+    /// A query parameter.
+    Query(Arc<str>),
+    /// The route template that matched.
+    Route,
+    /// The method.
+    Method,
+    /// The host.
+    Host,
+    /// One counter shared by every client.
+    Global,
+}
+
+/// Header names whose values are credentials: hashed before use.
+pub(crate) fn is_secret_header(name: &HeaderName) -> bool {
+    let n = name.as_str();
+    matches!(
+        n,
+        "authorization" | "proxy-authorization" | "cookie" | "x-api-key"
+    ) || n.contains("token")
+        || n.contains("secret")
+        || n.contains("api-key")
+        || n.contains("apikey")
+}
+
+/// A keyed hash for secrets (BLAKE3 with a 32-byte key): tokens never appear in clear in a
+/// counter key, a log line or an event, and without the key they cannot be guessed back.
+#[derive(Clone)]
+pub struct KeyHasher {
+    key: [u8; 32],
+}
+
+impl std::fmt::Debug for KeyHasher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KeyHasher(..)")
+    }
+}
+
+impl KeyHasher {
+    /// A hasher with the given secret key.
+    pub fn new(key: [u8; 32]) -> Self {
+        KeyHasher { key }
+    }
+
+    /// A hasher whose key is derived from a secret phrase of any length.
+    pub fn from_secret(secret: &str) -> Self {
+        KeyHasher {
+            key: blake3::derive_key("tollgate 2026 key hashing", secret.as_bytes()),
+        }
+    }
+
+    /// A hasher with a random key: hashes agree only within this process.
+    pub fn random() -> Self {
+        KeyHasher {
+            key: rand::random(),
+        }
+    }
+
+    /// The hash of `value`: 24 hex digits (96 bits).
+    pub fn hash(&self, value: &str) -> String {
+        let digest = blake3::keyed_hash(&self.key, value.as_bytes());
+        let mut out = String::with_capacity(24);
+        for byte in &digest.as_bytes()[..12] {
+            let _ = write!(out, "{byte:02x}");
+        }
+        out
+    }
+}
+
+/// Values longer than this are hashed, so that keys stay short.
+const MAX_VALUE_LEN: usize = 96;
+
+impl KeySpec {
+    /// The client part of the key for `request`, or `None` when a part has no value.
+    /// `route` is the template that matched for this limit.
+    pub fn eval(
+        &self,
+        request: &RequestCtx,
+        route: Option<&str>,
+        hasher: &KeyHasher,
+    ) -> Option<String> {
+        let mut out = String::with_capacity(48);
+        for (i, part) in self.parts.iter().enumerate() {
+            if i > 0 {
+                out.push('+');
+            }
+            let written = match part {
+                KeyPart::One(source) => source.write(request, route, hasher, &mut out),
+                KeyPart::FirstOf(sources) => sources
+                    .iter()
+                    .any(|s| s.write(request, route, hasher, &mut out)),
+            };
+            if !written {
+                return None;
+            }
+        }
+        Some(out)
+    }
+
+    /// Whether the key is the same for every request.
+    pub fn is_global(&self) -> bool {
+        self.parts
+            .iter()
+            .all(|p| matches!(p, KeyPart::One(KeySource::Global)))
+    }
+}
+
+impl KeySource {
+    /// Appends `label:value` to `out`; `false` (and nothing appended) when there is no value.
+    fn write(
+        &self,
+        r: &RequestCtx,
+        route: Option<&str>,
+        hasher: &KeyHasher,
+        out: &mut String,
+    ) -> bool {
+        let (label, value): (&str, std::borrow::Cow<'_, str>) = match self {
+            KeySource::Ip { v4, v6 } => {
+                let Some(ip) = r.client_ip else { return false };
+                out.push_str("ip:");
+                let _ = write!(out, "{}", group(ip, *v4, *v6));
+                return true;
+            }
+            KeySource::UserId => match &r.user_id {
+                Some(u) => ("user", u.into()),
+                None => return false,
+            },
+            KeySource::ApiToken => match &r.api_token {
+                Some(t) => ("token", hasher.hash(t).into()),
+                None => return false,
+            },
+            KeySource::Header { name, secret } => match r.header(name) {
+                Some(v) if *secret => {
+                    out.push_str("h.");
+                    out.push_str(name.as_str());
+                    out.push_str(":#");
+                    out.push_str(&hasher.hash(v));
+                    return true;
+                }
+                Some(v) => {
+                    out.push_str("h.");
+                    out.push_str(name.as_str());
+                    ("", v.into())
+                }
+                None => return false,
+            },
+            KeySource::Claim(name) => match r.claims.get(&**name) {
+                Some(v) => {
+                    out.push_str("claim.");
+                    out.push_str(name);
+                    ("", v.into())
+                }
+                None => return false,
+            },
+            KeySource::Query(name) => match r.query_param(name) {
+                Some(v) => {
+                    out.push_str("q.");
+                    out.push_str(name);
+                    ("", v.into())
+                }
+                None => return false,
+            },
+            KeySource::Route => (
+                "route",
+                route
+                    .or(r.route_template.as_deref())
+                    .unwrap_or(&r.path)
+                    .into(),
+            ),
+            KeySource::Method => ("method", r.method.as_str().into()),
+            KeySource::Host => match &r.host {
+                Some(h) => ("host", h.into()),
+                None => return false,
+            },
+            KeySource::Global => {
+                out.push_str("global");
+                return true;
+            }
+        };
+        out.push_str(label);
+        out.push(':');
+        push_escaped(out, &value, hasher);
+        true
+    }
+}
+
+/// The client address grouped to its network: `v4` bits for IPv4, `v6` bits for IPv6.
+fn group(ip: IpAddr, v4: u8, v6: u8) -> IpNet {
+    match ip {
+        IpAddr::V6(a) => match a.to_ipv4_mapped() {
+            Some(mapped) => group(IpAddr::V4(mapped), v4, v6),
+            None => IpNet::V6(Ipv6Net::new(a, v6).map_or_else(|_| a.into(), |n| n.trunc())),
+        },
+        IpAddr::V4(a) => IpNet::V4(Ipv4Net::new(a, v4).map_or_else(|_| a.into(), |n| n.trunc())),
+    }
+}
+
+/// Appends `value` with every byte that could confuse a key's structure (`{`, `}`, `:`, `+`,
+/// `%`, spaces, controls, non-ASCII) percent-encoded; long values are hashed instead.
+fn push_escaped(out: &mut String, value: &str, hasher: &KeyHasher) {
+    if value.len() > MAX_VALUE_LEN {
+        out.push('#');
+        out.push_str(&hasher.hash(value));
+        return;
+    }
+    for byte in value.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~/@=,;!*'()[]|".contains(&byte) {
+            out.push(char::from(byte));
+        } else {
+            let _ = write!(out, "%{byte:02X}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::Method;
+
+    fn request() -> RequestCtx {
+        RequestCtx::new(Method::GET, "/a?k=v")
+            .with_client_ip("2001:db8:1:2:3:4:5:6".parse().unwrap())
+            .try_header("X-Client", "a}b:c")
+            .unwrap()
+            .try_header("Authorization", "Bearer sekrit")
+            .unwrap()
+    }
+
+    #[test]
+    fn groups_ipv6_by_prefix_and_escapes_values() {
+        let hasher = KeyHasher::new([7; 32]);
+        let spec = KeySpec {
+            parts: vec![
+                KeyPart::One(KeySource::Ip { v4: 32, v6: 64 }),
+                KeyPart::One(KeySource::Header {
+                    name: HeaderName::from_static("x-client"),
+                    secret: false,
+                }),
+            ],
+        };
+        assert_eq!(
+            spec.eval(&request(), None, &hasher).unwrap(),
+            "ip:2001:db8:1:2::/64+h.x-client:a%7Db%3Ac"
+        );
+    }
+
+    #[test]
+    fn secrets_never_appear_in_clear() {
+        let hasher = KeyHasher::new([7; 32]);
+        let spec = KeySpec {
+            parts: vec![KeyPart::One(KeySource::Header {
+                name: HeaderName::from_static("authorization"),
+                secret: true,
+            })],
+        };
+        let key = spec.eval(&request(), None, &hasher).unwrap();
+        assert!(!key.contains("sekrit"), "{key}");
+        let other = KeyHasher::new([8; 32]);
+        assert_ne!(key, spec.eval(&request(), None, &other).unwrap());
+    }
+
+    #[test]
+    fn first_of_takes_the_first_present_source() {
+        let hasher = KeyHasher::new([7; 32]);
+        let spec = KeySpec {
+            parts: vec![KeyPart::FirstOf(vec![
+                KeySource::UserId,
+                KeySource::Query("k".into()),
+                KeySource::Global,
+            ])],
+        };
+        assert_eq!(spec.eval(&request(), None, &hasher).unwrap(), "q.k:v");
+        let missing = KeySpec {
+            parts: vec![KeyPart::One(KeySource::UserId)],
+        };
+        assert_eq!(missing.eval(&request(), None, &hasher), None);
+    }
+}

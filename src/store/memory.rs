@@ -1,0 +1,287 @@
+//! The in-memory store: sharded maps under short locks, with expiry and a key cap.
+//!
+//! Used for development, tests, and as the per-node fallback when Redis fails. A request's
+//! operations lock the shards they touch in ascending order (so two requests never deadlock),
+//! decide with the pure algorithms, and write back only when admitted.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use foldhash::fast::RandomState;
+use parking_lot::{Mutex, MutexGuard};
+
+use super::{BatchResult, Op, OpResult, Store, StoreError};
+use crate::clock::Timestamp;
+use crate::limiter::{self, Decision, LeaseId, State, concurrency, us};
+
+/// Keys held by default before the oldest-expiring are evicted.
+pub const DEFAULT_MAX_KEYS: usize = 1_000_000;
+const SHARDS: usize = 64;
+/// How many entries an eviction looks at to choose the one expiring first.
+const EVICTION_SAMPLE: usize = 16;
+
+#[derive(Debug)]
+struct Entry {
+    state: Option<State>,
+    /// When the state stops mattering, microseconds since the epoch.
+    expires_at: u64,
+    /// Refused until then (0: not banned).
+    banned_until: u64,
+}
+
+impl Entry {
+    fn live_until(&self) -> u64 {
+        self.expires_at.max(self.banned_until)
+    }
+}
+
+type Shard = HashMap<Box<str>, Entry, RandomState>;
+
+/// An in-memory [`Store`].
+#[derive(Debug)]
+pub struct MemoryStore {
+    shards: Box<[Mutex<Shard>]>,
+    hasher: RandomState,
+    max_per_shard: usize,
+    len: AtomicUsize,
+    evictions: AtomicU64,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryStore {
+    /// A store holding up to [`DEFAULT_MAX_KEYS`] keys.
+    pub fn new() -> Self {
+        Self::with_max_keys(DEFAULT_MAX_KEYS)
+    }
+
+    /// A store holding up to about `max_keys` keys (rounded up to a multiple of its shard
+    /// count); past that, the key expiring first among a sample is evicted for each new one.
+    pub fn with_max_keys(max_keys: usize) -> Self {
+        MemoryStore {
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(HashMap::with_hasher(RandomState::default())))
+                .collect(),
+            hasher: RandomState::default(),
+            max_per_shard: max_keys.div_ceil(SHARDS).max(1),
+            len: AtomicUsize::new(0),
+            evictions: AtomicU64::new(0),
+        }
+    }
+
+    /// Keys held, expired ones included until they are purged.
+    pub fn len(&self) -> usize {
+        self.len.load(Ordering::Relaxed)
+    }
+
+    /// Whether no key is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Live keys evicted to make room since the store was made.
+    pub fn evictions(&self) -> u64 {
+        self.evictions.load(Ordering::Relaxed)
+    }
+
+    /// The most keys the store holds.
+    pub fn max_keys(&self) -> usize {
+        self.max_per_shard * SHARDS
+    }
+
+    /// Drops every key whose state has expired at `now`; returns how many.
+    pub fn purge_expired(&self, now: Timestamp) -> usize {
+        self.shards
+            .iter()
+            .map(|shard| self.purge_shard(&mut shard.lock(), now.as_micros()))
+            .sum()
+    }
+
+    /// Forgets every key that starts with `prefix`; returns how many.
+    pub fn reset_prefix(&self, prefix: &str) -> usize {
+        let mut removed = 0;
+        for shard in self.shards.iter() {
+            let mut map = shard.lock();
+            let before = map.len();
+            map.retain(|k, _| !k.starts_with(prefix));
+            removed += before - map.len();
+        }
+        self.len.fetch_sub(removed, Ordering::Relaxed);
+        removed
+    }
+
+    /// The live state of `key`, without touching it.
+    pub fn peek(&self, key: &str, now: Timestamp) -> Option<State> {
+        let map = self.shards[self.shard_of(key)].lock();
+        map.get(key)
+            .filter(|e| e.live_until() > now.as_micros())
+            .and_then(|e| e.state.clone())
+    }
+
+    fn shard_of(&self, key: &str) -> usize {
+        (self.hasher.hash_one(key) as usize) % SHARDS
+    }
+
+    fn purge_shard(&self, map: &mut Shard, now: u64) -> usize {
+        let before = map.len();
+        map.retain(|_, e| e.live_until() > now);
+        let removed = before - map.len();
+        self.len.fetch_sub(removed, Ordering::Relaxed);
+        removed
+    }
+
+    /// Makes room for one more key in a full shard: expired keys first, else the key that
+    /// expires soonest among a sample.
+    fn make_room(&self, map: &mut Shard, now: u64) {
+        if map.len() < self.max_per_shard || self.purge_shard(map, now) > 0 {
+            return;
+        }
+        let victim = map
+            .iter()
+            .take(EVICTION_SAMPLE)
+            .min_by_key(|(_, e)| e.live_until())
+            .map(|(k, _)| k.clone());
+        if let Some(victim) = victim {
+            map.remove(&victim);
+            self.len.fetch_sub(1, Ordering::Relaxed);
+            self.evictions.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The batch, decided and applied under the locks of the shards it touches.
+    pub fn apply_now(&self, ops: &[Op], now: Timestamp) -> BatchResult {
+        let t = now.as_micros();
+        let shard_ids: Vec<usize> = ops.iter().map(|op| self.shard_of(&op.key)).collect();
+        let mut order: Vec<usize> = shard_ids.clone();
+        order.sort_unstable();
+        order.dedup();
+        let mut guards: Vec<MutexGuard<'_, Shard>> =
+            order.iter().map(|&s| self.shards[s].lock()).collect();
+        let slot = |shard: usize| order.binary_search(&shard).unwrap_or(0);
+
+        let mut outcomes = Vec::with_capacity(ops.len());
+        let mut results = Vec::with_capacity(ops.len());
+        let mut admitted = true;
+        for (op, &shard) in ops.iter().zip(&shard_ids) {
+            let entry = guards[slot(shard)]
+                .get(op.key.as_str())
+                .filter(|e| e.live_until() > t);
+            let banned_until = entry.map_or(0, |e| e.banned_until);
+            if banned_until > t {
+                let decision = Decision {
+                    allowed: false,
+                    limit: op.quota.policy().0,
+                    remaining: 0,
+                    reset: us(banned_until - t),
+                    retry_after: Some(us(banned_until - t)),
+                };
+                admitted &= !op.enforce;
+                results.push(OpResult {
+                    decision,
+                    banned: true,
+                });
+                outcomes.push(None);
+                continue;
+            }
+            let state = entry.and_then(|e| e.state.as_ref());
+            let outcome = limiter::decide(&op.quota, state, now, op.cost, op.lease);
+            admitted &= outcome.decision.allowed || !op.enforce;
+            results.push(OpResult {
+                decision: outcome.decision,
+                banned: false,
+            });
+            outcomes.push(Some(outcome));
+        }
+
+        for ((op, &shard), outcome) in ops.iter().zip(&shard_ids).zip(outcomes) {
+            let Some(outcome) = outcome else { continue };
+            let map = &mut *guards[slot(shard)];
+            if admitted && outcome.decision.allowed {
+                let expires_at = outcome.expires_at.as_micros();
+                self.upsert(map, &op.key, t, |e| {
+                    e.state = Some(outcome.state);
+                    e.expires_at = expires_at;
+                });
+            } else if !outcome.decision.allowed && op.enforce {
+                if let Some(ban) = op.ban {
+                    let until = now.saturating_add(ban).as_micros();
+                    self.upsert(map, &op.key, t, |e| e.banned_until = until);
+                }
+            }
+        }
+        BatchResult { admitted, results }
+    }
+
+    fn upsert(&self, map: &mut Shard, key: &str, now: u64, update: impl FnOnce(&mut Entry)) {
+        if let Some(entry) = map.get_mut(key) {
+            if entry.live_until() <= now {
+                *entry = Entry {
+                    state: None,
+                    expires_at: 0,
+                    banned_until: 0,
+                };
+            }
+            update(entry);
+            return;
+        }
+        self.make_room(map, now);
+        let mut entry = Entry {
+            state: None,
+            expires_at: 0,
+            banned_until: 0,
+        };
+        update(&mut entry);
+        map.insert(Box::from(key), entry);
+        self.len.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Gives back a concurrency lease now.
+    pub fn release_now(&self, key: &str, lease: LeaseId, now: Timestamp) {
+        let mut map = self.shards[self.shard_of(key)].lock();
+        let Some(entry) = map.get_mut(key) else {
+            return;
+        };
+        if let Some(State::Concurrency(state)) = &entry.state {
+            match concurrency::release(state, lease, now) {
+                Some((state, expires_at)) => {
+                    entry.state = Some(State::Concurrency(state));
+                    entry.expires_at = expires_at.as_micros();
+                }
+                None => {
+                    entry.state = None;
+                    entry.expires_at = 0;
+                    if entry.banned_until <= now.as_micros() {
+                        map.remove(key);
+                        self.len.fetch_sub(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Store for MemoryStore {
+    fn apply(
+        &self,
+        ops: &[Op],
+        now: Timestamp,
+    ) -> impl Future<Output = Result<BatchResult, StoreError>> + Send {
+        std::future::ready(Ok(self.apply_now(ops, now)))
+    }
+
+    fn release(
+        &self,
+        key: &str,
+        lease: LeaseId,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        self.release_now(key, lease, now);
+        std::future::ready(Ok(()))
+    }
+}
