@@ -46,7 +46,8 @@ pub struct BatchResult {
     /// Whether the request was admitted: no enforcing operation rejected. When `false`,
     /// nothing was consumed.
     pub admitted: bool,
-    /// One result per operation, in order.
+    /// One result per operation, in order. When not admitted, each `remaining` is what is
+    /// left before this request, since nothing was consumed.
     pub results: Vec<OpResult>,
 }
 

@@ -130,7 +130,15 @@ fn syntax_error(
     let expected = join_alternatives(&words);
     let start = base + at;
     let (found, len) = found_token(text, start);
-    let span = Span::new(start, start + len);
+    let mut span = Span::new(start, start + len);
+    // A missing `;` is best shown where it belongs: right after the previous token, when the
+    // next one is on a later line.
+    if words.iter().any(|w| w == "`;`") {
+        let before = text[..start].trim_end();
+        if text[before.len()..start].contains('\n') {
+            span = Span::new(before.len(), before.len());
+        }
+    }
     let message = format!("expected {expected}, found {found}");
     let label = if words.len() <= 3 {
         format!("expected {expected}")
@@ -307,7 +315,8 @@ impl Builder<'_> {
                 )
                 .with_help(format!("the largest number is {}", u64::MAX)),
             );
-            0
+            // A stand-in that does not set off further complaints (`zero`, say).
+            1
         });
         Spanned::new(value, span)
     }
@@ -316,12 +325,19 @@ impl Builder<'_> {
         let span = self.span(&pair);
         let digits: String = pair.as_str().chars().filter(|c| *c != '_').collect();
         let value = digits.parse().unwrap_or_else(|_| {
-            self.errors.push(PolicyError::new(
-                self.file,
-                span,
-                format!("number `{}` is out of range", pair.as_str()),
-                "out of range",
-            ));
+            self.errors.push(
+                PolicyError::new(
+                    self.file,
+                    span,
+                    format!("number `{}` is out of range", pair.as_str()),
+                    "out of range",
+                )
+                .with_help(format!(
+                    "numbers range from {} to {}",
+                    i64::MIN,
+                    i64::MAX
+                )),
+            );
             0
         });
         Spanned::new(value, span)

@@ -176,11 +176,6 @@ struct Compiler<'a> {
 }
 
 impl<'a> Compiler<'a> {
-    fn error(&mut self, file: usize, span: Span, message: impl Into<String>, label: &str) {
-        let error = PolicyError::new(&self.files[file].source, span, message, label);
-        self.errors.push(error);
-    }
-
     fn error_help(
         &mut self,
         file: usize,
@@ -240,7 +235,13 @@ impl<'a> Compiler<'a> {
                 match item {
                     ast::Item::Version(v) => {
                         if version.is_some() {
-                            self.error(f, v.span, "`version` is given twice", "given again here");
+                            self.error_help(
+                                f,
+                                v.span,
+                                "`version` is given twice",
+                                "given again here",
+                                "keep one `version 1;` at the top of the file",
+                            );
                         } else if v.node != 1 {
                             self.error_help(
                                 f,
@@ -254,11 +255,12 @@ impl<'a> Compiler<'a> {
                     }
                     ast::Item::Namespace(ns) => {
                         if namespace.is_some() {
-                            self.error(
+                            self.error_help(
                                 f,
                                 ns.span,
                                 "`namespace` is given twice",
                                 "given again here",
+                                "a file has one namespace; keep one",
                             );
                         } else if ns.node.is_empty()
                             || !ns
@@ -695,11 +697,12 @@ impl<'a> Compiler<'a> {
             }
             [one, rest @ ..] => {
                 for extra in rest {
-                    self.error(
+                    self.error_help(
                         f,
                         extra.span,
                         "a tier table has one `from`",
                         "second `from`",
+                        "keep the `from` the tier should come from",
                     );
                     ok = false;
                 }
@@ -721,11 +724,12 @@ impl<'a> Compiler<'a> {
             }
         }
         if block.tiers.is_empty() {
-            self.error(
+            self.error_help(
                 f,
                 block.name.span,
                 format!("tier table `{}` has no tiers", block.name.node),
                 "empty table",
+                "add a tier such as `tier free { api = 60/min; }`",
             );
             return None;
         }
@@ -750,13 +754,19 @@ impl<'a> Compiler<'a> {
                     break;
                 };
                 let next = &block.tiers[p];
-                if chain.iter().any(|t| std::ptr::eq(*t, next)) {
-                    // Report the cycle once, at the tier whose chain closes on itself.
-                    if std::ptr::eq(next, tier) {
+                if let Some(pos) = chain.iter().position(|t| std::ptr::eq(*t, next)) {
+                    // Report a cycle once: at the member defined first, when its own chain
+                    // closes on itself.
+                    let first = chain[pos..]
+                        .iter()
+                        .min_by_key(|t| t.span.start)
+                        .is_some_and(|t| std::ptr::eq(*t, tier));
+                    if pos == 0 && first {
                         let names: Vec<&str> = chain.iter().map(|t| t.name.node.as_str()).collect();
+                        let at = tier.extends.as_ref().map_or(parent.span, |e| e.span);
                         self.error_help(
                             f,
-                            parent.span,
+                            at,
                             format!("tier `{}` inherits from itself", tier.name.node),
                             "inheritance cycle",
                             format!(
@@ -808,11 +818,12 @@ impl<'a> Compiler<'a> {
             }
             [d, rest @ ..] => {
                 for extra in rest {
-                    self.error(
+                    self.error_help(
                         f,
                         extra.span,
                         "a tier table has one `default`",
                         "second `default`",
+                        "keep one `default` tier",
                     );
                 }
                 match index.get(d.node.as_str()) {
@@ -987,7 +998,7 @@ impl<'a> Compiler<'a> {
                 match self.duration_micros(lf, lease, "lease") {
                     Some(d) if d <= DAY => d,
                     Some(_) => {
-                        self.error(lf, lease.span, "a lease lasts at most 1 day", "too long");
+                        self.error_help(lf, lease.span, "a lease lasts at most 1 day", "too long", "a lease only matters when a request never reports its end; minutes are typical");
                         ok = false;
                         DEFAULT_LEASE
                     }
@@ -1041,7 +1052,13 @@ impl<'a> Compiler<'a> {
             Some((pf, p)) => match i32::try_from(p.node) {
                 Ok(p) => Some(p),
                 Err(_) => {
-                    self.error(pf, p.span, "priority is out of range", "out of range");
+                    self.error_help(
+                        pf,
+                        p.span,
+                        "priority is out of range",
+                        "out of range",
+                        "use a number between -2147483648 and 2147483647",
+                    );
                     None
                 }
             },
@@ -1256,7 +1273,13 @@ impl<'a> Compiler<'a> {
                 ok = false;
             }
             if rate.period.node.amount == 0 {
-                self.error(f, rate.period.span, "a period is longer than zero", "zero");
+                self.error_help(
+                    f,
+                    rate.period.span,
+                    "a period is longer than zero",
+                    "zero",
+                    "write a period such as `/min` or `/5s`",
+                );
                 ok = false;
             }
             if let Some(burst) = rate.burst.as_ref().filter(|b| b.node == 0) {
@@ -1302,7 +1325,13 @@ impl<'a> Compiler<'a> {
                     return None;
                 }
                 let Some(max) = NonZeroU64::new(n.node) else {
-                    self.error(f, n.span, "a concurrency limit allows at least 1", "zero");
+                    self.error_help(
+                        f,
+                        n.span,
+                        "a concurrency limit allows at least 1",
+                        "zero",
+                        "to refuse everything, write `blocked`",
+                    );
                     return None;
                 };
                 let lease = NonZeroU64::new(lease).unwrap_or(NonZeroU64::MIN);
@@ -1331,7 +1360,7 @@ impl<'a> Compiler<'a> {
                             burst.span,
                             "`burst` applies only to `token_bucket` and `gcra`",
                             "no burst for this algorithm",
-                            used_by,
+                            format!("{used_by}; for bursts, use `algorithm token_bucket;` or `algorithm gcra;`"),
                         );
                         return None;
                     }
@@ -1386,7 +1415,13 @@ impl<'a> Compiler<'a> {
                     return None;
                 }
                 if micros < 1_000 {
-                    self.error(f, rate.period.span, "a window is at least 1ms", "too short");
+                    self.error_help(
+                        f,
+                        rate.period.span,
+                        "a window is at least 1ms",
+                        "too short",
+                        "lengthen the window, for example `10/100ms`",
+                    );
                     return None;
                 }
                 let Some(window) = NonZeroU64::new(micros) else {
@@ -1480,12 +1515,24 @@ impl<'a> Compiler<'a> {
         };
         match d.node.amount.checked_mul(unit) {
             Some(0) => {
-                self.error(f, d.span, format!("a {what} is longer than zero"), "zero");
+                self.error_help(
+                    f,
+                    d.span,
+                    format!("a {what} is longer than zero"),
+                    "zero",
+                    "write a duration such as `30s` or `5min`",
+                );
                 None
             }
             Some(v) => Some(v),
             None => {
-                self.error(f, d.span, format!("this {what} is too long"), "too long");
+                self.error_help(
+                    f,
+                    d.span,
+                    format!("this {what} is too long"),
+                    "too long",
+                    "durations are counted in microseconds and must fit in 64 bits",
+                );
                 None
             }
         }
@@ -1531,18 +1578,25 @@ impl<'a> Compiler<'a> {
                     } else {
                         max.as_ref().map_or(cost.span, |m| m.span)
                     };
-                    self.error(f, span, "a cost is at least 1", "zero");
+                    self.error_help(
+                        f,
+                        span,
+                        "a cost is at least 1",
+                        "zero",
+                        "to exempt requests from a limit, narrow its `match`",
+                    );
                     return None;
                 }
                 if default_value > max_value {
                     let span = default.as_ref().map_or(cost.span, |d| d.span);
-                    self.error(
+                    self.error_help(
                         f,
                         span,
                         format!(
                             "the default cost {default_value} is above the maximum {max_value}"
                         ),
                         "above `max`",
+                        "the default cost must be within `max`",
                     );
                     return None;
                 }
@@ -1581,11 +1635,12 @@ impl<'a> Compiler<'a> {
                 }
             };
             if at.node == 0 || at.node > 100 {
-                self.error(
+                self.error_help(
                     f,
                     at.span,
                     "a soft threshold is between 1% and 100%",
                     "out of range",
+                    "write the share of the limit in use, such as `80%`",
                 );
                 ok = false;
                 continue;
@@ -1627,7 +1682,13 @@ impl<'a> Compiler<'a> {
             Some(b) => {
                 let micros = self.duration_micros(f, b, "ban")?;
                 if micros > MAX_BAN {
-                    self.error(f, b.span, "a ban lasts at most 30 days", "too long");
+                    self.error_help(
+                        f,
+                        b.span,
+                        "a ban lasts at most 30 days",
+                        "too long",
+                        "for longer, put the client on a denylist",
+                    );
                     return None;
                 }
                 Some(Duration::from_micros(micros))
@@ -1771,7 +1832,13 @@ impl<'a> Compiler<'a> {
                     }
                 }
                 if nets.is_empty() && ok {
-                    self.error(f, c.span, "the address list is empty", "empty list");
+                    self.error_help(
+                        f,
+                        c.span,
+                        "the address list is empty",
+                        "empty list",
+                        "list at least one address or network",
+                    );
                     return None;
                 }
                 ok.then_some(Condition::IpIn(nets))
@@ -1840,11 +1907,12 @@ impl<'a> Compiler<'a> {
         for m in methods {
             if m.node == "ANY" {
                 if methods.len() > 1 {
-                    self.error(
+                    self.error_help(
                         f,
                         m.span,
                         "`ANY` stands alone",
                         "combined with other methods",
+                        "write `ANY` for every method, or list the methods",
                     );
                     ok = false;
                 }
@@ -1912,11 +1980,12 @@ impl<'a> Compiler<'a> {
             .filter_map(|c| self.condition(f, c))
             .collect();
         if block.conditions.is_empty() {
-            self.error(
+            self.error_help(
                 f,
                 block.name.span,
                 format!("list `{}` has no entries", block.name.node),
                 "empty list",
+                "add a condition such as `ip in [10.0.0.0/8];`",
             );
         }
         let mut status = StatusCode::FORBIDDEN;
@@ -1931,11 +2000,12 @@ impl<'a> Compiler<'a> {
                     "requests on a safelist skip every limit",
                 );
             } else if i > 0 {
-                self.error(
+                self.error_help(
                     f,
                     respond.span,
                     "a denylist has one `respond`",
                     "second `respond`",
+                    "keep one `respond`",
                 );
             } else {
                 if let Some(s) = self.error_status(f, &respond.node.status) {
@@ -2004,7 +2074,13 @@ impl<'a> Compiler<'a> {
                 }
             };
             if seen.insert(name, span).is_some() {
-                self.error(f, span, format!("`{name}` is set twice"), "set again here");
+                self.error_help(
+                    f,
+                    span,
+                    format!("`{name}` is set twice"),
+                    "set again here",
+                    "keep one",
+                );
                 ok = false;
             }
         }
@@ -2024,11 +2100,12 @@ impl<'a> Compiler<'a> {
                     {
                         Some(code) => status_codes.push(code),
                         None => {
-                            self.error(
+                            self.error_help(
                                 f,
                                 s.span,
                                 format!("`{}` is not an HTTP status", s.node),
                                 "not a status",
+                                "statuses are between 100 and 599",
                             );
                             ok = false;
                         }
@@ -2049,7 +2126,13 @@ impl<'a> Compiler<'a> {
         let (threshold, window) = match detect {
             Some((count, window)) => {
                 if count.node == 0 {
-                    self.error(f, count.span, "a threshold is at least 1", "zero");
+                    self.error_help(
+                        f,
+                        count.span,
+                        "a threshold is at least 1",
+                        "zero",
+                        "write how many counted responses trigger it, such as `detect 10 in 5min;`",
+                    );
                     ok = false;
                 }
                 let w = self.duration_micros(f, window, "window");
@@ -2079,7 +2162,13 @@ impl<'a> Compiler<'a> {
                         ast::ThenAction::Ban(d) => match self.duration_micros(f, d, "ban") {
                             Some(m) if m <= MAX_BAN => ban = Some(Duration::from_micros(m)),
                             Some(_) => {
-                                self.error(f, d.span, "a ban lasts at most 30 days", "too long");
+                                self.error_help(
+                                    f,
+                                    d.span,
+                                    "a ban lasts at most 30 days",
+                                    "too long",
+                                    "for longer, put the client on a denylist",
+                                );
                                 ok = false;
                             }
                             None => ok = false,

@@ -215,6 +215,15 @@ impl MemoryStore {
                 }
             }
         }
+        if !admitted {
+            // Nothing was consumed: report what is left before this request.
+            for (r, op) in results.iter_mut().zip(ops) {
+                if r.decision.allowed {
+                    let d = &mut r.decision;
+                    d.remaining = d.remaining.saturating_add(op.cost).min(d.limit);
+                }
+            }
+        }
         BatchResult { admitted, results }
     }
 

@@ -1,0 +1,4 @@
+anomaly brute {
+  match { route POST "/login"; }
+  detect 0 in 5min;
+}

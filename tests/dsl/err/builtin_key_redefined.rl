@@ -1,0 +1,2 @@
+key ip = header("X-Real-IP");
+limit api { rate 10/s; }

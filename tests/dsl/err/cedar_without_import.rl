@@ -1,0 +1,1 @@
+limit api { when cedar permits action "write"; rate 1/s; }

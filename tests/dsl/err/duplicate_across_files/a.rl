@@ -1,0 +1,1 @@
+limit shared { rate 1/s; }

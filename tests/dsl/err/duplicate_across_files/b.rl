@@ -1,0 +1,2 @@
+# the same name in another file
+limit shared { rate 2/s; }

@@ -1,0 +1,1 @@
+limit api { key header("X Client"); rate 1/s; }

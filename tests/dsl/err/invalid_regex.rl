@@ -1,0 +1,1 @@
+denylist bots { user_agent ~= "(?i)(bot|crawler"; }

@@ -1,0 +1,1 @@
+limit api { key ip/129; rate 1/s; }

@@ -1,0 +1,1 @@
+import cedar "nowhere.cedar" schema "nowhere.cedarschema";

@@ -1,0 +1,1 @@
+limit api { algorithm gcra; rate 1000/month; }

@@ -1,0 +1,1 @@
+limit api { match { route GET "/a"; } key ip; }

@@ -1,0 +1,1 @@
+limit api { algorithm quota; rate 1000/2d; }

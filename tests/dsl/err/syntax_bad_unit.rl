@@ -1,0 +1,1 @@
+limit api { rate 5/mon; }

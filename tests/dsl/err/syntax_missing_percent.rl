@@ -1,0 +1,1 @@
+limit api { rate 5/min; soft warn at 80; }

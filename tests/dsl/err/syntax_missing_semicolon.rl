@@ -1,0 +1,4 @@
+limit api {
+  rate 5/min
+  key ip;
+}

@@ -1,0 +1,3 @@
+limit api {
+  match { route GET "/a"; }
+  rate 5/min;

@@ -1,0 +1,4 @@
+tiers plans {
+  from claim("plan");
+  tier free { api = 1/s; }
+}

@@ -1,0 +1,1 @@
+limit api { algorithm gcrra; rate 5/min; }

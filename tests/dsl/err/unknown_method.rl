@@ -1,0 +1,1 @@
+limit api { match { route GTE|post "/a"; } rate 1/s; }

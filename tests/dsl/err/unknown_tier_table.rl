@@ -1,0 +1,2 @@
+tiers plans { from header("X-Plan"); default free; tier free { api = 1/s; } }
+limit api { rate plan.api; }

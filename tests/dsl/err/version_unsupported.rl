@@ -1,0 +1,2 @@
+version 2;
+limit api { rate 1/s; }

@@ -1,0 +1,1 @@
+limit api { algorithm sliding_window; rate 1000/2d; }

@@ -1,0 +1,1 @@
+limit api { rate 10/0s; }

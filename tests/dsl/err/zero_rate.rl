@@ -1,0 +1,1 @@
+limit api { rate 0/min; }
