@@ -61,7 +61,7 @@ impl SourceFile {
     }
 
     fn named_source(&self) -> NamedSource<Arc<str>> {
-        NamedSource::new(self.name.to_string(), Arc::clone(&self.text))
+        NamedSource::new(&self.name, Arc::clone(&self.text))
     }
 }
 

@@ -263,7 +263,7 @@ impl<S: Store, C: Clock> Engine<S, C> {
 
         let lease = LeaseId(self.lease_base | self.lease_counter.fetch_add(1, Ordering::Relaxed));
         let mut reports = Vec::new();
-        let mut ops = Vec::new();
+        let mut pending: Vec<Pending> = Vec::new();
         let mut applied: Vec<&Limit> = Vec::new();
         let mut blocked = false;
         for index in plan.routes.candidates(&routes) {
@@ -279,39 +279,45 @@ impl<S: Store, C: Clock> Engine<S, C> {
                     (values[t], Some(Arc::clone(&table.tiers[t])))
                 }
             };
+            let quota = match value {
+                TierValue::Unlimited => continue,
+                TierValue::Quota(q) => Some(q),
+                TierValue::Blocked => None,
+            };
             let route = limit
                 .condition
                 .matched_route(&env)
                 .map(|p| &**plan.routes.template(p));
-            let Some(client) = limit.key.eval(request, route, &self.hasher) else {
+            // `{namespace}:{client}:{limit}`, built in one buffer.
+            let mut key = String::with_capacity(64);
+            key.push_str(&limit.namespace);
+            key.push_str(":{");
+            if !limit.key.write(request, route, &self.hasher, &mut key) {
                 continue;
-            };
-            let key = format!("{}:{{{client}}}:{}", limit.namespace, limit.name);
-            let quota = match value {
-                TierValue::Unlimited => continue,
-                TierValue::Blocked => {
-                    blocked |= limit.mode == Mode::Enforce;
-                    reports.push(LimitReport {
-                        limit: Arc::clone(&limit.name),
-                        mode: limit.mode,
-                        algorithm: "blocked",
-                        key,
-                        tier,
-                        policy: (0, 0),
-                        decision: Decision {
-                            allowed: false,
-                            limit: 0,
-                            remaining: 0,
-                            reset: Duration::ZERO,
-                            retry_after: None,
-                        },
-                        banned: false,
-                        counted: Counted::Blocked,
-                    });
-                    applied.push(limit);
-                    continue;
-                }
-                TierValue::Quota(q) => q,
+            }
+            key.push_str("}:");
+            key.push_str(&limit.name);
+            let Some(quota) = quota else {
+                blocked |= limit.mode == Mode::Enforce;
+                reports.push(LimitReport {
+                    limit: Arc::clone(&limit.name),
+                    mode: limit.mode,
+                    algorithm: "blocked",
+                    key,
+                    tier,
+                    policy: (0, 0),
+                    decision: Decision {
+                        allowed: false,
+                        limit: 0,
+                        remaining: 0,
+                        reset: Duration::ZERO,
+                        retry_after: None,
+                    },
+                    banned: false,
+                    counted: Counted::Blocked,
+                });
+                applied.push(limit);
+                continue;
             };
             let cost = match &limit.cost {
                 Cost::Fixed(c) => *c,
@@ -322,28 +328,25 @@ impl<S: Store, C: Clock> Engine<S, C> {
                     .unwrap_or(*default)
                     .min(*max),
             };
-            ops.push((
-                reports.len(),
-                Op {
-                    key: key.clone(),
-                    quota,
-                    cost,
-                    enforce: limit.mode == Mode::Enforce,
-                    ban: limit.on_exceed.ban,
-                    lease,
-                },
-            ));
+            let policy = quota.policy();
+            pending.push(Pending {
+                slot: reports.len(),
+                quota,
+                cost,
+                enforce: limit.mode == Mode::Enforce,
+                ban: limit.on_exceed.ban,
+            });
             reports.push(LimitReport {
                 limit: Arc::clone(&limit.name),
                 mode: limit.mode,
                 algorithm: quota.algorithm(),
                 key,
                 tier,
-                policy: quota.policy(),
+                policy,
                 decision: Decision {
                     allowed: true,
-                    limit: quota.policy().0,
-                    remaining: quota.policy().0,
+                    limit: policy.0,
+                    remaining: policy.0,
                     reset: Duration::ZERO,
                     retry_after: None,
                 },
@@ -355,43 +358,46 @@ impl<S: Store, C: Clock> Engine<S, C> {
 
         let mut leases = Vec::new();
         let mut unavailable = None;
-        if !blocked && !ops.is_empty() {
-            let batch: Vec<Op> = ops.iter().map(|(_, op)| op.clone()).collect();
-            match self.store.apply(&batch, now).await {
+        if !blocked && !pending.is_empty() {
+            let batch = ops(&pending, &reports, lease);
+            let result = self.store.apply(&batch, now).await;
+            drop(batch);
+            match result {
                 Ok(result) => {
                     record(
                         &mut reports,
-                        &ops,
+                        &pending,
                         &result,
                         Counted::Store,
+                        lease,
                         &mut leases,
-                        false,
                     );
                 }
                 Err(error) => {
                     tracing::warn!(%error, "counter store failed; applying each limit's on_store_error");
                     let mut local = Vec::new();
-                    for (slot, op) in &ops {
-                        match applied[*slot].on_store_error {
-                            StoreErrorMode::Allow => reports[*slot].counted = Counted::Skipped,
-                            StoreErrorMode::Deny if op.enforce => {
-                                unavailable.get_or_insert_with(|| Arc::clone(&applied[*slot].name));
-                                reports[*slot].counted = Counted::Skipped;
+                    for p in &pending {
+                        match applied[p.slot].on_store_error {
+                            StoreErrorMode::Allow => reports[p.slot].counted = Counted::Skipped,
+                            StoreErrorMode::Deny => {
+                                if p.enforce {
+                                    unavailable
+                                        .get_or_insert_with(|| Arc::clone(&applied[p.slot].name));
+                                }
+                                reports[p.slot].counted = Counted::Skipped;
                             }
-                            StoreErrorMode::Deny => reports[*slot].counted = Counted::Skipped,
-                            StoreErrorMode::Local => local.push((*slot, op.clone())),
+                            StoreErrorMode::Local => local.push(*p),
                         }
                     }
                     if unavailable.is_none() && !local.is_empty() {
-                        let batch: Vec<Op> = local.iter().map(|(_, op)| op.clone()).collect();
-                        let result = self.local.apply_now(&batch, now);
+                        let result = self.local.apply_now(&ops(&local, &reports, lease), now);
                         record(
                             &mut reports,
                             &local,
                             &result,
                             Counted::Local,
+                            lease,
                             &mut leases,
-                            true,
                         );
                     }
                 }
@@ -471,25 +477,50 @@ impl<S: Store, C: Clock> Engine<S, C> {
     }
 }
 
+/// One limit's operation, before it borrows its key from the reports.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    slot: usize,
+    quota: Quota,
+    cost: u64,
+    enforce: bool,
+    ban: Option<Duration>,
+}
+
+/// The store operations for `pending`, keyed by their reports' keys.
+fn ops<'a>(pending: &[Pending], reports: &'a [LimitReport], lease: LeaseId) -> Vec<Op<'a>> {
+    pending
+        .iter()
+        .map(|p| Op {
+            key: &reports[p.slot].key,
+            quota: p.quota,
+            cost: p.cost,
+            enforce: p.enforce,
+            ban: p.ban,
+            lease,
+        })
+        .collect()
+}
+
 /// Copies a store's results into the reports and collects the leases taken.
 fn record(
     reports: &mut [LimitReport],
-    ops: &[(usize, Op)],
+    pending: &[Pending],
     result: &BatchResult,
     counted: Counted,
+    lease: LeaseId,
     leases: &mut Vec<Lease>,
-    local: bool,
 ) {
-    for ((slot, op), r) in ops.iter().zip(&result.results) {
-        let report = &mut reports[*slot];
+    for (p, r) in pending.iter().zip(&result.results) {
+        let report = &mut reports[p.slot];
         report.decision = r.decision;
         report.banned = r.banned;
         report.counted = counted;
-        if result.admitted && r.decision.allowed && matches!(op.quota, Quota::Concurrency(_)) {
+        if result.admitted && r.decision.allowed && matches!(p.quota, Quota::Concurrency(_)) {
             leases.push(Lease {
-                key: op.key.clone(),
-                id: op.lease,
-                local,
+                key: report.key.clone(),
+                id: lease,
+                local: counted == Counted::Local,
             });
         }
     }

@@ -104,9 +104,13 @@ pub fn explain(plan: &Plan, request: &RequestCtx, hasher: &KeyHasher) -> Explana
             let (applies, why) = match limit.condition.explain(&env) {
                 Err(why) => (false, why),
                 Ok(_) if limit.mode == Mode::Off => (false, "`mode off`".to_owned()),
-                Ok(_) if key.is_none() => {
-                    (false, "its key has no value for this request".to_owned())
-                }
+                Ok(_) if key.is_none() => (
+                    false,
+                    format!(
+                        "its key has no value: {} is missing",
+                        limit.key.missing_part(request).unwrap_or_default()
+                    ),
+                ),
                 Ok(_) if value == TierValue::Unlimited => {
                     (false, "the tier is unlimited".to_owned())
                 }
@@ -151,13 +155,24 @@ fn describe_quota(q: &Quota) -> String {
                 q.algorithm()
             )
         }
-        Quota::TokenBucket(b) | Quota::Gcra(b) => format!(
-            "{} per {}, burst {} ({})",
-            b.count,
-            per(b.period.get()),
-            b.capacity,
-            q.algorithm()
-        ),
+        Quota::TokenBucket(b) | Quota::Gcra(b) => {
+            // The rate is kept in lowest terms (30/min is 1 per 2s); show it per the
+            // shortest whole unit it fills instead.
+            let (count, period) = [1_000_000u64, 60_000_000, 3_600_000_000, 86_400_000_000]
+                .into_iter()
+                .map(|unit| (u128::from(b.count.get()) * u128::from(unit), unit))
+                .find(|(scaled, _)| scaled % u128::from(b.period.get()) == 0)
+                .map_or(
+                    (u128::from(b.count.get()), b.period.get()),
+                    |(scaled, unit)| (scaled / u128::from(b.period.get()), unit),
+                );
+            format!(
+                "{count} per {}, burst {} ({})",
+                per(period),
+                b.capacity,
+                q.algorithm()
+            )
+        }
         Quota::Concurrency(c) => format!("{} in flight, lease {}", c.max, per(c.lease.get())),
         Quota::Calendar { limit, period } => {
             format!("{limit} per calendar {period:?} (UTC)").to_lowercase()

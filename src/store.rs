@@ -15,10 +15,10 @@ use crate::limiter::{Decision, LeaseId, Quota};
 pub use memory::MemoryStore;
 
 /// One limit's part of a request.
-#[derive(Debug, Clone)]
-pub struct Op {
+#[derive(Debug, Clone, Copy)]
+pub struct Op<'a> {
     /// The counter's key: `{namespace}:{client}:{limit}` with the client in braces.
-    pub key: String,
+    pub key: &'a str,
     /// The quota and algorithm.
     pub quota: Quota,
     /// What the request costs.
@@ -67,7 +67,7 @@ pub trait Store: Send + Sync + 'static {
     /// Decides and, when admitted, consumes every operation of one request, atomically.
     fn apply(
         &self,
-        ops: &[Op],
+        ops: &[Op<'_>],
         now: Timestamp,
     ) -> impl Future<Output = Result<BatchResult, StoreError>> + Send;
 

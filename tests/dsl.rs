@@ -65,6 +65,7 @@ fn the_shipped_policies_compile() {
 fn every_example_in_the_language_reference_parses() {
     let doc = std::fs::read_to_string("docs/language.md").unwrap();
     let mut examples = 0;
+    let mut all = String::new();
     let mut rest = doc.as_str();
     while let Some(start) = rest.find("```rl\n") {
         let body = &rest[start + 6..];
@@ -82,9 +83,93 @@ fn every_example_in_the_language_reference_parses() {
                 .collect::<Vec<_>>()
                 .join("\n")
         );
+        all.push_str(example);
         rest = &body[end + 3..];
     }
-    assert!(examples >= 20, "only {examples} examples found");
+    // Every construct of the language has an example.
+    let constructs = [
+        "version",
+        "namespace",
+        "import cedar",
+        "schema",
+        "key ",
+        "first_of(",
+        "header(",
+        "claim(",
+        "query(",
+        "ip/24",
+        "ip/48",
+        "user_id",
+        "api_token",
+        "route",
+        "global",
+        "defaults",
+        "tiers",
+        "from header",
+        "from claim",
+        "default ",
+        "extends",
+        "unlimited",
+        "blocked",
+        "limit",
+        "match",
+        "when",
+        "method",
+        "host",
+        "~=",
+        "==",
+        "!=",
+        "user_agent",
+        "ip in",
+        "cedar permits",
+        " and ",
+        " or ",
+        "not ",
+        "&&",
+        "||",
+        "algorithm",
+        "fixed_window",
+        "sliding_window",
+        "token_bucket",
+        "gcra",
+        "quota",
+        "burst",
+        "concurrent",
+        "lease",
+        "cost",
+        "default 1 max",
+        "soft",
+        "warn at",
+        "delay",
+        "on_exceed",
+        "reason",
+        "ban",
+        "mode shadow",
+        "on_store_error",
+        "priority",
+        "safelist",
+        "denylist",
+        "respond",
+        "anomaly",
+        "count when status",
+        "detect",
+        "then",
+        "alert",
+        "/month",
+        "/day",
+        "/**",
+        "{id}",
+        "/*\"",
+    ];
+    let missing: Vec<&str> = constructs
+        .iter()
+        .copied()
+        .filter(|c| !all.contains(c))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "no example shows {missing:?} ({examples} examples)"
+    );
 }
 
 #[test]

@@ -292,3 +292,12 @@ async fn swapping_the_plan_changes_decisions_and_version() {
     assert_ne!(engine.plan().version(), before);
     assert!(engine.decide(&get("/x")).await.is_allowed());
 }
+
+#[test]
+fn decisions_are_send_so_servers_can_spawn_them() {
+    fn assert_send<T: Send>(_: &T) {}
+    let (engine, _clock) = engine(r#"limit a { rate 1/min; }"#);
+    let request = get("/x");
+    let decision = engine.decide(&request);
+    assert_send(&decision);
+}

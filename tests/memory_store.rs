@@ -17,9 +17,9 @@ fn window(limit: u64, secs: u64) -> Quota {
     })
 }
 
-fn op(key: &str, quota: Quota) -> Op {
+fn op(key: &str, quota: Quota) -> Op<'_> {
     Op {
-        key: key.to_owned(),
+        key,
         quota,
         cost: 1,
         enforce: true,
@@ -36,7 +36,8 @@ fn at(secs: u64) -> Timestamp {
 fn keys_expire_with_their_window() {
     let store = MemoryStore::new();
     for i in 0..100 {
-        store.apply_now(&[op(&format!("k{i}"), window(5, 60))], at(0));
+        let key = format!("k{i}");
+        store.apply_now(&[op(&key, window(5, 60))], at(0));
     }
     assert_eq!(store.len(), 100);
     assert_eq!(store.purge_expired(at(59)), 0);
@@ -49,7 +50,8 @@ fn the_key_cap_evicts_and_counts() {
     let store = MemoryStore::with_max_keys(640);
     let cap = store.max_keys();
     for i in 0..cap * 3 {
-        store.apply_now(&[op(&format!("flood{i}"), window(5, 3600))], at(0));
+        let key = format!("flood{i}");
+        store.apply_now(&[op(&key, window(5, 3600))], at(0));
     }
     assert!(store.len() <= cap, "{} keys held, cap {cap}", store.len());
     assert!(
@@ -61,7 +63,8 @@ fn the_key_cap_evicts_and_counts() {
     // no shard fills up with new keys alone).
     let evicted = store.evictions();
     for i in 0..cap / 4 {
-        store.apply_now(&[op(&format!("later{i}"), window(5, 60))], at(4000));
+        let key = format!("later{i}");
+        store.apply_now(&[op(&key, window(5, 60))], at(4000));
     }
     assert_eq!(
         store.evictions(),
@@ -94,7 +97,7 @@ fn shadow_operations_never_block_a_batch() {
     };
     assert!(
         store
-            .apply_now(&[shadow.clone(), op("e", window(10, 60))], at(0))
+            .apply_now(&[shadow, op("e", window(10, 60))], at(0))
             .admitted
     );
     let r = store.apply_now(&[shadow, op("e", window(10, 60))], at(0));
@@ -110,15 +113,27 @@ fn bans_refuse_until_they_end() {
         ban: Some(Duration::from_secs(300)),
         ..op("b", window(1, 60))
     };
-    assert!(store.apply_now(&[banning.clone()], at(0)).admitted);
-    assert!(!store.apply_now(&[banning.clone()], at(1)).admitted);
-    let r = store.apply_now(&[banning.clone()], at(200));
+    assert!(
+        store
+            .apply_now(std::slice::from_ref(&banning), at(0))
+            .admitted
+    );
+    assert!(
+        !store
+            .apply_now(std::slice::from_ref(&banning), at(1))
+            .admitted
+    );
+    let r = store.apply_now(std::slice::from_ref(&banning), at(200));
     assert!(r.results[0].banned);
     assert_eq!(
         r.results[0].decision.retry_after,
         Some(Duration::from_secs(101))
     );
-    assert!(store.apply_now(&[banning], at(301)).admitted);
+    assert!(
+        store
+            .apply_now(std::slice::from_ref(&banning), at(301))
+            .admitted
+    );
 }
 
 #[test]
@@ -134,11 +149,8 @@ fn concurrent_batches_admit_exactly_the_quota() {
             std::thread::spawn(move || {
                 let mut admitted = 0;
                 for i in 0..500 {
-                    let mut ops = vec![
-                        op("shared", q),
-                        op(&format!("t{t}"), big),
-                        op(&format!("i{}", i % 7), big),
-                    ];
+                    let (mine, spread) = (format!("t{t}"), format!("i{}", i % 7));
+                    let mut ops = vec![op("shared", q), op(&mine, big), op(&spread, big)];
                     if (t + i) % 2 == 0 {
                         ops.reverse();
                     }

@@ -1424,9 +1424,7 @@ impl<'a> Compiler<'a> {
                     );
                     return None;
                 }
-                let Some(window) = NonZeroU64::new(micros) else {
-                    return None;
-                };
+                let window = NonZeroU64::new(micros)?;
                 match algorithm {
                     Algorithm::FixedWindow => {
                         Some(TierValue::Quota(Quota::FixedWindow(WindowQuota {

@@ -112,10 +112,17 @@ impl Condition {
                 Err(why) => Ok(format!("not ({why})")),
             },
             Condition::Route { methods, patterns } => {
-                let templates: Vec<String> = patterns
-                    .iter()
-                    .map(|p| format!("`{}`", env.index.template(*p)))
-                    .collect();
+                let Some(p) = patterns.iter().find(|p| env.routes.matched(**p)) else {
+                    let templates: Vec<String> = patterns
+                        .iter()
+                        .map(|p| format!("`{}`", env.index.template(*p)))
+                        .collect();
+                    return Err(format!(
+                        "path `{}` matches none of {}",
+                        r.path,
+                        templates.join(", ")
+                    ));
+                };
                 if !method_in(methods, &r.method) {
                     return Err(format!(
                         "method {} is not {}",
@@ -123,19 +130,12 @@ impl Condition {
                         method_list(methods)
                     ));
                 }
-                match patterns.iter().find(|p| env.routes.matched(**p)) {
-                    Some(p) => Ok(format!(
-                        "{} {} matches route `{}`",
-                        r.method,
-                        r.path,
-                        env.index.template(*p)
-                    )),
-                    None => Err(format!(
-                        "path `{}` matches none of {}",
-                        r.path,
-                        templates.join(", ")
-                    )),
-                }
+                Ok(format!(
+                    "{} {} matches route `{}`",
+                    r.method,
+                    r.path,
+                    env.index.template(*p)
+                ))
             }
             Condition::Method(methods) => verdict(
                 method_in(methods, &r.method),

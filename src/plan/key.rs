@@ -129,21 +129,52 @@ impl KeySpec {
         hasher: &KeyHasher,
     ) -> Option<String> {
         let mut out = String::with_capacity(48);
+        self.write(request, route, hasher, &mut out).then_some(out)
+    }
+
+    /// Appends the client part of the key to `out`; `false` (with `out` in an unspecified
+    /// state) when a part has no value.
+    pub fn write(
+        &self,
+        request: &RequestCtx,
+        route: Option<&str>,
+        hasher: &KeyHasher,
+        out: &mut String,
+    ) -> bool {
         for (i, part) in self.parts.iter().enumerate() {
             if i > 0 {
                 out.push('+');
             }
             let written = match part {
-                KeyPart::One(source) => source.write(request, route, hasher, &mut out),
-                KeyPart::FirstOf(sources) => sources
-                    .iter()
-                    .any(|s| s.write(request, route, hasher, &mut out)),
+                KeyPart::One(source) => source.write(request, route, hasher, out),
+                KeyPart::FirstOf(sources) => {
+                    sources.iter().any(|s| s.write(request, route, hasher, out))
+                }
             };
             if !written {
-                return None;
+                return false;
             }
         }
-        Some(out)
+        true
+    }
+
+    /// The first part that has no value for `request`, in words.
+    pub fn missing_part(&self, request: &RequestCtx) -> Option<String> {
+        let hasher = KeyHasher::new([0; 32]);
+        let mut scratch = String::new();
+        self.parts.iter().find_map(|part| {
+            let sources: &[KeySource] = match part {
+                KeyPart::One(source) => std::slice::from_ref(source),
+                KeyPart::FirstOf(sources) => sources,
+            };
+            let any = sources
+                .iter()
+                .any(|s| s.write(request, None, &hasher, &mut scratch));
+            (!any).then(|| {
+                let names: Vec<String> = sources.iter().map(KeySource::describe).collect();
+                names.join(" or ")
+            })
+        })
     }
 
     /// Whether the key is the same for every request.
@@ -155,6 +186,24 @@ impl KeySpec {
 }
 
 impl KeySource {
+    /// The source as written in policies.
+    pub fn describe(&self) -> String {
+        match self {
+            KeySource::Ip { v4: 32, v6: 64 } => "ip".to_owned(),
+            KeySource::Ip { v4, v6: 64 } => format!("ip/{v4}"),
+            KeySource::Ip { v6, .. } => format!("ip/{v6}"),
+            KeySource::UserId => "user_id".to_owned(),
+            KeySource::ApiToken => "api_token".to_owned(),
+            KeySource::Header { name, .. } => format!("header(\"{name}\")"),
+            KeySource::Claim(c) => format!("claim(\"{c}\")"),
+            KeySource::Query(q) => format!("query(\"{q}\")"),
+            KeySource::Route => "route".to_owned(),
+            KeySource::Method => "method".to_owned(),
+            KeySource::Host => "host".to_owned(),
+            KeySource::Global => "global".to_owned(),
+        }
+    }
+
     /// Appends `label:value` to `out`; `false` (and nothing appended) when there is no value.
     fn write(
         &self,

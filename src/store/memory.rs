@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use foldhash::fast::RandomState;
 use parking_lot::{Mutex, MutexGuard};
+use smallvec::SmallVec;
 
 use super::{BatchResult, Op, OpResult, Store, StoreError};
 use crate::clock::Timestamp;
@@ -155,22 +156,22 @@ impl MemoryStore {
     }
 
     /// The batch, decided and applied under the locks of the shards it touches.
-    pub fn apply_now(&self, ops: &[Op], now: Timestamp) -> BatchResult {
+    pub fn apply_now(&self, ops: &[Op<'_>], now: Timestamp) -> BatchResult {
         let t = now.as_micros();
-        let shard_ids: Vec<usize> = ops.iter().map(|op| self.shard_of(&op.key)).collect();
-        let mut order: Vec<usize> = shard_ids.clone();
+        let shard_ids: SmallVec<[usize; 4]> = ops.iter().map(|op| self.shard_of(op.key)).collect();
+        let mut order = shard_ids.clone();
         order.sort_unstable();
         order.dedup();
-        let mut guards: Vec<MutexGuard<'_, Shard>> =
+        let mut guards: SmallVec<[MutexGuard<'_, Shard>; 4]> =
             order.iter().map(|&s| self.shards[s].lock()).collect();
         let slot = |shard: usize| order.binary_search(&shard).unwrap_or(0);
 
-        let mut outcomes = Vec::with_capacity(ops.len());
+        let mut outcomes: SmallVec<[_; 4]> = SmallVec::with_capacity(ops.len());
         let mut results = Vec::with_capacity(ops.len());
         let mut admitted = true;
         for (op, &shard) in ops.iter().zip(&shard_ids) {
             let entry = guards[slot(shard)]
-                .get(op.key.as_str())
+                .get(op.key)
                 .filter(|e| e.live_until() > t);
             let banned_until = entry.map_or(0, |e| e.banned_until);
             if banned_until > t {
@@ -204,14 +205,14 @@ impl MemoryStore {
             let map = &mut *guards[slot(shard)];
             if admitted && outcome.decision.allowed {
                 let expires_at = outcome.expires_at.as_micros();
-                self.upsert(map, &op.key, t, |e| {
+                self.upsert(map, op.key, t, |e| {
                     e.state = Some(outcome.state);
                     e.expires_at = expires_at;
                 });
             } else if !outcome.decision.allowed && op.enforce {
                 if let Some(ban) = op.ban {
                     let until = now.saturating_add(ban).as_micros();
-                    self.upsert(map, &op.key, t, |e| e.banned_until = until);
+                    self.upsert(map, op.key, t, |e| e.banned_until = until);
                 }
             }
         }
@@ -278,7 +279,7 @@ impl MemoryStore {
 impl Store for MemoryStore {
     fn apply(
         &self,
-        ops: &[Op],
+        ops: &[Op<'_>],
         now: Timestamp,
     ) -> impl Future<Output = Result<BatchResult, StoreError>> + Send {
         std::future::ready(Ok(self.apply_now(ops, now)))

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Runs Tollgate's whole test suite from a fresh checkout.
+#
+# Installs what the tests need when it is missing (Debian packages, as root or with sudo),
+# then runs every test: unit, integration, doc tests, and each benchmark once as a test.
+# Tests that need a server start their own on a free port; in CI (CI=true) a missing server
+# is a failure, never a skip.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Debian packages the tests need, as `command:package`. The core needs none; the Redis,
+# ClickHouse and nginx integration tests add theirs here.
+REQUIRED=()
+
+missing=()
+for entry in "${REQUIRED[@]}"; do
+  command -v "${entry%%:*}" >/dev/null 2>&1 || missing+=("${entry#*:}")
+done
+if ((${#missing[@]})); then
+  echo "installing: ${missing[*]}"
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
+fi
+
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --no-fail-fast
+else
+  cargo test --lib --bins --tests --no-fail-fast
+fi
+cargo test --doc
+# Each benchmark once, as a test: their setup asserts what they measure.
+cargo test --benches

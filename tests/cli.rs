@@ -1,0 +1,98 @@
+//! The `tollgate` command: exit codes and what users read.
+
+use std::process::{Command, Output};
+
+fn tollgate(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(args)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("the binary runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn check_accepts_the_shipped_policies() {
+    let out = tollgate(&["check", "policies"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).starts_with("ok: 3 file(s), 7 limit(s), plan "));
+}
+
+#[test]
+fn check_reports_every_problem_with_its_place_and_exits_1() {
+    let out = tollgate(&["check", "tests/dsl/err/many_problems.rl"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("tests/dsl/err/many_problems.rl:3:21"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("unknown algorithm `nope`"), "{stderr}");
+    assert!(stderr.contains("unknown mode `loud`"), "{stderr}");
+    assert!(
+        stderr.contains("error: 4 problems in the policy files"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn check_explains_a_missing_path() {
+    let out = tollgate(&["check", "no/such/dir"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("cannot read `no/such/dir`"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn explain_shows_applying_limits_keys_and_tiers() {
+    let out = tollgate(&[
+        "explain",
+        "--policies",
+        "policies",
+        "--method",
+        "GET",
+        "--path",
+        "/api/v1/search?q=x",
+        "--header",
+        "X-Plan: pro",
+        "--ip",
+        "203.0.113.9",
+        "--api-token",
+        "tok_sekrit",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("✓ search: 50 per 1s, burst 100 (gcra)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("tier  `pro` of `plans` (from header `x-plan`)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("✗ login: path `/api/v1/search` matches none of `/auth/login`"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("key   api:{token:"), "{stdout}");
+    assert!(
+        !stdout.contains("tok_sekrit"),
+        "a token appeared in clear: {stdout}"
+    );
+}
+
+#[test]
+fn explain_refuses_bad_input_with_a_message() {
+    let out = tollgate(&["explain", "--path", "/x", "--header", "no colon"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("`no colon` is not `Name: value`"));
+    let out = tollgate(&["explain", "--path", "x"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("must start with `/`"));
+}
