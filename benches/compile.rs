@@ -17,9 +17,12 @@ fn generated() -> Vec<(String, String)> {
     let algorithms = ["fixed_window", "sliding_window", "token_bucket", "gcra"];
     (0..10)
         .map(|f| {
-            let mut text = String::from(
-                "version 1;\nkey identity = first_of(user_id, api_token, header(\"X-Client-Id\"), ip);\n",
-            );
+            let mut text = String::from("version 1;\n");
+            if f == 0 {
+                text.push_str(
+                    "key identity = first_of(user_id, api_token, header(\"X-Client-Id\"), ip);\n",
+                );
+            }
             let _ = writeln!(
                 text,
                 "tiers plans{f} {{ from header(\"X-Plan\"); default free; \

@@ -262,11 +262,12 @@ impl<S: Store, C: Clock> Engine<S, C> {
         }
 
         let lease = LeaseId(self.lease_base | self.lease_counter.fetch_add(1, Ordering::Relaxed));
-        let mut reports = Vec::new();
-        let mut pending: Vec<Pending> = Vec::new();
-        let mut applied: Vec<&Limit> = Vec::new();
+        let candidates = plan.routes.candidates(&routes);
+        let mut reports = Vec::with_capacity(candidates.len());
+        let mut pending: Vec<Pending> = Vec::with_capacity(candidates.len());
+        let mut applied: Vec<&Limit> = Vec::with_capacity(candidates.len());
         let mut blocked = false;
-        for index in plan.routes.candidates(&routes) {
+        for index in candidates {
             let limit = &plan.limits[index];
             if limit.mode == Mode::Off || !limit.condition.eval(&env) {
                 continue;

@@ -84,9 +84,7 @@ impl Quota {
             Quota::FixedWindow(q) | Quota::SlidingWindow(q) => {
                 (q.limit.get(), q.window.get().div_ceil(1_000_000))
             }
-            Quota::TokenBucket(q) | Quota::Gcra(q) => {
-                (q.capacity.get(), q.time_to_fill().div_ceil(1_000_000))
-            }
+            Quota::TokenBucket(q) | Quota::Gcra(q) => (q.capacity.get(), q.fill_secs),
             Quota::Concurrency(q) => (q.max.get(), q.lease.get().div_ceil(1_000_000)),
             Quota::Calendar { limit, period } => (limit.get(), period.nominal_secs()),
         }

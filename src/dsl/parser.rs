@@ -34,9 +34,6 @@ const ITEM_KEYWORDS: &[&str] = &[
 
 /// Parses one file: every item that parses, and a problem for each one that does not.
 pub fn parse(file: &SourceFile) -> (PolicyFile, Vec<PolicyError>) {
-    // Detail tracking records the literal tokens (`;`, `}`) that were expected where parsing
-    // stopped; pest's plain errors name only rules.
-    pest::set_error_detail(true);
     let text = file.text();
     let mut items = Vec::new();
     let mut errors = Vec::new();
@@ -60,6 +57,7 @@ pub fn parse(file: &SourceFile) -> (PolicyFile, Vec<PolicyError>) {
                 pos += end;
             }
             Err(e) => {
+                let e = detailed(&text[pos..]).unwrap_or(e);
                 let (error, at) = syntax_error(file, pos, e);
                 errors.push(error);
                 match resume_point(text, at) {
@@ -70,6 +68,22 @@ pub fn parse(file: &SourceFile) -> (PolicyFile, Vec<PolicyError>) {
         }
     }
     (PolicyFile { items }, errors)
+}
+
+/// Parses again with pest's detail tracking, which records the literal tokens (`;`, `}`)
+/// expected where parsing stopped (plain errors name only rules). Tracking slows parsing
+/// down several times, so it is on only for this second look at a failure. The switch is
+/// global: a lock keeps two second looks from turning it off under each other, and a
+/// normal parse that starts meanwhile is only slower.
+fn detailed(input: &str) -> Option<pest::error::Error<Rule>> {
+    static DETAIL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = DETAIL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    pest::set_error_detail(true);
+    let result = PolicyParser::parse(Rule::next_item, input);
+    pest::set_error_detail(false);
+    result.err()
 }
 
 fn resume_point(text: &str, after: usize) -> Option<usize> {

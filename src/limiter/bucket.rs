@@ -17,18 +17,23 @@ pub struct BucketQuota {
     pub count: NonZeroU64,
     /// The period, in microseconds.
     pub period: NonZeroU64,
+    /// Seconds for an empty bucket to fill, rounded up (for headers).
+    pub fill_secs: u64,
 }
 
 impl BucketQuota {
     /// A bucket of `capacity` refilled at `count` per `period` microseconds.
     pub fn new(capacity: NonZeroU64, count: NonZeroU64, period: NonZeroU64) -> Self {
         let g = gcd(count.get(), period.get());
-        BucketQuota {
+        let mut q = BucketQuota {
             capacity,
             // Dividing non-zero numbers by a common divisor leaves them non-zero.
             count: NonZeroU64::new(count.get() / g).unwrap_or(count),
             period: NonZeroU64::new(period.get() / g).unwrap_or(period),
-        }
+            fill_secs: 0,
+        };
+        q.fill_secs = q.time_to_fill().div_ceil(1_000_000);
+        q
     }
 
     /// GCRA's emission interval: microseconds per unit, rounded up so that GCRA never admits
@@ -120,33 +125,30 @@ pub(crate) fn gcra(
     now: Timestamp,
     cost: u64,
 ) -> Outcome {
-    let t = u128::from(q.emission_interval());
-    let tolerance = u128::from(q.capacity.get()) * t;
-    let now_us = u128::from(now.as_micros());
-    let tat = state.map_or(now_us, |s| u128::from(s.tat)).max(now_us);
-    let new_tat = tat + u128::from(cost) * t;
+    // The compiler keeps `capacity × T` below 2^53 and timestamps are below 2^53 until 2255,
+    // so these sums cannot overflow; a huge `cost` saturates and is rejected.
+    let t = q.emission_interval();
+    let tolerance = q.capacity.get().saturating_mul(t);
+    let now_us = now.as_micros();
+    let tat = state.map_or(now_us, |s| s.tat).max(now_us);
+    let new_tat = tat.saturating_add(cost.saturating_mul(t));
     let allowed = new_tat - now_us <= tolerance;
     let (tat, retry_after) = if allowed {
         (new_tat, None)
     } else {
-        let fits = u128::from(cost) * t <= tolerance;
-        (
-            tat,
-            fits.then(|| us(clamp_u64(new_tat - now_us - tolerance))),
-        )
+        let fits = cost.saturating_mul(t) <= tolerance;
+        (tat, fits.then(|| us(new_tat - now_us - tolerance)))
     };
     let ahead = tat - now_us;
     Outcome {
         decision: Decision {
             allowed,
             limit: q.capacity.get(),
-            remaining: clamp_u64((tolerance - ahead) / t),
-            reset: us(clamp_u64(ahead)),
+            remaining: tolerance.saturating_sub(ahead) / t,
+            reset: us(ahead),
             retry_after,
         },
-        state: State::Gcra(GcraState {
-            tat: clamp_u64(tat),
-        }),
-        expires_at: Timestamp::from_micros(clamp_u64(tat)),
+        state: State::Gcra(GcraState { tat }),
+        expires_at: Timestamp::from_micros(tat),
     }
 }

@@ -168,9 +168,12 @@ pub(crate) fn sliding(
     }
 }
 
-/// `ceil(count × part / whole)`.
+/// `ceil(count × part / whole)`, in 64 bits when the product fits.
 fn weighted(count: u64, part: u64, whole: u64) -> u64 {
-    clamp_u64((u128::from(count) * u128::from(part)).div_ceil(u128::from(whole)))
+    match count.checked_mul(part) {
+        Some(product) => product.div_ceil(whole),
+        None => clamp_u64((u128::from(count) * u128::from(part)).div_ceil(u128::from(whole))),
+    }
 }
 
 /// The exact wait until a request of `cost` fits, if no other request comes.

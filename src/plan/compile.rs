@@ -62,6 +62,7 @@ pub fn compile(set: &PolicySet) -> Result<Plan, PolicyErrors> {
         tables: Vec::new(),
         table_names: HashMap::new(),
         patterns: Vec::new(),
+        pattern_ids: HashMap::new(),
         templates: Vec::new(),
         has_cedar: false,
     };
@@ -171,6 +172,7 @@ struct Compiler<'a> {
     tables: Vec<CompiledTable>,
     table_names: HashMap<String, usize>,
     patterns: Vec<String>,
+    pattern_ids: HashMap<String, PatternId>,
     templates: Vec<Arc<str>>,
     has_cedar: bool,
 }
@@ -1944,9 +1946,11 @@ impl<'a> Compiler<'a> {
     fn pattern(&mut self, f: usize, template: &Spanned<String>) -> Option<PatternId> {
         match template_regex(&template.node) {
             Ok(re) => {
-                if let Some(i) = self.patterns.iter().position(|p| *p == re) {
-                    return Some(PatternId(i));
+                if let Some(&id) = self.pattern_ids.get(&re) {
+                    return Some(id);
                 }
+                self.pattern_ids
+                    .insert(re.clone(), PatternId(self.patterns.len()));
                 self.patterns.push(re);
                 self.templates.push(Arc::from(template.node.as_str()));
                 Some(PatternId(self.patterns.len() - 1))

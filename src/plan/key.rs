@@ -216,7 +216,23 @@ impl KeySource {
             KeySource::Ip { v4, v6 } => {
                 let Some(ip) = r.client_ip else { return false };
                 out.push_str("ip:");
-                let _ = write!(out, "{}", group(ip, *v4, *v6));
+                match group(ip, *v4, *v6) {
+                    // The common case, written without the formatting machinery.
+                    IpNet::V4(net) => {
+                        let mut digits = itoa::Buffer::new();
+                        for (i, octet) in net.addr().octets().into_iter().enumerate() {
+                            if i > 0 {
+                                out.push('.');
+                            }
+                            out.push_str(digits.format(octet));
+                        }
+                        out.push('/');
+                        out.push_str(digits.format(net.prefix_len()));
+                    }
+                    net => {
+                        let _ = write!(out, "{net}");
+                    }
+                }
                 return true;
             }
             KeySource::UserId => match &r.user_id {

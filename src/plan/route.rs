@@ -2,10 +2,15 @@
 //!
 //! Every route template of a plan becomes one pattern of a single set; a request's path is
 //! matched once against the whole set, and conditions then read the result bit by bit.
+//! Paths are matched as bytes: segment classes like `[^/]` then compile to one byte class
+//! instead of a UTF-8 automaton, which keeps a thousand templates quick to build.
 
 use std::sync::Arc;
 
-use regex::RegexSet;
+use regex::bytes::RegexSet;
+
+/// One path segment, as bytes.
+const SEGMENT: &str = "(?-u:[^/])+";
 
 /// A route template that is not well formed, with the reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,7 +29,7 @@ pub fn template_regex(template: &str) -> Result<String, TemplateError> {
     let segments: Vec<&str> = template[1..].split('/').collect();
     for (i, segment) in segments.iter().enumerate() {
         if *segment == "**" {
-            out.push_str("(?:/[^?#]*)?");
+            out.push_str("(?:/(?-u:[^?#])*)?");
             continue;
         }
         if segment.contains("**") {
@@ -45,10 +50,10 @@ pub fn template_regex(template: &str) -> Result<String, TemplateError> {
                         "`{{{name}}}` is not a parameter name: use letters, digits and `_`"
                     )));
                 }
-                out.push_str("[^/]+");
+                out.push_str(SEGMENT);
                 rest = &after[end + 1..];
             } else if let Some(after) = rest.strip_prefix('*') {
-                out.push_str("[^/]+");
+                out.push_str(SEGMENT);
                 rest = after;
             } else if rest.starts_with('}') {
                 return Err(TemplateError("`}` without an opening `{`".to_owned()));
@@ -83,7 +88,7 @@ pub struct RouteIndex {
 
 /// Which templates matched one path.
 #[derive(Debug)]
-pub struct RouteMatches(regex::SetMatches);
+pub struct RouteMatches(regex::bytes::SetMatches);
 
 impl RouteMatches {
     /// Whether template `id` matched.
@@ -124,7 +129,7 @@ impl RouteIndex {
 
     /// Matches `path` against every template at once.
     pub fn matches(&self, path: &str) -> RouteMatches {
-        RouteMatches(self.set.matches(path))
+        RouteMatches(self.set.matches(path.as_bytes()))
     }
 
     /// The template of pattern `id`.
@@ -149,9 +154,9 @@ mod tests {
     use super::*;
 
     fn matches(template: &str, path: &str) -> bool {
-        regex::Regex::new(&template_regex(template).unwrap())
+        regex::bytes::Regex::new(&template_regex(template).unwrap())
             .unwrap()
-            .is_match(path)
+            .is_match(path.as_bytes())
     }
 
     #[test]
@@ -171,6 +176,8 @@ mod tests {
             ("/files/{name}.json", "/files/xjson", false),
             ("/a.b", "/axb", false),
             ("/", "/", true),
+            ("/café/{id}", "/café/1", true),
+            ("/a/{id}", "/a/é", true),
         ];
         for (template, path, expected) in cases {
             assert_eq!(matches(template, path), expected, "{template} vs {path}");
