@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::StatusCode;
+use smallvec::SmallVec;
 
 use crate::clock::{Clock, SystemClock, Timestamp};
 use crate::limiter::{Decision, LeaseId, Quota};
@@ -264,8 +265,8 @@ impl<S: Store, C: Clock> Engine<S, C> {
         let lease = LeaseId(self.lease_base | self.lease_counter.fetch_add(1, Ordering::Relaxed));
         let candidates = plan.routes.candidates(&routes);
         let mut reports = Vec::with_capacity(candidates.len());
-        let mut pending: Vec<Pending> = Vec::with_capacity(candidates.len());
-        let mut applied: Vec<&Limit> = Vec::with_capacity(candidates.len());
+        let mut pending: SmallVec<[Pending; 4]> = SmallVec::new();
+        let mut applied: SmallVec<[&Limit; 4]> = SmallVec::new();
         let mut blocked = false;
         for index in candidates {
             let limit = &plan.limits[index];
@@ -376,7 +377,7 @@ impl<S: Store, C: Clock> Engine<S, C> {
                 }
                 Err(error) => {
                     tracing::warn!(%error, "counter store failed; applying each limit's on_store_error");
-                    let mut local = Vec::new();
+                    let mut local: SmallVec<[Pending; 4]> = SmallVec::new();
                     for p in &pending {
                         match applied[p.slot].on_store_error {
                             StoreErrorMode::Allow => reports[p.slot].counted = Counted::Skipped,
@@ -489,7 +490,11 @@ struct Pending {
 }
 
 /// The store operations for `pending`, keyed by their reports' keys.
-fn ops<'a>(pending: &[Pending], reports: &'a [LimitReport], lease: LeaseId) -> Vec<Op<'a>> {
+fn ops<'a>(
+    pending: &[Pending],
+    reports: &'a [LimitReport],
+    lease: LeaseId,
+) -> SmallVec<[Op<'a>; 4]> {
     pending
         .iter()
         .map(|p| Op {

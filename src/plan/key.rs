@@ -317,13 +317,51 @@ fn push_escaped(out: &mut String, value: &str, hasher: &KeyHasher) {
         out.push_str(&hasher.hash(value));
         return;
     }
+    if value.bytes().all(is_safe) {
+        out.push_str(value);
+        return;
+    }
     for byte in value.bytes() {
-        if byte.is_ascii_alphanumeric() || b"-._~/@=,;!*'()[]|".contains(&byte) {
+        if is_safe(byte) {
             out.push(char::from(byte));
         } else {
             let _ = write!(out, "%{byte:02X}");
         }
     }
+}
+
+/// Bytes written as they are in a key.
+fn is_safe(byte: u8) -> bool {
+    const SAFE: [bool; 256] = {
+        let mut table = [false; 256];
+        let mut b = 0;
+        while b < 256 {
+            let c = b as u8;
+            table[b] = c.is_ascii_alphanumeric()
+                || matches!(
+                    c,
+                    b'-' | b'.'
+                        | b'_'
+                        | b'~'
+                        | b'/'
+                        | b'@'
+                        | b'='
+                        | b','
+                        | b';'
+                        | b'!'
+                        | b'*'
+                        | b'\''
+                        | b'('
+                        | b')'
+                        | b'['
+                        | b']'
+                        | b'|'
+                );
+            b += 1;
+        }
+        table
+    };
+    SAFE[usize::from(byte)]
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use regex::bytes::RegexSet;
+use smallvec::SmallVec;
 
 /// One path segment, as bytes.
 const SEGMENT: &str = "(?-u:[^/])+";
@@ -138,8 +139,8 @@ impl RouteIndex {
     }
 
     /// The limits worth checking for a path, by index, in ascending order.
-    pub fn candidates(&self, matches: &RouteMatches) -> Vec<usize> {
-        let mut out = self.unrouted.clone();
+    pub fn candidates(&self, matches: &RouteMatches) -> SmallVec<[usize; 8]> {
+        let mut out: SmallVec<[usize; 8]> = SmallVec::from_slice(&self.unrouted);
         for p in matches.0.iter() {
             out.extend_from_slice(&self.by_pattern[p]);
         }

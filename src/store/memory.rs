@@ -197,19 +197,24 @@ impl MemoryStore {
                 decision: outcome.decision,
                 banned: false,
             });
-            outcomes.push(Some(outcome));
+            outcomes.push(Some((outcome.state, outcome.expires_at)));
         }
 
-        for ((op, &shard), outcome) in ops.iter().zip(&shard_ids).zip(outcomes) {
-            let Some(outcome) = outcome else { continue };
+        for (((op, &shard), outcome), result) in
+            ops.iter().zip(&shard_ids).zip(outcomes).zip(&results)
+        {
+            let Some((state, expires_at)) = outcome else {
+                continue;
+            };
+            let allowed = result.decision.allowed;
             let map = &mut *guards[slot(shard)];
-            if admitted && outcome.decision.allowed {
-                let expires_at = outcome.expires_at.as_micros();
+            if admitted && allowed {
+                let expires_at = expires_at.as_micros();
                 self.upsert(map, op.key, t, |e| {
-                    e.state = Some(outcome.state);
+                    e.state = Some(state);
                     e.expires_at = expires_at;
                 });
-            } else if !outcome.decision.allowed && op.enforce {
+            } else if !allowed && op.enforce {
                 if let Some(ban) = op.ban {
                     let until = now.saturating_add(ban).as_micros();
                     self.upsert(map, op.key, t, |e| e.banned_until = until);
