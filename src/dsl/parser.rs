@@ -317,42 +317,36 @@ impl Builder<'_> {
     }
 
     fn number(&mut self, pair: P<'_>) -> Spanned<u64> {
-        let span = self.span(&pair);
-        let digits: String = pair.as_str().chars().filter(|c| *c != '_').collect();
-        let value = digits.parse().unwrap_or_else(|_| {
-            self.errors.push(
-                PolicyError::new(
-                    self.file,
-                    span,
-                    format!("number `{}` is too large", pair.as_str()),
-                    "too large",
-                )
-                .with_help(format!("the largest number is {}", u64::MAX)),
-            );
-            // A stand-in that does not set off further complaints (`zero`, say).
-            1
-        });
-        Spanned::new(value, span)
+        // On overflow, a stand-in that does not set off further complaints (`zero`, say).
+        self.integer(
+            pair,
+            1,
+            "is too large",
+            format!("the largest number is {}", u64::MAX),
+        )
     }
 
     fn signed(&mut self, pair: P<'_>) -> Spanned<i64> {
+        let help = format!("numbers range from {} to {}", i64::MIN, i64::MAX);
+        self.integer(pair, 0, "is out of range", help)
+    }
+
+    /// A whole number with `_` separators; out of range, a problem and `fallback`.
+    fn integer<T: std::str::FromStr>(
+        &mut self,
+        pair: P<'_>,
+        fallback: T,
+        problem: &str,
+        help: String,
+    ) -> Spanned<T> {
         let span = self.span(&pair);
         let digits: String = pair.as_str().chars().filter(|c| *c != '_').collect();
         let value = digits.parse().unwrap_or_else(|_| {
-            self.errors.push(
-                PolicyError::new(
-                    self.file,
-                    span,
-                    format!("number `{}` is out of range", pair.as_str()),
-                    "out of range",
-                )
-                .with_help(format!(
-                    "numbers range from {} to {}",
-                    i64::MIN,
-                    i64::MAX
-                )),
-            );
-            0
+            let message = format!("number `{}` {problem}", pair.as_str());
+            let label = problem.trim_start_matches("is ").to_owned();
+            self.errors
+                .push(PolicyError::new(self.file, span, message, label).with_help(help));
+            fallback
         });
         Spanned::new(value, span)
     }

@@ -517,18 +517,30 @@ impl<'a> Compiler<'a> {
     // ─── keys ────────────────────────────────────────────────────────────────────────────
 
     fn key_expr(&mut self, f: usize, expr: &ast::KeyExpr) -> Option<KeySpec> {
+        self.key_terms(f, &expr.terms, &mut Vec::new())
+            .map(|parts| KeySpec { parts })
+    }
+
+    /// The parts of a key expression, with named keys expanded; inside `first_of`, the
+    /// sources of a named key become alternatives.
+    fn key_terms(
+        &mut self,
+        f: usize,
+        terms: &[ast::KeyTerm],
+        stack: &mut Vec<String>,
+    ) -> Option<Vec<KeyPart>> {
         let mut parts = Vec::new();
         let mut ok = true;
-        for term in &expr.terms {
+        for term in terms {
             match term {
-                ast::KeyTerm::Source(source) => match self.key_source(f, source, &mut Vec::new()) {
+                ast::KeyTerm::Source(source) => match self.key_source(f, source, stack) {
                     Some(mut expanded) => parts.append(&mut expanded),
                     None => ok = false,
                 },
                 ast::KeyTerm::FirstOf(sources) => {
                     let mut alternatives = Vec::new();
                     for source in &sources.node {
-                        match self.key_source(f, source, &mut Vec::new()) {
+                        match self.key_source(f, source, stack) {
                             Some(expanded) => {
                                 for part in expanded {
                                     match part {
@@ -546,7 +558,7 @@ impl<'a> Compiler<'a> {
                 }
             }
         }
-        ok.then_some(KeySpec { parts })
+        ok.then_some(parts)
     }
 
     /// One source, with named keys expanded (`stack` holds the names being expanded, to
@@ -628,37 +640,9 @@ impl<'a> Compiler<'a> {
                         return None;
                     };
                     stack.push(other.to_owned());
-                    let mut parts = Vec::new();
-                    let mut ok = true;
-                    for term in &def.expr.terms {
-                        match term {
-                            ast::KeyTerm::Source(s) => match self.key_source(kf, s, stack) {
-                                Some(mut p) => parts.append(&mut p),
-                                None => ok = false,
-                            },
-                            ast::KeyTerm::FirstOf(sources) => {
-                                let mut alternatives = Vec::new();
-                                for s in &sources.node {
-                                    match self.key_source(kf, s, stack) {
-                                        Some(p) => {
-                                            for part in p {
-                                                match part {
-                                                    KeyPart::One(s) => alternatives.push(s),
-                                                    KeyPart::FirstOf(mut inner) => {
-                                                        alternatives.append(&mut inner)
-                                                    }
-                                                }
-                                            }
-                                        }
-                                        None => ok = false,
-                                    }
-                                }
-                                parts.push(KeyPart::FirstOf(alternatives));
-                            }
-                        }
-                    }
+                    let parts = self.key_terms(kf, &def.expr.terms, stack);
                     stack.pop();
-                    let spec = ok.then_some(KeySpec { parts });
+                    let spec = parts.map(|parts| KeySpec { parts });
                     self.resolved_keys.insert(other.to_owned(), spec.clone());
                     spec.map(|k| k.parts)
                 }
