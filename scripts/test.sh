@@ -24,11 +24,12 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
 fi
 
+# Each benchmark once, as a test: their setup asserts what they measure.
+cargo test --benches
+cargo test --doc
+# The main suite last, so that its summary closes the output.
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --no-fail-fast
 else
   cargo test --lib --bins --tests --no-fail-fast
 fi
-cargo test --doc
-# Each benchmark once, as a test: their setup asserts what they measure.
-cargo test --benches

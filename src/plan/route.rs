@@ -128,6 +128,16 @@ impl RouteIndex {
         })
     }
 
+    /// An index with no templates.
+    pub(crate) fn empty() -> Self {
+        RouteIndex {
+            set: RegexSet::empty(),
+            templates: Vec::new(),
+            by_pattern: Vec::new(),
+            unrouted: Vec::new(),
+        }
+    }
+
     /// Matches `path` against every template at once.
     pub fn matches(&self, path: &str) -> RouteMatches {
         RouteMatches(self.set.matches(path.as_bytes()))
