@@ -23,10 +23,12 @@
 //! ```
 
 pub mod clock;
+pub mod config;
 pub mod diagnostic;
 pub mod dsl;
 pub mod engine;
 pub mod explain;
+pub mod identity;
 pub mod limiter;
 pub mod plan;
 pub mod request;

@@ -838,25 +838,6 @@ mod tests {
     }
 
     #[test]
-    fn show_errors() {
-        for text in [
-            "limit a {\n  rate 5/min\n}\n",
-            "limit a { rate 5/min; foo; }",
-            "limt a { }",
-            "limit a { match { route GET \"/x\" } }",
-            "limit a { rate 5/mon; }",
-            "limit a { rate 5/min",
-            "key k = header(X);",
-            "limit a { soft warn at 80, delay 5ms at 90%; }",
-        ] {
-            let (_, errors) = parse_str(text);
-            for e in errors {
-                eprintln!("{}", e.render_plain(90));
-            }
-        }
-    }
-
-    #[test]
     fn recovers_after_a_broken_item() {
         let (file, errors) =
             parse_str("limit a {\n  rate 5/min\n}\nlimit b { rate 1/s; }\nlimit c { bogus; }\n");
