@@ -226,6 +226,17 @@ impl<S: Store, C: Clock> Engine<S, C> {
 
     /// Decides one request; when admitted, its counters are consumed.
     pub async fn decide(&self, request: &RequestCtx) -> Verdict {
+        self.decide_with(request, None).await
+    }
+
+    /// Decides one request against the named limits only, whatever their `match`
+    /// conditions say (lists still apply). This is what a route that names its limit in code
+    /// uses; names the plan does not have are ignored.
+    pub async fn decide_only(&self, request: &RequestCtx, limits: &[Arc<str>]) -> Verdict {
+        self.decide_with(request, Some(limits)).await
+    }
+
+    async fn decide_with(&self, request: &RequestCtx, only: Option<&[Arc<str>]>) -> Verdict {
         let plan = self.plan.load();
         let now = self.clock.now();
         let routes = plan.routes.matches(&request.path);
@@ -263,14 +274,19 @@ impl<S: Store, C: Clock> Engine<S, C> {
         }
 
         let lease = LeaseId(self.lease_base | self.lease_counter.fetch_add(1, Ordering::Relaxed));
-        let candidates = plan.routes.candidates(&routes);
+        let candidates: SmallVec<[usize; 8]> = match only {
+            None => plan.routes.candidates(&routes),
+            Some(names) => (0..plan.limits.len())
+                .filter(|i| names.contains(&plan.limits[*i].name))
+                .collect(),
+        };
         let mut reports = Vec::with_capacity(candidates.len());
         let mut pending: SmallVec<[Pending; 4]> = SmallVec::new();
         let mut applied: SmallVec<[&Limit; 4]> = SmallVec::new();
         let mut blocked = false;
         for index in candidates {
             let limit = &plan.limits[index];
-            if limit.mode == Mode::Off || !limit.condition.eval(&env) {
+            if limit.mode == Mode::Off || (only.is_none() && !limit.condition.eval(&env)) {
                 continue;
             }
             let (value, tier) = match &limit.rate {

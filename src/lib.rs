@@ -30,13 +30,16 @@ pub mod engine;
 pub mod explain;
 pub mod identity;
 pub mod limiter;
+pub mod middleware;
 pub mod plan;
 pub mod request;
+pub mod response;
 pub mod store;
 
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
 pub use diagnostic::{PolicyError, PolicyErrors};
 pub use dsl::PolicySet;
 pub use engine::{Action, Engine, LimitReport, Verdict};
+pub use middleware::{RateLimit, RateLimitLayer};
 pub use plan::{Plan, compile};
 pub use request::RequestCtx;

@@ -1,0 +1,288 @@
+//! The tower middleware: [`RateLimitLayer`] wraps any `Service<http::Request<B>>` (axum,
+//! hyper, tonic) in a [`RateLimit`] that decides each request before passing it on.
+//!
+//! Allowed requests go to the inner service with rate-limit headers added to the response;
+//! refused ones get a `problem+json` answer without reaching it. Soft thresholds add a
+//! warning header or hold the request (on tokio's timer). Concurrency leases are given back
+//! when the response body ends, or when the request or the body is dropped.
+
+mod body;
+
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, MatchedPath};
+use http::{HeaderValue, Request, Response};
+use tower::{Layer, Service};
+
+pub use self::body::LeaseGuard;
+use crate::clock::{Clock, SystemClock};
+use crate::engine::{Action, Engine, Verdict};
+use crate::identity::Identifier;
+use crate::request::RequestCtx;
+use crate::response::{self, HeaderFamilies, X_REQUEST_ID};
+use crate::store::Store;
+
+/// How the middleware reads requests and writes responses.
+#[derive(Debug, Clone, Default)]
+pub struct HttpOptions {
+    /// How clients are identified.
+    pub identifier: Identifier,
+    /// Which header families to send.
+    pub headers: HeaderFamilies,
+}
+
+/// Builds [`RateLimit`] services around inner services.
+pub struct RateLimitLayer<S, C = SystemClock> {
+    engine: Arc<Engine<S, C>>,
+    options: Arc<HttpOptions>,
+    only: Option<Arc<[Arc<str>]>>,
+}
+
+impl<S, C> Clone for RateLimitLayer<S, C> {
+    fn clone(&self) -> Self {
+        RateLimitLayer {
+            engine: Arc::clone(&self.engine),
+            options: Arc::clone(&self.options),
+            only: self.only.clone(),
+        }
+    }
+}
+
+impl<S, C> std::fmt::Debug for RateLimitLayer<S, C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimitLayer")
+            .field("options", &self.options)
+            .field("only", &self.only)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Store, C: Clock> RateLimitLayer<S, C> {
+    /// A layer deciding with `engine`, with default options (no trusted proxies, both header
+    /// families).
+    pub fn new(engine: Arc<Engine<S, C>>) -> Self {
+        RateLimitLayer {
+            engine,
+            options: Arc::new(HttpOptions::default()),
+            only: None,
+        }
+    }
+
+    /// Uses `options` to identify clients and write headers.
+    pub fn with_options(mut self, options: HttpOptions) -> Self {
+        self.options = Arc::new(options);
+        self
+    }
+
+    /// Checks only the named limits, whatever their `match` conditions: for a route that
+    /// names its limit in code (see [`limit`]).
+    pub fn only<I, N>(mut self, limits: I) -> Self
+    where
+        I: IntoIterator<Item = N>,
+        N: Into<Arc<str>>,
+    {
+        self.only = Some(limits.into_iter().map(Into::into).collect());
+        self
+    }
+}
+
+/// A layer for one route that applies the limit named `name` in the policies, whatever its
+/// `match` block says — the declarative per-route helper:
+///
+/// ```no_run
+/// # use std::sync::Arc;
+/// # use axum::{Router, routing::post};
+/// # fn f(engine: Arc<tollgate::Engine<tollgate::store::MemoryStore>>) {
+/// let app: Router = Router::new()
+///     .route("/auth/login", post(|| async { "ok" }))
+///     .route_layer(tollgate::middleware::limit(&engine, "login"));
+/// # }
+/// ```
+pub fn limit<S: Store, C: Clock>(engine: &Arc<Engine<S, C>>, name: &str) -> RateLimitLayer<S, C> {
+    RateLimitLayer::new(Arc::clone(engine)).only([name])
+}
+
+impl<Inner, S, C> Layer<Inner> for RateLimitLayer<S, C> {
+    type Service = RateLimit<Inner, S, C>;
+
+    fn layer(&self, inner: Inner) -> Self::Service {
+        RateLimit {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// A service that rate-limits requests before passing them to `inner`.
+pub struct RateLimit<Inner, S, C = SystemClock> {
+    inner: Inner,
+    layer: RateLimitLayer<S, C>,
+}
+
+impl<Inner: Clone, S, C> Clone for RateLimit<Inner, S, C> {
+    fn clone(&self) -> Self {
+        RateLimit {
+            inner: self.inner.clone(),
+            layer: self.layer.clone(),
+        }
+    }
+}
+
+impl<Inner: std::fmt::Debug, S, C> std::fmt::Debug for RateLimit<Inner, S, C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimit")
+            .field("inner", &self.inner)
+            .field("layer", &self.layer)
+            .finish()
+    }
+}
+
+/// The future of [`RateLimit`]'s responses.
+pub type ResponseFuture<E> = Pin<Box<dyn Future<Output = Result<Response<Body>, E>> + Send>>;
+
+impl<Inner, ReqBody, ResBody, S, C> Service<Request<ReqBody>> for RateLimit<Inner, S, C>
+where
+    Inner: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    Inner::Future: Send + 'static,
+    Inner::Error: Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    ResBody::Error: Into<axum::BoxError>,
+    S: Store,
+    C: Clock,
+{
+    type Response = Response<Body>;
+    type Error = Inner::Error;
+    type Future = ResponseFuture<Inner::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
+        // The clone that was driven to readiness is the one to call (tower's usual swap).
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let layer = self.layer.clone();
+        Box::pin(async move {
+            let request_id = response::request_id(request.headers());
+            let ctx = request_ctx(&mut request, &layer.options.identifier);
+            let verdict = match &layer.only {
+                Some(names) => layer.engine.decide_only(&ctx, names).await,
+                None => layer.engine.decide(&ctx).await,
+            };
+            // The headers go back to the request the application sees.
+            *request.headers_mut() = ctx.headers;
+            let guard = LeaseGuard::new(Arc::clone(&layer.engine), verdict.leases.clone());
+            log_verdict(&verdict, &request_id);
+            if let Some(problem) = response::problem(&verdict, Some(&request_id)) {
+                return Ok(refusal(
+                    &verdict,
+                    &problem,
+                    layer.options.headers,
+                    &request_id,
+                ));
+            }
+            if let Action::Delay(wait) = verdict.action {
+                tokio::time::sleep(wait).await;
+            }
+            if let Ok(id) = HeaderValue::from_str(&request_id) {
+                request.headers_mut().insert(X_REQUEST_ID.clone(), id);
+            }
+            let response = inner.call(request).await?;
+            let (mut parts, body) = response.into_parts();
+            for (name, value) in &response::rate_limit_headers(&verdict, layer.options.headers) {
+                parts.headers.insert(name.clone(), value.clone());
+            }
+            if let Ok(id) = HeaderValue::from_str(&request_id) {
+                parts.headers.insert(X_REQUEST_ID.clone(), id);
+            }
+            Ok(Response::from_parts(parts, guard.wrap(body)))
+        })
+    }
+}
+
+/// The engine's view of an HTTP request. The headers are moved, not copied; the caller puts
+/// them back.
+pub fn request_ctx<B>(request: &mut Request<B>, identifier: &Identifier) -> RequestCtx {
+    let path_and_query = request
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    let mut ctx = RequestCtx::new(request.method().clone(), &path_and_query);
+    ctx.headers = std::mem::take(request.headers_mut());
+    ctx.host = request
+        .uri()
+        .host()
+        .map(str::to_owned)
+        .or_else(|| {
+            ctx.headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+        .map(|h| {
+            RequestCtx::new(http::Method::GET, "/")
+                .with_host(&h)
+                .host
+                .unwrap_or(h)
+        });
+    ctx.route_template = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_owned());
+    let peer: Option<IpAddr> = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())
+        .or_else(|| request.extensions().get::<SocketAddr>().map(|a| a.ip()));
+    identifier.identify(&mut ctx, peer);
+    ctx
+}
+
+/// A refusal: the problem document with its status and headers.
+pub fn refusal(
+    verdict: &Verdict,
+    problem: &response::Problem,
+    families: HeaderFamilies,
+    request_id: &str,
+) -> Response<Body> {
+    let mut response = Response::new(Body::from(problem.to_json()));
+    *response.status_mut() = problem.status_code();
+    let headers = response.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    for (name, value) in &response::rate_limit_headers(verdict, families) {
+        headers.insert(name.clone(), value.clone());
+    }
+    if let Ok(id) = HeaderValue::from_str(request_id) {
+        headers.insert(X_REQUEST_ID.clone(), id);
+    }
+    response
+}
+
+fn log_verdict(verdict: &Verdict, request_id: &str) {
+    match &verdict.action {
+        Action::Reject { limit, .. } => {
+            tracing::info!(request_id, %limit, "rejected")
+        }
+        Action::Forbid { list, .. } => tracing::info!(request_id, %list, "forbidden"),
+        Action::Warn | Action::Delay(_) => {
+            if let Some(r) = verdict.headline() {
+                tracing::info!(request_id, limit = %r.limit, used = r.decision.used_percent(), "soft threshold")
+            }
+        }
+        _ => {}
+    }
+    for shadow in verdict.shadow_rejections() {
+        tracing::info!(request_id, limit = %shadow.limit, "shadow limit would reject");
+    }
+}

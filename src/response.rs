@@ -1,0 +1,283 @@
+//! What a verdict looks like in HTTP: rate-limit headers, `Retry-After`, and the unified
+//! RFC 9457 `application/problem+json` body. Shared by the middleware, the decision API and
+//! forward-auth, so that every way of running Tollgate answers alike.
+
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use serde::Serialize;
+
+use crate::engine::{Action, LimitReport, Verdict};
+
+/// `X-RateLimit-Limit`
+pub static X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+/// `X-RateLimit-Remaining`
+pub static X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+/// `X-RateLimit-Reset` (seconds until the quota is whole again)
+pub static X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+/// `RateLimit-Policy` (draft-ietf-httpapi-ratelimit-headers)
+pub static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+/// `RateLimit` (draft-ietf-httpapi-ratelimit-headers)
+pub static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+/// `Tollgate-Warning`: a soft threshold was crossed.
+pub static TOLLGATE_WARNING: HeaderName = HeaderName::from_static("tollgate-warning");
+/// `X-Request-Id`
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Which header families to send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeaderFamilies {
+    /// `X-RateLimit-Limit`, `-Remaining`, `-Reset`.
+    pub legacy: bool,
+    /// `RateLimit-Policy` and `RateLimit`.
+    pub ietf: bool,
+}
+
+impl Default for HeaderFamilies {
+    fn default() -> Self {
+        HeaderFamilies {
+            legacy: true,
+            ietf: true,
+        }
+    }
+}
+
+/// Whole seconds, rounded up: a client that waits this long is not early.
+pub fn ceil_secs(d: Duration) -> u64 {
+    d.as_micros().div_ceil(1_000_000) as u64
+}
+
+/// The rate-limit headers for a verdict: the headline limit's figures, `Retry-After` on a
+/// refusal, and `Tollgate-Warning` past a soft threshold.
+pub fn rate_limit_headers(verdict: &Verdict, families: HeaderFamilies) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    let num = |n: u64| HeaderValue::from(n);
+    if let Some(report) = verdict.headline() {
+        let d = &report.decision;
+        let reset = ceil_secs(d.reset);
+        if families.legacy {
+            headers.insert(X_RATELIMIT_LIMIT.clone(), num(d.limit));
+            headers.insert(X_RATELIMIT_REMAINING.clone(), num(d.remaining));
+            headers.insert(X_RATELIMIT_RESET.clone(), num(reset));
+        }
+        if families.ietf {
+            let (q, w) = report.policy;
+            let policy = format!("\"{}\";q={q};w={w}", report.limit);
+            let current = format!("\"{}\";r={};t={reset}", report.limit, d.remaining);
+            if let (Ok(p), Ok(c)) = (
+                HeaderValue::from_str(&policy),
+                HeaderValue::from_str(&current),
+            ) {
+                headers.insert(RATELIMIT_POLICY.clone(), p);
+                headers.insert(RATELIMIT.clone(), c);
+            }
+        }
+    }
+    match &verdict.action {
+        Action::Reject {
+            retry_after: Some(wait),
+            ..
+        } => {
+            headers.insert(http::header::RETRY_AFTER, num(ceil_secs(*wait).max(1)));
+        }
+        Action::Unavailable { .. } => {
+            headers.insert(http::header::RETRY_AFTER, num(1));
+        }
+        Action::Warn | Action::Delay(_) => {
+            if let Some(report) = verdict.headline()
+                && let Ok(v) = HeaderValue::from_str(&format!(
+                    "\"{}\";used={}",
+                    report.limit,
+                    report.decision.used_percent()
+                ))
+            {
+                headers.insert(TOLLGATE_WARNING.clone(), v);
+            }
+        }
+        _ => {}
+    }
+    headers
+}
+
+/// An RFC 9457 problem document, with Tollgate's extension members.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Problem {
+    /// A URI naming the kind of problem.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// A short summary of the kind.
+    pub title: &'static str,
+    /// The HTTP status.
+    pub status: u16,
+    /// What happened to this request.
+    pub detail: String,
+    /// The limit or list that decided.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    /// The quota.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u64>,
+    /// What is left.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remaining: Option<u64>,
+    /// Seconds until the quota is whole again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reset: Option<u64>,
+    /// Seconds until the same request would be allowed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<u64>,
+    /// The policy's reason.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The request's id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+}
+
+impl Problem {
+    /// A problem with only the RFC 9457 members.
+    pub fn new(
+        kind: &'static str,
+        title: &'static str,
+        status: StatusCode,
+        detail: String,
+    ) -> Self {
+        Problem {
+            kind,
+            title,
+            status: status.as_u16(),
+            detail,
+            policy: None,
+            limit: None,
+            remaining: None,
+            reset: None,
+            retry_after: None,
+            reason: None,
+            request_id: None,
+        }
+    }
+
+    /// A `400 Bad Request` problem.
+    pub fn bad_request(detail: impl Into<String>) -> Self {
+        Problem::new(
+            "urn:tollgate:problem:invalid-request",
+            "Bad Request",
+            StatusCode::BAD_REQUEST,
+            detail.into(),
+        )
+    }
+
+    /// The body as JSON bytes.
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_else(|_| b"{}".to_vec())
+    }
+
+    /// The status, as a code.
+    pub fn status_code(&self) -> StatusCode {
+        StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+    }
+}
+
+/// The problem for a refused request, or `None` when the request goes on.
+pub fn problem(verdict: &Verdict, request_id: Option<&str>) -> Option<Problem> {
+    let figures = |p: &mut Problem, report: Option<&LimitReport>| {
+        if let Some(r) = report {
+            p.limit = Some(r.decision.limit);
+            p.remaining = Some(r.decision.remaining);
+            p.reset = Some(ceil_secs(r.decision.reset));
+        }
+    };
+    let mut problem = match &verdict.action {
+        Action::Allow | Action::Warn | Action::Delay(_) | Action::Bypass { .. } => return None,
+        Action::Reject {
+            status,
+            limit,
+            reason,
+            retry_after,
+        } => {
+            let report = verdict.headline();
+            let banned = report.is_some_and(|r| r.banned);
+            let detail = match (reason, retry_after) {
+                (Some(reason), _) => reason.to_string(),
+                (None, _) if banned => format!("temporarily banned by limit `{limit}`"),
+                (None, Some(wait)) => {
+                    format!(
+                        "limit `{limit}` exceeded; retry in {}s",
+                        ceil_secs(*wait).max(1)
+                    )
+                }
+                (None, None) => format!("limit `{limit}` refuses this request"),
+            };
+            let mut p = Problem::new(
+                "urn:tollgate:problem:rate-limited",
+                title(*status),
+                *status,
+                detail,
+            );
+            p.policy = Some(limit.to_string());
+            figures(&mut p, report);
+            p.retry_after = retry_after.map(|w| ceil_secs(w).max(1));
+            p.reason = reason.as_deref().map(str::to_owned);
+            p
+        }
+        Action::Forbid {
+            status,
+            list,
+            reason,
+        } => {
+            let mut p = Problem::new(
+                "urn:tollgate:problem:forbidden",
+                title(*status),
+                *status,
+                reason
+                    .as_deref()
+                    .map_or_else(|| format!("refused by `{list}`"), str::to_owned),
+            );
+            p.policy = Some(list.to_string());
+            p.reason = reason.as_deref().map(str::to_owned);
+            p
+        }
+        Action::Unavailable { limit } => {
+            let mut p = Problem::new(
+                "urn:tollgate:problem:store-unavailable",
+                "Service Unavailable",
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the rate-limit store is unavailable and limit `{limit}` fails closed"),
+            );
+            p.policy = Some(limit.to_string());
+            p.retry_after = Some(1);
+            p
+        }
+    };
+    problem.request_id = request_id.map(str::to_owned);
+    Some(problem)
+}
+
+fn title(status: StatusCode) -> &'static str {
+    status.canonical_reason().unwrap_or("Refused")
+}
+
+/// The request's id: its `X-Request-Id` when well-formed (1–128 of `A–Z a–z 0–9 . _ -`),
+/// else a new random one.
+pub fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get(&X_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= 128
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        })
+        .map_or_else(new_request_id, str::to_owned)
+}
+
+fn new_request_id() -> String {
+    use std::fmt::Write as _;
+    let bytes: [u8; 16] = rand::random();
+    let mut out = String::with_capacity(32);
+    for b in bytes {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
