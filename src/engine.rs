@@ -100,7 +100,7 @@ pub struct LimitReport {
 }
 
 /// A concurrency lease held by an admitted request, to give back when it ends.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Lease {
     key: String,
     id: LeaseId,
@@ -338,6 +338,8 @@ impl<S: Store, C: Clock> Engine<S, C> {
                 continue;
             };
             let cost = match &limit.cost {
+                _ if matches!(quota, Quota::Concurrency(_)) => 1,
+                _ if request.cost.is_some() => request.cost.unwrap_or(1),
                 Cost::Fixed(c) => *c,
                 Cost::Header { name, default, max } => request
                     .header(name)

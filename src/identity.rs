@@ -162,6 +162,16 @@ impl Identifier {
         if let Some(peer) = peer {
             request.client_ip = Some(self.client_ip(peer, &request.headers));
         }
+        self.identify_user(request, trusted_peer);
+    }
+
+    /// Fills the user, token and claims of a request whose sender vouches for its headers
+    /// and has set its client address (the decision API's callers).
+    pub fn identify_vouched(&self, request: &mut RequestCtx) {
+        self.identify_user(request, true);
+    }
+
+    fn identify_user(&self, request: &mut RequestCtx, trusted_peer: bool) {
         if trusted_peer
             && let Some(name) = &self.user_header
             && let Some(user) = request.header(name)

@@ -34,7 +34,9 @@ pub mod middleware;
 pub mod plan;
 pub mod request;
 pub mod response;
+pub mod server;
 pub mod store;
+pub mod telemetry;
 
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
 pub use diagnostic::{PolicyError, PolicyErrors};

@@ -1,10 +1,11 @@
-//! The `tollgate` command: check and explain policies (and, soon, serve).
+//! The `tollgate` command: serve, check and explain policies.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use tollgate::config::{Flags, Settings};
 use tollgate::plan::KeyHasher;
 use tollgate::{PolicySet, RequestCtx, compile};
 
@@ -17,6 +18,21 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the server: decision API, forward-auth, health checks.
+    Serve {
+        /// Address to listen on [env: TOLLGATE_LISTEN; default 127.0.0.1:8080].
+        #[arg(long)]
+        listen: Option<String>,
+        /// Policy directory [env: TOLLGATE_POLICIES; default policies].
+        #[arg(long)]
+        policies: Option<PathBuf>,
+        /// Settings file (TOML); variables and flags override it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Forward allowed requests to this application [env: TOLLGATE_UPSTREAM].
+        #[arg(long)]
+        upstream: Option<String>,
+    },
     /// Validate policy files; print every problem, rustc-style.
     Check {
         /// Policy files or directories of `.rl` files.
@@ -54,6 +70,17 @@ enum Command {
 
 fn main() -> ExitCode {
     match Cli::parse().command {
+        Command::Serve {
+            listen,
+            policies,
+            config,
+            upstream,
+        } => serve(Flags {
+            listen,
+            policies,
+            config,
+            upstream,
+        }),
         Command::Check { paths } => check(&paths),
         Command::Explain {
             policies,
@@ -85,6 +112,59 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+fn serve(flags: Flags) -> ExitCode {
+    let settings = match Settings::load(&flags) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            eprintln!("see docs/configuration.md for every setting");
+            return ExitCode::from(2);
+        }
+    };
+    tollgate::telemetry::init(settings.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(tollgate::server::serve(&settings, shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(tollgate::server::ServeError::Policies { path, errors }) => {
+            eprintln!("error: the policies in `{path}` do not compile");
+            report(&errors)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Ctrl-C or SIGTERM: stop accepting, finish what is in flight.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutting down");
 }
 
 fn check(paths: &[PathBuf]) -> ExitCode {

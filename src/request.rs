@@ -29,6 +29,8 @@ pub struct RequestCtx {
     pub claims: BTreeMap<String, String>,
     /// The route template the application matched (axum's `MatchedPath`), if known.
     pub route_template: Option<String>,
+    /// A cost that overrides every limit's `cost` (the decision API's `cost` field).
+    pub cost: Option<u64>,
 }
 
 /// A header name or value that HTTP does not allow.
@@ -54,6 +56,7 @@ impl RequestCtx {
             api_token: None,
             claims: BTreeMap::new(),
             route_template: None,
+            cost: None,
         }
     }
 
@@ -108,6 +111,12 @@ impl RequestCtx {
     /// Sets the route template the application matched.
     pub fn with_route_template(mut self, template: impl Into<String>) -> Self {
         self.route_template = Some(template.into());
+        self
+    }
+
+    /// Sets a cost that overrides every limit's own.
+    pub fn with_cost(mut self, cost: u64) -> Self {
+        self.cost = Some(cost);
         self
     }
 

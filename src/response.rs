@@ -129,6 +129,9 @@ pub struct Problem {
     /// The policy's reason.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The request field that is invalid, for `400` answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
     /// The request's id.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
@@ -153,6 +156,7 @@ impl Problem {
             reset: None,
             retry_after: None,
             reason: None,
+            field: None,
             request_id: None,
         }
     }

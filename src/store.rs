@@ -71,6 +71,11 @@ pub trait Store: Send + Sync + 'static {
         now: Timestamp,
     ) -> impl Future<Output = Result<BatchResult, StoreError>> + Send;
 
+    /// Whether the store answers (for readiness).
+    fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
+        std::future::ready(Ok(()))
+    }
+
     /// Gives back a concurrency lease.
     fn release(
         &self,

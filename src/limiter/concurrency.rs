@@ -16,7 +16,9 @@ pub struct ConcurrencyQuota {
 }
 
 /// Identifies one request's lease so that it can be released.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct LeaseId(pub u64);
 
 /// The leases held on one key.
