@@ -1,0 +1,327 @@
+//! `tollgate serve` over real sockets: the decision API, forward-auth in both flavours,
+//! bad input, and every JSON answer checked against `docs/openapi.yaml`.
+
+mod support;
+
+use std::net::IpAddr;
+
+use serde_json::{Value, json};
+use support::{Reply, TestServer, send};
+use tollgate::identity::Identifier;
+use tollgate::middleware::HttpOptions;
+
+const POLICY: &str = r#"
+limit login {
+  match { route POST "/auth/login"; }
+  key ip;
+  algorithm fixed_window;
+  rate 2/min;
+  on_exceed reject 429 reason "too many login attempts";
+}
+limit exports { match { route GET "/export"; } key ip; rate 1 concurrent; lease 1h; }
+limit search { match { route GET "/search"; } key ip; algorithm fixed_window; rate 10/min; }
+denylist bots { user_agent ~= "(?i)sqlmap"; respond 403 reason "no scanners"; }
+"#;
+
+fn server() -> TestServer {
+    let options = HttpOptions {
+        identifier: Identifier::new().with_trusted_proxies(vec!["127.0.0.0/8".parse().unwrap()]),
+        ..HttpOptions::default()
+    };
+    TestServer::start(POLICY, options)
+}
+
+fn check(server: &TestServer, body: &Value) -> Reply {
+    send(
+        server.addr,
+        "POST",
+        "/v1/check",
+        &[("Content-Type", "application/json")],
+        body.to_string().as_bytes(),
+    )
+}
+
+/// The OpenAPI document, and a validator for one of its component schemas.
+fn schema(name: &str) -> jsonschema::Validator {
+    let doc: Value =
+        serde_norway::from_str(&std::fs::read_to_string("docs/openapi.yaml").unwrap()).unwrap();
+    let schemas = doc["components"]["schemas"].clone();
+    fn inline(v: &Value, schemas: &Value) -> Value {
+        match v {
+            Value::Object(map) => {
+                if let Some(Value::String(r)) = map.get("$ref") {
+                    let name = r.trim_start_matches("#/components/schemas/");
+                    return inline(&schemas[name], schemas);
+                }
+                Value::Object(
+                    map.iter()
+                        .map(|(k, v)| (k.clone(), inline(v, schemas)))
+                        .collect(),
+                )
+            }
+            Value::Array(items) => Value::Array(items.iter().map(|v| inline(v, schemas)).collect()),
+            other => other.clone(),
+        }
+    }
+    let mut s = inline(&schemas[name], &schemas);
+    // OpenAPI's `example` is not JSON Schema's; drop it before compiling.
+    fn strip(v: &mut Value) {
+        match v {
+            Value::Object(map) => {
+                map.remove("example");
+                map.values_mut().for_each(strip);
+            }
+            Value::Array(items) => items.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    strip(&mut s);
+    jsonschema::validator_for(&s).unwrap()
+}
+
+fn assert_conforms(reply: &Reply, name: &str) {
+    let value = reply.json();
+    let validator = schema(name);
+    let errors: Vec<String> = validator
+        .iter_errors(&value)
+        .map(|e| e.to_string())
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "{name} does not match docs/openapi.yaml: {errors:?}\n{value:#}"
+    );
+}
+
+#[test]
+fn check_allows_then_rejects_with_headers_to_set() {
+    let server = server();
+    let request = json!({ "method": "POST", "path": "/auth/login", "client_ip": "198.51.100.7" });
+    let first = check(&server, &request);
+    assert_eq!(first.status, 200);
+    assert_conforms(&first, "CheckResponse");
+    let body = first.json();
+    assert_eq!(body["allowed"], true);
+    assert_eq!(body["action"], "allow");
+    assert_eq!(body["policy"], "login");
+    assert_eq!(body["remaining"], 1);
+    assert_eq!(body["headers"]["x-ratelimit-limit"], "2");
+    check(&server, &request);
+    let third = check(&server, &request);
+    assert_conforms(&third, "CheckResponse");
+    let body = third.json();
+    assert_eq!(body["allowed"], false);
+    assert_eq!(body["action"], "reject");
+    assert_eq!(body["status"], 429);
+    assert_eq!(body["reason"], "too many login attempts");
+    assert!(body["retry_after"].as_u64().unwrap() >= 1);
+    assert!(body["headers"]["retry-after"].is_string());
+    // Another client is counted apart.
+    let other = check(
+        &server,
+        &json!({ "method": "POST", "path": "/auth/login", "client_ip": "198.51.100.8" }),
+    );
+    assert_eq!(other.json()["allowed"], true);
+}
+
+#[test]
+fn check_leases_can_be_released() {
+    let server = server();
+    let request = json!({ "method": "GET", "path": "/export", "client_ip": "198.51.100.9" });
+    let first = check(&server, &request).json();
+    assert_eq!(first["allowed"], true);
+    assert_eq!(check(&server, &request).json()["allowed"], false);
+    let release = json!({ "leases": first["leases"] });
+    let reply = send(
+        server.addr,
+        "POST",
+        "/v1/release",
+        &[],
+        release.to_string().as_bytes(),
+    );
+    assert_eq!(reply.status, 204);
+    assert_eq!(check(&server, &request).json()["allowed"], true);
+}
+
+#[test]
+fn check_cost_and_headers_count() {
+    let server = server();
+    let body = json!({ "method": "GET", "path": "/search?q=x", "client_ip": "2001:db8::1", "cost": 4,
+                       "headers": { "User-Agent": "curl/8" } });
+    assert_eq!(check(&server, &body).json()["remaining"], 6);
+    let bot = json!({ "method": "GET", "path": "/search", "client_ip": "2001:db8::1",
+                      "headers": { "user-agent": "sqlmap/1.7" } });
+    let reply = check(&server, &bot);
+    assert_conforms(&reply, "CheckResponse");
+    let body = reply.json();
+    assert_eq!(
+        (body["action"].as_str(), body["status"].as_u64()),
+        (Some("forbid"), Some(403))
+    );
+    assert_eq!(body["policy"], "bots");
+}
+
+#[test]
+fn bad_input_gets_a_400_problem_naming_the_field() {
+    let server = server();
+    let cases: &[(&[u8], Option<&str>)] = &[
+        (b"{not json", None),
+        (br#"{"path": "/x"}"#, None),
+        (
+            br#"{"method": "GET", "path": "/x", "client_ip": 5}"#,
+            Some("client_ip"),
+        ),
+        (
+            br#"{"method": "GET", "path": "/x", "client_ip": "1.2.3.999"}"#,
+            Some("client_ip"),
+        ),
+        (br#"{"method": "get", "path": "/x"}"#, Some("method")),
+        (br#"{"method": "GET", "path": "x"}"#, Some("path")),
+        (
+            br#"{"method": "GET", "path": "/x", "cost": 0}"#,
+            Some("cost"),
+        ),
+        (
+            br#"{"method": "GET", "path": "/x", "cost": -1}"#,
+            Some("cost"),
+        ),
+        (
+            br#"{"method": "GET", "path": "/x", "headers": {"bad name": "v"}}"#,
+            Some("headers.bad name"),
+        ),
+        (br#"{"method": "GET", "path": "/x", "extra": 1}"#, None),
+        (b"", None),
+    ];
+    for (body, field) in cases {
+        let reply = send(server.addr, "POST", "/v1/check", &[], body);
+        assert_eq!(
+            reply.status,
+            400,
+            "{}: {}",
+            String::from_utf8_lossy(body),
+            reply.text()
+        );
+        assert_eq!(
+            reply.header("content-type"),
+            Some("application/problem+json")
+        );
+        assert_conforms(&reply, "Problem");
+        let problem = reply.json();
+        assert_eq!(problem["type"], "urn:tollgate:problem:invalid-request");
+        if let Some(field) = field {
+            assert_eq!(problem["field"], *field, "{}", reply.text());
+        }
+    }
+    // The missing field is named in the detail.
+    let reply = send(server.addr, "POST", "/v1/check", &[], br#"{"path": "/x"}"#);
+    assert!(
+        reply.json()["detail"].as_str().unwrap().contains("method"),
+        "{}",
+        reply.text()
+    );
+}
+
+#[test]
+fn oversized_bodies_and_headers_are_refused() {
+    let server = server();
+    let big = vec![b' '; 200 * 1024];
+    let reply = send(server.addr, "POST", "/v1/check", &[], &big);
+    assert_eq!(reply.status, 413);
+    assert_conforms(&reply, "Problem");
+    let huge = "x".repeat(512 * 1024);
+    let reply = send(server.addr, "GET", "/v1/auth", &[("X-Huge", &huge)], b"");
+    assert_eq!(reply.status, 431, "{}", reply.text());
+    // The server is still there.
+    assert_eq!(send(server.addr, "GET", "/healthz", &[], b"").status, 200);
+}
+
+#[test]
+fn forward_auth_for_traefik_passes_the_real_status() {
+    let server = server();
+    let auth = |client: &str| {
+        send(
+            server.addr,
+            "GET",
+            "/v1/auth",
+            &[
+                ("X-Forwarded-Method", "POST"),
+                ("X-Forwarded-Uri", "/auth/login"),
+                ("X-Forwarded-Host", "app.example.com"),
+                ("X-Forwarded-For", client),
+            ],
+            b"",
+        )
+    };
+    for _ in 0..2 {
+        let ok = auth("203.0.113.1");
+        assert_eq!(ok.status, 200);
+        assert!(ok.header("x-ratelimit-remaining").is_some());
+    }
+    let refused = auth("203.0.113.1");
+    assert_eq!(refused.status, 429);
+    assert_eq!(
+        refused.header("content-type"),
+        Some("application/problem+json")
+    );
+    assert!(refused.header("retry-after").is_some());
+    assert_conforms(&refused, "Problem");
+    assert_eq!(refused.json()["policy"], "login");
+    // Another client behind the same (trusted) proxy is counted apart.
+    assert_eq!(auth("203.0.113.2").status, 200);
+}
+
+#[test]
+fn forward_auth_for_nginx_answers_403_with_the_real_status_in_a_header() {
+    let server = server();
+    let auth = || {
+        send(
+            server.addr,
+            "GET",
+            "/v1/auth",
+            &[
+                ("X-Original-Method", "POST"),
+                ("X-Original-URI", "/auth/login?next=/home"),
+                ("X-Forwarded-For", "203.0.113.77"),
+            ],
+            b"",
+        )
+    };
+    assert_eq!(auth().status, 200);
+    assert_eq!(auth().status, 200);
+    let refused = auth();
+    assert_eq!(refused.status, 403);
+    assert_eq!(refused.header("x-tollgate-status"), Some("429"));
+    assert_eq!(refused.header("x-tollgate-policy"), Some("login"));
+    assert!(refused.header("retry-after").is_some());
+}
+
+#[test]
+fn health_readiness_and_unknown_paths() {
+    let server = server();
+    assert_eq!(send(server.addr, "GET", "/healthz", &[], b"").status, 200);
+    let ready = send(server.addr, "GET", "/readyz", &[], b"");
+    assert_eq!(ready.status, 200);
+    assert!(ready.text().starts_with("ready: plan "));
+    let missing = send(server.addr, "GET", "/nope", &[], b"");
+    assert_eq!(missing.status, 404);
+    assert_conforms(&missing, "Problem");
+}
+
+#[test]
+fn ipv6_clients_share_a_counter_per_64() {
+    let server = TestServer::start(
+        r#"limit l { match { route GET "/x"; } key ip; algorithm fixed_window; rate 1/min; }"#,
+        HttpOptions::default(),
+    );
+    let ask = |ip: &str| {
+        let ip: IpAddr = ip.parse().unwrap();
+        check(
+            &server,
+            &json!({ "method": "GET", "path": "/x", "client_ip": ip }),
+        )
+        .json()["allowed"]
+            .clone()
+    };
+    assert_eq!(ask("2001:db8:1:2::1"), true);
+    assert_eq!(ask("2001:db8:1:2:ffff::9"), false, "same /64");
+    assert_eq!(ask("2001:db8:1:3::1"), true, "another /64");
+}
