@@ -8,9 +8,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages the tests need, as `command:package`. The core needs none; the Redis,
-# ClickHouse and nginx integration tests add theirs here.
-REQUIRED=()
+# Debian packages the tests need, as `command:package`: nginx for the forward-auth test
+# (tests/nginx.rs). The Redis and ClickHouse tests add theirs here.
+REQUIRED=("nginx:nginx")
 
 missing=()
 for entry in "${REQUIRED[@]}"; do

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use figment::Figment;
-use figment::providers::{Env, Format, Serialized, Toml};
+use figment::providers::{Format, Serialized, Toml};
 use http::HeaderName;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -157,6 +157,9 @@ const KEYS: &[&str] = &[
     "log_format",
 ];
 
+/// Settings whose values are numbers.
+const NUMERIC: &[&str] = &["store_timeout_ms", "max_body_bytes"];
+
 /// A list given either as a list or as one comma-separated string (as variables are).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -252,7 +255,7 @@ impl Settings {
 
         let mut figment = Figment::from(Serialized::defaults(Raw::default()));
         if let Some((path, text)) = &file_text {
-            figment = figment.merge(Toml::string(text).nested());
+            figment = figment.merge(Toml::string(text));
             for key in toml_keys(text) {
                 if !KEYS.contains(&key.as_str()) {
                     problems.push(ConfigProblem {
@@ -264,28 +267,27 @@ impl Settings {
             }
         }
         // Variables of ours that name no setting are reported: a typo would otherwise be
-        // silently ignored.
-        let known_vars: Vec<(String, String)> = vars
-            .iter()
-            .filter(|(k, _)| {
-                let key = k.trim_start_matches("TOLLGATE_").to_ascii_lowercase();
-                if KEYS.contains(&key.as_str()) {
-                    true
-                } else {
-                    problems.push(ConfigProblem {
-                        key: key.clone(),
-                        source: k.clone(),
-                        message: suggest_key(&key),
-                    });
-                    false
-                }
-            })
-            .cloned()
-            .collect();
-        let env_map: std::collections::HashMap<String, String> = known_vars.into_iter().collect();
-        figment = figment.merge(Env::prefixed("TOLLGATE_").filter(move |k| {
-            env_map.contains_key(&format!("TOLLGATE_{}", k.as_str().to_ascii_uppercase()))
-        }));
+        // silently ignored. Values stay text (a numeric token is still a token), except for
+        // the numeric settings.
+        let mut from_env = figment::value::Dict::new();
+        for (name, value) in &vars {
+            let key = name.trim_start_matches("TOLLGATE_").to_ascii_lowercase();
+            if KEYS.contains(&key.as_str()) {
+                let value: figment::value::Value =
+                    match (NUMERIC.contains(&key.as_str()), value.trim().parse::<u64>()) {
+                        (true, Ok(n)) => n.into(),
+                        _ => value.as_str().into(),
+                    };
+                from_env.insert(key, value);
+            } else {
+                problems.push(ConfigProblem {
+                    message: suggest_key(&key),
+                    key,
+                    source: name.clone(),
+                });
+            }
+        }
+        figment = figment.merge(Serialized::defaults(from_env));
         figment = figment.merge(Serialized::defaults(FlagValues::from(flags)));
 
         let source = |key: &str| -> String {

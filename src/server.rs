@@ -257,11 +257,11 @@ async fn check<S: Store, C: Clock>(
     let request_id = response::request_id(request.headers());
     let input: CheckRequest = match read_json(request, app.max_body_bytes).await {
         Ok(input) => input,
-        Err(problem) => return problem_response(problem, &request_id),
+        Err(problem) => return problem_response(*problem, &request_id),
     };
     let ctx = match check_ctx(input, &app.options.identifier) {
         Ok(ctx) => ctx,
-        Err(problem) => return problem_response(problem, &request_id),
+        Err(problem) => return problem_response(*problem, &request_id),
     };
     let verdict = app.engine.decide(&ctx).await;
     let headers = response::rate_limit_headers(&verdict, app.options.headers);
@@ -306,7 +306,7 @@ async fn release<S: Store, C: Clock>(
             app.engine.release(&input.leases).await;
             StatusCode::NO_CONTENT.into_response()
         }
-        Err(problem) => problem_response(problem, &request_id),
+        Err(problem) => problem_response(*problem, &request_id),
     }
 }
 
@@ -326,16 +326,16 @@ fn action_name(action: &Action) -> &'static str {
 async fn read_json<T: serde::de::DeserializeOwned>(
     request: Request,
     limit: usize,
-) -> Result<T, Problem> {
+) -> Result<T, Box<Problem>> {
     let bytes = axum::body::to_bytes(request.into_body(), limit)
         .await
         .map_err(|_| {
-            Problem::new(
+            Box::new(Problem::new(
                 "urn:tollgate:problem:too-large",
                 "Content Too Large",
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("the body is larger than {limit} bytes"),
-            )
+            ))
         })?;
     let mut de = serde_json::Deserializer::from_slice(&bytes);
     serde_path_to_error::deserialize(&mut de).map_err(|e| {
@@ -355,11 +355,11 @@ async fn read_json<T: serde::de::DeserializeOwned>(
         if path != "." {
             p.field = Some(path);
         }
-        p
+        Box::new(p)
     })
 }
 
-fn check_ctx(input: CheckRequest, identifier: &Identifier) -> Result<RequestCtx, Problem> {
+fn check_ctx(input: CheckRequest, identifier: &Identifier) -> Result<RequestCtx, Box<Problem>> {
     let method = Method::from_bytes(input.method.as_bytes())
         .ok()
         .filter(|m| m.as_str().bytes().all(|b| b.is_ascii_uppercase()))
@@ -401,10 +401,10 @@ fn check_ctx(input: CheckRequest, identifier: &Identifier) -> Result<RequestCtx,
     Ok(ctx)
 }
 
-fn field_problem(field: &str, message: String) -> Problem {
+fn field_problem(field: &str, message: String) -> Box<Problem> {
     let mut p = Problem::bad_request(format!("invalid field `{field}`: {message}"));
     p.field = Some(field.to_owned());
-    p
+    Box::new(p)
 }
 
 // ─── forward-auth ────────────────────────────────────────────────────────────────────────

@@ -1,6 +1,10 @@
 //! Helpers for tests that talk to real servers over real sockets.
 
-#![allow(dead_code, reason = "each test binary uses a different part")]
+#![allow(
+    dead_code,
+    unreachable_pub,
+    reason = "a helper module included by several test binaries, each using a part"
+)]
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -135,9 +139,23 @@ pub struct TestServer {
 impl TestServer {
     /// Serves `policy` (one `.rl` text) with `options`.
     pub fn start(policy: &str, options: tollgate::middleware::HttpOptions) -> TestServer {
+        Self::start_set(
+            tollgate::PolicySet::from_sources([("test.rl", policy)]),
+            options,
+        )
+    }
+
+    /// Serves the policies in a directory with `options`.
+    pub fn start_dir(dir: &str, options: tollgate::middleware::HttpOptions) -> TestServer {
+        Self::start_set(tollgate::PolicySet::load(&[dir]), options)
+    }
+
+    fn start_set(
+        set: tollgate::PolicySet,
+        options: tollgate::middleware::HttpOptions,
+    ) -> TestServer {
         use std::sync::Arc;
-        let plan = tollgate::compile(&tollgate::PolicySet::from_sources([("test.rl", policy)]))
-            .unwrap_or_else(|e| panic!("{}", e.render_plain(100)));
+        let plan = tollgate::compile(&set).unwrap_or_else(|e| panic!("{}", e.render_plain(100)));
         let engine = Arc::new(tollgate::Engine::new(
             plan,
             tollgate::store::MemoryStore::new(),
@@ -182,6 +200,37 @@ impl Drop for TestServer {
         }
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
+        }
+    }
+}
+
+/// An application (axum) on a free port, answering `POST /auth/login` and `GET /`.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl TestApp {
+    pub fn start() -> TestApp {
+        use axum::routing::{get, post};
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        runtime.spawn(async move {
+            let app = axum::Router::new()
+                .route("/auth/login", post(|| async { "welcome" }))
+                .route("/", get(|| async { "home" }));
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            let _ = axum::serve(listener, app).await;
+        });
+        TestApp {
+            addr,
+            _runtime: runtime,
         }
     }
 }

@@ -1,0 +1,149 @@
+//! Settings: precedence of file, variables and flags; every problem at once, with its source.
+
+use std::path::PathBuf;
+
+use tollgate::config::{Environment, Flags, Settings};
+
+fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn file(name: &str, text: &str) -> PathBuf {
+    let path = std::env::temp_dir().join(format!(
+        "tollgate-config-{}-{name}.toml",
+        std::process::id()
+    ));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn defaults_need_no_configuration() {
+    let s = Settings::load_from(&Flags::default(), vars(&[])).unwrap();
+    assert_eq!(s.listen.to_string(), "127.0.0.1:8080");
+    assert_eq!(s.admin_listen.to_string(), "127.0.0.1:9091");
+    assert_eq!(s.policies, PathBuf::from("policies"));
+    assert_eq!(s.env, Environment::Dev);
+    assert!(s.redis_url.is_none() && s.legacy_headers && s.ietf_headers);
+    assert_eq!(s.store_timeout_ms, 50);
+}
+
+#[test]
+fn flags_beat_variables_which_beat_the_file() {
+    let path = file(
+        "precedence",
+        "listen = \"127.0.0.1:1000\"\nadmin_listen = \"127.0.0.1:1001\"\nstore_timeout_ms = 10\n",
+    );
+    let flags = Flags {
+        listen: Some("127.0.0.1:3000".into()),
+        config: Some(path),
+        ..Flags::default()
+    };
+    let s = Settings::load_from(
+        &flags,
+        vars(&[
+            ("TOLLGATE_LISTEN", "127.0.0.1:2000"),
+            ("TOLLGATE_ADMIN_LISTEN", "127.0.0.1:2001"),
+            ("TOLLGATE_TRUSTED_PROXIES", "10.0.0.0/8, 192.168.1.1"),
+            ("TOLLGATE_HEADER_FAMILIES", "ietf"),
+            ("TOLLGATE_ADMIN_TOKEN", "12345678901234567890"),
+            ("TOLLGATE_MAX_BODY_BYTES", "1024"),
+            ("UNRELATED", "ignored"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(s.listen.to_string(), "127.0.0.1:3000", "flag");
+    assert_eq!(s.admin_listen.to_string(), "127.0.0.1:2001", "variable");
+    assert_eq!(s.store_timeout_ms, 10, "file");
+    assert_eq!(s.trusted_proxies.len(), 2);
+    assert!(s.ietf_headers && !s.legacy_headers);
+    assert_eq!(
+        s.admin_token.as_deref(),
+        Some("12345678901234567890"),
+        "digits stay text"
+    );
+    assert_eq!(s.max_body_bytes, 1024);
+}
+
+#[test]
+fn every_invalid_value_is_reported_with_its_source() {
+    let path = file(
+        "invalid",
+        "# settings\nlisten = \"nowhere\"\nstore_timeout_ms = \"soon\"\ntrusted_proxy = [\"10.0.0.0/8\"]\n",
+    );
+    let flags = Flags {
+        config: Some(path.clone()),
+        upstream: Some("ftp://x".into()),
+        ..Flags::default()
+    };
+    let error = Settings::load_from(
+        &flags,
+        vars(&[
+            ("TOLLGATE_TRUSTED_PROXIES", "10.0.0.0/8,not-a-net"),
+            ("TOLLGATE_ENV", "staging"),
+            ("TOLLGATE_LISTN", "127.0.0.1:1"),
+        ]),
+    )
+    .unwrap_err();
+    let found: Vec<(String, String)> = error
+        .0
+        .iter()
+        .map(|p| (p.key.clone(), p.source.clone()))
+        .collect();
+    let file_at = |line: usize| format!("{}:{line}", path.display());
+    for expected in [
+        ("listen".to_owned(), file_at(2)),
+        ("store_timeout_ms".to_owned(), file_at(3)),
+        ("trusted_proxy".to_owned(), file_at(4)),
+        (
+            "trusted_proxies".to_owned(),
+            "TOLLGATE_TRUSTED_PROXIES".to_owned(),
+        ),
+        ("env".to_owned(), "TOLLGATE_ENV".to_owned()),
+        ("listn".to_owned(), "TOLLGATE_LISTN".to_owned()),
+        ("upstream".to_owned(), "--upstream".to_owned()),
+    ] {
+        assert!(found.contains(&expected), "{expected:?} not in {found:?}");
+    }
+    let text = error.to_string();
+    assert!(text.contains("did you mean `trusted_proxies`?"), "{text}");
+    assert!(text.contains("`not-a-net` is not an address"), "{text}");
+}
+
+#[test]
+fn production_requires_a_store_and_a_key_secret() {
+    let error =
+        Settings::load_from(&Flags::default(), vars(&[("TOLLGATE_ENV", "prod")])).unwrap_err();
+    let keys: Vec<&str> = error.0.iter().map(|p| p.key.as_str()).collect();
+    assert!(
+        keys.contains(&"redis_url") && keys.contains(&"key_secret"),
+        "{keys:?}"
+    );
+}
+
+#[test]
+fn jwt_settings_are_checked() {
+    let error = Settings::load_from(
+        &Flags::default(),
+        vars(&[
+            ("TOLLGATE_JWT_ALGORITHM", "RS256"),
+            ("TOLLGATE_JWT_SECRET", "0123456789abcdef"),
+        ]),
+    )
+    .unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("`RS256` needs `jwt_public_key_file`"),
+        "{error}"
+    );
+    let ok = Settings::load_from(
+        &Flags::default(),
+        vars(&[("TOLLGATE_JWT_SECRET", "0123456789abcdef")]),
+    )
+    .unwrap();
+    assert!(ok.jwt.is_some());
+}

@@ -1,0 +1,77 @@
+//! A real nginx with `auth_request` to a real `tollgate serve`, in front of a real
+//! application, configured with the documented `examples/nginx/tollgate.conf`.
+
+mod support;
+
+use support::nginx::Nginx;
+use support::{TestApp, TestServer, send};
+use tollgate::identity::Identifier;
+use tollgate::middleware::HttpOptions;
+
+#[test]
+fn the_sixth_login_in_a_minute_gets_429_through_nginx() {
+    let app = TestApp::start();
+    // The shipped policies: `login` allows 5 per minute per /24.
+    let tollgate = TestServer::start_dir(
+        "policies",
+        HttpOptions {
+            identifier: Identifier::new()
+                .with_trusted_proxies(vec!["127.0.0.1/32".parse().unwrap()]),
+            ..HttpOptions::default()
+        },
+    );
+    let Some(nginx) = Nginx::start(app.addr, tollgate.addr) else {
+        return;
+    };
+
+    for i in 1..=5 {
+        let reply = send(nginx.addr, "POST", "/auth/login", &[], b"");
+        assert_eq!(
+            reply.status,
+            200,
+            "login {i}: {}\n{}",
+            reply.text(),
+            nginx.log()
+        );
+        assert_eq!(reply.text(), "welcome");
+        assert_eq!(reply.header("x-ratelimit-limit"), Some("5"));
+        assert_eq!(
+            reply.header("x-ratelimit-remaining"),
+            Some((5 - i).to_string().as_str())
+        );
+    }
+    let refused = send(nginx.addr, "POST", "/auth/login", &[], b"");
+    assert_eq!(refused.status, 429, "{}\n{}", refused.text(), nginx.log());
+    assert_eq!(
+        refused.header("content-type"),
+        Some("application/problem+json")
+    );
+    let retry: u64 = refused.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=900).contains(&retry), "retry-after {retry}");
+    let body = refused.json();
+    assert_eq!(body["status"], 429);
+    assert_eq!(body["policy"], "login");
+    // Other paths still pass.
+    let home = send(nginx.addr, "GET", "/", &[], b"");
+    assert_eq!(home.status, 200, "{}", home.text());
+    assert_eq!(home.text(), "home");
+}
+
+#[test]
+fn denylisted_clients_get_403_through_nginx() {
+    let app = TestApp::start();
+    let tollgate = TestServer::start_dir(
+        "policies",
+        HttpOptions {
+            identifier: Identifier::new()
+                .with_trusted_proxies(vec!["127.0.0.1/32".parse().unwrap()]),
+            ..HttpOptions::default()
+        },
+    );
+    let Some(nginx) = Nginx::start(app.addr, tollgate.addr) else {
+        return;
+    };
+    let reply = send(nginx.addr, "GET", "/", &[("User-Agent", "sqlmap/1.7")], b"");
+    assert_eq!(reply.status, 403, "{}", reply.text());
+    assert_eq!(reply.json()["policy"], "scanners");
+}
