@@ -9,6 +9,11 @@ use tollgate::config::{Flags, Settings};
 use tollgate::plan::KeyHasher;
 use tollgate::{PolicySet, RequestCtx, compile};
 
+/// glibc's allocator serialises threads that free each other's memory (a tokio worker often
+/// frees what another allocated); mimalloc does not.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "tollgate", version, about = "Policy-driven HTTP rate limiter")]
 struct Cli {

@@ -196,9 +196,7 @@ where
             }
             let response = inner.call(request).await?;
             let (mut parts, body) = response.into_parts();
-            for (name, value) in &response::rate_limit_headers(&verdict, layer.options.headers) {
-                parts.headers.insert(name.clone(), value.clone());
-            }
+            response::write_rate_limit_headers(&verdict, layer.options.headers, &mut parts.headers);
             if let Ok(id) = HeaderValue::from_str(&request_id) {
                 parts.headers.insert(X_REQUEST_ID.clone(), id);
             }
@@ -210,12 +208,8 @@ where
 /// The engine's view of an HTTP request. The headers are moved, not copied; the caller puts
 /// them back.
 pub fn request_ctx<B>(request: &mut Request<B>, identifier: &Identifier) -> RequestCtx {
-    let path_and_query = request
-        .uri()
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
-    let mut ctx = RequestCtx::new(request.method().clone(), &path_and_query);
+    let path_and_query = request.uri().path_and_query().map_or("/", |p| p.as_str());
+    let mut ctx = RequestCtx::new(request.method().clone(), path_and_query);
     ctx.headers = std::mem::take(request.headers_mut());
     ctx.host = request
         .uri()
@@ -260,9 +254,7 @@ pub fn refusal(
         http::header::CONTENT_TYPE,
         HeaderValue::from_static("application/problem+json"),
     );
-    for (name, value) in &response::rate_limit_headers(verdict, families) {
-        headers.insert(name.clone(), value.clone());
-    }
+    response::write_rate_limit_headers(verdict, families, headers);
     if let Ok(id) = HeaderValue::from_str(request_id) {
         headers.insert(X_REQUEST_ID.clone(), id);
     }

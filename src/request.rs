@@ -134,7 +134,8 @@ impl RequestCtx {
     }
 }
 
-fn normalize_host(host: &str) -> String {
+/// A host as conditions compare it: lowercase, without port.
+pub fn normalize_host(host: &str) -> String {
     let host = host.trim();
     // `[v6]:port`, `name:port`: drop the port, keep a bare IPv6 address whole.
     let without_port = if let Some(rest) = host.strip_prefix('[') {

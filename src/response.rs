@@ -51,6 +51,17 @@ pub fn ceil_secs(d: Duration) -> u64 {
 /// refusal, and `Tollgate-Warning` past a soft threshold.
 pub fn rate_limit_headers(verdict: &Verdict, families: HeaderFamilies) -> HeaderMap {
     let mut headers = HeaderMap::new();
+    write_rate_limit_headers(verdict, families, &mut headers);
+    headers
+}
+
+/// Writes the headers of [`rate_limit_headers`] into `headers`, replacing any of the same
+/// name.
+pub fn write_rate_limit_headers(
+    verdict: &Verdict,
+    families: HeaderFamilies,
+    headers: &mut HeaderMap,
+) {
     let num = |n: u64| HeaderValue::from(n);
     if let Some(report) = verdict.headline() {
         let d = &report.decision;
@@ -96,7 +107,6 @@ pub fn rate_limit_headers(verdict: &Verdict, families: HeaderFamilies) -> Header
         }
         _ => {}
     }
-    headers
 }
 
 /// An RFC 9457 problem document, with Tollgate's extension members.
@@ -276,12 +286,27 @@ pub fn request_id(headers: &HeaderMap) -> String {
         .map_or_else(new_request_id, str::to_owned)
 }
 
+/// A new id: 16 hex digits drawn once per process, then a counter in 16 more. Unique per
+/// process and across processes with overwhelming probability; cheap enough for every
+/// request.
 fn new_request_id() -> String {
-    use std::fmt::Write as _;
-    let bytes: [u8; 16] = rand::random();
+    use std::sync::LazyLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static PREFIX: LazyLock<u64> = LazyLock::new(rand::random);
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let mut out = String::with_capacity(32);
-    for b in bytes {
-        let _ = write!(out, "{b:02x}");
-    }
+    push_hex(&mut out, *PREFIX);
+    push_hex(&mut out, n);
     out
+}
+
+fn push_hex(out: &mut String, mut n: u64) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut buf = [0u8; 16];
+    for slot in buf.iter_mut().rev() {
+        *slot = DIGITS[(n & 0xf) as usize];
+        n >>= 4;
+    }
+    out.extend(buf.iter().map(|&b| char::from(b)));
 }

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# HTTP load, in one go on this machine: a bare axum hello, the same with tower_governor, and
+# the same with Tollgate's RateLimitLayer (memory store, three limits matching every
+# request, never reached). Prints requests/s, p50/p99 and the ratios to record in
+# docs/performance.md. Traffic goes to 127.0.0.1 only; each run is bounded in time.
+#
+#   scripts/bench-http.sh [SECONDS] [CONNECTIONS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+seconds=${1:-10}
+connections=${2:-64}
+
+command -v wrk >/dev/null || {
+  echo "installing wrk"
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq wrk
+}
+cargo build --release --example bench_app -q
+bin=target/release/examples/bench_app
+port=$((20000 + RANDOM % 20000))
+
+# Rounds interleave the three apps, so that the machine's drifts hit all of them alike; the
+# figure per app is its median round.
+rounds=${ROUNDS:-3}
+declare -A all
+for round in $(seq "$rounds"); do
+  for mode in bare governor tollgate; do
+    "$bin" "$mode" "$port" & pid=$!
+    for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.05; done
+    out=$(wrk -t2 -c"$connections" -d"${seconds}s" --latency "http://127.0.0.1:$port/api/v1/items/42")
+    kill "$pid"; wait "$pid" 2>/dev/null || true
+    r=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+    p50=$(awk '$1=="50%" {print $2}' <<<"$out")
+    p99=$(awk '$1=="99%" {print $2}' <<<"$out")
+    non2xx=$(awk '/Non-2xx/ {print $NF}' <<<"$out")
+    all[$mode]="${all[$mode]:-} $r"
+    printf 'round %d  %-9s %12s req/s   p50 %-8s p99 %-8s non-2xx %s\n' "$round" "$mode" "$r" "$p50" "$p99" "${non2xx:-0}"
+  done
+done
+median() { tr ' ' '\n' <<<"$1" | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+b=$(median "${all[bare]}"); g=$(median "${all[governor]}"); t=$(median "${all[tollgate]}")
+printf 'median    bare %s   governor %s   tollgate %s req/s\n' "$b" "$g" "$t"
+awk -v b="$b" -v g="$g" -v t="$t" 'BEGIN {
+  printf "tollgate / bare     = %.2f (target >= 0.90)\n", t / b
+  printf "tollgate / governor = %.2f (target >= 1.00)\n", t / g
+}'
