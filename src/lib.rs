@@ -32,6 +32,7 @@ pub mod identity;
 pub mod limiter;
 pub mod middleware;
 pub mod plan;
+pub mod proxy;
 pub mod request;
 pub mod response;
 pub mod server;

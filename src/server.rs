@@ -26,8 +26,9 @@ use crate::config::{Environment, Settings};
 use crate::diagnostic::PolicyErrors;
 use crate::engine::{Action, Engine, Lease, Verdict};
 use crate::identity::{Identifier, JwtKeyError};
-use crate::middleware::HttpOptions;
+use crate::middleware::{HttpOptions, RateLimitLayer};
 use crate::plan::KeyHasher;
+use crate::proxy::Upstream;
 use crate::request::RequestCtx;
 use crate::response::{self, Problem, X_REQUEST_ID};
 use crate::store::{MemoryStore, Store};
@@ -47,10 +48,22 @@ pub struct AppState<S, C = SystemClock> {
     pub options: HttpOptions,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
+    /// The application allowed requests go on to, if any.
+    pub upstream: Option<Upstream>,
 }
 
 /// The server's routes around `state`.
 pub fn router<S: Store, C: Clock>(state: Arc<AppState<S, C>>) -> Router {
+    let fallback = match &state.upstream {
+        // Everything that is not Tollgate's own goes on to the application, rate-limited.
+        Some(upstream) => Router::new()
+            .fallback(crate::proxy::handler)
+            .with_state(upstream.clone())
+            .layer(
+                RateLimitLayer::new(Arc::clone(&state.engine)).with_options(state.options.clone()),
+            ),
+        None => Router::new().fallback(not_found),
+    };
     Router::new()
         .route("/v1/check", post(check::<S, C>))
         .route("/v1/release", post(release::<S, C>))
@@ -65,8 +78,8 @@ pub fn router<S: Store, C: Clock>(state: Arc<AppState<S, C>>) -> Router {
         )
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready::<S, C>))
-        .fallback(not_found)
         .with_state(state)
+        .fallback_service(fallback)
 }
 
 /// Why the server could not start.
@@ -142,6 +155,7 @@ pub fn build(settings: &Settings) -> Result<Arc<AppState<MemoryStore>>, ServeErr
             },
         },
         max_body_bytes: settings.max_body_bytes,
+        upstream: settings.upstream.clone().map(Upstream::new),
     }))
 }
 

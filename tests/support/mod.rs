@@ -142,17 +142,28 @@ impl TestServer {
         Self::start_set(
             tollgate::PolicySet::from_sources([("test.rl", policy)]),
             options,
+            None,
         )
     }
 
     /// Serves the policies in a directory with `options`.
     pub fn start_dir(dir: &str, options: tollgate::middleware::HttpOptions) -> TestServer {
-        Self::start_set(tollgate::PolicySet::load(&[dir]), options)
+        Self::start_set(tollgate::PolicySet::load(&[dir]), options, None)
+    }
+
+    /// Serves `policy` as a reverse proxy in front of `upstream`.
+    pub fn start_proxy(policy: &str, upstream: SocketAddr) -> TestServer {
+        Self::start_set(
+            tollgate::PolicySet::from_sources([("test.rl", policy)]),
+            tollgate::middleware::HttpOptions::default(),
+            Some(upstream),
+        )
     }
 
     fn start_set(
         set: tollgate::PolicySet,
         options: tollgate::middleware::HttpOptions,
+        upstream: Option<SocketAddr>,
     ) -> TestServer {
         use std::sync::Arc;
         let plan = tollgate::compile(&set).unwrap_or_else(|e| panic!("{}", e.render_plain(100)));
@@ -164,6 +175,8 @@ impl TestServer {
             engine,
             options,
             max_body_bytes: 64 * 1024,
+            upstream: upstream
+                .map(|a| tollgate::proxy::Upstream::new(format!("http://{a}").parse().unwrap())),
         });
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
@@ -224,7 +237,42 @@ impl TestApp {
         runtime.spawn(async move {
             let app = axum::Router::new()
                 .route("/auth/login", post(|| async { "welcome" }))
-                .route("/", get(|| async { "home" }));
+                .route("/", get(|| async { "home" }))
+                // Echoes what the proxy sent: method, path, query, forwarding headers, body.
+                .route(
+                    "/echo/{*rest}",
+                    axum::routing::any(|request: axum::extract::Request| async move {
+                        let (parts, body) = request.into_parts();
+                        let body = axum::body::to_bytes(body, 1 << 30).await.unwrap();
+                        let h = |n: &str| {
+                            parts
+                                .headers
+                                .get(n)
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("-")
+                                .to_owned()
+                        };
+                        format!(
+                            "{} {} xff={} host={} conn={} len={}",
+                            parts.method,
+                            parts.uri,
+                            h("x-forwarded-for"),
+                            h("x-forwarded-host"),
+                            h("x-hop"),
+                            body.len()
+                        )
+                    }),
+                )
+                // 8 MiB in 1 KiB chunks, streamed.
+                .route(
+                    "/stream",
+                    get(|| async {
+                        let chunks = futures_util::stream::iter((0..8192).map(|_| {
+                            Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b'x'; 1024]))
+                        }));
+                        axum::body::Body::from_stream(chunks)
+                    }),
+                );
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             let _ = axum::serve(listener, app).await;
         });
