@@ -117,6 +117,39 @@ impl Clock for ManualClock {
     }
 }
 
+/// Tokio's clock, anchored to the wall clock once: it follows `tokio::time::pause` and
+/// `advance`, so async code that sleeps and counts can be tested on paused time.
+#[derive(Debug, Clone, Copy)]
+pub struct TokioClock {
+    start: tokio::time::Instant,
+    epoch: Timestamp,
+}
+
+impl TokioClock {
+    /// A clock reading `epoch` now and moving with tokio's time.
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "the one place that reads tokio's clock"
+    )]
+    pub fn starting_at(epoch: Timestamp) -> Self {
+        TokioClock {
+            start: tokio::time::Instant::now(),
+            epoch,
+        }
+    }
+}
+
+impl Clock for TokioClock {
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "the one place that reads tokio's clock"
+    )]
+    fn now(&self) -> Timestamp {
+        self.epoch
+            .saturating_add(tokio::time::Instant::now().saturating_duration_since(self.start))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

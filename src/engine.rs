@@ -16,7 +16,7 @@ use crate::clock::{Clock, SystemClock, Timestamp};
 use crate::limiter::{Decision, LeaseId, Quota};
 use crate::plan::condition::Env;
 use crate::plan::{
-    Cost, KeyHasher, Limit, LimitRate, Mode, Plan, SoftAction, StoreErrorMode, TierSource,
+    Cost, Counts, KeyHasher, Limit, LimitRate, Mode, Plan, SoftAction, StoreErrorMode, TierSource,
     TierTable, TierValue,
 };
 use crate::request::RequestCtx;
@@ -226,17 +226,32 @@ impl<S: Store, C: Clock> Engine<S, C> {
 
     /// Decides one request; when admitted, its counters are consumed.
     pub async fn decide(&self, request: &RequestCtx) -> Verdict {
-        self.decide_with(request, None).await
+        self.decide_with(request, None, Counts::Requests, None)
+            .await
+    }
+
+    /// Decides `amount` units of what some limits count besides requests — WebSocket
+    /// messages from the client, bytes of a streamed response — for the request that opened
+    /// the stream. Only limits with that `counts` apply; lists do too.
+    pub async fn decide_units(&self, request: &RequestCtx, counts: Counts, amount: u64) -> Verdict {
+        self.decide_with(request, None, counts, Some(amount)).await
     }
 
     /// Decides one request against the named limits only, whatever their `match`
     /// conditions say (lists still apply). This is what a route that names its limit in code
     /// uses; names the plan does not have are ignored.
     pub async fn decide_only(&self, request: &RequestCtx, limits: &[Arc<str>]) -> Verdict {
-        self.decide_with(request, Some(limits)).await
+        self.decide_with(request, Some(limits), Counts::Requests, None)
+            .await
     }
 
-    async fn decide_with(&self, request: &RequestCtx, only: Option<&[Arc<str>]>) -> Verdict {
+    async fn decide_with(
+        &self,
+        request: &RequestCtx,
+        only: Option<&[Arc<str>]>,
+        counts: Counts,
+        amount: Option<u64>,
+    ) -> Verdict {
         let plan = self.plan.load();
         let now = self.clock.now();
         let routes = plan.routes.matches(&request.path);
@@ -286,7 +301,10 @@ impl<S: Store, C: Clock> Engine<S, C> {
         let mut blocked = false;
         for index in candidates {
             let limit = &plan.limits[index];
-            if limit.mode == Mode::Off || (only.is_none() && !limit.condition.eval(&env)) {
+            if limit.mode == Mode::Off
+                || limit.counts != counts
+                || (only.is_none() && !limit.condition.eval(&env))
+            {
                 continue;
             }
             let (value, tier) = match &limit.rate {
@@ -339,6 +357,7 @@ impl<S: Store, C: Clock> Engine<S, C> {
             };
             let cost = match &limit.cost {
                 _ if matches!(quota, Quota::Concurrency(_)) => 1,
+                _ if amount.is_some() => amount.unwrap_or(1),
                 _ if request.cost.is_some() => request.cost.unwrap_or(1),
                 Cost::Fixed(c) => *c,
                 Cost::Header { name, default, max } => request

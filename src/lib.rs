@@ -39,7 +39,7 @@ pub mod server;
 pub mod store;
 pub mod telemetry;
 
-pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
+pub use clock::{Clock, ManualClock, SystemClock, Timestamp, TokioClock};
 pub use diagnostic::{PolicyError, PolicyErrors};
 pub use dsl::PolicySet;
 pub use engine::{Action, Engine, LimitReport, Verdict};

@@ -105,6 +105,19 @@ pub struct Limit {
     pub on_store_error: StoreErrorMode,
     /// Higher goes first, and its rejection is the one reported.
     pub priority: i32,
+    /// What it counts.
+    pub counts: Counts,
+}
+
+/// What a limit counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Counts {
+    /// Requests (the default), decided before the request goes on.
+    Requests,
+    /// WebSocket messages from the client, decided for each message.
+    Messages,
+    /// Bytes of streamed response bodies, decided for each chunk.
+    Bytes,
 }
 
 /// A limit's rate: fixed, or chosen by the request's tier.

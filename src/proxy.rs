@@ -1,8 +1,27 @@
 //! The reverse proxy of `tollgate serve --upstream URL`: allowed requests go on to the
 //! application, bodies streamed both ways (nothing is buffered), hop-by-hop headers dropped,
 //! `X-Forwarded-For`, `-Proto` and `-Host` added.
+//!
+//! WebSocket upgrades are relayed message by message. Limits that `counts messages` are
+//! decided for each client message; over one, the connection is closed with code 1008
+//! (policy violation) and the limit's reason. Limits that `counts bytes` pace streamed
+//! response bodies: a chunk over the limit waits until it fits.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::extract::FromRequestParts;
+use axum::extract::ws::{self, WebSocket, WebSocketUpgrade};
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite;
+
+use crate::clock::Clock;
+use crate::engine::{Action, Engine};
+use crate::identity::Identifier;
+use crate::plan::Counts;
+use crate::request::RequestCtx;
+use crate::store::Store;
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
@@ -39,6 +58,20 @@ impl Upstream {
             .scheme(self.base.scheme_str().unwrap_or("http"))
             .authority(self.base.authority().map_or("", |a| a.as_str()))
             .path_and_query(format!("{prefix}{path}"))
+            .build()
+    }
+
+    fn websocket_target(&self, uri: &Uri) -> Result<Uri, http::Error> {
+        let http = self.target(uri)?;
+        let scheme = if http.scheme_str() == Some("https") {
+            "wss"
+        } else {
+            "ws"
+        };
+        Uri::builder()
+            .scheme(scheme)
+            .authority(http.authority().map_or("", |a| a.as_str()))
+            .path_and_query(http.path_and_query().map_or("/", |p| p.as_str()))
             .build()
     }
 
@@ -123,11 +156,191 @@ fn bad_gateway(detail: String) -> Response {
     response
 }
 
-/// The axum handler: forwards whatever reaches it.
-pub async fn handler(
-    State(upstream): State<Upstream>,
+/// What the proxy handler needs: where to forward, and the engine for message and byte
+/// limits.
+pub struct ProxyState<S, C> {
+    /// The application.
+    pub upstream: Upstream,
+    /// The engine deciding messages and bytes.
+    pub engine: Arc<Engine<S, C>>,
+    /// How clients are identified.
+    pub identifier: Identifier,
+}
+
+static CONNECTIONS: AtomicU64 = AtomicU64::new(1);
+
+/// The axum handler: forwards whatever reaches it (the request-phase limits have already
+/// been applied by the layer around it).
+pub async fn handler<S: Store, C: Clock>(
+    State(state): State<Arc<ProxyState<S, C>>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     request: Request,
 ) -> Response {
-    upstream.forward(peer, request).await
+    let mut request = request;
+    let mut ctx = crate::middleware::request_ctx(&mut request, &state.identifier);
+    *request.headers_mut() = ctx.headers.clone();
+    ctx.connection_id = Some(CONNECTIONS.fetch_add(1, Ordering::Relaxed));
+    let is_websocket = request
+        .headers()
+        .get(http::header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    if is_websocket {
+        return websocket(state, ctx, request).await;
+    }
+    let response = state.upstream.forward(peer, request).await;
+    let (parts, body) = response.into_parts();
+    Response::from_parts(parts, pace(Arc::clone(&state.engine), ctx, body))
+}
+
+/// The body, streamed with every `counts bytes` limit of the plan decided for each chunk: a
+/// chunk over a limit waits (on tokio's timer) until it fits. Without such limits, the body
+/// as it is.
+pub fn pace<S: Store, C: Clock>(engine: Arc<Engine<S, C>>, ctx: RequestCtx, body: Body) -> Body {
+    if !engine
+        .plan()
+        .limits()
+        .iter()
+        .any(|l| l.counts == Counts::Bytes)
+    {
+        return body;
+    }
+    let ctx = Arc::new(ctx);
+    let chunks = body.into_data_stream().then(move |chunk| {
+        let engine = Arc::clone(&engine);
+        let ctx = Arc::clone(&ctx);
+        async move {
+            let chunk = chunk?;
+            // Bounded: a chunk that can never fit (larger than a whole burst) goes after the
+            // last wait rather than never.
+            for _ in 0..64 {
+                let verdict = engine
+                    .decide_units(&ctx, Counts::Bytes, chunk.len() as u64)
+                    .await;
+                match verdict.action {
+                    Action::Reject {
+                        retry_after: Some(wait),
+                        ..
+                    } => tokio::time::sleep(wait).await,
+                    _ => break,
+                }
+            }
+            Ok::<_, axum::Error>(chunk)
+        }
+    });
+    Body::from_stream(chunks)
+}
+
+async fn websocket<S: Store, C: Clock>(
+    state: Arc<ProxyState<S, C>>,
+    ctx: RequestCtx,
+    request: Request,
+) -> Response {
+    let (mut parts, _body) = request.into_parts();
+    let upgrade = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
+        Ok(u) => u,
+        Err(rejection) => return rejection.into_response(),
+    };
+    let target = match state.upstream.websocket_target(&parts.uri) {
+        Ok(t) => t,
+        Err(e) => return bad_gateway(format!("cannot build the upstream URI: {e}")),
+    };
+    let mut upstream_request =
+        match tungstenite::client::IntoClientRequest::into_client_request(target.to_string()) {
+            Ok(r) => r,
+            Err(e) => return bad_gateway(format!("cannot build the upstream request: {e}")),
+        };
+    for (name, value) in &parts.headers {
+        let n = name.as_str();
+        if !n.starts_with("sec-websocket") && !matches!(n, "host" | "connection" | "upgrade") {
+            upstream_request
+                .headers_mut()
+                .append(name.clone(), value.clone());
+        }
+    }
+    let upstream = match tokio_tungstenite::connect_async(upstream_request).await {
+        Ok((stream, _)) => stream,
+        Err(e) => return bad_gateway(format!("the upstream refused the WebSocket: {e}")),
+    };
+    upgrade.on_upgrade(move |client| relay(state, ctx, client, upstream))
+}
+
+/// Relays messages both ways until either side closes or a message limit is exceeded.
+async fn relay<S: Store, C: Clock>(
+    state: Arc<ProxyState<S, C>>,
+    ctx: RequestCtx,
+    client: WebSocket,
+    upstream: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+) {
+    let (mut to_client, mut from_client) = client.split();
+    let (mut to_upstream, mut from_upstream) = upstream.split();
+    loop {
+        tokio::select! {
+            message = from_client.next() => {
+                let Some(Ok(message)) = message else { break };
+                if matches!(message, ws::Message::Text(_) | ws::Message::Binary(_)) {
+                    let verdict = state.engine.decide_units(&ctx, Counts::Messages, 1).await;
+                    if !verdict.is_allowed() {
+                        let reason = match &verdict.action {
+                            Action::Reject { reason: Some(r), .. } => r.to_string(),
+                            Action::Reject { limit, .. } => format!("message limit `{limit}` exceeded"),
+                            _ => "refused".to_owned(),
+                        };
+                        tracing::info!(%reason, "closing a WebSocket over its message limit");
+                        let frame = ws::CloseFrame {
+                            code: 1008,
+                            reason: truncate(&reason, 120).into(),
+                        };
+                        let _ = to_client.send(ws::Message::Close(Some(frame))).await;
+                        let _ = to_upstream.send(tungstenite::Message::Close(None)).await;
+                        break;
+                    }
+                }
+                let forwarded = match message {
+                    ws::Message::Text(t) => tungstenite::Message::text(t.as_str()),
+                    ws::Message::Binary(b) => tungstenite::Message::binary(b),
+                    ws::Message::Ping(p) => tungstenite::Message::Ping(p),
+                    ws::Message::Pong(p) => tungstenite::Message::Pong(p),
+                    ws::Message::Close(_) => {
+                        let _ = to_upstream.send(tungstenite::Message::Close(None)).await;
+                        break;
+                    }
+                };
+                if to_upstream.send(forwarded).await.is_err() {
+                    break;
+                }
+            }
+            message = from_upstream.next() => {
+                let Some(Ok(message)) = message else { break };
+                let forwarded = match message {
+                    tungstenite::Message::Text(t) => ws::Message::Text(t.as_str().into()),
+                    tungstenite::Message::Binary(b) => ws::Message::Binary(b),
+                    tungstenite::Message::Ping(p) => ws::Message::Ping(p),
+                    tungstenite::Message::Pong(p) => ws::Message::Pong(p),
+                    tungstenite::Message::Close(_) => {
+                        let _ = to_client.send(ws::Message::Close(None)).await;
+                        break;
+                    }
+                    tungstenite::Message::Frame(_) => continue,
+                };
+                if to_client.send(forwarded).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// At most `max` bytes, cut at a character boundary (close reasons are limited to 123).
+fn truncate(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }

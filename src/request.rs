@@ -31,6 +31,8 @@ pub struct RequestCtx {
     pub route_template: Option<String>,
     /// A cost that overrides every limit's `cost` (the decision API's `cost` field).
     pub cost: Option<u64>,
+    /// The connection's id, for `connection` keys (WebSockets, streamed responses).
+    pub connection_id: Option<u64>,
 }
 
 /// A header name or value that HTTP does not allow.
@@ -57,6 +59,7 @@ impl RequestCtx {
             claims: BTreeMap::new(),
             route_template: None,
             cost: None,
+            connection_id: None,
         }
     }
 

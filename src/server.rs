@@ -57,8 +57,12 @@ pub fn router<S: Store, C: Clock>(state: Arc<AppState<S, C>>) -> Router {
     let fallback = match &state.upstream {
         // Everything that is not Tollgate's own goes on to the application, rate-limited.
         Some(upstream) => Router::new()
-            .fallback(crate::proxy::handler)
-            .with_state(upstream.clone())
+            .fallback(crate::proxy::handler::<S, C>)
+            .with_state(Arc::new(crate::proxy::ProxyState {
+                upstream: upstream.clone(),
+                engine: Arc::clone(&state.engine),
+                identifier: state.options.identifier.clone(),
+            }))
             .layer(
                 RateLimitLayer::new(Arc::clone(&state.engine)).with_options(state.options.clone()),
             ),

@@ -149,6 +149,8 @@ pub enum Setting {
     OnStoreError(Ident),
     /// `priority n;`
     Priority(Spanned<i64>),
+    /// `counts messages;`
+    Counts(Ident),
 }
 
 /// A time unit as written.

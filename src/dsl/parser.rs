@@ -250,6 +250,7 @@ fn describe(rule: Rule) -> &'static str {
         Rule::mode_stmt => "`mode`",
         Rule::on_store_error_stmt => "`on_store_error`",
         Rule::priority_stmt => "`priority`",
+        Rule::counts_stmt => "`counts`",
         Rule::match_block => "`match`",
         Rule::when_stmt => "`when`",
         Rule::condition | Rule::and_cond | Rule::not_cond => "a condition",
@@ -564,6 +565,7 @@ impl Builder<'_> {
             }
             Rule::mode_stmt => Setting::Mode(self.ident(next(&mut inner))),
             Rule::on_store_error_stmt => Setting::OnStoreError(self.ident(next(&mut inner))),
+            Rule::counts_stmt => Setting::Counts(self.ident(next(&mut inner))),
             _ => Setting::Priority(self.signed(next(&mut inner))),
         }
     }

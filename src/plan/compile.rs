@@ -15,8 +15,8 @@ use super::condition::Condition;
 use super::key::{KeyPart, KeySource, KeySpec, is_secret_header};
 use super::route::{PatternId, RouteIndex, template_regex};
 use super::{
-    Anomaly, CedarImport, Cost, DenyRule, Limit, LimitRate, ListRule, Mode, OnExceed, Pick, Plan,
-    SoftAction, SoftStep, StoreErrorMode, TierSource, TierTable, TierValue,
+    Anomaly, CedarImport, Cost, Counts, DenyRule, Limit, LimitRate, ListRule, Mode, OnExceed, Pick,
+    Plan, SoftAction, SoftStep, StoreErrorMode, TierSource, TierTable, TierValue,
 };
 use crate::diagnostic::{PolicyError, PolicyErrors, Span};
 use crate::dsl::ast::{self, Spanned};
@@ -46,6 +46,7 @@ const BUILTIN_KEYS: &[&str] = &[
     "method",
     "host",
     "global",
+    "connection",
 ];
 const METHODS: &[&str] = &[
     "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE",
@@ -162,6 +163,7 @@ struct Settings<'a> {
     mode: Option<(usize, &'a ast::Ident)>,
     on_store_error: Option<(usize, &'a ast::Ident)>,
     priority: Option<(usize, &'a Spanned<i64>)>,
+    counts: Option<(usize, &'a ast::Ident)>,
 }
 
 struct Compiler<'a> {
@@ -609,6 +611,7 @@ impl<'a> Compiler<'a> {
                 "method" => one(KeySource::Method),
                 "host" => one(KeySource::Host),
                 "global" => one(KeySource::Global),
+                "connection" => one(KeySource::Connection),
                 other => {
                     if stack.iter().any(|s| s == other) {
                         let cycle = format!("{} → {other}", stack.join(" → "));
@@ -1051,6 +1054,28 @@ impl<'a> Compiler<'a> {
             None => Some(0),
         };
 
+        let counts = match settings.counts {
+            Some((cf, c)) => self
+                .keyword(cf, c, "counts", &["requests", "messages", "bytes"])
+                .map(|c| match c {
+                    "messages" => Counts::Messages,
+                    "bytes" => Counts::Bytes,
+                    _ => Counts::Requests,
+                }),
+            None => Some(Counts::Requests),
+        };
+        if counts.is_some_and(|c| c != Counts::Requests)
+            && algorithm == Some(Algorithm::Concurrency)
+        {
+            self.error_help(
+                f,
+                name.span,
+                "a concurrency limit counts requests",
+                "counts messages or bytes",
+                "count messages or bytes with a rate, such as `rate 10/s;`",
+            );
+            ok = false;
+        }
         let condition = match conditions.len() {
             0 => Condition::Always,
             1 => conditions.remove(0),
@@ -1069,6 +1094,7 @@ impl<'a> Compiler<'a> {
             mode: mode?,
             on_store_error: on_store_error?,
             priority: priority?,
+            counts: counts?,
         })
         .filter(|_| ok)
     }
@@ -1123,6 +1149,10 @@ impl<'a> Compiler<'a> {
             ast::Setting::Priority(p) => {
                 settings.priority = Some((f, p));
                 ("priority", p.span)
+            }
+            ast::Setting::Counts(c) => {
+                settings.counts = Some((f, c));
+                ("counts", c.span)
             }
         };
         if let Some(first) = seen.insert(name, span) {

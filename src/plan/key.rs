@@ -58,6 +58,8 @@ pub enum KeySource {
     Host,
     /// One counter shared by every client.
     Global,
+    /// The connection (a WebSocket, a streamed response): one counter per connection.
+    Connection,
 }
 
 /// Header names whose values are credentials: hashed before use.
@@ -201,6 +203,7 @@ impl KeySource {
             KeySource::Method => "method".to_owned(),
             KeySource::Host => "host".to_owned(),
             KeySource::Global => "global".to_owned(),
+            KeySource::Connection => "connection".to_owned(),
         }
     }
 
@@ -290,6 +293,14 @@ impl KeySource {
                 out.push_str("global");
                 return true;
             }
+            KeySource::Connection => match r.connection_id {
+                Some(id) => {
+                    out.push_str("conn:");
+                    out.push_str(itoa::Buffer::new().format(id));
+                    return true;
+                }
+                None => return false,
+            },
         };
         out.push_str(label);
         out.push(':');

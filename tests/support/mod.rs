@@ -220,7 +220,16 @@ impl Drop for TestServer {
 /// An application (axum) on a free port, answering `POST /auth/login` and `GET /`.
 pub struct TestApp {
     pub addr: SocketAddr,
-    _runtime: tokio::runtime::Runtime,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        // Dropping may happen inside an async test: do not block there.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 impl TestApp {
@@ -263,6 +272,22 @@ impl TestApp {
                         )
                     }),
                 )
+                // Echoes WebSocket messages.
+                .route(
+                    "/ws",
+                    get(|upgrade: axum::extract::ws::WebSocketUpgrade| async move {
+                        upgrade.on_upgrade(|mut socket| async move {
+                            while let Some(Ok(message)) = socket.recv().await {
+                                if matches!(message, axum::extract::ws::Message::Close(_)) {
+                                    break;
+                                }
+                                if socket.send(message).await.is_err() {
+                                    break;
+                                }
+                            }
+                        })
+                    }),
+                )
                 // 8 MiB in 1 KiB chunks, streamed.
                 .route(
                     "/stream",
@@ -278,7 +303,7 @@ impl TestApp {
         });
         TestApp {
             addr,
-            _runtime: runtime,
+            runtime: Some(runtime),
         }
     }
 }
