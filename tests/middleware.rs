@@ -363,3 +363,27 @@ async fn forwarded_addresses_count_only_from_trusted_proxies() {
         StatusCode::TOO_MANY_REQUESTS
     );
 }
+
+#[tokio::test]
+async fn the_layer_wraps_a_plain_hyper_style_service() {
+    // No axum router: a bare `tower::Service` over `http` types, as hyper serves.
+    use http_body_util::Full;
+    let (engine, _) = engine(r#"limit all { key ip; algorithm fixed_window; rate 1/min; }"#);
+    let service = tower::ServiceBuilder::new()
+        .layer(RateLimitLayer::new(Arc::clone(&engine)))
+        .service_fn(|_request: Request<Full<bytes::Bytes>>| async {
+            Ok::<_, std::convert::Infallible>(Response::new(Full::new(bytes::Bytes::from("hi"))))
+        });
+    let request = || {
+        let mut r = Request::new(Full::new(bytes::Bytes::new()));
+        r.extensions_mut().insert(ConnectInfo::<SocketAddr>(
+            "198.51.100.3:5000".parse().unwrap(),
+        ));
+        r
+    };
+    let ok = service.clone().oneshot(request()).await.unwrap();
+    assert_eq!(ok.status(), StatusCode::OK);
+    assert_eq!(to_bytes(ok.into_body(), 100).await.unwrap(), "hi");
+    let refused = service.oneshot(request()).await.unwrap();
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+}
