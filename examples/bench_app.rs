@@ -15,13 +15,7 @@ use axum::routing::get;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const POLICY: &str = r#"
-key identity = first_of(user_id, header("X-Client-Id"), ip);
-limit window { match { route GET "/api/**"; } key identity; algorithm sliding_window; rate 1_000_000_000/s; }
-limit cell   { match { route GET "/api/v1/items/{id}"; } key identity; algorithm gcra; rate 1_000_000/s burst 1_000_000_000; }
-limit fixed  { match { route ANY "/api/v1/**"; } key ip/24; algorithm fixed_window; rate 1_000_000_000/s; }
-limit login  { match { route POST "/auth/login"; } rate 5/min; }
-"#;
+const POLICY: &str = include_str!("../benches/three_limits.rl");
 
 #[tokio::main]
 async fn main() {

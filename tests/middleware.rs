@@ -55,6 +55,10 @@ fn header<'a>(response: &'a Response<Body>, name: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no `{name}`"))
 }
 
+async fn status(app: &Router, request: Request<Body>) -> StatusCode {
+    app.clone().oneshot(request).await.unwrap().status()
+}
+
 async fn json(response: Response<Body>) -> serde_json::Value {
     serde_json::from_slice(&to_bytes(response.into_body(), 1 << 20).await.unwrap()).unwrap()
 }
@@ -322,27 +326,15 @@ async fn forwarded_addresses_count_only_from_trusted_proxies() {
     };
     // Two clients behind the same proxy are counted apart.
     assert_eq!(
-        app.clone()
-            .oneshot(via_proxy("198.51.100.1"))
-            .await
-            .unwrap()
-            .status(),
+        status(&app, via_proxy("198.51.100.1")).await,
         StatusCode::OK
     );
     assert_eq!(
-        app.clone()
-            .oneshot(via_proxy("198.51.100.2"))
-            .await
-            .unwrap()
-            .status(),
+        status(&app, via_proxy("198.51.100.2")).await,
         StatusCode::OK
     );
     assert_eq!(
-        app.clone()
-            .oneshot(via_proxy("198.51.100.1"))
-            .await
-            .unwrap()
-            .status(),
+        status(&app, via_proxy("198.51.100.1")).await,
         StatusCode::TOO_MANY_REQUESTS
     );
     // A client forging the header directly is counted by its own address.

@@ -8,19 +8,23 @@ use support::{TestApp, TestServer, send};
 use tollgate::identity::Identifier;
 use tollgate::middleware::HttpOptions;
 
+/// The application, Tollgate with the shipped policies (trusting nginx on 127.0.0.1), and
+/// nginx in front; `None` where nginx is missing outside CI.
+fn stack() -> Option<(TestApp, TestServer, Nginx)> {
+    let app = TestApp::start();
+    let options = HttpOptions {
+        identifier: Identifier::new().with_trusted_proxies(vec!["127.0.0.1/32".parse().unwrap()]),
+        ..HttpOptions::default()
+    };
+    let tollgate = TestServer::start_dir("policies", options);
+    let nginx = Nginx::start(app.addr, tollgate.addr)?;
+    Some((app, tollgate, nginx))
+}
+
 #[test]
 fn the_sixth_login_in_a_minute_gets_429_through_nginx() {
-    let app = TestApp::start();
     // The shipped policies: `login` allows 5 per minute per /24.
-    let tollgate = TestServer::start_dir(
-        "policies",
-        HttpOptions {
-            identifier: Identifier::new()
-                .with_trusted_proxies(vec!["127.0.0.1/32".parse().unwrap()]),
-            ..HttpOptions::default()
-        },
-    );
-    let Some(nginx) = Nginx::start(app.addr, tollgate.addr) else {
+    let Some((_app, _tollgate, nginx)) = stack() else {
         return;
     };
 
@@ -59,16 +63,7 @@ fn the_sixth_login_in_a_minute_gets_429_through_nginx() {
 
 #[test]
 fn denylisted_clients_get_403_through_nginx() {
-    let app = TestApp::start();
-    let tollgate = TestServer::start_dir(
-        "policies",
-        HttpOptions {
-            identifier: Identifier::new()
-                .with_trusted_proxies(vec!["127.0.0.1/32".parse().unwrap()]),
-            ..HttpOptions::default()
-        },
-    );
-    let Some(nginx) = Nginx::start(app.addr, tollgate.addr) else {
+    let Some((_app, _tollgate, nginx)) = stack() else {
         return;
     };
     let reply = send(nginx.addr, "GET", "/", &[("User-Agent", "sqlmap/1.7")], b"");
