@@ -178,7 +178,10 @@ where
             };
             // The headers go back to the request the application sees.
             *request.headers_mut() = ctx.headers;
-            let guard = LeaseGuard::new(Arc::clone(&layer.engine), verdict.leases.clone());
+            let mut verdict = verdict;
+            let guard = (!verdict.leases.is_empty()).then(|| {
+                LeaseGuard::new(Arc::clone(&layer.engine), std::mem::take(&mut verdict.leases))
+            });
             log_verdict(&verdict, &request_id);
             if let Some(problem) = response::problem(&verdict, Some(&request_id)) {
                 return Ok(refusal(
@@ -191,16 +194,21 @@ where
             if let Action::Delay(wait) = verdict.action {
                 tokio::time::sleep(wait).await;
             }
-            if let Ok(id) = HeaderValue::from_str(&request_id) {
-                request.headers_mut().insert(X_REQUEST_ID.clone(), id);
+            let id = HeaderValue::from_str(&request_id).ok();
+            if let Some(id) = &id {
+                request.headers_mut().insert(X_REQUEST_ID.clone(), id.clone());
             }
             let response = inner.call(request).await?;
             let (mut parts, body) = response.into_parts();
             response::write_rate_limit_headers(&verdict, layer.options.headers, &mut parts.headers);
-            if let Ok(id) = HeaderValue::from_str(&request_id) {
+            if let Some(id) = id {
                 parts.headers.insert(X_REQUEST_ID.clone(), id);
             }
-            Ok(Response::from_parts(parts, guard.wrap(body)))
+            let body = match guard {
+                Some(guard) => guard.wrap(body),
+                None => Body::new(body),
+            };
+            Ok(Response::from_parts(parts, body))
         })
     }
 }
