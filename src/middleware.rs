@@ -180,7 +180,10 @@ where
             *request.headers_mut() = ctx.headers;
             let mut verdict = verdict;
             let guard = (!verdict.leases.is_empty()).then(|| {
-                LeaseGuard::new(Arc::clone(&layer.engine), std::mem::take(&mut verdict.leases))
+                LeaseGuard::new(
+                    Arc::clone(&layer.engine),
+                    std::mem::take(&mut verdict.leases),
+                )
             });
             log_verdict(&verdict, &request_id);
             if let Some(problem) = response::problem(&verdict, Some(&request_id)) {
@@ -196,7 +199,9 @@ where
             }
             let id = HeaderValue::from_str(&request_id).ok();
             if let Some(id) = &id {
-                request.headers_mut().insert(X_REQUEST_ID.clone(), id.clone());
+                request
+                    .headers_mut()
+                    .insert(X_REQUEST_ID.clone(), id.clone());
             }
             let response = inner.call(request).await?;
             let (mut parts, body) = response.into_parts();
