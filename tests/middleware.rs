@@ -55,8 +55,12 @@ fn header<'a>(response: &'a Response<Body>, name: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no `{name}`"))
 }
 
+async fn call(app: &Router, request: Request<Body>) -> Response<Body> {
+    app.clone().oneshot(request).await.unwrap()
+}
+
 async fn status(app: &Router, request: Request<Body>) -> StatusCode {
-    app.clone().oneshot(request).await.unwrap().status()
+    call(app, request).await.status()
 }
 
 async fn json(response: Response<Body>) -> serde_json::Value {
@@ -96,10 +100,7 @@ async fn rejections_are_problem_json_with_retry_after() {
            on_exceed reject 429 reason "slow down"; }"#,
     );
     let app = app(&engine);
-    app.clone()
-        .oneshot(request("GET", "/api/items/1", "203.0.113.9"))
-        .await
-        .unwrap();
+    call(&app, request("GET", "/api/items/1", "203.0.113.9")).await;
     clock.advance(Duration::from_secs(20));
     let mut r = request("GET", "/api/items/2", "203.0.113.9");
     r.headers_mut()
@@ -150,11 +151,7 @@ async fn soft_warn_adds_a_header() {
         r#"limit api { match { route GET "/api/**"; } algorithm fixed_window; rate 4/min; soft warn at 50%; }"#,
     );
     let app = app(&engine);
-    let first = app
-        .clone()
-        .oneshot(request("GET", "/api/items/1", "203.0.113.9"))
-        .await
-        .unwrap();
+    let first = call(&app, request("GET", "/api/items/1", "203.0.113.9")).await;
     assert!(first.headers().get("tollgate-warning").is_none());
     let second = app
         .oneshot(request("GET", "/api/items/1", "203.0.113.9"))
@@ -174,10 +171,7 @@ async fn soft_delay_holds_the_request_on_the_timer() {
     );
     let app = app(&engine);
     let start = tokio::time::Instant::now();
-    app.clone()
-        .oneshot(request("GET", "/api/items/1", "203.0.113.9"))
-        .await
-        .unwrap();
+    call(&app, request("GET", "/api/items/1", "203.0.113.9")).await;
     let response = app
         .oneshot(request("GET", "/api/items/1", "203.0.113.9"))
         .await
@@ -199,18 +193,10 @@ async fn concurrency_leases_are_released_when_the_body_ends() {
     let (engine, _) =
         engine(r#"limit exports { match { route GET "/export"; } rate 1 concurrent; }"#);
     let app = app(&engine);
-    let first = app
-        .clone()
-        .oneshot(request("GET", "/export", "203.0.113.9"))
-        .await
-        .unwrap();
+    let first = call(&app, request("GET", "/export", "203.0.113.9")).await;
     assert_eq!(first.status(), StatusCode::OK);
     // The first export is still streaming: the second is refused.
-    let second = app
-        .clone()
-        .oneshot(request("GET", "/export", "203.0.113.9"))
-        .await
-        .unwrap();
+    let second = call(&app, request("GET", "/export", "203.0.113.9")).await;
     assert_eq!(second.status(), StatusCode::TOO_MANY_REQUESTS);
     // Reading the body to its end releases the lease.
     assert_eq!(
@@ -230,11 +216,7 @@ async fn concurrency_leases_are_released_when_the_response_is_dropped() {
     let (engine, _) =
         engine(r#"limit exports { match { route GET "/export"; } rate 1 concurrent; }"#);
     let app = app(&engine);
-    let first = app
-        .clone()
-        .oneshot(request("GET", "/export", "203.0.113.9"))
-        .await
-        .unwrap();
+    let first = call(&app, request("GET", "/export", "203.0.113.9")).await;
     drop(first); // the client went away
     settle().await;
     let second = app
@@ -255,26 +237,14 @@ async fn a_route_can_name_its_limit_in_code() {
         .route_layer(limit(&engine, "login"))
         .route("/other", post(|| async { "free" }));
     for _ in 0..2 {
-        let r = app
-            .clone()
-            .oneshot(request("POST", "/auth/login", "198.51.100.1"))
-            .await
-            .unwrap();
+        let r = call(&app, request("POST", "/auth/login", "198.51.100.1")).await;
         assert_eq!(r.status(), StatusCode::OK);
     }
-    let r = app
-        .clone()
-        .oneshot(request("POST", "/auth/login", "198.51.100.2"))
-        .await
-        .unwrap();
+    let r = call(&app, request("POST", "/auth/login", "198.51.100.2")).await;
     assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS, "same /24");
     assert_eq!(json(r).await["reason"], "too many login attempts");
     for _ in 0..5 {
-        let r = app
-            .clone()
-            .oneshot(request("POST", "/other", "198.51.100.1"))
-            .await
-            .unwrap();
+        let r = call(&app, request("POST", "/other", "198.51.100.1")).await;
         assert_eq!(r.status(), StatusCode::OK);
     }
 }
@@ -286,18 +256,14 @@ async fn matched_path_gives_the_route_key() {
         engine(r#"limit per_route { key route; algorithm fixed_window; rate 2/min; }"#);
     let app = app(&engine);
     for id in [1, 2] {
-        let r = app
-            .clone()
-            .oneshot(request("GET", &format!("/api/items/{id}"), "203.0.113.9"))
-            .await
-            .unwrap();
+        let r = call(
+            &app,
+            request("GET", &format!("/api/items/{id}"), "203.0.113.9"),
+        )
+        .await;
         assert_eq!(r.status(), StatusCode::OK);
     }
-    let r = app
-        .clone()
-        .oneshot(request("GET", "/api/items/3", "203.0.113.10"))
-        .await
-        .unwrap();
+    let r = call(&app, request("GET", "/api/items/3", "203.0.113.10")).await;
     assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
     let r = app
         .oneshot(request("GET", "/export", "203.0.113.9"))
