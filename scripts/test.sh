@@ -9,8 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the tests need, as `command:package`: nginx for the forward-auth test
-# (tests/nginx.rs). The Redis and ClickHouse tests add theirs here.
-REQUIRED=("nginx:nginx")
+# (tests/nginx.rs), redis-server for the store conformance test (tests/conformance.rs).
+REQUIRED=("nginx:nginx" "redis-server:redis-server")
 
 missing=()
 for entry in "${REQUIRED[@]}"; do

@@ -5,6 +5,7 @@
 //! otherwise none is. The design lets a networked store do the whole batch in one round trip.
 
 pub mod memory;
+pub mod redis;
 
 use std::future::Future;
 use std::time::Duration;

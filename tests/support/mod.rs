@@ -12,6 +12,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
 pub mod nginx;
+pub mod redis;
 
 /// A free TCP port on 127.0.0.1 (bound and released; the caller binds it again).
 pub fn free_port() -> u16 {
