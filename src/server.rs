@@ -31,7 +31,8 @@ use crate::plan::KeyHasher;
 use crate::proxy::Upstream;
 use crate::request::RequestCtx;
 use crate::response::{self, Problem, X_REQUEST_ID};
-use crate::store::{MemoryStore, Store};
+use crate::store::redis::RedisStore;
+use crate::store::{AnyStore, MemoryStore, Store};
 use crate::{PolicySet, compile};
 
 /// `X-Tollgate-Status`: the real status of a refusal, for nginx (which only understands 401
@@ -116,23 +117,41 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
 }
 
-/// Builds the engine and state for `settings` (memory store).
-pub fn build(settings: &Settings) -> Result<Arc<AppState<MemoryStore>>, ServeError> {
+/// Builds the engine and state for `settings`: the Redis store when `redis_url` is set and
+/// answers; when it does not, `prod` refuses to start and `dev` warns and counts in memory.
+pub async fn build(settings: &Settings) -> Result<Arc<AppState<AnyStore>>, ServeError> {
     let set = PolicySet::load(&[&settings.policies]);
     let plan = compile(&set).map_err(|errors| ServeError::Policies {
         path: settings.policies.display().to_string(),
         errors,
     })?;
-    if let Some(url) = &settings.redis_url {
-        let message = format!(
-            "TOLLGATE_REDIS_URL is set (`{}`), but this build has only the memory store",
-            redact(url)
-        );
-        if settings.env == Environment::Prod {
-            return Err(ServeError::Store(message));
+    let store = match &settings.redis_url {
+        None => AnyStore::Memory(MemoryStore::new()),
+        Some(url) => {
+            let timeout = Duration::from_millis(settings.store_timeout_ms);
+            // Connecting may take longer than one call: give it a second at least.
+            let connect = timeout.max(Duration::from_secs(1));
+            match RedisStore::connect(url, connect).await {
+                Ok(store) => {
+                    tracing::info!(url = %redact(url), "counting in Redis");
+                    AnyStore::Redis(store.with_timeout(timeout))
+                }
+                Err(e) if settings.env == Environment::Prod => {
+                    return Err(ServeError::Store(format!(
+                        "cannot reach Redis at `{}`: {e}",
+                        redact(url)
+                    )));
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "cannot reach Redis at `{}` ({e}): COUNTING IN THIS PROCESS'S MEMORY (dev only; prod refuses to start)",
+                        redact(url)
+                    );
+                    AnyStore::Memory(MemoryStore::new())
+                }
+            }
         }
-        tracing::warn!("{message}; counting in memory (dev only)");
-    }
+    };
     let hasher = match &settings.key_secret {
         Some(secret) => KeyHasher::from_secret(secret),
         None => {
@@ -148,7 +167,7 @@ pub fn build(settings: &Settings) -> Result<Arc<AppState<MemoryStore>>, ServeErr
         policies = %settings.policies.display(),
         "policies loaded"
     );
-    let engine = Arc::new(Engine::new(plan, MemoryStore::new()).with_key_hasher(hasher));
+    let engine = Arc::new(Engine::new(plan, store).with_key_hasher(hasher));
     Ok(Arc::new(AppState {
         engine,
         options: HttpOptions {
@@ -164,8 +183,8 @@ pub fn build(settings: &Settings) -> Result<Arc<AppState<MemoryStore>>, ServeErr
 }
 
 /// Runs the server on `listener` until `shutdown` completes.
-pub async fn run(
-    state: Arc<AppState<MemoryStore>>,
+pub async fn run<S: Store>(
+    state: Arc<AppState<S>>,
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
@@ -176,7 +195,7 @@ pub async fn run(
             let mut tick = tokio::time::interval(Duration::from_secs(30));
             loop {
                 tick.tick().await;
-                let purged = engine.store().purge_expired(engine.now());
+                let purged = engine.store().sweep(engine.now());
                 tracing::debug!(purged, "expired counters dropped");
             }
         })
@@ -194,7 +213,7 @@ pub async fn serve(
     settings: &Settings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let state = build(settings)?;
+    let state = build(settings).await?;
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .map_err(|source| ServeError::Bind {

@@ -77,6 +77,13 @@ pub trait Store: Send + Sync + 'static {
         std::future::ready(Ok(()))
     }
 
+    /// Drops expired state this process keeps; returns how many entries (a shared store
+    /// expires its own keys: nothing to do).
+    fn sweep(&self, now: Timestamp) -> usize {
+        let _ = now;
+        0
+    }
+
     /// Gives back a concurrency lease.
     fn release(
         &self,
@@ -84,4 +91,43 @@ pub trait Store: Send + Sync + 'static {
         lease: LeaseId,
         now: Timestamp,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// The store `tollgate serve` chose at start-up.
+#[derive(Debug)]
+pub enum AnyStore {
+    /// This process's memory (development).
+    Memory(MemoryStore),
+    /// A Redis server shared by every node.
+    Redis(redis::RedisStore),
+}
+
+impl Store for AnyStore {
+    async fn apply(&self, ops: &[Op<'_>], now: Timestamp) -> Result<BatchResult, StoreError> {
+        match self {
+            AnyStore::Memory(m) => m.apply(ops, now).await,
+            AnyStore::Redis(r) => r.apply(ops, now).await,
+        }
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Memory(m) => m.ping().await,
+            AnyStore::Redis(r) => r.ping().await,
+        }
+    }
+
+    fn sweep(&self, now: Timestamp) -> usize {
+        match self {
+            AnyStore::Memory(m) => m.sweep(now),
+            AnyStore::Redis(r) => r.sweep(now),
+        }
+    }
+
+    async fn release(&self, key: &str, lease: LeaseId, now: Timestamp) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Memory(m) => m.release(key, lease, now).await,
+            AnyStore::Redis(r) => r.release(key, lease, now).await,
+        }
+    }
 }

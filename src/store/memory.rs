@@ -282,6 +282,10 @@ impl MemoryStore {
 }
 
 impl Store for MemoryStore {
+    fn sweep(&self, now: Timestamp) -> usize {
+        self.purge_expired(now)
+    }
+
     fn apply(
         &self,
         ops: &[Op<'_>],

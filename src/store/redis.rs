@@ -50,6 +50,12 @@ impl RedisStore {
         Ok(store)
     }
 
+    /// Uses `timeout` for every call from now on.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
     async fn call<T: redis::FromRedisValue>(
         &self,
         f: impl Future<Output = redis::RedisResult<T>>,

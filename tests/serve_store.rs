@@ -1,0 +1,139 @@
+//! `tollgate serve` and its store: two servers share counters through one real Redis; in
+//! `prod` an unreachable Redis stops the start with a message naming the URL; in `dev` it
+//! falls back to memory with a warning.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::json;
+use support::send;
+
+const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+fn tollgate(env: &[(&str, &str)]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+    c.arg("serve")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.stdout(Stdio::null()).stderr(Stdio::piped());
+    c
+}
+
+/// A running `tollgate serve`, killed on drop.
+struct Serving {
+    addr: SocketAddr,
+    child: Option<Child>,
+}
+
+impl Serving {
+    fn start(env: &[(&str, &str)]) -> Serving {
+        let addr: SocketAddr = format!("127.0.0.1:{}", support::free_port())
+            .parse()
+            .unwrap();
+        let listen = addr.to_string();
+        let mut all = env.to_vec();
+        all.push(("TOLLGATE_LISTEN", &listen));
+        let mut child = tollgate(&all).spawn().expect("tollgate starts");
+        // Up to 20 s to listen (a start-up wait, not a timing test).
+        for _ in 0..1000 {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("tollgate exited with {status}");
+            }
+            if std::net::TcpStream::connect(addr).is_ok() {
+                return Serving {
+                    addr,
+                    child: Some(child),
+                };
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("tollgate did not listen on {addr}");
+    }
+}
+
+impl Serving {
+    /// Stops the server and returns what it logged.
+    fn stop(mut self) -> String {
+        let mut child = self.child.take().unwrap();
+        let _ = child.kill();
+        let output = child.wait_with_output().unwrap();
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn login(server: &Serving) -> bool {
+    let body = json!({ "method": "POST", "path": "/auth/login", "client_ip": "198.51.100.20" });
+    let reply = send(
+        server.addr,
+        "POST",
+        "/v1/check",
+        &[],
+        body.to_string().as_bytes(),
+    );
+    reply.json()["allowed"].as_bool().unwrap()
+}
+
+#[test]
+fn two_servers_share_their_counters_through_redis() {
+    let Some(redis) = support::redis::Redis::start() else {
+        return;
+    };
+    let url = redis.url();
+    let env = [
+        ("TOLLGATE_REDIS_URL", url.as_str()),
+        ("TOLLGATE_KEY_SECRET", SECRET),
+    ];
+    let a = Serving::start(&env);
+    let b = Serving::start(&env);
+    // The shipped `login` limit: 5 per minute per /24, whichever node is asked.
+    for server in [&a, &b, &a, &b, &a] {
+        assert!(login(server));
+    }
+    assert!(!login(&b), "the sixth login, on either node, is refused");
+    assert!(!login(&a));
+    assert_eq!(send(a.addr, "GET", "/readyz", &[], b"").status, 200);
+}
+
+#[test]
+fn prod_refuses_to_start_without_its_redis() {
+    let url = format!("redis://127.0.0.1:{}", support::free_port());
+    let listen = format!("127.0.0.1:{}", support::free_port());
+    let output = tollgate(&[
+        ("TOLLGATE_ENV", "prod"),
+        ("TOLLGATE_REDIS_URL", &url),
+        ("TOLLGATE_KEY_SECRET", SECRET),
+        ("TOLLGATE_LISTEN", &listen),
+    ])
+    .output()
+    .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("cannot reach Redis at `{url}`")),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn dev_falls_back_to_memory_with_a_warning() {
+    let url = format!("redis://127.0.0.1:{}", support::free_port());
+    let server = Serving::start(&[("TOLLGATE_REDIS_URL", &url)]);
+    assert!(login(&server), "the server answers, counting in memory");
+    let log = server.stop();
+    assert!(log.contains("COUNTING IN THIS PROCESS'S MEMORY"), "{log}");
+}
