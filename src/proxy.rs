@@ -176,15 +176,26 @@ pub async fn handler<S: Store, C: Clock>(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     request: Request,
 ) -> Response {
-    let mut request = request;
-    let mut ctx = crate::middleware::request_ctx(&mut request, &state.identifier);
-    *request.headers_mut() = ctx.headers.clone();
-    ctx.connection_id = Some(CONNECTIONS.fetch_add(1, Ordering::Relaxed));
     let is_websocket = request
         .headers()
         .get(http::header::UPGRADE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let paced = state
+        .engine
+        .plan()
+        .limits()
+        .iter()
+        .any(|l| l.counts == Counts::Bytes);
+    if !is_websocket && !paced {
+        // Nothing to count past the request itself, which the layer already decided.
+        return state.upstream.forward(peer, request).await;
+    }
+    // The stream's own view of the request, for message and byte limits.
+    let mut request = request;
+    let mut ctx = crate::middleware::request_ctx(&mut request, &state.identifier);
+    *request.headers_mut() = ctx.headers.clone();
+    ctx.connection_id = Some(CONNECTIONS.fetch_add(1, Ordering::Relaxed));
     if is_websocket {
         return websocket(state, ctx, request).await;
     }

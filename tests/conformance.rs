@@ -61,15 +61,20 @@ async fn apply<S: Store>(store: &S, ops: &[Op<'_>], now: u64) -> BatchResult {
         .expect("the store answers")
 }
 
-#[tokio::test]
-async fn every_algorithm_decides_alike_in_memory_and_in_redis() {
-    let Some(server) = support::redis::Redis::start() else {
-        return;
-    };
+/// A real Redis (kept running while held), a store on it, and a memory store.
+async fn stores() -> Option<(support::redis::Redis, RedisStore, MemoryStore)> {
+    let server = support::redis::Redis::start()?;
     let redis = RedisStore::connect(&server.url(), Duration::from_secs(2))
         .await
         .unwrap();
-    let memory = MemoryStore::new();
+    Some((server, redis, MemoryStore::new()))
+}
+
+#[tokio::test]
+async fn every_algorithm_decides_alike_in_memory_and_in_redis() {
+    let Some((_server, redis, memory)) = stores().await else {
+        return;
+    };
     let mut steps = Steps(0x9E37_79B9_7F4A_7C15);
     for (q, quota) in quotas().into_iter().enumerate() {
         let key = format!("conf:{{client}}:q{q}");
@@ -114,13 +119,9 @@ async fn every_algorithm_decides_alike_in_memory_and_in_redis() {
 
 #[tokio::test]
 async fn batches_are_all_or_nothing_and_bans_hold_in_redis_as_in_memory() {
-    let Some(server) = support::redis::Redis::start() else {
+    let Some((_server, redis, memory)) = stores().await else {
         return;
     };
-    let redis = RedisStore::connect(&server.url(), Duration::from_secs(2))
-        .await
-        .unwrap();
-    let memory = MemoryStore::new();
     let small = Quota::FixedWindow(WindowQuota {
         limit: nz(1),
         window: nz(60_000_000),
