@@ -34,6 +34,16 @@ pub enum LogFormat {
     Json,
 }
 
+/// Whose clock the Redis store counts with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum StoreClock {
+    /// This node's clock (deterministic, and what the memory store uses).
+    #[default]
+    Local,
+    /// Redis's `TIME`: nodes whose clocks drift still agree.
+    Redis,
+}
+
 /// Every setting, validated. See `docs/configuration.md`.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -47,6 +57,17 @@ pub struct Settings {
     pub redis_url: Option<String>,
     /// Per-call store timeout, in milliseconds.
     pub store_timeout_ms: u64,
+    /// Whose clock the Redis store counts with: this node's, or Redis's (`TIME`).
+    pub store_clock: StoreClock,
+    /// Nodes sharing the quotas: a limit with `on_store_error local` counts `limit / nodes`
+    /// in each node's memory while the store fails.
+    pub expected_nodes: u64,
+    /// Keys whose rejections are remembered locally (0: no deny cache).
+    pub deny_cache_keys: usize,
+    /// Consecutive store failures that open the circuit breaker.
+    pub breaker_failures: u32,
+    /// The longest wait between probes of a failing store, in milliseconds.
+    pub breaker_max_backoff_ms: u64,
     /// Address of the admin listener.
     pub admin_listen: SocketAddr,
     /// Token the admin API requires.
@@ -114,6 +135,11 @@ struct Raw {
     env: Option<String>,
     redis_url: Option<String>,
     store_timeout_ms: Option<u64>,
+    store_clock: Option<String>,
+    expected_nodes: Option<u64>,
+    deny_cache_keys: Option<usize>,
+    breaker_failures: Option<u32>,
+    breaker_max_backoff_ms: Option<u64>,
     admin_listen: Option<String>,
     admin_token: Option<String>,
     trusted_proxies: Option<StringList>,
@@ -139,6 +165,11 @@ const KEYS: &[&str] = &[
     "env",
     "redis_url",
     "store_timeout_ms",
+    "store_clock",
+    "expected_nodes",
+    "deny_cache_keys",
+    "breaker_failures",
+    "breaker_max_backoff_ms",
     "admin_listen",
     "admin_token",
     "trusted_proxies",
@@ -158,7 +189,14 @@ const KEYS: &[&str] = &[
 ];
 
 /// Settings whose values are numbers.
-const NUMERIC: &[&str] = &["store_timeout_ms", "max_body_bytes"];
+const NUMERIC: &[&str] = &[
+    "store_timeout_ms",
+    "expected_nodes",
+    "deny_cache_keys",
+    "breaker_failures",
+    "breaker_max_backoff_ms",
+    "max_body_bytes",
+];
 
 /// A list given either as a list or as one comma-separated string (as variables are).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -330,6 +368,11 @@ impl Settings {
         let env = field!("env", String);
         let redis_url = field!("redis_url", String);
         let store_timeout_ms = field!("store_timeout_ms", u64);
+        let store_clock = field!("store_clock", String);
+        let expected_nodes = field!("expected_nodes", u64);
+        let deny_cache_keys = field!("deny_cache_keys", usize);
+        let breaker_failures = field!("breaker_failures", u32);
+        let breaker_max_backoff_ms = field!("breaker_max_backoff_ms", u64);
         let admin_listen = field!("admin_listen", String);
         let admin_token = field!("admin_token", String);
         let trusted_proxies = field!("trusted_proxies", StringList);
@@ -392,6 +435,41 @@ impl Settings {
             problem(
                 "store_timeout_ms",
                 format!("{store_timeout_ms} is not between 1 and 10000"),
+            );
+        }
+
+        let store_clock = match store_clock
+            .as_deref()
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
+            None | Some("local") => StoreClock::Local,
+            Some("redis") => StoreClock::Redis,
+            Some(other) => {
+                problem(
+                    "store_clock",
+                    format!("`{other}` is not `local` or `redis`"),
+                );
+                StoreClock::Local
+            }
+        };
+        let expected_nodes = expected_nodes.unwrap_or(1);
+        if !(1..=10_000).contains(&expected_nodes) {
+            problem(
+                "expected_nodes",
+                format!("{expected_nodes} is not between 1 and 10000"),
+            );
+        }
+        let deny_cache_keys = deny_cache_keys.unwrap_or(100_000);
+        let breaker_failures = breaker_failures.unwrap_or(3);
+        if breaker_failures == 0 {
+            problem("breaker_failures", "must be at least 1".to_owned());
+        }
+        let breaker_max_backoff_ms = breaker_max_backoff_ms.unwrap_or(1_000);
+        if !(1..=600_000).contains(&breaker_max_backoff_ms) {
+            problem(
+                "breaker_max_backoff_ms",
+                format!("{breaker_max_backoff_ms} is not between 1 and 600000"),
             );
         }
 
@@ -499,6 +577,11 @@ impl Settings {
             env,
             redis_url,
             store_timeout_ms,
+            store_clock,
+            expected_nodes,
+            deny_cache_keys,
+            breaker_failures,
+            breaker_max_backoff_ms,
             admin_listen,
             admin_token,
             trusted_proxies: proxies,

@@ -4,6 +4,7 @@
 //! then tiers and keys, then one atomic [`Store::apply`] for every limit that applies, then
 //! soft thresholds, shadow mode and priorities decide what the client sees.
 
+use std::num::NonZeroU64;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -161,6 +162,7 @@ pub struct Engine<S, C = SystemClock> {
     clock: C,
     hasher: KeyHasher,
     local: MemoryStore,
+    local_nodes: NonZeroU64,
     lease_base: u64,
     lease_counter: AtomicU64,
 }
@@ -193,6 +195,7 @@ impl<S: Store, C: Clock> Engine<S, C> {
             clock,
             hasher: KeyHasher::random(),
             local: MemoryStore::with_max_keys(100_000),
+            local_nodes: NonZeroU64::MIN,
             lease_base: rand::random::<u64>() & !0xFFFF_FFFF,
             lease_counter: AtomicU64::new(0),
         }
@@ -201,6 +204,14 @@ impl<S: Store, C: Clock> Engine<S, C> {
     /// Uses `hasher` for secrets in keys.
     pub fn with_key_hasher(mut self, hasher: KeyHasher) -> Self {
         self.hasher = hasher;
+        self
+    }
+
+    /// How many nodes share the quotas when the store fails: a limit with
+    /// `on_store_error local` then counts in this node's memory against its share of the
+    /// quota, `limit / nodes` (see [`Quota::share`]). One by default.
+    pub fn with_local_share(mut self, nodes: NonZeroU64) -> Self {
+        self.local_nodes = nodes;
         self
     }
 
@@ -425,7 +436,10 @@ impl<S: Store, C: Clock> Engine<S, C> {
                                 }
                                 reports[p.slot].counted = Counted::Skipped;
                             }
-                            StoreErrorMode::Local => local.push(*p),
+                            StoreErrorMode::Local => local.push(Pending {
+                                quota: p.quota.share(self.local_nodes),
+                                ..*p
+                            }),
                         }
                     }
                     if unavailable.is_none() && !local.is_empty() {

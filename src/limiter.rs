@@ -89,6 +89,45 @@ impl Quota {
             Quota::Calendar { limit, period } => (limit.get(), period.nominal_secs()),
         }
     }
+
+    /// One node's share of the quota when `nodes` nodes count alone (the `local` store-error
+    /// mode): amounts divided by `nodes`, rounded down but at least 1, and rates divided by
+    /// `nodes`. Rounding down means the nodes together never admit more than the quota,
+    /// unless it is smaller than the number of nodes.
+    pub fn share(self, nodes: NonZeroU64) -> Quota {
+        let n = nodes.get();
+        if n == 1 {
+            return self;
+        }
+        let part = |v: NonZeroU64| NonZeroU64::new(v.get() / n).unwrap_or(NonZeroU64::MIN);
+        match self {
+            Quota::FixedWindow(q) => Quota::FixedWindow(WindowQuota {
+                limit: part(q.limit),
+                ..q
+            }),
+            Quota::SlidingWindow(q) => Quota::SlidingWindow(WindowQuota {
+                limit: part(q.limit),
+                ..q
+            }),
+            Quota::TokenBucket(q) | Quota::Gcra(q) => {
+                let period = q.period.saturating_mul(nodes);
+                let shared = BucketQuota::new(part(q.capacity), q.count, period);
+                if matches!(self, Quota::Gcra(_)) {
+                    Quota::Gcra(shared)
+                } else {
+                    Quota::TokenBucket(shared)
+                }
+            }
+            Quota::Concurrency(q) => Quota::Concurrency(ConcurrencyQuota {
+                max: part(q.max),
+                ..q
+            }),
+            Quota::Calendar { limit, period } => Quota::Calendar {
+                limit: part(limit),
+                period,
+            },
+        }
+    }
 }
 
 /// One key's stored state; which variant depends on the algorithm.

@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,7 +23,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use serde::{Deserialize, Serialize};
 
 use crate::clock::{Clock, SystemClock};
-use crate::config::{Environment, Settings};
+use crate::config::{Environment, Settings, StoreClock};
 use crate::diagnostic::PolicyErrors;
 use crate::engine::{Action, Engine, Lease, Verdict};
 use crate::identity::{Identifier, JwtKeyError};
@@ -31,7 +32,7 @@ use crate::plan::KeyHasher;
 use crate::proxy::Upstream;
 use crate::request::RequestCtx;
 use crate::response::{self, Problem, X_REQUEST_ID};
-use crate::store::redis::RedisStore;
+use crate::store::redis::{BreakerSettings, RedisOptions, RedisStore};
 use crate::store::{AnyStore, MemoryStore, Store};
 use crate::{PolicySet, compile};
 
@@ -128,13 +129,11 @@ pub async fn build(settings: &Settings) -> Result<Arc<AppState<AnyStore>>, Serve
     let store = match &settings.redis_url {
         None => AnyStore::Memory(MemoryStore::new()),
         Some(url) => {
-            let timeout = Duration::from_millis(settings.store_timeout_ms);
-            // Connecting may take longer than one call: give it a second at least.
-            let connect = timeout.max(Duration::from_secs(1));
-            match RedisStore::connect(url, connect).await {
+            let options = redis_options(settings);
+            match RedisStore::connect_with(url, options).await {
                 Ok(store) => {
-                    tracing::info!(url = %redact(url), "counting in Redis");
-                    AnyStore::Redis(store.with_timeout(timeout))
+                    tracing::info!(url = %redact(url), cluster = store.is_cluster(), "counting in Redis");
+                    AnyStore::Redis(Box::new(store))
                 }
                 Err(e) if settings.env == Environment::Prod => {
                     return Err(ServeError::Store(format!(
@@ -167,7 +166,12 @@ pub async fn build(settings: &Settings) -> Result<Arc<AppState<AnyStore>>, Serve
         policies = %settings.policies.display(),
         "policies loaded"
     );
-    let engine = Arc::new(Engine::new(plan, store).with_key_hasher(hasher));
+    let nodes = NonZeroU64::new(settings.expected_nodes).unwrap_or(NonZeroU64::MIN);
+    let engine = Arc::new(
+        Engine::new(plan, store)
+            .with_key_hasher(hasher)
+            .with_local_share(nodes),
+    );
     Ok(Arc::new(AppState {
         engine,
         options: HttpOptions {
@@ -180,6 +184,24 @@ pub async fn build(settings: &Settings) -> Result<Arc<AppState<AnyStore>>, Serve
         max_body_bytes: settings.max_body_bytes,
         upstream: settings.upstream.clone().map(Upstream::new),
     }))
+}
+
+/// The Redis store's options from the settings.
+pub fn redis_options(settings: &Settings) -> RedisOptions {
+    let timeout = Duration::from_millis(settings.store_timeout_ms);
+    let max_backoff = Duration::from_millis(settings.breaker_max_backoff_ms);
+    RedisOptions {
+        timeout,
+        // Connecting may take longer than one call: give it a second at least.
+        connect_timeout: timeout.max(Duration::from_secs(1)),
+        server_time: settings.store_clock == StoreClock::Redis,
+        breaker: BreakerSettings {
+            failures: settings.breaker_failures,
+            min_backoff: max_backoff.min(Duration::from_millis(100)),
+            max_backoff,
+        },
+        deny_cache: (settings.deny_cache_keys > 0).then_some(settings.deny_cache_keys),
+    }
 }
 
 /// Runs the server on `listener` until `shutdown` completes.

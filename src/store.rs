@@ -4,6 +4,7 @@
 //! operation is decided, and unless an enforcing one rejects, all of them are consumed;
 //! otherwise none is. The design lets a networked store do the whole batch in one round trip.
 
+pub mod deny;
 pub mod memory;
 pub mod redis;
 
@@ -11,7 +12,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use crate::clock::Timestamp;
-use crate::limiter::{Decision, LeaseId, Quota};
+use crate::limiter::{Decision, LeaseId, Quota, State};
 
 pub use memory::MemoryStore;
 
@@ -63,6 +64,67 @@ pub enum StoreError {
     Backend(String),
 }
 
+/// A key's stored state, for operators.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyState {
+    /// The algorithm's state (`None`: nothing counted, or expired).
+    pub state: Option<State>,
+    /// Refused until then, when banned.
+    pub banned_until: Option<Timestamp>,
+}
+
+/// Which keys an admin operation is about. Keys are `{namespace}:{client}:{limit}`, with the
+/// client in braces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeySelector<'a> {
+    /// One client in one limit: the full key.
+    Key(&'a str),
+    /// One client in every limit of every namespace: the client part, without braces.
+    Client(&'a str),
+    /// Every key of a namespace.
+    Namespace(&'a str),
+    /// Every client of a limit.
+    Limit(&'a str),
+}
+
+impl KeySelector<'_> {
+    /// Whether state key `key` (or its ban key) is selected.
+    pub fn matches(&self, key: &str) -> bool {
+        let key = key.strip_suffix(":ban").unwrap_or(key);
+        let (Some(open), Some(close)) = (key.find(":{"), key.rfind("}:")) else {
+            return false;
+        };
+        match *self {
+            KeySelector::Key(k) => key == k,
+            KeySelector::Client(c) => close > open && &key[open + 2..close] == c,
+            KeySelector::Namespace(ns) => &key[..open] == ns,
+            KeySelector::Limit(l) => &key[close + 2..] == l,
+        }
+    }
+
+    /// The `SCAN MATCH` pattern for the state and ban keys selected (a superset: check
+    /// each with [`KeySelector::matches`]).
+    pub fn pattern(&self) -> String {
+        match *self {
+            KeySelector::Key(k) => format!("{}*", glob_escape(k)),
+            KeySelector::Client(c) => format!("*:{{{}}}:*", glob_escape(c)),
+            KeySelector::Namespace(ns) => format!("{}:{{*", glob_escape(ns)),
+            KeySelector::Limit(l) => format!("*}}:{}*", glob_escape(l)),
+        }
+    }
+}
+
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// Where counters live.
 pub trait Store: Send + Sync + 'static {
     /// Decides and, when admitted, consumes every operation of one request, atomically.
@@ -91,6 +153,26 @@ pub trait Store: Send + Sync + 'static {
         lease: LeaseId,
         now: Timestamp,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The state of one key at `now`, without touching it.
+    fn inspect(
+        &self,
+        key: &str,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<KeyState, StoreError>> + Send;
+
+    /// Forgets the selected keys (counters and bans); returns how many keys were removed.
+    fn reset(
+        &self,
+        selector: KeySelector<'_>,
+    ) -> impl Future<Output = Result<usize, StoreError>> + Send;
+
+    /// Counts the selected state keys that are live at `now` (ban keys are not counted).
+    fn count(
+        &self,
+        selector: KeySelector<'_>,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<usize, StoreError>> + Send;
 }
 
 /// The store `tollgate serve` chose at start-up.
@@ -98,8 +180,8 @@ pub trait Store: Send + Sync + 'static {
 pub enum AnyStore {
     /// This process's memory (development).
     Memory(MemoryStore),
-    /// A Redis server shared by every node.
-    Redis(redis::RedisStore),
+    /// A Redis server or Cluster shared by every node.
+    Redis(Box<redis::RedisStore>),
 }
 
 impl Store for AnyStore {
@@ -129,5 +211,47 @@ impl Store for AnyStore {
             AnyStore::Memory(m) => m.release(key, lease, now).await,
             AnyStore::Redis(r) => r.release(key, lease, now).await,
         }
+    }
+
+    async fn inspect(&self, key: &str, now: Timestamp) -> Result<KeyState, StoreError> {
+        match self {
+            AnyStore::Memory(m) => m.inspect(key, now).await,
+            AnyStore::Redis(r) => r.inspect(key, now).await,
+        }
+    }
+
+    async fn reset(&self, selector: KeySelector<'_>) -> Result<usize, StoreError> {
+        match self {
+            AnyStore::Memory(m) => m.reset(selector).await,
+            AnyStore::Redis(r) => r.reset(selector).await,
+        }
+    }
+
+    async fn count(&self, selector: KeySelector<'_>, now: Timestamp) -> Result<usize, StoreError> {
+        match self {
+            AnyStore::Memory(m) => m.count(selector, now).await,
+            AnyStore::Redis(r) => r.count(selector, now).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::KeySelector;
+
+    #[test]
+    fn selectors_match_the_parts_of_a_key() {
+        let key = "api:{ip:10.0.0.0/24}:login";
+        assert!(KeySelector::Key(key).matches(key));
+        assert!(KeySelector::Key(key).matches("api:{ip:10.0.0.0/24}:login:ban"));
+        assert!(KeySelector::Client("ip:10.0.0.0/24").matches(key));
+        assert!(!KeySelector::Client("ip:10.0.0.0").matches(key));
+        assert!(KeySelector::Namespace("api").matches(key));
+        assert!(!KeySelector::Namespace("ap").matches(key));
+        assert!(KeySelector::Limit("login").matches(key));
+        assert!(!KeySelector::Limit("log").matches(key));
+        assert!(!KeySelector::Limit("login").matches("unrelated"));
+        assert_eq!(KeySelector::Client("a*b").pattern(), "*:{a\\*b}:*");
+        assert_eq!(KeySelector::Namespace("api").pattern(), "api:{*");
     }
 }

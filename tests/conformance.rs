@@ -1,5 +1,7 @@
-//! The memory store and the Redis store (a real `redis-server`) decide alike, step by step,
-//! for every algorithm: the same requests at the same times give the same decisions.
+//! The memory store and the Redis store — on a real `redis-server`, and on a real 3-master
+//! Redis Cluster — decide alike, step by step, for every algorithm: the same requests at the
+//! same times give the same decisions. The Redis store's deny cache is off here (it answers
+//! rejections without asking, see tests/redis_store.rs); this is about the scripts.
 
 mod support;
 
@@ -10,8 +12,8 @@ use tollgate::Timestamp;
 use tollgate::limiter::{
     BucketQuota, CalendarPeriod, ConcurrencyQuota, LeaseId, Quota, WindowQuota,
 };
-use tollgate::store::redis::RedisStore;
-use tollgate::store::{BatchResult, MemoryStore, Op, Store};
+use tollgate::store::redis::{RedisOptions, RedisStore};
+use tollgate::store::{BatchResult, KeySelector, MemoryStore, Op, Store};
 
 const T0: u64 = 1_700_006_400_000_000;
 
@@ -61,20 +63,51 @@ async fn apply<S: Store>(store: &S, ops: &[Op<'_>], now: u64) -> BatchResult {
         .expect("the store answers")
 }
 
-/// A real Redis (kept running while held), a store on it, and a memory store.
-async fn stores() -> Option<(support::redis::Redis, RedisStore, MemoryStore)> {
-    let server = support::redis::Redis::start()?;
-    let redis = RedisStore::connect(&server.url(), Duration::from_secs(2))
+/// A Redis store on `url` that asks Redis every time.
+async fn store(url: &str) -> RedisStore {
+    let options = RedisOptions {
+        timeout: Duration::from_secs(2),
+        connect_timeout: Duration::from_secs(5),
+        deny_cache: None,
+        ..RedisOptions::default()
+    };
+    RedisStore::connect_with(url, options)
         .await
-        .unwrap();
-    Some((server, redis, MemoryStore::new()))
+        .expect("the store connects")
 }
 
 #[tokio::test]
-async fn every_algorithm_decides_alike_in_memory_and_in_redis() {
-    let Some((_server, redis, memory)) = stores().await else {
+async fn one_server_agrees_with_memory() {
+    let Some(server) = support::redis::Redis::start() else {
         return;
     };
+    let redis = store(&server.url()).await;
+    every_algorithm(&redis).await;
+    batches_and_bans(&redis, "b:{c}:large").await;
+}
+
+#[tokio::test]
+async fn a_cluster_agrees_with_memory() {
+    let Some(cluster) = support::redis::Cluster::start(3, 0) else {
+        return;
+    };
+    let redis = store(&cluster.url()).await;
+    assert!(redis.is_cluster());
+    every_algorithm(&redis).await;
+    // The same client's keys share a slot: one call.
+    batches_and_bans(&redis, "b:{c}:large").await;
+    // A limit of another client (a global one) lives in another slot, on another master:
+    // still all-or-nothing, with what the admitted slot consumed given back.
+    assert_ne!(
+        cluster.master_of("b:{c}:small"),
+        cluster.master_of("b:{all}:large"),
+        "the test needs the two keys on two masters"
+    );
+    batches_and_bans(&redis, "b:{all}:large").await;
+}
+
+async fn every_algorithm(redis: &RedisStore) {
+    let memory = MemoryStore::new();
     let mut steps = Steps(0x9E37_79B9_7F4A_7C15);
     for (q, quota) in quotas().into_iter().enumerate() {
         let key = format!("conf:{{client}}:q{q}");
@@ -95,7 +128,7 @@ async fn every_algorithm_decides_alike_in_memory_and_in_redis() {
                 lease: LeaseId(i),
             };
             let m = apply(&memory, &[op], now).await;
-            let r = apply(&redis, &[op], now).await;
+            let r = apply(redis, &[op], now).await;
             assert_eq!(
                 m,
                 r,
@@ -117,11 +150,10 @@ async fn every_algorithm_decides_alike_in_memory_and_in_redis() {
     }
 }
 
-#[tokio::test]
-async fn batches_are_all_or_nothing_and_bans_hold_in_redis_as_in_memory() {
-    let Some((_server, redis, memory)) = stores().await else {
-        return;
-    };
+/// Batches are all-or-nothing and bans hold, in Redis as in memory; `large` is the key of the
+/// batch's second limit.
+async fn batches_and_bans(redis: &RedisStore, large_key: &str) {
+    let memory = MemoryStore::new();
     let small = Quota::FixedWindow(WindowQuota {
         limit: nz(1),
         window: nz(60_000_000),
@@ -141,7 +173,7 @@ async fn batches_are_all_or_nothing_and_bans_hold_in_redis_as_in_memory() {
                 lease: LeaseId(1),
             },
             Op {
-                key: "b:{c}:large",
+                key: large_key,
                 quota: large,
                 cost: 1,
                 enforce: true,
@@ -162,11 +194,15 @@ async fn batches_are_all_or_nothing_and_bans_hold_in_redis_as_in_memory() {
     for (i, at) in [0u64, 1, 2, 200, 301, 302].into_iter().enumerate() {
         let now = T0 + at * 1_000_000;
         let m = apply(&memory, &ops(ban), now).await;
-        let r = apply(&redis, &ops(ban), now).await;
+        let r = apply(redis, &ops(ban), now).await;
         assert_eq!(m, r, "step {i} at +{at}s");
     }
     // The rejected batches consumed nothing from `large`: of the six, only those at +0 s and
     // +301 s were admitted, and only the second is in the current window.
-    let r = apply(&redis, &ops(None)[1..2], T0 + 303_000_000).await;
+    let r = apply(redis, &ops(None)[1..2], T0 + 303_000_000).await;
     assert_eq!(r.results[0].decision.remaining, 100 - 2);
+    redis
+        .reset(KeySelector::Namespace("b"))
+        .await
+        .expect("the namespace resets");
 }

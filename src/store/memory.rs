@@ -13,7 +13,7 @@ use foldhash::fast::RandomState;
 use parking_lot::{Mutex, MutexGuard};
 use smallvec::SmallVec;
 
-use super::{BatchResult, Op, OpResult, Store, StoreError};
+use super::{BatchResult, KeySelector, KeyState, Op, OpResult, Store, StoreError};
 use crate::clock::Timestamp;
 use crate::limiter::{self, Decision, LeaseId, State, concurrency, us};
 
@@ -104,25 +104,55 @@ impl MemoryStore {
             .sum()
     }
 
-    /// Forgets every key that starts with `prefix`; returns how many.
-    pub fn reset_prefix(&self, prefix: &str) -> usize {
-        let mut removed = 0;
-        for shard in self.shards.iter() {
-            let mut map = shard.lock();
-            let before = map.len();
-            map.retain(|k, _| !k.starts_with(prefix));
-            removed += before - map.len();
-        }
-        self.len.fetch_sub(removed, Ordering::Relaxed);
-        removed
-    }
-
     /// The live state of `key`, without touching it.
     pub fn peek(&self, key: &str, now: Timestamp) -> Option<State> {
         let map = self.shards[self.shard_of(key)].lock();
         map.get(key)
             .filter(|e| e.live_until() > now.as_micros())
             .and_then(|e| e.state.clone())
+    }
+
+    /// The state and ban of `key` at `now`.
+    pub fn inspect_now(&self, key: &str, now: Timestamp) -> KeyState {
+        let t = now.as_micros();
+        let map = self.shards[self.shard_of(key)].lock();
+        let entry = map.get(key);
+        KeyState {
+            state: entry
+                .filter(|e| e.expires_at > t)
+                .and_then(|e| e.state.clone()),
+            banned_until: entry
+                .filter(|e| e.banned_until > t)
+                .map(|e| Timestamp::from_micros(e.banned_until)),
+        }
+    }
+
+    /// Forgets the selected keys; returns how many.
+    pub fn reset_selected(&self, selector: KeySelector<'_>) -> usize {
+        let mut removed = 0;
+        for shard in self.shards.iter() {
+            let mut map = shard.lock();
+            let before = map.len();
+            map.retain(|k, _| !selector.matches(k));
+            removed += before - map.len();
+        }
+        self.len.fetch_sub(removed, Ordering::Relaxed);
+        removed
+    }
+
+    /// Counts the selected keys whose state is live at `now`.
+    pub fn count_selected(&self, selector: KeySelector<'_>, now: Timestamp) -> usize {
+        let t = now.as_micros();
+        self.shards
+            .iter()
+            .map(|shard| {
+                shard
+                    .lock()
+                    .iter()
+                    .filter(|(k, e)| e.state.is_some() && e.expires_at > t && selector.matches(k))
+                    .count()
+            })
+            .sum()
     }
 
     fn shard_of(&self, key: &str) -> usize {
@@ -302,5 +332,28 @@ impl Store for MemoryStore {
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
         self.release_now(key, lease, now);
         std::future::ready(Ok(()))
+    }
+
+    fn inspect(
+        &self,
+        key: &str,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<KeyState, StoreError>> + Send {
+        std::future::ready(Ok(self.inspect_now(key, now)))
+    }
+
+    fn reset(
+        &self,
+        selector: KeySelector<'_>,
+    ) -> impl Future<Output = Result<usize, StoreError>> + Send {
+        std::future::ready(Ok(self.reset_selected(selector)))
+    }
+
+    fn count(
+        &self,
+        selector: KeySelector<'_>,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<usize, StoreError>> + Send {
+        std::future::ready(Ok(self.count_selected(selector, now)))
     }
 }

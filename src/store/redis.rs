@@ -1,69 +1,548 @@
 //! The Redis store: one `EVALSHA` per request runs `redis/batch.lua`, which decides every
 //! operation with the memory store's arithmetic and consumes all of them or none.
 //!
-//! `now` comes from the engine's clock, so that tests are deterministic. Every call has a
-//! timeout; a failure is a [`StoreError`] and each limit's `on_store_error` decides.
+//! - `now` comes from the engine's clock, so that tests are deterministic; with
+//!   [`RedisOptions::server_time`] the script reads Redis's `TIME` instead, for nodes whose
+//!   clocks must not matter.
+//! - One server (`redis://`, a [`ConnectionManager`]: multiplexed, reconnects after errors) or
+//!   a Cluster (`redis+cluster://host:port,host:port`, the `redis` crate's cluster client:
+//!   MOVED/ASK followed, writes to masters only). In a Cluster a request's keys are grouped by
+//!   slot — a client's keys share one through the `{client}` hash tag, a global limit has its
+//!   own — and the groups go out at once; when one group rejects, what the others consumed is
+//!   given back (`redis/undo.lua`), so a request is still all-or-nothing.
+//! - Every call has a timeout; failures feed a circuit breaker (one per server, or per 64
+//!   Cluster slots) that stops calling after repeated failures and probes again with
+//!   back-off. A failure is a [`StoreError`]; each limit's `on_store_error` decides.
+//! - Rejections with a known end are remembered in a local [`DenyCache`], so that a flood is
+//!   answered without a round trip.
 
-use std::future::Future;
+mod breaker;
+
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::{Cmd, Pipeline, RedisFuture, Script, Value};
+use smallvec::SmallVec;
 
-use super::{BatchResult, Op, OpResult, Store, StoreError};
+pub use breaker::BreakerSettings;
+use breaker::{Breaker, Permit};
+
+use super::deny::{Denied, DenyCache};
+use super::{BatchResult, KeySelector, KeyState, Op, OpResult, Store, StoreError};
 use crate::clock::Timestamp;
-use crate::limiter::{Decision, LeaseId, Quota};
+use crate::limiter::{
+    ConcurrencyState, Decision, GcraState, LeaseId, Quota, SlidingState, State, TokenBucketState,
+    WindowState, us,
+};
 
 const BATCH: &str = include_str!("redis/batch.lua");
+const UNDO: &str = include_str!("redis/undo.lua");
+const CLUSTER_SLOTS: usize = 16_384;
+/// Cluster slots per circuit breaker: masters own ranges of slots, so a failing master trips
+/// the breakers of its ranges and leaves the others closed.
+const SLOTS_PER_BREAKER: usize = 64;
 
-/// A [`Store`] on one Redis server.
+/// How the store talks to Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisOptions {
+    /// The most one call may take before it counts as failed (default 50 ms).
+    pub timeout: Duration,
+    /// The most connecting may take (default 1 s).
+    pub connect_timeout: Duration,
+    /// Read the time from Redis (`TIME`) instead of the engine's clock, so that nodes with
+    /// skewed clocks agree. Calendar quotas still take their period from the engine's clock.
+    pub server_time: bool,
+    /// When to stop calling a failing Redis, and how to probe it again.
+    pub breaker: BreakerSettings,
+    /// Remember rejections locally until they end, for up to this many keys (`None`: off).
+    pub deny_cache: Option<usize>,
+}
+
+impl Default for RedisOptions {
+    fn default() -> Self {
+        RedisOptions {
+            timeout: Duration::from_millis(50),
+            connect_timeout: Duration::from_secs(1),
+            server_time: false,
+            breaker: BreakerSettings::default(),
+            deny_cache: Some(100_000),
+        }
+    }
+}
+
+/// One server or a Cluster, behind one connection interface.
 #[derive(Clone)]
+enum Connection {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Connection::Single(c) => c.req_packed_command(cmd),
+            Connection::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Connection::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Connection::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Connection::Single(c) => c.get_db(),
+            Connection::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Where a URL points: one server, or a Cluster's seed nodes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Target {
+    Single(String),
+    Cluster(Vec<String>),
+}
+
+/// `redis://…` and `rediss://…` name one server; `redis+cluster://[auth@]h1:p1,h2:p2` (or
+/// `rediss+cluster://`) a Cluster, by any of its nodes.
+fn target(url: &str) -> Result<Target, StoreError> {
+    for (scheme, base) in [
+        ("redis+cluster://", "redis://"),
+        ("rediss+cluster://", "rediss://"),
+    ] {
+        let Some(rest) = url.strip_prefix(scheme) else {
+            continue;
+        };
+        let (auth, hosts) = match rest.rfind('@') {
+            Some(at) => (&rest[..=at], &rest[at + 1..]),
+            None => ("", rest),
+        };
+        let seeds: Vec<String> = hosts
+            .trim_end_matches('/')
+            .split(',')
+            .map(str::trim)
+            .filter(|h| !h.is_empty())
+            .map(|h| format!("{base}{auth}{h}"))
+            .collect();
+        if seeds.is_empty() {
+            return Err(StoreError::Backend(format!(
+                "`{scheme}` needs at least one host:port"
+            )));
+        }
+        return Ok(Target::Cluster(seeds));
+    }
+    Ok(Target::Single(url.to_owned()))
+}
+
+/// A [`Store`] on one Redis server or a Redis Cluster.
 pub struct RedisStore {
-    connection: MultiplexedConnection,
-    script: redis::Script,
-    timeout: Duration,
+    connection: Connection,
+    batch: Script,
+    undo: Script,
+    options: RedisOptions,
+    breakers: Box<[Breaker]>,
+    deny: Option<DenyCache>,
+    round_trips: AtomicU64,
+    cached: AtomicU64,
 }
 
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStore")
-            .field("timeout", &self.timeout)
+            .field("cluster", &self.is_cluster())
+            .field("options", &self.options)
             .finish_non_exhaustive()
     }
 }
 
+fn backend(e: redis::RedisError) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
 impl RedisStore {
-    /// Connects to `url` (`redis://host:port/db`), loads the script, and checks that the
-    /// server answers, all within `timeout`.
+    /// Connects to `url` with the default options, all within `timeout` (which is also the
+    /// per-call timeout).
     pub async fn connect(url: &str, timeout: Duration) -> Result<Self, StoreError> {
-        let client =
-            redis::Client::open(url).map_err(|e| StoreError::Backend(format!("`{url}`: {e}")))?;
-        let connection = tokio::time::timeout(timeout, client.get_multiplexed_async_connection())
+        Self::connect_with(
+            url,
+            RedisOptions {
+                timeout,
+                connect_timeout: timeout,
+                ..RedisOptions::default()
+            },
+        )
+        .await
+    }
+
+    /// Connects to `url` (see the module documentation for its forms), loads the scripts and
+    /// checks that the server answers, all within `options.connect_timeout`.
+    pub async fn connect_with(url: &str, options: RedisOptions) -> Result<Self, StoreError> {
+        let wait = options.connect_timeout;
+        let connecting = async {
+            match target(url)? {
+                Target::Single(url) => {
+                    let client = redis::Client::open(url.as_str()).map_err(backend)?;
+                    // Reconnection is the breaker's job: one attempt per call.
+                    let config = ConnectionManagerConfig::new()
+                        .set_number_of_retries(0)
+                        .set_connection_timeout(Some(wait))
+                        .set_response_timeout(None);
+                    ConnectionManager::new_with_config(client, config)
+                        .await
+                        .map(Connection::Single)
+                        .map_err(backend)
+                }
+                Target::Cluster(seeds) => {
+                    let client = ClusterClientBuilder::new(seeds)
+                        .connection_timeout(wait)
+                        .response_timeout(options.timeout)
+                        .retries(3)
+                        .min_retry_wait(5)
+                        .max_retry_wait(50)
+                        .build()
+                        .map_err(backend)?;
+                    client
+                        .get_async_connection()
+                        .await
+                        .map(Connection::Cluster)
+                        .map_err(backend)
+                }
+            }
+        };
+        let connection = tokio::time::timeout(wait, connecting)
             .await
-            .map_err(|_| StoreError::Timeout(timeout))?
-            .map_err(|e| StoreError::Backend(e.to_string()))?;
+            .map_err(|_| StoreError::Timeout(wait))??;
+        let breakers = match connection {
+            Connection::Single(_) => 1,
+            Connection::Cluster(_) => CLUSTER_SLOTS / SLOTS_PER_BREAKER,
+        };
         let store = RedisStore {
             connection,
-            script: redis::Script::new(BATCH),
-            timeout,
+            batch: Script::new(BATCH),
+            undo: Script::new(UNDO),
+            breakers: (0..breakers)
+                .map(|_| Breaker::new(options.breaker))
+                .collect(),
+            deny: options.deny_cache.map(DenyCache::new),
+            options,
+            round_trips: AtomicU64::new(0),
+            cached: AtomicU64::new(0),
         };
-        store.ping().await?;
+        // Load both scripts (on every master of a Cluster) and check that the store answers.
+        tokio::time::timeout(wait, async {
+            let mut c = store.connection.clone();
+            store.batch.prepare_invoke().load_async(&mut c).await?;
+            store.undo.prepare_invoke().load_async(&mut c).await?;
+            redis::cmd("PING").query_async::<String>(&mut c).await
+        })
+        .await
+        .map_err(|_| StoreError::Timeout(wait))?
+        .map_err(backend)?;
         Ok(store)
     }
 
     /// Uses `timeout` for every call from now on.
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
+        self.options.timeout = timeout;
         self
     }
 
-    async fn call<T: redis::FromRedisValue>(
+    /// Whether this store is on a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.connection, Connection::Cluster(_))
+    }
+
+    /// The options in force.
+    pub fn options(&self) -> &RedisOptions {
+        &self.options
+    }
+
+    /// Batch script calls sent to Redis so far (one per request, one per Cluster slot group).
+    pub fn round_trips(&self) -> u64 {
+        self.round_trips.load(Ordering::Relaxed)
+    }
+
+    /// Requests answered from the local deny cache, without a round trip.
+    pub fn cached_rejections(&self) -> u64 {
+        self.cached.load(Ordering::Relaxed)
+    }
+
+    /// Whether any circuit breaker is open (Redis, or part of the Cluster, is being avoided).
+    pub fn circuit_open(&self) -> bool {
+        self.breakers.iter().any(Breaker::is_open)
+    }
+
+    fn breaker(&self, slot: u16) -> &Breaker {
+        &self.breakers[usize::from(slot) / SLOTS_PER_BREAKER % self.breakers.len()]
+    }
+
+    /// Runs `f` on a connection within the timeout.
+    async fn call<T>(
         &self,
-        f: impl Future<Output = redis::RedisResult<T>>,
+        f: impl AsyncFnOnce(&mut Connection) -> redis::RedisResult<T>,
     ) -> Result<T, StoreError> {
-        tokio::time::timeout(self.timeout, f)
+        let mut connection = self.connection.clone();
+        tokio::time::timeout(self.options.timeout, f(&mut connection))
             .await
-            .map_err(|_| StoreError::Timeout(self.timeout))?
-            .map_err(|e| StoreError::Backend(e.to_string()))
+            .map_err(|_| StoreError::Timeout(self.options.timeout))?
+            .map_err(backend)
+    }
+
+    /// One batch call for the operations `group` of `ops`, through the breaker of `slot`.
+    async fn run_group(
+        &self,
+        ops: &[Op<'_>],
+        group: &[usize],
+        slot: u16,
+        now: Timestamp,
+    ) -> Result<BatchResult, StoreError> {
+        let breaker = self.breaker(slot);
+        let probe = match breaker.permit(now) {
+            Permit::Refuse => {
+                return Err(StoreError::Backend(
+                    "circuit open: the counter store failed repeatedly and is being probed with back-off".to_owned(),
+                ));
+            }
+            Permit::Probe => true,
+            Permit::Call => false,
+        };
+        let mut invocation = self.batch.prepare_invoke();
+        if self.options.server_time {
+            invocation.arg("T");
+        } else {
+            invocation.arg(now.as_micros());
+        }
+        invocation.arg(group.len());
+        for &i in group {
+            let op = &ops[i];
+            invocation.key(op.key).key(format!("{}:ban", op.key));
+            let [algorithm, p1, p2, p3] = params(&op.quota, now);
+            let ban = op
+                .ban
+                .map_or(0, |b| u64::try_from(b.as_micros()).unwrap_or(u64::MAX));
+            invocation
+                .arg(algorithm)
+                .arg(op.cost)
+                .arg(u8::from(op.enforce))
+                .arg(ban)
+                .arg(op.lease.0)
+                .arg(p1)
+                .arg(p2)
+                .arg(p3);
+        }
+        self.round_trips.fetch_add(1, Ordering::Relaxed);
+        let result = self
+            .call(async |c| {
+                let first = invocation.invoke_async::<Vec<i64>>(c).await;
+                match first {
+                    // A probe after a connection loss: the failed call started a reconnect,
+                    // which the second attempt waits for (within the same timeout).
+                    Err(e) if probe && (e.is_io_error() || e.is_unrecoverable_error()) => {
+                        invocation.invoke_async(c).await
+                    }
+                    other => other,
+                }
+            })
+            .await
+            .and_then(|reply| parse(&reply, group.len()));
+        match &result {
+            Ok(_) => breaker.success(probe),
+            Err(_) => breaker.failure(now, probe),
+        }
+        result
+    }
+
+    /// Gives back what `group`'s operations consumed (a later part of the request was
+    /// rejected). Best effort: a failure is logged, and the counts expire with their window.
+    async fn undo_group(&self, ops: &[Op<'_>], group: &[usize], now: Timestamp) {
+        let mut invocation = self.undo.prepare_invoke();
+        if self.options.server_time {
+            invocation.arg("T");
+        } else {
+            invocation.arg(now.as_micros());
+        }
+        invocation.arg(group.len());
+        for &i in group {
+            let op = &ops[i];
+            invocation.key(op.key);
+            let [algorithm, p1, p2, p3] = params(&op.quota, now);
+            invocation
+                .arg(algorithm)
+                .arg(op.cost)
+                .arg(op.lease.0)
+                .arg(p1)
+                .arg(p2)
+                .arg(p3);
+        }
+        if let Err(error) = self
+            .call(async |c| invocation.invoke_async::<i64>(c).await)
+            .await
+        {
+            tracing::warn!(%error, "could not give back a rejected request's counts in another Cluster slot; they expire with their window");
+        }
+    }
+
+    /// A rejection remembered for one of `ops`, as the batch result it stands for.
+    fn cached(&self, ops: &[Op<'_>], now: Timestamp) -> Option<BatchResult> {
+        let deny = self.deny.as_ref()?;
+        let (index, denied) = ops.iter().enumerate().find_map(|(i, op)| {
+            if !op.enforce || matches!(op.quota, Quota::Concurrency(_)) {
+                return None;
+            }
+            deny.get(op.key, op.cost, now).map(|d| (i, d))
+        })?;
+        self.cached.fetch_add(1, Ordering::Relaxed);
+        let wait = us(denied.until.saturating_sub(now.as_micros()));
+        let results = ops
+            .iter()
+            .enumerate()
+            .map(|(i, op)| {
+                if i == index {
+                    OpResult {
+                        decision: Decision {
+                            allowed: false,
+                            limit: denied.limit,
+                            remaining: 0,
+                            reset: wait,
+                            retry_after: Some(wait),
+                        },
+                        banned: denied.banned,
+                    }
+                } else {
+                    // Not asked: reported whole, as a rejected request consumes nothing.
+                    let limit = op.quota.policy().0;
+                    OpResult {
+                        decision: Decision {
+                            allowed: true,
+                            limit,
+                            remaining: limit,
+                            reset: Duration::ZERO,
+                            retry_after: None,
+                        },
+                        banned: false,
+                    }
+                }
+            })
+            .collect();
+        Some(BatchResult {
+            admitted: false,
+            results,
+        })
+    }
+
+    /// Remembers the rejections of `result` that hold until a known time.
+    fn remember(&self, ops: &[Op<'_>], result: &BatchResult, now: Timestamp) {
+        let Some(deny) = &self.deny else {
+            return;
+        };
+        for (op, r) in ops.iter().zip(&result.results) {
+            let d = &r.decision;
+            if d.allowed || !op.enforce || matches!(op.quota, Quota::Concurrency(_)) {
+                continue;
+            }
+            let Some(wait) = d.retry_after.filter(|w| !w.is_zero()) else {
+                continue;
+            };
+            let denied = Denied {
+                until: now.saturating_add(wait).as_micros(),
+                cost: op.cost,
+                limit: d.limit,
+                banned: r.banned,
+            };
+            deny.insert(op.key, denied, now);
+        }
+    }
+
+    fn forget(&self, selector: KeySelector<'_>) {
+        if let Some(deny) = &self.deny {
+            deny.forget_matching(|k| selector.matches(k));
+        }
+    }
+
+    /// The master nodes' addresses (one server: itself).
+    async fn masters(&self) -> Result<Vec<Option<(String, u16)>>, StoreError> {
+        if !self.is_cluster() {
+            return Ok(vec![None]);
+        }
+        let slots: Value = self
+            .call(async |c| redis::cmd("CLUSTER").arg("SLOTS").query_async(c).await)
+            .await?;
+        let mut masters = Vec::new();
+        if let Value::Array(ranges) = slots {
+            for range in ranges {
+                let Value::Array(parts) = range else { continue };
+                let Some(Value::Array(master)) = parts.get(2) else {
+                    continue;
+                };
+                let host = match master.first() {
+                    Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+                    _ => continue,
+                };
+                let Some(Value::Int(port)) = master.get(1) else {
+                    continue;
+                };
+                let Ok(port) = u16::try_from(*port) else {
+                    continue;
+                };
+                let node = Some((host, port));
+                if !masters.contains(&node) {
+                    masters.push(node);
+                }
+            }
+        }
+        Ok(masters)
+    }
+
+    /// Every key on every master that `selector` selects.
+    async fn scan(&self, selector: KeySelector<'_>) -> Result<Vec<String>, StoreError> {
+        let pattern = selector.pattern();
+        let mut found = Vec::new();
+        for node in self.masters().await? {
+            let mut cursor = 0u64;
+            loop {
+                let mut scan = redis::cmd("SCAN");
+                scan.arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(1000);
+                let (next, keys): (u64, Vec<String>) = match (&node, &self.connection) {
+                    (Some((host, port)), Connection::Cluster(c)) => {
+                        let mut c = c.clone();
+                        let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                            host: host.clone(),
+                            port: *port,
+                        });
+                        let value = self
+                            .call(async |_| c.route_command(scan, routing).await)
+                            .await?;
+                        redis::from_redis_value(value).map_err(|e| backend(e.into()))?
+                    }
+                    _ => self.call(async |c| scan.query_async(c).await).await?,
+                };
+                found.extend(keys.into_iter().filter(|k| selector.matches(k)));
+                cursor = next;
+                if cursor == 0 {
+                    break;
+                }
+            }
+        }
+        found.sort_unstable();
+        found.dedup();
+        Ok(found)
     }
 }
 
@@ -82,71 +561,223 @@ fn params(quota: &Quota, now: Timestamp) -> [u64; 4] {
     }
 }
 
+/// The Cluster slot of `key`: CRC16 of its hash tag (or of the whole key), modulo 16384.
+pub fn slot(key: &str) -> u16 {
+    let bytes = key.as_bytes();
+    let tagged = key
+        .find('{')
+        .and_then(|open| {
+            let close = key[open + 1..].find('}')?;
+            Some(&bytes[open + 1..open + 1 + close])
+        })
+        .filter(|tag| !tag.is_empty())
+        .unwrap_or(bytes);
+    crc16::State::<crc16::XMODEM>::calculate(tagged) % CLUSTER_SLOTS as u16
+}
+
 impl Store for RedisStore {
-    fn apply(
+    async fn apply(&self, ops: &[Op<'_>], now: Timestamp) -> Result<BatchResult, StoreError> {
+        if let Some(result) = self.cached(ops, now) {
+            return Ok(result);
+        }
+        let result = if !self.is_cluster() {
+            let all: SmallVec<[usize; 8]> = (0..ops.len()).collect();
+            self.run_group(ops, &all, 0, now).await?
+        } else {
+            self.apply_by_slot(ops, now).await?
+        };
+        self.remember(ops, &result, now);
+        Ok(result)
+    }
+
+    async fn release(&self, key: &str, lease: LeaseId, _now: Timestamp) -> Result<(), StoreError> {
+        let _: i64 = self
+            .call(async |c| {
+                redis::cmd("ZREM")
+                    .arg(key)
+                    .arg(lease.0)
+                    .query_async(c)
+                    .await
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let _: String = self
+            .call(async |c| redis::cmd("PING").query_async(c).await)
+            .await?;
+        Ok(())
+    }
+
+    async fn inspect(&self, key: &str, now: Timestamp) -> Result<KeyState, StoreError> {
+        let ban_key = format!("{key}:ban");
+        let (kind, ban): (String, Option<u64>) = self
+            .call(async |c| {
+                let kind = redis::cmd("TYPE").arg(key).query_async(c).await?;
+                let ban = redis::cmd("GET").arg(&ban_key).query_async(c).await?;
+                Ok((kind, ban))
+            })
+            .await?;
+        let state = match kind.as_str() {
+            "hash" => {
+                let fields: std::collections::HashMap<String, u64> = self
+                    .call(async |c| redis::cmd("HGETALL").arg(key).query_async(c).await)
+                    .await?;
+                hash_state(&fields)
+            }
+            "zset" => {
+                let leases: Vec<(u64, u64)> = self
+                    .call(async |c| {
+                        redis::cmd("ZRANGE")
+                            .arg(key)
+                            .arg(0)
+                            .arg(-1)
+                            .arg("WITHSCORES")
+                            .query_async(c)
+                            .await
+                    })
+                    .await?;
+                let live: Vec<(LeaseId, u64)> = leases
+                    .into_iter()
+                    .filter(|(_, expires)| *expires > now.as_micros())
+                    .map(|(id, expires)| (LeaseId(id), expires))
+                    .collect();
+                (!live.is_empty()).then_some(State::Concurrency(ConcurrencyState { leases: live }))
+            }
+            _ => None,
+        };
+        Ok(KeyState {
+            state,
+            banned_until: ban
+                .filter(|b| *b > now.as_micros())
+                .map(Timestamp::from_micros),
+        })
+    }
+
+    async fn reset(&self, selector: KeySelector<'_>) -> Result<usize, StoreError> {
+        let keys = match selector {
+            KeySelector::Key(k) => vec![k.to_owned(), format!("{k}:ban")],
+            _ => self.scan(selector).await?,
+        };
+        self.forget(selector);
+        let mut removed = 0;
+        // One key per command: in a Cluster the keys live in many slots.
+        for key in &keys {
+            let n: usize = self
+                .call(async |c| redis::cmd("UNLINK").arg(key).query_async(c).await)
+                .await?;
+            removed += n;
+        }
+        // Rejections cached while the keys were being removed.
+        self.forget(selector);
+        Ok(removed)
+    }
+
+    async fn count(&self, selector: KeySelector<'_>, _now: Timestamp) -> Result<usize, StoreError> {
+        // Redis expires keys itself: every key it returns is live.
+        Ok(self
+            .scan(selector)
+            .await?
+            .iter()
+            .filter(|k| !k.ends_with(":ban"))
+            .count())
+    }
+}
+
+impl RedisStore {
+    /// A Cluster batch: one call per slot, all at once; when one group rejects, the groups
+    /// that consumed are given back.
+    async fn apply_by_slot(
         &self,
         ops: &[Op<'_>],
         now: Timestamp,
-    ) -> impl Future<Output = Result<BatchResult, StoreError>> + Send {
-        let mut invocation = self.script.prepare_invoke();
-        invocation.arg(now.as_micros()).arg(ops.len());
-        for op in ops {
-            invocation.key(op.key).key(format!("{}:ban", op.key));
-            let [algorithm, p1, p2, p3] = params(&op.quota, now);
-            let ban = op
-                .ban
-                .map_or(0, |b| u64::try_from(b.as_micros()).unwrap_or(u64::MAX));
-            invocation
-                .arg(algorithm)
-                .arg(op.cost)
-                .arg(u8::from(op.enforce))
-                .arg(ban)
-                .arg(op.lease.0)
-                .arg(p1)
-                .arg(p2)
-                .arg(p3);
+    ) -> Result<BatchResult, StoreError> {
+        let mut groups: SmallVec<[(u16, SmallVec<[usize; 8]>); 2]> = SmallVec::new();
+        for (i, op) in ops.iter().enumerate() {
+            let s = slot(op.key);
+            match groups.iter_mut().find(|(g, _)| *g == s) {
+                Some((_, members)) => members.push(i),
+                None => groups.push((s, smallvec::smallvec![i])),
+            }
         }
-        let mut connection = self.connection.clone();
-        let n = ops.len();
-        async move {
-            let reply: Vec<i64> = self
-                .call(async move { invocation.invoke_async(&mut connection).await })
-                .await?;
-            parse(&reply, n)
+        if let [(s, members)] = groups.as_slice() {
+            return self.run_group(ops, members, *s, now).await;
         }
+        let answers = futures_util::future::join_all(
+            groups
+                .iter()
+                .map(|(s, members)| self.run_group(ops, members, *s, now)),
+        )
+        .await;
+        let admitted = answers.iter().all(|a| a.as_ref().is_ok_and(|r| r.admitted));
+        let failed = answers.iter().any(Result::is_err);
+        if !admitted {
+            // Give back what the admitted groups consumed.
+            let undo = groups
+                .iter()
+                .zip(&answers)
+                .filter(|(_, a)| a.as_ref().is_ok_and(|r| r.admitted))
+                .map(|((_, members), _)| self.undo_group(ops, members, now));
+            futures_util::future::join_all(undo).await;
+        }
+        if failed {
+            let error = answers
+                .into_iter()
+                .find_map(Result::err)
+                .unwrap_or_else(|| StoreError::Backend("a Cluster slot failed".to_owned()));
+            return Err(error);
+        }
+        let mut results = vec![
+            OpResult {
+                decision: Decision {
+                    allowed: true,
+                    limit: 0,
+                    remaining: 0,
+                    reset: Duration::ZERO,
+                    retry_after: None,
+                },
+                banned: false,
+            };
+            ops.len()
+        ];
+        for ((_, members), answer) in groups.iter().zip(answers) {
+            let Ok(answer) = answer else { continue };
+            for (&i, mut r) in members.iter().zip(answer.results) {
+                if !admitted && answer.admitted && r.decision.allowed {
+                    // Given back: what was left before this request.
+                    let d = &mut r.decision;
+                    d.remaining = d.remaining.saturating_add(ops[i].cost).min(d.limit);
+                }
+                results[i] = r;
+            }
+        }
+        Ok(BatchResult { admitted, results })
     }
+}
 
-    fn release(
-        &self,
-        key: &str,
-        lease: LeaseId,
-        _now: Timestamp,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send {
-        let mut connection = self.connection.clone();
-        let key = key.to_owned();
-        async move {
-            let _: i64 = self
-                .call(async move {
-                    redis::cmd("ZREM")
-                        .arg(&key)
-                        .arg(lease.0)
-                        .query_async(&mut connection)
-                        .await
-                })
-                .await?;
-            Ok(())
-        }
+/// A hash key's state, by the fields its algorithm writes.
+fn hash_state(f: &std::collections::HashMap<String, u64>) -> Option<State> {
+    let get = |name: &str| f.get(name).copied();
+    if let (Some(level), Some(updated)) = (get("l"), get("u")) {
+        return Some(State::TokenBucket(TokenBucketState { level, updated }));
     }
-
-    fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
-        let mut connection = self.connection.clone();
-        async move {
-            let _: String = self
-                .call(async move { redis::cmd("PING").query_async(&mut connection).await })
-                .await?;
-            Ok(())
-        }
+    if let Some(tat) = get("t") {
+        return Some(State::Gcra(GcraState { tat }));
     }
+    let start = get("s")?;
+    let current = get("c").unwrap_or(0);
+    Some(match get("p") {
+        Some(previous) => State::Sliding(SlidingState {
+            start,
+            previous,
+            current,
+        }),
+        None => State::Window(WindowState {
+            start,
+            count: current,
+        }),
+    })
 }
 
 /// The script's flat reply: admitted, then six numbers per operation.
@@ -175,4 +806,56 @@ fn parse(reply: &[i64], n: usize) -> Result<BatchResult, StoreError> {
         admitted: reply[0] == 1,
         results,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_follow_the_hash_tag() {
+        // Values from the Redis Cluster specification and `CLUSTER KEYSLOT`.
+        assert_eq!(slot("123456789"), 0x31C3);
+        assert_eq!(slot("foo"), 12_182);
+        assert_eq!(slot("{user1000}.following"), slot("{user1000}.followers"));
+        assert_eq!(slot("api:{ip:1.2.3.0/24}:login"), slot("ip:1.2.3.0/24"));
+        assert_eq!(
+            slot("foo{}{bar}"),
+            slot("foo{}{bar}"),
+            "an empty tag hashes the key"
+        );
+        assert_ne!(slot("foo{}{bar}"), slot("bar"));
+    }
+
+    #[test]
+    fn urls_name_a_server_or_a_cluster() {
+        assert_eq!(
+            target("redis://h:1/0").unwrap(),
+            Target::Single("redis://h:1/0".to_owned())
+        );
+        assert_eq!(
+            target("redis+cluster://u:p@a:1, b:2").unwrap(),
+            Target::Cluster(vec![
+                "redis://u:p@a:1".to_owned(),
+                "redis://u:p@b:2".to_owned()
+            ])
+        );
+        assert!(target("rediss+cluster://").is_err());
+    }
+
+    #[test]
+    fn hash_fields_tell_the_algorithm() {
+        let f = |pairs: &[(&str, u64)]| {
+            hash_state(&pairs.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect())
+        };
+        assert_eq!(
+            f(&[("s", 10), ("c", 3)]),
+            Some(State::Window(WindowState {
+                start: 10,
+                count: 3
+            }))
+        );
+        assert_eq!(f(&[("t", 7)]), Some(State::Gcra(GcraState { tat: 7 })));
+        assert_eq!(f(&[]), None);
+    }
 }

@@ -1,4 +1,5 @@
-//! A real `redis-server` (Debian's package) on a free port, stopped on drop.
+//! Real `redis-server`s (Debian's package) on free ports, stopped on drop: one server, or a
+//! Cluster of masters (and replicas) created with `redis-cli --cluster create`.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -13,18 +14,43 @@ pub struct Redis {
     dir: PathBuf,
 }
 
+fn binary(name: &str) -> Option<PathBuf> {
+    let found = ["/usr/bin", "/usr/local/bin"]
+        .into_iter()
+        .map(|d| PathBuf::from(d).join(name))
+        .find(|p| p.exists());
+    if found.is_none() {
+        super::require(name);
+    }
+    found
+}
+
+/// Waits up to 10 s for `check` (a start-up wait, not a timing test).
+fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if check() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("{what}");
+}
+
 impl Redis {
     /// Starts one on a free port; `None` (or a panic in CI) when Redis is not installed.
     pub fn start() -> Option<Redis> {
-        let binary = ["/usr/bin/redis-server", "/usr/local/bin/redis-server"]
-            .into_iter()
-            .map(PathBuf::from)
-            .find(|p| p.exists());
-        let Some(binary) = binary else {
-            super::require("redis-server");
-            return None;
-        };
+        Self::start_with(&[])
+    }
+
+    /// Starts one with extra `redis-server` arguments.
+    pub fn start_with(extra: &[&str]) -> Option<Redis> {
         let port = super::free_port();
+        Self::start_on(port, extra)
+    }
+
+    /// Starts one on `port` (e.g. again, after [`Redis::kill`]).
+    pub fn start_on(port: u16, extra: &[&str]) -> Option<Redis> {
+        let binary = binary("redis-server")?;
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let dir =
             std::env::temp_dir().join(format!("tollgate-redis-{}-{port}", std::process::id()));
@@ -42,24 +68,54 @@ impl Redis {
             ])
             .arg("--dir")
             .arg(&dir)
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server starts");
         let redis = Redis { addr, child, dir };
-        // Up to 10 s for Redis to answer PING (a start-up wait, not a timing test).
-        for _ in 0..500 {
-            if redis.ping() {
-                return Some(redis);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("redis-server on {addr} did not answer");
+        wait_for(&format!("redis-server on {addr} did not answer"), || {
+            redis.ping()
+        });
+        Some(redis)
     }
 
     /// `redis://127.0.0.1:PORT`
     pub fn url(&self) -> String {
         format!("redis://{}", self.addr)
+    }
+
+    /// Kills the server (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Stops (`SIGSTOP`) or resumes (`SIGCONT`) the server: a hung Redis.
+    pub fn pause(&self, paused: bool) {
+        let signal = if paused { "-STOP" } else { "-CONT" };
+        let status = Command::new("kill")
+            .arg(signal)
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+    }
+
+    /// Runs `redis-cli` against this server and returns what it printed.
+    pub fn cli(&self, args: &[&str]) -> String {
+        cli(self.addr.port(), args)
+    }
+
+    /// The `calls` of one command from `INFO commandstats` (e.g. `evalsha`).
+    pub fn calls(&self, command: &str) -> u64 {
+        let info = self.cli(&["INFO", "commandstats"]);
+        let prefix = format!("cmdstat_{command}:calls=");
+        info.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
     }
 
     fn ping(&self) -> bool {
@@ -72,10 +128,113 @@ impl Redis {
     }
 }
 
+fn cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli runs");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 impl Drop for Redis {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A Redis Cluster on this machine: `masters` masters, each with `replicas` replicas.
+pub struct Cluster {
+    pub nodes: Vec<Redis>,
+}
+
+impl Cluster {
+    /// Starts the nodes, joins them with `redis-cli --cluster create`, and waits until every
+    /// node reports `cluster_state:ok` (and every replica is in sync).
+    pub fn start(masters: usize, replicas: usize) -> Option<Cluster> {
+        binary("redis-cli")?;
+        let mut nodes = Vec::new();
+        for _ in 0..masters * (1 + replicas) {
+            let port = super::free_port();
+            let conf = format!("nodes-{port}.conf");
+            nodes.push(Redis::start_on(
+                port,
+                &[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    &conf,
+                    "--cluster-node-timeout",
+                    "1000",
+                ],
+            )?);
+        }
+        let mut create = Command::new("redis-cli");
+        create.arg("--cluster").arg("create");
+        for node in &nodes {
+            create.arg(node.addr.to_string());
+        }
+        let out = create
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .output()
+            .expect("redis-cli runs");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let cluster = Cluster { nodes };
+        wait_for("the cluster did not become ok", || {
+            cluster.nodes.iter().all(|n| {
+                let info = n.cli(&["CLUSTER", "INFO"]);
+                let replication = n.cli(&["INFO", "replication"]);
+                info.contains("cluster_state:ok")
+                    && (replication.contains("role:master")
+                        || replication.contains("master_link_status:up"))
+            })
+        });
+        Some(cluster)
+    }
+
+    /// `redis+cluster://` with every node as a seed.
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self.nodes.iter().map(|n| n.addr.to_string()).collect();
+        format!("redis+cluster://{}", hosts.join(","))
+    }
+
+    /// The node that is master for `key`'s slot now.
+    pub fn master_of(&self, key: &str) -> usize {
+        let slot: u16 = self.nodes[0]
+            .cli(&["CLUSTER", "KEYSLOT", key])
+            .trim()
+            .parse()
+            .expect("CLUSTER KEYSLOT answers");
+        self.nodes
+            .iter()
+            .position(|n| owns(n, slot))
+            .expect("a master owns the slot")
+    }
+
+    /// Sums `calls` of `command` over every node.
+    pub fn calls(&self, command: &str) -> u64 {
+        self.nodes.iter().map(|n| n.calls(command)).sum()
+    }
+}
+
+/// Whether `node` is, by its own `CLUSTER NODES` line, a master serving `slot`.
+fn owns(node: &Redis, slot: u16) -> bool {
+    let myself = node.cli(&["CLUSTER", "MYID"]).trim().to_owned();
+    let nodes = node.cli(&["CLUSTER", "NODES"]);
+    nodes.lines().any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.first() == Some(&myself.as_str())
+            && fields.get(2).is_some_and(|f| f.contains("master"))
+            && fields.iter().skip(8).any(|range| {
+                let mut ends = range.split('-');
+                let start = ends.next().and_then(|s| s.parse::<u16>().ok());
+                let end = ends.next().and_then(|s| s.parse::<u16>().ok()).or(start);
+                matches!((start, end), (Some(a), Some(b)) if a <= slot && slot <= b)
+            })
+    })
 }

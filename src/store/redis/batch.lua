@@ -3,7 +3,8 @@
 -- (a double) holds exactly below 2^53; the compiler keeps every product below that.
 --
 -- KEYS[2i-1]: operation i's state key; KEYS[2i]: its ban key (same hash tag).
--- ARGV[1]: now (µs since the epoch); ARGV[2]: the number of operations; then 8 per
+-- ARGV[1]: now (µs since the epoch), or 'T' to read Redis's own clock (TIME), for nodes that
+-- must share one clock; ARGV[2]: the number of operations; then 8 per
 -- operation: algorithm, cost, enforce (0/1), ban (µs, 0 = none), lease id, p1, p2, p3.
 -- Algorithms: 1 fixed window (p1 limit, p2 window), 2 calendar (p1 limit, p2 start, p3 end),
 -- 3 sliding window (p1 limit, p2 window), 4 token bucket (p1 capacity, p2 count, p3 period),
@@ -12,6 +13,10 @@
 -- retry after (µs, -1 = never), banned (0/1).
 
 local now = tonumber(ARGV[1])
+if ARGV[1] == 'T' then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
 local n = tonumber(ARGV[2])
 
 local function fdiv(a, b) return (a - a % b) / b end
