@@ -9,8 +9,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the tests need, as `command:package`: nginx for the forward-auth test
-# (tests/nginx.rs), redis-server for the store conformance test (tests/conformance.rs).
-REQUIRED=("nginx:nginx" "redis-server:redis-server")
+# (tests/nginx.rs), redis-server and redis-cli (a Cluster is created with `redis-cli --cluster`)
+# for the store tests (tests/conformance.rs, tests/redis_store.rs, tests/serve_store.rs).
+REQUIRED=("nginx:nginx" "redis-server:redis-server" "redis-cli:redis-tools")
 
 missing=()
 for entry in "${REQUIRED[@]}"; do

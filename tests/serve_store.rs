@@ -1,6 +1,6 @@
-//! `tollgate serve` and its store: two servers share counters through one real Redis; in
-//! `prod` an unreachable Redis stops the start with a message naming the URL; in `dev` it
-//! falls back to memory with a warning.
+//! `tollgate serve` and its store: two servers share counters through one real Redis or a
+//! real Redis Cluster; in `prod` an unreachable Redis stops the start with a message naming
+//! the URL; in `dev` it falls back to memory with a warning.
 
 mod support;
 
@@ -93,9 +93,21 @@ fn two_servers_share_their_counters_through_redis() {
     let Some(redis) = support::redis::Redis::start() else {
         return;
     };
-    let url = redis.url();
+    share_counters(&redis.url());
+}
+
+#[test]
+fn two_prod_servers_share_their_counters_through_a_cluster() {
+    let Some(cluster) = support::redis::Cluster::start(3, 0) else {
+        return;
+    };
+    share_counters(&cluster.url());
+}
+
+fn share_counters(url: &str) {
     let env = [
-        ("TOLLGATE_REDIS_URL", url.as_str()),
+        ("TOLLGATE_ENV", "prod"),
+        ("TOLLGATE_REDIS_URL", url),
         ("TOLLGATE_KEY_SECRET", SECRET),
     ];
     let a = Serving::start(&env);

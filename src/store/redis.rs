@@ -345,17 +345,9 @@ impl RedisStore {
         }
         self.round_trips.fetch_add(1, Ordering::Relaxed);
         let result = self
-            .call(async |c| {
-                let first = invocation.invoke_async::<Vec<i64>>(c).await;
-                match first {
-                    // A probe after a connection loss: the failed call started a reconnect,
-                    // which the second attempt waits for (within the same timeout).
-                    Err(e) if probe && (e.is_io_error() || e.is_unrecoverable_error()) => {
-                        invocation.invoke_async(c).await
-                    }
-                    other => other,
-                }
-            })
+            // After a connection loss the failed call left a fresh connection attempt, which
+            // this call (the probe, once the breaker is open) makes.
+            .call(async |c| invocation.invoke_async::<Vec<i64>>(c).await)
             .await
             .and_then(|reply| parse(&reply, group.len()));
         match &result {

@@ -158,11 +158,15 @@ impl Cluster {
         for _ in 0..masters * (1 + replicas) {
             let port = super::free_port();
             let conf = format!("nodes-{port}.conf");
+            // The bus port defaults to port + 10000, which may be taken or past 65535.
+            let bus = super::free_port().to_string();
             nodes.push(Redis::start_on(
                 port,
                 &[
                     "--cluster-enabled",
                     "yes",
+                    "--cluster-port",
+                    &bus,
                     "--cluster-config-file",
                     &conf,
                     "--cluster-node-timeout",
