@@ -1,9 +1,16 @@
-//! The three apps `scripts/bench-http.sh` compares: a bare axum hello, the same behind
-//! `tower_governor`, and the same behind Tollgate's `RateLimitLayer` (memory store, three
-//! limits matching every request, never reached).
+//! The apps the load scripts compare.
 //!
-//! `cargo run --release --example bench_app -- MODE PORT` with MODE `bare`, `governor` or
-//! `tollgate`.
+//! `scripts/bench-http.sh`: a bare axum hello (`bare`), the same behind `tower_governor`
+//! (`governor`), and the same behind Tollgate's `RateLimitLayer` (`tollgate`: memory store,
+//! three limits matching every request, never reached).
+//!
+//! `scripts/bench-redis.sh`, against the Redis at `BENCH_REDIS_URL`: `standin`, the hello
+//! with one `EVALSHA` of a fixed-window script per request (what a minimal Redis limiter
+//! does); `tollgate-redis`, Tollgate on the Redis store with the same three limits;
+//! `tollgate-redis-exceeded`, the same with a limit every request exceeds (the local deny
+//! cache answers).
+//!
+//! `cargo run --release --example bench_app -- MODE PORT`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,6 +23,66 @@ use axum::routing::get;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const POLICY: &str = include_str!("../benches/three_limits.rl");
+const EXCEEDED: &str = include_str!("../benches/exceeded.rl");
+
+/// The stand-in's script: a fixed window of 1,000,000,000 per second per client.
+const STANDIN: &str = r"
+local c = redis.call('INCR', KEYS[1])
+if c == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return c
+";
+
+fn redis_url() -> String {
+    std::env::var("BENCH_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+fn tollgate_layer<S: tollgate::store::Store>(
+    policy: &str,
+    store: S,
+) -> tollgate::RateLimitLayer<S> {
+    let plan = tollgate::compile(&tollgate::PolicySet::from_sources([("bench.rl", policy)]))
+        .expect("valid policy");
+    let engine = Arc::new(tollgate::Engine::new(plan, store));
+    // `BENCH_HEADERS=none` sends no rate-limit headers (as tower_governor by default).
+    let send = std::env::var("BENCH_HEADERS").map_or(true, |v| v != "none");
+    let options = tollgate::middleware::HttpOptions {
+        headers: tollgate::response::HeaderFamilies {
+            legacy: send,
+            ietf: send,
+        },
+        ..Default::default()
+    };
+    tollgate::RateLimitLayer::new(engine).with_options(options)
+}
+
+async fn redis_store() -> tollgate::store::redis::RedisStore {
+    tollgate::store::redis::RedisStore::connect(&redis_url(), std::time::Duration::from_secs(1))
+        .await
+        .expect("Redis answers")
+}
+
+/// One `EVALSHA` per request, keyed by client address and second.
+async fn standin(
+    axum::extract::State(connection): axum::extract::State<redis::aio::MultiplexedConnection>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<SocketAddr>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    static SCRIPT: std::sync::LazyLock<redis::Script> =
+        std::sync::LazyLock::new(|| redis::Script::new(STANDIN));
+    let second = tollgate::clock::Clock::now(&tollgate::SystemClock).as_micros() / 1_000_000;
+    let key = format!("standin:{{{}}}:{second}", peer.ip());
+    let mut connection = connection;
+    let count: redis::RedisResult<u64> = SCRIPT
+        .key(key)
+        .arg(1000)
+        .invoke_async(&mut connection)
+        .await;
+    match count {
+        Ok(c) if c <= 1_000_000_000 => "hello".into_response(),
+        Ok(_) => http::StatusCode::TOO_MANY_REQUESTS.into_response(),
+        Err(_) => http::StatusCode::SERVICE_UNAVAILABLE.into_response(),
+    }
+}
 
 #[tokio::main]
 async fn main() {
@@ -33,27 +100,23 @@ async fn main() {
                 .expect("a valid governor config");
             hello.layer(tower_governor::GovernorLayer::new(Arc::new(config)))
         }
-        "tollgate" => {
-            let plan =
-                tollgate::compile(&tollgate::PolicySet::from_sources([("bench.rl", POLICY)]))
-                    .expect("valid policy");
-            let engine = Arc::new(tollgate::Engine::new(
-                plan,
-                tollgate::store::MemoryStore::new(),
-            ));
-            // `BENCH_HEADERS=none` sends no rate-limit headers (as tower_governor by default).
-            let send = std::env::var("BENCH_HEADERS").map_or(true, |v| v != "none");
-            let options = tollgate::middleware::HttpOptions {
-                headers: tollgate::response::HeaderFamilies {
-                    legacy: send,
-                    ietf: send,
-                },
-                ..Default::default()
-            };
-            hello.layer(tollgate::RateLimitLayer::new(engine).with_options(options))
+        "tollgate" => hello.layer(tollgate_layer(POLICY, tollgate::store::MemoryStore::new())),
+        "tollgate-redis" => hello.layer(tollgate_layer(POLICY, redis_store().await)),
+        "tollgate-redis-exceeded" => hello.layer(tollgate_layer(EXCEEDED, redis_store().await)),
+        "standin" => {
+            let client = redis::Client::open(redis_url()).expect("a Redis URL");
+            let connection = client
+                .get_multiplexed_async_connection()
+                .await
+                .expect("Redis answers");
+            Router::new()
+                .route("/api/v1/items/{id}", get(standin))
+                .with_state(connection)
         }
         other => {
-            eprintln!("unknown mode `{other}`: bare, governor or tollgate");
+            eprintln!(
+                "unknown mode `{other}`: bare, governor, tollgate, standin, tollgate-redis or tollgate-redis-exceeded"
+            );
             std::process::exit(2);
         }
     };

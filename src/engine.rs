@@ -21,7 +21,7 @@ use crate::plan::{
     TierTable, TierValue,
 };
 use crate::request::RequestCtx;
-use crate::store::{BatchResult, MemoryStore, Op, Store};
+use crate::store::{BatchResult, MemoryStore, Op, Store, StoreError};
 
 /// What to do with a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -424,7 +424,12 @@ impl<S: Store, C: Clock> Engine<S, C> {
                     );
                 }
                 Err(error) => {
-                    tracing::warn!(%error, "counter store failed; applying each limit's on_store_error");
+                    if matches!(error, StoreError::CircuitOpen) {
+                        // The breaker logged when it opened; once per request would flood.
+                        tracing::debug!(%error, "applying each limit's on_store_error");
+                    } else {
+                        tracing::warn!(%error, "counter store failed; applying each limit's on_store_error");
+                    }
                     let mut local: SmallVec<[Pending; 4]> = SmallVec::new();
                     for p in &pending {
                         match applied[p.slot].on_store_error {

@@ -62,6 +62,9 @@ pub enum StoreError {
     /// The store is unreachable or answered with an error.
     #[error("the counter store failed: {0}")]
     Backend(String),
+    /// The store failed repeatedly and is not being called until its next probe.
+    #[error("the counter store failed repeatedly: circuit open until the next probe")]
+    CircuitOpen,
 }
 
 /// A key's stored state, for operators.

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use tollgate::config::{Environment, Flags, Settings};
+use tollgate::config::{Environment, Flags, Settings, StoreClock};
 
 fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
     pairs
@@ -146,4 +146,61 @@ fn jwt_settings_are_checked() {
     )
     .unwrap();
     assert!(ok.jwt.is_some());
+}
+
+#[test]
+fn store_settings_are_read_and_checked() {
+    let s = Settings::load_from(
+        &Flags::default(),
+        vars(&[
+            (
+                "TOLLGATE_REDIS_URL",
+                "redis+cluster://10.0.0.5:7000,10.0.0.6:7000",
+            ),
+            ("TOLLGATE_STORE_CLOCK", "redis"),
+            ("TOLLGATE_EXPECTED_NODES", "4"),
+            ("TOLLGATE_DENY_CACHE_KEYS", "0"),
+            ("TOLLGATE_BREAKER_FAILURES", "5"),
+            ("TOLLGATE_BREAKER_MAX_BACKOFF_MS", "2000"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(s.store_clock, StoreClock::Redis);
+    assert_eq!(
+        (s.expected_nodes, s.deny_cache_keys, s.breaker_failures),
+        (4, 0, 5)
+    );
+    let options = tollgate::server::redis_options(&s);
+    assert!(options.server_time && options.deny_cache.is_none());
+    assert_eq!(options.breaker.max_backoff.as_millis(), 2000);
+
+    let defaults = Settings::load_from(&Flags::default(), vars(&[])).unwrap();
+    let options = tollgate::server::redis_options(&defaults);
+    assert_eq!(defaults.store_clock, StoreClock::Local);
+    assert_eq!(
+        options.deny_cache,
+        Some(100_000),
+        "the deny cache is on by default"
+    );
+    assert_eq!(options.timeout.as_millis(), 50);
+
+    let error = Settings::load_from(
+        &Flags::default(),
+        vars(&[
+            ("TOLLGATE_STORE_CLOCK", "ntp"),
+            ("TOLLGATE_EXPECTED_NODES", "0"),
+            ("TOLLGATE_BREAKER_FAILURES", "0"),
+            ("TOLLGATE_BREAKER_MAX_BACKOFF_MS", "soon"),
+        ]),
+    )
+    .unwrap_err();
+    let keys: Vec<&str> = error.0.iter().map(|p| p.key.as_str()).collect();
+    for key in [
+        "store_clock",
+        "expected_nodes",
+        "breaker_failures",
+        "breaker_max_backoff_ms",
+    ] {
+        assert!(keys.contains(&key), "{key} not in {keys:?}");
+    }
 }

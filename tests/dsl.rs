@@ -185,3 +185,16 @@ fn the_complete_example_in_the_language_reference_compiles() {
         panic!("{}", errors.render_plain(100));
     }
 }
+
+#[test]
+fn the_benchmark_policies_compile() {
+    for entry in std::fs::read_dir("benches").unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "rl") {
+            let set = PolicySet::load(&[&path]);
+            if let Err(errors) = compile(&set) {
+                panic!("{}:\n{}", path.display(), errors.render_plain(100));
+            }
+        }
+    }
+}

@@ -311,11 +311,7 @@ impl RedisStore {
     ) -> Result<BatchResult, StoreError> {
         let breaker = self.breaker(slot);
         let probe = match breaker.permit(now) {
-            Permit::Refuse => {
-                return Err(StoreError::Backend(
-                    "circuit open: the counter store failed repeatedly and is being probed with back-off".to_owned(),
-                ));
-            }
+            Permit::Refuse => return Err(StoreError::CircuitOpen),
             Permit::Probe => true,
             Permit::Call => false,
         };

@@ -11,6 +11,13 @@
 -- 5 GCRA (p1 capacity, p2 emission interval), 6 concurrency (p1 max, p2 lease).
 -- Returns: admitted (0/1), then 6 per operation: allowed, limit, remaining, reset (µs),
 -- retry after (µs, -1 = never), banned (0/1).
+--
+-- Cost on Redis's side matters (it is single-threaded and shared by every node): every number
+-- handed to redis.call is formatted to text, which costs about as much as a command, so the
+-- common paths avoid it. A count in the same window is an HINCRBY by the cost as it arrived
+-- (ARGV text), with no new expiry; a bucket or GCRA key's expiry is only pushed out when it
+-- would end too soon (a longer life is harmless: a full bucket or a past TAT is the same as
+-- no key); a limit without a ban never reads its ban key.
 
 local now = tonumber(ARGV[1])
 if ARGV[1] == 'T' then
@@ -24,25 +31,43 @@ local function fdiv(a, b) return (a - a % b) / b end
 local function int(x) return string.format('%.0f', x) end
 local function cdiv(a, b) return fdiv(a + b - 1, b) end
 
+-- Keeps `key` at least `need` µs from now, extending it to `life` µs when it would end
+-- sooner.
+local function keep(key, need, life)
+  if redis.call('PTTL', key) * 1000 < need then
+    redis.call('PEXPIRE', key, int(cdiv(life, 1000) + 1))
+  end
+end
+
 local decisions = {}
 local writes = {}
 local admitted = true
 
-local function window(key, limit, start, stop, cost)
+local function window(key, limit, start, stop, cost, cost_text)
   local s = redis.call('HMGET', key, 's', 'c')
   local count = 0
-  if tonumber(s[1]) == start then count = tonumber(s[2]) or 0 end
+  local same = tonumber(s[1]) == start
+  if same then count = tonumber(s[2]) or 0 end
   local until_end = stop - now
   local total = count + cost
   if total <= limit then
-    return {1, limit, limit - total, until_end, -1}, {'HSET', 's', start, 'c', total}, stop
+    local write
+    if same then
+      write = function() redis.call('HINCRBY', key, 'c', cost_text) end
+    else
+      write = function()
+        redis.call('HSET', key, 's', int(start), 'c', cost_text)
+        redis.call('PEXPIRE', key, int(cdiv(stop - now, 1000) + 1))
+      end
+    end
+    return {1, limit, limit - total, until_end, -1}, write
   end
   local retry = -1
   if cost <= limit then retry = until_end end
-  return {0, limit, limit - count, until_end, retry}, nil, stop
+  return {0, limit, limit - count, until_end, retry}, nil
 end
 
-local function sliding(key, limit, w, cost)
+local function sliding(key, limit, w, cost, cost_text)
   local start = now - now % w
   local stop = start + w
   local s = redis.call('HMGET', key, 's', 'p', 'c')
@@ -56,8 +81,16 @@ local function sliding(key, limit, w, cost)
   local elapsed = now - start
   local estimate = cdiv(prev * (w - elapsed), w) + cur
   if estimate + cost <= limit then
-    return {1, limit, limit - (estimate + cost), stop - now, -1},
-      {'HSET', 's', start, 'p', prev, 'c', cur + cost}, stop + w
+    local write
+    if sstart == start then
+      write = function() redis.call('HINCRBY', key, 'c', cost_text) end
+    else
+      write = function()
+        redis.call('HSET', key, 's', int(start), 'p', int(prev), 'c', cost_text)
+        redis.call('PEXPIRE', key, int(cdiv(stop + w - now, 1000) + 1))
+      end
+    end
+    return {1, limit, limit - (estimate + cost), stop - now, -1}, write
   end
   local function earliest(room, count)
     if count == 0 then return 0 end
@@ -79,7 +112,7 @@ local function sliding(key, limit, w, cost)
   end
   local remaining = limit - estimate
   if remaining < 0 then remaining = 0 end
-  return {0, limit, remaining, stop - now, retry}, nil, stop + w
+  return {0, limit, remaining, stop - now, retry}, nil
 end
 
 local function bucket(key, capacity, count, period, cost)
@@ -101,12 +134,16 @@ local function bucket(key, capacity, count, period, cost)
   if level >= need then
     level = level - need
     local to_full = cdiv(full - level, count)
-    return {1, capacity, fdiv(level, period), to_full, -1}, {'HSET', 'l', level, 'u', now}, now + to_full
+    local write = function()
+      redis.call('HSET', key, 'l', int(level), 'u', int(now))
+      keep(key, to_full, 2 * cdiv(full, count))
+    end
+    return {1, capacity, fdiv(level, period), to_full, -1}, write
   end
   local retry = -1
   if need <= full then retry = cdiv(need - level, count) end
   local to_full = cdiv(full - level, count)
-  return {0, capacity, fdiv(level, period), to_full, retry}, nil, now + to_full
+  return {0, capacity, fdiv(level, period), to_full, retry}, nil
 end
 
 local function gcra(key, capacity, t, cost)
@@ -116,14 +153,18 @@ local function gcra(key, capacity, t, cost)
   local new_tat = tat + cost * t
   if new_tat - now <= tolerance then
     local ahead = new_tat - now
-    return {1, capacity, fdiv(tolerance - ahead, t), ahead, -1}, {'HSET', 't', new_tat}, new_tat
+    local write = function()
+      redis.call('HSET', key, 't', int(new_tat))
+      keep(key, ahead, 2 * tolerance)
+    end
+    return {1, capacity, fdiv(tolerance - ahead, t), ahead, -1}, write
   end
   local retry = -1
   if cost * t <= tolerance then retry = new_tat - now - tolerance end
   local ahead = tat - now
   local remaining = tolerance - ahead
   if remaining < 0 then remaining = 0 end
-  return {0, capacity, fdiv(remaining, t), ahead, retry}, nil, tat
+  return {0, capacity, fdiv(remaining, t), ahead, retry}, nil
 end
 
 local function concurrency(key, max, lease, id)
@@ -133,40 +174,46 @@ local function concurrency(key, max, lease, id)
     local expires = now + lease
     local last = tonumber(redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')[2]) or now
     if expires > last then last = expires end
-    return {1, max, max - held - 1, last - now, -1}, {'ZADD', expires, id}, last
+    local write = function()
+      redis.call('ZADD', key, int(expires), id)
+      redis.call('PEXPIRE', key, int(cdiv(last - now, 1000) + 1))
+    end
+    return {1, max, max - held - 1, last - now, -1}, write
   end
   local first = tonumber(redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')[2]) or now
   local last = tonumber(redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')[2]) or now
-  return {0, max, 0, last - now, first - now}, nil, last
+  return {0, max, 0, last - now, first - now}, nil
 end
 
 for i = 1, n do
   local a = 3 + (i - 1) * 8
   local algo, cost, enforce = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), ARGV[a + 2] == '1'
+  local cost_text = ARGV[a + 1]
   local p1, p2, p3 = tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6]), tonumber(ARGV[a + 7])
   local key, ban_key = KEYS[2 * i - 1], KEYS[2 * i]
-  local banned_until = tonumber(redis.call('GET', ban_key)) or 0
-  local d, w, expires
+  local banned_until = 0
+  if ARGV[a + 3] ~= '0' then banned_until = tonumber(redis.call('GET', ban_key)) or 0 end
+  local d, w
   if banned_until > now then
     d = {0, p1, 0, banned_until - now, banned_until - now}
     decisions[i] = {d, true}
   else
     if algo == 1 then
       local start = now - now % p2
-      d, w, expires = window(key, p1, start, start + p2, cost)
+      d, w = window(key, p1, start, start + p2, cost, cost_text)
     elseif algo == 2 then
-      d, w, expires = window(key, p1, p2, p3, cost)
+      d, w = window(key, p1, p2, p3, cost, cost_text)
     elseif algo == 3 then
-      d, w, expires = sliding(key, p1, p2, cost)
+      d, w = sliding(key, p1, p2, cost, cost_text)
     elseif algo == 4 then
-      d, w, expires = bucket(key, p1, p2, p3, cost)
+      d, w = bucket(key, p1, p2, p3, cost)
     elseif algo == 5 then
-      d, w, expires = gcra(key, p1, p2, cost)
+      d, w = gcra(key, p1, p2, cost)
     else
-      d, w, expires = concurrency(key, p1, p2, ARGV[a + 4])
+      d, w = concurrency(key, p1, p2, ARGV[a + 4])
     end
     decisions[i] = {d, false}
-    writes[i] = {w, expires}
+    writes[i] = w
   end
   if d[1] == 0 and enforce then admitted = false end
 end
@@ -176,22 +223,12 @@ for i = 1, n do
   local a = 3 + (i - 1) * 8
   local cost, enforce, ban = tonumber(ARGV[a + 1]), ARGV[a + 2] == '1', tonumber(ARGV[a + 3])
   local d, banned = decisions[i][1], decisions[i][2]
-  local key, ban_key = KEYS[2 * i - 1], KEYS[2 * i]
   if not banned then
-    local w, expires = writes[i][1], writes[i][2]
-    if admitted and d[1] == 1 and w then
-      local cmd = {w[1], key}
-      for j = 2, #w do
-        local v = w[j]
-        if type(v) == 'number' then v = int(v) end
-        cmd[#cmd + 1] = v
-      end
-      redis.call(unpack(cmd))
-      -- Relative: `now` is the caller's clock, which need not be Redis's.
-      redis.call('PEXPIRE', key, int(cdiv(expires - now, 1000) + 1))
+    if admitted and d[1] == 1 and writes[i] then
+      writes[i]()
     elseif d[1] == 0 and enforce and ban > 0 then
       local until_us = now + ban
-      redis.call('SET', ban_key, int(until_us), 'PX', int(cdiv(ban, 1000) + 1))
+      redis.call('SET', KEYS[2 * i], int(until_us), 'PX', int(cdiv(ban, 1000) + 1))
     end
     if not admitted and d[1] == 1 then
       -- Nothing was consumed: what is left is what was left before.
