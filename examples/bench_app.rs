@@ -8,7 +8,7 @@
 //! with one `EVALSHA` of a fixed-window script per request (what a minimal Redis limiter
 //! does); `tollgate-redis`, Tollgate on the Redis store with the same three limits;
 //! `tollgate-redis-exceeded`, the same with a limit every request exceeds (the local deny
-//! cache answers).
+//! cache answers); `tollgate-redis-one`, Tollgate with the stand-in's one fixed window.
 //!
 //! `cargo run --release --example bench_app -- MODE PORT`.
 
@@ -24,6 +24,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const POLICY: &str = include_str!("../benches/three_limits.rl");
 const EXCEEDED: &str = include_str!("../benches/exceeded.rl");
+const ONE_LIMIT: &str = include_str!("../benches/one_limit.rl");
 
 /// The stand-in's script: a fixed window of 1,000,000,000 per second per client.
 const STANDIN: &str = r"
@@ -103,6 +104,7 @@ async fn main() {
         "tollgate" => hello.layer(tollgate_layer(POLICY, tollgate::store::MemoryStore::new())),
         "tollgate-redis" => hello.layer(tollgate_layer(POLICY, redis_store().await)),
         "tollgate-redis-exceeded" => hello.layer(tollgate_layer(EXCEEDED, redis_store().await)),
+        "tollgate-redis-one" => hello.layer(tollgate_layer(ONE_LIMIT, redis_store().await)),
         "standin" => {
             let client = redis::Client::open(redis_url()).expect("a Redis URL");
             let connection = client
@@ -115,7 +117,7 @@ async fn main() {
         }
         other => {
             eprintln!(
-                "unknown mode `{other}`: bare, governor, tollgate, standin, tollgate-redis or tollgate-redis-exceeded"
+                "unknown mode `{other}`: bare, governor, tollgate, standin, tollgate-redis, tollgate-redis-exceeded or tollgate-redis-one"
             );
             std::process::exit(2);
         }

@@ -5,6 +5,8 @@
 #       every request, never reached,
 #   (c) tollgate-redis-exceeded: the same with a limit every request exceeds (the local deny
 #       cache answers),
+#   (b1) tollgate-redis-one: Tollgate with the stand-in's one fixed window per client, for a
+#       like-for-like comparison,
 #   (d) redis-benchmark running the stand-in's script directly: the ceiling.
 # Prints requests/s, p50/p99, Redis round trips per request (INFO commandstats before and
 # after) and the ratios to record in docs/performance.md. Traffic goes to 127.0.0.1 only.
@@ -39,7 +41,7 @@ evalsha() { redis-cli -p "$rport" INFO commandstats | awk -F'[=,:]' '/^cmdstat_e
 rounds=${ROUNDS:-3}
 declare -A all
 for round in $(seq "$rounds"); do
-  for mode in standin tollgate-redis tollgate-redis-exceeded; do
+  for mode in standin tollgate-redis tollgate-redis-exceeded tollgate-redis-one; do
     redis-cli -p "$rport" FLUSHALL >/dev/null
     "$bin" "$mode" "$port" & pid=$!
     for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.05; done
@@ -69,8 +71,10 @@ echo "redis-benchmark EVALSHA (the ceiling): $ceiling req/s"
 
 median() { tr ' ' '\n' <<<"$1" | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 a=$(median "${all[standin]}"); b=$(median "${all[tollgate-redis]}"); c=$(median "${all[tollgate-redis-exceeded]}")
-printf 'median    standin %s   tollgate-redis %s   exceeded %s req/s\n' "$a" "$b" "$c"
-awk -v a="$a" -v b="$b" -v c="$c" 'BEGIN {
+o=$(median "${all[tollgate-redis-one]}")
+printf 'median    standin %s   tollgate-redis %s   exceeded %s   one limit %s req/s\n' "$a" "$b" "$c" "$o"
+awk -v a="$a" -v b="$b" -v c="$c" -v o="$o" 'BEGIN {
   printf "(b) tollgate-redis / standin          = %.2f (target >= 1.0)\n", b / a
   printf "(c) tollgate-redis-exceeded / standin = %.2f (target >= 1.5)\n", c / a
+  printf "(b1) tollgate-redis-one / standin     = %.2f (one limit each)\n", o / a
 }'

@@ -315,22 +315,29 @@ impl RedisStore {
             Permit::Probe => true,
             Permit::Call => false,
         };
-        let mut invocation = self.batch.prepare_invoke();
-        if self.options.server_time {
-            invocation.arg("T");
-        } else {
-            invocation.arg(now.as_micros());
+        // `EVALSHA sha numkeys keys… args…`, built in one buffer.
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.batch.get_hash()).arg(group.len() * 2);
+        let mut ban_key = String::with_capacity(64);
+        for &i in group {
+            ban_key.clear();
+            ban_key.push_str(ops[i].key);
+            ban_key.push_str(":ban");
+            cmd.arg(ops[i].key).arg(&ban_key);
         }
-        invocation.arg(group.len());
+        if self.options.server_time {
+            cmd.arg("T");
+        } else {
+            cmd.arg(now.as_micros());
+        }
+        cmd.arg(group.len());
         for &i in group {
             let op = &ops[i];
-            invocation.key(op.key).key(format!("{}:ban", op.key));
             let [algorithm, p1, p2, p3] = params(&op.quota, now);
             let ban = op
                 .ban
                 .map_or(0, |b| u64::try_from(b.as_micros()).unwrap_or(u64::MAX));
-            invocation
-                .arg(algorithm)
+            cmd.arg(algorithm)
                 .arg(op.cost)
                 .arg(u8::from(op.enforce))
                 .arg(ban)
@@ -340,10 +347,10 @@ impl RedisStore {
                 .arg(p3);
         }
         self.round_trips.fetch_add(1, Ordering::Relaxed);
+        // After a connection loss the failed call left a fresh connection attempt, which the
+        // next call (the probe, once the breaker is open) makes.
         let result = self
-            // After a connection loss the failed call left a fresh connection attempt, which
-            // this call (the probe, once the breaker is open) makes.
-            .call(async |c| invocation.invoke_async::<Vec<i64>>(c).await)
+            .call(async |c| eval::<Vec<i64>>(c, &self.batch, &cmd).await)
             .await
             .and_then(|reply| parse(&reply, group.len()));
         match &result {
@@ -356,19 +363,21 @@ impl RedisStore {
     /// Gives back what `group`'s operations consumed (a later part of the request was
     /// rejected). Best effort: a failure is logged, and the counts expire with their window.
     async fn undo_group(&self, ops: &[Op<'_>], group: &[usize], now: Timestamp) {
-        let mut invocation = self.undo.prepare_invoke();
-        if self.options.server_time {
-            invocation.arg("T");
-        } else {
-            invocation.arg(now.as_micros());
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.undo.get_hash()).arg(group.len());
+        for &i in group {
+            cmd.arg(ops[i].key);
         }
-        invocation.arg(group.len());
+        if self.options.server_time {
+            cmd.arg("T");
+        } else {
+            cmd.arg(now.as_micros());
+        }
+        cmd.arg(group.len());
         for &i in group {
             let op = &ops[i];
-            invocation.key(op.key);
             let [algorithm, p1, p2, p3] = params(&op.quota, now);
-            invocation
-                .arg(algorithm)
+            cmd.arg(algorithm)
                 .arg(op.cost)
                 .arg(op.lease.0)
                 .arg(p1)
@@ -376,7 +385,7 @@ impl RedisStore {
                 .arg(p3);
         }
         if let Err(error) = self
-            .call(async |c| invocation.invoke_async::<i64>(c).await)
+            .call(async |c| eval::<i64>(c, &self.undo, &cmd).await)
             .await
         {
             tracing::warn!(%error, "could not give back a rejected request's counts in another Cluster slot; they expire with their window");
@@ -531,6 +540,22 @@ impl RedisStore {
         found.sort_unstable();
         found.dedup();
         Ok(found)
+    }
+}
+
+/// Runs `cmd`, an `EVALSHA` of `script`; when Redis no longer has the script (`NOSCRIPT`,
+/// after a `SCRIPT FLUSH` or a restart), loads it and runs `cmd` again.
+async fn eval<T: redis::FromRedisValue>(
+    c: &mut Connection,
+    script: &Script,
+    cmd: &Cmd,
+) -> redis::RedisResult<T> {
+    match cmd.query_async(c).await {
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            script.prepare_invoke().load_async(c).await?;
+            cmd.query_async(c).await
+        }
+        other => other,
     }
 }
 

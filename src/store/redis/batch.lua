@@ -40,7 +40,10 @@ local function keep(key, need, life)
 end
 
 local decisions = {}
+local banned = {}
 local writes = {}
+local costs = {}
+local enforced = {}
 local admitted = true
 
 local function window(key, limit, start, stop, cost, cost_text)
@@ -187,46 +190,47 @@ end
 
 for i = 1, n do
   local a = 3 + (i - 1) * 8
-  local algo, cost, enforce = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), ARGV[a + 2] == '1'
-  local cost_text = ARGV[a + 1]
+  local algo, cost_text, enforce = ARGV[a], ARGV[a + 1], ARGV[a + 2] == '1'
+  local cost = tonumber(cost_text)
+  costs[i], enforced[i] = cost, enforce
   local p1, p2, p3 = tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6]), tonumber(ARGV[a + 7])
-  local key, ban_key = KEYS[2 * i - 1], KEYS[2 * i]
+  local key = KEYS[2 * i - 1]
   local banned_until = 0
-  if ARGV[a + 3] ~= '0' then banned_until = tonumber(redis.call('GET', ban_key)) or 0 end
+  if ARGV[a + 3] ~= '0' then banned_until = tonumber(redis.call('GET', KEYS[2 * i])) or 0 end
   local d, w
   if banned_until > now then
     d = {0, p1, 0, banned_until - now, banned_until - now}
-    decisions[i] = {d, true}
+    banned[i] = true
   else
-    if algo == 1 then
+    if algo == '1' then
       local start = now - now % p2
       d, w = window(key, p1, start, start + p2, cost, cost_text)
-    elseif algo == 2 then
+    elseif algo == '2' then
       d, w = window(key, p1, p2, p3, cost, cost_text)
-    elseif algo == 3 then
+    elseif algo == '3' then
       d, w = sliding(key, p1, p2, cost, cost_text)
-    elseif algo == 4 then
+    elseif algo == '4' then
       d, w = bucket(key, p1, p2, p3, cost)
-    elseif algo == 5 then
+    elseif algo == '5' then
       d, w = gcra(key, p1, p2, cost)
     else
       d, w = concurrency(key, p1, p2, ARGV[a + 4])
     end
-    decisions[i] = {d, false}
+    banned[i] = false
     writes[i] = w
   end
+  decisions[i] = d
   if d[1] == 0 and enforce then admitted = false end
 end
 
 local out = {admitted and 1 or 0}
 for i = 1, n do
-  local a = 3 + (i - 1) * 8
-  local cost, enforce, ban = tonumber(ARGV[a + 1]), ARGV[a + 2] == '1', tonumber(ARGV[a + 3])
-  local d, banned = decisions[i][1], decisions[i][2]
-  if not banned then
+  local d, cost = decisions[i], costs[i]
+  if not banned[i] then
     if admitted and d[1] == 1 and writes[i] then
       writes[i]()
-    elseif d[1] == 0 and enforce and ban > 0 then
+    elseif d[1] == 0 and enforced[i] and ARGV[6 + (i - 1) * 8] ~= '0' then
+      local ban = tonumber(ARGV[6 + (i - 1) * 8])
       local until_us = now + ban
       redis.call('SET', KEYS[2 * i], int(until_us), 'PX', int(cdiv(ban, 1000) + 1))
     end
@@ -242,6 +246,6 @@ for i = 1, n do
   out[#out + 1] = d[3]
   out[#out + 1] = d[4]
   out[#out + 1] = d[5]
-  out[#out + 1] = banned and 1 or 0
+  out[#out + 1] = banned[i] and 1 or 0
 end
 return out
