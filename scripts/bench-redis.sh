@@ -7,7 +7,8 @@
 #       cache answers),
 #   (b1) tollgate-redis-one: Tollgate with the stand-in's one fixed window per client, for a
 #       like-for-like comparison,
-#   (d) redis-benchmark running the stand-in's script directly: the ceiling.
+#   (d) redis-benchmark running the stand-in's script directly: the ceiling,
+#   and the bare axum hello (no limiter, no Redis): the ceiling of any HTTP figure here.
 # Prints requests/s, p50/p99, Redis round trips per request (INFO commandstats before and
 # after) and the ratios to record in docs/performance.md. Traffic goes to 127.0.0.1 only.
 #
@@ -41,7 +42,7 @@ evalsha() { redis-cli -p "$rport" INFO commandstats | awk -F'[=,:]' '/^cmdstat_e
 rounds=${ROUNDS:-3}
 declare -A all
 for round in $(seq "$rounds"); do
-  for mode in standin tollgate-redis tollgate-redis-exceeded tollgate-redis-one; do
+  for mode in bare standin tollgate-redis tollgate-redis-exceeded tollgate-redis-one; do
     redis-cli -p "$rport" FLUSHALL >/dev/null
     "$bin" "$mode" "$port" & pid=$!
     for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.05; done
@@ -71,10 +72,11 @@ echo "redis-benchmark EVALSHA (the ceiling): $ceiling req/s"
 
 median() { tr ' ' '\n' <<<"$1" | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 a=$(median "${all[standin]}"); b=$(median "${all[tollgate-redis]}"); c=$(median "${all[tollgate-redis-exceeded]}")
-o=$(median "${all[tollgate-redis-one]}")
-printf 'median    standin %s   tollgate-redis %s   exceeded %s   one limit %s req/s\n' "$a" "$b" "$c" "$o"
-awk -v a="$a" -v b="$b" -v c="$c" -v o="$o" 'BEGIN {
+o=$(median "${all[tollgate-redis-one]}"); z=$(median "${all[bare]}")
+printf 'median    bare %s   standin %s   tollgate-redis %s   exceeded %s   one limit %s req/s\n' "$z" "$a" "$b" "$c" "$o"
+awk -v a="$a" -v b="$b" -v c="$c" -v o="$o" -v z="$z" 'BEGIN {
   printf "(b) tollgate-redis / standin          = %.2f (target >= 1.0)\n", b / a
   printf "(c) tollgate-redis-exceeded / standin = %.2f (target >= 1.5)\n", c / a
   printf "(b1) tollgate-redis-one / standin     = %.2f (one limit each)\n", o / a
+  printf "bare / standin                        = %.2f (no limiter at all)\n", z / a
 }'

@@ -277,9 +277,9 @@ pub fn refusal(
 fn log_verdict(verdict: &Verdict, request_id: &str) {
     match &verdict.action {
         Action::Reject { limit, .. } => {
-            tracing::info!(request_id, %limit, "rejected")
+            tracing::debug!(request_id, %limit, "rejected")
         }
-        Action::Forbid { list, .. } => tracing::info!(request_id, %list, "forbidden"),
+        Action::Forbid { list, .. } => tracing::debug!(request_id, %list, "forbidden"),
         Action::Warn | Action::Delay(_) => {
             if let Some(r) = verdict.headline() {
                 tracing::info!(request_id, limit = %r.limit, used = r.decision.used_percent(), "soft threshold")
