@@ -149,3 +149,43 @@ fn dev_falls_back_to_memory_with_a_warning() {
     let log = server.stop();
     assert!(log.contains("COUNTING IN THIS PROCESS'S MEMORY"), "{log}");
 }
+
+#[test]
+fn a_failed_redis_follows_each_limit_s_store_error_mode_over_http() {
+    let Some(mut redis) = support::redis::Redis::start() else {
+        return;
+    };
+    let url = redis.url();
+    let server = Serving::start(&[
+        ("TOLLGATE_REDIS_URL", url.as_str()),
+        ("TOLLGATE_KEY_SECRET", SECRET),
+        ("TOLLGATE_STORE_TIMEOUT_MS", "50"),
+    ]);
+    // The shipped `monthly` limit fails closed (`on_store_error deny`); `api` fails open.
+    let check = |path: &str| {
+        let body = json!({
+            "method": "GET",
+            "path": path,
+            "client_ip": "198.51.100.20",
+            "headers": { "X-Tenant-Id": "acme" },
+        });
+        send(
+            server.addr,
+            "POST",
+            "/v1/check",
+            &[],
+            body.to_string().as_bytes(),
+        )
+        .json()
+    };
+    assert_eq!(check("/api/orders")["allowed"], true);
+    redis.kill();
+    let answer = check("/api/orders");
+    assert_eq!(answer["allowed"], false, "{answer}");
+    assert_eq!(answer["status"], 503, "{answer}");
+    assert_eq!(answer["policy"], "monthly", "{answer}");
+    let ready = send(server.addr, "GET", "/readyz", &[], b"");
+    assert_eq!(ready.status, 503, "not ready without its store");
+    let log = server.stop();
+    assert!(log.contains("circuit open") || log.contains("counter store failed"), "{log}");
+}
