@@ -438,6 +438,20 @@ impl Settings {
             );
         }
 
+        if let Some(url) = &redis_url {
+            let schemes = ["redis://", "redis+cluster://", "unix://", "redis+unix://"];
+            if url.starts_with("rediss") {
+                problem(
+                    "redis_url",
+                    "TLS to Redis (`rediss://`) is not built into this version".to_owned(),
+                );
+            } else if !schemes.iter().any(|s| url.starts_with(s)) {
+                problem(
+                    "redis_url",
+                    "not a Redis URL: use `redis://host:port/db`, `redis+cluster://host:port,host:port` or `unix:///path/to/redis.sock`".to_owned(),
+                );
+            }
+        }
         let store_clock = match store_clock
             .as_deref()
             .map(str::to_ascii_lowercase)

@@ -187,6 +187,7 @@ fn store_settings_are_read_and_checked() {
     let error = Settings::load_from(
         &Flags::default(),
         vars(&[
+            ("TOLLGATE_REDIS_URL", "http://redis:6379"),
             ("TOLLGATE_STORE_CLOCK", "ntp"),
             ("TOLLGATE_EXPECTED_NODES", "0"),
             ("TOLLGATE_BREAKER_FAILURES", "0"),
@@ -196,6 +197,7 @@ fn store_settings_are_read_and_checked() {
     .unwrap_err();
     let keys: Vec<&str> = error.0.iter().map(|p| p.key.as_str()).collect();
     for key in [
+        "redis_url",
         "store_clock",
         "expected_nodes",
         "breaker_failures",

@@ -187,5 +187,8 @@ fn a_failed_redis_follows_each_limit_s_store_error_mode_over_http() {
     let ready = send(server.addr, "GET", "/readyz", &[], b"");
     assert_eq!(ready.status, 503, "not ready without its store");
     let log = server.stop();
-    assert!(log.contains("circuit open") || log.contains("counter store failed"), "{log}");
+    assert!(
+        log.contains("circuit open") || log.contains("counter store failed"),
+        "{log}"
+    );
 }

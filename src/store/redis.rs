@@ -116,13 +116,10 @@ enum Target {
     Cluster(Vec<String>),
 }
 
-/// `redis://…` and `rediss://…` name one server; `redis+cluster://[auth@]h1:p1,h2:p2` (or
-/// `rediss+cluster://`) a Cluster, by any of its nodes.
+/// `redis://…` (or `unix://…`) names one server; `redis+cluster://[auth@]h1:p1,h2:p2` a
+/// Cluster, by any of its nodes.
 fn target(url: &str) -> Result<Target, StoreError> {
-    for (scheme, base) in [
-        ("redis+cluster://", "redis://"),
-        ("rediss+cluster://", "rediss://"),
-    ] {
+    for (scheme, base) in [("redis+cluster://", "redis://")] {
         let Some(rest) = url.strip_prefix(scheme) else {
             continue;
         };
@@ -717,6 +714,10 @@ impl RedisStore {
         if let [(s, members)] = groups.as_slice() {
             return self.run_group(ops, members, *s, now).await;
         }
+        // When part of the request would be refused, call no part (nothing to give back).
+        if groups.iter().any(|(s, _)| self.breaker(*s).refuses(now)) {
+            return Err(StoreError::CircuitOpen);
+        }
         let answers = futures_util::future::join_all(
             groups
                 .iter()
@@ -853,7 +854,7 @@ mod tests {
                 "redis://u:p@b:2".to_owned()
             ])
         );
-        assert!(target("rediss+cluster://").is_err());
+        assert!(target("redis+cluster://").is_err());
     }
 
     #[test]

@@ -88,6 +88,12 @@ impl Breaker {
         }
     }
 
+    /// Whether a call at `now` would be refused (open, and the probe not yet due).
+    pub(crate) fn refuses(&self, now: Timestamp) -> bool {
+        let until = self.open_until.load(Ordering::Acquire);
+        until != 0 && now.as_micros() < until
+    }
+
     /// Whether the breaker is open (calls are refused or probing).
     pub(crate) fn is_open(&self) -> bool {
         self.open_until.load(Ordering::Acquire) != 0
@@ -155,6 +161,7 @@ mod tests {
         assert_eq!(b.permit(at(2)), Permit::Call, "two failures keep it closed");
         b.failure(at(2), false);
         assert_eq!(b.permit(at(3)), Permit::Refuse);
+        assert!(b.refuses(at(101)) && !b.refuses(at(102)));
         assert_eq!(b.permit(at(101)), Permit::Refuse, "open for 100 ms");
         assert_eq!(b.permit(at(102)), Permit::Probe);
         assert_eq!(b.permit(at(102)), Permit::Refuse, "one probe at a time");
