@@ -25,12 +25,14 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
 fi
 
+# Every feature on (the `tonic` feature has its own test, tests/grpc.rs), so that the
+# builds below share one set of compiled dependencies.
 # Each benchmark once, as a test: their setup asserts what they measure.
-cargo test --benches
-cargo test --doc
+cargo test --all-features --benches
+cargo test --all-features --doc
 # The main suite last, so that its summary closes the output.
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --no-fail-fast
+  cargo nextest run --all-features --no-fail-fast
 else
-  cargo test --lib --bins --tests --no-fail-fast
+  cargo test --all-features --lib --bins --tests --no-fail-fast
 fi

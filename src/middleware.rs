@@ -2,7 +2,8 @@
 //! hyper, tonic) in a [`RateLimit`] that decides each request before passing it on.
 //!
 //! Allowed requests go to the inner service with rate-limit headers added to the response;
-//! refused ones get a `problem+json` answer without reaching it. Soft thresholds add a
+//! refused ones get a `problem+json` answer without reaching it — or, for gRPC requests
+//! (`content-type: application/grpc…`), a gRPC status the client library understands. Soft thresholds add a
 //! warning header or hold the request (on tokio's timer). Concurrency leases are given back
 //! when the response body ends, or when the request or the body is dropped.
 
@@ -171,6 +172,7 @@ where
         let layer = self.layer.clone();
         Box::pin(async move {
             let request_id = response::request_id(request.headers());
+            let grpc = is_grpc(request.headers());
             let ctx = request_ctx(&mut request, &layer.options.identifier);
             let verdict = match &layer.only {
                 Some(names) => layer.engine.decide_only(&ctx, names).await,
@@ -187,7 +189,8 @@ where
             });
             log_verdict(&verdict, &request_id);
             if let Some(problem) = response::problem(&verdict, Some(&request_id)) {
-                return Ok(refusal(
+                let refuse = if grpc { grpc_refusal } else { refusal };
+                return Ok(refuse(
                     &verdict,
                     &problem,
                     layer.options.headers,
@@ -244,13 +247,77 @@ pub fn request_ctx<B>(request: &mut Request<B>, identifier: &Identifier) -> Requ
         .extensions()
         .get::<MatchedPath>()
         .map(|m| m.as_str().to_owned());
-    let peer: Option<IpAddr> = request
-        .extensions()
+    let extensions = request.extensions();
+    let peer: Option<IpAddr> = extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip())
-        .or_else(|| request.extensions().get::<SocketAddr>().map(|a| a.ip()));
+        .or_else(|| extensions.get::<SocketAddr>().map(|a| a.ip()));
+    #[cfg(feature = "tonic")]
+    let peer = peer.or_else(|| {
+        extensions
+            .get::<tonic::transport::server::TcpConnectInfo>()
+            .and_then(|c| c.remote_addr())
+            .map(|a| a.ip())
+    });
     identifier.identify(&mut ctx, peer);
     ctx
+}
+
+/// Whether `headers` are a gRPC request's (`application/grpc`, `application/grpc+proto`…).
+fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.strip_prefix("application/grpc")
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with(['+', ';']))
+        })
+}
+
+/// The gRPC status for a refusal: `RESOURCE_EXHAUSTED` (8) for a rate limit,
+/// `PERMISSION_DENIED` (7) for a denylist, `UNAVAILABLE` (14) when the store fails closed;
+/// other statuses a policy chose map as gRPC's HTTP-to-status table does.
+pub fn grpc_status(verdict: &Verdict, status: http::StatusCode) -> u8 {
+    match (&verdict.action, status.as_u16()) {
+        (Action::Unavailable { .. }, _) | (_, 502..=504) => 14,
+        (_, 429) => 8,
+        (Action::Forbid { .. }, _) | (_, 403) => 7,
+        (_, 401) => 16,
+        (_, 404) => 12,
+        (_, 400..=499) => 9,
+        _ => 2,
+    }
+}
+
+/// Characters `grpc-message` carries percent-encoded: controls, `%`, and (always) non-ASCII.
+const GRPC_MESSAGE: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.add(b'%');
+
+/// A refusal for a gRPC client: HTTP 200 with no body ("trailers-only"), `grpc-status` and
+/// the reason in `grpc-message`; the rate-limit headers and `Retry-After` ride along as
+/// metadata.
+pub fn grpc_refusal(
+    verdict: &Verdict,
+    problem: &response::Problem,
+    families: HeaderFamilies,
+    request_id: &str,
+) -> Response<Body> {
+    let mut response = Response::new(Body::empty());
+    let headers = response.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    let code = grpc_status(verdict, problem.status_code());
+    headers.insert("grpc-status", HeaderValue::from(u16::from(code)));
+    let message = percent_encoding::utf8_percent_encode(&problem.detail, GRPC_MESSAGE).to_string();
+    if let Ok(message) = HeaderValue::from_str(&message) {
+        headers.insert("grpc-message", message);
+    }
+    response::write_rate_limit_headers(verdict, families, headers);
+    if let Ok(id) = HeaderValue::from_str(request_id) {
+        headers.insert(X_REQUEST_ID.clone(), id);
+    }
+    response
 }
 
 /// A refusal: the problem document with its status and headers.
@@ -289,5 +356,31 @@ fn log_verdict(verdict: &Verdict, request_id: &str) {
     }
     for shadow in verdict.shadow_rejections() {
         tracing::info!(request_id, limit = %shadow.limit, "shadow limit would reject");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_grpc;
+
+    #[test]
+    fn grpc_requests_are_told_by_their_content_type() {
+        let with = |v: &'static str| {
+            let mut h = http::HeaderMap::new();
+            h.insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static(v),
+            );
+            is_grpc(&h)
+        };
+        assert!(with("application/grpc"));
+        assert!(with("application/grpc+proto"));
+        assert!(with("application/grpc;charset=utf-8"));
+        assert!(
+            !with("application/grpc-web-text"),
+            "grpc-web is plain HTTP to us"
+        );
+        assert!(!with("application/json"));
+        assert!(!is_grpc(&http::HeaderMap::new()));
     }
 }
