@@ -17,7 +17,9 @@
 -- common paths avoid it. A count in the same window is an HINCRBY by the cost as it arrived
 -- (ARGV text), with no new expiry; a bucket or GCRA key's expiry is only pushed out when it
 -- would end too soon (a longer life is harmless: a full bucket or a past TAT is the same as
--- no key); a limit without a ban never reads its ban key.
+-- no key); a limit without a ban never reads its ban key. The algorithms return their
+-- decision and the write to make as plain values (no table or closure per operation), kept
+-- in two flat arrays until every operation is decided.
 
 local now = tonumber(ARGV[1])
 if ARGV[1] == 'T' then
@@ -31,46 +33,36 @@ local function fdiv(a, b) return (a - a % b) / b end
 local function int(x) return string.format('%.0f', x) end
 local function cdiv(a, b) return fdiv(a + b - 1, b) end
 
--- Keeps `key` at least `need` µs from now, extending it to `life` µs when it would end
--- sooner.
-local function keep(key, need, life)
-  if redis.call('PTTL', key) * 1000 < need then
-    redis.call('PEXPIRE', key, int(cdiv(life, 1000) + 1))
-  end
-end
+-- Each algorithm returns: allowed (0/1), limit, remaining, reset, retry after (-1 = never),
+-- then the write to make if the batch is admitted: kind and up to three numbers.
+-- Kinds: 0 none; 1 count in the same window (HINCRBY); 2 a new window (start, end);
+-- 3 a new sliding window (start, previous count, expiry); 4 a bucket (level, µs to full,
+-- life); 5 a GCRA TAT (tat, µs ahead, life); 6 a lease (expiry, the last lease's expiry).
 
-local decisions = {}
-local banned = {}
-local writes = {}
-local costs = {}
-local enforced = {}
-local admitted = true
-
-local function window(key, limit, start, stop, cost, cost_text)
+local function window(key, limit, start, stop, cost)
   local s = redis.call('HMGET', key, 's', 'c')
   local count = 0
   local same = tonumber(s[1]) == start
   if same then count = tonumber(s[2]) or 0 end
-  local until_end = stop - now
   local total = count + cost
   if total <= limit then
-    local write
-    if same then
-      write = function() redis.call('HINCRBY', key, 'c', cost_text) end
-    else
-      write = function()
-        redis.call('HSET', key, 's', int(start), 'c', cost_text)
-        redis.call('PEXPIRE', key, int(cdiv(stop - now, 1000) + 1))
-      end
-    end
-    return {1, limit, limit - total, until_end, -1}, write
+    if same then return 1, limit, limit - total, stop - now, -1, 1, 0, 0, 0 end
+    return 1, limit, limit - total, stop - now, -1, 2, start, stop, 0
   end
   local retry = -1
-  if cost <= limit then retry = until_end end
-  return {0, limit, limit - count, until_end, retry}, nil
+  if cost <= limit then retry = stop - now end
+  return 0, limit, limit - count, stop - now, retry, 0, 0, 0, 0
 end
 
-local function sliding(key, limit, w, cost, cost_text)
+-- When the estimate, with `count` weighted by what is left of its window, leaves `room`.
+local function earliest(w, room, count)
+  if count == 0 then return 0 end
+  local keep = fdiv(room * w, count)
+  if keep >= w then return 0 end
+  return w - keep
+end
+
+local function sliding(key, limit, w, cost)
   local start = now - now % w
   local stop = start + w
   local s = redis.call('HMGET', key, 's', 'p', 'c')
@@ -81,41 +73,28 @@ local function sliding(key, limit, w, cost, cost_text)
   elseif sstart ~= nil and sstart + w == start then
     prev = tonumber(s[3]) or 0
   end
-  local elapsed = now - start
-  local estimate = cdiv(prev * (w - elapsed), w) + cur
+  local estimate = cdiv(prev * (stop - now), w) + cur
   if estimate + cost <= limit then
-    local write
     if sstart == start then
-      write = function() redis.call('HINCRBY', key, 'c', cost_text) end
-    else
-      write = function()
-        redis.call('HSET', key, 's', int(start), 'p', int(prev), 'c', cost_text)
-        redis.call('PEXPIRE', key, int(cdiv(stop + w - now, 1000) + 1))
-      end
+      return 1, limit, limit - (estimate + cost), stop - now, -1, 1, 0, 0, 0
     end
-    return {1, limit, limit - (estimate + cost), stop - now, -1}, write
-  end
-  local function earliest(room, count)
-    if count == 0 then return 0 end
-    local keep = fdiv(room * w, count)
-    if keep >= w then return 0 end
-    return w - keep
+    return 1, limit, limit - (estimate + cost), stop - now, -1, 3, start, prev, stop + w
   end
   local retry = -1
   local room = limit - cost - cur
   if limit - cost >= 0 and room >= 0 then
-    local at = start + earliest(room, prev)
-    if at < start + w then
+    local at = start + earliest(w, room, prev)
+    if at < stop then
       if at < now then at = now end
       retry = at - now
     end
   end
   if retry < 0 and limit - cost >= 0 then
-    retry = start + w + earliest(limit - cost, cur) - now
+    retry = stop + earliest(w, limit - cost, cur) - now
   end
   local remaining = limit - estimate
   if remaining < 0 then remaining = 0 end
-  return {0, limit, remaining, stop - now, retry}, nil
+  return 0, limit, remaining, stop - now, retry, 0, 0, 0, 0
 end
 
 local function bucket(key, capacity, count, period, cost)
@@ -137,16 +116,11 @@ local function bucket(key, capacity, count, period, cost)
   if level >= need then
     level = level - need
     local to_full = cdiv(full - level, count)
-    local write = function()
-      redis.call('HSET', key, 'l', int(level), 'u', int(now))
-      keep(key, to_full, 2 * cdiv(full, count))
-    end
-    return {1, capacity, fdiv(level, period), to_full, -1}, write
+    return 1, capacity, fdiv(level, period), to_full, -1, 4, level, to_full, 2 * cdiv(full, count)
   end
   local retry = -1
   if need <= full then retry = cdiv(need - level, count) end
-  local to_full = cdiv(full - level, count)
-  return {0, capacity, fdiv(level, period), to_full, retry}, nil
+  return 0, capacity, fdiv(level, period), cdiv(full - level, count), retry, 0, 0, 0, 0
 end
 
 local function gcra(key, capacity, t, cost)
@@ -156,96 +130,114 @@ local function gcra(key, capacity, t, cost)
   local new_tat = tat + cost * t
   if new_tat - now <= tolerance then
     local ahead = new_tat - now
-    local write = function()
-      redis.call('HSET', key, 't', int(new_tat))
-      keep(key, ahead, 2 * tolerance)
-    end
-    return {1, capacity, fdiv(tolerance - ahead, t), ahead, -1}, write
+    return 1, capacity, fdiv(tolerance - ahead, t), ahead, -1, 5, new_tat, ahead, 2 * tolerance
   end
   local retry = -1
   if cost * t <= tolerance then retry = new_tat - now - tolerance end
-  local ahead = tat - now
-  local remaining = tolerance - ahead
+  local remaining = tolerance - (tat - now)
   if remaining < 0 then remaining = 0 end
-  return {0, capacity, fdiv(remaining, t), ahead, retry}, nil
+  return 0, capacity, fdiv(remaining, t), tat - now, retry, 0, 0, 0, 0
 end
 
-local function concurrency(key, max, lease, id)
+local function concurrency(key, max, lease)
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
   local held = redis.call('ZCARD', key)
+  local last = tonumber(redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')[2]) or now
   if held < max then
     local expires = now + lease
-    local last = tonumber(redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')[2]) or now
     if expires > last then last = expires end
-    local write = function()
-      redis.call('ZADD', key, int(expires), id)
-      redis.call('PEXPIRE', key, int(cdiv(last - now, 1000) + 1))
-    end
-    return {1, max, max - held - 1, last - now, -1}, write
+    return 1, max, max - held - 1, last - now, -1, 6, expires, last, 0
   end
   local first = tonumber(redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')[2]) or now
-  local last = tonumber(redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')[2]) or now
-  return {0, max, 0, last - now, first - now}, nil
+  return 0, max, 0, last - now, first - now, 0, 0, 0, 0
 end
 
+-- Keeps `key` at least `need` µs from now, extending it to `life` µs when it would end
+-- sooner.
+local function keep(key, need, life)
+  if redis.call('PTTL', key) * 1000 < need then
+    redis.call('PEXPIRE', key, int(cdiv(life, 1000) + 1))
+  end
+end
+
+local out = {1}
+local writes = {}
+local admitted = true
 for i = 1, n do
   local a = 3 + (i - 1) * 8
-  local algo, cost_text, enforce = ARGV[a], ARGV[a + 1], ARGV[a + 2] == '1'
-  local cost = tonumber(cost_text)
-  costs[i], enforced[i] = cost, enforce
+  local algo, cost = ARGV[a], tonumber(ARGV[a + 1])
   local p1, p2, p3 = tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6]), tonumber(ARGV[a + 7])
   local key = KEYS[2 * i - 1]
   local banned_until = 0
   if ARGV[a + 3] ~= '0' then banned_until = tonumber(redis.call('GET', KEYS[2 * i])) or 0 end
-  local d, w
+  local ok, limit, remaining, reset, retry, kind, wa, wb, wc
+  local banned = 0
   if banned_until > now then
-    d = {0, p1, 0, banned_until - now, banned_until - now}
-    banned[i] = true
+    ok, limit, remaining, reset, retry = 0, p1, 0, banned_until - now, banned_until - now
+    kind, wa, wb, wc = 0, 0, 0, 0
+    banned = 1
+  elseif algo == '1' then
+    local start = now - now % p2
+    ok, limit, remaining, reset, retry, kind, wa, wb, wc = window(key, p1, start, start + p2, cost)
+  elseif algo == '2' then
+    ok, limit, remaining, reset, retry, kind, wa, wb, wc = window(key, p1, p2, p3, cost)
+  elseif algo == '3' then
+    ok, limit, remaining, reset, retry, kind, wa, wb, wc = sliding(key, p1, p2, cost)
+  elseif algo == '4' then
+    ok, limit, remaining, reset, retry, kind, wa, wb, wc = bucket(key, p1, p2, p3, cost)
+  elseif algo == '5' then
+    ok, limit, remaining, reset, retry, kind, wa, wb, wc = gcra(key, p1, p2, cost)
   else
-    if algo == '1' then
-      local start = now - now % p2
-      d, w = window(key, p1, start, start + p2, cost, cost_text)
-    elseif algo == '2' then
-      d, w = window(key, p1, p2, p3, cost, cost_text)
-    elseif algo == '3' then
-      d, w = sliding(key, p1, p2, cost, cost_text)
-    elseif algo == '4' then
-      d, w = bucket(key, p1, p2, p3, cost)
-    elseif algo == '5' then
-      d, w = gcra(key, p1, p2, cost)
-    else
-      d, w = concurrency(key, p1, p2, ARGV[a + 4])
-    end
-    banned[i] = false
-    writes[i] = w
+    ok, limit, remaining, reset, retry, kind, wa, wb, wc = concurrency(key, p1, p2)
   end
-  decisions[i] = d
-  if d[1] == 0 and enforce then admitted = false end
+  local b = 1 + (i - 1) * 6
+  out[b + 1], out[b + 2], out[b + 3], out[b + 4], out[b + 5], out[b + 6] =
+    ok, limit, remaining, reset, retry, banned
+  local c = (i - 1) * 4
+  writes[c + 1], writes[c + 2], writes[c + 3], writes[c + 4] = kind, wa, wb, wc
+  if ok == 0 and ARGV[a + 2] == '1' then admitted = false end
 end
 
-local out = {admitted and 1 or 0}
+if not admitted then out[1] = 0 end
 for i = 1, n do
-  local d, cost = decisions[i], costs[i]
-  if not banned[i] then
-    if admitted and d[1] == 1 and writes[i] then
-      writes[i]()
-    elseif d[1] == 0 and enforced[i] and ARGV[6 + (i - 1) * 8] ~= '0' then
-      local ban = tonumber(ARGV[6 + (i - 1) * 8])
-      local until_us = now + ban
-      redis.call('SET', KEYS[2 * i], int(until_us), 'PX', int(cdiv(ban, 1000) + 1))
+  local a = 3 + (i - 1) * 8
+  local b = 1 + (i - 1) * 6
+  local c = (i - 1) * 4
+  local key = KEYS[2 * i - 1]
+  local ok = out[b + 1]
+  if out[b + 6] == 1 then
+    -- Banned: nothing to write.
+  elseif admitted and ok == 1 then
+    local kind, wa, wb, wc = writes[c + 1], writes[c + 2], writes[c + 3], writes[c + 4]
+    if kind == 1 then
+      redis.call('HINCRBY', key, 'c', ARGV[a + 1])
+    elseif kind == 2 then
+      redis.call('HSET', key, 's', int(wa), 'c', ARGV[a + 1])
+      redis.call('PEXPIRE', key, int(cdiv(wb - now, 1000) + 1))
+    elseif kind == 3 then
+      redis.call('HSET', key, 's', int(wa), 'p', int(wb), 'c', ARGV[a + 1])
+      redis.call('PEXPIRE', key, int(cdiv(wc - now, 1000) + 1))
+    elseif kind == 4 then
+      redis.call('HSET', key, 'l', int(wa), 'u', int(now))
+      keep(key, wb, wc)
+    elseif kind == 5 then
+      redis.call('HSET', key, 't', int(wa))
+      keep(key, wb, wc)
+    elseif kind == 6 then
+      redis.call('ZADD', key, int(wa), ARGV[a + 4])
+      redis.call('PEXPIRE', key, int(cdiv(wb - now, 1000) + 1))
     end
-    if not admitted and d[1] == 1 then
+  else
+    if ok == 0 and ARGV[a + 2] == '1' and ARGV[a + 3] ~= '0' then
+      local ban = tonumber(ARGV[a + 3])
+      redis.call('SET', KEYS[2 * i], int(now + ban), 'PX', int(cdiv(ban, 1000) + 1))
+    end
+    if ok == 1 then
       -- Nothing was consumed: what is left is what was left before.
-      local r = d[3] + cost
-      if r > d[2] then r = d[2] end
-      d[3] = r
+      local r = out[b + 3] + tonumber(ARGV[a + 1])
+      if r > out[b + 2] then r = out[b + 2] end
+      out[b + 3] = r
     end
   end
-  out[#out + 1] = d[1]
-  out[#out + 1] = d[2]
-  out[#out + 1] = d[3]
-  out[#out + 1] = d[4]
-  out[#out + 1] = d[5]
-  out[#out + 1] = banned[i] and 1 or 0
 end
 return out
