@@ -25,9 +25,10 @@ fn binary(name: &str) -> Option<PathBuf> {
     found
 }
 
-/// Waits up to 10 s for `check` (a start-up wait, not a timing test).
+/// Waits up to 30 s for `check` (a start-up wait on a possibly loaded machine, not a timing
+/// test).
 fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
-    for _ in 0..500 {
+    for _ in 0..1500 {
         if check() {
             return;
         }
