@@ -18,6 +18,11 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use http::Request;
 use tower::{Service, ServiceExt};
 
+/// The allocator of the `tollgate` binary and the load-test app, so that the figures are the
+/// server's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const POLICY: &str = include_str!("three_limits.rl");
 
 fn request() -> Request<Body> {

@@ -63,6 +63,8 @@ pub fn write_rate_limit_headers(
     headers: &mut HeaderMap,
 ) {
     let num = |n: u64| HeaderValue::from(n);
+    // Up to six more headers: grow the map once.
+    headers.reserve(6);
     if let Some(report) = verdict.headline() {
         let d = &report.decision;
         let reset = ceil_secs(d.reset);
@@ -72,12 +74,23 @@ pub fn write_rate_limit_headers(
             headers.insert(X_RATELIMIT_RESET.clone(), num(reset));
         }
         if families.ietf {
+            // `"name";q=100;w=60` and `"name";r=42;t=17`, written without `format!` (these
+            // two headers are on every response).
             let (q, w) = report.policy;
-            let policy = format!("\"{}\";q={q};w={w}", report.limit);
-            let current = format!("\"{}\";r={};t={reset}", report.limit, d.remaining);
+            let item = |a: &str, x: u64, b: &str, y: u64| {
+                let mut digits = itoa::Buffer::new();
+                let mut v = String::with_capacity(report.limit.len() + 32);
+                v.push('"');
+                v.push_str(&report.limit);
+                v.push_str(a);
+                v.push_str(digits.format(x));
+                v.push_str(b);
+                v.push_str(digits.format(y));
+                HeaderValue::try_from(v)
+            };
             if let (Ok(p), Ok(c)) = (
-                HeaderValue::from_str(&policy),
-                HeaderValue::from_str(&current),
+                item("\";q=", q, ";w=", w),
+                item("\";r=", d.remaining, ";t=", reset),
             ) {
                 headers.insert(RATELIMIT_POLICY.clone(), p);
                 headers.insert(RATELIMIT.clone(), c);
