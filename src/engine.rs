@@ -299,7 +299,6 @@ impl<S: Store, C: Clock> Engine<S, C> {
             return verdict(action, Vec::new(), Vec::new());
         }
 
-        let lease = LeaseId(self.lease_base | self.lease_counter.fetch_add(1, Ordering::Relaxed));
         let candidates: SmallVec<[usize; 8]> = match only {
             None => plan.routes.candidates(&routes),
             Some(names) => (0..plan.limits.len())
@@ -406,6 +405,16 @@ impl<S: Store, C: Clock> Engine<S, C> {
             applied.push(limit);
         }
 
+        // A lease id only for requests that take a lease: the shared counter is a cache line
+        // every core would otherwise fight over on every request.
+        let lease = if pending
+            .iter()
+            .any(|p| matches!(p.quota, Quota::Concurrency(_)))
+        {
+            LeaseId(self.lease_base | self.lease_counter.fetch_add(1, Ordering::Relaxed))
+        } else {
+            LeaseId(0)
+        };
         let mut leases = Vec::new();
         let mut unavailable = None;
         if !blocked && !pending.is_empty() {

@@ -303,13 +303,18 @@ pub fn request_id(headers: &HeaderMap) -> String {
 /// process and across processes with overwhelming probability; cheap enough for every
 /// request.
 fn new_request_id() -> String {
-    use std::sync::LazyLock;
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static PREFIX: LazyLock<u64> = LazyLock::new(rand::random);
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    use std::cell::Cell;
+    // Per thread: a random prefix and a counter, so that threads never share a cache line.
+    thread_local! {
+        static NEXT: Cell<(u64, u64)> = Cell::new((rand::random(), 0));
+    }
+    let (prefix, n) = NEXT.with(|next| {
+        let (prefix, n) = next.get();
+        next.set((prefix, n.wrapping_add(1)));
+        (prefix, n)
+    });
     let mut out = String::with_capacity(32);
-    push_hex(&mut out, *PREFIX);
+    push_hex(&mut out, prefix);
     push_hex(&mut out, n);
     out
 }

@@ -43,14 +43,40 @@ impl Redis {
         Self::start_with(&[])
     }
 
-    /// Starts one with extra `redis-server` arguments.
+    /// Starts one with extra `redis-server` arguments, on a free port. Another test process
+    /// may take the same port between our probe and Redis's bind: then another port is tried.
     pub fn start_with(extra: &[&str]) -> Option<Redis> {
-        let port = super::free_port();
-        Self::start_on(port, extra)
+        Self::start_retrying(|| {
+            (
+                super::free_port(),
+                extra.iter().map(|s| s.to_string()).collect(),
+            )
+        })
+    }
+
+    /// Starts one on a port (and with arguments) from `next`, trying again with new ones when
+    /// the port turns out to be taken.
+    fn start_retrying(mut next: impl FnMut() -> (u16, Vec<String>)) -> Option<Redis> {
+        let mut last = String::new();
+        for _ in 0..5 {
+            let (port, extra) = next();
+            let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+            match Self::launch(port, &extra)? {
+                Ok(redis) => return Some(redis),
+                Err(why) => last = why,
+            }
+        }
+        panic!("redis-server would not start: {last}");
     }
 
     /// Starts one on `port` (e.g. again, after [`Redis::kill`]).
     pub fn start_on(port: u16, extra: &[&str]) -> Option<Redis> {
+        Some(Self::launch(port, extra)?.unwrap_or_else(|why| panic!("{why}")))
+    }
+
+    /// Runs `redis-server` on `port` and waits until it answers — itself, not another test's
+    /// server that took the port first.
+    fn launch(port: u16, extra: &[&str]) -> Option<Result<Redis, String>> {
         let binary = binary("redis-server")?;
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let dir =
@@ -74,11 +100,29 @@ impl Redis {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server starts");
-        let redis = Redis { addr, child, dir };
+        let mut redis = Redis { addr, child, dir };
+        let pid = format!("process_id:{}", redis.child.id());
+        let mut outcome = Err(format!("redis-server on {addr} did not answer"));
         wait_for(&format!("redis-server on {addr} did not answer"), || {
-            redis.ping()
+            if let Ok(Some(status)) = redis.child.try_wait() {
+                outcome = Err(format!(
+                    "redis-server on {addr} exited ({status}): port taken?"
+                ));
+                return true;
+            }
+            if redis.ping() && redis.cli(&["INFO", "server"]).contains(&pid) {
+                outcome = Ok(());
+                return true;
+            }
+            false
         });
-        Some(redis)
+        Some(match outcome {
+            Ok(()) => Ok(redis),
+            Err(why) => {
+                redis.kill();
+                Err(why)
+            }
+        })
     }
 
     /// `redis://127.0.0.1:PORT`
@@ -157,23 +201,22 @@ impl Cluster {
         binary("redis-cli")?;
         let mut nodes = Vec::new();
         for _ in 0..masters * (1 + replicas) {
-            let port = super::free_port();
-            let conf = format!("nodes-{port}.conf");
-            // The bus port defaults to port + 10000, which may be taken or past 65535.
-            let bus = super::free_port().to_string();
-            nodes.push(Redis::start_on(
-                port,
-                &[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-port",
-                    &bus,
-                    "--cluster-config-file",
-                    &conf,
-                    "--cluster-node-timeout",
-                    "1000",
-                ],
-            )?);
+            nodes.push(Redis::start_retrying(|| {
+                let port = super::free_port();
+                // The bus port defaults to port + 10000, which may be taken or past 65535.
+                let bus = super::free_port();
+                let args = [
+                    "--cluster-enabled".to_owned(),
+                    "yes".to_owned(),
+                    "--cluster-port".to_owned(),
+                    bus.to_string(),
+                    "--cluster-config-file".to_owned(),
+                    format!("nodes-{port}.conf"),
+                    "--cluster-node-timeout".to_owned(),
+                    "1000".to_owned(),
+                ];
+                (port, args.to_vec())
+            })?);
         }
         let mut create = Command::new("redis-cli");
         create.arg("--cluster").arg("create");
