@@ -117,6 +117,18 @@ impl KeySelector<'_> {
     }
 }
 
+/// The part of `key` that decides where it lives, as Redis Cluster reads it: between the
+/// first `{` and the next `}`, or the whole key when there is none or it is empty.
+pub fn hash_tag(key: &str) -> &str {
+    key.find('{')
+        .and_then(|open| {
+            let rest = &key[open + 1..];
+            rest.find('}').map(|close| &rest[..close])
+        })
+        .filter(|tag| !tag.is_empty())
+        .unwrap_or(key)
+}
+
 fn glob_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {

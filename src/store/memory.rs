@@ -13,7 +13,7 @@ use foldhash::fast::RandomState;
 use parking_lot::{Mutex, MutexGuard};
 use smallvec::SmallVec;
 
-use super::{BatchResult, KeySelector, KeyState, Op, OpResult, Store, StoreError};
+use super::{BatchResult, KeySelector, KeyState, Op, OpResult, Store, StoreError, hash_tag};
 use crate::clock::Timestamp;
 use crate::limiter::{self, Decision, LeaseId, State, concurrency, us};
 
@@ -155,8 +155,10 @@ impl MemoryStore {
             .sum()
     }
 
+    /// The shard of `key`, chosen by its `{client}` hash tag as Redis Cluster chooses a
+    /// slot: one client's keys share a shard, so that a request usually takes one lock.
     fn shard_of(&self, key: &str) -> usize {
-        (self.hasher.hash_one(key) as usize) % SHARDS
+        (self.hasher.hash_one(hash_tag(key)) as usize) % SHARDS
     }
 
     fn purge_shard(&self, map: &mut Shard, now: u64) -> usize {

@@ -32,7 +32,7 @@ pub use breaker::BreakerSettings;
 use breaker::{Breaker, Permit};
 
 use super::deny::{Denied, DenyCache};
-use super::{BatchResult, KeySelector, KeyState, Op, OpResult, Store, StoreError};
+use super::{BatchResult, KeySelector, KeyState, Op, OpResult, Store, StoreError, hash_tag};
 use crate::clock::Timestamp;
 use crate::limiter::{
     ConcurrencyState, Decision, GcraState, LeaseId, Quota, SlidingState, State, TokenBucketState,
@@ -573,16 +573,7 @@ fn params(quota: &Quota, now: Timestamp) -> [u64; 4] {
 
 /// The Cluster slot of `key`: CRC16 of its hash tag (or of the whole key), modulo 16384.
 pub fn slot(key: &str) -> u16 {
-    let bytes = key.as_bytes();
-    let tagged = key
-        .find('{')
-        .and_then(|open| {
-            let close = key[open + 1..].find('}')?;
-            Some(&bytes[open + 1..open + 1 + close])
-        })
-        .filter(|tag| !tag.is_empty())
-        .unwrap_or(bytes);
-    crc16::State::<crc16::XMODEM>::calculate(tagged) % CLUSTER_SLOTS as u16
+    crc16::State::<crc16::XMODEM>::calculate(hash_tag(key).as_bytes()) % CLUSTER_SLOTS as u16
 }
 
 impl Store for RedisStore {
