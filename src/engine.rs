@@ -532,8 +532,15 @@ impl<S: Store, C: Clock> Engine<S, C> {
         for lease in leases {
             if lease.local {
                 self.local.release_now(&lease.key, lease.id, now);
-            } else if let Err(error) = self.store.release(&lease.key, lease.id, now).await {
-                tracing::warn!(%error, "could not release a concurrency lease; it will expire");
+            } else {
+                match self.store.release(&lease.key, lease.id, now).await {
+                    Ok(()) => {}
+                    // The breaker logged when it opened; once per lease would flood.
+                    Err(StoreError::CircuitOpen) => {}
+                    Err(error) => {
+                        tracing::warn!(%error, "could not release a concurrency lease; it will expire");
+                    }
+                }
             }
         }
     }

@@ -13,7 +13,7 @@ use tollgate::clock::{Clock, SystemClock};
 use tollgate::engine::Counted;
 use tollgate::limiter::{LeaseId, Quota, State, WindowQuota};
 use tollgate::store::redis::{BreakerSettings, RedisOptions, RedisStore};
-use tollgate::store::{KeySelector, MemoryStore, Op, Store};
+use tollgate::store::{KeySelector, MemoryStore, Op, Store, StoreError};
 use tollgate::{Action, Engine, ManualClock, PolicySet, RequestCtx, Timestamp, compile};
 
 /// A minute boundary, so that windows start aligned.
@@ -506,6 +506,16 @@ async fn redis_killed_then_restarted_fails_by_mode_then_recovers_without_restart
         engine.store().round_trips(),
         trips,
         "an open circuit does not call Redis"
+    );
+    assert!(
+        matches!(
+            engine
+                .store()
+                .release("fm:{c}:x", LeaseId(1), clock.now())
+                .await,
+            Err(StoreError::CircuitOpen)
+        ),
+        "nor to give a lease back"
     );
 
     // Restarted (empty, without the scripts): within the breaker's longest back-off, 1 s,

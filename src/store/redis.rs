@@ -591,7 +591,11 @@ impl Store for RedisStore {
         Ok(result)
     }
 
-    async fn release(&self, key: &str, lease: LeaseId, _now: Timestamp) -> Result<(), StoreError> {
+    async fn release(&self, key: &str, lease: LeaseId, now: Timestamp) -> Result<(), StoreError> {
+        // While the circuit is open the lease cannot be given back: it expires on its own.
+        if self.breaker(slot(key)).refuses(now) {
+            return Err(StoreError::CircuitOpen);
+        }
         let _: i64 = self
             .call(async |c| {
                 redis::cmd("ZREM")
