@@ -14,7 +14,9 @@ use tollgate::engine::Counted;
 use tollgate::limiter::{LeaseId, Quota, State, WindowQuota};
 use tollgate::store::redis::{BreakerSettings, RedisOptions, RedisStore};
 use tollgate::store::{KeySelector, MemoryStore, Op, Store, StoreError};
-use tollgate::{Action, Engine, ManualClock, PolicySet, RequestCtx, Timestamp, compile};
+use tollgate::{
+    Action, Engine, ManualClock, PolicySet, RequestCtx, Timestamp, TokioClock, compile,
+};
 
 /// A minute boundary, so that windows start aligned.
 const START: u64 = 1_700_006_400;
@@ -445,14 +447,17 @@ fn fail_fast() -> RedisOptions {
     }
 }
 
-/// Sends one request and checks that it took no longer than the store's timeout plus a
-/// margin for a loaded machine (measured on the system clock: an upper bound, not a sleep).
+/// Sends one request and checks that it took no longer than the store's 50 ms timeout, on
+/// tokio's clock. Callers pause that clock first: a request waiting on a silent Redis is then
+/// ended by its timeout alone, at 50 ms of tokio time (plus the timer's 1 ms resolution),
+/// however busy the machine is.
 async fn timed<S: Store, C: Clock>(engine: &Engine<S, C>, path: &str) -> tollgate::Verdict {
-    let started = SystemClock.now();
+    let tokio_clock = TokioClock::starting_at(Timestamp::from_secs(START));
+    let started = tokio_clock.now();
     let verdict = engine.decide(&get(path)).await;
-    let took = SystemClock.now().saturating_since(started);
+    let took = tokio_clock.now().saturating_since(started);
     assert!(
-        took <= Duration::from_millis(50 + 450),
+        took <= Duration::from_millis(50 + 1),
         "{path} took {took:?} with a 50 ms store timeout"
     );
     verdict
@@ -494,6 +499,7 @@ async fn redis_killed_then_restarted_fails_by_mode_then_recovers_without_restart
     let v = engine.decide(&get("/local/x")).await;
     assert_eq!(counted(&v, "local"), Counted::Store);
 
+    tokio::time::pause();
     server.kill();
     follows_fail_modes(&engine).await;
     assert!(
@@ -520,12 +526,13 @@ async fn redis_killed_then_restarted_fails_by_mode_then_recovers_without_restart
 
     // Restarted (empty, without the scripts): within the breaker's longest back-off, 1 s,
     // the next request is counted in Redis again.
+    tokio::time::resume();
     let _server = Redis::start_on(port, &[]).expect("redis restarts");
     clock.advance(Duration::from_secs(1));
-    let v = timed(&engine, "/open").await;
+    let v = engine.decide(&get("/open")).await;
     assert_eq!(counted(&v, "open"), Counted::Store, "{v:?}");
     assert!(!engine.store().circuit_open());
-    let v = timed(&engine, "/closed/x").await;
+    let v = engine.decide(&get("/closed/x")).await;
     assert_eq!(v.action, Action::Allow);
     assert_eq!(counted(&v, "closed"), Counted::Store);
 }
@@ -547,12 +554,14 @@ async fn a_hung_redis_times_out_by_mode_and_recovers() {
         Counted::Store
     );
 
+    tokio::time::pause();
     server.pause(true);
     follows_fail_modes(&engine).await;
     assert!(engine.store().circuit_open());
+    tokio::time::resume();
     server.pause(false);
     clock.advance(Duration::from_secs(1));
-    let v = timed(&engine, "/open").await;
+    let v = engine.decide(&get("/open")).await;
     assert_eq!(counted(&v, "open"), Counted::Store, "{v:?}");
 }
 
@@ -595,11 +604,11 @@ async fn a_cluster_master_killed_fails_over_to_its_replica() {
     cluster.nodes[master].kill();
 
     // Until the cluster promotes the replica (node timeout 1 s), requests follow their fail
-    // mode within the timeout; then they are counted in Redis again. Up to 30 s for the
+    // mode; then they are counted in Redis again. Up to 30 s for the
     // failover (waiting for the cluster, not timing it).
     let mut failed_over = false;
     for _ in 0..300 {
-        let v = timed(&engine, "/closed/x").await;
+        let v = engine.decide(&get("/closed/x")).await;
         match v.action {
             Action::Allow => {
                 assert_eq!(counted(&v, "closed"), Counted::Store);
