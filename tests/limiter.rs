@@ -367,3 +367,27 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    /// `on_store_error local`: each of `nodes` nodes counts its share; together they never
+    /// admit more than the quota (unless the quota is smaller than the number of nodes, when
+    /// each still gets one), and a share is never zero.
+    #[test]
+    fn shares_of_a_quota_add_up_to_at_most_the_quota(limit in 1u64..10_000, nodes in 1u64..64) {
+        let window = Quota::FixedWindow(WindowQuota { limit: nz(limit), window: nz(60_000_000) });
+        let Quota::FixedWindow(share) = window.share(nz(nodes)) else {
+            panic!("a share keeps its algorithm");
+        };
+        prop_assert!(share.limit.get() * nodes <= limit.max(nodes));
+        prop_assert!(share.limit.get() * nodes > limit.saturating_sub(nodes));
+        let bucket = Quota::Gcra(BucketQuota::new(nz(limit), nz(10), nz(1_000_000)));
+        let Quota::Gcra(share) = bucket.share(nz(nodes)) else {
+            panic!("a share keeps its algorithm");
+        };
+        prop_assert!(share.capacity.get() * nodes <= limit.max(nodes));
+        // The rate is divided too: `nodes` shares refill no faster than the whole (10 per
+        // second): nodes × count / period ≤ 10 / 1 s.
+        let parts = u128::from(share.count.get()) * u128::from(nodes) * 1_000_000;
+        prop_assert!(parts <= 10 * u128::from(share.period.get()));
+    }
+}
