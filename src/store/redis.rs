@@ -16,7 +16,9 @@
 //! - Rejections with a known end are remembered in a local [`DenyCache`], so that a flood is
 //!   answered without a round trip.
 
+mod admin;
 mod breaker;
+mod cluster;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -24,20 +26,17 @@ use std::time::Duration;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{Cmd, Pipeline, RedisFuture, Script, Value};
 use smallvec::SmallVec;
 
 pub use breaker::BreakerSettings;
 use breaker::{Breaker, Permit};
+pub use cluster::slot;
 
 use super::deny::{Denied, DenyCache};
-use super::{BatchResult, KeySelector, KeyState, Op, OpResult, Store, StoreError, hash_tag};
+use super::{BatchResult, KeySelector, KeyState, Op, OpResult, Store, StoreError};
 use crate::clock::Timestamp;
-use crate::limiter::{
-    ConcurrencyState, Decision, GcraState, LeaseId, Quota, SlidingState, State, TokenBucketState,
-    WindowState, us,
-};
+use crate::limiter::{Decision, LeaseId, Quota, us};
 
 const BATCH: &str = include_str!("redis/batch.lua");
 const UNDO: &str = include_str!("redis/undo.lua");
@@ -357,38 +356,6 @@ impl RedisStore {
         result
     }
 
-    /// Gives back what `group`'s operations consumed (a later part of the request was
-    /// rejected). Best effort: a failure is logged, and the counts expire with their window.
-    async fn undo_group(&self, ops: &[Op<'_>], group: &[usize], now: Timestamp) {
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.undo.get_hash()).arg(group.len());
-        for &i in group {
-            cmd.arg(ops[i].key);
-        }
-        if self.options.server_time {
-            cmd.arg("T");
-        } else {
-            cmd.arg(now.as_micros());
-        }
-        cmd.arg(group.len());
-        for &i in group {
-            let op = &ops[i];
-            let [algorithm, p1, p2, p3] = params(&op.quota, now);
-            cmd.arg(algorithm)
-                .arg(op.cost)
-                .arg(op.lease.0)
-                .arg(p1)
-                .arg(p2)
-                .arg(p3);
-        }
-        if let Err(error) = self
-            .call(async |c| eval::<i64>(c, &self.undo, &cmd).await)
-            .await
-        {
-            tracing::warn!(%error, "could not give back a rejected request's counts in another Cluster slot; they expire with their window");
-        }
-    }
-
     /// A rejection remembered for one of `ops`, as the batch result it stands for.
     fn cached(&self, ops: &[Op<'_>], now: Timestamp) -> Option<BatchResult> {
         let deny = self.deny.as_ref()?;
@@ -465,79 +432,6 @@ impl RedisStore {
             deny.forget_matching(|k| selector.matches(k));
         }
     }
-
-    /// The master nodes' addresses (one server: itself).
-    async fn masters(&self) -> Result<Vec<Option<(String, u16)>>, StoreError> {
-        if !self.is_cluster() {
-            return Ok(vec![None]);
-        }
-        let slots: Value = self
-            .call(async |c| redis::cmd("CLUSTER").arg("SLOTS").query_async(c).await)
-            .await?;
-        let mut masters = Vec::new();
-        if let Value::Array(ranges) = slots {
-            for range in ranges {
-                let Value::Array(parts) = range else { continue };
-                let Some(Value::Array(master)) = parts.get(2) else {
-                    continue;
-                };
-                let host = match master.first() {
-                    Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
-                    _ => continue,
-                };
-                let Some(Value::Int(port)) = master.get(1) else {
-                    continue;
-                };
-                let Ok(port) = u16::try_from(*port) else {
-                    continue;
-                };
-                let node = Some((host, port));
-                if !masters.contains(&node) {
-                    masters.push(node);
-                }
-            }
-        }
-        Ok(masters)
-    }
-
-    /// Every key on every master that `selector` selects.
-    async fn scan(&self, selector: KeySelector<'_>) -> Result<Vec<String>, StoreError> {
-        let pattern = selector.pattern();
-        let mut found = Vec::new();
-        for node in self.masters().await? {
-            let mut cursor = 0u64;
-            loop {
-                let mut scan = redis::cmd("SCAN");
-                scan.arg(cursor)
-                    .arg("MATCH")
-                    .arg(&pattern)
-                    .arg("COUNT")
-                    .arg(1000);
-                let (next, keys): (u64, Vec<String>) = match (&node, &self.connection) {
-                    (Some((host, port)), Connection::Cluster(c)) => {
-                        let mut c = c.clone();
-                        let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
-                            host: host.clone(),
-                            port: *port,
-                        });
-                        let value = self
-                            .call(async |_| c.route_command(scan, routing).await)
-                            .await?;
-                        redis::from_redis_value(value).map_err(|e| backend(e.into()))?
-                    }
-                    _ => self.call(async |c| scan.query_async(c).await).await?,
-                };
-                found.extend(keys.into_iter().filter(|k| selector.matches(k)));
-                cursor = next;
-                if cursor == 0 {
-                    break;
-                }
-            }
-        }
-        found.sort_unstable();
-        found.dedup();
-        Ok(found)
-    }
 }
 
 /// Runs `cmd`, an `EVALSHA` of `script`; when Redis no longer has the script (`NOSCRIPT`,
@@ -569,11 +463,6 @@ fn params(quota: &Quota, now: Timestamp) -> [u64; 4] {
         Quota::Gcra(q) => [5, q.capacity.get(), q.emission_interval(), 0],
         Quota::Concurrency(q) => [6, q.max.get(), q.lease.get(), 0],
     }
-}
-
-/// The Cluster slot of `key`: CRC16 of its hash tag (or of the whole key), modulo 16384.
-pub fn slot(key: &str) -> u16 {
-    crc16::State::<crc16::XMODEM>::calculate(hash_tag(key).as_bytes()) % CLUSTER_SLOTS as u16
 }
 
 impl Store for RedisStore {
@@ -616,177 +505,16 @@ impl Store for RedisStore {
     }
 
     async fn inspect(&self, key: &str, now: Timestamp) -> Result<KeyState, StoreError> {
-        let ban_key = format!("{key}:ban");
-        let (kind, ban): (String, Option<u64>) = self
-            .call(async |c| {
-                let kind = redis::cmd("TYPE").arg(key).query_async(c).await?;
-                let ban = redis::cmd("GET").arg(&ban_key).query_async(c).await?;
-                Ok((kind, ban))
-            })
-            .await?;
-        let state = match kind.as_str() {
-            "hash" => {
-                let fields: std::collections::HashMap<String, u64> = self
-                    .call(async |c| redis::cmd("HGETALL").arg(key).query_async(c).await)
-                    .await?;
-                hash_state(&fields)
-            }
-            "zset" => {
-                let leases: Vec<(u64, u64)> = self
-                    .call(async |c| {
-                        redis::cmd("ZRANGE")
-                            .arg(key)
-                            .arg(0)
-                            .arg(-1)
-                            .arg("WITHSCORES")
-                            .query_async(c)
-                            .await
-                    })
-                    .await?;
-                let live: Vec<(LeaseId, u64)> = leases
-                    .into_iter()
-                    .filter(|(_, expires)| *expires > now.as_micros())
-                    .map(|(id, expires)| (LeaseId(id), expires))
-                    .collect();
-                (!live.is_empty()).then_some(State::Concurrency(ConcurrencyState { leases: live }))
-            }
-            _ => None,
-        };
-        Ok(KeyState {
-            state,
-            banned_until: ban
-                .filter(|b| *b > now.as_micros())
-                .map(Timestamp::from_micros),
-        })
+        self.inspect_key(key, now).await
     }
 
     async fn reset(&self, selector: KeySelector<'_>) -> Result<usize, StoreError> {
-        let keys = match selector {
-            KeySelector::Key(k) => vec![k.to_owned(), format!("{k}:ban")],
-            _ => self.scan(selector).await?,
-        };
-        self.forget(selector);
-        let mut removed = 0;
-        // One key per command: in a Cluster the keys live in many slots.
-        for key in &keys {
-            let n: usize = self
-                .call(async |c| redis::cmd("UNLINK").arg(key).query_async(c).await)
-                .await?;
-            removed += n;
-        }
-        // Rejections cached while the keys were being removed.
-        self.forget(selector);
-        Ok(removed)
+        self.reset_selected(selector).await
     }
 
     async fn count(&self, selector: KeySelector<'_>, _now: Timestamp) -> Result<usize, StoreError> {
-        // Redis expires keys itself: every key it returns is live.
-        Ok(self
-            .scan(selector)
-            .await?
-            .iter()
-            .filter(|k| !k.ends_with(":ban"))
-            .count())
+        self.count_selected(selector).await
     }
-}
-
-impl RedisStore {
-    /// A Cluster batch: one call per slot, all at once; when one group rejects, the groups
-    /// that consumed are given back.
-    async fn apply_by_slot(
-        &self,
-        ops: &[Op<'_>],
-        now: Timestamp,
-    ) -> Result<BatchResult, StoreError> {
-        let mut groups: SmallVec<[(u16, SmallVec<[usize; 8]>); 2]> = SmallVec::new();
-        for (i, op) in ops.iter().enumerate() {
-            let s = slot(op.key);
-            match groups.iter_mut().find(|(g, _)| *g == s) {
-                Some((_, members)) => members.push(i),
-                None => groups.push((s, smallvec::smallvec![i])),
-            }
-        }
-        if let [(s, members)] = groups.as_slice() {
-            return self.run_group(ops, members, *s, now).await;
-        }
-        // When part of the request would be refused, call no part (nothing to give back).
-        if groups.iter().any(|(s, _)| self.breaker(*s).refuses(now)) {
-            return Err(StoreError::CircuitOpen);
-        }
-        let answers = futures_util::future::join_all(
-            groups
-                .iter()
-                .map(|(s, members)| self.run_group(ops, members, *s, now)),
-        )
-        .await;
-        let admitted = answers.iter().all(|a| a.as_ref().is_ok_and(|r| r.admitted));
-        let failed = answers.iter().any(Result::is_err);
-        if !admitted {
-            // Give back what the admitted groups consumed.
-            let undo = groups
-                .iter()
-                .zip(&answers)
-                .filter(|(_, a)| a.as_ref().is_ok_and(|r| r.admitted))
-                .map(|((_, members), _)| self.undo_group(ops, members, now));
-            futures_util::future::join_all(undo).await;
-        }
-        if failed {
-            let error = answers
-                .into_iter()
-                .find_map(Result::err)
-                .unwrap_or_else(|| StoreError::Backend("a Cluster slot failed".to_owned()));
-            return Err(error);
-        }
-        let mut results = vec![
-            OpResult {
-                decision: Decision {
-                    allowed: true,
-                    limit: 0,
-                    remaining: 0,
-                    reset: Duration::ZERO,
-                    retry_after: None,
-                },
-                banned: false,
-            };
-            ops.len()
-        ];
-        for ((_, members), answer) in groups.iter().zip(answers) {
-            let Ok(answer) = answer else { continue };
-            for (&i, mut r) in members.iter().zip(answer.results) {
-                if !admitted && answer.admitted && r.decision.allowed {
-                    // Given back: what was left before this request.
-                    let d = &mut r.decision;
-                    d.remaining = d.remaining.saturating_add(ops[i].cost).min(d.limit);
-                }
-                results[i] = r;
-            }
-        }
-        Ok(BatchResult { admitted, results })
-    }
-}
-
-/// A hash key's state, by the fields its algorithm writes.
-fn hash_state(f: &std::collections::HashMap<String, u64>) -> Option<State> {
-    let get = |name: &str| f.get(name).copied();
-    if let (Some(level), Some(updated)) = (get("l"), get("u")) {
-        return Some(State::TokenBucket(TokenBucketState { level, updated }));
-    }
-    if let Some(tat) = get("t") {
-        return Some(State::Gcra(GcraState { tat }));
-    }
-    let start = get("s")?;
-    let current = get("c").unwrap_or(0);
-    Some(match get("p") {
-        Some(previous) => State::Sliding(SlidingState {
-            start,
-            previous,
-            current,
-        }),
-        None => State::Window(WindowState {
-            start,
-            count: current,
-        }),
-    })
 }
 
 /// The script's flat reply: admitted, then six numbers per operation.
@@ -822,21 +550,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn slots_follow_the_hash_tag() {
-        // Values from the Redis Cluster specification and `CLUSTER KEYSLOT`.
-        assert_eq!(slot("123456789"), 0x31C3);
-        assert_eq!(slot("foo"), 12_182);
-        assert_eq!(slot("{user1000}.following"), slot("{user1000}.followers"));
-        assert_eq!(slot("api:{ip:1.2.3.0/24}:login"), slot("ip:1.2.3.0/24"));
-        assert_eq!(
-            slot("foo{}{bar}"),
-            slot("foo{}{bar}"),
-            "an empty tag hashes the key"
-        );
-        assert_ne!(slot("foo{}{bar}"), slot("bar"));
-    }
-
-    #[test]
     fn urls_name_a_server_or_a_cluster() {
         assert_eq!(
             target("redis://h:1/0").unwrap(),
@@ -850,21 +563,5 @@ mod tests {
             ])
         );
         assert!(target("redis+cluster://").is_err());
-    }
-
-    #[test]
-    fn hash_fields_tell_the_algorithm() {
-        let f = |pairs: &[(&str, u64)]| {
-            hash_state(&pairs.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect())
-        };
-        assert_eq!(
-            f(&[("s", 10), ("c", 3)]),
-            Some(State::Window(WindowState {
-                start: 10,
-                count: 3
-            }))
-        );
-        assert_eq!(f(&[("t", 7)]), Some(State::Gcra(GcraState { tat: 7 })));
-        assert_eq!(f(&[]), None);
     }
 }
