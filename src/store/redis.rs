@@ -297,6 +297,17 @@ impl RedisStore {
             .map_err(backend)
     }
 
+    /// Appends the scripts' first two arguments: `now` (or `T`, for Redis's own clock) and
+    /// the number of operations.
+    fn push_clock(&self, cmd: &mut Cmd, now: Timestamp, n: usize) {
+        if self.options.server_time {
+            cmd.arg("T");
+        } else {
+            cmd.arg(now.as_micros());
+        }
+        cmd.arg(n);
+    }
+
     /// One batch call for the operations `group` of `ops`, through the breaker of `slot`.
     async fn run_group(
         &self,
@@ -321,12 +332,7 @@ impl RedisStore {
             ban_key.push_str(":ban");
             cmd.arg(ops[i].key).arg(&ban_key);
         }
-        if self.options.server_time {
-            cmd.arg("T");
-        } else {
-            cmd.arg(now.as_micros());
-        }
-        cmd.arg(group.len());
+        self.push_clock(&mut cmd, now, group.len());
         for &i in group {
             let op = &ops[i];
             let [algorithm, p1, p2, p3] = params(&op.quota, now);

@@ -24,12 +24,7 @@ impl RedisStore {
         for &i in group {
             cmd.arg(ops[i].key);
         }
-        if self.options.server_time {
-            cmd.arg("T");
-        } else {
-            cmd.arg(now.as_micros());
-        }
-        cmd.arg(group.len());
+        self.push_clock(&mut cmd, now, group.len());
         for &i in group {
             let op = &ops[i];
             let [algorithm, p1, p2, p3] = params(&op.quota, now);
