@@ -7,6 +7,7 @@
 pub mod deny;
 pub mod memory;
 pub mod redis;
+mod sharded;
 
 use std::future::Future;
 use std::time::Duration;

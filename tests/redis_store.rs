@@ -306,51 +306,25 @@ async fn admin_operations<S: Store>(store: &S) {
         None
     );
 
-    assert_eq!(
-        store.count(KeySelector::Limit("login"), now).await.unwrap(),
-        4
-    );
-    assert_eq!(
-        store.count(KeySelector::Limit("api"), now).await.unwrap(),
-        1
-    );
+    let count = async |selector| store.count(selector, now).await.unwrap();
+    assert_eq!(count(KeySelector::Limit("login")).await, 4);
+    assert_eq!(count(KeySelector::Limit("api")).await, 1);
     // One client in one limit.
     store
         .reset(KeySelector::Key("adm:{u:alice}:login"))
         .await
         .unwrap();
-    assert_eq!(
-        store.count(KeySelector::Limit("login"), now).await.unwrap(),
-        3
-    );
+    assert_eq!(count(KeySelector::Limit("login")).await, 3);
     // One client in every limit and namespace.
     store
         .reset(KeySelector::Client("ip:10.0.0.0/24"))
         .await
         .unwrap();
-    assert_eq!(
-        store
-            .count(KeySelector::Namespace("adm"), now)
-            .await
-            .unwrap(),
-        1
-    );
-    assert_eq!(
-        store
-            .count(KeySelector::Namespace("other"), now)
-            .await
-            .unwrap(),
-        0
-    );
+    assert_eq!(count(KeySelector::Namespace("adm")).await, 1);
+    assert_eq!(count(KeySelector::Namespace("other")).await, 0);
     // A whole namespace.
     store.reset(KeySelector::Namespace("adm")).await.unwrap();
-    assert_eq!(
-        store
-            .count(KeySelector::Namespace("adm"), now)
-            .await
-            .unwrap(),
-        0
-    );
+    assert_eq!(count(KeySelector::Namespace("adm")).await, 0);
 }
 
 #[tokio::test]

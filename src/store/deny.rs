@@ -7,18 +7,10 @@
 //! rejections (a lease can be released early). A cached answer holds for requests costing at
 //! least what the rejected one cost.
 
-use std::collections::HashMap;
-use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicUsize, Ordering};
-
-use foldhash::fast::RandomState;
-use parking_lot::Mutex;
-
+use super::sharded::Sharded;
 use crate::clock::Timestamp;
 
 const SHARDS: usize = 16;
-
-type Shard = Mutex<HashMap<Box<str>, Denied, RandomState>>;
 
 /// A remembered rejection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,10 +28,7 @@ pub struct Denied {
 /// Rejections remembered until they end, up to a number of keys.
 #[derive(Debug)]
 pub struct DenyCache {
-    shards: Box<[Shard]>,
-    hasher: RandomState,
-    max_per_shard: usize,
-    len: AtomicUsize,
+    shards: Sharded<Denied>,
 }
 
 impl DenyCache {
@@ -47,29 +36,20 @@ impl DenyCache {
     /// (expired ones are dropped first).
     pub fn new(max_keys: usize) -> Self {
         DenyCache {
-            shards: (0..SHARDS)
-                .map(|_| Mutex::new(HashMap::with_hasher(RandomState::default())))
-                .collect(),
-            hasher: RandomState::default(),
-            max_per_shard: max_keys.div_ceil(SHARDS).max(1),
-            len: AtomicUsize::new(0),
+            shards: Sharded::new(SHARDS, max_keys),
         }
-    }
-
-    fn shard(&self, key: &str) -> &Shard {
-        &self.shards[(self.hasher.hash_one(key) as usize) % SHARDS]
     }
 
     /// The rejection that still holds at `now` for a request of `cost` on `key`.
     pub fn get(&self, key: &str, cost: u64, now: Timestamp) -> Option<Denied> {
-        if self.len.load(Ordering::Relaxed) == 0 {
+        if self.shards.len() == 0 {
             return None;
         }
-        let mut shard = self.shard(key).lock();
+        let mut shard = self.shards.lock_key(key);
         let denied = *shard.get(key)?;
         if denied.until <= now.as_micros() {
             shard.remove(key);
-            self.len.fetch_sub(1, Ordering::Relaxed);
+            self.shards.removed(1);
             return None;
         }
         (cost >= denied.cost).then_some(denied)
@@ -77,7 +57,7 @@ impl DenyCache {
 
     /// Remembers that `key` is refused until `denied.until`.
     pub fn insert(&self, key: &str, denied: Denied, now: Timestamp) {
-        let mut shard = self.shard(key).lock();
+        let mut shard = self.shards.lock_key(key);
         if let Some(old) = shard.get_mut(key) {
             // Keep the longer refusal; for the same end, the cheaper cost.
             if denied.until > old.until || (denied.until == old.until && denied.cost < old.cost) {
@@ -85,31 +65,26 @@ impl DenyCache {
             }
             return;
         }
-        if shard.len() >= self.max_per_shard {
-            let before = shard.len();
-            shard.retain(|_, d| d.until > now.as_micros());
-            self.len.fetch_sub(before - shard.len(), Ordering::Relaxed);
-            if shard.len() >= self.max_per_shard {
+        let full = self.shards.max_per_shard();
+        if shard.len() >= full {
+            self.shards
+                .retain_in(&mut shard, |_, d| d.until > now.as_micros());
+            if shard.len() >= full {
                 return;
             }
         }
         shard.insert(key.into(), denied);
-        self.len.fetch_add(1, Ordering::Relaxed);
+        self.shards.added(1);
     }
 
     /// Forgets every key for which `selected` holds (after an admin reset).
     pub fn forget_matching(&self, selected: impl Fn(&str) -> bool) {
-        for shard in self.shards.iter() {
-            let mut shard = shard.lock();
-            let before = shard.len();
-            shard.retain(|k, _| !selected(k));
-            self.len.fetch_sub(before - shard.len(), Ordering::Relaxed);
-        }
+        self.shards.retain(|k, _| !selected(k));
     }
 
     /// Keys remembered, expired ones included until they are looked at.
     pub fn len(&self) -> usize {
-        self.len.load(Ordering::Relaxed)
+        self.shards.len()
     }
 
     /// Whether nothing is remembered.

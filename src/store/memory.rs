@@ -4,16 +4,14 @@
 //! operations lock the shards they touch in ascending order (so two requests never deadlock),
 //! decide with the pure algorithms, and write back only when admitted.
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use foldhash::fast::RandomState;
-use parking_lot::{Mutex, MutexGuard};
+use parking_lot::MutexGuard;
 use smallvec::SmallVec;
 
-use super::{BatchResult, KeySelector, KeyState, Op, OpResult, Store, StoreError, hash_tag};
+use super::sharded::Sharded;
+use super::{BatchResult, KeySelector, KeyState, Op, OpResult, Store, StoreError};
 use crate::clock::Timestamp;
 use crate::limiter::{self, Decision, LeaseId, State, concurrency, us};
 
@@ -38,15 +36,12 @@ impl Entry {
     }
 }
 
-type Shard = HashMap<Box<str>, Entry, RandomState>;
+type Shard = super::sharded::Shard<Entry>;
 
 /// An in-memory [`Store`].
 #[derive(Debug)]
 pub struct MemoryStore {
-    shards: Box<[Mutex<Shard>]>,
-    hasher: RandomState,
-    max_per_shard: usize,
-    len: AtomicUsize,
+    shards: Sharded<Entry>,
     evictions: AtomicU64,
 }
 
@@ -66,19 +61,14 @@ impl MemoryStore {
     /// count); past that, the key expiring first among a sample is evicted for each new one.
     pub fn with_max_keys(max_keys: usize) -> Self {
         MemoryStore {
-            shards: (0..SHARDS)
-                .map(|_| Mutex::new(HashMap::with_hasher(RandomState::default())))
-                .collect(),
-            hasher: RandomState::default(),
-            max_per_shard: max_keys.div_ceil(SHARDS).max(1),
-            len: AtomicUsize::new(0),
+            shards: Sharded::new(SHARDS, max_keys),
             evictions: AtomicU64::new(0),
         }
     }
 
     /// Keys held, expired ones included until they are purged.
     pub fn len(&self) -> usize {
-        self.len.load(Ordering::Relaxed)
+        self.shards.len()
     }
 
     /// Whether no key is held.
@@ -93,20 +83,18 @@ impl MemoryStore {
 
     /// The most keys the store holds.
     pub fn max_keys(&self) -> usize {
-        self.max_per_shard * SHARDS
+        self.shards.max_keys()
     }
 
     /// Drops every key whose state has expired at `now`; returns how many.
     pub fn purge_expired(&self, now: Timestamp) -> usize {
-        self.shards
-            .iter()
-            .map(|shard| self.purge_shard(&mut shard.lock(), now.as_micros()))
-            .sum()
+        let t = now.as_micros();
+        self.shards.retain(|_, e| e.live_until() > t)
     }
 
     /// The live state of `key`, without touching it.
     pub fn peek(&self, key: &str, now: Timestamp) -> Option<State> {
-        let map = self.shards[self.shard_of(key)].lock();
+        let map = self.shards.lock_key(key);
         map.get(key)
             .filter(|e| e.live_until() > now.as_micros())
             .and_then(|e| e.state.clone())
@@ -115,7 +103,7 @@ impl MemoryStore {
     /// The state and ban of `key` at `now`.
     pub fn inspect_now(&self, key: &str, now: Timestamp) -> KeyState {
         let t = now.as_micros();
-        let map = self.shards[self.shard_of(key)].lock();
+        let map = self.shards.lock_key(key);
         let entry = map.get(key);
         KeyState {
             state: entry
@@ -129,50 +117,22 @@ impl MemoryStore {
 
     /// Forgets the selected keys; returns how many.
     pub fn reset_selected(&self, selector: KeySelector<'_>) -> usize {
-        let mut removed = 0;
-        for shard in self.shards.iter() {
-            let mut map = shard.lock();
-            let before = map.len();
-            map.retain(|k, _| !selector.matches(k));
-            removed += before - map.len();
-        }
-        self.len.fetch_sub(removed, Ordering::Relaxed);
-        removed
+        self.shards.retain(|k, _| !selector.matches(k))
     }
 
     /// Counts the selected keys whose state is live at `now`.
     pub fn count_selected(&self, selector: KeySelector<'_>, now: Timestamp) -> usize {
         let t = now.as_micros();
         self.shards
-            .iter()
-            .map(|shard| {
-                shard
-                    .lock()
-                    .iter()
-                    .filter(|(k, e)| e.state.is_some() && e.expires_at > t && selector.matches(k))
-                    .count()
-            })
-            .sum()
-    }
-
-    /// The shard of `key`, chosen by its `{client}` hash tag as Redis Cluster chooses a
-    /// slot: one client's keys share a shard, so that a request usually takes one lock.
-    fn shard_of(&self, key: &str) -> usize {
-        (self.hasher.hash_one(hash_tag(key)) as usize) % SHARDS
-    }
-
-    fn purge_shard(&self, map: &mut Shard, now: u64) -> usize {
-        let before = map.len();
-        map.retain(|_, e| e.live_until() > now);
-        let removed = before - map.len();
-        self.len.fetch_sub(removed, Ordering::Relaxed);
-        removed
+            .count(|k, e| e.state.is_some() && e.expires_at > t && selector.matches(k))
     }
 
     /// Makes room for one more key in a full shard: expired keys first, else the key that
     /// expires soonest among a sample.
     fn make_room(&self, map: &mut Shard, now: u64) {
-        if map.len() < self.max_per_shard || self.purge_shard(map, now) > 0 {
+        if map.len() < self.shards.max_per_shard()
+            || self.shards.retain_in(map, |_, e| e.live_until() > now) > 0
+        {
             return;
         }
         let victim = map
@@ -182,7 +142,7 @@ impl MemoryStore {
             .map(|(k, _)| k.clone());
         if let Some(victim) = victim {
             map.remove(&victim);
-            self.len.fetch_sub(1, Ordering::Relaxed);
+            self.shards.removed(1);
             self.evictions.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -190,12 +150,13 @@ impl MemoryStore {
     /// The batch, decided and applied under the locks of the shards it touches.
     pub fn apply_now(&self, ops: &[Op<'_>], now: Timestamp) -> BatchResult {
         let t = now.as_micros();
-        let shard_ids: SmallVec<[usize; 4]> = ops.iter().map(|op| self.shard_of(op.key)).collect();
+        let shard_ids: SmallVec<[usize; 4]> =
+            ops.iter().map(|op| self.shards.index(op.key)).collect();
         let mut order = shard_ids.clone();
         order.sort_unstable();
         order.dedup();
         let mut guards: SmallVec<[MutexGuard<'_, Shard>; 4]> =
-            order.iter().map(|&s| self.shards[s].lock()).collect();
+            order.iter().map(|&s| self.shards.lock(s)).collect();
         let slot = |shard: usize| order.binary_search(&shard).unwrap_or(0);
 
         let mut outcomes: SmallVec<[_; 4]> = SmallVec::with_capacity(ops.len());
@@ -285,12 +246,12 @@ impl MemoryStore {
         };
         update(&mut entry);
         map.insert(Box::from(key), entry);
-        self.len.fetch_add(1, Ordering::Relaxed);
+        self.shards.added(1);
     }
 
     /// Gives back a concurrency lease now.
     pub fn release_now(&self, key: &str, lease: LeaseId, now: Timestamp) {
-        let mut map = self.shards[self.shard_of(key)].lock();
+        let mut map = self.shards.lock_key(key);
         let Some(entry) = map.get_mut(key) else {
             return;
         };
@@ -305,7 +266,7 @@ impl MemoryStore {
                     entry.expires_at = 0;
                     if entry.banned_until <= now.as_micros() {
                         map.remove(key);
-                        self.len.fetch_sub(1, Ordering::Relaxed);
+                        self.shards.removed(1);
                     }
                 }
             }

@@ -118,29 +118,27 @@ enum Target {
 /// `redis://…` (or `unix://…`) names one server; `redis+cluster://[auth@]h1:p1,h2:p2` a
 /// Cluster, by any of its nodes.
 fn target(url: &str) -> Result<Target, StoreError> {
-    for (scheme, base) in [("redis+cluster://", "redis://")] {
-        let Some(rest) = url.strip_prefix(scheme) else {
-            continue;
-        };
-        let (auth, hosts) = match rest.rfind('@') {
-            Some(at) => (&rest[..=at], &rest[at + 1..]),
-            None => ("", rest),
-        };
-        let seeds: Vec<String> = hosts
-            .trim_end_matches('/')
-            .split(',')
-            .map(str::trim)
-            .filter(|h| !h.is_empty())
-            .map(|h| format!("{base}{auth}{h}"))
-            .collect();
-        if seeds.is_empty() {
-            return Err(StoreError::Backend(format!(
-                "`{scheme}` needs at least one host:port"
-            )));
-        }
-        return Ok(Target::Cluster(seeds));
+    const CLUSTER: &str = "redis+cluster://";
+    let Some(rest) = url.strip_prefix(CLUSTER) else {
+        return Ok(Target::Single(url.to_owned()));
+    };
+    let (auth, hosts) = match rest.rfind('@') {
+        Some(at) => (&rest[..=at], &rest[at + 1..]),
+        None => ("", rest),
+    };
+    let seeds: Vec<String> = hosts
+        .trim_end_matches('/')
+        .split(',')
+        .map(str::trim)
+        .filter(|h| !h.is_empty())
+        .map(|h| format!("redis://{auth}{h}"))
+        .collect();
+    if seeds.is_empty() {
+        return Err(StoreError::Backend(format!(
+            "`{CLUSTER}` needs at least one host:port"
+        )));
     }
-    Ok(Target::Single(url.to_owned()))
+    Ok(Target::Cluster(seeds))
 }
 
 /// A [`Store`] on one Redis server or a Redis Cluster.
