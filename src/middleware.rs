@@ -24,7 +24,7 @@ pub use self::body::LeaseGuard;
 use crate::clock::{Clock, SystemClock};
 use crate::engine::{Action, Engine, Verdict};
 use crate::identity::Identifier;
-use crate::request::RequestCtx;
+use crate::request::{RequestCtx, normalize_host};
 use crate::response::{self, HeaderFamilies, X_REQUEST_ID};
 use crate::store::Store;
 
@@ -230,19 +230,12 @@ pub fn request_ctx<B>(request: &mut Request<B>, identifier: &Identifier) -> Requ
     ctx.host = request
         .uri()
         .host()
-        .map(str::to_owned)
         .or_else(|| {
             ctx.headers
                 .get(http::header::HOST)
                 .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
         })
-        .map(|h| {
-            RequestCtx::new(http::Method::GET, "/")
-                .with_host(&h)
-                .host
-                .unwrap_or(h)
-        });
+        .map(normalize_host);
     ctx.route_template = request
         .extensions()
         .get::<MatchedPath>()

@@ -148,7 +148,9 @@ pub fn normalize_host(host: &str) -> String {
     } else {
         host
     };
-    without_port.to_ascii_lowercase()
+    let mut host = without_port.to_owned();
+    host.make_ascii_lowercase();
+    host
 }
 
 #[cfg(test)]

@@ -313,18 +313,18 @@ fn new_request_id() -> String {
         next.set((prefix, n.wrapping_add(1)));
         (prefix, n)
     });
-    let mut out = String::with_capacity(32);
-    push_hex(&mut out, prefix);
-    push_hex(&mut out, n);
-    out
+    let mut digits = [0u8; 32];
+    hex(&mut digits[..16], prefix);
+    hex(&mut digits[16..], n);
+    // Hex digits are ASCII: the conversion cannot fail.
+    String::from_utf8(digits.to_vec()).unwrap_or_default()
 }
 
-fn push_hex(out: &mut String, mut n: u64) {
+/// Writes `n` as lowercase hex digits into `out`, the last digit last.
+fn hex(out: &mut [u8], mut n: u64) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut buf = [0u8; 16];
-    for slot in buf.iter_mut().rev() {
+    for slot in out.iter_mut().rev() {
         *slot = DIGITS[(n & 0xf) as usize];
         n >>= 4;
     }
-    out.extend(buf.iter().map(|&b| char::from(b)));
 }

@@ -84,6 +84,7 @@ async fn one_server_agrees_with_memory() {
     let redis = store(&server.url()).await;
     every_algorithm(&redis).await;
     batches_and_bans(&redis, "b:{c}:large").await;
+    every_algorithm_in_one_batch(&redis).await;
 }
 
 #[tokio::test]
@@ -96,6 +97,7 @@ async fn a_cluster_agrees_with_memory() {
     every_algorithm(&redis).await;
     // The same client's keys share a slot: one call.
     batches_and_bans(&redis, "b:{c}:large").await;
+    every_algorithm_in_one_batch(&redis).await;
     // A limit of another client (a global one) lives in another slot, on another master:
     // still all-or-nothing, with what the admitted slot consumed given back.
     assert_ne!(
@@ -148,6 +150,54 @@ async fn every_algorithm(redis: &RedisStore) {
             }
         }
     }
+}
+
+/// All six algorithms in every request — more operations than the script's tables are first
+/// built for — some banning, the calendar quota only observed (shadow): the script reads each operation's
+/// keys and arguments where that operation put them.
+async fn every_algorithm_in_one_batch(redis: &RedisStore) {
+    let memory = MemoryStore::new();
+    let mut steps = Steps(0x2545_F491_4F6C_DD1D);
+    let keys: Vec<String> = (0..6).map(|q| format!("all:{{client}}:q{q}")).collect();
+    let mut now = T0;
+    let mut admitted = 0;
+    for i in 0..200u64 {
+        now += steps.next(300_000);
+        let ops: Vec<Op<'_>> = quotas()
+            .into_iter()
+            .zip(&keys)
+            .enumerate()
+            .map(|(q, (quota, key))| Op {
+                key,
+                quota,
+                cost: if matches!(quota, Quota::Concurrency(_)) {
+                    1
+                } else {
+                    1 + steps.next(2)
+                },
+                enforce: q != 5,
+                ban: (q == 1 || q == 4).then(|| Duration::from_micros(1 + steps.next(900_000))),
+                lease: LeaseId(i),
+            })
+            .collect();
+        let m = apply(&memory, &ops, now).await;
+        let r = apply(redis, &ops, now).await;
+        assert_eq!(m, r, "step {i} (now {now})");
+        admitted += u32::from(m.admitted);
+        if m.admitted && steps.next(2) == 0 {
+            let at = Timestamp::from_micros(now);
+            memory.release(&keys[4], LeaseId(i), at).await.unwrap();
+            redis.release(&keys[4], LeaseId(i), at).await.unwrap();
+        }
+    }
+    assert!(
+        (20..180).contains(&admitted),
+        "the table must both admit and reject: {admitted} of 200 admitted"
+    );
+    redis
+        .reset(KeySelector::Namespace("all"))
+        .await
+        .expect("the namespace resets");
 }
 
 /// Batches are all-or-nothing and bans hold, in Redis as in memory; `large` is the key of the

@@ -320,31 +320,42 @@ impl RedisStore {
             Permit::Probe => true,
             Permit::Call => false,
         };
-        // `EVALSHA sha numkeys keys… args…`, built in one buffer.
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.batch.get_hash()).arg(group.len() * 2);
+        // `EVALSHA sha numkeys keys… args…`, built in one buffer, with only the keys and
+        // arguments each operation needs (see batch.lua).
+        let keys = group.len() + group.iter().filter(|&&i| ops[i].ban.is_some()).count();
+        // At most two keys and seven arguments per operation, of which the keys are the long
+        // ones: room for all of it at once.
+        let key_bytes: usize = group.iter().map(|&i| ops[i].key.len() + 4).sum();
+        let mut cmd =
+            Cmd::with_capacity(5 + 9 * group.len(), 64 + 2 * key_bytes + 100 * group.len());
+        cmd.arg("EVALSHA");
+        cmd.arg(self.batch.get_hash()).arg(keys);
         let mut ban_key = String::with_capacity(64);
         for &i in group {
-            ban_key.clear();
-            ban_key.push_str(ops[i].key);
-            ban_key.push_str(":ban");
-            cmd.arg(ops[i].key).arg(&ban_key);
+            cmd.arg(ops[i].key);
+            if ops[i].ban.is_some() {
+                ban_key.clear();
+                ban_key.push_str(ops[i].key);
+                ban_key.push_str(":ban");
+                cmd.arg(&ban_key);
+            }
         }
         self.push_clock(&mut cmd, now, group.len());
         for &i in group {
             let op = &ops[i];
             let [algorithm, p1, p2, p3] = params(&op.quota, now);
-            let ban = op
-                .ban
-                .map_or(0, |b| u64::try_from(b.as_micros()).unwrap_or(u64::MAX));
-            cmd.arg(algorithm)
-                .arg(op.cost)
-                .arg(u8::from(op.enforce))
-                .arg(ban)
-                .arg(op.lease.0)
-                .arg(p1)
-                .arg(p2)
-                .arg(p3);
+            let code = algorithm + 10 * u64::from(op.enforce) + 20 * u64::from(op.ban.is_some());
+            cmd.arg(code).arg(op.cost);
+            if let Some(ban) = op.ban {
+                cmd.arg(u64::try_from(ban.as_micros()).unwrap_or(u64::MAX));
+            }
+            if matches!(op.quota, Quota::Concurrency(_)) {
+                cmd.arg(op.lease.0);
+            }
+            cmd.arg(p1).arg(p2);
+            if matches!(op.quota, Quota::Calendar { .. } | Quota::TokenBucket(_)) {
+                cmd.arg(p3);
+            }
         }
         self.round_trips.fetch_add(1, Ordering::Relaxed);
         // After a connection loss the failed call left a fresh connection attempt, which the
@@ -352,7 +363,7 @@ impl RedisStore {
         let result = self
             .call(async |c| eval::<Vec<i64>>(c, &self.batch, &cmd).await)
             .await
-            .and_then(|reply| parse(&reply, group.len()));
+            .and_then(|reply| parse(&reply, ops, group, now));
         match &result {
             Ok(_) => breaker.success(probe),
             Err(_) => breaker.failure(now, probe),
@@ -522,27 +533,52 @@ impl Store for RedisStore {
 }
 
 /// The script's flat reply: admitted, then six numbers per operation.
-fn parse(reply: &[i64], n: usize) -> Result<BatchResult, StoreError> {
-    if reply.len() != 1 + 6 * n {
+/// The batch script's answer for the operations `group` of `ops`: the full form (six numbers
+/// per operation), or the short one when all were allowed (remaining and reset).
+fn parse(
+    reply: &[i64],
+    ops: &[Op<'_>],
+    group: &[usize],
+    now: Timestamp,
+) -> Result<BatchResult, StoreError> {
+    let n = group.len();
+    let count = |v: i64| u64::try_from(v).unwrap_or(0);
+    let us = |v: i64| Duration::from_micros(count(v));
+    let results = if reply.len() == 1 + 2 * n && reply[0] == 1 {
+        group
+            .iter()
+            .zip(reply[1..].chunks_exact(2))
+            .map(|(&i, r)| OpResult {
+                decision: Decision {
+                    allowed: true,
+                    limit: params(&ops[i].quota, now)[1],
+                    remaining: count(r[0]),
+                    reset: us(r[1]),
+                    retry_after: None,
+                },
+                banned: false,
+            })
+            .collect()
+    } else if reply.len() == 1 + 6 * n {
+        reply[1..]
+            .chunks_exact(6)
+            .map(|r| OpResult {
+                decision: Decision {
+                    allowed: r[0] == 1,
+                    limit: count(r[1]),
+                    remaining: count(r[2]),
+                    reset: us(r[3]),
+                    retry_after: (r[4] >= 0 && r[0] == 0).then(|| us(r[4])),
+                },
+                banned: r[5] == 1,
+            })
+            .collect()
+    } else {
         return Err(StoreError::Backend(format!(
             "the batch script answered {} numbers for {n} operations",
             reply.len()
         )));
-    }
-    let us = |v: i64| Duration::from_micros(u64::try_from(v).unwrap_or(0));
-    let results = reply[1..]
-        .chunks_exact(6)
-        .map(|r| OpResult {
-            decision: Decision {
-                allowed: r[0] == 1,
-                limit: u64::try_from(r[1]).unwrap_or(0),
-                remaining: u64::try_from(r[2]).unwrap_or(0),
-                reset: us(r[3]),
-                retry_after: (r[4] >= 0 && r[0] == 0).then(|| us(r[4])),
-            },
-            banned: r[5] == 1,
-        })
-        .collect();
+    };
     Ok(BatchResult {
         admitted: reply[0] == 1,
         results,

@@ -2,15 +2,19 @@
 -- arithmetic as src/limiter/*.rs, in integers (microseconds, counts) that a Lua number
 -- (a double) holds exactly below 2^53; the compiler keeps every product below that.
 --
--- KEYS[2i-1]: operation i's state key; KEYS[2i]: its ban key (same hash tag).
+-- KEYS: per operation, its state key, then its ban key (same hash tag) if it bans.
 -- ARGV[1]: now (µs since the epoch), or 'T' to read Redis's own clock (TIME), for nodes that
--- must share one clock; ARGV[2]: the number of operations; then 8 per
--- operation: algorithm, cost, enforce (0/1), ban (µs, 0 = none), lease id, p1, p2, p3.
--- Algorithms: 1 fixed window (p1 limit, p2 window), 2 calendar (p1 limit, p2 start, p3 end),
--- 3 sliding window (p1 limit, p2 window), 4 token bucket (p1 capacity, p2 count, p3 period),
--- 5 GCRA (p1 capacity, p2 emission interval), 6 concurrency (p1 max, p2 lease).
+-- must share one clock; ARGV[2]: the number of operations; then per operation, only what it
+-- needs (every argument costs Redis a string to build and the caller one to write):
+-- code (algorithm + 10 if enforced + 20 if it bans), cost, the ban (µs) if it bans, the lease
+-- id for concurrency, then the algorithm's parameters:
+-- 1 fixed window (limit, window), 2 calendar (limit, start, end), 3 sliding window (limit,
+-- window), 4 token bucket (capacity, count, period), 5 GCRA (capacity, emission interval),
+-- 6 concurrency (max, lease).
 -- Returns: admitted (0/1), then 6 per operation: allowed, limit, remaining, reset (µs),
--- retry after (µs, -1 = never), banned (0/1).
+-- retry after (µs, -1 = never), banned (0/1); or, when every operation was allowed (the
+-- common case), 1 and then only remaining and reset per operation: the caller knows the
+-- rest, and parsing the reply is most of what a call costs the caller.
 --
 -- Cost on Redis's side matters (it is single-threaded and shared by every node): every number
 -- handed to redis.call is formatted to text, which costs about as much as a command, so the
@@ -160,32 +164,60 @@ local function keep(key, need, life)
   end
 end
 
-local out = {1}
-local writes = {}
+-- The tables are built at their size for up to four operations: growing a Lua table step by
+-- step costs more than the rest of this loop. The answers end at the first nil, which is
+-- written after the last operation's numbers.
+local out = {1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
+local writes = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
+-- Per operation: where its state key, ban key (0: none), cost, lease id and ban are in KEYS
+-- and ARGV, and whether it is enforced.
+local at = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
 local admitted = true
+local a, k = 3, 1
 for i = 1, n do
-  local a = 3 + (i - 1) * 8
-  local algo, cost = ARGV[a], tonumber(ARGV[a + 1])
-  local p1, p2, p3 = tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6]), tonumber(ARGV[a + 7])
-  local key = KEYS[2 * i - 1]
+  local code = tonumber(ARGV[a])
+  local algo, enforce, bans = code % 10, code % 20 >= 10, code >= 20
+  local cost_at, lease_at, ban_at, ban_key = a + 1, 0, 0, 0
+  local cost = tonumber(ARGV[cost_at])
+  local key_at = k
+  local key = KEYS[k]
+  a, k = a + 2, k + 1
+  if bans then
+    ban_at, ban_key = a, k
+    a, k = a + 1, k + 1
+  end
+  if algo == 6 then
+    lease_at = a
+    a = a + 1
+  end
+  local p1, p2, p3 = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), 0
+  if algo == 2 or algo == 4 then
+    p3 = tonumber(ARGV[a + 2])
+    a = a + 3
+  else
+    a = a + 2
+  end
+  local c = (i - 1) * 6
+  at[c + 1], at[c + 2], at[c + 3], at[c + 4], at[c + 5], at[c + 6] =
+    key_at, ban_key, cost_at, lease_at, ban_at, enforce
   local banned_until = 0
-  if ARGV[a + 3] ~= '0' then banned_until = tonumber(redis.call('GET', KEYS[2 * i])) or 0 end
+  if bans then banned_until = tonumber(redis.call('GET', KEYS[ban_key])) or 0 end
   local ok, limit, remaining, reset, retry, kind, wa, wb, wc
   local banned = 0
   if banned_until > now then
     ok, limit, remaining, reset, retry = 0, p1, 0, banned_until - now, banned_until - now
     kind, wa, wb, wc = 0, 0, 0, 0
     banned = 1
-  elseif algo == '1' then
+  elseif algo == 1 then
     local start = now - now % p2
     ok, limit, remaining, reset, retry, kind, wa, wb, wc = window(key, p1, start, start + p2, cost)
-  elseif algo == '2' then
+  elseif algo == 2 then
     ok, limit, remaining, reset, retry, kind, wa, wb, wc = window(key, p1, p2, p3, cost)
-  elseif algo == '3' then
+  elseif algo == 3 then
     ok, limit, remaining, reset, retry, kind, wa, wb, wc = sliding(key, p1, p2, cost)
-  elseif algo == '4' then
+  elseif algo == 4 then
     ok, limit, remaining, reset, retry, kind, wa, wb, wc = bucket(key, p1, p2, p3, cost)
-  elseif algo == '5' then
+  elseif algo == 5 then
     ok, limit, remaining, reset, retry, kind, wa, wb, wc = gcra(key, p1, p2, cost)
   else
     ok, limit, remaining, reset, retry, kind, wa, wb, wc = concurrency(key, p1, p2)
@@ -193,29 +225,30 @@ for i = 1, n do
   local b = 1 + (i - 1) * 6
   out[b + 1], out[b + 2], out[b + 3], out[b + 4], out[b + 5], out[b + 6] =
     ok, limit, remaining, reset, retry, banned
-  local c = (i - 1) * 4
-  writes[c + 1], writes[c + 2], writes[c + 3], writes[c + 4] = kind, wa, wb, wc
-  if ok == 0 and ARGV[a + 2] == '1' then admitted = false end
+  local w = (i - 1) * 4
+  writes[w + 1], writes[w + 2], writes[w + 3], writes[w + 4] = kind, wa, wb, wc
+  if ok == 0 and enforce then admitted = false end
 end
 
 if not admitted then out[1] = 0 end
 for i = 1, n do
-  local a = 3 + (i - 1) * 8
   local b = 1 + (i - 1) * 6
-  local c = (i - 1) * 4
-  local key = KEYS[2 * i - 1]
+  local c = (i - 1) * 6
+  local w = (i - 1) * 4
+  local key = KEYS[at[c + 1]]
+  local cost = ARGV[at[c + 3]]
   local ok = out[b + 1]
   if out[b + 6] == 1 then
     -- Banned: nothing to write.
   elseif admitted and ok == 1 then
-    local kind, wa, wb, wc = writes[c + 1], writes[c + 2], writes[c + 3], writes[c + 4]
+    local kind, wa, wb, wc = writes[w + 1], writes[w + 2], writes[w + 3], writes[w + 4]
     if kind == 1 then
-      redis.call('HINCRBY', key, 'c', ARGV[a + 1])
+      redis.call('HINCRBY', key, 'c', cost)
     elseif kind == 2 then
-      redis.call('HSET', key, 's', int(wa), 'c', ARGV[a + 1])
+      redis.call('HSET', key, 's', int(wa), 'c', cost)
       redis.call('PEXPIRE', key, int(cdiv(wb - now, 1000) + 1))
     elseif kind == 3 then
-      redis.call('HSET', key, 's', int(wa), 'p', int(wb), 'c', ARGV[a + 1])
+      redis.call('HSET', key, 's', int(wa), 'p', int(wb), 'c', cost)
       redis.call('PEXPIRE', key, int(cdiv(wc - now, 1000) + 1))
     elseif kind == 4 then
       redis.call('HSET', key, 'l', int(wa), 'u', int(now))
@@ -224,20 +257,31 @@ for i = 1, n do
       redis.call('HSET', key, 't', int(wa))
       keep(key, wb, wc)
     elseif kind == 6 then
-      redis.call('ZADD', key, int(wa), ARGV[a + 4])
+      redis.call('ZADD', key, int(wa), ARGV[at[c + 4]])
       redis.call('PEXPIRE', key, int(cdiv(wb - now, 1000) + 1))
     end
   else
-    if ok == 0 and ARGV[a + 2] == '1' and ARGV[a + 3] ~= '0' then
-      local ban = tonumber(ARGV[a + 3])
-      redis.call('SET', KEYS[2 * i], int(now + ban), 'PX', int(cdiv(ban, 1000) + 1))
+    if ok == 0 and at[c + 6] and at[c + 2] ~= 0 then
+      local ban = tonumber(ARGV[at[c + 5]])
+      redis.call('SET', KEYS[at[c + 2]], int(now + ban), 'PX', int(cdiv(ban, 1000) + 1))
     end
     if ok == 1 then
       -- Nothing was consumed: what is left is what was left before.
-      local r = out[b + 3] + tonumber(ARGV[a + 1])
+      local r = out[b + 3] + tonumber(cost)
       if r > out[b + 2] then r = out[b + 2] end
       out[b + 3] = r
     end
   end
+end
+out[6 * n + 2] = nil
+if admitted then
+  local short = {1, 0, 0, 0, 0, 0, 0, 0, 0}
+  for i = 1, n do
+    local b = 1 + (i - 1) * 6
+    if out[b + 1] ~= 1 or out[b + 6] == 1 then return out end
+    short[2 * i], short[2 * i + 1] = out[b + 3], out[b + 4]
+  end
+  short[2 * n + 2] = nil
+  return short
 end
 return out
