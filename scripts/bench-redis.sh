@@ -36,8 +36,8 @@ trap 'kill $redis_pid 2>/dev/null; rm -rf "$dir"' EXIT
 for _ in $(seq 100); do redis-cli -p "$rport" PING >/dev/null 2>&1 && break; sleep 0.05; done
 export BENCH_REDIS_URL="redis://127.0.0.1:$rport"
 
-# Commands Redis ran for scripts so far: EVALSHA calls (one per round trip).
-evalsha() { redis-cli -p "$rport" INFO commandstats | awk -F'[=,:]' '/^cmdstat_evalsha:/ {print $3}'; }
+# EVALSHA calls so far (one per round trip) and the microseconds Redis spent in them.
+evalsha() { redis-cli -p "$rport" INFO commandstats | awk -F'[=,:]' '/^cmdstat_evalsha:/ {print $3, $5}'; }
 
 rounds=${ROUNDS:-3}
 declare -A all
@@ -46,9 +46,9 @@ for round in $(seq "$rounds"); do
     redis-cli -p "$rport" FLUSHALL >/dev/null
     "$bin" "$mode" "$port" & pid=$!
     for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.05; done
-    before=$(evalsha); before=${before:-0}
+    read -r before before_us <<<"$(evalsha)"; before=${before:-0}; before_us=${before_us:-0}
     out=$(wrk -t2 -c"$connections" -d"${seconds}s" --latency "http://127.0.0.1:$port/api/v1/items/42")
-    after=$(evalsha); after=${after:-0}
+    read -r after after_us <<<"$(evalsha)"; after=${after:-0}; after_us=${after_us:-0}
     kill "$pid"; wait "$pid" 2>/dev/null || true
     r=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
     total=$(awk '/requests in/ {print $1}' <<<"$out")
@@ -56,9 +56,12 @@ for round in $(seq "$rounds"); do
     p99=$(awk '$1=="99%" {print $2}' <<<"$out")
     non2xx=$(awk '/Non-2xx/ {print $NF}' <<<"$out")
     trips=$(awk -v a="$after" -v b="$before" -v n="$total" 'BEGIN {printf "%.4f", (a - b) / n}')
+    # Redis's own time per call: what one Redis core can serve, whatever the app's speed.
+    redis_us=$(awk -v a="$after" -v b="$before" -v u="$after_us" -v v="$before_us" \
+      'BEGIN {if (a > b) printf "%.1f", (u - v) / (a - b); else printf "-"}')
     all[$mode]="${all[$mode]:-} $r"
-    printf 'round %d  %-24s %10s req/s   p50 %-8s p99 %-8s non-2xx %-8s EVALSHA/request %s\n' \
-      "$round" "$mode" "$r" "$p50" "$p99" "${non2xx:-0}" "$trips"
+    printf 'round %d  %-24s %10s req/s   p50 %-8s p99 %-8s non-2xx %-8s EVALSHA/request %s  Redis µs/call %s\n' \
+      "$round" "$mode" "$r" "$p50" "$p99" "${non2xx:-0}" "$trips" "$redis_us"
   done
 done
 
