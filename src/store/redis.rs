@@ -295,7 +295,7 @@ impl RedisStore {
             .map_err(backend)
     }
 
-    /// Appends the scripts' first two arguments: `now` (or `T`, for Redis's own clock) and
+    /// Appends the undo script's first two arguments: `now` (or `T`, for Redis's own clock) and
     /// the number of operations.
     fn push_clock(&self, cmd: &mut Cmd, now: Timestamp, n: usize) {
         if self.options.server_time {
@@ -323,13 +323,10 @@ impl RedisStore {
         // `EVALSHA sha numkeys keys… args…`, built in one buffer, with only the keys and
         // arguments each operation needs (see batch.lua).
         let keys = group.len() + group.iter().filter(|&&i| ops[i].ban.is_some()).count();
-        // At most two keys and seven arguments per operation, of which the keys are the long
-        // ones: room for all of it at once.
         let key_bytes: usize = group.iter().map(|&i| ops[i].key.len() + 4).sum();
         let mut cmd =
-            Cmd::with_capacity(5 + 9 * group.len(), 64 + 2 * key_bytes + 100 * group.len());
-        cmd.arg("EVALSHA");
-        cmd.arg(self.batch.get_hash()).arg(keys);
+            Cmd::with_capacity(6 + 3 * group.len(), 96 + 2 * key_bytes + 80 * group.len());
+        cmd.arg("EVALSHA").arg(self.batch.get_hash()).arg(keys);
         let mut ban_key = String::with_capacity(64);
         for &i in group {
             cmd.arg(ops[i].key);
@@ -340,21 +337,33 @@ impl RedisStore {
                 cmd.arg(&ban_key);
             }
         }
-        self.push_clock(&mut cmd, now, group.len());
+        // The numbers, packed (see batch.lua): now (negative: Redis's clock) and the count,
+        // then six per operation.
+        let mut numbers = Packed::with_operations(group.len());
+        numbers.push(if self.options.server_time {
+            -1.0
+        } else {
+            exact(now.as_micros())
+        });
+        numbers.push(exact(group.len() as u64));
         for &i in group {
             let op = &ops[i];
             let [algorithm, p1, p2, p3] = params(&op.quota, now);
             let code = algorithm + 10 * u64::from(op.enforce) + 20 * u64::from(op.ban.is_some());
-            cmd.arg(code).arg(op.cost);
-            if let Some(ban) = op.ban {
-                cmd.arg(u64::try_from(ban.as_micros()).unwrap_or(u64::MAX));
+            let ban = op
+                .ban
+                .map_or(0, |b| u64::try_from(b.as_micros()).unwrap_or(u64::MAX));
+            for n in [code, op.cost, ban, p1, p2, p3] {
+                numbers.push(exact(n));
             }
-            if matches!(op.quota, Quota::Concurrency(_)) {
-                cmd.arg(op.lease.0);
-            }
-            cmd.arg(p1).arg(p2);
-            if matches!(op.quota, Quota::Calendar { .. } | Quota::TokenBucket(_)) {
-                cmd.arg(p3);
+        }
+        cmd.arg(numbers.as_bytes());
+        for &i in group {
+            cmd.arg(ops[i].cost);
+        }
+        for &i in group {
+            if matches!(ops[i].quota, Quota::Concurrency(_)) {
+                cmd.arg(ops[i].lease.0);
             }
         }
         self.round_trips.fetch_add(1, Ordering::Relaxed);
@@ -463,6 +472,30 @@ async fn eval<T: redis::FromRedisValue>(
         }
         other => other,
     }
+}
+
+/// Numbers for the batch script, as little-endian doubles that its `struct.unpack` reads
+/// without parsing text.
+struct Packed(Vec<u8>);
+
+impl Packed {
+    fn with_operations(n: usize) -> Self {
+        Packed(Vec::with_capacity(8 * (2 + 6 * n)))
+    }
+
+    fn push(&mut self, n: f64) {
+        self.0.extend_from_slice(&n.to_le_bytes());
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// `n` as a double: exact below 2^53, which every count, quota and time in microseconds is
+/// (the compiler keeps products below it); larger ones, never sent, would be rounded.
+fn exact(n: u64) -> f64 {
+    n as f64
 }
 
 /// The script's algorithm code and three parameters for a quota.
