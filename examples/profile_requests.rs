@@ -33,18 +33,20 @@ fn request() -> Request<Body> {
         .header("host", "api.example.com")
         .body(Body::empty())
         .expect("a valid request");
-    r.extensions_mut().insert(ConnectInfo::<SocketAddr>(
-        SocketAddr::from(([203, 0, 113, 9], 4000)),
-    ));
+    r.extensions_mut()
+        .insert(ConnectInfo::<SocketAddr>(SocketAddr::from((
+            [203, 0, 113, 9],
+            4000,
+        ))));
     r
 }
 
 fn layered<S: tollgate::store::Store>(hello: Router, store: S) -> Router {
     let plan = tollgate::compile(&tollgate::PolicySet::from_sources([("bench.rl", POLICY)]))
         .expect("a valid policy");
-    hello.layer(tollgate::RateLimitLayer::new(Arc::new(tollgate::Engine::new(
-        plan, store,
-    ))))
+    hello.layer(tollgate::RateLimitLayer::new(Arc::new(
+        tollgate::Engine::new(plan, store),
+    )))
 }
 
 fn main() {
