@@ -85,5 +85,11 @@ fn main() {
             ready.call(request()).await.expect("the router answers")
         });
         assert_eq!(response.status(), 200, "every request is allowed");
+        // A limit whose store failed (and fails open) sends no figures: this makes sure the
+        // requests were counted, not waved through.
+        assert!(
+            mode == "bare" || response.headers().contains_key("x-ratelimit-remaining"),
+            "every request is counted (is the store answering?)"
+        );
     }
 }
