@@ -55,6 +55,9 @@ pub struct Settings {
     pub env: Environment,
     /// Redis URL; unset means the memory store.
     pub redis_url: Option<String>,
+    /// Certificates for `rediss://` (read from `redis_tls_ca_file`, `redis_tls_cert_file` and
+    /// `redis_tls_key_file`); `None`: the system's roots, no client certificate.
+    pub redis_tls: Option<crate::store::redis::RedisTls>,
     /// Per-call store timeout, in milliseconds.
     pub store_timeout_ms: u64,
     /// Whose clock the Redis store counts with: this node's, or Redis's (`TIME`).
@@ -134,6 +137,9 @@ struct Raw {
     policies: Option<String>,
     env: Option<String>,
     redis_url: Option<String>,
+    redis_tls_ca_file: Option<String>,
+    redis_tls_cert_file: Option<String>,
+    redis_tls_key_file: Option<String>,
     store_timeout_ms: Option<u64>,
     store_clock: Option<String>,
     expected_nodes: Option<u64>,
@@ -164,6 +170,9 @@ const KEYS: &[&str] = &[
     "policies",
     "env",
     "redis_url",
+    "redis_tls_ca_file",
+    "redis_tls_cert_file",
+    "redis_tls_key_file",
     "store_timeout_ms",
     "store_clock",
     "expected_nodes",
@@ -367,6 +376,9 @@ impl Settings {
         let policies = field!("policies", String);
         let env = field!("env", String);
         let redis_url = field!("redis_url", String);
+        let redis_tls_ca_file = field!("redis_tls_ca_file", String);
+        let redis_tls_cert_file = field!("redis_tls_cert_file", String);
+        let redis_tls_key_file = field!("redis_tls_key_file", String);
         let store_timeout_ms = field!("store_timeout_ms", u64);
         let store_clock = field!("store_clock", String);
         let expected_nodes = field!("expected_nodes", u64);
@@ -439,19 +451,28 @@ impl Settings {
         }
 
         if let Some(url) = &redis_url {
-            let schemes = ["redis://", "redis+cluster://", "unix://", "redis+unix://"];
-            if url.starts_with("rediss") {
+            let schemes = [
+                "redis://",
+                "rediss://",
+                "redis+cluster://",
+                "rediss+cluster://",
+                "unix://",
+                "redis+unix://",
+            ];
+            if !schemes.iter().any(|s| url.starts_with(s)) {
                 problem(
                     "redis_url",
-                    "TLS to Redis (`rediss://`) is not built into this version".to_owned(),
-                );
-            } else if !schemes.iter().any(|s| url.starts_with(s)) {
-                problem(
-                    "redis_url",
-                    "not a Redis URL: use `redis://host:port/db`, `redis+cluster://host:port,host:port` or `unix:///path/to/redis.sock`".to_owned(),
+                    "not a Redis URL: use `redis://host:port/db`, `redis+cluster://host:port,host:port` (`rediss` for TLS) or `unix:///path/to/redis.sock`".to_owned(),
                 );
             }
         }
+        let redis_tls = redis_tls(
+            redis_url.as_deref(),
+            redis_tls_ca_file,
+            redis_tls_cert_file,
+            redis_tls_key_file,
+            &mut problem,
+        );
         let store_clock = match store_clock
             .as_deref()
             .map(str::to_ascii_lowercase)
@@ -590,6 +611,7 @@ impl Settings {
             policies,
             env,
             redis_url,
+            redis_tls,
             store_timeout_ms,
             store_clock,
             expected_nodes,
@@ -610,6 +632,82 @@ impl Settings {
             log_format,
         })
     }
+}
+
+/// The certificates for TLS to Redis, read now so that a missing file stops the start.
+fn redis_tls(
+    url: Option<&str>,
+    ca_file: Option<String>,
+    cert_file: Option<String>,
+    key_file: Option<String>,
+    problem: &mut impl FnMut(&str, String),
+) -> Option<crate::store::redis::RedisTls> {
+    if ca_file.is_none() && cert_file.is_none() && key_file.is_none() {
+        return None;
+    }
+    if !url.is_some_and(|u| u.starts_with("rediss")) {
+        let key = match (&ca_file, &cert_file) {
+            (Some(_), _) => "redis_tls_ca_file",
+            (None, Some(_)) => "redis_tls_cert_file",
+            (None, None) => "redis_tls_key_file",
+        };
+        problem(
+            key,
+            "applies to TLS only: use a `rediss://` or `rediss+cluster://` redis_url".to_owned(),
+        );
+        return None;
+    }
+    let mut read = |key: &str, path: Option<String>, marker: &str, what: &str| {
+        let path = path?;
+        match std::fs::read(&path) {
+            Ok(pem) if pem.windows(marker.len()).any(|w| w == marker.as_bytes()) => Some(pem),
+            Ok(_) => {
+                problem(key, format!("`{path}` holds no PEM {what}"));
+                None
+            }
+            Err(e) => {
+                problem(key, format!("cannot read `{path}`: {e}"));
+                None
+            }
+        }
+    };
+    let ca_pem = read(
+        "redis_tls_ca_file",
+        ca_file,
+        "-----BEGIN CERTIFICATE-----",
+        "certificate",
+    );
+    let (has_cert, has_key) = (cert_file.is_some(), key_file.is_some());
+    let cert = read(
+        "redis_tls_cert_file",
+        cert_file,
+        "-----BEGIN CERTIFICATE-----",
+        "certificate",
+    );
+    let key = read(
+        "redis_tls_key_file",
+        key_file,
+        "PRIVATE KEY-----",
+        "private key",
+    );
+    let client = match (cert, key) {
+        (Some(cert), Some(key)) => Some((cert, key)),
+        _ if has_cert != has_key => {
+            let missing = if has_cert {
+                "redis_tls_key_file"
+            } else {
+                "redis_tls_cert_file"
+            };
+            problem(
+                missing,
+                "a client certificate needs both `redis_tls_cert_file` and `redis_tls_key_file`"
+                    .to_owned(),
+            );
+            None
+        }
+        _ => None,
+    };
+    Some(crate::store::redis::RedisTls { ca_pem, client })
 }
 
 fn jwt_settings(

@@ -201,6 +201,7 @@ pub fn redis_options(settings: &Settings) -> RedisOptions {
             max_backoff,
         },
         deny_cache: (settings.deny_cache_keys > 0).then_some(settings.deny_cache_keys),
+        tls: settings.redis_tls.clone(),
     }
 }
 

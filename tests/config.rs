@@ -206,3 +206,85 @@ fn store_settings_are_read_and_checked() {
         assert!(keys.contains(&key), "{key} not in {keys:?}");
     }
 }
+
+#[test]
+fn redis_tls_settings_are_read_and_checked() {
+    let dir = std::env::temp_dir().join(format!("tollgate-config-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let cert = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+    let ca = write("ca.pem", cert);
+    let client = write("client.pem", cert);
+    let key = write(
+        "client.key",
+        "-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n",
+    );
+    let not_pem = write("notes.txt", "hello");
+
+    // `rediss://` alone: the system's roots, no client certificate.
+    let s = Settings::load_from(
+        &Flags::default(),
+        vars(&[("TOLLGATE_REDIS_URL", "rediss://cache.example:6380")]),
+    )
+    .unwrap();
+    assert!(s.redis_tls.is_none());
+    let s = Settings::load_from(
+        &Flags::default(),
+        vars(&[
+            ("TOLLGATE_REDIS_URL", "rediss+cluster://a:6380,b:6380"),
+            ("TOLLGATE_REDIS_TLS_CA_FILE", &ca),
+            ("TOLLGATE_REDIS_TLS_CERT_FILE", &client),
+            ("TOLLGATE_REDIS_TLS_KEY_FILE", &key),
+        ]),
+    )
+    .unwrap();
+    let tls = tollgate::server::redis_options(&s)
+        .tls
+        .expect("certificates");
+    assert_eq!(tls.ca_pem.as_deref(), Some(cert.as_bytes()));
+    assert!(tls.client.is_some());
+    assert!(
+        !format!("{tls:?}").contains("PRIVATE"),
+        "Debug never prints the key"
+    );
+
+    let problems = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+        Settings::load_from(&Flags::default(), vars(pairs))
+            .unwrap_err()
+            .0
+            .into_iter()
+            .map(|p| (p.key, p.message))
+            .collect()
+    };
+    // Certificates with a plain URL, a missing file, a file that is not PEM, half a pair.
+    let found = problems(&[
+        ("TOLLGATE_REDIS_URL", "redis://cache:6379"),
+        ("TOLLGATE_REDIS_TLS_CA_FILE", &ca),
+    ]);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(found[0].0 == "redis_tls_ca_file" && found[0].1.contains("rediss://"));
+    let missing = dir.join("nowhere.pem").display().to_string();
+    let found = problems(&[
+        ("TOLLGATE_REDIS_URL", "rediss://cache:6380"),
+        ("TOLLGATE_REDIS_TLS_CA_FILE", &missing),
+        ("TOLLGATE_REDIS_TLS_CERT_FILE", &not_pem),
+    ]);
+    let keys: Vec<&str> = found.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "redis_tls_ca_file",
+            "redis_tls_cert_file",
+            "redis_tls_key_file"
+        ],
+        "{found:?}"
+    );
+    assert!(found[0].1.contains("cannot read"));
+    assert!(found[1].1.contains("no PEM certificate"));
+    assert!(found[2].1.contains("both"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -93,7 +93,7 @@ fn two_servers_share_their_counters_through_redis() {
     let Some(redis) = support::redis::Redis::start() else {
         return;
     };
-    share_counters(&redis.url());
+    share_counters(&redis.url(), &[]);
 }
 
 #[test]
@@ -101,15 +101,54 @@ fn two_prod_servers_share_their_counters_through_a_cluster() {
     let Some(cluster) = support::redis::Cluster::start(3, 0) else {
         return;
     };
-    share_counters(&cluster.url());
+    share_counters(&cluster.url(), &[]);
 }
 
-fn share_counters(url: &str) {
-    let env = [
+#[test]
+fn two_prod_servers_share_their_counters_over_tls_with_client_certificates() {
+    let certs = support::tls::Certs::generate();
+    let Some(redis) = support::redis::Redis::start_tls(&certs, true) else {
+        return;
+    };
+    let path = |f: &str| certs.path(f).display().to_string();
+    let (ca, cert, key) = (path("ca.pem"), path("client.pem"), path("client.key"));
+    share_counters(
+        &redis.tls_url(),
+        &[
+            ("TOLLGATE_REDIS_TLS_CA_FILE", &ca),
+            ("TOLLGATE_REDIS_TLS_CERT_FILE", &cert),
+            ("TOLLGATE_REDIS_TLS_KEY_FILE", &key),
+        ],
+    );
+    assert!(redis.calls("evalsha") >= 7, "the decisions were Redis's");
+
+    // Without the CA, the server's certificate is not trusted: prod does not start, and says why.
+    let listen = format!("127.0.0.1:{}", support::free_port());
+    let output = tollgate(&[
+        ("TOLLGATE_ENV", "prod"),
+        ("TOLLGATE_REDIS_URL", &redis.tls_url()),
+        ("TOLLGATE_REDIS_TLS_CERT_FILE", &cert),
+        ("TOLLGATE_REDIS_TLS_KEY_FILE", &key),
+        ("TOLLGATE_KEY_SECRET", SECRET),
+        ("TOLLGATE_LISTEN", &listen),
+    ])
+    .output()
+    .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("cannot reach Redis at `rediss://") && stderr.contains("certificate"),
+        "{stderr}"
+    );
+}
+
+fn share_counters(url: &str, extra: &[(&str, &str)]) {
+    let mut env = vec![
         ("TOLLGATE_ENV", "prod"),
         ("TOLLGATE_REDIS_URL", url),
         ("TOLLGATE_KEY_SECRET", SECRET),
     ];
+    env.extend_from_slice(extra);
     let a = Serving::start(&env);
     let b = Serving::start(&env);
     // The shipped `login` limit: 5 per minute per /24, whichever node is asked.

@@ -6,7 +6,9 @@
 //!   clocks must not matter.
 //! - One server (`redis://`, a [`ConnectionManager`]: multiplexed, reconnects after errors) or
 //!   a Cluster (`redis+cluster://host:port,host:port`, the `redis` crate's cluster client:
-//!   MOVED/ASK followed, writes to masters only). In a Cluster a request's keys are grouped by
+//!   MOVED/ASK followed, writes to masters only). `rediss://` and `rediss+cluster://` speak
+//!   TLS (rustls), trusting the system's roots or [`RedisTls::ca_pem`], with an optional
+//!   client certificate. In a Cluster a request's keys are grouped by
 //!   slot — a client's keys share one through the `{client}` hash tag, a global limit has its
 //!   own — and the groups go out at once; when one group rejects, what the others consumed is
 //!   given back (`redis/undo.lua`), so a request is still all-or-nothing.
@@ -59,6 +61,42 @@ pub struct RedisOptions {
     pub breaker: BreakerSettings,
     /// Remember rejections locally until they end, for up to this many keys (`None`: off).
     pub deny_cache: Option<usize>,
+    /// Certificates for `rediss://` URLs (`None`: the system's roots, no client certificate).
+    pub tls: Option<RedisTls>,
+}
+
+/// Certificates for TLS to Redis, in PEM.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct RedisTls {
+    /// The CA that signed the servers' certificates, instead of the system's roots.
+    pub ca_pem: Option<Vec<u8>>,
+    /// A client certificate and its private key, for servers that require one
+    /// (`tls-auth-clients yes`).
+    pub client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for RedisTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisTls")
+            .field("ca", &self.ca_pem.is_some())
+            .field("client_certificate", &self.client.is_some())
+            .finish()
+    }
+}
+
+impl RedisTls {
+    fn certificates(&self) -> redis::TlsCertificates {
+        redis::TlsCertificates {
+            client_tls: self
+                .client
+                .as_ref()
+                .map(|(cert, key)| redis::ClientTlsConfig {
+                    client_cert: cert.clone(),
+                    client_key: key.clone(),
+                }),
+            root_cert: self.ca_pem.clone(),
+        }
+    }
 }
 
 impl Default for RedisOptions {
@@ -69,6 +107,7 @@ impl Default for RedisOptions {
             server_time: false,
             breaker: BreakerSettings::default(),
             deny_cache: Some(100_000),
+            tls: None,
         }
     }
 }
@@ -115,11 +154,15 @@ enum Target {
     Cluster(Vec<String>),
 }
 
-/// `redis://…` (or `unix://…`) names one server; `redis+cluster://[auth@]h1:p1,h2:p2` a
-/// Cluster, by any of its nodes.
+/// `redis://…` (or `rediss://…`, `unix://…`) names one server;
+/// `redis+cluster://[auth@]h1:p1,h2:p2` (or `rediss+cluster://…`) a Cluster, by any of its
+/// nodes.
 fn target(url: &str) -> Result<Target, StoreError> {
-    const CLUSTER: &str = "redis+cluster://";
-    let Some(rest) = url.strip_prefix(CLUSTER) else {
+    let (scheme, rest) = if let Some(rest) = url.strip_prefix("redis+cluster://") {
+        ("redis", rest)
+    } else if let Some(rest) = url.strip_prefix("rediss+cluster://") {
+        ("rediss", rest)
+    } else {
         return Ok(Target::Single(url.to_owned()));
     };
     let (auth, hosts) = match rest.rfind('@') {
@@ -131,11 +174,11 @@ fn target(url: &str) -> Result<Target, StoreError> {
         .split(',')
         .map(str::trim)
         .filter(|h| !h.is_empty())
-        .map(|h| format!("redis://{auth}{h}"))
+        .map(|h| format!("{scheme}://{auth}{h}"))
         .collect();
     if seeds.is_empty() {
         return Err(StoreError::Backend(format!(
-            "`{CLUSTER}` needs at least one host:port"
+            "`{scheme}+cluster://` needs at least one host:port"
         )));
     }
     Ok(Target::Cluster(seeds))
@@ -185,10 +228,22 @@ impl RedisStore {
     /// checks that the server answers, all within `options.connect_timeout`.
     pub async fn connect_with(url: &str, options: RedisOptions) -> Result<Self, StoreError> {
         let wait = options.connect_timeout;
+        let tls = options.tls.as_ref().filter(|_| url.starts_with("rediss"));
+        if tls.is_some() || url.starts_with("rediss") {
+            // rustls picks its crypto from the process default: make it ring (the one
+            // compiled in). An error only says a default is already installed.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
         let connecting = async {
             match target(url)? {
                 Target::Single(url) => {
-                    let client = redis::Client::open(url.as_str()).map_err(backend)?;
+                    let client = match tls {
+                        Some(tls) => {
+                            redis::Client::build_with_tls(url.as_str(), tls.certificates())
+                        }
+                        None => redis::Client::open(url.as_str()),
+                    }
+                    .map_err(backend)?;
                     // Reconnection is the breaker's job: one attempt per call.
                     let config = ConnectionManagerConfig::new()
                         .set_number_of_retries(0)
@@ -200,7 +255,11 @@ impl RedisStore {
                         .map_err(backend)
                 }
                 Target::Cluster(seeds) => {
-                    let client = ClusterClientBuilder::new(seeds)
+                    let mut builder = ClusterClientBuilder::new(seeds);
+                    if let Some(tls) = tls {
+                        builder = builder.certs(tls.certificates());
+                    }
+                    let client = builder
                         .connection_timeout(wait)
                         .response_timeout(options.timeout)
                         .retries(3)
@@ -635,6 +694,15 @@ mod tests {
                 "redis://u:p@b:2".to_owned()
             ])
         );
+        assert_eq!(
+            target("rediss+cluster://a:1,b:2").unwrap(),
+            Target::Cluster(vec!["rediss://a:1".to_owned(), "rediss://b:2".to_owned()])
+        );
+        assert_eq!(
+            target("rediss://h:1").unwrap(),
+            Target::Single("rediss://h:1".to_owned())
+        );
         assert!(target("redis+cluster://").is_err());
+        assert!(target("rediss+cluster://").is_err());
     }
 }

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 pub mod nginx;
 pub mod redis;
+pub mod tls;
 
 /// A free TCP port on 127.0.0.1 (bound and released; the caller binds it again).
 pub fn free_port() -> u16 {

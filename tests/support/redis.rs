@@ -10,6 +10,8 @@ use std::time::Duration;
 /// A running Redis.
 pub struct Redis {
     pub addr: SocketAddr,
+    /// The TLS port, for a server started with one (see [`Redis::start_tls`]).
+    pub tls_port: Option<u16>,
     child: Child,
     dir: PathBuf,
 }
@@ -50,6 +52,17 @@ impl Redis {
             (
                 super::free_port(),
                 extra.iter().map(|s| s.to_string()).collect(),
+            )
+        })
+    }
+
+    /// Starts one with a TLS port too (certificates from `certs`), requiring client
+    /// certificates when `clients` is true. The plain port stays for the harness's checks.
+    pub fn start_tls(certs: &super::tls::Certs, clients: bool) -> Option<Redis> {
+        Self::start_retrying(|| {
+            (
+                super::free_port(),
+                certs.redis_args(super::free_port(), clients),
             )
         })
     }
@@ -100,7 +113,17 @@ impl Redis {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server starts");
-        let mut redis = Redis { addr, child, dir };
+        let tls_port = extra
+            .iter()
+            .position(|a| *a == "--tls-port")
+            .and_then(|i| extra.get(i + 1))
+            .and_then(|p| p.parse().ok());
+        let mut redis = Redis {
+            addr,
+            tls_port,
+            child,
+            dir,
+        };
         let pid = format!("process_id:{}", redis.child.id());
         let mut outcome = Err(format!("redis-server on {addr} did not answer"));
         wait_for(&format!("redis-server on {addr} did not answer"), || {
@@ -128,6 +151,11 @@ impl Redis {
     /// `redis://127.0.0.1:PORT`
     pub fn url(&self) -> String {
         format!("redis://{}", self.addr)
+    }
+
+    /// `rediss://127.0.0.1:TLS_PORT`, for a server started with [`Redis::start_tls`].
+    pub fn tls_url(&self) -> String {
+        format!("rediss://127.0.0.1:{}", self.tls_port.expect("a TLS port"))
     }
 
     /// Kills the server (SIGKILL), as a crash would.
@@ -198,6 +226,24 @@ impl Cluster {
     /// Starts the nodes, joins them with `redis-cli --cluster create`, and waits until every
     /// node reports `cluster_state:ok` (and every replica is in sync).
     pub fn start(masters: usize, replicas: usize) -> Option<Cluster> {
+        Self::start_with(masters, replicas, None)
+    }
+
+    /// The same, every node also listening with TLS (certificates from `certs`), the cluster
+    /// bus on TLS too, created through the TLS ports.
+    pub fn start_tls(
+        masters: usize,
+        replicas: usize,
+        certs: &super::tls::Certs,
+    ) -> Option<Cluster> {
+        Self::start_with(masters, replicas, Some(certs))
+    }
+
+    fn start_with(
+        masters: usize,
+        replicas: usize,
+        certs: Option<&super::tls::Certs>,
+    ) -> Option<Cluster> {
         binary("redis-cli")?;
         let mut nodes = Vec::new();
         for _ in 0..masters * (1 + replicas) {
@@ -215,22 +261,49 @@ impl Cluster {
                     "--cluster-node-timeout".to_owned(),
                     "1000".to_owned(),
                 ];
-                (port, args.to_vec())
+                let mut args = args.to_vec();
+                if let Some(certs) = certs {
+                    args.extend(certs.redis_args(super::free_port(), false));
+                    args.extend(
+                        ["--tls-cluster", "yes", "--tls-replication", "yes"].map(String::from),
+                    );
+                }
+                (port, args)
             })?);
         }
         let mut create = Command::new("redis-cli");
+        if let Some(certs) = certs {
+            create
+                .arg("--tls")
+                .arg("--cacert")
+                .arg(certs.path("ca.pem"));
+        }
         create.arg("--cluster").arg("create");
         for node in &nodes {
-            create.arg(node.addr.to_string());
+            match node.tls_port {
+                Some(port) => create.arg(format!("127.0.0.1:{port}")),
+                None => create.arg(node.addr.to_string()),
+            };
         }
-        let out = create
+        // `--cluster create` waits for the nodes to join with no end of its own: give it 30 s.
+        let mut creating = create
             .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
-            .output()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
             .expect("redis-cli runs");
+        let mut status = None;
+        wait_for("redis-cli --cluster create did not finish", || {
+            status = creating.try_wait().ok().flatten();
+            status.is_some()
+        });
+        let mut printed = String::new();
+        if let Some(mut out) = creating.stdout.take() {
+            let _ = out.read_to_string(&mut printed);
+        }
         assert!(
-            out.status.success(),
-            "redis-cli --cluster create failed: {}",
-            String::from_utf8_lossy(&out.stdout)
+            status.is_some_and(|s| s.success()),
+            "redis-cli --cluster create failed: {printed}"
         );
         let cluster = Cluster { nodes };
         wait_for("the cluster did not become ok", || {
@@ -249,6 +322,16 @@ impl Cluster {
     pub fn url(&self) -> String {
         let hosts: Vec<String> = self.nodes.iter().map(|n| n.addr.to_string()).collect();
         format!("redis+cluster://{}", hosts.join(","))
+    }
+
+    /// `rediss+cluster://` with every node's TLS port as a seed.
+    pub fn tls_url(&self) -> String {
+        let hosts: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.tls_port.expect("a TLS port")))
+            .collect();
+        format!("rediss+cluster://{}", hosts.join(","))
     }
 
     /// The node that is master for `key`'s slot now.
