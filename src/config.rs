@@ -464,6 +464,11 @@ impl Settings {
                     "redis_url",
                     "not a Redis URL: use `redis://host:port/db`, `redis+cluster://host:port,host:port` (`rediss` for TLS) or `unix:///path/to/redis.sock`".to_owned(),
                 );
+            } else if url.ends_with("#insecure") {
+                problem(
+                    "redis_url",
+                    "certificate checks cannot be turned off (`#insecure`): give the CA in `redis_tls_ca_file`".to_owned(),
+                );
             }
         }
         let redis_tls = redis_tls(

@@ -267,6 +267,8 @@ fn redis_tls_settings_are_read_and_checked() {
     ]);
     assert_eq!(found.len(), 1, "{found:?}");
     assert!(found[0].0 == "redis_tls_ca_file" && found[0].1.contains("rediss://"));
+    let found = problems(&[("TOLLGATE_REDIS_URL", "rediss://cache:6380/#insecure")]);
+    assert!(found[0].0 == "redis_url" && found[0].1.contains("cannot be turned off"));
     let missing = dir.join("nowhere.pem").display().to_string();
     let found = problems(&[
         ("TOLLGATE_REDIS_URL", "rediss://cache:6380"),
