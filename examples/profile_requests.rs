@@ -1,7 +1,8 @@
 //! Requests one at a time through an axum router, for instruction counts under callgrind
 //! (deterministic, unlike wall-clock figures on a shared VM): `bare`, behind
 //! `RateLimitLayer` on the memory store (`memory`), or on the Redis store at
-//! `BENCH_REDIS_URL` (`redis`), with the three limits of `benches/three_limits.rl`.
+//! `BENCH_REDIS_URL` (`redis`; a `rediss://` URL trusts the CA in `BENCH_REDIS_CA`, a PEM
+//! file), with the three limits of `benches/three_limits.rl`.
 //!
 //! ```sh
 //! cargo build --release --example profile_requests
@@ -64,10 +65,21 @@ fn main() {
         "redis" => {
             let url = std::env::var("BENCH_REDIS_URL")
                 .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+            let tls =
+                std::env::var("BENCH_REDIS_CA")
+                    .ok()
+                    .map(|ca| tollgate::store::redis::RedisTls {
+                        ca_pem: Some(std::fs::read(ca).expect("BENCH_REDIS_CA is readable")),
+                        client: None,
+                    });
+            let options = tollgate::store::redis::RedisOptions {
+                timeout: std::time::Duration::from_secs(1),
+                tls,
+                ..Default::default()
+            };
             let store = rt
-                .block_on(tollgate::store::redis::RedisStore::connect(
-                    &url,
-                    std::time::Duration::from_secs(1),
+                .block_on(tollgate::store::redis::RedisStore::connect_with(
+                    &url, options,
                 ))
                 .expect("Redis answers");
             layered(hello, store)
