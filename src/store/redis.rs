@@ -228,8 +228,9 @@ impl RedisStore {
     /// checks that the server answers, all within `options.connect_timeout`.
     pub async fn connect_with(url: &str, options: RedisOptions) -> Result<Self, StoreError> {
         let wait = options.connect_timeout;
-        let tls = options.tls.as_ref().filter(|_| url.starts_with("rediss"));
-        if tls.is_some() || url.starts_with("rediss") {
+        let secure = url.starts_with("rediss");
+        let tls = options.tls.as_ref().filter(|_| secure);
+        if secure {
             // rustls picks its crypto from the process default: make it ring (the one
             // compiled in). An error only says a default is already installed.
             let _ = rustls::crypto::ring::default_provider().install_default();
