@@ -123,23 +123,33 @@ fn two_prod_servers_share_their_counters_over_tls_with_client_certificates() {
     assert!(redis.calls("evalsha") >= 7, "the decisions were Redis's");
 
     // Without the CA, the server's certificate is not trusted: prod does not start, and says why.
-    let listen = format!("127.0.0.1:{}", support::free_port());
-    let output = tollgate(&[
-        ("TOLLGATE_ENV", "prod"),
-        ("TOLLGATE_REDIS_URL", &redis.tls_url()),
-        ("TOLLGATE_REDIS_TLS_CERT_FILE", &cert),
-        ("TOLLGATE_REDIS_TLS_KEY_FILE", &key),
-        ("TOLLGATE_KEY_SECRET", SECRET),
-        ("TOLLGATE_LISTEN", &listen),
-    ])
-    .output()
-    .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = prod_start_fails(
+        &redis.tls_url(),
+        &[
+            ("TOLLGATE_REDIS_TLS_CERT_FILE", &cert),
+            ("TOLLGATE_REDIS_TLS_KEY_FILE", &key),
+        ],
+    );
     assert!(
         stderr.contains("cannot reach Redis at `rediss://") && stderr.contains("certificate"),
         "{stderr}"
     );
+}
+
+/// Runs `tollgate serve` in `prod` on `url` (and `extra` settings), which must exit with a
+/// failure; returns what it wrote to stderr.
+fn prod_start_fails(url: &str, extra: &[(&str, &str)]) -> String {
+    let listen = format!("127.0.0.1:{}", support::free_port());
+    let mut env = vec![
+        ("TOLLGATE_ENV", "prod"),
+        ("TOLLGATE_REDIS_URL", url),
+        ("TOLLGATE_KEY_SECRET", SECRET),
+        ("TOLLGATE_LISTEN", &listen),
+    ];
+    env.extend_from_slice(extra);
+    let output = tollgate(&env).output().unwrap();
+    assert!(!output.status.success(), "tollgate started");
+    String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
 fn share_counters(url: &str, extra: &[(&str, &str)]) {
@@ -163,17 +173,7 @@ fn share_counters(url: &str, extra: &[(&str, &str)]) {
 #[test]
 fn prod_refuses_to_start_without_its_redis() {
     let url = format!("redis://127.0.0.1:{}", support::free_port());
-    let listen = format!("127.0.0.1:{}", support::free_port());
-    let output = tollgate(&[
-        ("TOLLGATE_ENV", "prod"),
-        ("TOLLGATE_REDIS_URL", &url),
-        ("TOLLGATE_KEY_SECRET", SECRET),
-        ("TOLLGATE_LISTEN", &listen),
-    ])
-    .output()
-    .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = prod_start_fails(&url, &[]);
     assert!(
         stderr.contains(&format!("cannot reach Redis at `{url}`")),
         "{stderr}"
