@@ -222,10 +222,8 @@ fn build_request(
 ) -> Result<RequestCtx, String> {
     let method = http::Method::from_bytes(method.to_ascii_uppercase().as_bytes())
         .map_err(|_| format!("`{method}` is not an HTTP method"))?;
-    if !path.starts_with('/') {
-        return Err(format!("the path `{path}` must start with `/`"));
-    }
-    let mut request = RequestCtx::new(method, path);
+    let mut request =
+        RequestCtx::try_new(method, path).map_err(|e| format!("the path `{path}`: {e}"))?;
     for header in headers {
         let (name, value) = header
             .split_once(':')

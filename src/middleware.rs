@@ -24,7 +24,7 @@ pub use self::body::LeaseGuard;
 use crate::clock::{Clock, SystemClock};
 use crate::engine::{Action, Engine, Verdict};
 use crate::identity::Identifier;
-use crate::request::{RequestCtx, normalize_host};
+use crate::request::{PathError, RequestCtx, normalize_host};
 use crate::response::{self, HeaderFamilies, X_REQUEST_ID};
 use crate::store::Store;
 
@@ -173,7 +173,10 @@ where
         Box::pin(async move {
             let request_id = response::request_id(request.headers());
             let grpc = is_grpc(request.headers());
-            let ctx = request_ctx(&mut request, &layer.options.identifier);
+            let ctx = match request_ctx(&mut request, &layer.options.identifier) {
+                Ok(ctx) => ctx,
+                Err(error) => return Ok(bad_path(&error, &request_id)),
+            };
             let verdict = match &layer.only {
                 Some(names) => layer.engine.decide_only(&ctx, names).await,
                 None => layer.engine.decide(&ctx).await,
@@ -222,10 +225,18 @@ where
 }
 
 /// The engine's view of an HTTP request. The headers are moved, not copied; the caller puts
-/// them back.
-pub fn request_ctx<B>(request: &mut Request<B>, identifier: &Identifier) -> RequestCtx {
+/// them back. The request's path is replaced by its canonical form, so that what follows
+/// (the application, the upstream) sees the path that was limited; a path that cannot be
+/// normalized safely is refused.
+pub fn request_ctx<B>(
+    request: &mut Request<B>,
+    identifier: &Identifier,
+) -> Result<RequestCtx, PathError> {
     let path_and_query = request.uri().path_and_query().map_or("/", |p| p.as_str());
-    let mut ctx = RequestCtx::new(request.method().clone(), path_and_query);
+    let mut ctx = RequestCtx::try_new(request.method().clone(), path_and_query)?;
+    if ctx.path != request.uri().path() {
+        set_path(request.uri_mut(), &ctx.path);
+    }
     ctx.headers = std::mem::take(request.headers_mut());
     ctx.host = request
         .uri()
@@ -253,7 +264,29 @@ pub fn request_ctx<B>(request: &mut Request<B>, identifier: &Identifier) -> Requ
             .map(|a| a.ip())
     });
     identifier.identify(&mut ctx, peer);
-    ctx
+    Ok(ctx)
+}
+
+/// Replaces `uri`'s path, keeping its scheme, authority and query.
+fn set_path(uri: &mut http::Uri, path: &str) {
+    let path_and_query = match uri.query() {
+        Some(query) => format!("{path}?{query}"),
+        None => path.to_owned(),
+    };
+    let mut parts = std::mem::take(uri).into_parts();
+    // A canonical path is a valid one: every character it holds is allowed in a URI.
+    parts.path_and_query = path_and_query.parse().ok();
+    if let Ok(new) = http::Uri::from_parts(parts) {
+        *uri = new;
+    }
+}
+
+/// The answer to a request whose path cannot be normalized safely: 400 problem.
+pub fn bad_path(error: &PathError, request_id: &str) -> Response<Body> {
+    response::problem_response(
+        response::Problem::bad_request(error.to_string()),
+        request_id,
+    )
 }
 
 /// Whether `headers` are a gRPC request's (`application/grpc`, `application/grpc+proto`…).

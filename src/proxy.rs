@@ -193,7 +193,15 @@ pub async fn handler<S: Store, C: Clock>(
     }
     // The stream's own view of the request, for message and byte limits.
     let mut request = request;
-    let mut ctx = crate::middleware::request_ctx(&mut request, &state.identifier);
+    let mut ctx = match crate::middleware::request_ctx(&mut request, &state.identifier) {
+        Ok(ctx) => ctx,
+        Err(error) => {
+            return crate::middleware::bad_path(
+                &error,
+                &crate::response::request_id(request.headers()),
+            );
+        }
+    };
     *request.headers_mut() = ctx.headers.clone();
     ctx.connection_id = Some(CONNECTIONS.fetch_add(1, Ordering::Relaxed));
     if is_websocket {

@@ -1,9 +1,13 @@
 //! What the engine knows about one request.
 
+pub mod path;
+
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
+
+pub use self::path::PathError;
 
 /// One request as the engine sees it: method, path, host, headers, client address, and the
 /// identities that the middleware established (user, token, claims).
@@ -11,7 +15,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method};
 pub struct RequestCtx {
     /// The method.
     pub method: Method,
-    /// The path, without the query string.
+    /// The path in its canonical form (see [`path`]), without the query string.
     pub path: String,
     /// The query string, without `?`.
     pub query: Option<String>,
@@ -41,12 +45,31 @@ pub struct RequestCtx {
 pub struct InvalidHeader(String);
 
 impl RequestCtx {
-    /// A request for `path_and_query` (`/a/b?x=1`) with `method` and nothing else known.
-    pub fn new(method: Method, path_and_query: &str) -> Self {
-        let (path, query) = match path_and_query.split_once('?') {
-            Some((p, q)) => (p.to_owned(), Some(q.to_owned())),
-            None => (path_and_query.to_owned(), None),
+    /// A request for `path_and_query` (`/a/b?x=1`) with `method` and nothing else known, its
+    /// path normalized, or refused when it cannot be normalized safely (see [`path`]).
+    pub fn try_new(method: Method, path_and_query: &str) -> Result<Self, PathError> {
+        let (raw, query) = match path_and_query.split_once('?') {
+            Some((p, q)) => (p, Some(q.to_owned())),
+            None => (path_and_query, None),
         };
+        let path = path::normalize(raw)?.into_owned();
+        Ok(Self::with_parts(method, path, query))
+    }
+
+    /// Like [`RequestCtx::try_new`], for a path known to be well formed: one that cannot be
+    /// normalized safely is kept as given (and matches no route template that its
+    /// normalized form would). Entry points that take paths from clients use `try_new`.
+    pub fn new(method: Method, path_and_query: &str) -> Self {
+        Self::try_new(method.clone(), path_and_query).unwrap_or_else(|_| {
+            let (path, query) = match path_and_query.split_once('?') {
+                Some((p, q)) => (p.to_owned(), Some(q.to_owned())),
+                None => (path_and_query.to_owned(), None),
+            };
+            Self::with_parts(method, path, query)
+        })
+    }
+
+    fn with_parts(method: Method, path: String, query: Option<String>) -> Self {
         RequestCtx {
             method,
             path,

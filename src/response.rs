@@ -205,6 +205,25 @@ impl Problem {
     }
 }
 
+/// A response carrying `problem`, with its status and the request's id.
+pub fn problem_response(
+    mut problem: Problem,
+    request_id: &str,
+) -> http::Response<axum::body::Body> {
+    problem.request_id = Some(request_id.to_owned());
+    let mut response = http::Response::new(axum::body::Body::from(problem.to_json()));
+    *response.status_mut() = problem.status_code();
+    let headers = response.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    if let Ok(id) = HeaderValue::from_str(request_id) {
+        headers.insert(X_REQUEST_ID.clone(), id);
+    }
+    response
+}
+
 /// The problem for a refused request, or `None` when the request goes on.
 pub fn problem(verdict: &Verdict, request_id: Option<&str>) -> Option<Problem> {
     let figures = |p: &mut Problem, report: Option<&LimitReport>| {

@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, on, post};
@@ -31,7 +30,7 @@ use crate::middleware::{HttpOptions, RateLimitLayer};
 use crate::plan::KeyHasher;
 use crate::proxy::Upstream;
 use crate::request::RequestCtx;
-use crate::response::{self, Problem, X_REQUEST_ID};
+use crate::response::{self, Problem, X_REQUEST_ID, problem_response};
 use crate::store::redis::{BreakerSettings, RedisOptions, RedisStore};
 use crate::store::{AnyStore, MemoryStore, Store};
 use crate::{PolicySet, compile};
@@ -429,13 +428,8 @@ fn check_ctx(input: CheckRequest, identifier: &Identifier) -> Result<RequestCtx,
                 format!("`{}` is not an HTTP method", input.method),
             )
         })?;
-    if !input.path.starts_with('/') {
-        return Err(field_problem(
-            "path",
-            format!("`{}` does not start with `/`", input.path),
-        ));
-    }
-    let mut ctx = RequestCtx::new(method, &input.path);
+    let mut ctx = RequestCtx::try_new(method, &input.path)
+        .map_err(|e| field_problem("path", format!("`{}`: {e}", input.path)))?;
     for (name, value) in &input.headers {
         let header = HeaderName::from_bytes(name.as_bytes())
             .map_err(|_| field_problem(&format!("headers.{name}"), "not a header name".into()))?;
@@ -490,12 +484,13 @@ async fn forward_auth<S: Store, C: Clock>(
         .or_else(|| text("x-original-uri"))
         .unwrap_or("/")
         .to_owned();
-    if !uri.starts_with('/') {
-        let problem =
-            Problem::bad_request(format!("the forwarded URI `{uri}` does not start with `/`"));
-        return problem_response(problem, &request_id);
-    }
-    let mut ctx = RequestCtx::new(method, &uri);
+    let mut ctx = match RequestCtx::try_new(method, &uri) {
+        Ok(ctx) => ctx,
+        Err(e) => {
+            let problem = Problem::bad_request(format!("the forwarded URI `{uri}`: {e}"));
+            return problem_response(problem, &request_id);
+        }
+    };
     let host = text("x-forwarded-host")
         .or_else(|| text("host"))
         .map(str::to_owned);
@@ -580,18 +575,6 @@ async fn not_found(request: Request) -> Response {
         ),
         &request_id,
     )
-}
-
-fn problem_response(mut problem: Problem, request_id: &str) -> Response {
-    problem.request_id = Some(request_id.to_owned());
-    let mut response = Response::new(Body::from(problem.to_json()));
-    *response.status_mut() = problem.status_code();
-    response.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("application/problem+json"),
-    );
-    set_request_id(response.headers_mut(), request_id);
-    response
 }
 
 fn set_request_id(headers: &mut HeaderMap, request_id: &str) {

@@ -94,5 +94,5 @@ fn explain_refuses_bad_input_with_a_message() {
     assert!(text(&out.stderr).contains("`no colon` is not `Name: value`"));
     let out = tollgate(&["explain", "--path", "x"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out.stderr).contains("must start with `/`"));
+    assert!(text(&out.stderr).contains("does not start with `/`"));
 }

@@ -13,7 +13,7 @@ use regex::{Regex, RegexBuilder};
 
 use super::condition::Condition;
 use super::key::{KeyPart, KeySource, KeySpec, is_secret_header};
-use super::route::{PatternId, RouteIndex, template_regex};
+use super::route::{PatternId, RouteIndex, Template};
 use super::{
     Anomaly, CedarImport, Cost, Counts, DenyRule, Limit, LimitRate, ListRule, Mode, OnExceed, Pick,
     Plan, SoftAction, SoftStep, StoreErrorMode, TierSource, TierTable, TierValue,
@@ -62,7 +62,6 @@ pub fn compile(set: &PolicySet) -> Result<Plan, PolicyErrors> {
         resolved_keys: HashMap::new(),
         tables: Vec::new(),
         table_names: HashMap::new(),
-        patterns: Vec::new(),
         pattern_ids: HashMap::new(),
         templates: Vec::new(),
         has_cedar: false,
@@ -173,9 +172,8 @@ struct Compiler<'a> {
     resolved_keys: HashMap<String, Option<KeySpec>>,
     tables: Vec<CompiledTable>,
     table_names: HashMap<String, usize>,
-    patterns: Vec<String>,
-    pattern_ids: HashMap<String, PatternId>,
-    templates: Vec<Arc<str>>,
+    pattern_ids: HashMap<Template, PatternId>,
+    templates: Vec<(Arc<str>, Template)>,
     has_cedar: bool,
 }
 
@@ -456,18 +454,7 @@ impl<'a> Compiler<'a> {
             .iter()
             .map(|l| l.condition.required_patterns())
             .collect();
-        let templates = std::mem::take(&mut self.templates);
-        let routes = match RouteIndex::new(templates, &self.patterns, &guards) {
-            Ok(index) => index,
-            Err(e) => {
-                self.errors.push(PolicyError::whole_file(
-                    "policies",
-                    format!("the route templates are too many or too large to compile: {e}"),
-                ));
-                // A placeholder the caller never sees: compile fails with the error above.
-                RouteIndex::empty()
-            }
-        };
+        let routes = RouteIndex::new(std::mem::take(&mut self.templates), &guards);
         let tiers = std::mem::take(&mut self.tables)
             .into_iter()
             .map(|t| t.table)
@@ -1958,16 +1945,16 @@ impl<'a> Compiler<'a> {
     }
 
     fn pattern(&mut self, f: usize, template: &Spanned<String>) -> Option<PatternId> {
-        match template_regex(&template.node) {
-            Ok(re) => {
-                if let Some(&id) = self.pattern_ids.get(&re) {
+        match Template::parse(&template.node) {
+            Ok(parsed) => {
+                if let Some(&id) = self.pattern_ids.get(&parsed) {
                     return Some(id);
                 }
-                self.pattern_ids
-                    .insert(re.clone(), PatternId(self.patterns.len()));
-                self.patterns.push(re);
-                self.templates.push(Arc::from(template.node.as_str()));
-                Some(PatternId(self.patterns.len() - 1))
+                let id = PatternId(self.templates.len());
+                self.pattern_ids.insert(parsed.clone(), id);
+                self.templates
+                    .push((Arc::from(template.node.as_str()), parsed));
+                Some(id)
             }
             Err(e) => {
                 self.error_help(

@@ -1,85 +1,325 @@
-//! Route templates compiled into one `RegexSet`, and the index from routes to rules.
+//! Route templates compiled into one tree over path segments, and the index from routes to
+//! limits.
 //!
-//! Every route template of a plan becomes one pattern of a single set; a request's path is
-//! matched once against the whole set, and conditions then read the result bit by bit.
-//! Paths are matched as bytes: segment classes like `[^/]` then compile to one byte class
-//! instead of a UTF-8 automaton, which keeps a thousand templates quick to build.
+//! A request's path is walked once down the tree: literal segments are a hash lookup, `{id}`
+//! and `*` one edge, and only segments that mix literals and wildcards (`{name}.json`) or
+//! `**` are tried one by one. The cost of a match grows with the path's length and the
+//! number of templates that share its prefix, not with the number of templates in the plan,
+//! and nothing is cached, so nothing thrashes as the plan grows.
+//!
+//! Paths are matched in their canonical form (see [`crate::request::path`]); templates are
+//! brought to the same form when they are compiled, and a trailing `/` is ignored on both
+//! sides.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use regex::bytes::RegexSet;
 use smallvec::SmallVec;
-
-/// One path segment, as bytes.
-const SEGMENT: &str = "(?-u:[^/])+";
 
 /// A route template that is not well formed, with the reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TemplateError(pub String);
 
-/// Turns a template into an anchored regular expression.
-///
-/// - `{name}` and `*` match one path segment;
-/// - `**` (a whole segment) matches any number of segments, including none;
-/// - everything else matches itself.
-pub fn template_regex(template: &str) -> Result<String, TemplateError> {
-    if !template.starts_with('/') {
-        return Err(TemplateError("a route template starts with `/`".to_owned()));
+/// One segment of a template.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Segment {
+    /// Matches itself (canonical form).
+    Literal(Box<str>),
+    /// `{name}` or `*`: any one non-empty segment.
+    Any,
+    /// Literals and wildcards mixed, as in `{name}.json`: each wildcard matches one or more
+    /// characters.
+    Glob(Box<[GlobPart]>),
+    /// `**`: any number of segments, including none.
+    Rest,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum GlobPart {
+    Literal(Box<str>),
+    Wild,
+}
+
+/// A parsed route template.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Template(Vec<Segment>);
+
+impl Template {
+    /// Parses a template:
+    ///
+    /// - `{name}` and `*` match one path segment;
+    /// - `**` (a whole segment) matches any number of segments, including none;
+    /// - everything else matches itself, compared in canonical form (`/café` matches a
+    ///   request for `/caf%C3%A9`), and a trailing `/` is ignored.
+    pub fn parse(template: &str) -> Result<Self, TemplateError> {
+        let Some(rest) = template.strip_prefix('/') else {
+            return Err(TemplateError("a route template starts with `/`".to_owned()));
+        };
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        if rest.is_empty() {
+            return Ok(Template(Vec::new()));
+        }
+        rest.split('/')
+            .map(parse_segment)
+            .collect::<Result<_, _>>()
+            .map(Template)
     }
-    let mut out = String::from("^");
-    let segments: Vec<&str> = template[1..].split('/').collect();
-    for (i, segment) in segments.iter().enumerate() {
-        if *segment == "**" {
-            out.push_str("(?:/(?-u:[^?#])*)?");
-            continue;
-        }
-        if segment.contains("**") {
-            return Err(TemplateError(
-                "`**` must be a whole segment, as in `/static/**`".to_owned(),
-            ));
-        }
-        out.push('/');
-        let mut rest = *segment;
-        while !rest.is_empty() {
-            if let Some(after) = rest.strip_prefix('{') {
-                let Some(end) = after.find('}') else {
-                    return Err(TemplateError("`{` without a closing `}`".to_owned()));
-                };
-                let name = &after[..end];
-                if name.is_empty() || !name.chars().all(|c| c.is_alphanumeric() || c == '_') {
-                    return Err(TemplateError(format!(
-                        "`{{{name}}}` is not a parameter name: use letters, digits and `_`"
-                    )));
-                }
-                out.push_str(SEGMENT);
-                rest = &after[end + 1..];
-            } else if let Some(after) = rest.strip_prefix('*') {
-                out.push_str(SEGMENT);
-                rest = after;
-            } else if rest.starts_with('}') {
-                return Err(TemplateError("`}` without an opening `{`".to_owned()));
-            } else {
-                let end = rest.find(['{', '}', '*']).unwrap_or(rest.len());
-                out.push_str(&regex::escape(&rest[..end]));
-                rest = &rest[end..];
+
+    /// Whether the template matches `path` (a canonical path).
+    pub fn matches(&self, path: &str) -> bool {
+        let segments = path_segments(path);
+        let mut tree = Tree::default();
+        tree.insert(self, PatternId(0));
+        let mut out = SmallVec::new();
+        tree.walk(&segments, &mut out);
+        !out.is_empty()
+    }
+}
+
+fn parse_segment(segment: &str) -> Result<Segment, TemplateError> {
+    if segment.is_empty() {
+        return Err(TemplateError("empty segment `//`".to_owned()));
+    }
+    if segment == "**" {
+        return Ok(Segment::Rest);
+    }
+    if segment.contains("**") {
+        return Err(TemplateError(
+            "`**` must be a whole segment, as in `/static/**`".to_owned(),
+        ));
+    }
+    let mut parts = Vec::new();
+    let mut rest = segment;
+    while !rest.is_empty() {
+        if let Some(after) = rest.strip_prefix('{') {
+            let Some(end) = after.find('}') else {
+                return Err(TemplateError("`{` without a closing `}`".to_owned()));
+            };
+            let name = &after[..end];
+            if name.is_empty() || !name.chars().all(|c| c.is_alphanumeric() || c == '_') {
+                return Err(TemplateError(format!(
+                    "`{{{name}}}` is not a parameter name: use letters, digits and `_`"
+                )));
             }
-        }
-        if segment.is_empty() && i + 1 < segments.len() {
-            return Err(TemplateError("empty segment `//`".to_owned()));
+            parts.push(GlobPart::Wild);
+            rest = &after[end + 1..];
+        } else if let Some(after) = rest.strip_prefix('*') {
+            parts.push(GlobPart::Wild);
+            rest = after;
+        } else if rest.starts_with('}') {
+            return Err(TemplateError("`}` without an opening `{`".to_owned()));
+        } else {
+            let end = rest.find(['{', '}', '*']).unwrap_or(rest.len());
+            parts.push(GlobPart::Literal(canonical_literal(&rest[..end])?));
+            rest = &rest[end..];
         }
     }
-    out.push('$');
-    Ok(out)
+    Ok(match parts.as_slice() {
+        [GlobPart::Wild] => Segment::Any,
+        [GlobPart::Literal(text)] => Segment::Literal(text.clone()),
+        _ => Segment::Glob(parts.into_boxed_slice()),
+    })
+}
+
+/// A literal part of a template in the form a canonical path holds it.
+fn canonical_literal(text: &str) -> Result<Box<str>, TemplateError> {
+    let path = format!("/{text}");
+    match crate::request::path::normalize(&path) {
+        Ok(canonical) if canonical.len() > 1 && !canonical[1..].contains('/') => {
+            Ok(canonical[1..].into())
+        }
+        Ok(_) => Err(TemplateError(format!(
+            "`{text}` is a dot segment, which no canonical path holds"
+        ))),
+        Err(e) => Err(TemplateError(format!("`{text}`: {e}"))),
+    }
+}
+
+/// A canonical path's segments, a trailing `/` ignored.
+fn path_segments(path: &str) -> SmallVec<[&str; 8]> {
+    let path = path.strip_prefix('/').unwrap_or(path);
+    let path = path.strip_suffix('/').unwrap_or(path);
+    if path.is_empty() {
+        SmallVec::new()
+    } else {
+        path.split('/').collect()
+    }
+}
+
+/// Whether `text` (canonical, so ASCII) matches a glob whose wildcards each match one or
+/// more characters. The classic two-pointer match (a wildcard is "one character, then any
+/// number"): at most `text × glob` steps, whatever either holds.
+fn glob_matches(parts: &[GlobPart], text: &str) -> bool {
+    #[derive(Clone, Copy)]
+    enum Token {
+        Byte(u8),
+        One,
+        Star,
+    }
+    let tokens: SmallVec<[Token; 32]> = parts
+        .iter()
+        .flat_map(|part| -> SmallVec<[Token; 16]> {
+            match part {
+                GlobPart::Literal(lit) => lit.bytes().map(Token::Byte).collect(),
+                GlobPart::Wild => SmallVec::from_slice(&[Token::One, Token::Star]),
+            }
+        })
+        .collect();
+    let text = text.as_bytes();
+    let (mut t, mut g) = (0, 0);
+    let mut backtrack: Option<(usize, usize)> = None;
+    while t < text.len() {
+        match tokens.get(g) {
+            Some(Token::Star) => {
+                backtrack = Some((g, t));
+                g += 1;
+            }
+            Some(Token::One) => {
+                t += 1;
+                g += 1;
+            }
+            Some(Token::Byte(b)) if *b == text[t] => {
+                t += 1;
+                g += 1;
+            }
+            _ => match backtrack {
+                Some((star, from)) => {
+                    g = star + 1;
+                    t = from + 1;
+                    backtrack = Some((star, from + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    tokens[g..].iter().all(|token| matches!(token, Token::Star))
 }
 
 /// Identifies one route template in the plan's set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PatternId(pub(crate) usize);
 
+/// One node of the tree: its edges, and the templates that end there.
+#[derive(Debug, Default)]
+struct Node {
+    literal: HashMap<Box<str>, usize, foldhash::fast::RandomState>,
+    any: Option<usize>,
+    globs: Vec<(Box<[GlobPart]>, usize)>,
+    /// The node a `**` segment leads to; it loops on itself for every further segment.
+    rest: Option<usize>,
+    ends: Vec<PatternId>,
+}
+
+/// Every template of a plan as one tree over segments.
+#[derive(Debug)]
+struct Tree {
+    nodes: Vec<Node>,
+    /// Whether node `n` was reached through `**` (it consumes any number of segments).
+    loops: Vec<bool>,
+}
+
+impl Default for Tree {
+    fn default() -> Self {
+        Tree {
+            nodes: vec![Node::default()],
+            loops: vec![false],
+        }
+    }
+}
+
+impl Tree {
+    fn child(&mut self, loops: bool) -> usize {
+        self.nodes.push(Node::default());
+        self.loops.push(loops);
+        self.nodes.len() - 1
+    }
+
+    fn insert(&mut self, template: &Template, id: PatternId) {
+        let mut at = 0;
+        for segment in &template.0 {
+            at = match segment {
+                Segment::Literal(text) => match self.nodes[at].literal.get(text) {
+                    Some(&next) => next,
+                    None => {
+                        let next = self.child(false);
+                        self.nodes[at].literal.insert(text.clone(), next);
+                        next
+                    }
+                },
+                Segment::Any => match self.nodes[at].any {
+                    Some(next) => next,
+                    None => {
+                        let next = self.child(false);
+                        self.nodes[at].any = Some(next);
+                        next
+                    }
+                },
+                Segment::Glob(parts) => {
+                    match self.nodes[at].globs.iter().find(|(p, _)| p == parts) {
+                        Some(&(_, next)) => next,
+                        None => {
+                            let next = self.child(false);
+                            self.nodes[at].globs.push((parts.clone(), next));
+                            next
+                        }
+                    }
+                }
+                Segment::Rest => match self.nodes[at].rest {
+                    Some(next) => next,
+                    None => {
+                        let next = self.child(true);
+                        self.nodes[at].rest = Some(next);
+                        next
+                    }
+                },
+            };
+        }
+        self.nodes[at].ends.push(id);
+    }
+
+    /// Adds to `out` every template that matches `segments`, sorted, without repeats.
+    fn walk(&self, segments: &[&str], out: &mut SmallVec<[PatternId; 4]>) {
+        // Each (node, position) is visited once, so `**` segments cost at most nodes ×
+        // segments steps, whatever the path; plain trees never repeat a pair.
+        let mut seen: Option<std::collections::HashSet<(usize, usize)>> = None;
+        let mut stack: SmallVec<[(usize, usize); 16]> = SmallVec::new();
+        stack.push((0, 0));
+        while let Some((at, i)) = stack.pop() {
+            if self.loops[at] && !seen.get_or_insert_with(Default::default).insert((at, i)) {
+                continue;
+            }
+            let node = &self.nodes[at];
+            if let Some(rest) = node.rest {
+                stack.push((rest, i));
+            }
+            let Some(segment) = segments.get(i) else {
+                out.extend_from_slice(&node.ends);
+                continue;
+            };
+            if self.loops[at] {
+                stack.push((at, i + 1));
+            }
+            if let Some(&next) = node.literal.get(*segment) {
+                stack.push((next, i + 1));
+            }
+            if let Some(next) = node.any {
+                stack.push((next, i + 1));
+            }
+            for (parts, next) in &node.globs {
+                if glob_matches(parts, segment) {
+                    stack.push((*next, i + 1));
+                }
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+    }
+}
+
 /// Every route template of a plan, matched at once, and which limits each one guards.
 #[derive(Debug)]
 pub struct RouteIndex {
-    set: RegexSet,
+    tree: Tree,
     templates: Vec<Arc<str>>,
     /// `by_pattern[p]`: limits that can only apply when pattern `p` matches.
     by_pattern: Vec<Vec<usize>>,
@@ -89,26 +329,28 @@ pub struct RouteIndex {
 
 /// Which templates matched one path.
 #[derive(Debug)]
-pub struct RouteMatches(regex::bytes::SetMatches);
+pub struct RouteMatches(SmallVec<[PatternId; 4]>);
 
 impl RouteMatches {
     /// Whether template `id` matched.
     pub fn matched(&self, id: PatternId) -> bool {
-        self.0.matched(id.0)
+        self.0.binary_search(&id).is_ok()
     }
 }
 
 impl RouteIndex {
-    /// Builds the index: `patterns` are anchored regexes (one per template), and
+    /// Builds the index: `templates[p]` is pattern `p` as written and parsed, and
     /// `guards[l]` lists the patterns of which one must match for limit `l` to apply
     /// (`None`: it can apply whatever the path).
     pub(crate) fn new(
-        templates: Vec<Arc<str>>,
-        patterns: &[String],
+        templates: Vec<(Arc<str>, Template)>,
         guards: &[Option<Vec<PatternId>>],
-    ) -> Result<Self, regex::Error> {
-        let set = RegexSet::new(patterns)?;
-        let mut by_pattern = vec![Vec::new(); patterns.len()];
+    ) -> Self {
+        let mut tree = Tree::default();
+        for (p, (_, template)) in templates.iter().enumerate() {
+            tree.insert(template, PatternId(p));
+        }
+        let mut by_pattern = vec![Vec::new(); templates.len()];
         let mut unrouted = Vec::new();
         for (limit, guard) in guards.iter().enumerate() {
             match guard {
@@ -120,30 +362,22 @@ impl RouteIndex {
                 None => unrouted.push(limit),
             }
         }
-        Ok(RouteIndex {
-            set,
-            templates,
+        RouteIndex {
+            tree,
+            templates: templates.into_iter().map(|(text, _)| text).collect(),
             by_pattern,
             unrouted,
-        })
-    }
-
-    /// An index with no templates.
-    pub(crate) fn empty() -> Self {
-        RouteIndex {
-            set: RegexSet::empty(),
-            templates: Vec::new(),
-            by_pattern: Vec::new(),
-            unrouted: Vec::new(),
         }
     }
 
-    /// Matches `path` against every template at once.
+    /// Matches `path` (canonical) against every template at once.
     pub fn matches(&self, path: &str) -> RouteMatches {
-        RouteMatches(self.set.matches(path.as_bytes()))
+        let mut out = SmallVec::new();
+        self.tree.walk(&path_segments(path), &mut out);
+        RouteMatches(out)
     }
 
-    /// The template of pattern `id`.
+    /// The template of pattern `id`, as written.
     pub fn template(&self, id: PatternId) -> &Arc<str> {
         &self.templates[id.0]
     }
@@ -151,8 +385,8 @@ impl RouteIndex {
     /// The limits worth checking for a path, by index, in ascending order.
     pub fn candidates(&self, matches: &RouteMatches) -> SmallVec<[usize; 8]> {
         let mut out: SmallVec<[usize; 8]> = SmallVec::from_slice(&self.unrouted);
-        for p in matches.0.iter() {
-            out.extend_from_slice(&self.by_pattern[p]);
+        for p in &matches.0 {
+            out.extend_from_slice(&self.by_pattern[p.0]);
         }
         out.sort_unstable();
         out.dedup();
@@ -165,30 +399,41 @@ mod tests {
     use super::*;
 
     fn matches(template: &str, path: &str) -> bool {
-        regex::bytes::Regex::new(&template_regex(template).unwrap())
-            .unwrap()
-            .is_match(path.as_bytes())
+        Template::parse(template).unwrap().matches(path)
     }
 
     #[test]
     fn templates_match_segments() {
         let cases = [
             ("/api/v1/orders/{id}", "/api/v1/orders/42", true),
+            ("/api/v1/orders/{id}", "/api/v1/orders/42/", true),
             ("/api/v1/orders/{id}", "/api/v1/orders/42/items", false),
             ("/api/v1/orders/{id}", "/api/v1/orders/", false),
             ("/api/*", "/api/users", true),
             ("/api/*", "/api/users/1", false),
             ("/static/**", "/static", true),
+            ("/static/**", "/static/", true),
             ("/static/**", "/static/css/site.css", true),
             ("/static/**", "/staticx", false),
             ("/a/**/edit", "/a/b/c/edit", true),
             ("/a/**/edit", "/a/edit", true),
+            ("/a/**/edit", "/a/b/c/edix", false),
+            ("/**", "/", true),
+            ("/**", "/x/y", true),
             ("/files/{name}.json", "/files/x.json", true),
+            ("/files/{name}.json", "/files/.json", false),
             ("/files/{name}.json", "/files/xjson", false),
+            ("/files/{a}-{b}", "/files/x-y-z", true),
+            ("/files/{a}-{b}", "/files/x-", false),
+            ("/files/v*", "/files/v2", true),
+            ("/files/v*", "/files/v", false),
             ("/a.b", "/axb", false),
             ("/", "/", true),
-            ("/café/{id}", "/café/1", true),
-            ("/a/{id}", "/a/é", true),
+            ("/", "/a", false),
+            ("/auth/login/", "/auth/login", true),
+            ("/café/{id}", "/caf%C3%A9/1", true),
+            ("/a/{id}", "/a/%C3%A9", true),
+            ("/a%2eb", "/a.b", true),
         ];
         for (template, path, expected) in cases {
             assert_eq!(matches(template, path), expected, "{template} vs {path}");
@@ -198,9 +443,68 @@ mod tests {
     #[test]
     fn rejects_malformed_templates() {
         for bad in [
-            "api", "/a/{id", "/a/id}", "/a/{}", "/a/x**", "/a//b", "/a/{i d}",
+            "api", "/a/{id", "/a/id}", "/a/{}", "/a/x**", "/a//b", "/a/{i d}", "/a/../b", "/a%2Fb",
+            "/a/./b",
         ] {
-            assert!(template_regex(bad).is_err(), "{bad} should be rejected");
+            assert!(Template::parse(bad).is_err(), "{bad} should be rejected");
+        }
+    }
+
+    #[test]
+    fn every_matching_template_is_reported() {
+        let texts = ["/a/**", "/a/{x}", "/a/b", "/{x}/b", "/a/b/c", "/**/b"];
+        let templates = texts
+            .iter()
+            .map(|t| (Arc::from(*t), Template::parse(t).unwrap()))
+            .collect();
+        let index = RouteIndex::new(templates, &[]);
+        let found = |path| {
+            let m = index.matches(path);
+            (0..texts.len())
+                .filter(|p| m.matched(PatternId(*p)))
+                .map(|p| texts[p])
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            found("/a/b"),
+            ["/a/**", "/a/{x}", "/a/b", "/{x}/b", "/**/b"]
+        );
+        assert_eq!(found("/a/b/c"), ["/a/**", "/a/b/c"]);
+        assert_eq!(found("/c/b"), ["/{x}/b", "/**/b"]);
+        assert!(found("/").is_empty());
+    }
+
+    #[test]
+    fn many_double_stars_on_a_long_path_stay_linear() {
+        let template = Template::parse("/**/a/**/b/**/c/**/d").unwrap();
+        let path = format!("{}/e", "/a/b/c".repeat(2_000));
+        assert!(!template.matches(&path));
+    }
+
+    proptest::proptest! {
+        /// The tree agrees with the regular expression the templates used to compile to.
+        #[test]
+        fn tree_agrees_with_a_regex(
+            template in proptest::collection::vec(
+                proptest::prop_oneof!["a", "b", "\\{x\\}", "\\*", "\\*\\*", "a\\{x\\}", "\\{x\\}b"], 0..5),
+            path in proptest::collection::vec(proptest::prop_oneof!["a", "b", "ab", "ba", "aab"], 0..6),
+        ) {
+            let template = format!("/{}", template.join("/"));
+            let path = format!("/{}", path.join("/"));
+            let mut re = String::from("^");
+            let segments: Vec<&str> = template[1..].split('/').filter(|s| !s.is_empty()).collect();
+            for segment in &segments {
+                if *segment == "**" {
+                    re.push_str("(?:/[^/]+)*");
+                } else {
+                    re.push('/');
+                    re.push_str(&segment.replace("{x}", "[^/]+").replace('*', "[^/]+"));
+                }
+            }
+            re.push_str("/?$");
+            let expected = regex::Regex::new(&re).unwrap().is_match(&path)
+                || (segments.is_empty() && path == "/");
+            proptest::prop_assert_eq!(matches(&template, &path), expected, "{} {} {}", template, path, re);
         }
     }
 }
