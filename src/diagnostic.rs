@@ -39,6 +39,8 @@ impl From<Span> for SourceSpan {
 pub struct SourceFile {
     name: Arc<str>,
     text: Arc<str>,
+    /// Where each line starts, computed on first use.
+    lines: Arc<std::sync::OnceLock<Vec<usize>>>,
 }
 
 impl SourceFile {
@@ -47,7 +49,21 @@ impl SourceFile {
         SourceFile {
             name: name.into(),
             text: text.into(),
+            lines: Arc::default(),
         }
+    }
+
+    /// The line and column (both from 1, the column in bytes) of byte `offset`, in
+    /// logarithmic time once the file's line starts are known.
+    pub fn line_column(&self, offset: usize) -> (usize, usize) {
+        let lines = self.lines.get_or_init(|| {
+            std::iter::once(0)
+                .chain(self.text.match_indices('\n').map(|(i, _)| i + 1))
+                .collect()
+        });
+        let offset = offset.min(self.text.len());
+        let line = lines.partition_point(|start| *start <= offset);
+        (line, offset - lines[line - 1] + 1)
     }
 
     /// The name shown in diagnostics.
@@ -162,12 +178,27 @@ fn render(error: &PolicyError, theme: GraphicalTheme, width: usize) -> String {
         .unwrap_or_else(|_| error.message.clone())
 }
 
-/// Every problem found in a set of policy files, in file order.
+/// How many problems one report holds; past that, only their number. Rendering a problem
+/// reads its file up to the problem's place, so thousands of them (a file that repeats one
+/// broken item) would take quadratic time to show, and nobody reads past the first screens.
+pub const MAX_REPORTED: usize = 100;
+
+/// Every problem found in a set of policy files, in file order: the first
+/// [`MAX_REPORTED`] of them, and how many there were.
 #[derive(Debug, Error, Diagnostic)]
-#[error("{} in the policy files", count(.errors.len()))]
+#[error("{}{}", count(*.total), shown(.errors.len(), *.total))]
 pub struct PolicyErrors {
     #[related]
     errors: Vec<PolicyError>,
+    total: usize,
+}
+
+fn shown(kept: usize, total: usize) -> String {
+    if kept < total {
+        format!(" in the policy files (the first {kept} shown)")
+    } else {
+        " in the policy files".to_owned()
+    }
 }
 
 fn count(n: usize) -> String {
@@ -179,14 +210,21 @@ fn count(n: usize) -> String {
 }
 
 impl PolicyErrors {
-    /// Wraps a non-empty list of problems.
-    pub fn new(errors: Vec<PolicyError>) -> Self {
-        PolicyErrors { errors }
+    /// Wraps a non-empty list of problems, keeping the first [`MAX_REPORTED`].
+    pub fn new(mut errors: Vec<PolicyError>) -> Self {
+        let total = errors.len();
+        errors.truncate(MAX_REPORTED);
+        PolicyErrors { errors, total }
     }
 
-    /// The problems, in file order.
+    /// The problems kept, in file order.
     pub fn errors(&self) -> &[PolicyError] {
         &self.errors
+    }
+
+    /// How many problems were found, including those not kept.
+    pub fn total(&self) -> usize {
+        self.total
     }
 
     /// Every problem rendered without colours, separated by blank lines.

@@ -4,6 +4,7 @@
 //! recovers after a syntax error so that one run reports every broken item.
 
 pub mod ast;
+mod depth;
 pub mod parser;
 
 use std::path::{Path, PathBuf};

@@ -38,8 +38,36 @@ pub fn parse(file: &SourceFile) -> (PolicyFile, Vec<PolicyError>) {
     let mut items = Vec::new();
     let mut errors = Vec::new();
     let mut pos = 0;
+    let mut too_deep = super::depth::too_deep(text).into_iter().peekable();
     while pos <= text.len() {
-        match PolicyParser::parse(Rule::next_item, &text[pos..]) {
+        // An item that nests too deeply is reported, not parsed: the parser would descend
+        // once per level and could overflow the stack.
+        while too_deep.next_if(|(at, _)| *at < pos).is_some() {}
+        if let Some(&(at, len)) = too_deep.peek() {
+            let next_item = resume_point(text, pos).unwrap_or(text.len());
+            if at < next_item {
+                errors.push(
+                    PolicyError::new(
+                        file,
+                        Span::new(at, at + len),
+                        format!(
+                            "conditions nest more than {} levels deep",
+                            super::depth::MAX_DEPTH
+                        ),
+                        "too deep",
+                    )
+                    .with_help("split the condition, or write it with `and` and `or` at one level"),
+                );
+                match resume_point(text, at) {
+                    Some(next) => {
+                        pos = next;
+                        continue;
+                    }
+                    None => break,
+                }
+            }
+        }
+        match parse_next_item(text, pos) {
             Ok(mut pairs) => {
                 let Some(item) = pairs.next().and_then(|p| p.into_inner().next()) else {
                     break;
@@ -56,8 +84,9 @@ pub fn parse(file: &SourceFile) -> (PolicyFile, Vec<PolicyError>) {
                 items.push(builder.item(item));
                 pos += end;
             }
-            Err(e) => {
-                let e = detailed(&text[pos..]).unwrap_or(e);
+            Err(failure) => {
+                let (e, end) = *failure;
+                let e = detailed(&text[pos..end]).unwrap_or(e);
                 let (error, at) = syntax_error(file, pos, e);
                 errors.push(error);
                 match resume_point(text, at) {
@@ -68,6 +97,49 @@ pub fn parse(file: &SourceFile) -> (PolicyFile, Vec<PolicyError>) {
         }
     }
     (PolicyFile { items }, errors)
+}
+
+/// Parses the item at `pos`, reading no further than it must: pest's errors cost time in
+/// proportion to the text they are given (it looks for the line from the end), so a file of
+/// thousands of broken items would take quadratic time if each were parsed against the whole
+/// rest. The text is given up to the next line that starts an item; when the item runs into
+/// that end, the window grows, doubling, until the item parses or fails before its end. On
+/// failure, the error and the window's end.
+fn parse_next_item(
+    text: &str,
+    pos: usize,
+) -> Result<pest::iterators::Pairs<'_, Rule>, Box<(pest::error::Error<Rule>, usize)>> {
+    let mut end = resume_point(text, pos).unwrap_or(text.len());
+    loop {
+        let mut further = (pos + 2 * (end - pos)).min(text.len());
+        while !text.is_char_boundary(further) {
+            further += 1;
+        }
+        match PolicyParser::parse(Rule::next_item, &text[pos..end]) {
+            Ok(pairs) => {
+                // Only comments before the window's end: the item is further on.
+                let at_end = pairs
+                    .clone()
+                    .next()
+                    .and_then(|p| p.into_inner().next())
+                    .is_none_or(|item| item.as_rule() == Rule::EOI);
+                if !at_end || end == text.len() {
+                    return Ok(pairs);
+                }
+                end = resume_point(text, further).unwrap_or(text.len());
+            }
+            Err(e) => {
+                let at = match e.location {
+                    InputLocation::Pos(p) | InputLocation::Span((p, _)) => pos + p,
+                };
+                let ran_into_the_end = text[at.min(end)..end].trim().is_empty();
+                if end == text.len() || !ran_into_the_end {
+                    return Err(Box::new((e, end)));
+                }
+                end = resume_point(text, further).unwrap_or(text.len());
+            }
+        }
+    }
 }
 
 /// Parses again with pest's detail tracking, which records the literal tokens (`;`, `}`)
@@ -845,5 +917,19 @@ mod tests {
             parse_str("limit a {\n  rate 5/min\n}\nlimit b { rate 1/s; }\nlimit c { bogus; }\n");
         assert_eq!(errors.len(), 2, "{errors:?}");
         assert_eq!(file.items.len(), 1);
+    }
+
+    #[test]
+    fn items_with_unindented_inner_lines_parse_whole() {
+        // `key` and `limit` at a line's start inside an item: the parser's window must grow
+        // past them, across multi-byte characters, and find the same items as before.
+        let text = "# é\nlimit a {\nkey ip;\n# ééé\nlimit_by_nothing_here_is_a_comment_é\n}\nlimit b {\nkey\nip;\nrate 1/s; }\n";
+        let (file, errors) = parse_str(text);
+        assert_eq!(file.items.len(), 1, "{errors:?}");
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        let (file, errors) =
+            parse_str("limit a {\nkey ip;\nrate\n1/s;\n}\nlimit b { rate 1/s; }\n");
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(file.items.len(), 2);
     }
 }

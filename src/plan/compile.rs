@@ -194,9 +194,7 @@ impl<'a> Compiler<'a> {
     /// `file:line:column` of a site, for "first defined here" help lines.
     fn location(&self, site: Site) -> String {
         let source = &self.files[site.file].source;
-        let before = &source.text()[..site.span.start.min(source.text().len())];
-        let line = before.matches('\n').count() + 1;
-        let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+        let (line, column) = source.line_column(site.span.start);
         format!("{}:{line}:{column}", source.name())
     }
 
