@@ -2,14 +2,15 @@
     missing_docs,
     reason = "criterion_group! and criterion_main! generate undocumented items"
 )]
-//! `Engine::decide` on the memory store: one request that three limits apply to.
+//! `Engine::decide` on the memory store: one request that three limits apply to; and how
+//! matching scales with the plan: 10 to 100,000 routes, 10 to 100,000 listed addresses.
 //!
 //! `cargo bench --bench engine`. Figures and the machine are in `docs/performance.md`.
 
 use std::pin::pin;
 use std::task::{Context, Poll, Waker};
 
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use http::Method;
 use tollgate::store::MemoryStore;
 use tollgate::{Engine, PolicySet, RequestCtx, compile};
@@ -74,6 +75,71 @@ fn decide(c: &mut Criterion) {
     group.finish();
 }
 
+/// Plan sizes for the matching benchmarks. Unoptimized builds (the benchmarks run once as
+/// tests) stop at 10,000: compiling 100,000 limits there takes long for nothing.
+fn sizes() -> &'static [usize] {
+    if cfg!(debug_assertions) {
+        &[10, 1_000, 10_000]
+    } else {
+        &[10, 1_000, 10_000, 100_000]
+    }
+}
+
+/// `n` limits on distinct routes (`GET /rN/items/{id}`), a request that one of them matches.
+fn routes(c: &mut Criterion) {
+    let rt = Rt;
+    let mut group = c.benchmark_group("match_routes");
+    for &n in sizes() {
+        let policy: String = (0..n)
+            .map(|i| {
+                format!(
+                    "limit l{i} {{ match {{ route GET \"/r{i}/items/{{id}}\"; }} key ip; \
+                     algorithm fixed_window; rate 1_000_000_000/s; }}\n"
+                )
+            })
+            .collect();
+        let engine = engine(&policy);
+        let request = RequestCtx::new(Method::GET, &format!("/r{}/items/7", n / 2))
+            .with_client_ip("203.0.113.9".parse().unwrap());
+        let v = rt.block_on(engine.decide(&request));
+        assert_eq!(v.reports.len(), 1, "exactly one limit applies");
+        assert_eq!(&*v.reports[0].limit, format!("l{}", n / 2));
+        group.bench_with_input(BenchmarkId::from_parameter(n), &request, |b, r| {
+            b.iter(|| rt.block_on(engine.decide(r)))
+        });
+    }
+    group.finish();
+}
+
+/// A denylist of `n` addresses, a request from an address that is not on it (the whole list
+/// is consulted), and one limit that applies.
+fn ip_lists(c: &mut Criterion) {
+    let rt = Rt;
+    let mut group = c.benchmark_group("match_ip_list");
+    for &n in sizes() {
+        let addresses: Vec<String> = (0..n as u32)
+            .map(|i| std::net::Ipv4Addr::from(0x0a00_0000 + i * 7).to_string())
+            .collect();
+        let policy = format!(
+            "denylist feed {{ ip in [{}]; }}\n\
+             limit api {{ match {{ route GET \"/api/**\"; }} key ip; algorithm fixed_window; \
+             rate 1_000_000_000/s; }}\n",
+            addresses.join(", ")
+        );
+        let engine = engine(&policy);
+        let listed = RequestCtx::new(Method::GET, "/api/x")
+            .with_client_ip(addresses[n / 2].parse().unwrap());
+        assert!(!rt.block_on(engine.decide(&listed)).is_allowed());
+        let request =
+            RequestCtx::new(Method::GET, "/api/x").with_client_ip("203.0.113.9".parse().unwrap());
+        assert!(rt.block_on(engine.decide(&request)).is_allowed());
+        group.bench_with_input(BenchmarkId::from_parameter(n), &request, |b, r| {
+            b.iter(|| rt.block_on(engine.decide(r)))
+        });
+    }
+    group.finish();
+}
+
 /// `rt.block_on(f)` reads like a runtime, but polls once.
 struct Rt;
 
@@ -83,5 +149,5 @@ impl Rt {
     }
 }
 
-criterion_group!(benches, decide);
+criterion_group!(benches, decide, routes, ip_lists);
 criterion_main!(benches);

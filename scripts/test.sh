@@ -30,9 +30,29 @@ fi
 # Each benchmark once, as a test: their setup asserts what they measure.
 cargo test --all-features --benches
 cargo test --all-features --doc
+# Every server a test starts carries SPAWNED_BY_TOLLGATE_TESTS in its environment (its children
+# inherit it): whatever still carries it after the suite was left behind by a test.
+leftovers() {
+  grep -lsz '^SPAWNED_BY_TOLLGATE_TESTS=' /proc/[0-9]*/environ 2>/dev/null |
+    sed -e 's|^/proc/||' -e 's|/environ$||' | grep -vx "$$" || true
+}
+check_leftovers() {
+  local left
+  left=$(leftovers)
+  if [ -n "$left" ]; then
+    echo "error: the tests left these processes running:" >&2
+    ps -o pid,pgid,args -p "$(echo "$left" | paste -sd,)" >&2 || true
+    kill -9 $left 2>/dev/null || true
+    return 1
+  fi
+}
+
 # The main suite last, so that its summary closes the output.
+status=0
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --all-features --no-fail-fast
+  cargo nextest run --all-features --no-fail-fast || status=$?
 else
-  cargo test --all-features --lib --bins --tests --no-fail-fast
+  cargo test --all-features --lib --bins --tests --no-fail-fast || status=$?
 fi
+check_leftovers || status=1
+exit "$status"

@@ -11,6 +11,7 @@ use std::net::IpAddr;
 use http::{HeaderMap, HeaderName, header};
 use ipnet::IpNet;
 use jsonwebtoken::{DecodingKey, Validation};
+use smallvec::SmallVec;
 
 use crate::config::{JwtKey, JwtSettings, Settings};
 use crate::request::RequestCtx;
@@ -251,14 +252,7 @@ fn forwarded_chain(headers: &HeaderMap) -> Vec<Option<IpAddr>> {
         return forwarded
             .iter()
             .flat_map(|v| v.split(','))
-            .filter_map(|element| {
-                // Elements without `for=` say nothing about the client.
-                let value = element.split(';').find_map(|pair| {
-                    let (k, v) = pair.split_once('=')?;
-                    k.trim().eq_ignore_ascii_case("for").then(|| v.trim())
-                })?;
-                Some(parse_forwarded_for(value))
-            })
+            .filter_map(forwarded_element)
             .collect();
     }
     let xff: Vec<&str> = headers
@@ -278,6 +272,29 @@ fn forwarded_chain(headers: &HeaderMap) -> Vec<Option<IpAddr>> {
         .and_then(|v| v.to_str().ok())
         .map(|v| vec![parse_addr(v.trim())])
         .unwrap_or_default()
+}
+
+/// One `Forwarded` element (`for=…;proto=…;by=…`): `None` when it says nothing about the
+/// client (no `for`), `Some(None)` when it cannot be read — a pair without `=`, an empty
+/// name, or a parameter given twice, which RFC 7239 §4 does not allow and which a spoofer
+/// would use to hide an address behind a believed one.
+fn forwarded_element(element: &str) -> Option<Option<IpAddr>> {
+    let mut seen: SmallVec<[&str; 4]> = SmallVec::new();
+    let mut client = None;
+    for pair in element.split(';') {
+        let Some((name, value)) = pair.split_once('=') else {
+            return Some(None);
+        };
+        let name = name.trim();
+        if name.is_empty() || seen.iter().any(|s| s.eq_ignore_ascii_case(name)) {
+            return Some(None);
+        }
+        seen.push(name);
+        if name.eq_ignore_ascii_case("for") {
+            client = Some(value.trim());
+        }
+    }
+    client.map(parse_forwarded_for)
 }
 
 /// `for=` values: `192.0.2.60`, `"192.0.2.60:47011"`, `"[2001:db8::17]:4711"`; `unknown` and
@@ -379,6 +396,12 @@ mod tests {
             "for=_hidden",
             "for=\"[::1\"",
             "for=999.1.1.1",
+            // RFC 7239: a parameter at most once per element; a pair has a name and `=`.
+            "for=1.2.3.4;for=5.6.7.8",
+            "for=1.2.3.4;FOR=5.6.7.8",
+            "proto=http;for=1.2.3.4;proto=https",
+            "for=1.2.3.4;secret",
+            "=1.2.3.4",
         ] {
             let h = headers(&[(
                 "forwarded",

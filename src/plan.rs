@@ -6,6 +6,7 @@
 
 mod compile;
 pub mod condition;
+pub mod ipset;
 pub mod key;
 pub mod route;
 

@@ -39,8 +39,20 @@ pub struct Op<'a> {
 pub struct OpResult {
     /// The algorithm's decision (a ban shows as a rejection until the ban ends).
     pub decision: Decision,
-    /// Whether the key was refused because of a ban.
+    /// Whether the key is banned: refused because of a ban, or by the rejection that
+    /// started one.
     pub banned: bool,
+}
+
+impl OpResult {
+    /// Marks the rejection that starts a ban of length `ban`: the client is told to wait for
+    /// the ban, not for the window, and the quota is not whole before the ban ends.
+    pub(crate) fn announce_ban(&mut self, ban: std::time::Duration) {
+        let d = &mut self.decision;
+        d.reset = d.reset.max(ban);
+        d.retry_after = Some(d.retry_after.map_or(ban, |r| r.max(ban)));
+        self.banned = true;
+    }
 }
 
 /// What the store decided for a request.

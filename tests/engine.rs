@@ -232,7 +232,15 @@ async fn a_ban_outlasts_the_window() {
         |ip: &str| RequestCtx::new(Method::POST, "/login").with_client_ip(ip.parse().unwrap());
     assert!(engine.decide(&login("203.0.113.1")).await.is_allowed());
     assert!(engine.decide(&login("203.0.113.2")).await.is_allowed()); // same /24
-    assert!(!engine.decide(&login("203.0.113.3")).await.is_allowed()); // banned now
+    // The rejection that starts the ban announces it, not the window's end.
+    let first = engine.decide(&login("203.0.113.3")).await;
+    assert!(!first.is_allowed());
+    assert!(first.reports[0].banned);
+    assert_eq!(
+        first.reports[0].decision.retry_after,
+        Some(Duration::from_secs(600))
+    );
+    assert_eq!(first.reports[0].decision.reset, Duration::from_secs(600));
     clock.advance(Duration::from_secs(120)); // a new window, but still banned
     let v = engine.decide(&login("203.0.113.4")).await;
     assert!(v.reports[0].banned);

@@ -337,6 +337,37 @@ proptest! {
         }
     }
 
+    /// `reset` is when the quota is whole again, for every algorithm: a request for the
+    /// whole quota fits then; and a rejection's `retry_after` never exceeds its `reset`, so
+    /// `Retry-After` never contradicts `X-RateLimit-Reset` or the `RateLimit` field's `t`.
+    #[test]
+    fn reset_is_when_the_quota_is_whole_again(
+        which in 0usize..4, limit in 1u64..10, window_ms in 1u64..3_000, steps in steps(),
+    ) {
+        let quota = match which {
+            0 => fixed(limit, window_ms * MS),
+            1 => sliding(limit, window_ms * MS),
+            2 => Quota::TokenBucket(bucket(limit, limit, window_ms * MS)),
+            _ => Quota::Gcra(bucket(limit, limit, window_ms * MS)),
+        };
+        let mut now = T0;
+        let mut state = None;
+        for (after, cost) in steps {
+            now += after;
+            let out = decide(&quota, state.as_ref(), Timestamp::from_micros(now), cost, LeaseId(0));
+            let d = out.decision;
+            if d.allowed {
+                state = Some(out.state);
+            }
+            if let Some(retry) = d.retry_after {
+                prop_assert!(retry <= d.reset, "{}: retry {retry:?} > reset {:?}", quota.algorithm(), d.reset);
+            }
+            let whole = now + u64::try_from(d.reset.as_micros()).unwrap();
+            let full = decide(&quota, state.as_ref(), Timestamp::from_micros(whole), limit, LeaseId(0));
+            prop_assert!(full.decision.allowed, "{}: the whole quota does not fit at reset", quota.algorithm());
+        }
+    }
+
     #[test]
     fn splitting_time_with_free_looks_changes_nothing(
         which in 0usize..3, capacity in 1u64..20, count in 1u64..50, period_ms in 1u64..5_000,

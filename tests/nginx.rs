@@ -43,6 +43,13 @@ fn the_sixth_login_in_a_minute_gets_429_through_nginx() {
             reply.header("x-ratelimit-remaining"),
             Some((5 - i).to_string().as_str())
         );
+        // The IETF family too, as Tollgate wrote it.
+        assert_eq!(reply.header("ratelimit-policy"), Some("\"login\";q=5;w=60"));
+        let field = reply.header("ratelimit").unwrap_or_default();
+        assert!(
+            field.starts_with(&format!("\"login\";r={};t=", 5 - i)),
+            "{field}"
+        );
     }
     let refused = send(nginx.addr, "POST", "/auth/login", &[], b"");
     assert_eq!(refused.status, 429, "{}\n{}", refused.text(), nginx.log());
@@ -50,8 +57,14 @@ fn the_sixth_login_in_a_minute_gets_429_through_nginx() {
         refused.header("content-type"),
         Some("application/problem+json")
     );
+    // The refusal that starts the login ban (15 minutes) announces it.
     let retry: u64 = refused.header("retry-after").unwrap().parse().unwrap();
-    assert!((1..=900).contains(&retry), "retry-after {retry}");
+    assert_eq!(retry, 900, "retry-after");
+    assert_eq!(refused.header("ratelimit"), Some("\"login\";r=0;t=900"));
+    assert_eq!(
+        refused.header("ratelimit-policy"),
+        Some("\"login\";q=5;w=60")
+    );
     let body = refused.json();
     assert_eq!(body["status"], 429);
     assert_eq!(body["policy"], "login");

@@ -164,6 +164,40 @@ async fn the_sliding_window_stays_within_one_percent_of_an_exact_sliding_log() {
 }
 
 // ---------------------------------------------------------------------------------------
+// Key lifetimes
+
+/// A bucket's or GCRA key lives until the bucket is full again (the TAT is past), and at
+/// most an eighth of that refill time longer: a 500-a-day bucket touched once is gone within
+/// minutes, not days.
+#[tokio::test]
+async fn bucket_and_gcra_keys_expire_soon_after_they_are_full_again() {
+    let Some(server) = Redis::start() else {
+        return;
+    };
+    let clock = ManualClock::new(Timestamp::from_secs(START));
+    let engine = Engine::with_clock(
+        plan(
+            r#"limit bucket { match { route GET "/bucket"; } key ip; algorithm token_bucket; rate 500/24h; }
+               limit gcra { match { route GET "/gcra"; } key ip; algorithm gcra; rate 500/24h; }"#,
+        ),
+        store(&server.url(), options()).await,
+        clock.clone(),
+    );
+    // One unit refills in 86,400 s / 500 = 172.8 s.
+    let refill_ms = 172_800u64;
+    for path in ["/bucket", "/gcra"] {
+        let v = engine.decide(&get(path)).await;
+        assert!(v.is_allowed());
+        let key = &v.reports[0].key;
+        let ttl: u64 = server.cli(&["PTTL", key]).trim().parse().unwrap();
+        assert!(
+            ttl >= refill_ms - 1_000 && ttl <= refill_ms + refill_ms / 8 + 2,
+            "{path}: the key lives {ttl} ms, the bucket is full again in {refill_ms} ms"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // The deny cache
 
 #[tokio::test]

@@ -39,7 +39,7 @@ impl Serving {
         let listen = addr.to_string();
         let mut all = env.to_vec();
         all.push(("TOLLGATE_LISTEN", &listen));
-        let mut child = tollgate(&all).spawn().expect("tollgate starts");
+        let mut child = support::process::spawn(&mut tollgate(&all)).expect("tollgate starts");
         // Up to 20 s to listen (a start-up wait, not a timing test).
         for _ in 0..1000 {
             if let Ok(Some(status)) = child.try_wait() {
@@ -60,8 +60,8 @@ impl Serving {
 impl Serving {
     /// Stops the server and returns what it logged.
     fn stop(mut self) -> String {
-        let mut child = self.child.take().unwrap();
-        let _ = child.kill();
+        let child = self.child.take().unwrap();
+        support::process::signal_group(&child, nix::sys::signal::Signal::SIGKILL);
         let output = child.wait_with_output().unwrap();
         String::from_utf8_lossy(&output.stderr).into_owned()
     }
@@ -70,8 +70,7 @@ impl Serving {
 impl Drop for Serving {
     fn drop(&mut self) {
         if let Some(child) = &mut self.child {
-            let _ = child.kill();
-            let _ = child.wait();
+            support::process::kill_group(child);
         }
     }
 }

@@ -151,12 +151,15 @@ pub(crate) fn sliding(
         let retry = sliding_retry(limit, w, start, previous, current, now.as_micros(), cost);
         (current, estimate, retry.map(us))
     };
+    // The quota is whole again once nothing counted still weighs: at the window's end when
+    // only the previous window holds requests, one window later when the current one does.
+    let whole = if current > 0 { end + w } else { end };
     Outcome {
         decision: Decision {
             allowed,
             limit,
             remaining: limit.saturating_sub(used),
-            reset: us(end - now.as_micros()),
+            reset: us(whole - now.as_micros()),
             retry_after,
         },
         state: State::Sliding(SlidingState {

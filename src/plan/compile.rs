@@ -12,6 +12,7 @@ use ipnet::IpNet;
 use regex::{Regex, RegexBuilder};
 
 use super::condition::Condition;
+use super::ipset::IpSet;
 use super::key::{KeyPart, KeySource, KeySpec, is_secret_header};
 use super::route::{PatternId, RouteIndex, Template};
 use super::{
@@ -1840,7 +1841,7 @@ impl<'a> Compiler<'a> {
                     );
                     return None;
                 }
-                ok.then_some(Condition::IpIn(nets))
+                ok.then(|| Condition::IpIn(Arc::new(IpSet::new(nets))))
             }
             K::Cedar(action) => {
                 if !self.has_cedar_import() {

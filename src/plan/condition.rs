@@ -4,9 +4,9 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use http::{HeaderName, Method};
-use ipnet::IpNet;
 use regex::Regex;
 
+use super::ipset::IpSet;
 use super::route::{PatternId, RouteIndex, RouteMatches};
 use crate::request::RequestCtx;
 
@@ -43,7 +43,7 @@ pub enum Condition {
     /// The header matches the regex.
     HeaderMatches(HeaderName, Regex),
     /// The client address is in one of the networks.
-    IpIn(Vec<IpNet>),
+    IpIn(Arc<IpSet>),
     /// Cedar permits the action for the request's principal.
     Cedar(Arc<str>),
 }
@@ -77,7 +77,7 @@ impl Condition {
             Condition::HeaderIs(name, value) => r.header(name) == Some(&**value),
             Condition::HeaderIsNot(name, value) => r.header(name) != Some(&**value),
             Condition::HeaderMatches(name, re) => r.header(name).is_some_and(|v| re.is_match(v)),
-            Condition::IpIn(nets) => r.client_ip.is_some_and(|ip| in_nets(nets, ip)),
+            Condition::IpIn(set) => r.client_ip.is_some_and(|ip| set.contains(ip)),
             // Cedar evaluation arrives with the authorization module; until then a Cedar
             // condition holds, and `explain` says so.
             Condition::Cedar(_) => true,
@@ -178,22 +178,18 @@ impl Condition {
                     shown(r.header(name))
                 ),
             ),
-            Condition::IpIn(nets) => {
-                let list: Vec<String> = nets.iter().map(ToString::to_string).collect();
-                verdict(
-                    self.eval(env),
-                    format!(
-                        "client {} is in [{}]",
-                        shown_ip(r.client_ip),
-                        list.join(", ")
-                    ),
-                    format!(
-                        "client {} is not in [{}]",
-                        shown_ip(r.client_ip),
-                        list.join(", ")
-                    ),
-                )
-            }
+            Condition::IpIn(set) => match r.client_ip.and_then(|ip| set.find(ip)) {
+                Some(net) => Ok(format!(
+                    "client {} is in {net} of {}",
+                    shown_ip(r.client_ip),
+                    set.shown()
+                )),
+                None => Err(format!(
+                    "client {} is not in {}",
+                    shown_ip(r.client_ip),
+                    set.shown()
+                )),
+            },
             Condition::Cedar(action) => Ok(format!(
                 "cedar permits action `{action}` is assumed (Cedar is not evaluated yet)"
             )),
@@ -255,15 +251,6 @@ fn method_in(methods: &[Method], method: &Method) -> bool {
 fn method_list(methods: &[Method]) -> String {
     let names: Vec<&str> = methods.iter().map(Method::as_str).collect();
     names.join("|")
-}
-
-fn in_nets(nets: &[IpNet], ip: IpAddr) -> bool {
-    // An IPv4 client seen through an IPv6 socket (`::ffff:a.b.c.d`) is an IPv4 client.
-    let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    };
-    nets.iter().any(|n| n.contains(&ip))
 }
 
 fn shown(value: Option<&str>) -> String {

@@ -193,8 +193,11 @@ impl MemoryStore {
             outcomes.push(Some((outcome.state, outcome.expires_at)));
         }
 
-        for (((op, &shard), outcome), result) in
-            ops.iter().zip(&shard_ids).zip(outcomes).zip(&results)
+        for (((op, &shard), outcome), result) in ops
+            .iter()
+            .zip(&shard_ids)
+            .zip(outcomes)
+            .zip(results.iter_mut())
         {
             let Some((state, expires_at)) = outcome else {
                 continue;
@@ -211,6 +214,8 @@ impl MemoryStore {
                 if let Some(ban) = op.ban {
                     let until = now.saturating_add(ban).as_micros();
                     self.upsert(map, op.key, t, |e| e.banned_until = until);
+                    // The rejection that starts a ban announces it.
+                    result.announce_ban(ban);
                 }
             }
         }

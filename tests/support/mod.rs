@@ -12,6 +12,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
 pub mod nginx;
+pub mod process;
 pub mod redis;
 pub mod tls;
 

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use nix::sys::signal::Signal;
+
 /// A running nginx, stopped on drop.
 pub struct Nginx {
     pub addr: SocketAddr,
@@ -47,19 +49,20 @@ impl Nginx {
         );
         let conf_path = dir.join("nginx.conf");
         std::fs::write(&conf_path, conf).unwrap();
-        let child = Command::new(nginx)
-            .args([
-                "-p",
-                &d.to_string(),
-                "-c",
-                &conf_path.display().to_string(),
-                "-g",
-                "daemon off;",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("nginx starts");
+        let child = super::process::spawn(
+            Command::new(nginx)
+                .args([
+                    "-p",
+                    &d.to_string(),
+                    "-c",
+                    &conf_path.display().to_string(),
+                    "-g",
+                    "daemon off;",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )
+        .expect("nginx starts");
         let nginx = Nginx { addr, child, dir };
         // Up to 10 s for nginx to listen (a start-up wait, not a timing test).
         let mut attempts = 0;
@@ -79,8 +82,9 @@ impl Nginx {
 
 impl Drop for Nginx {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // SIGQUIT: the master stops its workers and exits; then the group is killed, so no
+        // worker outlives the test even if the master did not get to it.
+        super::process::stop_group(&mut self.child, Signal::SIGQUIT, Duration::from_secs(5));
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -95,24 +95,25 @@ impl Redis {
         let dir =
             std::env::temp_dir().join(format!("tollgate-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let child = Command::new(binary)
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .arg("--dir")
-            .arg(&dir)
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server starts");
+        let child = super::process::spawn(
+            Command::new(binary)
+                .args([
+                    "--port",
+                    &port.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
+                .arg("--dir")
+                .arg(&dir)
+                .args(extra)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )
+        .expect("redis-server starts");
         let tls_port = extra
             .iter()
             .position(|a| *a == "--tls-port")
@@ -158,10 +159,9 @@ impl Redis {
         format!("rediss://127.0.0.1:{}", self.tls_port.expect("a TLS port"))
     }
 
-    /// Kills the server (SIGKILL), as a crash would.
+    /// Kills the server and anything it forked (SIGKILL), as a crash would.
     pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        super::process::kill_group(&mut self.child);
     }
 
     /// Stops (`SIGSTOP`) or resumes (`SIGCONT`) the server: a hung Redis.
@@ -286,19 +286,22 @@ impl Cluster {
             };
         }
         // `--cluster create` waits for the nodes to join with no end of its own: give it 30 s.
-        let mut creating = create
-            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-cli runs");
+        let mut creating = super::process::Guard(
+            super::process::spawn(
+                create
+                    .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::null()),
+            )
+            .expect("redis-cli runs"),
+        );
         let mut status = None;
         wait_for("redis-cli --cluster create did not finish", || {
-            status = creating.try_wait().ok().flatten();
+            status = creating.0.try_wait().ok().flatten();
             status.is_some()
         });
         let mut printed = String::new();
-        if let Some(mut out) = creating.stdout.take() {
+        if let Some(mut out) = creating.0.stdout.take() {
             let _ = out.read_to_string(&mut printed);
         }
         assert!(

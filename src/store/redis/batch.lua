@@ -22,8 +22,10 @@
 -- handed to redis.call is formatted to text, which costs about as much as a command, so the
 -- common paths avoid it. A count in the same window is an HINCRBY by the cost as it arrived
 -- (ARGV text), with no new expiry; a bucket or GCRA key's expiry is only pushed out when it
--- would end too soon (a longer life is harmless: a full bucket or a past TAT is the same as
--- no key); a limit without a ban never reads its ban key. The algorithms return their
+-- would end before the bucket is full again (the TAT is past), and then to an eighth past
+-- that moment, so that steady traffic re-expires a key at most every eighth of its refill
+-- time and an idle key lives at most 1/8 longer than its state matters (a full bucket or a
+-- past TAT is the same as no key); a limit without a ban never reads its ban key. The algorithms return their
 -- decision and the write to make as plain values (no table or closure per operation), kept
 -- in two flat arrays until every operation is decided.
 
@@ -82,10 +84,11 @@ local function sliding(key, limit, w, cost)
   end
   local estimate = cdiv(prev * (stop - now), w) + cur
   if estimate + cost <= limit then
+    -- Whole again once this window's count has slid out too.
     if sstart == start then
-      return 1, limit, limit - (estimate + cost), stop - now, -1, 1, 0, 0, 0
+      return 1, limit, limit - (estimate + cost), stop + w - now, -1, 1, 0, 0, 0
     end
-    return 1, limit, limit - (estimate + cost), stop - now, -1, 3, start, prev, stop + w
+    return 1, limit, limit - (estimate + cost), stop + w - now, -1, 3, start, prev, stop + w
   end
   local retry = -1
   local room = limit - cost - cur
@@ -101,7 +104,9 @@ local function sliding(key, limit, w, cost)
   end
   local remaining = limit - estimate
   if remaining < 0 then remaining = 0 end
-  return 0, limit, remaining, stop - now, retry, 0, 0, 0, 0
+  local whole = stop - now
+  if cur > 0 then whole = stop + w - now end
+  return 0, limit, remaining, whole, retry, 0, 0, 0, 0
 end
 
 local function bucket(key, capacity, count, period, cost)
@@ -123,7 +128,7 @@ local function bucket(key, capacity, count, period, cost)
   if level >= need then
     level = level - need
     local to_full = cdiv(full - level, count)
-    return 1, capacity, fdiv(level, period), to_full, -1, 4, level, to_full, 2 * cdiv(full, count)
+    return 1, capacity, fdiv(level, period), to_full, -1, 4, level, to_full, to_full + fdiv(to_full, 8)
   end
   local retry = -1
   if need <= full then retry = cdiv(need - level, count) end
@@ -137,7 +142,7 @@ local function gcra(key, capacity, t, cost)
   local new_tat = tat + cost * t
   if new_tat - now <= tolerance then
     local ahead = new_tat - now
-    return 1, capacity, fdiv(tolerance - ahead, t), ahead, -1, 5, new_tat, ahead, 2 * tolerance
+    return 1, capacity, fdiv(tolerance - ahead, t), ahead, -1, 5, new_tat, ahead, ahead + fdiv(ahead, 8)
   end
   local retry = -1
   if cost * t <= tolerance then retry = new_tat - now - tolerance end
@@ -259,6 +264,10 @@ for i = 1, n do
     if ok == 0 and at[c + 6] and at[c + 2] ~= 0 then
       local ban = at[c + 5]
       redis.call('SET', KEYS[at[c + 2]], int(now + ban), 'PX', int(cdiv(ban, 1000) + 1))
+      -- The rejection that starts a ban announces it.
+      if out[b + 4] < ban then out[b + 4] = ban end
+      if out[b + 5] < ban then out[b + 5] = ban end
+      out[b + 6] = 1
     end
     if ok == 1 then
       -- Nothing was consumed: what is left is what was left before.
