@@ -23,6 +23,9 @@ use crate::plan::{
 use crate::request::RequestCtx;
 use crate::store::{BatchResult, MemoryStore, Op, Store, StoreError};
 
+/// The bits of a lease id chosen at random per engine: 32 to 52.
+const LEASE_BASE_BITS: u64 = ((1 << 53) - 1) & !0xFFFF_FFFF;
+
 /// What to do with a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -102,6 +105,7 @@ pub struct LimitReport {
 
 /// A concurrency lease held by an admitted request, to give back when it ends.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Lease {
     key: String,
     id: LeaseId,
@@ -196,7 +200,9 @@ impl<S: Store, C: Clock> Engine<S, C> {
             hasher: KeyHasher::random(),
             local: MemoryStore::with_max_keys(100_000),
             local_nodes: NonZeroU64::MIN,
-            lease_base: rand::random::<u64>() & !0xFFFF_FFFF,
+            // 21 random bits above a 32-bit counter: ids stay below 2^53, so that every
+            // JSON client (JavaScript's numbers included) gives them back exactly.
+            lease_base: rand::random::<u64>() & LEASE_BASE_BITS,
             lease_counter: AtomicU64::new(0),
         }
     }
@@ -411,7 +417,8 @@ impl<S: Store, C: Clock> Engine<S, C> {
             .iter()
             .any(|p| matches!(p.quota, Quota::Concurrency(_)))
         {
-            LeaseId(self.lease_base | self.lease_counter.fetch_add(1, Ordering::Relaxed))
+            let count = self.lease_counter.fetch_add(1, Ordering::Relaxed) & 0xFFFF_FFFF;
+            LeaseId(self.lease_base | count)
         } else {
             LeaseId(0)
         };

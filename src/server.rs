@@ -397,7 +397,7 @@ async fn read_json<T: serde::de::DeserializeOwned>(
             ))
         })?;
     let mut de = serde_json::Deserializer::from_slice(&bytes);
-    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         let message = inner.to_string();
@@ -415,7 +415,16 @@ async fn read_json<T: serde::de::DeserializeOwned>(
             p.field = Some(path);
         }
         Box::new(p)
-    })
+    })?;
+    // One JSON document: anything after it but whitespace is refused, not ignored.
+    de.end().map_err(|e| {
+        let message = e.to_string();
+        let message = message
+            .rsplit_once(" at line ")
+            .map_or(message.as_str(), |(m, _)| m);
+        Box::new(Problem::bad_request(format!("invalid JSON: {message}")))
+    })?;
+    Ok(value)
 }
 
 fn check_ctx(input: CheckRequest, identifier: &Identifier) -> Result<RequestCtx, Box<Problem>> {

@@ -76,7 +76,11 @@ fn schema(name: &str) -> jsonschema::Validator {
         }
     }
     strip(&mut s);
-    jsonschema::validator_for(&s).unwrap()
+    // Formats (`ipv4`, `ipv6`) are part of the contract: check them.
+    jsonschema::options()
+        .should_validate_formats(true)
+        .build(&s)
+        .unwrap()
 }
 
 fn assert_conforms(reply: &Reply, name: &str) {
@@ -324,4 +328,210 @@ fn ipv6_clients_share_a_counter_per_64() {
     assert_eq!(ask("2001:db8:1:2::1"), true);
     assert_eq!(ask("2001:db8:1:2:ffff::9"), false, "same /64");
     assert_eq!(ask("2001:db8:1:3::1"), true, "another /64");
+}
+
+/// The server accepts exactly the bodies `docs/openapi.yaml` allows: for each body below,
+/// valid by the schema ⇔ not refused with 400 — and every answer matches its documented
+/// schema.
+#[test]
+fn the_decision_api_accepts_exactly_what_the_spec_allows() {
+    let server = server();
+    let check_schema = schema("CheckRequest");
+    let release_schema = schema("ReleaseRequest");
+    let bodies: &[(&str, &str)] = &[
+        ("/v1/check", r#"{"method": "GET", "path": "/x"}"#),
+        (
+            "/v1/check",
+            r#"{"method": "GET", "path": "/x?q=%2F%zz\u0001"}"#,
+        ),
+        (
+            "/v1/check",
+            r#"{"method": "GET", "path": "/x", "client_ip": null}"#,
+        ),
+        (
+            "/v1/check",
+            r#"{"method": "GET", "path": "/x", "client_ip": ""}"#,
+        ),
+        (
+            "/v1/check",
+            r#"{"method": "GET", "path": "/x", "client_ip": "203.0.113.9"}"#,
+        ),
+        (
+            "/v1/check",
+            r#"{"method": "GET", "path": "/x", "client_ip": "2001:db8::1"}"#,
+        ),
+        (
+            "/v1/check",
+            r#"{"method": "GET", "path": "/x", "client_ip": "203.0.113.9:80"}"#,
+        ),
+        (
+            "/v1/check",
+            r#"{"method": "GET", "path": "/x", "client_ip": "localhost"}"#,
+        ),
+        ("/v1/check", r#"{"method": "GET", "path": ""}"#),
+        ("/v1/check", r#"{"method": "GET", "path": "x"}"#),
+        ("/v1/check", r#"{"method": "GET", "path": "/a%2Fb"}"#),
+        ("/v1/check", r#"{"method": "GET", "path": "/a%5cb"}"#),
+        ("/v1/check", r#"{"method": "GET", "path": "/a\\b"}"#),
+        ("/v1/check", r#"{"method": "GET", "path": "/a%00"}"#),
+        ("/v1/check", r#"{"method": "GET", "path": "/a\u0007"}"#),
+        ("/v1/check", r#"{"method": "GET", "path": "/a%"}"#),
+        ("/v1/check", r#"{"method": "GET", "path": "/a%4g"}"#),
+        (
+            "/v1/check",
+            r#"{"method": "GET", "path": "/caf\u00e9/%41/./x/../y//z"}"#,
+        ),
+        ("/v1/check", r#"{"method": "get", "path": "/x"}"#),
+        ("/v1/check", r#"{"method": "", "path": "/x"}"#),
+        ("/v1/check", r#"{"method": "PURGE", "path": "/x"}"#),
+        ("/v1/check", r#"{"method": "GET", "path": "/x", "cost": 0}"#),
+        (
+            "/v1/check",
+            r#"{"method": "GET", "path": "/x", "cost": -3}"#,
+        ),
+        ("/v1/check", r#"{"method": "GET", "path": "/x", "cost": 7}"#),
+        (
+            "/v1/check",
+            r#"{"method": "GET", "path": "/x", "headers": {"X-A": "b"}}"#,
+        ),
+        (
+            "/v1/check",
+            r#"{"method": "GET", "path": "/x", "headers": {"bad name": "b"}}"#,
+        ),
+        (
+            "/v1/check",
+            r#"{"method": "GET", "path": "/x", "headers": {"X-A": "a\nb"}}"#,
+        ),
+        (
+            "/v1/check",
+            r#"{"method": "GET", "path": "/x", "headers": {"X-A": "caf\u00e9\tok"}}"#,
+        ),
+        (
+            "/v1/check",
+            r#"{"method": "GET", "path": "/x", "host": "Example.COM:80"}"#,
+        ),
+        (
+            "/v1/check",
+            r#"{"method": "GET", "path": "/x", "extra": true}"#,
+        ),
+        ("/v1/check", r#"{"path": "/x"}"#),
+        ("/v1/check", r#"[]"#),
+        ("/v1/release", r#"{"leases": []}"#),
+        (
+            "/v1/release",
+            r#"{"leases": [{"key": "k", "id": 1, "local": false}]}"#,
+        ),
+        (
+            "/v1/release",
+            r#"{"leases": [{"key": "k", "id": 1, "local": false, "x": 1}]}"#,
+        ),
+        (
+            "/v1/release",
+            r#"{"leases": [{"key": "k", "id": -1, "local": false}]}"#,
+        ),
+        (
+            "/v1/release",
+            r#"{"leases": [{"key": "k", "id": 9007199254740991, "local": true}]}"#,
+        ),
+        (
+            "/v1/release",
+            r#"{"leases": [{"key": "k", "local": false}]}"#,
+        ),
+        ("/v1/release", r#"{"leases": {}}"#),
+        ("/v1/release", r#"{}"#),
+    ];
+    for (endpoint, body) in bodies {
+        let value: Value = serde_json::from_str(body).unwrap();
+        let validator = if *endpoint == "/v1/check" {
+            &check_schema
+        } else {
+            &release_schema
+        };
+        let valid = validator.is_valid(&value);
+        let reply = send(server.addr, "POST", endpoint, &[], body.as_bytes());
+        assert_eq!(
+            reply.status != 400,
+            valid,
+            "{endpoint} {body}: the spec says {}, the server answered {} {}",
+            if valid { "valid" } else { "invalid" },
+            reply.status,
+            reply.text()
+        );
+        match reply.status {
+            200 => assert_conforms(&reply, "CheckResponse"),
+            204 => assert!(reply.body.is_empty()),
+            _ => assert_conforms(&reply, "Problem"),
+        }
+    }
+}
+
+/// One JSON document per request: text after it is refused, not ignored.
+#[test]
+fn text_after_the_json_body_is_refused() {
+    let server = server();
+    for body in [
+        r#"{"method": "GET", "path": "/x"}{"method": "GET", "path": "/y"}"#,
+        r#"{"method": "GET", "path": "/x"} xyz"#,
+        r#"{"method": "GET", "path": "/x"},"#,
+    ] {
+        let reply = send(server.addr, "POST", "/v1/check", &[], body.as_bytes());
+        assert_eq!(reply.status, 400, "{body}: {}", reply.text());
+        assert_conforms(&reply, "Problem");
+    }
+    let trailing_space = send(
+        server.addr,
+        "POST",
+        "/v1/check",
+        &[],
+        b"{\"method\": \"GET\", \"path\": \"/x\"}\n  ",
+    );
+    assert_eq!(trailing_space.status, 200, "{}", trailing_space.text());
+    let reply = send(
+        server.addr,
+        "POST",
+        "/v1/release",
+        &[],
+        br#"{"leases": []} []"#,
+    );
+    assert_eq!(reply.status, 400);
+}
+
+/// Every example the spec documents is accepted, and answered as documented.
+#[test]
+fn the_documented_examples_are_answered_as_documented() {
+    let doc: Value =
+        serde_norway::from_str(&std::fs::read_to_string("docs/openapi.yaml").unwrap()).unwrap();
+    let mut sent = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        let Some(examples) =
+            item["post"]["requestBody"]["content"]["application/json"]["examples"].as_object()
+        else {
+            continue;
+        };
+        let server = server();
+        for (name, example) in examples {
+            let body = example["value"].to_string();
+            let reply = send(server.addr, "POST", path, &[], body.as_bytes());
+            let status = reply.status.to_string();
+            let documented = &item["post"]["responses"][&status];
+            assert!(
+                documented.is_object(),
+                "{path} example {name}: status {status} is not documented"
+            );
+            assert_ne!(reply.status, 400, "{path} example {name}: {}", reply.text());
+            if let Some(schema_ref) =
+                documented["content"]["application/json"]["schema"]["$ref"].as_str()
+            {
+                assert_conforms(
+                    &reply,
+                    schema_ref.trim_start_matches("#/components/schemas/"),
+                );
+            }
+            sent += 1;
+        }
+    }
+    assert!(
+        sent >= 3,
+        "the spec documents examples for /v1/check and /v1/release"
+    );
 }
