@@ -33,6 +33,8 @@ limit api {
 limit monthly {
   match { route ANY "/api/**"; }
   key identity + tenant;
+  # Requests without X-Tenant-Id are counted by address under the same quota.
+  on_missing_key ip;
   rate plans.monthly;
   on_exceed reject 429 reason "monthly quota exhausted";
   on_store_error deny;

@@ -101,6 +101,9 @@ pub struct PolicyError {
     label: String,
     #[help]
     help: Option<String>,
+    /// `Some(Warning)` for warnings; the derive has no per-value severity, so rendering
+    /// reads it through [`Warned`].
+    severity: Option<miette::Severity>,
 }
 
 impl PolicyError {
@@ -117,6 +120,7 @@ impl PolicyError {
             span: Some(span.into()),
             label: label.into(),
             help: None,
+            severity: None,
         }
     }
 
@@ -128,7 +132,19 @@ impl PolicyError {
             span: None,
             label: String::new(),
             help: None,
+            severity: None,
         }
+    }
+
+    /// Marks the problem as a warning: worth reading, but the plan is still built.
+    pub fn warning(mut self) -> Self {
+        self.severity = Some(miette::Severity::Warning);
+        self
+    }
+
+    /// Whether this is a warning rather than an error.
+    pub fn is_warning(&self) -> bool {
+        self.severity == Some(miette::Severity::Warning)
     }
 
     /// Adds a help line.
@@ -171,11 +187,38 @@ impl PolicyError {
 
 fn render(error: &PolicyError, theme: GraphicalTheme, width: usize) -> String {
     let mut out = String::new();
-    GraphicalReportHandler::new_themed(theme)
-        .with_width(width)
-        .render_report(&mut out, error)
+    let handler = GraphicalReportHandler::new_themed(theme).with_width(width);
+    let rendered = if error.is_warning() {
+        handler.render_report(&mut out, &Warned(error))
+    } else {
+        handler.render_report(&mut out, error)
+    };
+    rendered
         .map(|()| out)
         .unwrap_or_else(|_| error.message.clone())
+}
+
+/// A problem shown as a warning: everything from the problem, the severity from its value.
+#[derive(Debug, Error)]
+#[error(transparent)]
+struct Warned<'a>(&'a PolicyError);
+
+impl Diagnostic for Warned<'_> {
+    fn severity(&self) -> Option<miette::Severity> {
+        self.0.severity
+    }
+
+    fn help<'b>(&'b self) -> Option<Box<dyn fmt::Display + 'b>> {
+        self.0.help()
+    }
+
+    fn source_code(&self) -> Option<&dyn miette::SourceCode> {
+        self.0.source_code()
+    }
+
+    fn labels(&self) -> Option<Box<dyn Iterator<Item = miette::LabeledSpan> + '_>> {
+        self.0.labels()
+    }
 }
 
 /// How many problems one report holds; past that, only their number. Rendering a problem

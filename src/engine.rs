@@ -16,9 +16,10 @@ use smallvec::SmallVec;
 use crate::clock::{Clock, SystemClock, Timestamp};
 use crate::limiter::{Decision, LeaseId, Quota};
 use crate::plan::condition::Env;
+use crate::plan::key::KeySource;
 use crate::plan::{
-    Cost, Counts, KeyHasher, Limit, LimitRate, Mode, Plan, SoftAction, StoreErrorMode, TierSource,
-    TierTable, TierValue,
+    Cost, Counts, KeyHasher, Limit, LimitRate, MissingKey, Mode, Plan, SoftAction, StoreErrorMode,
+    TierSource, TierTable, TierValue,
 };
 use crate::request::RequestCtx;
 use crate::store::{BatchResult, MemoryStore, Op, Store, StoreError};
@@ -78,7 +79,23 @@ pub enum Counted {
     Skipped,
     /// Refused by the tier's `blocked` value, without counting.
     Blocked,
+    /// Refused without counting: the request has no value for the limit's key and the
+    /// limit says `on_missing_key refuse`.
+    Refused,
 }
+
+/// A limit that matched the request but did not apply, and why.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SkippedLimit {
+    /// The limit's name.
+    pub limit: Arc<str>,
+    /// Why it did not apply.
+    pub reason: &'static str,
+}
+
+/// Why a limit with `on_missing_key skip` did not apply.
+pub const SKIPPED_NO_KEY: &str =
+    "the request has no value for the limit's key (on_missing_key skip)";
 
 /// One limit that applied to the request, and what it decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,6 +138,8 @@ pub struct Verdict {
     pub reports: Vec<LimitReport>,
     /// Concurrency leases to give back with [`Engine::release`].
     pub leases: Vec<Lease>,
+    /// Limits that matched but did not apply (`on_missing_key skip`), and why.
+    pub skipped: Vec<SkippedLimit>,
     /// The plan version that decided.
     pub plan_version: Arc<str>,
 }
@@ -277,10 +296,12 @@ impl<S: Store, C: Clock> Engine<S, C> {
             routes: &routes,
             index: &plan.routes,
         };
-        let verdict = |action, reports, leases| Verdict {
+        let mut skipped = Vec::new();
+        let verdict = |action, reports, leases, skipped| Verdict {
             action,
             reports,
             leases,
+            skipped,
             plan_version: Arc::clone(&plan.version),
         };
 
@@ -290,7 +311,7 @@ impl<S: Store, C: Clock> Engine<S, C> {
             .find(|l| l.conditions.iter().any(|c| c.eval(&env)))
         {
             let list = Arc::clone(&list.name);
-            return verdict(Action::Bypass { list }, Vec::new(), Vec::new());
+            return verdict(Action::Bypass { list }, Vec::new(), Vec::new(), Vec::new());
         }
         if let Some(deny) = plan
             .denylists
@@ -302,7 +323,7 @@ impl<S: Store, C: Clock> Engine<S, C> {
                 list: Arc::clone(&deny.list.name),
                 reason: deny.reason.clone(),
             };
-            return verdict(action, Vec::new(), Vec::new());
+            return verdict(action, Vec::new(), Vec::new(), Vec::new());
         }
 
         let candidates: SmallVec<[usize; 8]> = match only {
@@ -344,17 +365,33 @@ impl<S: Store, C: Clock> Engine<S, C> {
             let mut key = String::with_capacity(64);
             key.push_str(&limit.namespace);
             key.push_str(":{");
+            let client = key.len();
+            let mut refused = false;
             if !limit.key.write(request, route, &self.hasher, &mut key) {
-                continue;
+                key.truncate(client);
+                match limit.on_missing_key {
+                    MissingKey::Skip => {
+                        skipped.push(SkippedLimit {
+                            limit: Arc::clone(&limit.name),
+                            reason: SKIPPED_NO_KEY,
+                        });
+                        continue;
+                    }
+                    MissingKey::Ip => write_fallback_key(request, &self.hasher, &mut key),
+                    MissingKey::Refuse => {
+                        key.push_str(MISSING_KEY);
+                        refused = true;
+                    }
+                }
             }
             key.push_str("}:");
             key.push_str(&limit.name);
-            let Some(quota) = quota else {
+            if refused || quota.is_none() {
                 blocked |= limit.mode == Mode::Enforce;
                 reports.push(LimitReport {
                     limit: Arc::clone(&limit.name),
                     mode: limit.mode,
-                    algorithm: "blocked",
+                    algorithm: if refused { "refused" } else { "blocked" },
                     key,
                     tier,
                     policy: (0, 0),
@@ -366,11 +403,16 @@ impl<S: Store, C: Clock> Engine<S, C> {
                         retry_after: None,
                     },
                     banned: false,
-                    counted: Counted::Blocked,
+                    counted: if refused {
+                        Counted::Refused
+                    } else {
+                        Counted::Blocked
+                    },
                 });
                 applied.push(limit);
                 continue;
-            };
+            }
+            let Some(quota) = quota else { continue };
             let cost = match &limit.cost {
                 _ if matches!(quota, Quota::Concurrency(_)) => 1,
                 _ if amount.is_some() => amount.unwrap_or(1),
@@ -486,7 +528,7 @@ impl<S: Store, C: Clock> Engine<S, C> {
         if !matches!(action, Action::Allow | Action::Warn | Action::Delay(_)) {
             leases.clear();
         }
-        verdict(action, reports, leases)
+        verdict(action, reports, leases, skipped)
     }
 
     /// Rejection, soft action or allow, from the reports of the limits that applied.
@@ -503,10 +545,18 @@ impl<S: Store, C: Clock> Engine<S, C> {
                     .then(a.decision.retry_after.cmp(&b.decision.retry_after))
             });
         if let Some((report, limit)) = rejected {
+            let reason = if report.counted == Counted::Refused {
+                Some(Arc::from(format!(
+                    "limit `{}` cannot tell who is asking: the request has no value for its key",
+                    limit.name
+                )))
+            } else {
+                limit.on_exceed.reason.clone()
+            };
             return Action::Reject {
                 status: limit.on_exceed.status,
                 limit: Arc::clone(&limit.name),
-                reason: limit.on_exceed.reason.clone(),
+                reason,
                 retry_after: report.decision.retry_after,
             };
         }
@@ -610,6 +660,22 @@ fn record(
         }
     }
 }
+
+/// The client part of a key for a request that has no value for the limit's own key
+/// (`on_missing_key ip`): its address, as `key ip` writes it, or one counter for every
+/// request whose address is unknown too.
+pub(crate) fn write_fallback_key(request: &RequestCtx, hasher: &KeyHasher, key: &mut String) {
+    let by_address = KeySource::Ip { v4: 32, v6: 64 };
+    if !by_address.write(request, None, hasher, key) {
+        key.push_str(UNIDENTIFIED);
+    }
+}
+
+/// The client part of the key of requests with neither a key value nor an address.
+pub const UNIDENTIFIED: &str = "unidentified";
+
+/// The client part shown for a request refused for having no key value.
+const MISSING_KEY: &str = "missing";
 
 /// The request's tier in a table: from its source, else the default.
 pub fn resolve_tier(table: &TierTable, request: &RequestCtx) -> usize {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::engine::resolve_tier;
 use crate::limiter::Quota;
 use crate::plan::condition::Env;
-use crate::plan::{KeyHasher, LimitRate, Mode, Plan, TierSource, TierValue};
+use crate::plan::{KeyHasher, LimitRate, MissingKey, Mode, Plan, TierSource, TierValue};
 use crate::request::RequestCtx;
 
 /// The explanation for one request.
@@ -100,17 +100,44 @@ pub fn explain(plan: &Plan, request: &RequestCtx, hasher: &KeyHasher) -> Explana
                 .condition
                 .matched_route(&env)
                 .map(|p| &**plan.routes.template(p));
-            let key = limit.key.eval(request, route, hasher);
+            let mut key = limit.key.eval(request, route, hasher);
+            let missing = || limit.key.missing_part(request).unwrap_or_default();
             let (applies, why) = match limit.condition.explain(&env) {
                 Err(why) => (false, why),
                 Ok(_) if limit.mode == Mode::Off => (false, "`mode off`".to_owned()),
-                Ok(_) if key.is_none() => (
-                    false,
-                    format!(
-                        "its key has no value: {} is missing",
-                        limit.key.missing_part(request).unwrap_or_default()
+                Ok(why) if key.is_none() => match limit.on_missing_key {
+                    MissingKey::Skip => (
+                        false,
+                        format!(
+                            "its key has no value: {} is missing (on_missing_key skip)",
+                            missing()
+                        ),
                     ),
-                ),
+                    MissingKey::Refuse => {
+                        key = Some("missing".to_owned());
+                        (
+                            true,
+                            format!(
+                                "{why}; its key has no value ({} is missing), so the request is \
+                                 refused (on_missing_key refuse)",
+                                missing()
+                            ),
+                        )
+                    }
+                    MissingKey::Ip => {
+                        let mut client = String::new();
+                        crate::engine::write_fallback_key(request, hasher, &mut client);
+                        key = Some(client);
+                        (
+                            true,
+                            format!(
+                                "{why}; its key has no value ({} is missing), so it counts by \
+                                 client address (on_missing_key ip)",
+                                missing()
+                            ),
+                        )
+                    }
+                },
                 Ok(_) if value == TierValue::Unlimited => {
                     (false, "the tier is unlimited".to_owned())
                 }

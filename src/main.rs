@@ -176,8 +176,14 @@ fn check(paths: &[PathBuf]) -> ExitCode {
     let set = PolicySet::load(paths);
     match compile(&set) {
         Ok(plan) => {
+            print_problems(plan.warnings());
+            let warnings = match plan.warnings().len() {
+                0 => String::new(),
+                1 => ", 1 warning".to_owned(),
+                n => format!(", {n} warnings"),
+            };
             println!(
-                "ok: {} file(s), {} limit(s), plan {}",
+                "ok: {} file(s), {} limit(s), plan {}{warnings}",
                 set.files().len(),
                 plan.limits().len(),
                 plan.version()
@@ -188,18 +194,23 @@ fn check(paths: &[PathBuf]) -> ExitCode {
     }
 }
 
-fn report(errors: &tollgate::PolicyErrors) -> ExitCode {
+/// Prints problems rustc-style on standard error, coloured on a terminal.
+fn print_problems(problems: &[tollgate::PolicyError]) {
     let width = terminal_width();
     let color = std::env::var_os("NO_COLOR").is_none()
         && std::io::IsTerminal::is_terminal(&std::io::stderr());
-    for error in errors.errors() {
+    for problem in problems {
         let text = if color {
-            error.render_terminal(width)
+            problem.render_terminal(width)
         } else {
-            error.render_plain(width)
+            problem.render_plain(width)
         };
         eprintln!("{text}");
     }
+}
+
+fn report(errors: &tollgate::PolicyErrors) -> ExitCode {
+    print_problems(errors.errors());
     eprintln!("error: {errors}");
     ExitCode::FAILURE
 }

@@ -19,6 +19,7 @@ pub use self::compile::compile;
 pub use self::condition::Condition;
 pub use self::key::{KeyHasher, KeySpec};
 pub use self::route::{RouteIndex, RouteMatches};
+use crate::diagnostic::PolicyError;
 use crate::limiter::Quota;
 
 /// A compiled, validated set of policies.
@@ -32,6 +33,7 @@ pub struct Plan {
     pub(crate) anomalies: Vec<Anomaly>,
     pub(crate) tiers: Vec<TierTable>,
     pub(crate) cedar_imports: Vec<CedarImport>,
+    pub(crate) warnings: Vec<PolicyError>,
 }
 
 impl Plan {
@@ -70,6 +72,11 @@ impl Plan {
         &self.tiers
     }
 
+    /// Problems worth reading that did not stop the plan (a key that may have no value).
+    pub fn warnings(&self) -> &[PolicyError] {
+        &self.warnings
+    }
+
     /// The Cedar files the policies import.
     pub fn cedar_imports(&self) -> &[CedarImport] {
         &self.cedar_imports
@@ -104,10 +111,26 @@ pub struct Limit {
     pub mode: Mode,
     /// What to do when the store fails.
     pub on_store_error: StoreErrorMode,
+    /// What a request whose key has no value meets.
+    pub on_missing_key: MissingKey,
     /// Higher goes first, and its rejection is the one reported.
     pub priority: i32,
     /// What it counts.
     pub counts: Counts,
+}
+
+/// What a limit does with a request whose key has no value (a user limit, an anonymous
+/// request; a token that does not verify).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MissingKey {
+    /// Count it by the client's address, as `key ip` would (the default): hiding the key
+    /// does not escape the limit. Without an address either, all such requests share one
+    /// counter.
+    Ip,
+    /// The limit does not apply to it; the decision lists it as skipped.
+    Skip,
+    /// Refuse it with the limit's status and a reason naming the missing key.
+    Refuse,
 }
 
 /// What a limit counts.

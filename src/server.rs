@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Environment, Settings, StoreClock};
 use crate::diagnostic::PolicyErrors;
-use crate::engine::{Action, Engine, Lease, Verdict};
+use crate::engine::{Action, Engine, Lease, SkippedLimit, Verdict};
 use crate::identity::{Identifier, JwtKeyError};
 use crate::middleware::{HttpOptions, RateLimitLayer};
 use crate::plan::KeyHasher;
@@ -159,6 +159,13 @@ pub async fn build(settings: &Settings) -> Result<Arc<AppState<AnyStore>>, Serve
             KeyHasher::random()
         }
     };
+    for warning in plan.warnings() {
+        tracing::warn!(
+            file = warning.file_name(),
+            "policy warning: {}",
+            warning.message()
+        );
+    }
     tracing::info!(
         limits = plan.limits().len(),
         version = plan.version(),
@@ -299,6 +306,8 @@ struct CheckResponse {
     headers: BTreeMap<String, String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     leases: Vec<Lease>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    skipped: Vec<SkippedLimit>,
     request_id: String,
 }
 
@@ -348,6 +357,7 @@ async fn check<S: Store, C: Clock>(
             .filter_map(|(k, v)| Some((k.to_string(), v.to_str().ok()?.to_owned())))
             .collect(),
         leases: verdict.leases.clone(),
+        skipped: verdict.skipped.clone(),
         request_id: request_id.clone(),
     };
     let mut response = axum::Json(body).into_response();

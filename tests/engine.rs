@@ -274,15 +274,26 @@ async fn concurrency_leases_are_released() {
 }
 
 #[tokio::test]
-async fn limits_without_a_key_value_do_not_apply() {
-    let (engine, _clock) =
-        engine(r#"limit per_user { match { route ANY "/x"; } key user_id; rate 1/min; }"#);
-    for _ in 0..3 {
-        assert!(engine.decide(&get("/x")).await.reports.is_empty());
-    }
+async fn limits_without_a_key_value_count_by_address_unless_told_otherwise() {
+    let (engine, _clock) = engine(
+        r#"limit per_user { match { route ANY "/x"; } key user_id; rate 1/min; }
+           limit optional { match { route ANY "/y"; } key user_id; rate 1/min; on_missing_key skip; }"#,
+    );
+    // No user: counted by address, so the second anonymous request is refused.
+    let first = engine.decide(&get("/x")).await;
+    assert!(first.is_allowed());
+    assert_eq!(first.reports[0].key, "test:{ip:198.51.100.7/32}:per_user");
+    assert!(!engine.decide(&get("/x")).await.is_allowed());
+    // A user has a counter of their own.
     let alice = get("/x").with_user_id("alice");
     assert!(engine.decide(&alice).await.is_allowed());
     assert!(!engine.decide(&alice).await.is_allowed());
+    // `on_missing_key skip`: not limited, and said so.
+    for _ in 0..3 {
+        let v = engine.decide(&get("/y")).await;
+        assert!(v.is_allowed() && v.reports.is_empty());
+        assert_eq!(&*v.skipped[0].limit, "optional");
+    }
 }
 
 #[tokio::test]

@@ -147,6 +147,8 @@ pub enum Setting {
     Mode(Ident),
     /// `on_store_error name;`
     OnStoreError(Ident),
+    /// `on_missing_key name;`
+    OnMissingKey(Ident),
     /// `priority n;`
     Priority(Spanned<i64>),
     /// `counts messages;`

@@ -321,6 +321,7 @@ fn describe(rule: Rule) -> &'static str {
         Rule::ban => "`ban`",
         Rule::mode_stmt => "`mode`",
         Rule::on_store_error_stmt => "`on_store_error`",
+        Rule::on_missing_key_stmt => "`on_missing_key`",
         Rule::priority_stmt => "`priority`",
         Rule::counts_stmt => "`counts`",
         Rule::match_block => "`match`",
@@ -637,6 +638,7 @@ impl Builder<'_> {
             }
             Rule::mode_stmt => Setting::Mode(self.ident(next(&mut inner))),
             Rule::on_store_error_stmt => Setting::OnStoreError(self.ident(next(&mut inner))),
+            Rule::on_missing_key_stmt => Setting::OnMissingKey(self.ident(next(&mut inner))),
             Rule::counts_stmt => Setting::Counts(self.ident(next(&mut inner))),
             _ => Setting::Priority(self.signed(next(&mut inner))),
         }

@@ -16,8 +16,8 @@ use super::ipset::IpSet;
 use super::key::{KeyPart, KeySource, KeySpec, is_secret_header};
 use super::route::{PatternId, RouteIndex, Template};
 use super::{
-    Anomaly, CedarImport, Cost, Counts, DenyRule, Limit, LimitRate, ListRule, Mode, OnExceed, Pick,
-    Plan, SoftAction, SoftStep, StoreErrorMode, TierSource, TierTable, TierValue,
+    Anomaly, CedarImport, Cost, Counts, DenyRule, Limit, LimitRate, ListRule, MissingKey, Mode,
+    OnExceed, Pick, Plan, SoftAction, SoftStep, StoreErrorMode, TierSource, TierTable, TierValue,
 };
 use crate::diagnostic::{PolicyError, PolicyErrors, Span};
 use crate::dsl::ast::{self, Spanned};
@@ -66,8 +66,10 @@ pub fn compile(set: &PolicySet) -> Result<Plan, PolicyErrors> {
         pattern_ids: HashMap::new(),
         templates: Vec::new(),
         has_cedar: false,
+        warnings: Vec::new(),
     };
-    let plan = cx.run();
+    let mut plan = cx.run();
+    plan.warnings = std::mem::take(&mut cx.warnings);
     let mut errors = cx.errors;
     // In file order, then by position, whichever pass found them.
     let order: HashMap<&str, usize> = set
@@ -162,6 +164,7 @@ struct Settings<'a> {
     on_exceed: Option<(usize, &'a Spanned<ast::OnExceed>)>,
     mode: Option<(usize, &'a ast::Ident)>,
     on_store_error: Option<(usize, &'a ast::Ident)>,
+    on_missing_key: Option<(usize, &'a ast::Ident)>,
     priority: Option<(usize, &'a Spanned<i64>)>,
     counts: Option<(usize, &'a ast::Ident)>,
 }
@@ -176,6 +179,8 @@ struct Compiler<'a> {
     pattern_ids: HashMap<Template, PatternId>,
     templates: Vec<(Arc<str>, Template)>,
     has_cedar: bool,
+    /// Problems worth reading that do not stop the plan.
+    warnings: Vec<PolicyError>,
 }
 
 impl<'a> Compiler<'a> {
@@ -190,6 +195,26 @@ impl<'a> Compiler<'a> {
         let error =
             PolicyError::new(&self.files[file].source, span, message, label).with_help(help);
         self.errors.push(error);
+    }
+
+    /// A limit's key may have no value and the policy does not say what that means: it is
+    /// counted by address (the default), which the operator should know.
+    fn warn_missing_key(&mut self, file: usize, span: Span, limit: &str, missing: &str) {
+        let warning = PolicyError::new(
+            &self.files[file].source,
+            span,
+            format!(
+                "limit `{limit}`'s key has no value for requests without {missing}: they are \
+                 counted by client address"
+            ),
+            "may have no value",
+        )
+        .with_help(
+            "say so with `key first_of(…, ip);`, or choose with `on_missing_key ip;`, \
+             `on_missing_key skip;` (the limit does not apply) or `on_missing_key refuse;`",
+        )
+        .warning();
+        self.warnings.push(warning);
     }
 
     /// `file:line:column` of a site, for "first defined here" help lines.
@@ -467,6 +492,7 @@ impl<'a> Compiler<'a> {
             anomalies,
             tiers,
             cedar_imports,
+            warnings: Vec::new(),
         }
     }
 
@@ -918,6 +944,11 @@ impl<'a> Compiler<'a> {
                 parts: vec![KeyPart::One(KeySource::Ip { v4: 32, v6: 64 })],
             }),
         };
+        if let (Some(spec), Some((kf, expr)), None) = (&key, settings.key, settings.on_missing_key)
+            && let Some(missing) = spec.may_be_missing()
+        {
+            self.warn_missing_key(kf, expr.span, &name.node, missing);
+        }
         let Some((rf, rate_value)) = settings.rate else {
             self.error_help(
                 f,
@@ -1023,6 +1054,16 @@ impl<'a> Compiler<'a> {
                 }),
             None => Some(StoreErrorMode::Allow),
         };
+        let on_missing_key = match settings.on_missing_key {
+            Some((mf, m)) => self
+                .keyword(mf, m, "on_missing_key", &["ip", "skip", "refuse"])
+                .map(|m| match m {
+                    "skip" => MissingKey::Skip,
+                    "refuse" => MissingKey::Refuse,
+                    _ => MissingKey::Ip,
+                }),
+            None => Some(MissingKey::Ip),
+        };
         let priority = match settings.priority {
             Some((pf, p)) => match i32::try_from(p.node) {
                 Ok(p) => Some(p),
@@ -1079,6 +1120,7 @@ impl<'a> Compiler<'a> {
             on_exceed: on_exceed?,
             mode: mode?,
             on_store_error: on_store_error?,
+            on_missing_key: on_missing_key?,
             priority: priority?,
             counts: counts?,
         })
@@ -1131,6 +1173,10 @@ impl<'a> Compiler<'a> {
             ast::Setting::OnStoreError(m) => {
                 settings.on_store_error = Some((f, m));
                 ("on_store_error", m.span)
+            }
+            ast::Setting::OnMissingKey(m) => {
+                settings.on_missing_key = Some((f, m));
+                ("on_missing_key", m.span)
             }
             ast::Setting::Priority(p) => {
                 settings.priority = Some((f, p));

@@ -62,6 +62,42 @@ pub enum KeySource {
     Connection,
 }
 
+impl KeySpec {
+    /// The first part of the key that a request may lack (a user, a header…), in words;
+    /// `None` when every request has a value for every part.
+    pub fn may_be_missing(&self) -> Option<&'static str> {
+        self.parts.iter().find_map(|part| match part {
+            KeyPart::One(source) => source.may_be_missing(),
+            KeyPart::FirstOf(sources) => {
+                let missing: Vec<_> = sources.iter().map(KeySource::may_be_missing).collect();
+                missing
+                    .iter()
+                    .all(Option::is_some)
+                    .then(|| missing[0])
+                    .flatten()
+            }
+        })
+    }
+}
+
+impl KeySource {
+    /// What a request may lack for this source to have a value, in words. The address counts
+    /// as always known (HTTP has a peer); a decision API caller that leaves it out meets
+    /// `on_missing_key`.
+    fn may_be_missing(&self) -> Option<&'static str> {
+        match self {
+            KeySource::UserId => Some("user_id"),
+            KeySource::ApiToken => Some("api_token"),
+            KeySource::Header { .. } => Some("a header"),
+            KeySource::Claim(_) => Some("a claim"),
+            KeySource::Query(_) => Some("a query parameter"),
+            KeySource::Host => Some("host"),
+            KeySource::Connection => Some("connection"),
+            KeySource::Ip { .. } | KeySource::Route | KeySource::Method | KeySource::Global => None,
+        }
+    }
+}
+
 /// Header names whose values are credentials: hashed before use.
 pub(crate) fn is_secret_header(name: &HeaderName) -> bool {
     let n = name.as_str();
@@ -208,7 +244,7 @@ impl KeySource {
     }
 
     /// Appends `label:value` to `out`; `false` (and nothing appended) when there is no value.
-    fn write(
+    pub(crate) fn write(
         &self,
         r: &RequestCtx,
         route: Option<&str>,
