@@ -2,8 +2,9 @@
     missing_docs,
     reason = "criterion_group! and criterion_main! generate undocumented items"
 )]
-//! `Engine::decide` on the memory store: one request that three limits apply to; and how
-//! matching scales with the plan: 10 to 100,000 routes, 10 to 100,000 listed addresses.
+//! `Engine::decide` on the memory store: one request that three limits apply to; how
+//! matching scales with the plan: 10 to 100,000 routes, 10 to 100,000 listed addresses; and
+//! new keys into the memory store below its cap and at it.
 //!
 //! `cargo bench --bench engine`. Figures and the machine are in `docs/performance.md`.
 
@@ -140,6 +141,68 @@ fn ip_lists(c: &mut Criterion) {
     group.finish();
 }
 
+/// New keys into the memory store: half full, and full (every insert evicts a sampled key).
+/// Both start from a store filled untimed, so the figures compare the inserts alone.
+fn memory_cap(c: &mut Criterion) {
+    use std::num::NonZeroU64;
+    use tollgate::Timestamp;
+    use tollgate::limiter::{LeaseId, Quota, WindowQuota};
+    use tollgate::store::Op;
+
+    let quota = Quota::SlidingWindow(WindowQuota {
+        limit: NonZeroU64::new(100).unwrap(),
+        window: NonZeroU64::new(60_000_000).unwrap(),
+    });
+    let now = Timestamp::from_secs(1_700_000_000);
+    let key = |i: u64| format!("api:{{ip:{}}}:search", std::net::Ipv4Addr::from(i as u32));
+    let insert = |store: &MemoryStore, key: &str| {
+        let op = Op {
+            key,
+            quota,
+            cost: 1,
+            enforce: true,
+            ban: None,
+            lease: LeaseId(0),
+        };
+        store.apply_now(&[op], now);
+    };
+    let cap: u64 = if cfg!(debug_assertions) {
+        64_000
+    } else {
+        1_000_000
+    };
+    let mut group = c.benchmark_group("memory_store_insert");
+    group.sample_size(10);
+    for (name, full) in [("below_cap", false), ("at_cap", true)] {
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                // Below the cap: room for every new key; at it: filled to the cap first.
+                let store = if full {
+                    MemoryStore::with_max_keys(cap as usize)
+                } else {
+                    MemoryStore::with_max_keys((cap + 2 * iters) as usize)
+                };
+                for i in 0..cap.min(if full { cap * 2 } else { cap / 2 }) {
+                    insert(&store, &key(i));
+                }
+                let fresh: Vec<String> = (0..iters).map(|i| key(cap * 2 + i)).collect();
+                #[expect(
+                    clippy::disallowed_methods,
+                    reason = "criterion's iter_custom measures wall time"
+                )]
+                let start = std::time::Instant::now();
+                for k in &fresh {
+                    insert(&store, k);
+                }
+                let elapsed = start.elapsed();
+                assert!(!full || store.evictions() > 0, "at the cap, inserts evict");
+                elapsed
+            })
+        });
+    }
+    group.finish();
+}
+
 /// `rt.block_on(f)` reads like a runtime, but polls once.
 struct Rt;
 
@@ -149,5 +212,5 @@ impl Rt {
     }
 }
 
-criterion_group!(benches, decide, routes, ip_lists);
+criterion_group!(benches, decide, routes, ip_lists, memory_cap);
 criterion_main!(benches);

@@ -67,6 +67,9 @@ pub struct Settings {
     pub expected_nodes: u64,
     /// Keys whose rejections are remembered locally (0: no deny cache).
     pub deny_cache_keys: usize,
+    /// Keys the memory store holds (the store itself in dev, the `local` fallback with
+    /// Redis) before it evicts.
+    pub memory_max_keys: usize,
     /// Consecutive store failures that open the circuit breaker.
     pub breaker_failures: u32,
     /// The longest wait between probes of a failing store, in milliseconds.
@@ -144,6 +147,7 @@ struct Raw {
     store_clock: Option<String>,
     expected_nodes: Option<u64>,
     deny_cache_keys: Option<usize>,
+    memory_max_keys: Option<usize>,
     breaker_failures: Option<u32>,
     breaker_max_backoff_ms: Option<u64>,
     admin_listen: Option<String>,
@@ -177,6 +181,7 @@ const KEYS: &[&str] = &[
     "store_clock",
     "expected_nodes",
     "deny_cache_keys",
+    "memory_max_keys",
     "breaker_failures",
     "breaker_max_backoff_ms",
     "admin_listen",
@@ -202,6 +207,7 @@ const NUMERIC: &[&str] = &[
     "store_timeout_ms",
     "expected_nodes",
     "deny_cache_keys",
+    "memory_max_keys",
     "breaker_failures",
     "breaker_max_backoff_ms",
     "max_body_bytes",
@@ -383,6 +389,7 @@ impl Settings {
         let store_clock = field!("store_clock", String);
         let expected_nodes = field!("expected_nodes", u64);
         let deny_cache_keys = field!("deny_cache_keys", usize);
+        let memory_max_keys = field!("memory_max_keys", usize);
         let breaker_failures = field!("breaker_failures", u32);
         let breaker_max_backoff_ms = field!("breaker_max_backoff_ms", u64);
         let admin_listen = field!("admin_listen", String);
@@ -501,6 +508,13 @@ impl Settings {
             );
         }
         let deny_cache_keys = deny_cache_keys.unwrap_or(100_000);
+        let memory_max_keys = memory_max_keys.unwrap_or(crate::store::memory::DEFAULT_MAX_KEYS);
+        if memory_max_keys < 1_000 {
+            problem(
+                "memory_max_keys",
+                format!("{memory_max_keys} is below 1000: every client would evict another"),
+            );
+        }
         let breaker_failures = breaker_failures.unwrap_or(3);
         if breaker_failures == 0 {
             problem("breaker_failures", "must be at least 1".to_owned());
@@ -621,6 +635,7 @@ impl Settings {
             store_clock,
             expected_nodes,
             deny_cache_keys,
+            memory_max_keys,
             breaker_failures,
             breaker_max_backoff_ms,
             admin_listen,

@@ -232,6 +232,25 @@ impl<S: Store, C: Clock> Engine<S, C> {
         self
     }
 
+    /// Holds up to `max_keys` keys in this node's fallback memory (`on_store_error local`);
+    /// 100,000 by default.
+    pub fn with_local_max_keys(mut self, max_keys: usize) -> Self {
+        self.local = MemoryStore::with_max_keys(max_keys);
+        self
+    }
+
+    /// Drops expired state this node keeps (the memory store, the fallback memory);
+    /// returns how many entries.
+    pub fn sweep(&self) -> usize {
+        let now = self.clock.now();
+        self.store.sweep(now) + self.local.purge_expired(now)
+    }
+
+    /// Live keys dropped to stay within the key caps of this node's memory, since start.
+    pub fn evictions(&self) -> u64 {
+        self.store.evictions() + self.local.evictions()
+    }
+
     /// How many nodes share the quotas when the store fails: a limit with
     /// `on_store_error local` then counts in this node's memory against its share of the
     /// quota, `limit / nodes` (see [`Quota::share`]). One by default.

@@ -126,7 +126,7 @@ pub async fn build(settings: &Settings) -> Result<Arc<AppState<AnyStore>>, Serve
         errors,
     })?;
     let store = match &settings.redis_url {
-        None => AnyStore::Memory(MemoryStore::new()),
+        None => AnyStore::Memory(MemoryStore::with_max_keys(settings.memory_max_keys)),
         Some(url) => {
             let options = redis_options(settings);
             match RedisStore::connect_with(url, options).await {
@@ -145,7 +145,7 @@ pub async fn build(settings: &Settings) -> Result<Arc<AppState<AnyStore>>, Serve
                         "cannot reach Redis at `{}` ({e}): COUNTING IN THIS PROCESS'S MEMORY (dev only; prod refuses to start)",
                         redact(url)
                     );
-                    AnyStore::Memory(MemoryStore::new())
+                    AnyStore::Memory(MemoryStore::with_max_keys(settings.memory_max_keys))
                 }
             }
         }
@@ -176,7 +176,8 @@ pub async fn build(settings: &Settings) -> Result<Arc<AppState<AnyStore>>, Serve
     let engine = Arc::new(
         Engine::new(plan, store)
             .with_key_hasher(hasher)
-            .with_local_share(nodes),
+            .with_local_share(nodes)
+            .with_local_max_keys(settings.memory_max_keys),
     );
     Ok(Arc::new(AppState {
         engine,
@@ -218,14 +219,27 @@ pub async fn run<S: Store>(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     // Expired counters are dropped in the background, so that idle keys free their memory.
+    // Evictions (live keys dropped at the memory cap) are reported once per sweep, with how
+    // many: state was lost, and the cap may be too small.
     let sweeper = {
         let engine = Arc::clone(&state.engine);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(30));
+            let mut evictions = engine.evictions();
             loop {
                 tick.tick().await;
-                let purged = engine.store().sweep(engine.now());
+                let purged = engine.sweep();
                 tracing::debug!(purged, "expired counters dropped");
+                let now = engine.evictions();
+                if now > evictions {
+                    tracing::warn!(
+                        evicted = now - evictions,
+                        total = now,
+                        "the memory store is at its key cap: live counters were evicted \
+                         (raise memory_max_keys, or count in Redis)"
+                    );
+                }
+                evictions = now;
             }
         })
     };

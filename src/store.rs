@@ -174,6 +174,12 @@ pub trait Store: Send + Sync + 'static {
         0
     }
 
+    /// Live keys this process dropped to stay within its key cap, since it started (a shared
+    /// store manages its own memory: 0).
+    fn evictions(&self) -> u64 {
+        0
+    }
+
     /// Gives back a concurrency lease.
     fn release(
         &self,
@@ -224,6 +230,13 @@ impl Store for AnyStore {
         match self {
             AnyStore::Memory(m) => m.ping().await,
             AnyStore::Redis(r) => r.ping().await,
+        }
+    }
+
+    fn evictions(&self) -> u64 {
+        match self {
+            AnyStore::Memory(m) => Store::evictions(m),
+            AnyStore::Redis(r) => r.evictions(),
         }
     }
 

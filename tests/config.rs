@@ -160,6 +160,7 @@ fn store_settings_are_read_and_checked() {
             ("TOLLGATE_STORE_CLOCK", "redis"),
             ("TOLLGATE_EXPECTED_NODES", "4"),
             ("TOLLGATE_DENY_CACHE_KEYS", "0"),
+            ("TOLLGATE_MEMORY_MAX_KEYS", "5000"),
             ("TOLLGATE_BREAKER_FAILURES", "5"),
             ("TOLLGATE_BREAKER_MAX_BACKOFF_MS", "2000"),
         ]),
@@ -170,6 +171,7 @@ fn store_settings_are_read_and_checked() {
         (s.expected_nodes, s.deny_cache_keys, s.breaker_failures),
         (4, 0, 5)
     );
+    assert_eq!(s.memory_max_keys, 5000);
     let options = tollgate::server::redis_options(&s);
     assert!(options.server_time && options.deny_cache.is_none());
     assert_eq!(options.breaker.max_backoff.as_millis(), 2000);
@@ -192,6 +194,7 @@ fn store_settings_are_read_and_checked() {
             ("TOLLGATE_EXPECTED_NODES", "0"),
             ("TOLLGATE_BREAKER_FAILURES", "0"),
             ("TOLLGATE_BREAKER_MAX_BACKOFF_MS", "soon"),
+            ("TOLLGATE_MEMORY_MAX_KEYS", "10"),
         ]),
     )
     .unwrap_err();
@@ -202,6 +205,7 @@ fn store_settings_are_read_and_checked() {
         "expected_nodes",
         "breaker_failures",
         "breaker_max_backoff_ms",
+        "memory_max_keys",
     ] {
         assert!(keys.contains(&key), "{key} not in {keys:?}");
     }

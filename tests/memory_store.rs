@@ -73,6 +73,32 @@ fn the_key_cap_evicts_and_counts() {
     );
 }
 
+/// At the cap, the sampled key ending first makes way: keys about to end go, keys with a
+/// long life stay (a sample of 16 holds only long-lived keys one time in 65,536).
+#[test]
+fn at_the_cap_keys_ending_first_are_evicted() {
+    let store = MemoryStore::with_max_keys(6_400);
+    let cap = store.max_keys();
+    for i in 0..cap {
+        // Every other key ends in a minute, the others in a day; all are live throughout.
+        let life = if i % 2 == 0 { 60 } else { 86_400 };
+        store.apply_now(&[op(&format!("old{i}"), window(5, life))], at(0));
+    }
+    for i in 0..cap / 4 {
+        store.apply_now(&[op(&format!("new{i}"), window(5, 3600))], at(1));
+    }
+    assert!(store.evictions() > 0);
+    let long_lost = (0..cap)
+        .filter(|i| i % 2 == 1)
+        .filter(|i| store.peek(&format!("old{i}"), at(2)).is_none())
+        .count();
+    assert!(
+        long_lost * 100 <= store.evictions() as usize,
+        "{long_lost} long-lived keys of {} evictions",
+        store.evictions()
+    );
+}
+
 #[test]
 fn a_rejected_batch_consumes_nothing() {
     let store = MemoryStore::new();

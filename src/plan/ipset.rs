@@ -1,8 +1,11 @@
-//! Address lists (`ip in [ … ]`) as prefix tries: a lookup costs the address's length in
-//! bits, whether the list holds ten networks or a threat feed of a hundred thousand.
+//! Address lists (`ip in [ … ]`) as a hash set of single addresses beside prefix tries of
+//! networks: a lookup is one hash probe and a walk bounded by the address's length in bits,
+//! whether the list holds ten networks or a threat feed of a hundred thousand addresses.
 
+use std::collections::HashSet;
 use std::net::IpAddr;
 
+use foldhash::fast::RandomState;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use prefix_trie::PrefixSet;
 
@@ -12,6 +15,9 @@ const SHOWN: usize = 5;
 /// A set of IPv4 and IPv6 networks, matched by longest prefix.
 #[derive(Clone)]
 pub struct IpSet {
+    /// Single addresses (`/32`, `/128`), the bulk of threat feeds: one probe each.
+    hosts: HashSet<IpAddr, RandomState>,
+    /// Networks, by longest prefix.
     v4: PrefixSet<Ipv4Net>,
     v6: PrefixSet<Ipv6Net>,
     /// The first networks as written, for explanations.
@@ -29,13 +35,16 @@ impl IpSet {
     /// The set of `nets` (host bits are ignored: `10.1.2.3/8` is `10.0.0.0/8`).
     pub fn new(nets: impl IntoIterator<Item = IpNet>) -> Self {
         let mut set = IpSet {
+            hosts: HashSet::default(),
             v4: PrefixSet::new(),
             v6: PrefixSet::new(),
             first: Vec::new(),
             len: 0,
         };
         for net in nets {
-            let fresh = match net.trunc() {
+            let net = net.trunc();
+            let fresh = match net {
+                _ if net.prefix_len() == net.max_prefix_len() => set.hosts.insert(net.addr()),
                 IpNet::V4(v4) => set.v4.insert(v4),
                 IpNet::V6(v6) => set.v6.insert(v6),
             };
@@ -56,9 +65,18 @@ impl IpSet {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
             v4 => v4,
         };
+        // A single address is the longest prefix there is.
+        if self.hosts.contains(&ip) {
+            return Some(IpNet::from(ip));
+        }
         match ip {
-            IpAddr::V4(v4) => self.v4.get_lpm(&Ipv4Net::from(v4)).map(IpNet::V4),
-            IpAddr::V6(v6) => self.v6.get_lpm(&Ipv6Net::from(v6)).map(IpNet::V6),
+            IpAddr::V4(v4) if !self.v4.is_empty() => {
+                self.v4.get_lpm(&Ipv4Net::from(v4)).map(IpNet::V4)
+            }
+            IpAddr::V6(v6) if !self.v6.is_empty() => {
+                self.v6.get_lpm(&Ipv6Net::from(v6)).map(IpNet::V6)
+            }
+            _ => None,
         }
     }
 

@@ -199,10 +199,49 @@ fn glob_matches(parts: &[GlobPart], text: &str) -> bool {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PatternId(pub(crate) usize);
 
+/// A node's literal edges: a short list compared in place while there are few (most
+/// nodes), a hash map past that (the fan-out under `/tenants/` of a multi-tenant API).
+#[derive(Debug, Default)]
+struct Literals {
+    few: Vec<(Box<str>, usize)>,
+    many: Option<HashMap<Box<str>, usize, foldhash::fast::RandomState>>,
+}
+
+/// How many literal edges a node keeps in a list before it hashes them.
+const FEW_LITERALS: usize = 8;
+
+impl Literals {
+    fn is_empty(&self) -> bool {
+        self.few.is_empty() && self.many.is_none()
+    }
+
+    fn get(&self, segment: &str) -> Option<usize> {
+        match &self.many {
+            Some(map) => map.get(segment).copied(),
+            None => self
+                .few
+                .iter()
+                .find(|(text, _)| **text == *segment)
+                .map(|(_, next)| *next),
+        }
+    }
+
+    fn insert(&mut self, text: Box<str>, next: usize) {
+        if let Some(map) = &mut self.many {
+            map.insert(text, next);
+            return;
+        }
+        self.few.push((text, next));
+        if self.few.len() > FEW_LITERALS {
+            self.many = Some(self.few.drain(..).collect());
+        }
+    }
+}
+
 /// One node of the tree: its edges, and the templates that end there.
 #[derive(Debug, Default)]
 struct Node {
-    literal: HashMap<Box<str>, usize, foldhash::fast::RandomState>,
+    literal: Literals,
     any: Option<usize>,
     globs: Vec<(Box<[GlobPart]>, usize)>,
     /// The node a `**` segment leads to; it loops on itself for every further segment.
@@ -210,19 +249,33 @@ struct Node {
     ends: Vec<PatternId>,
 }
 
+impl Node {
+    /// Whether no edge leaves the node.
+    fn is_leaf(&self) -> bool {
+        self.literal.is_empty()
+            && self.any.is_none()
+            && self.globs.is_empty()
+            && self.rest.is_none()
+    }
+}
+
 /// Every template of a plan as one tree over segments.
 #[derive(Debug)]
 struct Tree {
     nodes: Vec<Node>,
-    /// Whether node `n` was reached through `**` (it consumes any number of segments).
-    loops: Vec<bool>,
+    /// For a node reached through `**` (it consumes any number of segments), its index
+    /// among such nodes.
+    loops: Vec<Option<u32>>,
+    /// How many nodes loop.
+    loop_count: usize,
 }
 
 impl Default for Tree {
     fn default() -> Self {
         Tree {
             nodes: vec![Node::default()],
-            loops: vec![false],
+            loops: vec![None],
+            loop_count: 0,
         }
     }
 }
@@ -230,7 +283,10 @@ impl Default for Tree {
 impl Tree {
     fn child(&mut self, loops: bool) -> usize {
         self.nodes.push(Node::default());
-        self.loops.push(loops);
+        self.loops.push(loops.then(|| {
+            self.loop_count += 1;
+            u32::try_from(self.loop_count - 1).unwrap_or(u32::MAX)
+        }));
         self.nodes.len() - 1
     }
 
@@ -239,7 +295,7 @@ impl Tree {
         for segment in &template.0 {
             at = match segment {
                 Segment::Literal(text) => match self.nodes[at].literal.get(text) {
-                    Some(&next) => next,
+                    Some(next) => next,
                     None => {
                         let next = self.child(false);
                         self.nodes[at].literal.insert(text.clone(), next);
@@ -279,16 +335,29 @@ impl Tree {
 
     /// Adds to `out` every template that matches `segments`, sorted, without repeats.
     fn walk(&self, segments: &[&str], out: &mut SmallVec<[PatternId; 4]>) {
-        // Each (node, position) is visited once, so `**` segments cost at most nodes ×
-        // segments steps, whatever the path; plain trees never repeat a pair.
-        let mut seen: Option<std::collections::HashSet<(usize, usize)>> = None;
+        // Each (looping node, position) is visited once, so `**` segments cost at most
+        // nodes × segments steps, whatever the path; other nodes are reached once per
+        // position through their one parent. The visits are bits on the stack for the usual
+        // one or two `**`.
+        let positions = segments.len() + 1;
+        let mut seen: SmallVec<[u64; 2]> =
+            SmallVec::from_elem(0, (self.loop_count * positions).div_ceil(64));
         let mut stack: SmallVec<[(usize, usize); 16]> = SmallVec::new();
         stack.push((0, 0));
         while let Some((at, i)) = stack.pop() {
-            if self.loops[at] && !seen.get_or_insert_with(Default::default).insert((at, i)) {
+            let node = &self.nodes[at];
+            if self.loops[at].is_some() && node.is_leaf() {
+                // A trailing `**` (`/api/**`): whatever is left matches, at once.
+                out.extend_from_slice(&node.ends);
                 continue;
             }
-            let node = &self.nodes[at];
+            if let Some(l) = self.loops[at] {
+                let bit = l as usize * positions + i;
+                if seen[bit / 64] & (1 << (bit % 64)) != 0 {
+                    continue;
+                }
+                seen[bit / 64] |= 1 << (bit % 64);
+            }
             if let Some(rest) = node.rest {
                 stack.push((rest, i));
             }
@@ -296,10 +365,10 @@ impl Tree {
                 out.extend_from_slice(&node.ends);
                 continue;
             };
-            if self.loops[at] {
+            if self.loops[at].is_some() {
                 stack.push((at, i + 1));
             }
-            if let Some(&next) = node.literal.get(*segment) {
+            if let Some(next) = node.literal.get(segment) {
                 stack.push((next, i + 1));
             }
             if let Some(next) = node.any {
@@ -311,8 +380,10 @@ impl Tree {
                 }
             }
         }
-        out.sort_unstable();
-        out.dedup();
+        if out.len() > 1 {
+            out.sort_unstable();
+            out.dedup();
+        }
     }
 }
 
@@ -388,8 +459,10 @@ impl RouteIndex {
         for p in &matches.0 {
             out.extend_from_slice(&self.by_pattern[p.0]);
         }
-        out.sort_unstable();
-        out.dedup();
+        if out.len() > 1 {
+            out.sort_unstable();
+            out.dedup();
+        }
         out
     }
 }

@@ -48,8 +48,7 @@ impl DenyCache {
         let mut shard = self.shards.lock_key(key);
         let denied = *shard.get(key)?;
         if denied.until <= now.as_micros() {
-            shard.remove(key);
-            self.shards.removed(1);
+            self.shards.remove_in(&mut shard, key);
             return None;
         }
         (cost >= denied.cost).then_some(denied)
@@ -65,14 +64,9 @@ impl DenyCache {
             }
             return;
         }
-        let full = self.shards.max_per_shard();
-        if shard.len() >= full {
-            self.shards
-                .retain_in(&mut shard, |_, d| d.until > now.as_micros());
-            if shard.len() >= full {
-                return;
-            }
-        }
+        // Full: the sampled refusal ending first makes way.
+        self.shards
+            .make_room(&mut shard, |d| d.until, now.as_micros());
         shard.insert(key.into(), denied);
         self.shards.added(1);
     }

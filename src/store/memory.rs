@@ -10,16 +10,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use parking_lot::MutexGuard;
 use smallvec::SmallVec;
 
-use super::sharded::Sharded;
+use super::sharded::{Evicted, Sharded};
 use super::{BatchResult, KeySelector, KeyState, Op, OpResult, Store, StoreError};
 use crate::clock::Timestamp;
 use crate::limiter::{self, Decision, LeaseId, State, concurrency, us};
 
-/// Keys held by default before the oldest-expiring are evicted.
+/// Keys held by default before the oldest-expiring are evicted (about 230 MB: see
+/// `docs/configuration.md` for the measured bytes per key).
 pub const DEFAULT_MAX_KEYS: usize = 1_000_000;
 const SHARDS: usize = 64;
-/// How many entries an eviction looks at to choose the one expiring first.
-const EVICTION_SAMPLE: usize = 16;
 
 #[derive(Debug)]
 struct Entry {
@@ -129,20 +128,10 @@ impl MemoryStore {
 
     /// Makes room for one more key in a full shard: expired keys first, else the key that
     /// expires soonest among a sample.
+    /// At the cap, drops a sampled entry that ends first (expired ones are not counted as
+    /// evictions: the sweeper would have dropped them).
     fn make_room(&self, map: &mut Shard, now: u64) {
-        if map.len() < self.shards.max_per_shard()
-            || self.shards.retain_in(map, |_, e| e.live_until() > now) > 0
-        {
-            return;
-        }
-        let victim = map
-            .iter()
-            .take(EVICTION_SAMPLE)
-            .min_by_key(|(_, e)| e.live_until())
-            .map(|(k, _)| k.clone());
-        if let Some(victim) = victim {
-            map.remove(&victim);
-            self.shards.removed(1);
+        if self.shards.make_room(map, Entry::live_until, now) == Some(Evicted::Live) {
             self.evictions.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -270,8 +259,7 @@ impl MemoryStore {
                     entry.state = None;
                     entry.expires_at = 0;
                     if entry.banned_until <= now.as_micros() {
-                        map.remove(key);
-                        self.shards.removed(1);
+                        self.shards.remove_in(&mut map, key);
                     }
                 }
             }
@@ -282,6 +270,10 @@ impl MemoryStore {
 impl Store for MemoryStore {
     fn sweep(&self, now: Timestamp) -> usize {
         self.purge_expired(now)
+    }
+
+    fn evictions(&self) -> u64 {
+        MemoryStore::evictions(self)
     }
 
     fn apply(

@@ -1,17 +1,34 @@
 //! A map split into shards under short locks, with a count of its keys and a size cap per
 //! shard: what the memory store and the deny cache keep their keys in.
+//!
+//! A full shard makes room the way Redis does (sampled eviction): it looks at a few entries
+//! at random positions and drops the one ending first — an expired one if the sample holds
+//! any — so that inserting at the cap costs the same few steps as below it, never a scan.
 
-use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use foldhash::fast::RandomState;
+use indexmap::IndexMap;
 use parking_lot::{Mutex, MutexGuard};
 
 use super::hash_tag;
 
-/// One shard's map.
-pub(crate) type Shard<V> = HashMap<Box<str>, V, RandomState>;
+/// One shard's map: indexed, so that entries can be sampled at random positions.
+pub(crate) type Shard<V> = IndexMap<Box<str>, V, RandomState>;
+
+/// How many entries an eviction looks at (Redis samples 5 by default; more finds a better
+/// victim for a few more reads).
+pub(crate) const EVICTION_SAMPLE: usize = 16;
+
+/// What making room removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Evicted {
+    /// An entry that had already ended.
+    Expired,
+    /// A live entry: its state is lost.
+    Live,
+}
 
 /// Keys spread over `N` locked shards by their `{client}` hash tag (as Redis Cluster spreads
 /// slots), so that one client's keys share a shard and a request usually takes one lock.
@@ -28,7 +45,7 @@ impl<V> Sharded<V> {
     pub(crate) fn new(shards: usize, max_keys: usize) -> Self {
         Sharded {
             shards: (0..shards)
-                .map(|_| Mutex::new(HashMap::with_hasher(RandomState::default())))
+                .map(|_| Mutex::new(IndexMap::with_hasher(RandomState::default())))
                 .collect(),
             hasher: RandomState::default(),
             max_per_shard: max_keys.div_ceil(shards).max(1),
@@ -51,11 +68,6 @@ impl<V> Sharded<V> {
         self.lock(self.index(key))
     }
 
-    /// The most keys one shard holds.
-    pub(crate) fn max_per_shard(&self) -> usize {
-        self.max_per_shard
-    }
-
     /// The most keys all shards hold.
     pub(crate) fn max_keys(&self) -> usize {
         self.max_per_shard * self.shards.len()
@@ -74,6 +86,41 @@ impl<V> Sharded<V> {
     /// Records `n` keys removed from a shard (under its lock).
     pub(crate) fn removed(&self, n: usize) {
         self.len.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    /// Removes `key` from a locked shard; returns whether it was there.
+    pub(crate) fn remove_in(&self, map: &mut Shard<V>, key: &str) -> bool {
+        let removed = map.swap_remove(key).is_some();
+        if removed {
+            self.removed(1);
+        }
+        removed
+    }
+
+    /// Makes room for one more entry in a locked shard when it is full: of
+    /// [`EVICTION_SAMPLE`] entries at random positions, removes the one whose `end` comes
+    /// first. `None` when the shard had room.
+    pub(crate) fn make_room(
+        &self,
+        map: &mut Shard<V>,
+        end: impl Fn(&V) -> u64,
+        now: u64,
+    ) -> Option<Evicted> {
+        if map.len() < self.max_per_shard || map.is_empty() {
+            return None;
+        }
+        let len = map.len();
+        let (victim, ends) = (0..EVICTION_SAMPLE.min(len))
+            .map(|_| rand::random_range(0..len))
+            .map(|i| (i, end(&map[i])))
+            .min_by_key(|(_, ends)| *ends)?;
+        map.swap_remove_index(victim);
+        self.removed(1);
+        Some(if ends <= now {
+            Evicted::Expired
+        } else {
+            Evicted::Live
+        })
     }
 
     /// Keeps the entries of one locked shard for which `keep` holds; returns how many left.
