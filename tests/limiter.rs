@@ -235,6 +235,16 @@ fn calendar_quota_resets_on_the_first_of_the_month() {
 
 // ─── properties ──────────────────────────────────────────────────────────────────────────
 
+/// One of the four rate algorithms (`which` in 0..4) at `limit` per `window` µs.
+fn any_quota(which: usize, limit: u64, window: u64) -> Quota {
+    match which {
+        0 => fixed(limit, window),
+        1 => sliding(limit, window),
+        2 => Quota::TokenBucket(bucket(limit, limit, window)),
+        _ => Quota::Gcra(bucket(limit, limit, window)),
+    }
+}
+
 fn steps() -> impl Strategy<Value = Vec<(u64, u64)>> {
     // (µs to advance, cost)
     prop::collection::vec((0u64..300_000, 1u64..4), 1..120)
@@ -311,12 +321,7 @@ proptest! {
     fn retry_after_is_exact(
         which in 0usize..4, limit in 1u64..10, window_ms in 1u64..3_000, steps in steps(),
     ) {
-        let quota = match which {
-            0 => fixed(limit, window_ms * MS),
-            1 => sliding(limit, window_ms * MS),
-            2 => Quota::TokenBucket(bucket(limit, limit, window_ms * MS)),
-            _ => Quota::Gcra(bucket(limit, limit, window_ms * MS)),
-        };
+        let quota = any_quota(which, limit, window_ms * MS);
         let mut now = T0;
         let mut state = None;
         for (after, cost) in steps {
@@ -344,12 +349,7 @@ proptest! {
     fn reset_is_when_the_quota_is_whole_again(
         which in 0usize..4, limit in 1u64..10, window_ms in 1u64..3_000, steps in steps(),
     ) {
-        let quota = match which {
-            0 => fixed(limit, window_ms * MS),
-            1 => sliding(limit, window_ms * MS),
-            2 => Quota::TokenBucket(bucket(limit, limit, window_ms * MS)),
-            _ => Quota::Gcra(bucket(limit, limit, window_ms * MS)),
-        };
+        let quota = any_quota(which, limit, window_ms * MS);
         let mut now = T0;
         let mut state = None;
         for (after, cost) in steps {

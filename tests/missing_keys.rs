@@ -16,7 +16,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use http::{Request, StatusCode};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::json;
-use support::{TestServer, send};
+use support::TestServer;
 use tollgate::config::{JwtKey, JwtSettings};
 use tollgate::identity::Identifier;
 use tollgate::middleware::HttpOptions;
@@ -182,16 +182,7 @@ fn the_decision_api_counts_unattributed_requests_and_lists_skipped_limits() {
             ..HttpOptions::default()
         },
     );
-    let check = |body: serde_json::Value| {
-        send(
-            server.addr,
-            "POST",
-            "/v1/check",
-            &[],
-            body.to_string().as_bytes(),
-        )
-        .json()
-    };
+    let check = |body: serde_json::Value| support::check(server.addr, &body).json();
     // A forged token with an address: counted by the address.
     let forged = format!("Bearer {}", unsigned("victim"));
     let with_ip = json!({ "method": "GET", "path": "/api/x", "client_ip": "198.51.100.1",

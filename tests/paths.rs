@@ -124,13 +124,7 @@ fn the_decision_api_limits_every_spelling() {
     let server = TestServer::start(POLICY, trusted());
     let check = |path: &str| {
         let body = json!({ "method": "POST", "path": path, "client_ip": "198.51.100.7" });
-        send(
-            server.addr,
-            "POST",
-            "/v1/check",
-            &[],
-            body.to_string().as_bytes(),
-        )
+        support::check(server.addr, &body)
     };
     assert_eq!(check("/auth/login").json()["allowed"], true);
     for variant in VARIANTS {

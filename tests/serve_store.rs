@@ -207,14 +207,7 @@ fn a_failed_redis_follows_each_limit_s_store_error_mode_over_http() {
             "client_ip": "198.51.100.20",
             "headers": { "X-Tenant-Id": "acme" },
         });
-        send(
-            server.addr,
-            "POST",
-            "/v1/check",
-            &[],
-            body.to_string().as_bytes(),
-        )
-        .json()
+        support::check(server.addr, &body).json()
     };
     assert_eq!(check("/api/orders")["allowed"], true);
     redis.kill();

@@ -123,6 +123,11 @@ fn dechunk(mut data: &[u8]) -> Vec<u8> {
     }
 }
 
+/// `POST /v1/check` with `body`.
+pub fn check(addr: SocketAddr, body: &serde_json::Value) -> Reply {
+    send(addr, "POST", "/v1/check", &[], body.to_string().as_bytes())
+}
+
 /// Whether servers that a test needs but cannot find must fail it (in CI) or skip it.
 pub fn require(what: &str) -> bool {
     if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
