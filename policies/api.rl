@@ -13,7 +13,8 @@ defaults {
   on_store_error allow;
 }
 
-# The plan comes from a header that the API gateway sets (and strips from clients).
+# The plan comes from a header that the API gateway sets: believed only from the gateway
+# (`trusted_proxies`); a client that sends it itself gets `free`.
 tiers plans {
   from header("X-Plan");
   default free;

@@ -699,7 +699,11 @@ const MISSING_KEY: &str = "missing";
 /// The request's tier in a table: from its source, else the default.
 pub fn resolve_tier(table: &TierTable, request: &RequestCtx) -> usize {
     let named = match &table.source {
-        TierSource::Header(name) => request.header(name),
+        TierSource::Header { name, trusted } if *trusted || request.headers_trusted => {
+            request.header(name)
+        }
+        // From a client that is not a trusted proxy, the plan it claims is not believed.
+        TierSource::Header { .. } => None,
         TierSource::Claim(claim) => request.claims.get(&**claim).map(String::as_str),
         // Cedar-chosen tiers arrive with the authorization module.
         TierSource::CedarAnnotation { .. } => None,

@@ -77,10 +77,22 @@ pub fn explain(plan: &Plan, request: &RequestCtx, hasher: &KeyHasher) -> Explana
                     let table = &plan.tiers[*table];
                     let t = resolve_tier(table, request);
                     let how = match &table.source {
-                        TierSource::Header(h) if request.header(h).is_some() => {
-                            format!("from header `{h}`")
+                        TierSource::Header { name, trusted }
+                            if request.header(name).is_some()
+                                && (*trusted || request.headers_trusted) =>
+                        {
+                            format!("from header `{name}`")
                         }
-                        TierSource::Header(h) => format!("the default: header `{h}` is missing"),
+                        TierSource::Header { name, .. } if request.header(name).is_some() => {
+                            format!(
+                                "the default: header `{name}` is not believed from a client \
+                                 that is not a trusted proxy (add the proxy to \
+                                 trusted_proxies, or write `from header(\"{name}\") trusted`)"
+                            )
+                        }
+                        TierSource::Header { name, .. } => {
+                            format!("the default: header `{name}` is missing")
+                        }
                         TierSource::Claim(c) if request.claims.contains_key(&**c) => {
                             format!("from claim `{c}`")
                         }

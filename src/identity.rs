@@ -160,16 +160,19 @@ impl Identifier {
     /// Fills the identity fields of `request` from its headers, given the direct peer.
     pub fn identify(&self, request: &mut RequestCtx, peer: Option<IpAddr>) {
         let trusted_peer = peer.is_some_and(|p| self.is_trusted(p));
+        request.headers_trusted = trusted_peer;
         if let Some(peer) = peer {
             request.client_ip = Some(self.client_ip(peer, &request.headers));
         }
         self.identify_user(request, trusted_peer);
     }
 
-    /// Fills the user, token and claims of a request whose sender vouches for its headers
-    /// and has set its client address (the decision API's callers).
+    /// Fills the user, token and claims of a request described by a decision API caller,
+    /// which has set its client address and says in `headers_trusted` whether the headers
+    /// it describes were set by a trusted component (then the user header counts).
     pub fn identify_vouched(&self, request: &mut RequestCtx) {
-        self.identify_user(request, true);
+        let trusted = request.headers_trusted;
+        self.identify_user(request, trusted);
     }
 
     fn identify_user(&self, request: &mut RequestCtx, trusted_peer: bool) {

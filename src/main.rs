@@ -70,6 +70,10 @@ enum Command {
         /// A claim of the verified token, `name=value` (repeatable).
         #[arg(long = "claim", value_name = "NAME=VALUE")]
         claims: Vec<String>,
+        /// The headers come from the client itself, not through a trusted proxy: header
+        /// tiers and keys not marked `trusted` are then not believed.
+        #[arg(long)]
+        untrusted: bool,
     },
 }
 
@@ -96,10 +100,12 @@ fn main() -> ExitCode {
             user_id,
             api_token,
             claims,
+            untrusted,
         } => {
             let request =
                 match build_request(&method, &path, &headers, ip, user_id, api_token, &claims) {
-                    Ok(r) => r,
+                    Ok(r) if untrusted => r,
+                    Ok(r) => r.with_trusted_headers(),
                     Err(message) => {
                         eprintln!("error: {message}");
                         return ExitCode::from(2);

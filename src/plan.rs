@@ -315,8 +315,13 @@ impl TierTable {
 /// Where a request's tier comes from.
 #[derive(Debug, Clone)]
 pub enum TierSource {
-    /// A request header.
-    Header(http::HeaderName),
+    /// A request header, believed from trusted proxies (or from anyone when `trusted`).
+    Header {
+        /// The header.
+        name: http::HeaderName,
+        /// Believed from any client (`from header("…") trusted`).
+        trusted: bool,
+    },
     /// A claim of the verified token.
     Claim(Arc<str>),
     /// A Cedar annotation on the policies that permit the request.

@@ -37,6 +37,10 @@ pub struct RequestCtx {
     pub cost: Option<u64>,
     /// The connection's id, for `connection` keys (WebSockets, streamed responses).
     pub connection_id: Option<u64>,
+    /// Whether the headers come from a trusted proxy (or a decision API caller that says
+    /// they do): only then do header-derived identities and tiers count, unless the
+    /// policy marks the header `trusted`.
+    pub headers_trusted: bool,
 }
 
 /// A header name or value that HTTP does not allow.
@@ -83,6 +87,7 @@ impl RequestCtx {
             route_template: None,
             cost: None,
             connection_id: None,
+            headers_trusted: false,
         }
     }
 
@@ -137,6 +142,13 @@ impl RequestCtx {
     /// Sets the route template the application matched.
     pub fn with_route_template(mut self, template: impl Into<String>) -> Self {
         self.route_template = Some(template.into());
+        self
+    }
+
+    /// Marks the headers as set by a trusted proxy: header-derived identities and tiers
+    /// count.
+    pub fn with_trusted_headers(mut self) -> Self {
+        self.headers_trusted = true;
         self
     }
 

@@ -295,6 +295,10 @@ struct CheckRequest {
     client_ip: Option<IpAddr>,
     #[serde(default)]
     cost: Option<u64>,
+    /// The caller says the described headers were set by a trusted component (its gateway),
+    /// not by the client: header-derived identities and tiers then count.
+    #[serde(default)]
+    trusted_headers: bool,
 }
 
 /// `POST /v1/check` output.
@@ -478,6 +482,7 @@ fn check_ctx(input: CheckRequest, identifier: &Identifier) -> Result<RequestCtx,
         ctx = ctx.with_host(host);
     }
     ctx.client_ip = input.client_ip;
+    ctx.headers_trusted = input.trusted_headers;
     if let Some(cost) = input.cost {
         if cost == 0 {
             return Err(field_problem("cost", "must be at least 1".into()));

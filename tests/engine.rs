@@ -197,7 +197,8 @@ async fn tiers_choose_the_rate_and_blocked_refuses() {
              tier vip extends pro { api = unlimited; } tier banned { api = blocked; } }
            limit api { match { route ANY "/x"; } algorithm fixed_window; rate plans.api; }"#,
     );
-    let plan = |p: &str| with(get("/x"), "X-Plan", p);
+    // The headers come from a trusted proxy (see `header_tiers_are_believed_only_from_…`).
+    let plan = |p: &str| with(get("/x"), "X-Plan", p).with_trusted_headers();
     assert!(engine.decide(&plan("free")).await.is_allowed());
     assert!(!engine.decide(&plan("free")).await.is_allowed());
     // Unknown plans fall back to the default, which this client has used up.
@@ -206,7 +207,8 @@ async fn tiers_choose_the_rate_and_blocked_refuses() {
     let pro = RequestCtx::new(Method::GET, "/x")
         .with_client_ip("198.51.100.8".parse().unwrap())
         .try_header("X-Plan", "pro")
-        .unwrap();
+        .unwrap()
+        .with_trusted_headers();
     for _ in 0..3 {
         let v = engine.decide(&pro).await;
         assert!(v.is_allowed());
@@ -220,6 +222,38 @@ async fn tiers_choose_the_rate_and_blocked_refuses() {
     let v = engine.decide(&plan("banned")).await;
     assert!(matches!(v.action, Action::Reject { .. }));
     assert_eq!(v.reports[0].algorithm, "blocked");
+}
+
+#[tokio::test]
+async fn header_tiers_and_keys_are_believed_only_from_trusted_proxies_unless_marked() {
+    let (engine, _clock) = engine(
+        r#"tiers plans { from header("X-Plan"); default free;
+             tier free { api = 1/min; } tier pro extends free { api = 100/min; } }
+           tiers open { from header("X-Open-Plan") trusted; default free;
+             tier free { open = 1/min; } tier pro extends free { open = 100/min; } }
+           limit api { match { route ANY "/x"; } algorithm fixed_window; rate plans.api; }
+           limit open { match { route ANY "/y"; } algorithm fixed_window; rate open.open; }
+           limit per_client { match { route ANY "/z"; } key first_of(header("X-Client-Id"), ip);
+                              algorithm fixed_window; rate 1/min; }"#,
+    );
+    // A client that claims `pro` itself gets the default tier.
+    let claimed = with(get("/x"), "X-Plan", "pro");
+    let v = engine.decide(&claimed).await;
+    assert_eq!(v.reports[0].tier.as_deref(), Some("free"));
+    assert!(!engine.decide(&claimed).await.is_allowed());
+    // Through a trusted proxy, the header counts.
+    let v = engine.decide(&claimed.clone().with_trusted_headers()).await;
+    assert_eq!(v.reports[0].tier.as_deref(), Some("pro"));
+    // `trusted` in the policy believes it from anyone.
+    let v = engine.decide(&with(get("/y"), "X-Open-Plan", "pro")).await;
+    assert_eq!(v.reports[0].tier.as_deref(), Some("pro"));
+    // A client rotating its own X-Client-Id is still one client: its address.
+    for (i, expected) in [true, false, false].into_iter().enumerate() {
+        let rotated = with(get("/z"), "X-Client-Id", &format!("fresh-{i}"));
+        let v = engine.decide(&rotated).await;
+        assert_eq!(v.is_allowed(), expected, "request {i}");
+        assert!(v.reports[0].key.contains("ip:"), "{}", v.reports[0].key);
+    }
 }
 
 #[tokio::test]

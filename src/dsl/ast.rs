@@ -105,8 +105,10 @@ pub enum KeyTerm {
 /// Where a key value comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeySource {
-    /// `header("X-Name")`
+    /// `header("X-Name")`: believed from trusted proxies only.
     Header(Spanned<String>),
+    /// `header("X-Name") trusted`: believed from any client.
+    TrustedHeader(Spanned<String>),
     /// `claim("name")`
     Claim(Spanned<String>),
     /// `query("name")`
@@ -276,8 +278,10 @@ pub struct TiersBlock {
 /// Where a request's tier comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TierSource {
-    /// `from header("X-Plan");`
+    /// `from header("X-Plan");`: believed from trusted proxies only.
     Header(Spanned<String>),
+    /// `from header("X-Plan") trusted;`: believed from any client.
+    TrustedHeader(Spanned<String>),
     /// `from claim("plan");`
     Claim(Spanned<String>),
     /// `from cedar annotation "rl_tier" pick highest;`

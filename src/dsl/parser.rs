@@ -290,6 +290,7 @@ fn describe(rule: Rule) -> &'static str {
         Rule::key_expr
         | Rule::first_of
         | Rule::header_ref
+        | Rule::trusted_header
         | Rule::claim_ref
         | Rule::query_ref
         | Rule::ip_prefix => "a key",
@@ -562,6 +563,9 @@ impl Builder<'_> {
     fn key_source(&mut self, pair: P<'_>) -> KeySource {
         match pair.as_rule() {
             Rule::header_ref => KeySource::Header(self.string(next(&mut pair.into_inner()))),
+            Rule::trusted_header => KeySource::TrustedHeader(
+                self.string(next(&mut next(&mut pair.into_inner()).into_inner())),
+            ),
             Rule::claim_ref => KeySource::Claim(self.string(next(&mut pair.into_inner()))),
             Rule::query_ref => KeySource::Query(self.string(next(&mut pair.into_inner()))),
             Rule::ip_prefix => KeySource::IpPrefix(self.number(next(&mut pair.into_inner()))),
@@ -688,6 +692,9 @@ impl Builder<'_> {
                         Rule::header_ref => {
                             TierSource::Header(self.string(next(&mut source.into_inner())))
                         }
+                        Rule::trusted_header => TierSource::TrustedHeader(
+                            self.string(next(&mut next(&mut source.into_inner()).into_inner())),
+                        ),
                         Rule::claim_ref => {
                             TierSource::Claim(self.string(next(&mut source.into_inner())))
                         }

@@ -585,10 +585,15 @@ impl<'a> Compiler<'a> {
     ) -> Option<Vec<KeyPart>> {
         let one = |s| Some(vec![KeyPart::One(s)]);
         match source {
-            ast::KeySource::Header(name) => {
+            ast::KeySource::Header(name) | ast::KeySource::TrustedHeader(name) => {
+                let trusted = matches!(source, ast::KeySource::TrustedHeader(_));
                 let name = self.header_name(f, name)?;
                 let secret = is_secret_header(&name);
-                one(KeySource::Header { name, secret })
+                one(KeySource::Header {
+                    name,
+                    secret,
+                    trusted,
+                })
             }
             ast::KeySource::Claim(name) => one(KeySource::Claim(Arc::from(name.node.as_str()))),
             ast::KeySource::Query(name) => one(KeySource::Query(Arc::from(name.node.as_str()))),
@@ -865,7 +870,18 @@ impl<'a> Compiler<'a> {
 
     fn tier_source(&mut self, f: usize, source: &Spanned<ast::TierSource>) -> Option<TierSource> {
         match &source.node {
-            ast::TierSource::Header(name) => self.header_name(f, name).map(TierSource::Header),
+            ast::TierSource::Header(name) => {
+                self.header_name(f, name).map(|name| TierSource::Header {
+                    name,
+                    trusted: false,
+                })
+            }
+            ast::TierSource::TrustedHeader(name) => {
+                self.header_name(f, name).map(|name| TierSource::Header {
+                    name,
+                    trusted: true,
+                })
+            }
             ast::TierSource::Claim(name) => Some(TierSource::Claim(Arc::from(name.node.as_str()))),
             ast::TierSource::CedarAnnotation { annotation, pick } => {
                 if !self.has_cedar_import() {

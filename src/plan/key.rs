@@ -45,6 +45,9 @@ pub enum KeySource {
         name: HeaderName,
         /// Whether its value is a credential.
         secret: bool,
+        /// Believed from any client (`header("…") trusted`), not only when the request's
+        /// headers come from a trusted proxy.
+        trusted: bool,
     },
     /// A claim of the verified token.
     Claim(Arc<str>),
@@ -209,7 +212,23 @@ impl KeySpec {
                 .iter()
                 .any(|s| s.write(request, None, &hasher, &mut scratch));
             (!any).then(|| {
-                let names: Vec<String> = sources.iter().map(KeySource::describe).collect();
+                let names: Vec<String> = sources
+                    .iter()
+                    .map(|s| match s {
+                        KeySource::Header {
+                            trusted: false,
+                            name,
+                            ..
+                        } if !request.headers_trusted && request.headers.contains_key(name) => {
+                            format!(
+                                "{} (sent, but not believed from a client that is not a \
+                                 trusted proxy)",
+                                s.describe()
+                            )
+                        }
+                        _ => s.describe(),
+                    })
+                    .collect();
                 names.join(" or ")
             })
         })
@@ -232,6 +251,11 @@ impl KeySource {
             KeySource::Ip { v6, .. } => format!("ip/{v6}"),
             KeySource::UserId => "user_id".to_owned(),
             KeySource::ApiToken => "api_token".to_owned(),
+            KeySource::Header {
+                name,
+                trusted: true,
+                ..
+            } => format!("header(\"{name}\") trusted"),
             KeySource::Header { name, .. } => format!("header(\"{name}\")"),
             KeySource::Claim(c) => format!("claim(\"{c}\")"),
             KeySource::Query(q) => format!("query(\"{q}\")"),
@@ -282,7 +306,10 @@ impl KeySource {
                 Some(t) => ("token", hasher.hash(t).into()),
                 None => return false,
             },
-            KeySource::Header { name, secret } => match r.header(name) {
+            // A header a client may write names nothing unless a trusted proxy set it, or
+            // the policy believes it from anyone.
+            KeySource::Header { trusted: false, .. } if !r.headers_trusted => return false,
+            KeySource::Header { name, secret, .. } => match r.header(name) {
                 Some(v) if *secret => {
                     out.push_str("h.");
                     out.push_str(name.as_str());
@@ -434,6 +461,7 @@ mod tests {
                 KeyPart::One(KeySource::Header {
                     name: HeaderName::from_static("x-client"),
                     secret: false,
+                    trusted: true,
                 }),
             ],
         };
@@ -450,6 +478,7 @@ mod tests {
             parts: vec![KeyPart::One(KeySource::Header {
                 name: HeaderName::from_static("authorization"),
                 secret: true,
+                trusted: true,
             })],
         };
         let key = spec.eval(&request(), None, &hasher).unwrap();
