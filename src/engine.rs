@@ -15,12 +15,8 @@ use smallvec::SmallVec;
 
 use crate::clock::{Clock, SystemClock, Timestamp};
 use crate::limiter::{Decision, LeaseId, Quota};
-use crate::plan::condition::Env;
-use crate::plan::key::KeySource;
-use crate::plan::{
-    Cost, Counts, KeyHasher, Limit, LimitRate, MissingKey, Mode, Plan, SoftAction, StoreErrorMode,
-    TierSource, TierTable, TierValue,
-};
+use crate::plan::select::{Charge, Scope, Selected, Selection, select};
+use crate::plan::{Counts, KeyHasher, Limit, Mode, Plan, SoftAction, StoreErrorMode};
 use crate::request::RequestCtx;
 use crate::store::{BatchResult, MemoryStore, Op, Store, StoreError};
 
@@ -309,13 +305,11 @@ impl<S: Store, C: Clock> Engine<S, C> {
     ) -> Verdict {
         let plan = self.plan.load();
         let now = self.clock.now();
-        let routes = plan.routes.matches(&request.path);
-        let env = Env {
-            request,
-            routes: &routes,
-            index: &plan.routes,
+        let scope = Scope {
+            only,
+            counts,
+            amount,
         };
-        let mut skipped = Vec::new();
         let verdict = |action, reports, leases, skipped| Verdict {
             action,
             reports,
@@ -323,151 +317,74 @@ impl<S: Store, C: Clock> Engine<S, C> {
             skipped,
             plan_version: Arc::clone(&plan.version),
         };
-
-        if let Some(list) = plan
-            .safelists
-            .iter()
-            .find(|l| l.conditions.iter().any(|c| c.eval(&env)))
-        {
-            let list = Arc::clone(&list.name);
-            return verdict(Action::Bypass { list }, Vec::new(), Vec::new(), Vec::new());
-        }
-        if let Some(deny) = plan
-            .denylists
-            .iter()
-            .find(|d| d.list.conditions.iter().any(|c| c.eval(&env)))
-        {
-            let action = Action::Forbid {
-                status: deny.status,
-                list: Arc::clone(&deny.list.name),
-                reason: deny.reason.clone(),
-            };
-            return verdict(action, Vec::new(), Vec::new(), Vec::new());
-        }
-
-        let candidates: SmallVec<[usize; 8]> = match only {
-            None => plan.routes.candidates(&routes),
-            Some(names) => (0..plan.limits.len())
-                .filter(|i| names.contains(&plan.limits[*i].name))
-                .collect(),
+        let (selected, skipped) = match select(&plan, request, &self.hasher, scope) {
+            Selection::Bypass(list) => {
+                let action = Action::Bypass {
+                    list: Arc::clone(&list.name),
+                };
+                return verdict(action, Vec::new(), Vec::new(), Vec::new());
+            }
+            Selection::Forbid(deny) => {
+                let action = Action::Forbid {
+                    status: deny.status,
+                    list: Arc::clone(&deny.list.name),
+                    reason: deny.reason.clone(),
+                };
+                return verdict(action, Vec::new(), Vec::new(), Vec::new());
+            }
+            Selection::Limits { applied, skipped } => (applied, skipped),
         };
-        let mut reports = Vec::with_capacity(candidates.len());
+        let skipped = skipped
+            .into_iter()
+            .map(|limit| SkippedLimit {
+                limit: Arc::clone(&limit.name),
+                reason: SKIPPED_NO_KEY,
+            })
+            .collect();
+
+        let mut reports = Vec::with_capacity(selected.len());
         let mut pending: SmallVec<[Pending; 4]> = SmallVec::new();
         let mut applied: SmallVec<[&Limit; 4]> = SmallVec::new();
         let mut blocked = false;
-        for index in candidates {
-            let limit = &plan.limits[index];
-            if limit.mode == Mode::Off
-                || limit.counts != counts
-                || (only.is_none() && !limit.condition.eval(&env))
-            {
-                continue;
-            }
-            let (value, tier) = match &limit.rate {
-                LimitRate::Fixed(v) => (*v, None),
-                LimitRate::Tiered { table, values, .. } => {
-                    let table = &plan.tiers[*table];
-                    let t = resolve_tier(table, request);
-                    (values[t], Some(Arc::clone(&table.tiers[t])))
+        for Selected {
+            limit,
+            tier,
+            key,
+            charge,
+            ..
+        } in selected
+        {
+            let (algorithm, policy, counted, allowed) = match charge {
+                Charge::Count { quota, cost } => {
+                    pending.push(Pending {
+                        slot: reports.len(),
+                        quota,
+                        cost,
+                        enforce: limit.mode == Mode::Enforce,
+                        ban: limit.on_exceed.ban,
+                    });
+                    (quota.algorithm(), quota.policy(), Counted::Store, true)
                 }
+                Charge::Blocked => ("blocked", (0, 0), Counted::Blocked, false),
+                Charge::Refused => ("refused", (0, 0), Counted::Refused, false),
             };
-            let quota = match value {
-                TierValue::Unlimited => continue,
-                TierValue::Quota(q) => Some(q),
-                TierValue::Blocked => None,
-            };
-            let route = limit
-                .condition
-                .matched_route(&env)
-                .map(|p| &**plan.routes.template(p));
-            // `{namespace}:{client}:{limit}`, built in one buffer.
-            let mut key = String::with_capacity(64);
-            key.push_str(&limit.namespace);
-            key.push_str(":{");
-            let client = key.len();
-            let mut refused = false;
-            if !limit.key.write(request, route, &self.hasher, &mut key) {
-                key.truncate(client);
-                match limit.on_missing_key {
-                    MissingKey::Skip => {
-                        skipped.push(SkippedLimit {
-                            limit: Arc::clone(&limit.name),
-                            reason: SKIPPED_NO_KEY,
-                        });
-                        continue;
-                    }
-                    MissingKey::Ip => write_fallback_key(request, &self.hasher, &mut key),
-                    MissingKey::Refuse => {
-                        key.push_str(MISSING_KEY);
-                        refused = true;
-                    }
-                }
-            }
-            key.push_str("}:");
-            key.push_str(&limit.name);
-            if refused || quota.is_none() {
-                blocked |= limit.mode == Mode::Enforce;
-                reports.push(LimitReport {
-                    limit: Arc::clone(&limit.name),
-                    mode: limit.mode,
-                    algorithm: if refused { "refused" } else { "blocked" },
-                    key,
-                    tier,
-                    policy: (0, 0),
-                    decision: Decision {
-                        allowed: false,
-                        limit: 0,
-                        remaining: 0,
-                        reset: Duration::ZERO,
-                        retry_after: None,
-                    },
-                    banned: false,
-                    counted: if refused {
-                        Counted::Refused
-                    } else {
-                        Counted::Blocked
-                    },
-                });
-                applied.push(limit);
-                continue;
-            }
-            let Some(quota) = quota else { continue };
-            let cost = match &limit.cost {
-                _ if matches!(quota, Quota::Concurrency(_)) => 1,
-                _ if amount.is_some() => amount.unwrap_or(1),
-                _ if request.cost.is_some() => request.cost.unwrap_or(1),
-                Cost::Fixed(c) => *c,
-                Cost::Header { name, default, max } => request
-                    .header(name)
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .filter(|c| *c > 0)
-                    .unwrap_or(*default)
-                    .min(*max),
-            };
-            let policy = quota.policy();
-            pending.push(Pending {
-                slot: reports.len(),
-                quota,
-                cost,
-                enforce: limit.mode == Mode::Enforce,
-                ban: limit.on_exceed.ban,
-            });
+            blocked |= !allowed && limit.mode == Mode::Enforce;
             reports.push(LimitReport {
                 limit: Arc::clone(&limit.name),
                 mode: limit.mode,
-                algorithm: quota.algorithm(),
-                key,
+                algorithm,
+                key: key.into(),
                 tier,
                 policy,
                 decision: Decision {
-                    allowed: true,
+                    allowed,
                     limit: policy.0,
                     remaining: policy.0,
                     reset: Duration::ZERO,
                     retry_after: None,
                 },
                 banned: false,
-                counted: Counted::Store,
+                counted,
             });
             applied.push(limit);
         }
@@ -680,35 +597,4 @@ fn record(
     }
 }
 
-/// The client part of a key for a request that has no value for the limit's own key
-/// (`on_missing_key ip`): its address, as `key ip` writes it, or one counter for every
-/// request whose address is unknown too.
-pub(crate) fn write_fallback_key(request: &RequestCtx, hasher: &KeyHasher, key: &mut String) {
-    let by_address = KeySource::Ip { v4: 32, v6: 64 };
-    if !by_address.write(request, None, hasher, key) {
-        key.push_str(UNIDENTIFIED);
-    }
-}
-
-/// The client part of the key of requests with neither a key value nor an address.
-pub const UNIDENTIFIED: &str = "unidentified";
-
-/// The client part shown for a request refused for having no key value.
-const MISSING_KEY: &str = "missing";
-
-/// The request's tier in a table: from its source, else the default.
-pub fn resolve_tier(table: &TierTable, request: &RequestCtx) -> usize {
-    let named = match &table.source {
-        TierSource::Header { name, trusted } if *trusted || request.headers_trusted => {
-            request.header(name)
-        }
-        // From a client that is not a trusted proxy, the plan it claims is not believed.
-        TierSource::Header { .. } => None,
-        TierSource::Claim(claim) => request.claims.get(&**claim).map(String::as_str),
-        // Cedar-chosen tiers arrive with the authorization module.
-        TierSource::CedarAnnotation { .. } => None,
-    };
-    named
-        .and_then(|n| table.tier_index(n.trim()))
-        .unwrap_or(table.default)
-}
+pub use crate::plan::select::resolve_tier;

@@ -6,10 +6,10 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::engine::resolve_tier;
 use crate::limiter::Quota;
 use crate::plan::condition::Env;
-use crate::plan::{KeyHasher, LimitRate, MissingKey, Mode, Plan, TierSource, TierValue};
+use crate::plan::select::{Scope, resolve_tier, select_limits};
+use crate::plan::{Counts, KeyHasher, LimitRate, MissingKey, Mode, Plan, TierSource, TierValue};
 use crate::request::RequestCtx;
 
 /// The explanation for one request.
@@ -52,6 +52,7 @@ pub fn explain(plan: &Plan, request: &RequestCtx, hasher: &KeyHasher) -> Explana
         routes: &routes,
         index: &plan.routes,
     };
+    let (applied, skipped) = select_limits(plan, &env, hasher, Scope::REQUESTS);
     let on_list = |conditions: &[crate::plan::Condition]| {
         conditions.iter().find_map(|c| c.explain(&env).ok())
     };
@@ -108,59 +109,52 @@ pub fn explain(plan: &Plan, request: &RequestCtx, hasher: &KeyHasher) -> Explana
                     (Some(tier), values[t])
                 }
             };
-            let route = limit
-                .condition
-                .matched_route(&env)
-                .map(|p| &**plan.routes.template(p));
-            let mut key = limit.key.eval(request, route, hasher);
+            // Whether it applies, and its key, come from the engine's own selection.
+            let selected = applied.iter().find(|s| std::ptr::eq(s.limit, limit));
             let missing = || limit.key.missing_part(request).unwrap_or_default();
-            let (applies, why) = match limit.condition.explain(&env) {
-                Err(why) => (false, why),
-                Ok(_) if limit.mode == Mode::Off => (false, "`mode off`".to_owned()),
-                Ok(why) if key.is_none() => match limit.on_missing_key {
-                    MissingKey::Skip => (
-                        false,
+            let (applies, why) = match (selected, limit.condition.explain(&env)) {
+                (Some(s), Ok(why)) if s.key_missing => {
+                    let then = match limit.on_missing_key {
+                        MissingKey::Refuse => "so the request is refused (on_missing_key refuse)",
+                        _ => "so it counts by client address (on_missing_key ip)",
+                    };
+                    (
+                        true,
                         format!(
-                            "its key has no value: {} is missing (on_missing_key skip)",
+                            "{why}; its key has no value ({} is missing), {then}",
                             missing()
                         ),
+                    )
+                }
+                (Some(_), Ok(why)) => (true, why),
+                (Some(_), Err(why)) => (true, why),
+                (None, Err(why)) => (false, why),
+                (None, Ok(_)) if limit.mode == Mode::Off => (false, "`mode off`".to_owned()),
+                (None, Ok(_)) if skipped.iter().any(|s| std::ptr::eq(*s, limit)) => (
+                    false,
+                    format!(
+                        "its key has no value: {} is missing (on_missing_key skip)",
+                        missing()
                     ),
-                    MissingKey::Refuse => {
-                        key = Some("missing".to_owned());
-                        (
-                            true,
-                            format!(
-                                "{why}; its key has no value ({} is missing), so the request is \
-                                 refused (on_missing_key refuse)",
-                                missing()
-                            ),
-                        )
-                    }
-                    MissingKey::Ip => {
-                        let mut client = String::new();
-                        crate::engine::write_fallback_key(request, hasher, &mut client);
-                        key = Some(client);
-                        (
-                            true,
-                            format!(
-                                "{why}; its key has no value ({} is missing), so it counts by \
-                                 client address (on_missing_key ip)",
-                                missing()
-                            ),
-                        )
-                    }
-                },
-                Ok(_) if value == TierValue::Unlimited => {
+                ),
+                (None, Ok(_)) if value == TierValue::Unlimited => {
                     (false, "the tier is unlimited".to_owned())
                 }
-                Ok(why) => (true, why),
+                (None, Ok(_)) => (
+                    false,
+                    format!(
+                        "it counts {} (a stream's), not requests",
+                        counts_name(limit.counts)
+                    ),
+                ),
             };
+            let key = selected.map(|s| s.key.to_string());
             LimitExplanation {
                 name: Arc::clone(&limit.name),
                 mode: limit.mode,
                 applies,
                 why,
-                key: key.map(|k| format!("{}:{{{k}}}:{}", limit.namespace, limit.name)),
+                key,
                 tier,
                 rate: describe_value(value),
             }
@@ -171,6 +165,14 @@ pub fn explain(plan: &Plan, request: &RequestCtx, hasher: &KeyHasher) -> Explana
         safelisted,
         denylisted,
         limits,
+    }
+}
+
+fn counts_name(counts: Counts) -> &'static str {
+    match counts {
+        Counts::Requests => "requests",
+        Counts::Messages => "messages",
+        Counts::Bytes => "bytes",
     }
 }
 

@@ -9,6 +9,7 @@ pub mod condition;
 pub mod ipset;
 pub mod key;
 pub mod route;
+pub mod select;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use crate::clock::Timestamp;
 use crate::limiter::{Decision, LeaseId, Quota, State};
+use crate::plan::key::CounterKey;
 
 pub use memory::MemoryStore;
 
@@ -106,15 +107,14 @@ pub enum KeySelector<'a> {
 impl KeySelector<'_> {
     /// Whether state key `key` (or its ban key) is selected.
     pub fn matches(&self, key: &str) -> bool {
-        let key = key.strip_suffix(":ban").unwrap_or(key);
-        let (Some(open), Some(close)) = (key.find(":{"), key.rfind("}:")) else {
+        let Some(parts) = CounterKey::parse(key) else {
             return false;
         };
         match *self {
-            KeySelector::Key(k) => key == k,
-            KeySelector::Client(c) => close > open && &key[open + 2..close] == c,
-            KeySelector::Namespace(ns) => &key[..open] == ns,
-            KeySelector::Limit(l) => &key[close + 2..] == l,
+            KeySelector::Key(k) => key.strip_suffix(":ban").unwrap_or(key) == k,
+            KeySelector::Client(c) => parts.client == c,
+            KeySelector::Namespace(ns) => parts.namespace == ns,
+            KeySelector::Limit(l) => parts.limit == l,
         }
     }
 

@@ -101,6 +101,92 @@ impl KeySource {
     }
 }
 
+/// The name of one counter: `{namespace}:{client}:{limit}`, the client in braces so that a
+/// Redis Cluster keeps every counter of one client in one slot. Built in one place, shown
+/// as it is stored (`Display`), and read back by admin operations ([`CounterKey::parse`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(transparent)]
+pub struct CounterKey(String);
+
+/// The parts of a counter key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CounterKeyParts<'a> {
+    /// The policy file's namespace.
+    pub namespace: &'a str,
+    /// The client (what the limit's key wrote, secrets hashed).
+    pub client: &'a str,
+    /// The limit's name.
+    pub limit: &'a str,
+}
+
+impl CounterKey {
+    /// The key of `limit` in `namespace` for the client that `client` writes; `None` when
+    /// `client` writes nothing (returns `false`).
+    pub fn build(
+        namespace: &str,
+        limit: &str,
+        client: impl FnOnce(&mut String) -> bool,
+    ) -> Option<CounterKey> {
+        let mut key = String::with_capacity(namespace.len() + limit.len() + 48);
+        key.push_str(namespace);
+        key.push_str(":{");
+        if !client(&mut key) {
+            return None;
+        }
+        key.push_str("}:");
+        key.push_str(limit);
+        Some(CounterKey(key))
+    }
+
+    /// Reads a stored key (or its `:ban` companion) back into its parts.
+    pub fn parse(key: &str) -> Option<CounterKeyParts<'_>> {
+        let key = key.strip_suffix(":ban").unwrap_or(key);
+        let open = key.find(":{")?;
+        let close = key.rfind("}:")?;
+        (close > open).then(|| CounterKeyParts {
+            namespace: &key[..open],
+            client: &key[open + 2..close],
+            limit: &key[close + 2..],
+        })
+    }
+
+    /// The key as stored.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for CounterKey {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for CounterKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl PartialEq<str> for CounterKey {
+    fn eq(&self, other: &str) -> bool {
+        self.0 == other
+    }
+}
+
+impl PartialEq<&str> for CounterKey {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
+    }
+}
+
+impl From<CounterKey> for String {
+    fn from(key: CounterKey) -> String {
+        key.0
+    }
+}
+
 /// Header names whose values are credentials: hashed before use.
 pub(crate) fn is_secret_header(name: &HeaderName) -> bool {
     let n = name.as_str();

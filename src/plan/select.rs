@@ -1,0 +1,266 @@
+//! The selection stage: which list or limits apply to one request, each limit with its tier,
+//! counter key, cost and quota.
+//!
+//! A pure function of the plan, the request and the key hasher: no store, no clock, no I/O.
+//! The engine counts what it selects and `explain` prints it, so that what `explain` says
+//! cannot drift from what the engine does. Cedar conditions, Cedar-chosen tiers and Cedar
+//! `forbid` belong here.
+
+use std::sync::Arc;
+
+use smallvec::SmallVec;
+
+use super::condition::Env;
+use super::key::{CounterKey, KeySource};
+use super::{
+    Cost, Counts, DenyRule, KeyHasher, Limit, LimitRate, ListRule, MissingKey, Mode, Plan,
+    TierSource, TierTable, TierValue,
+};
+use crate::limiter::Quota;
+use crate::request::RequestCtx;
+
+/// Which limits a decision considers.
+#[derive(Debug, Clone, Copy)]
+pub struct Scope<'a> {
+    /// Only these limits, whatever their `match` conditions (a route that names its limit in
+    /// code); `None`: every limit whose conditions hold.
+    pub only: Option<&'a [Arc<str>]>,
+    /// What is counted: requests, or the messages or bytes of a stream.
+    pub counts: Counts,
+    /// The amount of messages or bytes (every limit's cost), for streams.
+    pub amount: Option<u64>,
+}
+
+impl Scope<'_> {
+    /// Every limit that counts requests.
+    pub const REQUESTS: Scope<'static> = Scope {
+        only: None,
+        counts: Counts::Requests,
+        amount: None,
+    };
+}
+
+/// What selection found for one request.
+#[derive(Debug)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "made once per request and matched at once; boxing the limits would allocate on every request"
+)]
+pub enum Selection<'p> {
+    /// On a safelist: no limit applies.
+    Bypass(&'p ListRule),
+    /// On a denylist: refused.
+    Forbid(&'p DenyRule),
+    /// The limits that apply, in plan order (highest priority first), and those that
+    /// matched but did not apply.
+    Limits {
+        /// The limits to count or refuse.
+        applied: SmallVec<[Selected<'p>; 4]>,
+        /// Limits that matched but were skipped (`on_missing_key skip`).
+        skipped: Vec<&'p Limit>,
+    },
+}
+
+/// One limit that applies, with what the store needs to count it.
+#[derive(Debug)]
+pub struct Selected<'p> {
+    /// The limit.
+    pub limit: &'p Limit,
+    /// The tier chosen, for tiered limits.
+    pub tier: Option<Arc<str>>,
+    /// The counter key.
+    pub key: CounterKey,
+    /// Whether the limit's own key had no value (`on_missing_key` chose the key).
+    pub key_missing: bool,
+    /// What the limit does with the request.
+    pub charge: Charge,
+}
+
+/// What a selected limit does with the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Charge {
+    /// Count `cost` against `quota`.
+    Count {
+        /// The quota.
+        quota: Quota,
+        /// What the request costs.
+        cost: u64,
+    },
+    /// Refuse without counting: the tier's value is `blocked`.
+    Blocked,
+    /// Refuse without counting: the request has no value for the key
+    /// (`on_missing_key refuse`).
+    Refused,
+}
+
+/// The client part of the key of requests with neither a key value nor an address
+/// (`on_missing_key ip`).
+pub const UNIDENTIFIED: &str = "unidentified";
+
+/// The client part shown for a request refused for having no key value.
+const MISSING: &str = "missing";
+
+/// Selects what applies to `request` under `plan`.
+pub fn select<'p>(
+    plan: &'p Plan,
+    request: &RequestCtx,
+    hasher: &KeyHasher,
+    scope: Scope<'_>,
+) -> Selection<'p> {
+    let routes = plan.routes.matches(&request.path);
+    let env = Env {
+        request,
+        routes: &routes,
+        index: &plan.routes,
+    };
+    if let Some(list) = plan
+        .safelists
+        .iter()
+        .find(|l| l.conditions.iter().any(|c| c.eval(&env)))
+    {
+        return Selection::Bypass(list);
+    }
+    if let Some(deny) = plan
+        .denylists
+        .iter()
+        .find(|d| d.list.conditions.iter().any(|c| c.eval(&env)))
+    {
+        return Selection::Forbid(deny);
+    }
+    let (applied, skipped) = select_limits(plan, &env, hasher, scope);
+    Selection::Limits { applied, skipped }
+}
+
+/// The limits that apply (and those skipped), lists aside: what [`select`] does past the
+/// lists, and what `explain` shows whatever the lists say.
+pub fn select_limits<'p>(
+    plan: &'p Plan,
+    env: &Env<'_>,
+    hasher: &KeyHasher,
+    scope: Scope<'_>,
+) -> (SmallVec<[Selected<'p>; 4]>, Vec<&'p Limit>) {
+    let request = env.request;
+    let candidates: SmallVec<[usize; 8]> = match scope.only {
+        None => plan.routes.candidates(env.routes),
+        Some(names) => (0..plan.limits.len())
+            .filter(|i| names.contains(&plan.limits[*i].name))
+            .collect(),
+    };
+    let mut applied = SmallVec::new();
+    let mut skipped = Vec::new();
+    for index in candidates {
+        let limit = &plan.limits[index];
+        if limit.mode == Mode::Off
+            || limit.counts != scope.counts
+            || (scope.only.is_none() && !limit.condition.eval(env))
+        {
+            continue;
+        }
+        let (value, tier) = tier_value(plan, limit, request);
+        let quota = match value {
+            TierValue::Unlimited => continue,
+            TierValue::Quota(q) => Some(q),
+            TierValue::Blocked => None,
+        };
+        let route = limit
+            .condition
+            .matched_route(env)
+            .map(|p| &**plan.routes.template(p));
+        let mut refused = false;
+        let mut key_missing = false;
+        let key = CounterKey::build(&limit.namespace, &limit.name, |out| {
+            if limit.key.write(request, route, hasher, out) {
+                return true;
+            }
+            key_missing = true;
+            match limit.on_missing_key {
+                MissingKey::Skip => return false,
+                MissingKey::Ip => write_fallback(request, hasher, out),
+                MissingKey::Refuse => {
+                    out.push_str(MISSING);
+                    refused = true;
+                }
+            }
+            true
+        });
+        let Some(key) = key else {
+            skipped.push(limit);
+            continue;
+        };
+        let charge = match quota {
+            _ if refused => Charge::Refused,
+            None => Charge::Blocked,
+            Some(quota) => Charge::Count {
+                quota,
+                cost: cost(limit, quota, request, scope.amount),
+            },
+        };
+        applied.push(Selected {
+            limit,
+            tier,
+            key,
+            key_missing,
+            charge,
+        });
+    }
+    (applied, skipped)
+}
+
+/// The limit's value for this request, and the tier it came from.
+fn tier_value(plan: &Plan, limit: &Limit, request: &RequestCtx) -> (TierValue, Option<Arc<str>>) {
+    match &limit.rate {
+        LimitRate::Fixed(v) => (*v, None),
+        LimitRate::Tiered { table, values, .. } => {
+            let table = &plan.tiers[*table];
+            let t = resolve_tier(table, request);
+            (values[t], Some(Arc::clone(&table.tiers[t])))
+        }
+    }
+}
+
+/// What one request costs a limit: 1 for concurrency; the stream's amount; the decision
+/// API's override; else the limit's own cost.
+fn cost(limit: &Limit, quota: Quota, request: &RequestCtx, amount: Option<u64>) -> u64 {
+    if matches!(quota, Quota::Concurrency(_)) {
+        return 1;
+    }
+    if let Some(amount) = amount.or(request.cost) {
+        return amount;
+    }
+    match &limit.cost {
+        Cost::Fixed(c) => *c,
+        Cost::Header { name, default, max } => request
+            .header(name)
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .filter(|c| *c > 0)
+            .unwrap_or(*default)
+            .min(*max),
+    }
+}
+
+/// The client part of a key for a request that has no value for the limit's own key
+/// (`on_missing_key ip`): its address, as `key ip` writes it, or one counter for every
+/// request whose address is unknown too.
+pub(crate) fn write_fallback(request: &RequestCtx, hasher: &KeyHasher, out: &mut String) {
+    let by_address = KeySource::Ip { v4: 32, v6: 64 };
+    if !by_address.write(request, None, hasher, out) {
+        out.push_str(UNIDENTIFIED);
+    }
+}
+
+/// The request's tier in a table: from its source, else the default.
+pub fn resolve_tier(table: &TierTable, request: &RequestCtx) -> usize {
+    let named = match &table.source {
+        TierSource::Header { name, trusted } if *trusted || request.headers_trusted => {
+            request.header(name)
+        }
+        // From a client that is not a trusted proxy, the plan it claims is not believed.
+        TierSource::Header { .. } => None,
+        TierSource::Claim(claim) => request.claims.get(&**claim).map(String::as_str),
+        // Cedar-chosen tiers arrive with the authorization module.
+        TierSource::CedarAnnotation { .. } => None,
+    };
+    named
+        .and_then(|n| table.tier_index(n.trim()))
+        .unwrap_or(table.default)
+}
