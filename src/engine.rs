@@ -342,56 +342,94 @@ impl<S: Store, C: Clock> Engine<S, C> {
             })
             .collect();
 
-        let mut reports = Vec::with_capacity(selected.len());
-        let mut pending: SmallVec<[Pending; 4]> = SmallVec::new();
-        let mut applied: SmallVec<[&Limit; 4]> = SmallVec::new();
-        let mut blocked = false;
-        for Selected {
-            limit,
-            tier,
-            key,
-            charge,
-            ..
-        } in selected
-        {
-            let (algorithm, policy, counted, allowed) = match charge {
-                Charge::Count { quota, cost } => {
-                    pending.push(Pending {
-                        slot: reports.len(),
-                        quota,
-                        cost,
-                        enforce: limit.mode == Mode::Enforce,
-                        ban: limit.on_exceed.ban,
-                    });
-                    (quota.algorithm(), quota.policy(), Counted::Store, true)
-                }
-                Charge::Blocked => ("blocked", (0, 0), Counted::Blocked, false),
-                Charge::Refused => ("refused", (0, 0), Counted::Refused, false),
-            };
-            blocked |= !allowed && limit.mode == Mode::Enforce;
-            reports.push(LimitReport {
-                limit: Arc::clone(&limit.name),
-                mode: limit.mode,
-                algorithm,
-                key: key.into(),
-                tier,
-                policy,
-                decision: Decision {
-                    allowed,
-                    limit: policy.0,
-                    remaining: policy.0,
-                    reset: Duration::ZERO,
-                    retry_after: None,
-                },
-                banned: false,
-                counted,
-            });
-            applied.push(limit);
-        }
+        let Charges {
+            mut reports,
+            pending,
+            applied,
+            blocked,
+        } = charges(selected);
+        let (leases, unavailable) = if blocked || pending.is_empty() {
+            (Vec::new(), None)
+        } else {
+            self.count(&mut reports, &pending, &applied, now).await
+        };
 
-        // A lease id only for requests that take a lease: the shared counter is a cache line
-        // every core would otherwise fight over on every request.
-        let lease = if pending
+        let action = if let Some(limit) = unavailable {
+            Action::Unavailable { limit }
+        } else {
+            self.action(&reports, &applied)
+        };
+        let leases = if matches!(action, Action::Allow | Action::Warn | Action::Delay(_)) {
+            leases
+        } else {
+            Vec::new()
+        };
+        verdict(action, reports, leases, skipped)
+    }
+
+    /// Counts the pending operations in the store, all or nothing; when the store fails,
+    /// each limit's `on_store_error` decides. Returns the leases taken and, when a limit
+    /// fails closed, its name.
+    async fn count(
+        &self,
+        reports: &mut [LimitReport],
+        pending: &[Pending],
+        applied: &[&Limit],
+        now: Timestamp,
+    ) -> (Vec<Lease>, Option<Arc<str>>) {
+        let lease = self.lease_id(pending);
+        let mut leases = Vec::new();
+        let batch = ops(pending, reports, lease);
+        let result = self.store.apply(&batch, now).await;
+        drop(batch);
+        let error = match result {
+            Ok(result) => {
+                record(
+                    reports,
+                    pending,
+                    &result,
+                    Counted::Store,
+                    lease,
+                    &mut leases,
+                );
+                return (leases, None);
+            }
+            Err(error) => error,
+        };
+        if matches!(error, StoreError::CircuitOpen) {
+            // The breaker logged when it opened; once per request would flood.
+            tracing::debug!(%error, "applying each limit's on_store_error");
+        } else {
+            tracing::warn!(%error, "counter store failed; applying each limit's on_store_error");
+        }
+        let mut unavailable = None;
+        let mut local: SmallVec<[Pending; 4]> = SmallVec::new();
+        for p in pending {
+            match applied[p.slot].on_store_error {
+                StoreErrorMode::Allow => reports[p.slot].counted = Counted::Skipped,
+                StoreErrorMode::Deny => {
+                    if p.enforce {
+                        unavailable.get_or_insert_with(|| Arc::clone(&applied[p.slot].name));
+                    }
+                    reports[p.slot].counted = Counted::Skipped;
+                }
+                StoreErrorMode::Local => local.push(Pending {
+                    quota: p.quota.share(self.local_nodes),
+                    ..*p
+                }),
+            }
+        }
+        if unavailable.is_none() && !local.is_empty() {
+            let result = self.local.apply_now(&ops(&local, reports, lease), now);
+            record(reports, &local, &result, Counted::Local, lease, &mut leases);
+        }
+        (leases, unavailable)
+    }
+
+    /// A lease id only for requests that take a lease: the shared counter is a cache line
+    /// every core would otherwise fight over on every request.
+    fn lease_id(&self, pending: &[Pending]) -> LeaseId {
+        if pending
             .iter()
             .any(|p| matches!(p.quota, Quota::Concurrency(_)))
         {
@@ -399,72 +437,7 @@ impl<S: Store, C: Clock> Engine<S, C> {
             LeaseId(self.lease_base | count)
         } else {
             LeaseId(0)
-        };
-        let mut leases = Vec::new();
-        let mut unavailable = None;
-        if !blocked && !pending.is_empty() {
-            let batch = ops(&pending, &reports, lease);
-            let result = self.store.apply(&batch, now).await;
-            drop(batch);
-            match result {
-                Ok(result) => {
-                    record(
-                        &mut reports,
-                        &pending,
-                        &result,
-                        Counted::Store,
-                        lease,
-                        &mut leases,
-                    );
-                }
-                Err(error) => {
-                    if matches!(error, StoreError::CircuitOpen) {
-                        // The breaker logged when it opened; once per request would flood.
-                        tracing::debug!(%error, "applying each limit's on_store_error");
-                    } else {
-                        tracing::warn!(%error, "counter store failed; applying each limit's on_store_error");
-                    }
-                    let mut local: SmallVec<[Pending; 4]> = SmallVec::new();
-                    for p in &pending {
-                        match applied[p.slot].on_store_error {
-                            StoreErrorMode::Allow => reports[p.slot].counted = Counted::Skipped,
-                            StoreErrorMode::Deny => {
-                                if p.enforce {
-                                    unavailable
-                                        .get_or_insert_with(|| Arc::clone(&applied[p.slot].name));
-                                }
-                                reports[p.slot].counted = Counted::Skipped;
-                            }
-                            StoreErrorMode::Local => local.push(Pending {
-                                quota: p.quota.share(self.local_nodes),
-                                ..*p
-                            }),
-                        }
-                    }
-                    if unavailable.is_none() && !local.is_empty() {
-                        let result = self.local.apply_now(&ops(&local, &reports, lease), now);
-                        record(
-                            &mut reports,
-                            &local,
-                            &result,
-                            Counted::Local,
-                            lease,
-                            &mut leases,
-                        );
-                    }
-                }
-            }
         }
-
-        let action = if let Some(limit) = unavailable {
-            Action::Unavailable { limit }
-        } else {
-            self.action(&reports, &applied)
-        };
-        if !matches!(action, Action::Allow | Action::Warn | Action::Delay(_)) {
-            leases.clear();
-        }
-        verdict(action, reports, leases, skipped)
     }
 
     /// Rejection, soft action or allow, from the reports of the limits that applied.
@@ -542,6 +515,67 @@ impl<S: Store, C: Clock> Engine<S, C> {
     pub fn now(&self) -> Timestamp {
         self.clock.now()
     }
+}
+
+/// The selected limits as reports (filled in by the store), the operations to count, and
+/// whether a limit refuses without counting.
+struct Charges<'p> {
+    reports: Vec<LimitReport>,
+    pending: SmallVec<[Pending; 4]>,
+    applied: SmallVec<[&'p Limit; 4]>,
+    blocked: bool,
+}
+
+fn charges<'p>(selected: SmallVec<[Selected<'p>; 4]>) -> Charges<'p> {
+    let mut out = Charges {
+        reports: Vec::with_capacity(selected.len()),
+        pending: SmallVec::new(),
+        applied: SmallVec::new(),
+        blocked: false,
+    };
+    for Selected {
+        limit,
+        tier,
+        key,
+        charge,
+        ..
+    } in selected
+    {
+        let (algorithm, policy, counted, allowed) = match charge {
+            Charge::Count { quota, cost } => {
+                out.pending.push(Pending {
+                    slot: out.reports.len(),
+                    quota,
+                    cost,
+                    enforce: limit.mode == Mode::Enforce,
+                    ban: limit.on_exceed.ban,
+                });
+                (quota.algorithm(), quota.policy(), Counted::Store, true)
+            }
+            Charge::Blocked => ("blocked", (0, 0), Counted::Blocked, false),
+            Charge::Refused => ("refused", (0, 0), Counted::Refused, false),
+        };
+        out.blocked |= !allowed && limit.mode == Mode::Enforce;
+        out.reports.push(LimitReport {
+            limit: Arc::clone(&limit.name),
+            mode: limit.mode,
+            algorithm,
+            key: key.into(),
+            tier,
+            policy,
+            decision: Decision {
+                allowed,
+                limit: policy.0,
+                remaining: policy.0,
+                reset: Duration::ZERO,
+                retry_after: None,
+            },
+            banned: false,
+            counted,
+        });
+        out.applied.push(limit);
+    }
+    out
 }
 
 /// One limit's operation, before it borrows its key from the reports.

@@ -14,17 +14,26 @@ fn cases() -> Vec<(PolicySet, Vec<RequestCtx>)> {
     let ip = |r: RequestCtx, ip: &str| r.with_client_ip(ip.parse().unwrap());
     let shipped = vec![
         ip(RequestCtx::new(Method::POST, "/auth/login"), "203.0.113.9"),
-        ip(RequestCtx::new(Method::GET, "/api/v1/orders/7"), "203.0.113.9")
-            .try_header("X-Plan", "pro")
-            .unwrap(),
-        ip(RequestCtx::new(Method::GET, "/api/v1/orders/7"), "203.0.113.9")
-            .try_header("X-Plan", "pro")
-            .unwrap()
-            .with_trusted_headers(),
-        ip(RequestCtx::new(Method::GET, "/api/search?q=x"), "198.51.100.1")
-            .try_header("X-Tenant-Id", "acme")
-            .unwrap()
-            .with_user_id("alice"),
+        ip(
+            RequestCtx::new(Method::GET, "/api/v1/orders/7"),
+            "203.0.113.9",
+        )
+        .try_header("X-Plan", "pro")
+        .unwrap(),
+        ip(
+            RequestCtx::new(Method::GET, "/api/v1/orders/7"),
+            "203.0.113.9",
+        )
+        .try_header("X-Plan", "pro")
+        .unwrap()
+        .with_trusted_headers(),
+        ip(
+            RequestCtx::new(Method::GET, "/api/search?q=x"),
+            "198.51.100.1",
+        )
+        .try_header("X-Tenant-Id", "acme")
+        .unwrap()
+        .with_user_id("alice"),
         ip(RequestCtx::new(Method::POST, "/api/v1/exports"), "10.1.2.3"),
         ip(RequestCtx::new(Method::GET, "/api/x"), "198.51.100.2")
             .try_header("User-Agent", "sqlmap/1.7")
@@ -59,22 +68,22 @@ async fn explain_lists_exactly_the_limits_the_engine_counts() {
     for (set, requests) in cases() {
         let plan = compile(&set).unwrap_or_else(|e| panic!("{}", e.render_plain(100)));
         let explained_plan = compile(&set).unwrap();
-        let engine = Arc::new(Engine::new(plan, MemoryStore::new()).with_key_hasher(hasher.clone()));
+        let engine =
+            Arc::new(Engine::new(plan, MemoryStore::new()).with_key_hasher(hasher.clone()));
         for request in requests {
             let explanation = tollgate::explain::explain(&explained_plan, &request, &hasher);
             let verdict = engine.decide(&request).await;
-            let mut explained: Vec<(String, String)> = if explanation.safelisted.is_some()
-                || explanation.denylisted.is_some()
-            {
-                Vec::new()
-            } else {
-                explanation
-                    .limits
-                    .iter()
-                    .filter(|l| l.applies)
-                    .map(|l| (l.name.to_string(), l.key.clone().unwrap_or_default()))
-                    .collect()
-            };
+            let mut explained: Vec<(String, String)> =
+                if explanation.safelisted.is_some() || explanation.denylisted.is_some() {
+                    Vec::new()
+                } else {
+                    explanation
+                        .limits
+                        .iter()
+                        .filter(|l| l.applies)
+                        .map(|l| (l.name.to_string(), l.key.clone().unwrap_or_default()))
+                        .collect()
+                };
             let mut counted: Vec<(String, String)> = verdict
                 .reports
                 .iter()
