@@ -42,10 +42,6 @@ impl Scope<'_> {
 
 /// What selection found for one request.
 #[derive(Debug)]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "made once per request and matched at once; boxing the limits would allocate on every request"
-)]
 pub enum Selection<'p> {
     /// On a safelist: no limit applies.
     Bypass(&'p ListRule),
@@ -55,7 +51,7 @@ pub enum Selection<'p> {
     /// matched but did not apply.
     Limits {
         /// The limits to count or refuse.
-        applied: SmallVec<[Selected<'p>; 4]>,
+        applied: Vec<Selected<'p>>,
         /// Limits that matched but were skipped (`on_missing_key skip`).
         skipped: Vec<&'p Limit>,
     },
@@ -101,6 +97,7 @@ pub const UNIDENTIFIED: &str = "unidentified";
 const MISSING: &str = "missing";
 
 /// Selects what applies to `request` under `plan`.
+#[inline]
 pub fn select<'p>(
     plan: &'p Plan,
     request: &RequestCtx,
@@ -133,12 +130,13 @@ pub fn select<'p>(
 
 /// The limits that apply (and those skipped), lists aside: what [`select`] does past the
 /// lists, and what `explain` shows whatever the lists say.
+#[inline]
 pub fn select_limits<'p>(
     plan: &'p Plan,
     env: &Env<'_>,
     hasher: &KeyHasher,
     scope: Scope<'_>,
-) -> (SmallVec<[Selected<'p>; 4]>, Vec<&'p Limit>) {
+) -> (Vec<Selected<'p>>, Vec<&'p Limit>) {
     let request = env.request;
     let candidates: SmallVec<[usize; 8]> = match scope.only {
         None => plan.routes.candidates(env.routes),
@@ -146,7 +144,7 @@ pub fn select_limits<'p>(
             .filter(|i| names.contains(&plan.limits[*i].name))
             .collect(),
     };
-    let mut applied = SmallVec::new();
+    let mut applied = Vec::new();
     let mut skipped = Vec::new();
     for index in candidates {
         let limit = &plan.limits[index];
