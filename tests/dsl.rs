@@ -170,6 +170,51 @@ fn every_example_in_the_language_reference_parses() {
         missing.is_empty(),
         "no example shows {missing:?} ({examples} examples)"
     );
+    // And every keyword of the grammar, derived from it: a new keyword without an example
+    // fails here.
+    let words = |text: &str| -> std::collections::BTreeSet<String> {
+        text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| !w.is_empty())
+            .map(str::to_owned)
+            .collect()
+    };
+    let shown = words(&all);
+    let unshown: Vec<String> = grammar_keywords()
+        .into_iter()
+        .filter(|k| !shown.contains(k))
+        .collect();
+    assert!(
+        unshown.is_empty(),
+        "no example in docs/language.md uses the keyword(s) {unshown:?}"
+    );
+}
+
+/// The grammar's keywords: every quoted word in `grammar/policy.pest`, comments and time
+/// units aside (units have their own table in the reference).
+fn grammar_keywords() -> Vec<String> {
+    let grammar = std::fs::read_to_string("grammar/policy.pest").unwrap();
+    let mut keywords = std::collections::BTreeSet::new();
+    let mut in_units = false;
+    for line in grammar.lines() {
+        let line = line.trim();
+        if line.starts_with("//") {
+            continue;
+        }
+        if line.starts_with("unit = ") {
+            in_units = true;
+        }
+        if in_units {
+            in_units = line != "}";
+            continue;
+        }
+        for quoted in line.split('"').skip(1).step_by(2) {
+            if quoted.len() >= 2 && quoted.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+                keywords.insert(quoted.to_owned());
+            }
+        }
+    }
+    assert!(keywords.len() > 50, "the grammar's keywords: {keywords:?}");
+    keywords.into_iter().collect()
 }
 
 #[test]

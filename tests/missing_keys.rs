@@ -47,7 +47,8 @@ fn identifier() -> Identifier {
 }
 
 fn token(sub: &str, exp_offset: i64, key: &[u8]) -> String {
-    let now = chrono::Utc::now().timestamp();
+    // jsonwebtoken checks `exp` against the wall clock, so the token is made against it too.
+    let now = jsonwebtoken::get_current_timestamp() as i64;
     let claims = json!({ "sub": sub, "exp": now + exp_offset });
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
