@@ -31,14 +31,52 @@ const EXACT_IN_LUA: u128 = 1 << 53;
 const DEFAULT_LEASE: u64 = 60 * SECOND;
 const MAX_SOFT_DELAY: u64 = 60 * SECOND;
 const MAX_BAN: u64 = 30 * DAY;
-const ALGORITHMS: &[&str] = &[
-    "fixed_window",
-    "sliding_window",
-    "token_bucket",
-    "gcra",
-    "concurrency",
-    "quota",
+/// One set of keywords and what each means: the only list of them, read both ways.
+type Keywords<T> = &'static [(&'static str, T)];
+
+const ALGORITHMS: Keywords<Algorithm> = &[
+    ("fixed_window", Algorithm::FixedWindow),
+    ("sliding_window", Algorithm::SlidingWindow),
+    ("token_bucket", Algorithm::TokenBucket),
+    ("gcra", Algorithm::Gcra),
+    ("concurrency", Algorithm::Concurrency),
+    ("quota", Algorithm::Calendar),
 ];
+const MODES: Keywords<Mode> = &[
+    ("enforce", Mode::Enforce),
+    ("shadow", Mode::Shadow),
+    ("off", Mode::Off),
+];
+const STORE_ERROR_MODES: Keywords<StoreErrorMode> = &[
+    ("allow", StoreErrorMode::Allow),
+    ("deny", StoreErrorMode::Deny),
+    ("local", StoreErrorMode::Local),
+];
+const MISSING_KEY_MODES: Keywords<MissingKey> = &[
+    ("ip", MissingKey::Ip),
+    ("skip", MissingKey::Skip),
+    ("refuse", MissingKey::Refuse),
+];
+const COUNTS: Keywords<Counts> = &[
+    ("requests", Counts::Requests),
+    ("messages", Counts::Messages),
+    ("bytes", Counts::Bytes),
+];
+const PICKS: Keywords<Pick> = &[
+    ("highest", Pick::Highest),
+    ("lowest", Pick::Lowest),
+    ("first", Pick::First),
+];
+
+/// What `word` means in `table`.
+fn lookup<T: Copy>(table: Keywords<T>, word: &str) -> Option<T> {
+    table.iter().find(|(w, _)| *w == word).map(|(_, v)| *v)
+}
+
+/// The words of `table`, for suggestions and help lines.
+fn words<T>(table: Keywords<T>) -> Vec<&'static str> {
+    table.iter().map(|(w, _)| *w).collect()
+}
 const BUILTIN_KEYS: &[&str] = &[
     "ip",
     "user_id",
@@ -112,27 +150,11 @@ enum Algorithm {
 }
 
 impl Algorithm {
-    fn parse(name: &str) -> Option<Self> {
-        Some(match name {
-            "fixed_window" => Algorithm::FixedWindow,
-            "sliding_window" => Algorithm::SlidingWindow,
-            "token_bucket" => Algorithm::TokenBucket,
-            "gcra" => Algorithm::Gcra,
-            "concurrency" => Algorithm::Concurrency,
-            "quota" => Algorithm::Calendar,
-            _ => return None,
-        })
-    }
-
     fn name(self) -> &'static str {
-        match self {
-            Algorithm::FixedWindow => "fixed_window",
-            Algorithm::SlidingWindow => "sliding_window",
-            Algorithm::TokenBucket => "token_bucket",
-            Algorithm::Gcra => "gcra",
-            Algorithm::Concurrency => "concurrency",
-            Algorithm::Calendar => "quota",
-        }
+        ALGORITHMS
+            .iter()
+            .find(|(_, a)| *a == self)
+            .map_or("", |(w, _)| *w)
     }
 
     /// The longest window or period the algorithm supports, in microseconds.
@@ -894,10 +916,9 @@ impl<'a> Compiler<'a> {
                     );
                     return None;
                 }
-                let pick = match pick.as_ref().map(|p| p.node.as_str()) {
-                    None | Some("highest") => Pick::Highest,
-                    Some("lowest") => Pick::Lowest,
-                    Some(_) => Pick::First,
+                let pick = match pick {
+                    None => Pick::Highest,
+                    Some(p) => self.keyword(f, p, "pick", PICKS)?,
                 };
                 Some(TierSource::CedarAnnotation {
                     annotation: Arc::from(annotation.node.as_str()),
@@ -981,12 +1002,12 @@ impl<'a> Compiler<'a> {
         let implied = self.implied_algorithm(rate_value);
         let algorithm = match settings.algorithm {
             Some((af, ident)) if settings.algorithm_explicit || implied.is_none() => {
-                match Algorithm::parse(&ident.node) {
+                match lookup(ALGORITHMS, &ident.node) {
                     Some(a) => Some(a),
                     None => {
-                        let help = suggest(&ident.node, ALGORITHMS).unwrap_or_else(|| {
-                            format!("the algorithms are: {}", ALGORITHMS.join(", "))
-                        });
+                        let known = words(ALGORITHMS);
+                        let help = suggest(&ident.node, &known)
+                            .unwrap_or_else(|| format!("the algorithms are: {}", known.join(", ")));
                         self.error_help(
                             af,
                             ident.span,
@@ -1051,33 +1072,15 @@ impl<'a> Compiler<'a> {
             }),
         };
         let mode = match settings.mode {
-            Some((mf, m)) => self
-                .keyword(mf, m, "mode", &["enforce", "shadow", "off"])
-                .map(|m| match m {
-                    "shadow" => Mode::Shadow,
-                    "off" => Mode::Off,
-                    _ => Mode::Enforce,
-                }),
+            Some((mf, m)) => self.keyword(mf, m, "mode", MODES),
             None => Some(Mode::Enforce),
         };
         let on_store_error = match settings.on_store_error {
-            Some((mf, m)) => self
-                .keyword(mf, m, "on_store_error", &["allow", "deny", "local"])
-                .map(|m| match m {
-                    "deny" => StoreErrorMode::Deny,
-                    "local" => StoreErrorMode::Local,
-                    _ => StoreErrorMode::Allow,
-                }),
+            Some((mf, m)) => self.keyword(mf, m, "on_store_error", STORE_ERROR_MODES),
             None => Some(StoreErrorMode::Allow),
         };
         let on_missing_key = match settings.on_missing_key {
-            Some((mf, m)) => self
-                .keyword(mf, m, "on_missing_key", &["ip", "skip", "refuse"])
-                .map(|m| match m {
-                    "skip" => MissingKey::Skip,
-                    "refuse" => MissingKey::Refuse,
-                    _ => MissingKey::Ip,
-                }),
+            Some((mf, m)) => self.keyword(mf, m, "on_missing_key", MISSING_KEY_MODES),
             None => Some(MissingKey::Ip),
         };
         let priority = match settings.priority {
@@ -1098,13 +1101,7 @@ impl<'a> Compiler<'a> {
         };
 
         let counts = match settings.counts {
-            Some((cf, c)) => self
-                .keyword(cf, c, "counts", &["requests", "messages", "bytes"])
-                .map(|c| match c {
-                    "messages" => Counts::Messages,
-                    "bytes" => Counts::Bytes,
-                    _ => Counts::Requests,
-                }),
+            Some((cf, c)) => self.keyword(cf, c, "counts", COUNTS),
             None => Some(Counts::Requests),
         };
         if counts.is_some_and(|c| c != Counts::Requests)
@@ -1788,17 +1785,18 @@ impl<'a> Compiler<'a> {
         }
     }
 
-    fn keyword(
+    fn keyword<T: Copy>(
         &mut self,
         f: usize,
         ident: &ast::Ident,
         what: &str,
-        allowed: &[&'static str],
-    ) -> Option<&'static str> {
-        if let Some(found) = allowed.iter().find(|a| **a == ident.node) {
+        table: Keywords<T>,
+    ) -> Option<T> {
+        if let Some(found) = lookup(table, &ident.node) {
             return Some(found);
         }
-        let help = suggest(&ident.node, allowed)
+        let allowed = words(table);
+        let help = suggest(&ident.node, &allowed)
             .unwrap_or_else(|| format!("`{what}` is one of: {}", allowed.join(", ")));
         self.error_help(
             f,
