@@ -2,7 +2,6 @@
 //! then flags, each overriding the one before. Every invalid value is reported at once,
 //! naming where it came from, and the server does not start.
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -100,38 +99,7 @@ pub struct Settings {
     pub log_format: LogFormat,
 }
 
-/// How bearer JWTs are verified.
-#[derive(Debug, Clone)]
-pub struct JwtSettings {
-    /// The algorithm tokens must use.
-    pub algorithm: jsonwebtoken::Algorithm,
-    /// The verification key: HMAC secret bytes, or a PEM public key.
-    pub key: JwtKey,
-    /// Required `iss`, if any.
-    pub issuer: Option<String>,
-    /// Required `aud`, if any.
-    pub audience: Option<String>,
-    /// The claim that names the user.
-    pub user_claim: String,
-}
-
-/// A JWT verification key.
-#[derive(Clone)]
-pub enum JwtKey {
-    /// An HMAC secret.
-    Secret(Vec<u8>),
-    /// A PEM-encoded RSA or EC public key.
-    PublicKeyPem(Vec<u8>),
-}
-
-impl fmt::Debug for JwtKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            JwtKey::Secret(_) => f.write_str("Secret(..)"),
-            JwtKey::PublicKeyPem(_) => f.write_str("PublicKeyPem(..)"),
-        }
-    }
-}
+pub use crate::identity::{JwtKey, JwtSettings};
 
 /// The settings as written: every field optional, so that each is read (and fails) alone.
 #[derive(Debug, Default, Serialize, Deserialize)]

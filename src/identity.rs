@@ -13,7 +13,6 @@ use ipnet::IpNet;
 use jsonwebtoken::{DecodingKey, Validation};
 use smallvec::SmallVec;
 
-use crate::config::{JwtKey, JwtSettings, Settings};
 use crate::request::RequestCtx;
 
 /// How clients are identified.
@@ -59,25 +58,44 @@ impl Default for Identifier {
 #[error("invalid JWT verification key: {0}")]
 pub struct JwtKeyError(#[from] jsonwebtoken::errors::Error);
 
+/// How bearer JWTs are verified.
+#[derive(Debug, Clone)]
+pub struct JwtSettings {
+    /// The algorithm tokens must use.
+    pub algorithm: jsonwebtoken::Algorithm,
+    /// The verification key: HMAC secret bytes, or a PEM public key.
+    pub key: JwtKey,
+    /// Required `iss`, if any.
+    pub issuer: Option<String>,
+    /// Required `aud`, if any.
+    pub audience: Option<String>,
+    /// The claim that names the user.
+    pub user_claim: String,
+}
+
+/// A JWT verification key.
+#[derive(Clone)]
+pub enum JwtKey {
+    /// An HMAC secret.
+    Secret(Vec<u8>),
+    /// A PEM-encoded RSA or EC public key.
+    PublicKeyPem(Vec<u8>),
+}
+
+impl std::fmt::Debug for JwtKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JwtKey::Secret(_) => f.write_str("Secret(..)"),
+            JwtKey::PublicKeyPem(_) => f.write_str("PublicKeyPem(..)"),
+        }
+    }
+}
+
 impl Identifier {
     /// Identification with no trusted proxies, no user header, no JWT: the socket peer is
     /// the client, and `X-Api-Key` or a bearer token is the API token.
     pub fn new() -> Self {
         Self::default()
-    }
-
-    /// From the server's settings.
-    pub fn from_settings(settings: &Settings) -> Result<Self, JwtKeyError> {
-        let mut id = Identifier::new()
-            .with_trusted_proxies(settings.trusted_proxies.clone())
-            .with_api_key_header(settings.api_key_header.clone());
-        if let Some(h) = &settings.user_header {
-            id = id.with_user_header(h.clone());
-        }
-        if let Some(jwt) = &settings.jwt {
-            id = id.with_jwt(jwt)?;
-        }
-        Ok(id)
     }
 
     /// Believes forwarding headers from these proxies.

@@ -182,7 +182,7 @@ pub async fn build(settings: &Settings) -> Result<Arc<AppState<AnyStore>>, Serve
     Ok(Arc::new(AppState {
         engine,
         options: HttpOptions {
-            identifier: Identifier::from_settings(settings)?,
+            identifier: identifier(settings)?,
             headers: response::HeaderFamilies {
                 legacy: settings.legacy_headers,
                 ietf: settings.ietf_headers,
@@ -191,6 +191,21 @@ pub async fn build(settings: &Settings) -> Result<Arc<AppState<AnyStore>>, Serve
         max_body_bytes: settings.max_body_bytes,
         upstream: settings.upstream.clone().map(Upstream::new),
     }))
+}
+
+/// How clients are identified, from the settings (the library's `Identifier` knows nothing
+/// of the server's configuration).
+pub fn identifier(settings: &Settings) -> Result<Identifier, JwtKeyError> {
+    let mut id = Identifier::new()
+        .with_trusted_proxies(settings.trusted_proxies.clone())
+        .with_api_key_header(settings.api_key_header.clone());
+    if let Some(h) = &settings.user_header {
+        id = id.with_user_header(h.clone());
+    }
+    if let Some(jwt) = &settings.jwt {
+        id = id.with_jwt(jwt)?;
+    }
+    Ok(id)
 }
 
 /// The Redis store's options from the settings.

@@ -59,17 +59,18 @@ fn the_key_cap_evicts_and_counts() {
         "evictions {}",
         store.evictions()
     );
-    // Expired keys are reclaimed before live ones are evicted (a quarter of the cap, so that
-    // no shard fills up with new keys alone).
+    // Expired keys make room before live ones are evicted (a quarter of the cap, so that no
+    // shard fills up with new keys alone). Eviction samples (up to 64 entries), so a shard
+    // that holds mostly new keys may still give one up, rarely: allow 1 in 100.
     let evicted = store.evictions();
     for i in 0..cap / 4 {
         let key = format!("later{i}");
         store.apply_now(&[op(&key, window(5, 60))], at(4000));
     }
-    assert_eq!(
-        store.evictions(),
-        evicted,
-        "expired keys should have made room"
+    assert!(
+        store.evictions() - evicted <= (cap / 4 / 100) as u64,
+        "expired keys should have made room: {} live keys evicted",
+        store.evictions() - evicted
     );
 }
 
