@@ -4,13 +4,9 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::body::Body;
-use axum::extract::ConnectInfo;
-use http::Request;
 use serde_json::json;
 use support::TestServer;
 use tollgate::identity::Identifier;
@@ -43,14 +39,8 @@ async fn through_the_layer_a_plan_header_counts_only_from_the_gateway() {
         .fallback(|| async { "ok" })
         .layer(RateLimitLayer::new(engine).with_options(options()));
     let call = |path: &str, peer: &str, headers: &[(&str, &str)]| {
-        let mut request = Request::builder().uri(path);
-        for (k, v) in headers {
-            request = request.header(*k, *v);
-        }
-        let mut request = request.body(Body::empty()).unwrap();
-        let addr: SocketAddr = format!("{peer}:40000").parse().unwrap();
-        request.extensions_mut().insert(ConnectInfo(addr));
-        app.clone().oneshot(request)
+        app.clone()
+            .oneshot(support::from_peer("GET", path, peer, headers))
     };
     // A client claiming `pro` on its own: the free tier, one request a minute.
     let direct = [("X-Plan", "pro")];

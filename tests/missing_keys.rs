@@ -5,15 +5,13 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::ConnectInfo;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use http::{Request, StatusCode};
+use http::StatusCode;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::json;
 use support::TestServer;
@@ -91,13 +89,12 @@ fn app() -> Router {
 }
 
 async fn call(app: &Router, path: &str, peer: &str, token: Option<&str>) -> http::Response<Body> {
-    let mut request = Request::builder().method("GET").uri(path);
-    if let Some(token) = token {
-        request = request.header("Authorization", format!("Bearer {token}"));
-    }
-    let mut request = request.body(Body::empty()).unwrap();
-    let addr: SocketAddr = format!("{peer}:40000").parse().unwrap();
-    request.extensions_mut().insert(ConnectInfo(addr));
+    let bearer = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = bearer
+        .iter()
+        .map(|b| ("Authorization", b.as_str()))
+        .collect();
+    let request = support::from_peer("GET", path, peer, &headers);
     app.clone().oneshot(request).await.unwrap()
 }
 

@@ -5,12 +5,10 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
 use axum::body::{Body, to_bytes};
-use axum::extract::ConnectInfo;
 use http::Request;
 use serde_json::json;
 use support::{TestApp, TestServer, send};
@@ -77,14 +75,8 @@ async fn the_layer_limits_every_spelling_and_hands_the_app_the_canonical_path() 
         .fallback(|request: Request<Body>| async move { request.uri().to_string() })
         .layer(RateLimitLayer::new(engine));
     let call = |path: &str, peer: &str| {
-        let mut request = Request::builder()
-            .method("POST")
-            .uri(path)
-            .body(Body::empty())
-            .unwrap();
-        let addr: SocketAddr = format!("{peer}:40000").parse().unwrap();
-        request.extensions_mut().insert(ConnectInfo(addr));
-        app.clone().oneshot(request)
+        app.clone()
+            .oneshot(support::from_peer("POST", path, peer, &[]))
     };
     let first = call("/auth/login", "192.0.2.1").await.unwrap();
     assert_eq!(first.status(), 200);

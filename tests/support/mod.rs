@@ -123,6 +123,25 @@ fn dechunk(mut data: &[u8]) -> Vec<u8> {
     }
 }
 
+/// A request as a tower layer sees it from the socket peer `peer` (an IP address).
+pub fn from_peer(
+    method: &str,
+    uri: &str,
+    peer: &str,
+    headers: &[(&str, &str)],
+) -> http::Request<axum::body::Body> {
+    let mut request = http::Request::builder().method(method).uri(uri);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let mut request = request.body(axum::body::Body::empty()).unwrap();
+    let addr: SocketAddr = format!("{peer}:40000").parse().unwrap();
+    request
+        .extensions_mut()
+        .insert(axum::extract::ConnectInfo(addr));
+    request
+}
+
 /// `POST /v1/check` with `body`.
 pub fn check(addr: SocketAddr, body: &serde_json::Value) -> Reply {
     send(addr, "POST", "/v1/check", &[], body.to_string().as_bytes())
