@@ -317,7 +317,16 @@ impl<S: Store, C: Clock> Engine<S, C> {
             skipped,
             plan_version: Arc::clone(&plan.version),
         };
-        let (selected, skipped) = match select(&plan, request, &self.hasher, scope) {
+        // Each selected limit becomes a report and an operation as it is found, in this
+        // frame: no list of selections is built or moved.
+        let mut reports = Vec::new();
+        let mut pending: SmallVec<[Pending; 4]> = SmallVec::new();
+        let mut applied: SmallVec<[&Limit; 4]> = SmallVec::new();
+        let mut blocked = false;
+        let selection = select(&plan, request, &self.hasher, scope, |s| {
+            blocked |= charge(s, &mut reports, &mut pending, &mut applied);
+        });
+        let skipped = match selection {
             Selection::Bypass(list) => {
                 let action = Action::Bypass {
                     list: Arc::clone(&list.name),
@@ -332,21 +341,14 @@ impl<S: Store, C: Clock> Engine<S, C> {
                 };
                 return verdict(action, Vec::new(), Vec::new(), Vec::new());
             }
-            Selection::Limits { applied, skipped } => (applied, skipped),
+            Selection::Limits { skipped } => skipped
+                .into_iter()
+                .map(|limit| SkippedLimit {
+                    limit: Arc::clone(&limit.name),
+                    reason: SKIPPED_NO_KEY,
+                })
+                .collect(),
         };
-        let skipped = skipped
-            .into_iter()
-            .map(|limit| SkippedLimit {
-                limit: Arc::clone(&limit.name),
-                reason: SKIPPED_NO_KEY,
-            })
-            .collect();
-
-        // Filled in place: these are a few hundred bytes, and moving them costs measurably.
-        let mut reports = Vec::with_capacity(selected.len());
-        let mut pending: SmallVec<[Pending; 4]> = SmallVec::new();
-        let mut applied: SmallVec<[&Limit; 4]> = SmallVec::new();
-        let blocked = charges(selected, &mut reports, &mut pending, &mut applied);
         let (leases, unavailable) = if blocked || pending.is_empty() {
             (Vec::new(), None)
         } else {
@@ -516,58 +518,54 @@ impl<S: Store, C: Clock> Engine<S, C> {
     }
 }
 
-/// The selected limits as reports (the store fills in their decisions), the operations to
-/// count and the limits in the same order; returns whether a limit refuses without counting.
-fn charges<'p>(
-    selected: Vec<Selected<'p>>,
+/// One selected limit as a report (the store fills in its decision), an operation to count
+/// and the limit, in the same order; returns whether it refuses without counting.
+fn charge<'p>(
+    selected: Selected<'p>,
     reports: &mut Vec<LimitReport>,
     pending: &mut SmallVec<[Pending; 4]>,
     applied: &mut SmallVec<[&'p Limit; 4]>,
 ) -> bool {
-    let mut blocked = false;
-    for Selected {
+    let Selected {
         limit,
         tier,
         key,
         charge,
         ..
-    } in selected
-    {
-        let (algorithm, policy, counted, allowed) = match charge {
-            Charge::Count { quota, cost } => {
-                pending.push(Pending {
-                    slot: reports.len(),
-                    quota,
-                    cost,
-                    enforce: limit.mode == Mode::Enforce,
-                    ban: limit.on_exceed.ban,
-                });
-                (quota.algorithm(), quota.policy(), Counted::Store, true)
-            }
-            Charge::Blocked => ("blocked", (0, 0), Counted::Blocked, false),
-            Charge::Refused => ("refused", (0, 0), Counted::Refused, false),
-        };
-        blocked |= !allowed && limit.mode == Mode::Enforce;
-        reports.push(LimitReport {
-            limit: Arc::clone(&limit.name),
-            mode: limit.mode,
-            algorithm,
-            key: key.into(),
-            tier,
-            policy,
-            decision: Decision {
-                allowed,
-                limit: policy.0,
-                remaining: policy.0,
-                reset: Duration::ZERO,
-                retry_after: None,
-            },
-            banned: false,
-            counted,
-        });
-        applied.push(limit);
-    }
-    blocked
+    } = selected;
+    let (algorithm, policy, counted, allowed) = match charge {
+        Charge::Count { quota, cost } => {
+            pending.push(Pending {
+                slot: reports.len(),
+                quota,
+                cost,
+                enforce: limit.mode == Mode::Enforce,
+                ban: limit.on_exceed.ban,
+            });
+            (quota.algorithm(), quota.policy(), Counted::Store, true)
+        }
+        Charge::Blocked => ("blocked", (0, 0), Counted::Blocked, false),
+        Charge::Refused => ("refused", (0, 0), Counted::Refused, false),
+    };
+    reports.push(LimitReport {
+        limit: Arc::clone(&limit.name),
+        mode: limit.mode,
+        algorithm,
+        key: key.into(),
+        tier,
+        policy,
+        decision: Decision {
+            allowed,
+            limit: policy.0,
+            remaining: policy.0,
+            reset: Duration::ZERO,
+            retry_after: None,
+        },
+        banned: false,
+        counted,
+    });
+    applied.push(limit);
+    !allowed && limit.mode == Mode::Enforce
 }
 
 /// One limit's operation, before it borrows its key from the reports.

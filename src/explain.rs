@@ -52,7 +52,8 @@ pub fn explain(plan: &Plan, request: &RequestCtx, hasher: &KeyHasher) -> Explana
         routes: &routes,
         index: &plan.routes,
     };
-    let (applied, skipped) = select_limits(plan, &env, hasher, Scope::REQUESTS);
+    let mut applied = Vec::new();
+    let skipped = select_limits(plan, &env, hasher, Scope::REQUESTS, |s| applied.push(s));
     let on_list = |conditions: &[crate::plan::Condition]| {
         conditions.iter().find_map(|c| c.explain(&env).ok())
     };

@@ -47,11 +47,9 @@ pub enum Selection<'p> {
     Bypass(&'p ListRule),
     /// On a denylist: refused.
     Forbid(&'p DenyRule),
-    /// The limits that apply, in plan order (highest priority first), and those that
-    /// matched but did not apply.
+    /// The limits that apply went to the caller's `each`, in plan order (highest priority
+    /// first); these matched but did not apply.
     Limits {
-        /// The limits to count or refuse.
-        applied: Vec<Selected<'p>>,
         /// Limits that matched but were skipped (`on_missing_key skip`).
         skipped: Vec<&'p Limit>,
     },
@@ -96,13 +94,15 @@ pub const UNIDENTIFIED: &str = "unidentified";
 /// The client part shown for a request refused for having no key value.
 const MISSING: &str = "missing";
 
-/// Selects what applies to `request` under `plan`.
+/// Selects what applies to `request` under `plan`; each limit that applies is handed to
+/// `each` as it is found (no list is built or moved: the caller keeps what it needs).
 #[inline]
 pub fn select<'p>(
     plan: &'p Plan,
     request: &RequestCtx,
     hasher: &KeyHasher,
     scope: Scope<'_>,
+    each: impl FnMut(Selected<'p>),
 ) -> Selection<'p> {
     let routes = plan.routes.matches(&request.path);
     let env = Env {
@@ -124,19 +124,20 @@ pub fn select<'p>(
     {
         return Selection::Forbid(deny);
     }
-    let (applied, skipped) = select_limits(plan, &env, hasher, scope);
-    Selection::Limits { applied, skipped }
+    let skipped = select_limits(plan, &env, hasher, scope, each);
+    Selection::Limits { skipped }
 }
 
-/// The limits that apply (and those skipped), lists aside: what [`select`] does past the
-/// lists, and what `explain` shows whatever the lists say.
+/// The limits that apply, handed to `each`, and those skipped (returned), lists aside: what
+/// [`select`] does past the lists, and what `explain` shows whatever the lists say.
 #[inline]
 pub fn select_limits<'p>(
     plan: &'p Plan,
     env: &Env<'_>,
     hasher: &KeyHasher,
     scope: Scope<'_>,
-) -> (Vec<Selected<'p>>, Vec<&'p Limit>) {
+    mut each: impl FnMut(Selected<'p>),
+) -> Vec<&'p Limit> {
     let request = env.request;
     let candidates: SmallVec<[usize; 8]> = match scope.only {
         None => plan.routes.candidates(env.routes),
@@ -144,7 +145,6 @@ pub fn select_limits<'p>(
             .filter(|i| names.contains(&plan.limits[*i].name))
             .collect(),
     };
-    let mut applied = Vec::new();
     let mut skipped = Vec::new();
     for index in candidates {
         let limit = &plan.limits[index];
@@ -193,7 +193,7 @@ pub fn select_limits<'p>(
                 cost: cost(limit, quota, request, scope.amount),
             },
         };
-        applied.push(Selected {
+        each(Selected {
             limit,
             tier,
             key,
@@ -201,7 +201,7 @@ pub fn select_limits<'p>(
             charge,
         });
     }
-    (applied, skipped)
+    skipped
 }
 
 /// The limit's value for this request, and the tier it came from.
