@@ -1,0 +1,241 @@
+//! Tier tables: sources, inheritance, entries.
+
+use super::*;
+
+impl<'a> Compiler<'a> {
+    pub(super) fn tier_table(
+        &mut self,
+        f: usize,
+        block: &'a ast::TiersBlock,
+    ) -> Option<CompiledTable> {
+        let mut ok = true;
+        let source = match block.sources.as_slice() {
+            [] => {
+                self.error_help(
+                    f,
+                    block.name.span,
+                    format!("tier table `{}` does not say where the tier comes from", block.name.node),
+                    "no `from`",
+                    "add `from header(\"X-Plan\");`, `from claim(\"plan\");` or `from cedar annotation \"rl_tier\";`",
+                );
+                None
+            }
+            [one, rest @ ..] => {
+                for extra in rest {
+                    self.error_help(
+                        f,
+                        extra.span,
+                        "a tier table has one `from`",
+                        "second `from`",
+                        "keep the `from` the tier should come from",
+                    );
+                    ok = false;
+                }
+                self.tier_source(f, one)
+            }
+        };
+        // Tier names, in order.
+        let mut index: HashMap<&str, usize> = HashMap::new();
+        for (i, tier) in block.tiers.iter().enumerate() {
+            if let Some(&first) = index.get(tier.name.node.as_str()) {
+                let site = Site {
+                    file: f,
+                    span: block.tiers[first].name.span,
+                };
+                self.duplicate("tier", &tier.name, f, site);
+                ok = false;
+            } else {
+                index.insert(&tier.name.node, i);
+            }
+        }
+        if block.tiers.is_empty() {
+            self.error_help(
+                f,
+                block.name.span,
+                format!("tier table `{}` has no tiers", block.name.node),
+                "empty table",
+                "add a tier such as `tier free { api = 60/min; }`",
+            );
+            return None;
+        }
+        // Entries through inheritance: a tier's own entries override its parent's.
+        let mut entries = Vec::with_capacity(block.tiers.len());
+        for tier in &block.tiers {
+            let mut chain = vec![tier];
+            let mut current = tier;
+            while let Some(parent) = &current.extends {
+                let Some(&p) = index.get(parent.node.as_str()) else {
+                    let names: Vec<&str> = index.keys().copied().collect();
+                    let help = suggest(&parent.node, &names)
+                        .unwrap_or_else(|| format!("the tiers are: {}", names.join(", ")));
+                    self.error_help(
+                        f,
+                        parent.span,
+                        format!("unknown tier `{}`", parent.node),
+                        "not a tier of this table",
+                        help,
+                    );
+                    ok = false;
+                    break;
+                };
+                let next = &block.tiers[p];
+                if let Some(pos) = chain.iter().position(|t| std::ptr::eq(*t, next)) {
+                    // Report a cycle once: at the member defined first, when its own chain
+                    // closes on itself.
+                    let first = chain[pos..]
+                        .iter()
+                        .min_by_key(|t| t.span.start)
+                        .is_some_and(|t| std::ptr::eq(*t, tier));
+                    if pos == 0 && first {
+                        let names: Vec<&str> = chain.iter().map(|t| t.name.node.as_str()).collect();
+                        let at = tier.extends.as_ref().map_or(parent.span, |e| e.span);
+                        self.error_help(
+                            f,
+                            at,
+                            format!("tier `{}` inherits from itself", tier.name.node),
+                            "inheritance cycle",
+                            format!(
+                                "the chain goes round: {} → {}",
+                                names.join(" → "),
+                                tier.name.node
+                            ),
+                        );
+                    }
+                    ok = false;
+                    break;
+                }
+                chain.push(next);
+                current = next;
+            }
+            let mut resolved: HashMap<String, (usize, Spanned<ast::RateValue>)> = HashMap::new();
+            for t in chain.iter().rev() {
+                let mut own: HashMap<&str, Span> = HashMap::new();
+                for entry in &t.entries {
+                    if std::ptr::eq(*t, tier) {
+                        if let Some(first) = own.get(entry.name.node.as_str()) {
+                            let site = Site {
+                                file: f,
+                                span: *first,
+                            };
+                            self.duplicate("tier entry", &entry.name, f, site);
+                            ok = false;
+                        }
+                        own.insert(&entry.name.node, entry.name.span);
+                    }
+                    resolved.insert(entry.name.node.clone(), (f, entry.value.clone()));
+                }
+            }
+            entries.push(resolved);
+        }
+        let default = match block.defaults.as_slice() {
+            [] => {
+                self.error_help(
+                    f,
+                    block.name.span,
+                    format!("tier table `{}` has no default tier", block.name.node),
+                    "no `default`",
+                    format!(
+                        "add `default {};`: it applies when a request names no known tier",
+                        block.tiers[0].name.node
+                    ),
+                );
+                None
+            }
+            [d, rest @ ..] => {
+                for extra in rest {
+                    self.error_help(
+                        f,
+                        extra.span,
+                        "a tier table has one `default`",
+                        "second `default`",
+                        "keep one `default` tier",
+                    );
+                }
+                match index.get(d.node.as_str()) {
+                    Some(&i) => Some(i),
+                    None => {
+                        let names: Vec<&str> = index.keys().copied().collect();
+                        let help = suggest(&d.node, &names)
+                            .unwrap_or_else(|| format!("the tiers are: {}", names.join(", ")));
+                        self.error_help(
+                            f,
+                            d.span,
+                            format!("unknown tier `{}`", d.node),
+                            "not a tier of this table",
+                            help,
+                        );
+                        None
+                    }
+                }
+            }
+        };
+        let (Some(source), Some(default), true) = (source, default, ok) else {
+            return None;
+        };
+        Some(CompiledTable {
+            table: TierTable {
+                name: Arc::from(block.name.node.as_str()),
+                source,
+                tiers: block
+                    .tiers
+                    .iter()
+                    .map(|t| Arc::from(t.name.node.as_str()))
+                    .collect(),
+                default,
+            },
+            entries,
+        })
+    }
+
+    pub(super) fn tier_source(
+        &mut self,
+        f: usize,
+        source: &Spanned<ast::TierSource>,
+    ) -> Option<TierSource> {
+        match &source.node {
+            ast::TierSource::Header(name) => {
+                self.header_name(f, name).map(|name| TierSource::Header {
+                    name,
+                    trusted: false,
+                })
+            }
+            ast::TierSource::TrustedHeader(name) => {
+                self.header_name(f, name).map(|name| TierSource::Header {
+                    name,
+                    trusted: true,
+                })
+            }
+            ast::TierSource::Claim(name) => Some(TierSource::Claim(Arc::from(name.node.as_str()))),
+            ast::TierSource::CedarAnnotation { annotation, pick } => {
+                if !self.has_cedar_import() {
+                    self.error_help(
+                        f,
+                        source.span,
+                        "tiers from a Cedar annotation need Cedar policies",
+                        "no Cedar policies imported",
+                        "add `import cedar \"policies.cedar\";` to a policy file",
+                    );
+                    return None;
+                }
+                let pick = match pick {
+                    None => Pick::Highest,
+                    Some(p) => self.keyword(f, p, "pick", PICKS)?,
+                };
+                Some(TierSource::CedarAnnotation {
+                    annotation: Arc::from(annotation.node.as_str()),
+                    pick,
+                })
+            }
+        }
+    }
+
+    pub(super) fn has_cedar_import(&self) -> bool {
+        self.has_cedar
+            || self.files.iter().any(|f| {
+                f.ast
+                    .items
+                    .iter()
+                    .any(|i| matches!(i, ast::Item::Import(_)))
+            })
+    }
+}
