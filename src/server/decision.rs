@@ -1,0 +1,225 @@
+//! The decision API: `POST /v1/check` and `POST /v1/release`, their request and
+//! response types, and reading a JSON body strictly.
+
+use super::*;
+
+/// `POST /v1/check` input.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CheckRequest {
+    method: String,
+    path: String,
+    #[serde(default)]
+    host: Option<String>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    #[serde(default)]
+    client_ip: Option<IpAddr>,
+    #[serde(default)]
+    cost: Option<u64>,
+    /// The caller says the described headers were set by a trusted component (its gateway),
+    /// not by the client: header-derived identities and tiers then count.
+    #[serde(default)]
+    trusted_headers: bool,
+}
+
+/// `POST /v1/check` output.
+#[derive(Debug, Serialize)]
+pub(super) struct CheckResponse {
+    allowed: bool,
+    action: &'static str,
+    status: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    policy: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    limit: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    remaining: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reset: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retry_after: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    delay_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+    headers: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    leases: Vec<Lease>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    skipped: Vec<SkippedLimit>,
+    request_id: String,
+}
+
+/// `POST /v1/release` input.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ReleaseRequest {
+    leases: Vec<Lease>,
+}
+
+pub(super) async fn check<S: Store, C: Clock>(
+    State(app): State<Arc<AppState<S, C>>>,
+    request: Request,
+) -> Response {
+    let request_id = response::request_id(request.headers());
+    let input: CheckRequest = match read_json(request, app.max_body_bytes).await {
+        Ok(input) => input,
+        Err(problem) => return problem_response(*problem, &request_id),
+    };
+    let ctx = match check_ctx(input, &app.options.identifier) {
+        Ok(ctx) => ctx,
+        Err(problem) => return problem_response(*problem, &request_id),
+    };
+    let verdict = app.engine.decide(&ctx).await;
+    let headers = response::rate_limit_headers(&verdict, app.options.headers);
+    let problem = response::problem(&verdict, Some(&request_id));
+    let headline = verdict.headline();
+    let body = CheckResponse {
+        allowed: verdict.is_allowed(),
+        action: action_name(&verdict.action),
+        status: problem.as_ref().map_or(200, |p| p.status),
+        policy: problem
+            .as_ref()
+            .and_then(|p| p.policy.clone())
+            .or_else(|| headline.map(|h| h.limit.to_string())),
+        limit: headline.map(|h| h.decision.limit),
+        remaining: headline.map(|h| h.decision.remaining),
+        reset: headline.map(|h| response::ceil_secs(h.decision.reset)),
+        retry_after: problem.as_ref().and_then(|p| p.retry_after),
+        delay_ms: match verdict.action {
+            Action::Delay(d) => Some(d.as_millis() as u64),
+            _ => None,
+        },
+        reason: problem.as_ref().and_then(|p| p.reason.clone()),
+        headers: headers
+            .iter()
+            .filter_map(|(k, v)| Some((k.to_string(), v.to_str().ok()?.to_owned())))
+            .collect(),
+        leases: verdict.leases.clone(),
+        skipped: verdict.skipped.clone(),
+        request_id: request_id.clone(),
+    };
+    let mut response = axum::Json(body).into_response();
+    set_request_id(response.headers_mut(), &request_id);
+    response
+}
+
+pub(super) async fn release<S: Store, C: Clock>(
+    State(app): State<Arc<AppState<S, C>>>,
+    request: Request,
+) -> Response {
+    let request_id = response::request_id(request.headers());
+    match read_json::<ReleaseRequest>(request, app.max_body_bytes).await {
+        Ok(input) => {
+            app.engine.release(&input.leases).await;
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(problem) => problem_response(*problem, &request_id),
+    }
+}
+
+pub(super) fn action_name(action: &Action) -> &'static str {
+    match action {
+        Action::Allow => "allow",
+        Action::Warn => "warn",
+        Action::Delay(_) => "delay",
+        Action::Bypass { .. } => "bypass",
+        Action::Reject { .. } => "reject",
+        Action::Forbid { .. } => "forbid",
+        Action::Unavailable { .. } => "unavailable",
+    }
+}
+
+/// The body as JSON of type `T`, or a problem naming what is wrong and where.
+pub(super) async fn read_json<T: serde::de::DeserializeOwned>(
+    request: Request,
+    limit: usize,
+) -> Result<T, Box<Problem>> {
+    let bytes = axum::body::to_bytes(request.into_body(), limit)
+        .await
+        .map_err(|_| {
+            Box::new(Problem::new(
+                "urn:tollgate:problem:too-large",
+                "Content Too Large",
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the body is larger than {limit} bytes"),
+            ))
+        })?;
+    let mut de = serde_json::Deserializer::from_slice(&bytes);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let message = inner.to_string();
+        // serde_json appends "at line 1 column 7"; the field path says more.
+        let message = message
+            .rsplit_once(" at line ")
+            .map_or(message.as_str(), |(m, _)| m)
+            .to_owned();
+        let mut p = Problem::bad_request(if path == "." || inner.is_syntax() || inner.is_eof() {
+            format!("invalid JSON: {message}")
+        } else {
+            format!("invalid field `{path}`: {message}")
+        });
+        if path != "." {
+            p.field = Some(path);
+        }
+        Box::new(p)
+    })?;
+    // One JSON document: anything after it but whitespace is refused, not ignored.
+    de.end().map_err(|e| {
+        let message = e.to_string();
+        let message = message
+            .rsplit_once(" at line ")
+            .map_or(message.as_str(), |(m, _)| m);
+        Box::new(Problem::bad_request(format!("invalid JSON: {message}")))
+    })?;
+    Ok(value)
+}
+
+pub(super) fn check_ctx(
+    input: CheckRequest,
+    identifier: &Identifier,
+) -> Result<RequestCtx, Box<Problem>> {
+    let method = Method::from_bytes(input.method.as_bytes())
+        .ok()
+        .filter(|m| m.as_str().bytes().all(|b| b.is_ascii_uppercase()))
+        .ok_or_else(|| {
+            field_problem(
+                "method",
+                format!("`{}` is not an HTTP method", input.method),
+            )
+        })?;
+    let mut ctx = RequestCtx::try_new(method, &input.path)
+        .map_err(|e| field_problem("path", format!("`{}`: {e}", input.path)))?;
+    for (name, value) in &input.headers {
+        let header = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| field_problem(&format!("headers.{name}"), "not a header name".into()))?;
+        let value = HeaderValue::from_str(value).map_err(|_| {
+            field_problem(
+                &format!("headers.{name}"),
+                "not a valid header value".into(),
+            )
+        })?;
+        ctx = ctx.with_header(header, value);
+    }
+    if let Some(host) = &input.host {
+        ctx = ctx.with_host(host);
+    }
+    ctx.client_ip = input.client_ip;
+    ctx.headers_trusted = input.trusted_headers;
+    if let Some(cost) = input.cost {
+        if cost == 0 {
+            return Err(field_problem("cost", "must be at least 1".into()));
+        }
+        ctx = ctx.with_cost(cost);
+    }
+    identifier.identify_vouched(&mut ctx);
+    Ok(ctx)
+}
+
+pub(super) fn field_problem(field: &str, message: String) -> Box<Problem> {
+    let mut p = Problem::bad_request(format!("invalid field `{field}`: {message}"));
+    p.field = Some(field.to_owned());
+    Box::new(p)
+}

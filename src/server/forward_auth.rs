@@ -1,0 +1,84 @@
+//! Forward-auth (`GET|POST /v1/auth`) for Traefik `ForwardAuth` and nginx
+//! `auth_request`.
+
+use super::*;
+
+/// Traefik sends `X-Forwarded-Method`, `-Uri`, `-Host`, `-For`; nginx `X-Original-URI` and
+/// `X-Original-Method` (and the `X-Forwarded-For` its config sets). The answer: 200 to allow;
+/// to refuse, Traefik gets the real status, headers and body; nginx, which understands only
+/// 401 and 403 from an auth endpoint, gets 403 with the real status in `X-Tollgate-Status`.
+pub(super) async fn forward_auth<S: Store, C: Clock>(
+    State(app): State<Arc<AppState<S, C>>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: Request,
+) -> Response {
+    let headers = request.headers();
+    let request_id = response::request_id(headers);
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let nginx = headers.contains_key("x-original-uri");
+    let method = text("x-forwarded-method")
+        .or_else(|| text("x-original-method"))
+        .and_then(|m| Method::from_bytes(m.as_bytes()).ok())
+        .unwrap_or_else(|| request.method().clone());
+    let uri = text("x-forwarded-uri")
+        .or_else(|| text("x-original-uri"))
+        .unwrap_or("/")
+        .to_owned();
+    let mut ctx = match RequestCtx::try_new(method, &uri) {
+        Ok(ctx) => ctx,
+        Err(e) => {
+            let problem = Problem::bad_request(format!("the forwarded URI `{uri}`: {e}"));
+            return problem_response(problem, &request_id);
+        }
+    };
+    let host = text("x-forwarded-host")
+        .or_else(|| text("host"))
+        .map(str::to_owned);
+    ctx.headers = headers.clone();
+    if let Some(host) = host {
+        ctx = ctx.with_host(&host);
+    }
+    if !app.options.identifier.is_trusted(peer.ip()) && ctx.headers.contains_key("x-forwarded-for")
+    {
+        tracing::debug!(peer = %peer.ip(), "forward-auth from an untrusted peer: X-Forwarded-For ignored; add the proxy to trusted_proxies");
+    }
+    app.options.identifier.identify(&mut ctx, Some(peer.ip()));
+    let verdict = app.engine.decide(&ctx).await;
+    if let Action::Delay(wait) = verdict.action {
+        tokio::time::sleep(wait).await;
+    }
+    let mut response = match response::problem(&verdict, Some(&request_id)) {
+        None => {
+            let mut r = StatusCode::OK.into_response();
+            r.headers_mut()
+                .extend(response::rate_limit_headers(&verdict, app.options.headers));
+            r
+        }
+        Some(problem) => {
+            let mut r =
+                crate::middleware::refusal(&verdict, &problem, app.options.headers, &request_id);
+            if let Some(policy) = problem
+                .policy
+                .as_deref()
+                .and_then(|p| HeaderValue::from_str(p).ok())
+            {
+                r.headers_mut().insert(X_TOLLGATE_POLICY.clone(), policy);
+            }
+            r.headers_mut()
+                .insert(X_TOLLGATE_STATUS.clone(), HeaderValue::from(problem.status));
+            if nginx && !matches!(problem.status, 401 | 403) {
+                *r.status_mut() = StatusCode::FORBIDDEN;
+            }
+            r
+        }
+    };
+    set_request_id(response.headers_mut(), &request_id);
+    log_refusal(&verdict, &request_id);
+    response
+}
+
+pub(super) fn log_refusal(verdict: &Verdict, request_id: &str) {
+    if let Action::Reject { limit, .. } = &verdict.action {
+        tracing::info!(request_id, %limit, "rejected (forward-auth)");
+    }
+}
