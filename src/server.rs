@@ -127,7 +127,6 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
 }
 
-/// Builds the engine and state for `settings`: the Redis store when `redis_url` is set and
 /// Runs the server on `listener` until `shutdown` completes.
 pub async fn run<S: Store>(
     state: Arc<AppState<S>>,

@@ -3,6 +3,7 @@
 
 use super::*;
 
+/// Builds the engine and state for `settings`: the Redis store when `redis_url` is set and
 /// answers; when it does not, `prod` refuses to start and `dev` warns and counts in memory.
 pub async fn build(settings: &Settings) -> Result<Arc<AppState<AnyStore>>, ServeError> {
     let set = PolicySet::load(&[&settings.policies]);
