@@ -25,7 +25,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::engine::{Action, Engine, Verdict};
 use crate::identity::Identifier;
 use crate::request::{PathError, RequestCtx, normalize_host};
-use crate::response::{self, HeaderFamilies, X_REQUEST_ID};
+use crate::response::{self, HeaderFamilies, X_REQUEST_ID, grpc_refusal, refusal};
 use crate::store::Store;
 
 /// How the middleware reads requests and writes responses.
@@ -298,73 +298,6 @@ fn is_grpc(headers: &http::HeaderMap) -> bool {
             v.strip_prefix("application/grpc")
                 .is_some_and(|rest| rest.is_empty() || rest.starts_with(['+', ';']))
         })
-}
-
-/// The gRPC status for a refusal: `RESOURCE_EXHAUSTED` (8) for a rate limit,
-/// `PERMISSION_DENIED` (7) for a denylist, `UNAVAILABLE` (14) when the store fails closed;
-/// other statuses a policy chose map as gRPC's HTTP-to-status table does.
-pub fn grpc_status(verdict: &Verdict, status: http::StatusCode) -> u8 {
-    match (&verdict.action, status.as_u16()) {
-        (Action::Unavailable { .. }, _) | (_, 502..=504) => 14,
-        (_, 429) => 8,
-        (Action::Forbid { .. }, _) | (_, 403) => 7,
-        (_, 401) => 16,
-        (_, 404) => 12,
-        (_, 400..=499) => 9,
-        _ => 2,
-    }
-}
-
-/// Characters `grpc-message` carries percent-encoded: controls, `%`, and (always) non-ASCII.
-const GRPC_MESSAGE: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.add(b'%');
-
-/// A refusal for a gRPC client: HTTP 200 with no body ("trailers-only"), `grpc-status` and
-/// the reason in `grpc-message`; the rate-limit headers and `Retry-After` ride along as
-/// metadata.
-pub fn grpc_refusal(
-    verdict: &Verdict,
-    problem: &response::Problem,
-    families: HeaderFamilies,
-    request_id: &str,
-) -> Response<Body> {
-    let mut response = Response::new(Body::empty());
-    let headers = response.headers_mut();
-    headers.insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("application/grpc"),
-    );
-    let code = grpc_status(verdict, problem.status_code());
-    headers.insert("grpc-status", HeaderValue::from(u16::from(code)));
-    let message = percent_encoding::utf8_percent_encode(&problem.detail, GRPC_MESSAGE).to_string();
-    if let Ok(message) = HeaderValue::from_str(&message) {
-        headers.insert("grpc-message", message);
-    }
-    response::write_rate_limit_headers(verdict, families, headers);
-    if let Ok(id) = HeaderValue::from_str(request_id) {
-        headers.insert(X_REQUEST_ID.clone(), id);
-    }
-    response
-}
-
-/// A refusal: the problem document with its status and headers.
-pub fn refusal(
-    verdict: &Verdict,
-    problem: &response::Problem,
-    families: HeaderFamilies,
-    request_id: &str,
-) -> Response<Body> {
-    let mut response = Response::new(Body::from(problem.to_json()));
-    *response.status_mut() = problem.status_code();
-    let headers = response.headers_mut();
-    headers.insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("application/problem+json"),
-    );
-    response::write_rate_limit_headers(verdict, families, headers);
-    if let Ok(id) = HeaderValue::from_str(request_id) {
-        headers.insert(X_REQUEST_ID.clone(), id);
-    }
-    response
 }
 
 fn log_verdict(verdict: &Verdict, request_id: &str) {

@@ -1,10 +1,11 @@
-//! What a verdict looks like in HTTP: rate-limit headers, `Retry-After`, and the unified
-//! RFC 9457 `application/problem+json` body. Shared by the middleware, the decision API and
+//! What a verdict looks like in HTTP: rate-limit headers, `Retry-After`, the unified
+//! RFC 9457 `application/problem+json` body, and refusals for HTTP and gRPC clients. Shared by the middleware, the decision API and
 //! forward-auth, so that every way of running Tollgate answers alike.
 
 use std::time::Duration;
 
-use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::body::Body;
+use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use serde::Serialize;
 
 use crate::engine::{Action, LimitReport, Verdict};
@@ -346,4 +347,73 @@ fn hex(out: &mut [u8], mut n: u64) {
         *slot = DIGITS[(n & 0xf) as usize];
         n >>= 4;
     }
+}
+
+// ─── refusals: HTTP and gRPC ─────────────────────────────────────────────────────────────
+
+/// The gRPC status for a refusal: `RESOURCE_EXHAUSTED` (8) for a rate limit,
+/// `PERMISSION_DENIED` (7) for a denylist, `UNAVAILABLE` (14) when the store fails closed;
+/// other statuses a policy chose map as gRPC's HTTP-to-status table does.
+pub fn grpc_status(verdict: &Verdict, status: http::StatusCode) -> u8 {
+    match (&verdict.action, status.as_u16()) {
+        (Action::Unavailable { .. }, _) | (_, 502..=504) => 14,
+        (_, 429) => 8,
+        (Action::Forbid { .. }, _) | (_, 403) => 7,
+        (_, 401) => 16,
+        (_, 404) => 12,
+        (_, 400..=499) => 9,
+        _ => 2,
+    }
+}
+
+/// Characters `grpc-message` carries percent-encoded: controls, `%`, and (always) non-ASCII.
+const GRPC_MESSAGE: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.add(b'%');
+
+/// A refusal for a gRPC client: HTTP 200 with no body ("trailers-only"), `grpc-status` and
+/// the reason in `grpc-message`; the rate-limit headers and `Retry-After` ride along as
+/// metadata.
+pub fn grpc_refusal(
+    verdict: &Verdict,
+    problem: &Problem,
+    families: HeaderFamilies,
+    request_id: &str,
+) -> Response<Body> {
+    let mut response = Response::new(Body::empty());
+    let headers = response.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    let code = grpc_status(verdict, problem.status_code());
+    headers.insert("grpc-status", HeaderValue::from(u16::from(code)));
+    let message = percent_encoding::utf8_percent_encode(&problem.detail, GRPC_MESSAGE).to_string();
+    if let Ok(message) = HeaderValue::from_str(&message) {
+        headers.insert("grpc-message", message);
+    }
+    write_rate_limit_headers(verdict, families, headers);
+    if let Ok(id) = HeaderValue::from_str(request_id) {
+        headers.insert(X_REQUEST_ID.clone(), id);
+    }
+    response
+}
+
+/// A refusal: the problem document with its status and headers.
+pub fn refusal(
+    verdict: &Verdict,
+    problem: &Problem,
+    families: HeaderFamilies,
+    request_id: &str,
+) -> Response<Body> {
+    let mut response = Response::new(Body::from(problem.to_json()));
+    *response.status_mut() = problem.status_code();
+    let headers = response.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    write_rate_limit_headers(verdict, families, headers);
+    if let Ok(id) = HeaderValue::from_str(request_id) {
+        headers.insert(X_REQUEST_ID.clone(), id);
+    }
+    response
 }

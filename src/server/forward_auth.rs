@@ -56,7 +56,7 @@ pub(super) async fn forward_auth<S: Store, C: Clock>(
         }
         Some(problem) => {
             let mut r =
-                crate::middleware::refusal(&verdict, &problem, app.options.headers, &request_id);
+                crate::response::refusal(&verdict, &problem, app.options.headers, &request_id);
             if let Some(policy) = problem
                 .policy
                 .as_deref()
