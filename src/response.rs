@@ -1,6 +1,7 @@
 //! What a verdict looks like in HTTP: rate-limit headers, `Retry-After`, the unified
-//! RFC 9457 `application/problem+json` body, and refusals for HTTP and gRPC clients. Shared by the middleware, the decision API and
-//! forward-auth, so that every way of running Tollgate answers alike.
+//! RFC 9457 `application/problem+json` body, and refusals for HTTP and gRPC clients. Shared
+//! by the middleware, the decision API and forward-auth, so that every way of running
+//! Tollgate answers alike.
 
 use std::time::Duration;
 
