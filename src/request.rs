@@ -2,6 +2,7 @@
 
 pub mod path;
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
@@ -52,10 +53,7 @@ impl RequestCtx {
     /// A request for `path_and_query` (`/a/b?x=1`) with `method` and nothing else known, its
     /// path normalized, or refused when it cannot be normalized safely (see [`path`]).
     pub fn try_new(method: Method, path_and_query: &str) -> Result<Self, PathError> {
-        let (raw, query) = match path_and_query.split_once('?') {
-            Some((p, q)) => (p, Some(q.to_owned())),
-            None => (path_and_query, None),
-        };
+        let (raw, query) = split_query(path_and_query);
         let path = path::normalize(raw)?.into_owned();
         Ok(Self::with_parts(method, path, query))
     }
@@ -64,13 +62,9 @@ impl RequestCtx {
     /// normalized safely is kept as given (and matches no route template that its
     /// normalized form would). Entry points that take paths from clients use `try_new`.
     pub fn new(method: Method, path_and_query: &str) -> Self {
-        Self::try_new(method.clone(), path_and_query).unwrap_or_else(|_| {
-            let (path, query) = match path_and_query.split_once('?') {
-                Some((p, q)) => (p.to_owned(), Some(q.to_owned())),
-                None => (path_and_query.to_owned(), None),
-            };
-            Self::with_parts(method, path, query)
-        })
+        let (raw, query) = split_query(path_and_query);
+        let path = path::normalize(raw).map_or_else(|_| raw.to_owned(), Cow::into_owned);
+        Self::with_parts(method, path, query)
     }
 
     fn with_parts(method: Method, path: String, query: Option<String>) -> Self {
@@ -169,6 +163,14 @@ impl RequestCtx {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             (k == name).then_some(v)
         })
+    }
+}
+
+/// The path and the query string (without `?`) of `path_and_query`.
+fn split_query(path_and_query: &str) -> (&str, Option<String>) {
+    match path_and_query.split_once('?') {
+        Some((p, q)) => (p, Some(q.to_owned())),
+        None => (path_and_query, None),
     }
 }
 
