@@ -250,17 +250,359 @@ impl Settings {
     }
 
     /// Reads the settings with `vars` standing for the environment (for tests).
+    ///
+    /// Each group of settings is read by its own function; all of them add to one list of
+    /// problems, so that every invalid value is reported at once.
     pub fn load_from(
         flags: &Flags,
         vars: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Settings, ConfigError> {
-        let vars: Vec<(String, String)> = vars
+        let (sources, early) = Sources::read(flags, vars);
+        let mut problems = Problems {
+            sources: &sources,
+            list: early,
+        };
+        let mut raw = sources.raw(&mut problems);
+        let mut settings = Settings::defaults();
+        settings.read_server(&mut raw, &mut problems);
+        settings.read_store(&mut raw, &mut problems);
+        settings.read_identity(&mut raw, &mut problems);
+        settings.read_headers(&mut raw, &mut problems);
+        settings.check_production(&mut problems);
+        match problems.list.is_empty() {
+            true => Ok(settings),
+            false => Err(ConfigError(problems.list)),
+        }
+    }
+
+    /// The defaults, before any source is read.
+    fn defaults() -> Settings {
+        Settings {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            policies: PathBuf::from("policies"),
+            env: Environment::Dev,
+            redis_url: None,
+            redis_tls: None,
+            store_timeout_ms: 50,
+            store_clock: StoreClock::Local,
+            expected_nodes: 1,
+            deny_cache_keys: 100_000,
+            memory_max_keys: crate::store::memory::DEFAULT_MAX_KEYS,
+            breaker_failures: 3,
+            breaker_max_backoff_ms: 1_000,
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9091)),
+            admin_token: None,
+            trusted_proxies: Vec::new(),
+            key_secret: None,
+            upstream: None,
+            legacy_headers: true,
+            ietf_headers: true,
+            user_header: None,
+            api_key_header: HeaderName::from_static("x-api-key"),
+            jwt: None,
+            max_body_bytes: 64 * 1024,
+            log_format: LogFormat::Pretty,
+        }
+    }
+
+    /// Listeners, the policy directory, the environment, the upstream, limits on input.
+    fn read_server(&mut self, raw: &mut Raw, p: &mut Problems) {
+        let mut addr = |key: &str, value: Option<String>, into: &mut SocketAddr| {
+            let Some(text) = value else { return };
+            match text.parse() {
+                Ok(addr) => *into = addr,
+                Err(_) => p.add(
+                    key,
+                    format!("`{text}` is not an address like `127.0.0.1:8080`"),
+                ),
+            }
+        };
+        addr("listen", raw.listen.take(), &mut self.listen);
+        addr(
+            "admin_listen",
+            raw.admin_listen.take(),
+            &mut self.admin_listen,
+        );
+
+        self.env = keyword(p, "env", raw.env.take(), ENVIRONMENTS, self.env);
+        self.log_format = keyword(
+            p,
+            "log_format",
+            raw.log_format.take(),
+            LOG_FORMATS,
+            self.log_format,
+        );
+
+        if let Some(policies) = raw.policies.take() {
+            self.policies = PathBuf::from(policies);
+        }
+        if !self.policies.exists() {
+            p.add(
+                "policies",
+                format!("`{}` does not exist", self.policies.display()),
+            );
+        }
+
+        self.upstream = raw
+            .upstream
+            .take()
+            .and_then(|u| match u.parse::<http::Uri>() {
+                Ok(uri)
+                    if matches!(uri.scheme_str(), Some("http" | "https"))
+                        && uri.authority().is_some() =>
+                {
+                    Some(uri)
+                }
+                _ => {
+                    p.add(
+                        "upstream",
+                        format!("`{u}` is not an http(s) URL like `http://127.0.0.1:3000`"),
+                    );
+                    None
+                }
+            });
+
+        self.admin_token = raw.admin_token.take();
+        if let Some(token) = &self.admin_token
+            && token.len() < 16
+        {
+            p.add("admin_token", "use at least 16 characters".to_owned());
+        }
+        self.max_body_bytes = raw.max_body_bytes.take().unwrap_or(self.max_body_bytes);
+        if self.max_body_bytes == 0 {
+            p.add("max_body_bytes", "must be at least 1".to_owned());
+        }
+    }
+
+    /// The store: Redis URL and TLS, timeouts, clock, nodes, caches, the circuit breaker.
+    fn read_store(&mut self, raw: &mut Raw, p: &mut Problems) {
+        self.redis_url = raw.redis_url.take();
+        if let Some(url) = &self.redis_url {
+            if !REDIS_SCHEMES.iter().any(|s| url.starts_with(s)) {
+                p.add(
+                    "redis_url",
+                    "not a Redis URL: use `redis://host:port/db`, `redis+cluster://host:port,host:port` (`rediss` for TLS) or `unix:///path/to/redis.sock`".to_owned(),
+                );
+            } else if url.ends_with("#insecure") {
+                p.add(
+                    "redis_url",
+                    "certificate checks cannot be turned off (`#insecure`): give the CA in `redis_tls_ca_file`".to_owned(),
+                );
+            }
+        }
+        self.redis_tls = redis_tls(
+            self.redis_url.as_deref(),
+            raw.redis_tls_ca_file.take(),
+            raw.redis_tls_cert_file.take(),
+            raw.redis_tls_key_file.take(),
+            &mut |key, message| p.add(key, message),
+        );
+        self.store_clock = keyword(
+            p,
+            "store_clock",
+            raw.store_clock.take(),
+            STORE_CLOCKS,
+            self.store_clock,
+        );
+
+        let mut number = |key: &str,
+                          value: Option<u64>,
+                          range: std::ops::RangeInclusive<u64>,
+                          into: &mut u64| {
+            let Some(value) = value else { return };
+            if range.contains(&value) {
+                *into = value;
+            } else {
+                p.add(
+                    key,
+                    format!(
+                        "{value} is not between {} and {}",
+                        range.start(),
+                        range.end()
+                    ),
+                );
+            }
+        };
+        number(
+            "store_timeout_ms",
+            raw.store_timeout_ms.take(),
+            1..=10_000,
+            &mut self.store_timeout_ms,
+        );
+        number(
+            "expected_nodes",
+            raw.expected_nodes.take(),
+            1..=10_000,
+            &mut self.expected_nodes,
+        );
+        number(
+            "breaker_max_backoff_ms",
+            raw.breaker_max_backoff_ms.take(),
+            1..=600_000,
+            &mut self.breaker_max_backoff_ms,
+        );
+
+        self.deny_cache_keys = raw.deny_cache_keys.take().unwrap_or(self.deny_cache_keys);
+        self.memory_max_keys = raw.memory_max_keys.take().unwrap_or(self.memory_max_keys);
+        if self.memory_max_keys < 1_000 {
+            p.add(
+                "memory_max_keys",
+                format!(
+                    "{} is below 1000: every client would evict another",
+                    self.memory_max_keys
+                ),
+            );
+        }
+        self.breaker_failures = raw.breaker_failures.take().unwrap_or(self.breaker_failures);
+        if self.breaker_failures == 0 {
+            p.add("breaker_failures", "must be at least 1".to_owned());
+        }
+    }
+
+    /// Who the client is: trusted proxies, the key secret, user and API-key headers, JWTs.
+    fn read_identity(&mut self, raw: &mut Raw, p: &mut Problems) {
+        for item in raw
+            .trusted_proxies
+            .take()
+            .map(|l| l.items())
+            .unwrap_or_default()
+        {
+            match item
+                .parse::<IpNet>()
+                .ok()
+                .or_else(|| item.parse::<std::net::IpAddr>().ok().map(IpNet::from))
+            {
+                Some(net) => self.trusted_proxies.push(net),
+                None => p.add(
+                    "trusted_proxies",
+                    format!("`{item}` is not an address or a network like `10.0.0.0/8`"),
+                ),
+            }
+        }
+
+        self.key_secret = raw.key_secret.take();
+        if let Some(secret) = &self.key_secret
+            && secret.len() < 16
+        {
+            p.add("key_secret", "use at least 16 characters".to_owned());
+        }
+
+        let mut header = |key: &str, value: Option<String>| -> Option<HeaderName> {
+            let value = value?;
+            HeaderName::from_bytes(value.trim().as_bytes())
+                .map_err(|_| p.add(key, format!("`{value}` is not a header name")))
+                .ok()
+        };
+        self.user_header = header("user_header", raw.user_header.take());
+        if let Some(name) = header("api_key_header", raw.api_key_header.take()) {
+            self.api_key_header = name;
+        }
+
+        self.jwt = jwt_settings(
+            raw.jwt_algorithm.take(),
+            raw.jwt_secret.take(),
+            raw.jwt_public_key_file.take(),
+            raw.jwt_issuer.take(),
+            raw.jwt_audience.take(),
+            raw.jwt_user_claim.take(),
+            &mut |key, message| p.add(key, message),
+        );
+    }
+
+    /// Which families of rate-limit headers responses carry.
+    fn read_headers(&mut self, raw: &mut Raw, p: &mut Problems) {
+        let Some(families) = raw.header_families.take() else {
+            return;
+        };
+        (self.legacy_headers, self.ietf_headers) = (false, false);
+        for family in families.items() {
+            match family.to_ascii_lowercase().as_str() {
+                "x-ratelimit" => self.legacy_headers = true,
+                "ietf" => self.ietf_headers = true,
+                other => p.add(
+                    "header_families",
+                    format!("`{other}` is not `x-ratelimit` or `ietf`"),
+                ),
+            }
+        }
+    }
+
+    /// What production requires beyond valid values: a shared store and a key secret.
+    fn check_production(&self, p: &mut Problems) {
+        if self.env != Environment::Prod {
+            return;
+        }
+        if self.redis_url.is_none() {
+            p.add(
+                "redis_url",
+                "production needs a shared store: set TOLLGATE_REDIS_URL".to_owned(),
+            );
+        }
+        if self.key_secret.is_none() {
+            p.add(
+                "key_secret",
+                "production needs a key secret, so that hashed tokens agree across nodes and restarts".to_owned(),
+            );
+        }
+    }
+}
+
+const REDIS_SCHEMES: &[&str] = &[
+    "redis://",
+    "rediss://",
+    "redis+cluster://",
+    "rediss+cluster://",
+    "unix://",
+    "redis+unix://",
+];
+const ENVIRONMENTS: &[(&str, Environment)] =
+    &[("dev", Environment::Dev), ("prod", Environment::Prod)];
+const LOG_FORMATS: &[(&str, LogFormat)] =
+    &[("pretty", LogFormat::Pretty), ("json", LogFormat::Json)];
+const STORE_CLOCKS: &[(&str, StoreClock)] =
+    &[("local", StoreClock::Local), ("redis", StoreClock::Redis)];
+
+/// A keyword setting (case-insensitive): its value from `table`, or `default` and a problem
+/// naming the words it may be.
+fn keyword<T: Copy>(
+    p: &mut Problems,
+    key: &str,
+    value: Option<String>,
+    table: &[(&str, T)],
+    default: T,
+) -> T {
+    let Some(value) = value else { return default };
+    let lower = value.to_ascii_lowercase();
+    if let Some((_, v)) = table.iter().find(|(word, _)| *word == lower) {
+        return *v;
+    }
+    let words: Vec<String> = table.iter().map(|(w, _)| format!("`{w}`")).collect();
+    p.add(key, format!("`{lower}` is not {}", words.join(" or ")));
+    default
+}
+
+/// Where the values come from: the file (if any), our variables, the flags.
+struct Sources<'f> {
+    flags: &'f Flags,
+    vars: Vec<(String, String)>,
+    file: Option<(PathBuf, String)>,
+}
+
+impl<'f> Sources<'f> {
+    /// Reads the file the flags name; a file that cannot be read is the first problem.
+    fn read(
+        flags: &'f Flags,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> (Self, Vec<ConfigProblem>) {
+        let vars = vars
             .into_iter()
             .filter(|(k, _)| k.starts_with("TOLLGATE_"))
             .collect();
         let mut problems = Vec::new();
-        let file_text = match &flags.config {
-            Some(path) => match std::fs::read_to_string(path) {
+        let file = flags
+            .config
+            .as_ref()
+            .and_then(|path| match std::fs::read_to_string(path) {
                 Ok(text) => Some((path.clone(), text)),
                 Err(e) => {
                     problems.push(ConfigProblem {
@@ -270,16 +612,20 @@ impl Settings {
                     });
                     None
                 }
-            },
-            None => None,
-        };
+            });
+        (Sources { flags, vars, file }, problems)
+    }
 
+    /// Every value as written, merged in order (file, variables, flags), each field read
+    /// alone so that one bad value does not hide the next. Names that are no setting, in the
+    /// file or among our variables, are problems: a typo would otherwise be silently ignored.
+    fn raw(&self, p: &mut Problems) -> Raw {
         let mut figment = Figment::from(Serialized::defaults(Raw::default()));
-        if let Some((path, text)) = &file_text {
+        if let Some((path, text)) = &self.file {
             figment = figment.merge(Toml::string(text));
             for key in toml_keys(text) {
                 if !KEYS.contains(&key.as_str()) {
-                    problems.push(ConfigProblem {
+                    p.list.push(ConfigProblem {
                         source: format!("{}:{}", path.display(), line_of(text, &key)),
                         message: suggest_key(&key),
                         key,
@@ -287,11 +633,9 @@ impl Settings {
                 }
             }
         }
-        // Variables of ours that name no setting are reported: a typo would otherwise be
-        // silently ignored. Values stay text (a numeric token is still a token), except for
-        // the numeric settings.
+        // Values stay text (a numeric token is still a token), except for numeric settings.
         let mut from_env = figment::value::Dict::new();
-        for (name, value) in &vars {
+        for (name, value) in &self.vars {
             let key = name.trim_start_matches("TOLLGATE_").to_ascii_lowercase();
             if KEYS.contains(&key.as_str()) {
                 let value: figment::value::Value =
@@ -301,7 +645,7 @@ impl Settings {
                     };
                 from_env.insert(key, value);
             } else {
-                problems.push(ConfigProblem {
+                p.list.push(ConfigProblem {
                     message: suggest_key(&key),
                     key,
                     source: name.clone(),
@@ -309,296 +653,21 @@ impl Settings {
             }
         }
         figment = figment.merge(Serialized::defaults(from_env));
-        figment = figment.merge(Serialized::defaults(FlagValues::from(flags)));
+        figment = figment.merge(Serialized::defaults(FlagValues::from(self.flags)));
 
-        let source = |key: &str| -> String {
-            if flag_set(flags, key) {
-                return format!("--{}", key.replace('_', "-"));
-            }
-            let var = format!("TOLLGATE_{}", key.to_ascii_uppercase());
-            if vars.iter().any(|(k, _)| *k == var) {
-                return var;
-            }
-            if let Some((path, text)) = &file_text
-                && toml_keys(text).iter().any(|k| k == key)
-            {
-                return format!("{}:{}", path.display(), line_of(text, key));
-            }
-            "default".to_owned()
-        };
-        let mut problem = |key: &str, message: String| {
-            problems.push(ConfigProblem {
-                key: key.to_owned(),
-                source: source(key),
-                message,
-            })
-        };
-
-        // Each field alone, so that one bad value does not hide the next.
-        macro_rules! field {
-            ($key:literal, $ty:ty) => {
-                match figment.extract_inner::<Option<$ty>>($key) {
-                    Ok(v) => v,
-                    Err(e) => {
-                        problem($key, first_line(&e.to_string()));
-                        None
-                    }
-                }
+        macro_rules! each_field {
+            ($($name:ident),* $(,)?) => {
+                Raw { $($name: p.field(&figment, stringify!($name)),)* }
             };
         }
-        let listen = field!("listen", String);
-        let policies = field!("policies", String);
-        let env = field!("env", String);
-        let redis_url = field!("redis_url", String);
-        let redis_tls_ca_file = field!("redis_tls_ca_file", String);
-        let redis_tls_cert_file = field!("redis_tls_cert_file", String);
-        let redis_tls_key_file = field!("redis_tls_key_file", String);
-        let store_timeout_ms = field!("store_timeout_ms", u64);
-        let store_clock = field!("store_clock", String);
-        let expected_nodes = field!("expected_nodes", u64);
-        let deny_cache_keys = field!("deny_cache_keys", usize);
-        let memory_max_keys = field!("memory_max_keys", usize);
-        let breaker_failures = field!("breaker_failures", u32);
-        let breaker_max_backoff_ms = field!("breaker_max_backoff_ms", u64);
-        let admin_listen = field!("admin_listen", String);
-        let admin_token = field!("admin_token", String);
-        let trusted_proxies = field!("trusted_proxies", StringList);
-        let key_secret = field!("key_secret", String);
-        let upstream = field!("upstream", String);
-        let header_families = field!("header_families", StringList);
-        let user_header = field!("user_header", String);
-        let api_key_header = field!("api_key_header", String);
-        let jwt_algorithm = field!("jwt_algorithm", String);
-        let jwt_secret = field!("jwt_secret", String);
-        let jwt_public_key_file = field!("jwt_public_key_file", String);
-        let jwt_issuer = field!("jwt_issuer", String);
-        let jwt_audience = field!("jwt_audience", String);
-        let jwt_user_claim = field!("jwt_user_claim", String);
-        let max_body_bytes = field!("max_body_bytes", usize);
-        let log_format = field!("log_format", String);
-
-        let mut addr = |key: &str, value: Option<String>, default: &str| -> SocketAddr {
-            let text = value.unwrap_or_else(|| default.to_owned());
-            text.parse().unwrap_or_else(|_| {
-                problem(
-                    key,
-                    format!("`{text}` is not an address like `127.0.0.1:8080`"),
-                );
-                default
-                    .parse()
-                    .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)))
-            })
-        };
-        let listen = addr("listen", listen, "127.0.0.1:8080");
-        let admin_listen = addr("admin_listen", admin_listen, "127.0.0.1:9091");
-
-        let env = match env.as_deref().map(str::to_ascii_lowercase).as_deref() {
-            None | Some("dev") => Environment::Dev,
-            Some("prod") => Environment::Prod,
-            Some(other) => {
-                problem("env", format!("`{other}` is not `dev` or `prod`"));
-                Environment::Dev
-            }
-        };
-        let log_format = match log_format.as_deref() {
-            None | Some("pretty") => LogFormat::Pretty,
-            Some("json") => LogFormat::Json,
-            Some(other) => {
-                problem("log_format", format!("`{other}` is not `pretty` or `json`"));
-                LogFormat::Pretty
-            }
-        };
-
-        let policies = PathBuf::from(policies.unwrap_or_else(|| "policies".to_owned()));
-        if !policies.exists() {
-            problem(
-                "policies",
-                format!("`{}` does not exist", policies.display()),
-            );
-        }
-
-        let store_timeout_ms = store_timeout_ms.unwrap_or(50);
-        if store_timeout_ms == 0 || store_timeout_ms > 10_000 {
-            problem(
-                "store_timeout_ms",
-                format!("{store_timeout_ms} is not between 1 and 10000"),
-            );
-        }
-
-        if let Some(url) = &redis_url {
-            let schemes = [
-                "redis://",
-                "rediss://",
-                "redis+cluster://",
-                "rediss+cluster://",
-                "unix://",
-                "redis+unix://",
-            ];
-            if !schemes.iter().any(|s| url.starts_with(s)) {
-                problem(
-                    "redis_url",
-                    "not a Redis URL: use `redis://host:port/db`, `redis+cluster://host:port,host:port` (`rediss` for TLS) or `unix:///path/to/redis.sock`".to_owned(),
-                );
-            } else if url.ends_with("#insecure") {
-                problem(
-                    "redis_url",
-                    "certificate checks cannot be turned off (`#insecure`): give the CA in `redis_tls_ca_file`".to_owned(),
-                );
-            }
-        }
-        let redis_tls = redis_tls(
-            redis_url.as_deref(),
-            redis_tls_ca_file,
-            redis_tls_cert_file,
-            redis_tls_key_file,
-            &mut problem,
-        );
-        let store_clock = match store_clock
-            .as_deref()
-            .map(str::to_ascii_lowercase)
-            .as_deref()
-        {
-            None | Some("local") => StoreClock::Local,
-            Some("redis") => StoreClock::Redis,
-            Some(other) => {
-                problem(
-                    "store_clock",
-                    format!("`{other}` is not `local` or `redis`"),
-                );
-                StoreClock::Local
-            }
-        };
-        let expected_nodes = expected_nodes.unwrap_or(1);
-        if !(1..=10_000).contains(&expected_nodes) {
-            problem(
-                "expected_nodes",
-                format!("{expected_nodes} is not between 1 and 10000"),
-            );
-        }
-        let deny_cache_keys = deny_cache_keys.unwrap_or(100_000);
-        let memory_max_keys = memory_max_keys.unwrap_or(crate::store::memory::DEFAULT_MAX_KEYS);
-        if memory_max_keys < 1_000 {
-            problem(
-                "memory_max_keys",
-                format!("{memory_max_keys} is below 1000: every client would evict another"),
-            );
-        }
-        let breaker_failures = breaker_failures.unwrap_or(3);
-        if breaker_failures == 0 {
-            problem("breaker_failures", "must be at least 1".to_owned());
-        }
-        let breaker_max_backoff_ms = breaker_max_backoff_ms.unwrap_or(1_000);
-        if !(1..=600_000).contains(&breaker_max_backoff_ms) {
-            problem(
-                "breaker_max_backoff_ms",
-                format!("{breaker_max_backoff_ms} is not between 1 and 600000"),
-            );
-        }
-
-        let mut proxies = Vec::new();
-        for item in trusted_proxies.map(|l| l.items()).unwrap_or_default() {
-            match item
-                .parse::<IpNet>()
-                .ok()
-                .or_else(|| item.parse::<std::net::IpAddr>().ok().map(IpNet::from))
-            {
-                Some(net) => proxies.push(net),
-                None => problem(
-                    "trusted_proxies",
-                    format!("`{item}` is not an address or a network like `10.0.0.0/8`"),
-                ),
-            }
-        }
-
-        let upstream = upstream.and_then(|u| match u.parse::<http::Uri>() {
-            Ok(uri)
-                if matches!(uri.scheme_str(), Some("http" | "https"))
-                    && uri.authority().is_some() =>
-            {
-                Some(uri)
-            }
-            _ => {
-                problem(
-                    "upstream",
-                    format!("`{u}` is not an http(s) URL like `http://127.0.0.1:3000`"),
-                );
-                None
-            }
-        });
-
-        let (mut legacy_headers, mut ietf_headers) = (true, true);
-        if let Some(families) = header_families {
-            (legacy_headers, ietf_headers) = (false, false);
-            for family in families.items() {
-                match family.to_ascii_lowercase().as_str() {
-                    "x-ratelimit" => legacy_headers = true,
-                    "ietf" => ietf_headers = true,
-                    other => problem(
-                        "header_families",
-                        format!("`{other}` is not `x-ratelimit` or `ietf`"),
-                    ),
-                }
-            }
-        }
-
-        let mut header = |key: &str, value: Option<String>| -> Option<HeaderName> {
-            let value = value?;
-            HeaderName::from_bytes(value.trim().as_bytes())
-                .map_err(|_| problem(key, format!("`{value}` is not a header name")))
-                .ok()
-        };
-        let user_header = header("user_header", user_header);
-        let api_key_header = header("api_key_header", api_key_header)
-            .unwrap_or(HeaderName::from_static("x-api-key"));
-
-        let jwt = jwt_settings(
-            jwt_algorithm,
-            jwt_secret,
-            jwt_public_key_file,
-            jwt_issuer,
-            jwt_audience,
-            jwt_user_claim,
-            &mut problem,
-        );
-
-        if env == Environment::Prod {
-            if redis_url.is_none() {
-                problem(
-                    "redis_url",
-                    "production needs a shared store: set TOLLGATE_REDIS_URL".to_owned(),
-                );
-            }
-            if key_secret.is_none() {
-                problem(
-                    "key_secret",
-                    "production needs a key secret, so that hashed tokens agree across nodes and restarts".to_owned(),
-                );
-            }
-        }
-        if let Some(secret) = &key_secret
-            && secret.len() < 16
-        {
-            problem("key_secret", "use at least 16 characters".to_owned());
-        }
-        if let Some(token) = &admin_token
-            && token.len() < 16
-        {
-            problem("admin_token", "use at least 16 characters".to_owned());
-        }
-        let max_body_bytes = max_body_bytes.unwrap_or(64 * 1024);
-        if max_body_bytes == 0 {
-            problem("max_body_bytes", "must be at least 1".to_owned());
-        }
-
-        if !problems.is_empty() {
-            return Err(ConfigError(problems));
-        }
-        Ok(Settings {
+        each_field!(
             listen,
             policies,
             env,
             redis_url,
-            redis_tls,
+            redis_tls_ca_file,
+            redis_tls_cert_file,
+            redis_tls_key_file,
             store_timeout_ms,
             store_clock,
             expected_nodes,
@@ -608,16 +677,61 @@ impl Settings {
             breaker_max_backoff_ms,
             admin_listen,
             admin_token,
-            trusted_proxies: proxies,
+            trusted_proxies,
             key_secret,
             upstream,
-            legacy_headers,
-            ietf_headers,
+            header_families,
             user_header,
             api_key_header,
-            jwt,
+            jwt_algorithm,
+            jwt_secret,
+            jwt_public_key_file,
+            jwt_issuer,
+            jwt_audience,
+            jwt_user_claim,
             max_body_bytes,
             log_format,
+        )
+    }
+
+    /// Where the value of `key` came from: a flag, a variable, the file's line, the default.
+    fn source(&self, key: &str) -> String {
+        if flag_set(self.flags, key) {
+            return format!("--{}", key.replace('_', "-"));
+        }
+        let var = format!("TOLLGATE_{}", key.to_ascii_uppercase());
+        if self.vars.iter().any(|(k, _)| *k == var) {
+            return var;
+        }
+        if let Some((path, text)) = &self.file
+            && toml_keys(text).iter().any(|k| k == key)
+        {
+            return format!("{}:{}", path.display(), line_of(text, key));
+        }
+        "default".to_owned()
+    }
+}
+
+/// The problems found so far, each told where its value came from.
+struct Problems<'s> {
+    sources: &'s Sources<'s>,
+    list: Vec<ConfigProblem>,
+}
+
+impl Problems<'_> {
+    fn add(&mut self, key: &str, message: String) {
+        self.list.push(ConfigProblem {
+            key: key.to_owned(),
+            source: self.sources.source(key),
+            message,
+        });
+    }
+
+    /// One field of the merged settings, or `None` and a problem.
+    fn field<T: serde::de::DeserializeOwned>(&mut self, figment: &Figment, key: &str) -> Option<T> {
+        figment.extract_inner::<Option<T>>(key).unwrap_or_else(|e| {
+            self.add(key, first_line(&e.to_string()));
+            None
         })
     }
 }
@@ -836,4 +950,26 @@ fn suggest_key(key: &str) -> String {
 
 fn first_line(s: &str) -> String {
     s.lines().next().unwrap_or(s).to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The unknown-key check and the fields read must name the same settings.
+    #[test]
+    fn every_setting_is_a_known_key() {
+        let raw = serde_json::to_value(Raw::default()).unwrap();
+        let mut fields: Vec<&str> = raw
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let mut keys = KEYS.to_vec();
+        fields.sort_unstable();
+        keys.sort_unstable();
+        assert_eq!(fields, keys);
+        assert!(NUMERIC.iter().all(|k| KEYS.contains(k)));
+    }
 }
