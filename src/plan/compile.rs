@@ -28,6 +28,7 @@ mod conditions;
 mod keys;
 mod limits;
 mod lists;
+mod names;
 mod rates;
 mod settings;
 mod tiers;
@@ -268,203 +269,12 @@ impl<'a> Compiler<'a> {
 
     fn run(&mut self) -> Plan {
         let files = self.files;
-        let mut namespaces: Vec<Arc<str>> = Vec::with_capacity(files.len());
-        let mut defaults: Vec<Vec<&'a ast::Setting>> = vec![Vec::new(); files.len()];
-        let mut cedar_imports = Vec::new();
-        let mut limit_sites: HashMap<&str, Site> = HashMap::new();
-        let mut list_sites: HashMap<&str, Site> = HashMap::new();
-        let mut anomaly_sites: HashMap<&str, Site> = HashMap::new();
-        let mut key_sites: HashMap<&str, Site> = HashMap::new();
-        let mut table_sites: HashMap<&str, Site> = HashMap::new();
-        let mut limits: Vec<(usize, &'a ast::LimitBlock)> = Vec::new();
-        let mut tables: Vec<(usize, &'a ast::TiersBlock)> = Vec::new();
-        let mut safelists = Vec::new();
-        let mut denylists = Vec::new();
-        let mut anomalies = Vec::new();
-
         // Pass 1: file headers, and every name with where it was defined.
-        for (f, file) in files.iter().enumerate() {
-            let mut namespace: Option<&Spanned<String>> = None;
-            let mut version: Option<Span> = None;
-            let mut defaults_site: Option<Span> = None;
-            for item in &file.ast.items {
-                match item {
-                    ast::Item::Version(v) => {
-                        if version.is_some() {
-                            self.error_help(
-                                f,
-                                v.span,
-                                "`version` is given twice",
-                                "given again here",
-                                "keep one `version 1;` at the top of the file",
-                            );
-                        } else if v.node != 1 {
-                            self.error_help(
-                                f,
-                                v.span,
-                                format!("unsupported policy version `{}`", v.node),
-                                "unknown version",
-                                "this Tollgate reads `version 1;`",
-                            );
-                        }
-                        version = Some(v.span);
-                    }
-                    ast::Item::Namespace(ns) => {
-                        if namespace.is_some() {
-                            self.error_help(
-                                f,
-                                ns.span,
-                                "`namespace` is given twice",
-                                "given again here",
-                                "a file has one namespace; keep one",
-                            );
-                        } else if ns.node.is_empty()
-                            || !ns
-                                .node
-                                .chars()
-                                .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
-                        {
-                            self.error_help(
-                                f,
-                                ns.span,
-                                format!("namespace `{}` is not a valid name", ns.node),
-                                "invalid namespace",
-                                "use letters, digits, `_`, `-` and `.`",
-                            );
-                        }
-                        namespace = Some(ns);
-                    }
-                    ast::Item::Import(import) => {
-                        self.has_cedar = true;
-                        if let Some(import) = self.import(f, import) {
-                            cedar_imports.push(import);
-                        }
-                    }
-                    ast::Item::Key(def) => {
-                        let site = Site {
-                            file: f,
-                            span: def.name.span,
-                        };
-                        if BUILTIN_KEYS.contains(&def.name.node.as_str()) {
-                            self.error_help(
-                                f,
-                                def.name.span,
-                                format!(
-                                    "`{}` is a built-in key and cannot be redefined",
-                                    def.name.node
-                                ),
-                                "built-in name",
-                                "choose another name",
-                            );
-                        } else if let Some(first) = key_sites.get(def.name.node.as_str()) {
-                            self.duplicate("key", &def.name, f, *first);
-                        } else {
-                            key_sites.insert(&def.name.node, site);
-                            self.keys.insert(&def.name.node, (f, def));
-                        }
-                    }
-                    ast::Item::Defaults(block) => {
-                        if let Some(first) = defaults_site {
-                            let help = format!(
-                                "the first is at {}; merge them",
-                                self.location(Site {
-                                    file: f,
-                                    span: first
-                                })
-                            );
-                            self.error_help(
-                                f,
-                                Span::new(block.span.start, block.span.start + 8),
-                                "a file has at most one `defaults` block",
-                                "second `defaults`",
-                                help,
-                            );
-                        } else {
-                            defaults_site = Some(block.span);
-                            defaults[f] = block.settings.iter().collect();
-                        }
-                    }
-                    ast::Item::Tiers(block) => {
-                        if let Some(first) = table_sites.get(block.name.node.as_str()) {
-                            self.duplicate("tier table", &block.name, f, *first);
-                        } else {
-                            table_sites.insert(
-                                &block.name.node,
-                                Site {
-                                    file: f,
-                                    span: block.name.span,
-                                },
-                            );
-                            tables.push((f, block));
-                        }
-                    }
-                    ast::Item::Limit(block) => {
-                        if let Some(first) = limit_sites.get(block.name.node.as_str()) {
-                            self.duplicate("limit", &block.name, f, *first);
-                        } else {
-                            limit_sites.insert(
-                                &block.name.node,
-                                Site {
-                                    file: f,
-                                    span: block.name.span,
-                                },
-                            );
-                            limits.push((f, block));
-                        }
-                    }
-                    ast::Item::Safelist(block) | ast::Item::Denylist(block) => {
-                        if let Some(first) = list_sites.get(block.name.node.as_str()) {
-                            self.duplicate("list", &block.name, f, *first);
-                        } else {
-                            list_sites.insert(
-                                &block.name.node,
-                                Site {
-                                    file: f,
-                                    span: block.name.span,
-                                },
-                            );
-                            if matches!(item, ast::Item::Safelist(_)) {
-                                safelists.push((f, block));
-                            } else {
-                                denylists.push((f, block));
-                            }
-                        }
-                    }
-                    ast::Item::Anomaly(block) => {
-                        if let Some(first) = anomaly_sites.get(block.name.node.as_str()) {
-                            self.duplicate("anomaly", &block.name, f, *first);
-                        } else {
-                            anomaly_sites.insert(
-                                &block.name.node,
-                                Site {
-                                    file: f,
-                                    span: block.name.span,
-                                },
-                            );
-                            anomalies.push((f, block));
-                        }
-                    }
-                }
-            }
-            namespaces.push(Arc::from(
-                namespace.map_or(file.stem.as_str(), |n| n.node.as_str()),
-            ));
-        }
-
-        // Every named key, used or not, so that a broken one is reported.
-        let mut names: Vec<(&'a str, usize, Span)> = self
-            .keys
-            .iter()
-            .map(|(name, (f, def))| (*name, *f, def.name.span))
-            .collect();
-        names.sort_by_key(|(_, f, span)| (*f, span.start));
-        for (name, f, span) in names {
-            let source = ast::KeySource::Name(Spanned::new(name.to_owned(), span));
-            self.key_source(f, &source, &mut Vec::new());
-        }
+        let declared = self.declarations();
+        self.check_named_keys();
 
         // Pass 2: tier tables (limits refer to them).
-        for (f, block) in tables {
+        for (f, block) in declared.tables {
             if let Some(table) = self.tier_table(f, block) {
                 self.table_names
                     .insert(block.name.node.clone(), self.tables.len());
@@ -473,22 +283,24 @@ impl<'a> Compiler<'a> {
         }
 
         // Pass 3: limits, lists, anomalies.
-        let mut compiled_limits = Vec::new();
-        for (f, block) in limits {
-            if let Some(limit) = self.limit(f, block, &defaults[f], &namespaces[f]) {
-                compiled_limits.push(limit);
-            }
-        }
-        compiled_limits.sort_by(|a: &Limit, b: &Limit| {
+        let namespaces = &declared.namespaces;
+        let mut limits: Vec<Limit> = declared
+            .limits
+            .into_iter()
+            .filter_map(|(f, block)| self.limit(f, block, &declared.defaults[f], &namespaces[f]))
+            .collect();
+        limits.sort_by(|a, b| {
             b.priority
                 .cmp(&a.priority)
                 .then_with(|| a.name.cmp(&b.name))
         });
-        let safelists = safelists
+        let safelists = declared
+            .safelists
             .into_iter()
             .map(|(f, block)| self.list(f, block, true).0)
             .collect();
-        let denylists = denylists
+        let denylists = declared
+            .denylists
             .into_iter()
             .map(|(f, block)| {
                 let (list, status, reason) = self.list(f, block, false);
@@ -499,12 +311,13 @@ impl<'a> Compiler<'a> {
                 }
             })
             .collect();
-        let anomalies = anomalies
+        let anomalies = declared
+            .anomalies
             .into_iter()
             .filter_map(|(f, block)| self.anomaly(f, block, &namespaces[f]))
             .collect();
 
-        let guards: Vec<Option<Vec<PatternId>>> = compiled_limits
+        let guards: Vec<Option<Vec<PatternId>>> = limits
             .iter()
             .map(|l| l.condition.required_patterns())
             .collect();
@@ -514,15 +327,29 @@ impl<'a> Compiler<'a> {
             .map(|t| t.table)
             .collect();
         Plan {
-            version: version_hash(files, &cedar_imports),
-            limits: compiled_limits,
+            version: version_hash(files, &declared.cedar_imports),
+            limits,
             routes,
             safelists,
             denylists,
             anomalies,
             tiers,
-            cedar_imports,
+            cedar_imports: declared.cedar_imports,
             warnings: Vec::new(),
+        }
+    }
+
+    /// Every named key, used or not, so that a broken one is reported.
+    fn check_named_keys(&mut self) {
+        let mut names: Vec<(&'a str, usize, Span)> = self
+            .keys
+            .iter()
+            .map(|(name, (f, def))| (*name, *f, def.name.span))
+            .collect();
+        names.sort_by_key(|(_, f, span)| (*f, span.start));
+        for (name, f, span) in names {
+            let source = ast::KeySource::Name(Spanned::new(name.to_owned(), span));
+            self.key_source(f, &source, &mut Vec::new());
         }
     }
 

@@ -10,45 +10,9 @@ impl<'a> Compiler<'a> {
         defaults: &[&'a ast::Setting],
         namespace: &Arc<str>,
     ) -> Option<Limit> {
-        let mut settings = Settings::default();
-        for setting in defaults {
-            self.apply_setting(f, &mut settings, setting, false, &mut HashMap::new());
-        }
-        let mut seen: HashMap<&'static str, Span> = HashMap::new();
-        let mut conditions = Vec::new();
-        let mut ok = true;
-        for stmt in &block.stmts {
-            match stmt {
-                ast::LimitStmt::Match(block) => {
-                    for c in &block.node {
-                        match self.condition(f, c) {
-                            Some(c) => conditions.push(c),
-                            None => ok = false,
-                        }
-                    }
-                }
-                ast::LimitStmt::When(c) => match self.condition(f, c) {
-                    Some(c) => conditions.push(c),
-                    None => ok = false,
-                },
-                ast::LimitStmt::Setting(s) => {
-                    ok &= self.apply_setting(f, &mut settings, s, true, &mut seen);
-                }
-            }
-        }
+        let (settings, condition, mut ok) = self.limit_body(f, block, defaults);
         let name = &block.name;
-
-        let key = match settings.key {
-            Some((kf, expr)) => self.key_expr(kf, expr),
-            None => Some(KeySpec {
-                parts: vec![KeyPart::One(KeySource::Ip { v4: 32, v6: 64 })],
-            }),
-        };
-        if let (Some(spec), Some((kf, expr)), None) = (&key, settings.key, settings.on_missing_key)
-            && let Some(missing) = spec.may_be_missing()
-        {
-            self.warn_missing_key(kf, expr.span, &name.node, missing);
-        }
+        let key = self.limit_key(&settings, &name.node);
         let Some((rf, rate_value)) = settings.rate else {
             self.error_help(
                 f,
@@ -59,64 +23,8 @@ impl<'a> Compiler<'a> {
             );
             return None;
         };
-
-        // The algorithm: written in the limit; else implied by the rate (`5 concurrent`,
-        // `/month`); else from defaults; else the sliding window.
-        let implied = self.implied_algorithm(rate_value);
-        let algorithm = match settings.algorithm {
-            Some((af, ident)) if settings.algorithm_explicit || implied.is_none() => {
-                match lookup(ALGORITHMS, &ident.node) {
-                    Some(a) => Some(a),
-                    None => {
-                        let known = words(ALGORITHMS);
-                        let help = suggest(&ident.node, &known)
-                            .unwrap_or_else(|| format!("the algorithms are: {}", known.join(", ")));
-                        self.error_help(
-                            af,
-                            ident.span,
-                            format!("unknown algorithm `{}`", ident.node),
-                            "unknown algorithm",
-                            help,
-                        );
-                        None
-                    }
-                }
-            }
-            _ => Some(implied.unwrap_or(Algorithm::SlidingWindow)),
-        };
-
-        let lease = match settings.lease {
-            Some((lf, lease)) => {
-                if algorithm.is_some_and(|a| a != Algorithm::Concurrency) {
-                    self.error_help(
-                        lf,
-                        lease.span,
-                        "`lease` applies only to concurrency limits",
-                        "not a concurrency limit",
-                        format!(
-                            "limit `{}` uses `{}`",
-                            name.node,
-                            algorithm.map_or("", Algorithm::name)
-                        ),
-                    );
-                    ok = false;
-                }
-                match self.duration_micros(lf, lease, "lease") {
-                    Some(d) if d <= DAY => d,
-                    Some(_) => {
-                        self.error_help(lf, lease.span, "a lease lasts at most 1 day", "too long", "a lease only matters when a request never reports its end; minutes are typical");
-                        ok = false;
-                        DEFAULT_LEASE
-                    }
-                    None => {
-                        ok = false;
-                        DEFAULT_LEASE
-                    }
-                }
-            }
-            None => DEFAULT_LEASE,
-        };
-
+        let algorithm = self.algorithm(&settings, rate_value);
+        let lease = self.lease(&settings, algorithm, &name.node, &mut ok);
         let rate = self.limit_rate(rf, rate_value, algorithm, lease, &name.node);
         let cost = match settings.cost {
             Some((cf, cost)) => self.cost(cf, cost, algorithm.unwrap_or(Algorithm::SlidingWindow)),
@@ -134,39 +42,20 @@ impl<'a> Compiler<'a> {
                 ban: None,
             }),
         };
-        let mode = match settings.mode {
-            Some((mf, m)) => self.keyword(mf, m, "mode", MODES),
-            None => Some(Mode::Enforce),
-        };
-        let on_store_error = match settings.on_store_error {
-            Some((mf, m)) => self.keyword(mf, m, "on_store_error", STORE_ERROR_MODES),
-            None => Some(StoreErrorMode::Allow),
-        };
-        let on_missing_key = match settings.on_missing_key {
-            Some((mf, m)) => self.keyword(mf, m, "on_missing_key", MISSING_KEY_MODES),
-            None => Some(MissingKey::Ip),
-        };
-        let priority = match settings.priority {
-            Some((pf, p)) => match i32::try_from(p.node) {
-                Ok(p) => Some(p),
-                Err(_) => {
-                    self.error_help(
-                        pf,
-                        p.span,
-                        "priority is out of range",
-                        "out of range",
-                        "use a number between -2147483648 and 2147483647",
-                    );
-                    None
-                }
-            },
-            None => Some(0),
-        };
-
-        let counts = match settings.counts {
-            Some((cf, c)) => self.keyword(cf, c, "counts", COUNTS),
-            None => Some(Counts::Requests),
-        };
+        let mode = self.keyword_or(settings.mode, "mode", MODES, Mode::Enforce);
+        let on_store_error = self.keyword_or(
+            settings.on_store_error,
+            "on_store_error",
+            STORE_ERROR_MODES,
+            StoreErrorMode::Allow,
+        );
+        let on_missing_key = self.keyword_or(
+            settings.on_missing_key,
+            "on_missing_key",
+            MISSING_KEY_MODES,
+            MissingKey::Ip,
+        );
+        let counts = self.keyword_or(settings.counts, "counts", COUNTS, Counts::Requests);
         if counts.is_some_and(|c| c != Counts::Requests)
             && algorithm == Some(Algorithm::Concurrency)
         {
@@ -179,11 +68,7 @@ impl<'a> Compiler<'a> {
             );
             ok = false;
         }
-        let condition = match conditions.len() {
-            0 => Condition::Always,
-            1 => conditions.remove(0),
-            _ => Condition::All(conditions),
-        };
+        let priority = self.priority(settings.priority);
         algorithm?;
         Some(Limit {
             name: Arc::from(name.node.as_str()),
@@ -201,6 +86,151 @@ impl<'a> Compiler<'a> {
             counts: counts?,
         })
         .filter(|_| ok)
+    }
+
+    /// The limit's statements: its settings over the file's defaults, and its conditions
+    /// (all of them must hold); false when one of them is wrong.
+    fn limit_body(
+        &mut self,
+        f: usize,
+        block: &'a ast::LimitBlock,
+        defaults: &[&'a ast::Setting],
+    ) -> (Settings<'a>, Condition, bool) {
+        let mut settings = Settings::default();
+        for setting in defaults {
+            self.apply_setting(f, &mut settings, setting, false, &mut HashMap::new());
+        }
+        let mut seen: HashMap<&'static str, Span> = HashMap::new();
+        let mut conditions = Vec::new();
+        let mut ok = true;
+        for stmt in &block.stmts {
+            let written: &[ast::Condition] = match stmt {
+                ast::LimitStmt::Match(block) => &block.node,
+                ast::LimitStmt::When(c) => std::slice::from_ref(c),
+                ast::LimitStmt::Setting(s) => {
+                    ok &= self.apply_setting(f, &mut settings, s, true, &mut seen);
+                    &[]
+                }
+            };
+            for c in written {
+                match self.condition(f, c) {
+                    Some(c) => conditions.push(c),
+                    None => ok = false,
+                }
+            }
+        }
+        let condition = match conditions.len() {
+            0 => Condition::Always,
+            1 => conditions.remove(0),
+            _ => Condition::All(conditions),
+        };
+        (settings, condition, ok)
+    }
+
+    /// The key the limit counts by (the client address when none is given); a key that may
+    /// be missing without `on_missing_key` is a warning.
+    fn limit_key(&mut self, settings: &Settings<'a>, limit: &str) -> Option<KeySpec> {
+        let Some((kf, expr)) = settings.key else {
+            return Some(KeySpec {
+                parts: vec![KeyPart::One(KeySource::Ip { v4: 32, v6: 64 })],
+            });
+        };
+        let key = self.key_expr(kf, expr);
+        if let (Some(spec), None) = (&key, settings.on_missing_key)
+            && let Some(missing) = spec.may_be_missing()
+        {
+            self.warn_missing_key(kf, expr.span, limit, missing);
+        }
+        key
+    }
+
+    /// The algorithm: written in the limit; else implied by the rate (`5 concurrent`,
+    /// `/month`); else from defaults; else the sliding window.
+    fn algorithm(
+        &mut self,
+        settings: &Settings<'a>,
+        rate: &Spanned<ast::RateValue>,
+    ) -> Option<Algorithm> {
+        let implied = self.implied_algorithm(rate);
+        match settings.algorithm {
+            Some((af, ident)) if settings.algorithm_explicit || implied.is_none() => {
+                let found = lookup(ALGORITHMS, &ident.node);
+                if found.is_none() {
+                    let known = words(ALGORITHMS);
+                    let help = suggest(&ident.node, &known)
+                        .unwrap_or_else(|| format!("the algorithms are: {}", known.join(", ")));
+                    self.error_help(
+                        af,
+                        ident.span,
+                        format!("unknown algorithm `{}`", ident.node),
+                        "unknown algorithm",
+                        help,
+                    );
+                }
+                found
+            }
+            _ => Some(implied.unwrap_or(Algorithm::SlidingWindow)),
+        }
+    }
+
+    /// How long a concurrency slot is held when its end is never reported.
+    fn lease(
+        &mut self,
+        settings: &Settings<'a>,
+        algorithm: Option<Algorithm>,
+        limit: &str,
+        ok: &mut bool,
+    ) -> u64 {
+        let Some((lf, lease)) = settings.lease else {
+            return DEFAULT_LEASE;
+        };
+        if algorithm.is_some_and(|a| a != Algorithm::Concurrency) {
+            self.error_help(
+                lf,
+                lease.span,
+                "`lease` applies only to concurrency limits",
+                "not a concurrency limit",
+                format!(
+                    "limit `{limit}` uses `{}`",
+                    algorithm.map_or("", Algorithm::name)
+                ),
+            );
+            *ok = false;
+        }
+        match self.duration_micros(lf, lease, "lease") {
+            Some(d) if d <= DAY => d,
+            Some(_) => {
+                self.error_help(
+                    lf,
+                    lease.span,
+                    "a lease lasts at most 1 day",
+                    "too long",
+                    "a lease only matters when a request never reports its end; minutes are typical",
+                );
+                *ok = false;
+                DEFAULT_LEASE
+            }
+            None => {
+                *ok = false;
+                DEFAULT_LEASE
+            }
+        }
+    }
+
+    fn priority(&mut self, setting: Option<(usize, &Spanned<i64>)>) -> Option<i32> {
+        let Some((pf, p)) = setting else {
+            return Some(0);
+        };
+        i32::try_from(p.node).ok().or_else(|| {
+            self.error_help(
+                pf,
+                p.span,
+                "priority is out of range",
+                "out of range",
+                "use a number between -2147483648 and 2147483647",
+            );
+            None
+        })
     }
 
     /// Records one setting; returns false when it was set twice in the same block.

@@ -104,41 +104,10 @@ impl<'a> Compiler<'a> {
     ) -> Option<TierValue> {
         // Checks that hold whatever the algorithm come first, so that they are reported even
         // when the algorithm itself is wrong.
-        if let ast::RateValue::Rate(rate) = &value.node {
-            let mut ok = true;
-            if rate.count.node == 0 {
-                self.error_help(
-                    f,
-                    rate.count.span,
-                    "a rate allows at least 1 per period",
-                    "zero",
-                    "to refuse everything, write `blocked`",
-                );
-                ok = false;
-            }
-            if rate.period.node.amount == 0 {
-                self.error_help(
-                    f,
-                    rate.period.span,
-                    "a period is longer than zero",
-                    "zero",
-                    "write a period such as `/min` or `/5s`",
-                );
-                ok = false;
-            }
-            if let Some(burst) = rate.burst.as_ref().filter(|b| b.node == 0) {
-                self.error_help(
-                    f,
-                    burst.span,
-                    "burst must be at least 1",
-                    "zero",
-                    "the burst is how many requests may come at once",
-                );
-                ok = false;
-            }
-            if !ok {
-                return None;
-            }
+        if let ast::RateValue::Rate(rate) = &value.node
+            && !self.rate_is_positive(f, rate)
+        {
+            return None;
         }
         let algorithm = algorithm?;
         let used_by = format!("limit `{limit}` counts this with `{}`", algorithm.name());
@@ -184,151 +153,230 @@ impl<'a> Compiler<'a> {
                     lease,
                 })))
             }
-            ast::RateValue::Rate(rate) => {
-                if algorithm == Algorithm::Concurrency {
-                    self.error_help(
-                        f,
-                        value.span,
-                        "a concurrency limit takes a count in flight, not a rate",
-                        "a rate",
-                        "write `rate 5 concurrent;`",
-                    );
-                    return None;
-                }
-                let count = NonZeroU64::new(rate.count.node)?;
-                let period = rate.period.node;
-                if let Some(burst) = &rate.burst {
-                    if !matches!(algorithm, Algorithm::TokenBucket | Algorithm::Gcra) {
-                        self.error_help(
-                            f,
-                            burst.span,
-                            "`burst` applies only to `token_bucket` and `gcra`",
-                            "no burst for this algorithm",
-                            format!("{used_by}; for bursts, use `algorithm token_bucket;` or `algorithm gcra;`"),
-                        );
-                        return None;
-                    }
-                }
-                if algorithm == Algorithm::Calendar {
-                    let calendar = match (period.amount, period.unit) {
-                        (1, ast::Unit::Day) => Some(CalendarPeriod::Day),
-                        (1, ast::Unit::Month) => Some(CalendarPeriod::Month),
-                        _ => None,
-                    };
-                    let Some(calendar) = calendar else {
-                        self.error_help(
-                            f,
-                            rate.period.span,
-                            "a quota counts per calendar day or month",
-                            "not a calendar period",
-                            format!("write `/day` or `/month`; {used_by}"),
-                        );
-                        return None;
-                    };
-                    return Some(TierValue::Quota(Quota::Calendar {
-                        limit: count,
-                        period: calendar,
-                    }));
-                }
-                if period.unit == ast::Unit::Month {
-                    self.error_help(
-                        f,
-                        rate.period.span,
-                        format!("`{}` cannot count per month", algorithm.name()),
-                        "months vary in length",
-                        "use `algorithm quota;` for calendar quotas",
-                    );
-                    return None;
-                }
-                let micros = self.duration_micros(f, &rate.period, "period")?;
-                if micros > algorithm.max_window() {
-                    self.error_help(
-                        f,
-                        rate.period.span,
-                        format!(
-                            "the window is longer than `{}` supports",
-                            algorithm.name()
-                        ),
-                        "window too long",
-                        format!(
-                            "`{}` counts windows of at most {}; for longer periods use `algorithm quota;` with `/day` or `/month`",
-                            algorithm.name(),
-                            if algorithm == Algorithm::FixedWindow { "7 days" } else { "1 day" }
-                        ),
-                    );
-                    return None;
-                }
-                if micros < 1_000 {
-                    self.error_help(
-                        f,
-                        rate.period.span,
-                        "a window is at least 1ms",
-                        "too short",
-                        "lengthen the window, for example `10/100ms`",
-                    );
-                    return None;
-                }
-                let window = NonZeroU64::new(micros)?;
-                match algorithm {
-                    Algorithm::FixedWindow => {
-                        Some(TierValue::Quota(Quota::FixedWindow(WindowQuota {
-                            limit: count,
-                            window,
-                        })))
-                    }
-                    Algorithm::SlidingWindow => {
-                        if u128::from(count.get()) * u128::from(micros) >= EXACT_IN_LUA {
-                            self.error_help(
-                                f,
-                                value.span,
-                                "this rate is too large for the sliding window's arithmetic",
-                                "too large",
-                                "lower the count or the window, or use `fixed_window`",
-                            );
-                            return None;
-                        }
-                        Some(TierValue::Quota(Quota::SlidingWindow(WindowQuota {
-                            limit: count,
-                            window,
-                        })))
-                    }
-                    _ => {
-                        let capacity = rate
-                            .burst
-                            .as_ref()
-                            .and_then(|b| NonZeroU64::new(b.node))
-                            .unwrap_or(count);
-                        let q = BucketQuota::new(capacity, count, window);
-                        if algorithm == Algorithm::Gcra && q.period.get() < q.count.get() {
-                            self.error_help(
-                                f,
-                                value.span,
-                                "this rate is faster than one request per microsecond",
-                                "too fast",
-                                "GCRA counts in microseconds; lower the rate",
-                            );
-                            return None;
-                        }
-                        let scaled = u128::from(q.capacity.get()) * u128::from(q.period.get());
-                        if scaled >= EXACT_IN_LUA {
-                            self.error_help(
-                                f,
-                                value.span,
-                                "the burst and the period are too large together",
-                                "too large",
-                                "lower the burst, or express the rate over a shorter period",
-                            );
-                            return None;
-                        }
-                        if algorithm == Algorithm::Gcra {
-                            Some(TierValue::Quota(Quota::Gcra(q)))
-                        } else {
-                            Some(TierValue::Quota(Quota::TokenBucket(q)))
-                        }
-                    }
-                }
-            }
+            ast::RateValue::Rate(rate) => self
+                .rate_quota(f, value.span, rate, algorithm, &used_by)
+                .map(TierValue::Quota),
         }
+    }
+
+    /// A rate's count, period and burst are at least 1.
+    fn rate_is_positive(&mut self, f: usize, rate: &ast::RateLit) -> bool {
+        let mut ok = true;
+        if rate.count.node == 0 {
+            self.error_help(
+                f,
+                rate.count.span,
+                "a rate allows at least 1 per period",
+                "zero",
+                "to refuse everything, write `blocked`",
+            );
+            ok = false;
+        }
+        if rate.period.node.amount == 0 {
+            self.error_help(
+                f,
+                rate.period.span,
+                "a period is longer than zero",
+                "zero",
+                "write a period such as `/min` or `/5s`",
+            );
+            ok = false;
+        }
+        if let Some(burst) = rate.burst.as_ref().filter(|b| b.node == 0) {
+            self.error_help(
+                f,
+                burst.span,
+                "burst must be at least 1",
+                "zero",
+                "the burst is how many requests may come at once",
+            );
+            ok = false;
+        }
+        ok
+    }
+
+    /// `N/period` (with its burst) as the quota of a counting algorithm.
+    fn rate_quota(
+        &mut self,
+        f: usize,
+        span: Span,
+        rate: &ast::RateLit,
+        algorithm: Algorithm,
+        used_by: &str,
+    ) -> Option<Quota> {
+        if algorithm == Algorithm::Concurrency {
+            self.error_help(
+                f,
+                span,
+                "a concurrency limit takes a count in flight, not a rate",
+                "a rate",
+                "write `rate 5 concurrent;`",
+            );
+            return None;
+        }
+        let count = NonZeroU64::new(rate.count.node)?;
+        if let Some(burst) = &rate.burst
+            && !matches!(algorithm, Algorithm::TokenBucket | Algorithm::Gcra)
+        {
+            self.error_help(
+                f,
+                burst.span,
+                "`burst` applies only to `token_bucket` and `gcra`",
+                "no burst for this algorithm",
+                format!(
+                    "{used_by}; for bursts, use `algorithm token_bucket;` or `algorithm gcra;`"
+                ),
+            );
+            return None;
+        }
+        if algorithm == Algorithm::Calendar {
+            return self.calendar_quota(f, rate, count, used_by);
+        }
+        let window = self.window(f, rate, algorithm)?;
+        let micros = window.get();
+        match algorithm {
+            Algorithm::FixedWindow => Some(Quota::FixedWindow(WindowQuota {
+                limit: count,
+                window,
+            })),
+            Algorithm::SlidingWindow => {
+                if u128::from(count.get()) * u128::from(micros) >= EXACT_IN_LUA {
+                    self.error_help(
+                        f,
+                        span,
+                        "this rate is too large for the sliding window's arithmetic",
+                        "too large",
+                        "lower the count or the window, or use `fixed_window`",
+                    );
+                    return None;
+                }
+                Some(Quota::SlidingWindow(WindowQuota {
+                    limit: count,
+                    window,
+                }))
+            }
+            _ => self.bucket_quota(f, span, rate, count, window, algorithm),
+        }
+    }
+
+    /// `N/day` or `N/month` counted per calendar period.
+    fn calendar_quota(
+        &mut self,
+        f: usize,
+        rate: &ast::RateLit,
+        count: NonZeroU64,
+        used_by: &str,
+    ) -> Option<Quota> {
+        let calendar = match (rate.period.node.amount, rate.period.node.unit) {
+            (1, ast::Unit::Day) => CalendarPeriod::Day,
+            (1, ast::Unit::Month) => CalendarPeriod::Month,
+            _ => {
+                self.error_help(
+                    f,
+                    rate.period.span,
+                    "a quota counts per calendar day or month",
+                    "not a calendar period",
+                    format!("write `/day` or `/month`; {used_by}"),
+                );
+                return None;
+            }
+        };
+        Some(Quota::Calendar {
+            limit: count,
+            period: calendar,
+        })
+    }
+
+    /// The rate's period as a window the algorithm can count: not months, at least 1 ms,
+    /// at most what the algorithm supports.
+    fn window(
+        &mut self,
+        f: usize,
+        rate: &ast::RateLit,
+        algorithm: Algorithm,
+    ) -> Option<NonZeroU64> {
+        if rate.period.node.unit == ast::Unit::Month {
+            self.error_help(
+                f,
+                rate.period.span,
+                format!("`{}` cannot count per month", algorithm.name()),
+                "months vary in length",
+                "use `algorithm quota;` for calendar quotas",
+            );
+            return None;
+        }
+        let micros = self.duration_micros(f, &rate.period, "period")?;
+        if micros > algorithm.max_window() {
+            self.error_help(
+                f,
+                rate.period.span,
+                format!(
+                    "the window is longer than `{}` supports",
+                    algorithm.name()
+                ),
+                "window too long",
+                format!(
+                    "`{}` counts windows of at most {}; for longer periods use `algorithm quota;` with `/day` or `/month`",
+                    algorithm.name(),
+                    if algorithm == Algorithm::FixedWindow { "7 days" } else { "1 day" }
+                ),
+            );
+            return None;
+        }
+        if micros < 1_000 {
+            self.error_help(
+                f,
+                rate.period.span,
+                "a window is at least 1ms",
+                "too short",
+                "lengthen the window, for example `10/100ms`",
+            );
+            return None;
+        }
+        NonZeroU64::new(micros)
+    }
+
+    /// A token bucket or GCRA quota: the burst (else the count) refilled over the window.
+    fn bucket_quota(
+        &mut self,
+        f: usize,
+        span: Span,
+        rate: &ast::RateLit,
+        count: NonZeroU64,
+        window: NonZeroU64,
+        algorithm: Algorithm,
+    ) -> Option<Quota> {
+        let capacity = rate
+            .burst
+            .as_ref()
+            .and_then(|b| NonZeroU64::new(b.node))
+            .unwrap_or(count);
+        let q = BucketQuota::new(capacity, count, window);
+        if algorithm == Algorithm::Gcra && q.period.get() < q.count.get() {
+            self.error_help(
+                f,
+                span,
+                "this rate is faster than one request per microsecond",
+                "too fast",
+                "GCRA counts in microseconds; lower the rate",
+            );
+            return None;
+        }
+        let scaled = u128::from(q.capacity.get()) * u128::from(q.period.get());
+        if scaled >= EXACT_IN_LUA {
+            self.error_help(
+                f,
+                span,
+                "the burst and the period are too large together",
+                "too large",
+                "lower the burst, or express the rate over a shorter period",
+            );
+            return None;
+        }
+        Some(match algorithm {
+            Algorithm::Gcra => Quota::Gcra(q),
+            _ => Quota::TokenBucket(q),
+        })
     }
 
     pub(super) fn duration_micros(

@@ -221,4 +221,18 @@ impl<'a> Compiler<'a> {
         );
         None
     }
+
+    /// A keyword setting of a limit, or `default` when it is not set.
+    pub(super) fn keyword_or<T: Copy>(
+        &mut self,
+        setting: Option<(usize, &ast::Ident)>,
+        what: &str,
+        table: Keywords<T>,
+        default: T,
+    ) -> Option<T> {
+        match setting {
+            Some((f, word)) => self.keyword(f, word, what, table),
+            None => Some(default),
+        }
+    }
 }
