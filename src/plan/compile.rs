@@ -182,22 +182,22 @@ struct CompiledTable {
     entries: Vec<HashMap<String, (usize, Spanned<ast::RateValue>)>>,
 }
 
-/// A limit's settings after `defaults` are applied; each with the file it was written in.
+/// A limit's settings after its file's `defaults` are applied.
 #[derive(Default)]
 struct Settings<'a> {
-    key: Option<(usize, &'a ast::KeyExpr)>,
-    algorithm: Option<(usize, &'a ast::Ident)>,
+    key: Option<&'a ast::KeyExpr>,
+    algorithm: Option<&'a ast::Ident>,
     algorithm_explicit: bool,
-    rate: Option<(usize, &'a Spanned<ast::RateValue>)>,
-    lease: Option<(usize, &'a Spanned<ast::DurationLit>)>,
-    cost: Option<(usize, &'a Spanned<ast::CostExpr>)>,
-    soft: Option<(usize, &'a Spanned<Vec<ast::SoftStep>>)>,
-    on_exceed: Option<(usize, &'a Spanned<ast::OnExceed>)>,
-    mode: Option<(usize, &'a ast::Ident)>,
-    on_store_error: Option<(usize, &'a ast::Ident)>,
-    on_missing_key: Option<(usize, &'a ast::Ident)>,
-    priority: Option<(usize, &'a Spanned<i64>)>,
-    counts: Option<(usize, &'a ast::Ident)>,
+    rate: Option<&'a Spanned<ast::RateValue>>,
+    lease: Option<&'a Spanned<ast::DurationLit>>,
+    cost: Option<&'a Spanned<ast::CostExpr>>,
+    soft: Option<&'a Spanned<Vec<ast::SoftStep>>>,
+    on_exceed: Option<&'a Spanned<ast::OnExceed>>,
+    mode: Option<&'a ast::Ident>,
+    on_store_error: Option<&'a ast::Ident>,
+    on_missing_key: Option<&'a ast::Ident>,
+    priority: Option<&'a Spanned<i64>>,
+    counts: Option<&'a ast::Ident>,
 }
 
 struct Compiler<'a> {

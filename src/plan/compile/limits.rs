@@ -12,8 +12,8 @@ impl<'a> Compiler<'a> {
     ) -> Option<Limit> {
         let (settings, condition, mut ok) = self.limit_body(f, block, defaults);
         let name = &block.name;
-        let key = self.limit_key(&settings, &name.node);
-        let Some((rf, rate_value)) = settings.rate else {
+        let key = self.limit_key(f, &settings, &name.node);
+        let Some(rate_value) = settings.rate else {
             self.error_help(
                 f,
                 name.span,
@@ -23,39 +23,41 @@ impl<'a> Compiler<'a> {
             );
             return None;
         };
-        let algorithm = self.algorithm(&settings, rate_value);
-        let lease = self.lease(&settings, algorithm, &name.node, &mut ok);
-        let rate = self.limit_rate(rf, rate_value, algorithm, lease, &name.node);
+        let algorithm = self.algorithm(f, &settings, rate_value);
+        let lease = self.lease(f, &settings, algorithm, &name.node, &mut ok);
+        let rate = self.limit_rate(f, rate_value, algorithm, lease, &name.node);
         let cost = match settings.cost {
-            Some((cf, cost)) => self.cost(cf, cost, algorithm.unwrap_or(Algorithm::SlidingWindow)),
+            Some(cost) => self.cost(f, cost, algorithm.unwrap_or(Algorithm::SlidingWindow)),
             None => Some(Cost::Fixed(1)),
         };
         let soft = match settings.soft {
-            Some((sf, soft)) => self.soft(sf, soft),
+            Some(soft) => self.soft(f, soft),
             None => Some(Vec::new()),
         };
         let on_exceed = match settings.on_exceed {
-            Some((ef, exceed)) => self.on_exceed(ef, exceed),
+            Some(exceed) => self.on_exceed(f, exceed),
             None => Some(OnExceed {
                 status: StatusCode::TOO_MANY_REQUESTS,
                 reason: None,
                 ban: None,
             }),
         };
-        let mode = self.keyword_or(settings.mode, "mode", MODES, Mode::Enforce);
+        let mode = self.keyword_or(f, settings.mode, "mode", MODES, Mode::Enforce);
         let on_store_error = self.keyword_or(
+            f,
             settings.on_store_error,
             "on_store_error",
             STORE_ERROR_MODES,
             StoreErrorMode::Allow,
         );
         let on_missing_key = self.keyword_or(
+            f,
             settings.on_missing_key,
             "on_missing_key",
             MISSING_KEY_MODES,
             MissingKey::Ip,
         );
-        let counts = self.keyword_or(settings.counts, "counts", COUNTS, Counts::Requests);
+        let counts = self.keyword_or(f, settings.counts, "counts", COUNTS, Counts::Requests);
         if counts.is_some_and(|c| c != Counts::Requests)
             && algorithm == Some(Algorithm::Concurrency)
         {
@@ -68,7 +70,7 @@ impl<'a> Compiler<'a> {
             );
             ok = false;
         }
-        let priority = self.priority(settings.priority);
+        let priority = self.priority(f, settings.priority);
         algorithm?;
         Some(Limit {
             name: Arc::from(name.node.as_str()),
@@ -129,17 +131,17 @@ impl<'a> Compiler<'a> {
 
     /// The key the limit counts by (the client address when none is given); a key that may
     /// be missing without `on_missing_key` is a warning.
-    fn limit_key(&mut self, settings: &Settings<'a>, limit: &str) -> Option<KeySpec> {
-        let Some((kf, expr)) = settings.key else {
+    fn limit_key(&mut self, f: usize, settings: &Settings<'a>, limit: &str) -> Option<KeySpec> {
+        let Some(expr) = settings.key else {
             return Some(KeySpec {
                 parts: vec![KeyPart::One(KeySource::Ip { v4: 32, v6: 64 })],
             });
         };
-        let key = self.key_expr(kf, expr);
+        let key = self.key_expr(f, expr);
         if let (Some(spec), None) = (&key, settings.on_missing_key)
             && let Some(missing) = spec.may_be_missing()
         {
-            self.warn_missing_key(kf, expr.span, limit, missing);
+            self.warn_missing_key(f, expr.span, limit, missing);
         }
         key
     }
@@ -148,19 +150,20 @@ impl<'a> Compiler<'a> {
     /// `/month`); else from defaults; else the sliding window.
     fn algorithm(
         &mut self,
+        f: usize,
         settings: &Settings<'a>,
         rate: &Spanned<ast::RateValue>,
     ) -> Option<Algorithm> {
         let implied = self.implied_algorithm(rate);
         match settings.algorithm {
-            Some((af, ident)) if settings.algorithm_explicit || implied.is_none() => {
+            Some(ident) if settings.algorithm_explicit || implied.is_none() => {
                 let found = lookup(ALGORITHMS, &ident.node);
                 if found.is_none() {
                     let known = words(ALGORITHMS);
                     let help = suggest(&ident.node, &known)
                         .unwrap_or_else(|| format!("the algorithms are: {}", known.join(", ")));
                     self.error_help(
-                        af,
+                        f,
                         ident.span,
                         format!("unknown algorithm `{}`", ident.node),
                         "unknown algorithm",
@@ -176,17 +179,18 @@ impl<'a> Compiler<'a> {
     /// How long a concurrency slot is held when its end is never reported.
     fn lease(
         &mut self,
+        f: usize,
         settings: &Settings<'a>,
         algorithm: Option<Algorithm>,
         limit: &str,
         ok: &mut bool,
     ) -> u64 {
-        let Some((lf, lease)) = settings.lease else {
+        let Some(lease) = settings.lease else {
             return DEFAULT_LEASE;
         };
         if algorithm.is_some_and(|a| a != Algorithm::Concurrency) {
             self.error_help(
-                lf,
+                f,
                 lease.span,
                 "`lease` applies only to concurrency limits",
                 "not a concurrency limit",
@@ -197,11 +201,11 @@ impl<'a> Compiler<'a> {
             );
             *ok = false;
         }
-        match self.duration_micros(lf, lease, "lease") {
+        match self.duration_micros(f, lease, "lease") {
             Some(d) if d <= DAY => d,
             Some(_) => {
                 self.error_help(
-                    lf,
+                    f,
                     lease.span,
                     "a lease lasts at most 1 day",
                     "too long",
@@ -217,13 +221,13 @@ impl<'a> Compiler<'a> {
         }
     }
 
-    fn priority(&mut self, setting: Option<(usize, &Spanned<i64>)>) -> Option<i32> {
-        let Some((pf, p)) = setting else {
+    fn priority(&mut self, f: usize, setting: Option<&Spanned<i64>>) -> Option<i32> {
+        let Some(p) = setting else {
             return Some(0);
         };
         i32::try_from(p.node).ok().or_else(|| {
             self.error_help(
-                pf,
+                f,
                 p.span,
                 "priority is out of range",
                 "out of range",
@@ -244,52 +248,52 @@ impl<'a> Compiler<'a> {
     ) -> bool {
         let (name, span) = match setting {
             ast::Setting::Key(k) => {
-                settings.key = Some((f, k));
+                settings.key = Some(k);
                 ("key", k.span)
             }
             ast::Setting::Algorithm(a) => {
-                settings.algorithm = Some((f, a));
+                settings.algorithm = Some(a);
                 settings.algorithm_explicit = explicit;
                 ("algorithm", a.span)
             }
             ast::Setting::Rate(r) => {
-                settings.rate = Some((f, r));
+                settings.rate = Some(r);
                 ("rate", r.span)
             }
             ast::Setting::Lease(l) => {
-                settings.lease = Some((f, l));
+                settings.lease = Some(l);
                 ("lease", l.span)
             }
             ast::Setting::Cost(c) => {
-                settings.cost = Some((f, c));
+                settings.cost = Some(c);
                 ("cost", c.span)
             }
             ast::Setting::Soft(s) => {
-                settings.soft = Some((f, s));
+                settings.soft = Some(s);
                 ("soft", s.span)
             }
             ast::Setting::OnExceed(e) => {
-                settings.on_exceed = Some((f, e));
+                settings.on_exceed = Some(e);
                 ("on_exceed", e.span)
             }
             ast::Setting::Mode(m) => {
-                settings.mode = Some((f, m));
+                settings.mode = Some(m);
                 ("mode", m.span)
             }
             ast::Setting::OnStoreError(m) => {
-                settings.on_store_error = Some((f, m));
+                settings.on_store_error = Some(m);
                 ("on_store_error", m.span)
             }
             ast::Setting::OnMissingKey(m) => {
-                settings.on_missing_key = Some((f, m));
+                settings.on_missing_key = Some(m);
                 ("on_missing_key", m.span)
             }
             ast::Setting::Priority(p) => {
-                settings.priority = Some((f, p));
+                settings.priority = Some(p);
                 ("priority", p.span)
             }
             ast::Setting::Counts(c) => {
-                settings.counts = Some((f, c));
+                settings.counts = Some(c);
                 ("counts", c.span)
             }
         };

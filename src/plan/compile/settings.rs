@@ -225,13 +225,14 @@ impl<'a> Compiler<'a> {
     /// A keyword setting of a limit, or `default` when it is not set.
     pub(super) fn keyword_or<T: Copy>(
         &mut self,
-        setting: Option<(usize, &ast::Ident)>,
+        f: usize,
+        setting: Option<&ast::Ident>,
         what: &str,
         table: Keywords<T>,
         default: T,
     ) -> Option<T> {
         match setting {
-            Some((f, word)) => self.keyword(f, word, what, table),
+            Some(word) => self.keyword(f, word, what, table),
             None => Some(default),
         }
     }
