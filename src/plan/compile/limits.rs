@@ -160,15 +160,8 @@ impl<'a> Compiler<'a> {
                 let found = lookup(ALGORITHMS, &ident.node);
                 if found.is_none() {
                     let known = words(ALGORITHMS);
-                    let help = suggest(&ident.node, &known)
-                        .unwrap_or_else(|| format!("the algorithms are: {}", known.join(", ")));
-                    self.error_help(
-                        f,
-                        ident.span,
-                        format!("unknown algorithm `{}`", ident.node),
-                        "unknown algorithm",
-                        help,
-                    );
+                    let intro = "the algorithms are";
+                    self.unknown_name(f, ident, "algorithm", "unknown algorithm", &known, intro);
                 }
                 found
             }

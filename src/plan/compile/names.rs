@@ -59,14 +59,12 @@ impl<'a> Compiler<'a> {
                             out.limits.push((f, block));
                         }
                     }
-                    ast::Item::Safelist(block) => {
+                    ast::Item::Safelist(block) | ast::Item::Denylist(block) => {
                         if self.first_definition("list", &mut lists, f, &block.name) {
-                            out.safelists.push((f, block));
-                        }
-                    }
-                    ast::Item::Denylist(block) => {
-                        if self.first_definition("list", &mut lists, f, &block.name) {
-                            out.denylists.push((f, block));
+                            match item {
+                                ast::Item::Safelist(_) => out.safelists.push((f, block)),
+                                _ => out.denylists.push((f, block)),
+                            }
                         }
                     }
                     ast::Item::Anomaly(block) => {

@@ -210,16 +210,30 @@ impl<'a> Compiler<'a> {
             return Some(found);
         }
         let allowed = words(table);
-        let help = suggest(&ident.node, &allowed)
-            .unwrap_or_else(|| format!("`{what}` is one of: {}", allowed.join(", ")));
+        let intro = format!("`{what}` is one of");
+        self.unknown_name(f, ident, what, "not allowed here", &allowed, &intro);
+        None
+    }
+
+    /// Reports `name` as no `what` of `known`: the closest known name as help, else the list.
+    pub(super) fn unknown_name(
+        &mut self,
+        f: usize,
+        name: &ast::Ident,
+        what: &str,
+        label: &str,
+        known: &[&str],
+        list_intro: &str,
+    ) {
+        let help = suggest(&name.node, known)
+            .unwrap_or_else(|| format!("{list_intro}: {}", known.join(", ")));
         self.error_help(
             f,
-            ident.span,
-            format!("unknown {what} `{}`", ident.node),
-            "not allowed here",
+            name.span,
+            format!("unknown {what} `{}`", name.node),
+            label,
             help,
         );
-        None
     }
 
     /// A keyword setting of a limit, or `default` when it is not set.

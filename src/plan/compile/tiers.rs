@@ -66,15 +66,8 @@ impl<'a> Compiler<'a> {
             while let Some(parent) = &current.extends {
                 let Some(&p) = index.get(parent.node.as_str()) else {
                     let names: Vec<&str> = index.keys().copied().collect();
-                    let help = suggest(&parent.node, &names)
-                        .unwrap_or_else(|| format!("the tiers are: {}", names.join(", ")));
-                    self.error_help(
-                        f,
-                        parent.span,
-                        format!("unknown tier `{}`", parent.node),
-                        "not a tier of this table",
-                        help,
-                    );
+                    let label = "not a tier of this table";
+                    self.unknown_name(f, parent, "tier", label, &names, "the tiers are");
                     ok = false;
                     break;
                 };
