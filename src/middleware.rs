@@ -10,13 +10,11 @@
 mod body;
 
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, MatchedPath};
 use http::{HeaderValue, Request, Response};
 use tower::{Layer, Service};
 
@@ -24,8 +22,8 @@ pub use self::body::LeaseGuard;
 use crate::clock::{Clock, SystemClock};
 use crate::engine::{Action, Engine, Verdict};
 use crate::identity::Identifier;
-use crate::request::{PathError, RequestCtx, normalize_host};
-use crate::response::{self, HeaderFamilies, X_REQUEST_ID, grpc_refusal, refusal};
+use crate::request::{PathError, RequestCtx, X_REQUEST_ID};
+use crate::response::{self, HeaderFamilies, grpc_refusal, refusal};
 use crate::store::Store;
 
 /// How the middleware reads requests and writes responses.
@@ -171,7 +169,7 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let layer = self.layer.clone();
         Box::pin(async move {
-            let request_id = response::request_id(request.headers());
+            let request_id = crate::request::request_id(request.headers());
             let grpc = is_grpc(request.headers());
             let ctx = match request_ctx(&mut request, &layer.options.identifier) {
                 Ok(ctx) => ctx,
@@ -224,61 +222,15 @@ where
     }
 }
 
-/// The engine's view of an HTTP request. The headers are moved, not copied; the caller puts
-/// them back. The request's path is replaced by its canonical form, so that what follows
-/// (the application, the upstream) sees the path that was limited; a path that cannot be
-/// normalized safely is refused.
+/// The engine's view of an HTTP request, its client identified by `identifier` (see
+/// [`RequestCtx::from_http`]).
 pub fn request_ctx<B>(
     request: &mut Request<B>,
     identifier: &Identifier,
 ) -> Result<RequestCtx, PathError> {
-    let path_and_query = request.uri().path_and_query().map_or("/", |p| p.as_str());
-    let mut ctx = RequestCtx::try_new(request.method().clone(), path_and_query)?;
-    if ctx.path != request.uri().path() {
-        set_path(request.uri_mut(), &ctx.path);
-    }
-    ctx.headers = std::mem::take(request.headers_mut());
-    ctx.host = request
-        .uri()
-        .host()
-        .or_else(|| {
-            ctx.headers
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-        })
-        .map(normalize_host);
-    ctx.route_template = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|m| m.as_str().to_owned());
-    let extensions = request.extensions();
-    let peer: Option<IpAddr> = extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip())
-        .or_else(|| extensions.get::<SocketAddr>().map(|a| a.ip()));
-    #[cfg(feature = "tonic")]
-    let peer = peer.or_else(|| {
-        extensions
-            .get::<tonic::transport::server::TcpConnectInfo>()
-            .and_then(|c| c.remote_addr())
-            .map(|a| a.ip())
-    });
+    let (mut ctx, peer) = RequestCtx::from_http(request)?;
     identifier.identify(&mut ctx, peer);
     Ok(ctx)
-}
-
-/// Replaces `uri`'s path, keeping its scheme, authority and query.
-fn set_path(uri: &mut http::Uri, path: &str) {
-    let path_and_query = match uri.query() {
-        Some(query) => format!("{path}?{query}"),
-        None => path.to_owned(),
-    };
-    let mut parts = std::mem::take(uri).into_parts();
-    // A canonical path is a valid one: every character it holds is allowed in a URI.
-    parts.path_and_query = path_and_query.parse().ok();
-    if let Ok(new) = http::Uri::from_parts(parts) {
-        *uri = new;
-    }
 }
 
 /// The answer to a request whose path cannot be normalized safely: 400 problem.

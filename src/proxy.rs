@@ -198,7 +198,7 @@ pub async fn handler<S: Store, C: Clock>(
         Err(error) => {
             return crate::middleware::bad_path(
                 &error,
-                &crate::response::request_id(request.headers()),
+                &crate::request::request_id(request.headers()),
             );
         }
     };

@@ -1,5 +1,6 @@
 //! What the engine knows about one request.
 
+mod incoming;
 pub mod path;
 
 use std::borrow::Cow;
@@ -8,6 +9,7 @@ use std::net::IpAddr;
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 
+pub use self::incoming::{X_REQUEST_ID, request_id};
 pub use self::path::PathError;
 
 /// One request as the engine sees it: method, path, host, headers, client address, and the

@@ -10,6 +10,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use serde::Serialize;
 
 use crate::engine::{Action, LimitReport, Verdict};
+use crate::request::X_REQUEST_ID;
 
 /// `X-RateLimit-Limit`
 pub static X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
@@ -23,8 +24,6 @@ pub static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-pol
 pub static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 /// `Tollgate-Warning`: a soft threshold was crossed.
 pub static TOLLGATE_WARNING: HeaderName = HeaderName::from_static("tollgate-warning");
-/// `X-Request-Id`
-pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Which header families to send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -303,51 +302,6 @@ pub fn problem(verdict: &Verdict, request_id: Option<&str>) -> Option<Problem> {
 
 fn title(status: StatusCode) -> &'static str {
     status.canonical_reason().unwrap_or("Refused")
-}
-
-/// The request's id: its `X-Request-Id` when well-formed (1–128 of `A–Z a–z 0–9 . _ -`),
-/// else a new random one.
-pub fn request_id(headers: &HeaderMap) -> String {
-    headers
-        .get(&X_REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| {
-            !v.is_empty()
-                && v.len() <= 128
-                && v.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-        })
-        .map_or_else(new_request_id, str::to_owned)
-}
-
-/// A new id: 16 hex digits drawn once per process, then a counter in 16 more. Unique per
-/// process and across processes with overwhelming probability; cheap enough for every
-/// request.
-fn new_request_id() -> String {
-    use std::cell::Cell;
-    // Per thread: a random prefix and a counter, so that threads never share a cache line.
-    thread_local! {
-        static NEXT: Cell<(u64, u64)> = Cell::new((rand::random(), 0));
-    }
-    let (prefix, n) = NEXT.with(|next| {
-        let (prefix, n) = next.get();
-        next.set((prefix, n.wrapping_add(1)));
-        (prefix, n)
-    });
-    let mut digits = [0u8; 32];
-    hex(&mut digits[..16], prefix);
-    hex(&mut digits[16..], n);
-    // Hex digits are ASCII: the conversion cannot fail.
-    String::from_utf8(digits.to_vec()).unwrap_or_default()
-}
-
-/// Writes `n` as lowercase hex digits into `out`, the last digit last.
-fn hex(out: &mut [u8], mut n: u64) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for slot in out.iter_mut().rev() {
-        *slot = DIGITS[(n & 0xf) as usize];
-        n >>= 4;
-    }
 }
 
 // ─── refusals: HTTP and gRPC ─────────────────────────────────────────────────────────────

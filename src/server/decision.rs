@@ -62,7 +62,7 @@ pub(super) async fn check<S: Store, C: Clock>(
     State(app): State<Arc<AppState<S, C>>>,
     request: Request,
 ) -> Response {
-    let request_id = response::request_id(request.headers());
+    let request_id = crate::request::request_id(request.headers());
     let input: CheckRequest = match read_json(request, app.max_body_bytes).await {
         Ok(input) => input,
         Err(problem) => return problem_response(*problem, &request_id),
@@ -109,7 +109,7 @@ pub(super) async fn release<S: Store, C: Clock>(
     State(app): State<Arc<AppState<S, C>>>,
     request: Request,
 ) -> Response {
-    let request_id = response::request_id(request.headers());
+    let request_id = crate::request::request_id(request.headers());
     match read_json::<ReleaseRequest>(request, app.max_body_bytes).await {
         Ok(input) => {
             app.engine.release(&input.leases).await;

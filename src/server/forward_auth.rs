@@ -13,7 +13,7 @@ pub(super) async fn forward_auth<S: Store, C: Clock>(
     request: Request,
 ) -> Response {
     let headers = request.headers();
-    let request_id = response::request_id(headers);
+    let request_id = crate::request::request_id(headers);
     let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let nginx = headers.contains_key("x-original-uri");
     let method = text("x-forwarded-method")

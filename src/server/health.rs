@@ -16,13 +16,13 @@ pub(super) async fn ready<S: Store, C: Clock>(State(app): State<Arc<AppState<S, 
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("not ready: {e}"),
             ),
-            &response::request_id(&HeaderMap::new()),
+            &crate::request::request_id(&HeaderMap::new()),
         ),
     }
 }
 
 pub(super) async fn not_found(request: Request) -> Response {
-    let request_id = response::request_id(request.headers());
+    let request_id = crate::request::request_id(request.headers());
     problem_response(
         Problem::new(
             "urn:tollgate:problem:not-found",
