@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use serde_json::json;
-use support::TestServer;
+use support::InProcess;
 use tollgate::identity::Identifier;
 use tollgate::middleware::HttpOptions;
 use tollgate::store::MemoryStore;
@@ -67,14 +67,14 @@ async fn through_the_layer_a_plan_header_counts_only_from_the_gateway() {
 
 #[test]
 fn through_the_decision_api_the_caller_says_whether_its_gateway_set_the_headers() {
-    let server = TestServer::start(POLICY, options());
+    let server = InProcess::start(POLICY, options());
     let limit = |trusted: Option<bool>| {
         let mut body = json!({ "method": "GET", "path": "/api/x", "client_ip": "198.51.100.4",
                                "headers": { "X-Plan": "pro" } });
         if let Some(t) = trusted {
             body["trusted_headers"] = json!(t);
         }
-        support::check(server.addr, &body).json()["limit"].clone()
+        server.check(&body).json()["limit"].clone()
     };
     assert_eq!(
         limit(None),

@@ -14,7 +14,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use http::StatusCode;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::json;
-use support::TestServer;
+use support::InProcess;
 use tollgate::identity::Identifier;
 use tollgate::identity::{JwtKey, JwtSettings};
 use tollgate::middleware::HttpOptions;
@@ -173,14 +173,14 @@ async fn a_limit_may_skip_or_refuse_requests_without_a_key() {
 
 #[test]
 fn the_decision_api_counts_unattributed_requests_and_lists_skipped_limits() {
-    let server = TestServer::start(
+    let server = InProcess::start(
         POLICY,
         HttpOptions {
             identifier: identifier(),
             ..HttpOptions::default()
         },
     );
-    let check = |body: serde_json::Value| support::check(server.addr, &body).json();
+    let check = |body: serde_json::Value| server.check(&body).json();
     // A forged token with an address: counted by the address.
     let forged = format!("Bearer {}", unsigned("victim"));
     let with_ip = json!({ "method": "GET", "path": "/api/x", "client_ip": "198.51.100.1",

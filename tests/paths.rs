@@ -11,7 +11,7 @@ use axum::Router;
 use axum::body::{Body, to_bytes};
 use http::Request;
 use serde_json::json;
-use support::{TestApp, TestServer, send};
+use support::{InProcess, TestApp, TestServer, send};
 use tollgate::identity::Identifier;
 use tollgate::middleware::HttpOptions;
 use tollgate::store::MemoryStore;
@@ -113,10 +113,10 @@ async fn the_layer_limits_every_spelling_and_hands_the_app_the_canonical_path() 
 
 #[test]
 fn the_decision_api_limits_every_spelling() {
-    let server = TestServer::start(POLICY, trusted());
+    let server = InProcess::start(POLICY, trusted());
     let check = |path: &str| {
         let body = json!({ "method": "POST", "path": path, "client_ip": "198.51.100.7" });
-        support::check(server.addr, &body)
+        server.check(&body)
     };
     assert_eq!(check("/auth/login").json()["allowed"], true);
     for variant in VARIANTS {
@@ -133,10 +133,9 @@ fn the_decision_api_limits_every_spelling() {
 
 #[test]
 fn forward_auth_limits_every_spelling_in_both_flavours() {
-    let server = TestServer::start(POLICY, trusted());
+    let server = InProcess::start(POLICY, trusted());
     let traefik = |uri: &str| {
-        send(
-            server.addr,
+        server.send(
             "GET",
             "/v1/auth",
             &[
@@ -148,8 +147,7 @@ fn forward_auth_limits_every_spelling_in_both_flavours() {
         )
     };
     let nginx = |uri: &str| {
-        send(
-            server.addr,
+        server.send(
             "GET",
             "/v1/auth",
             &[

@@ -1,12 +1,13 @@
-//! `tollgate serve` over real sockets: the decision API, forward-auth in both flavours,
-//! bad input, and every JSON answer checked against `docs/openapi.yaml`.
+//! `tollgate serve`: the decision API, forward-auth in both flavours, bad input, and every
+//! JSON answer checked against `docs/openapi.yaml`. The router is called in-process; what
+//! only a socket shows (header-size limits) goes over a real one.
 
 mod support;
 
 use std::net::IpAddr;
 
 use serde_json::{Value, json};
-use support::{Reply, TestServer, send};
+use support::{InProcess, Reply, TestServer};
 use tollgate::identity::Identifier;
 use tollgate::middleware::HttpOptions;
 
@@ -23,17 +24,19 @@ limit search { match { route GET "/search"; } key ip; algorithm fixed_window; ra
 denylist bots { user_agent ~= "(?i)sqlmap"; respond 403 reason "no scanners"; }
 "#;
 
-fn server() -> TestServer {
-    let options = HttpOptions {
+fn options() -> HttpOptions {
+    HttpOptions {
         identifier: Identifier::new().with_trusted_proxies(vec!["127.0.0.0/8".parse().unwrap()]),
         ..HttpOptions::default()
-    };
-    TestServer::start(POLICY, options)
+    }
 }
 
-fn check(server: &TestServer, body: &Value) -> Reply {
-    send(
-        server.addr,
+fn server() -> InProcess {
+    InProcess::start(POLICY, options())
+}
+
+fn check(server: &InProcess, body: &Value) -> Reply {
+    server.send(
         "POST",
         "/v1/check",
         &[("Content-Type", "application/json")],
@@ -135,13 +138,7 @@ fn check_leases_can_be_released() {
     assert_eq!(first["allowed"], true);
     assert_eq!(check(&server, &request).json()["allowed"], false);
     let release = json!({ "leases": first["leases"] });
-    let reply = send(
-        server.addr,
-        "POST",
-        "/v1/release",
-        &[],
-        release.to_string().as_bytes(),
-    );
+    let reply = server.send("POST", "/v1/release", &[], release.to_string().as_bytes());
     assert_eq!(reply.status, 204);
     assert_eq!(check(&server, &request).json()["allowed"], true);
 }
@@ -196,7 +193,7 @@ fn bad_input_gets_a_400_problem_naming_the_field() {
         (b"", None),
     ];
     for (body, field) in cases {
-        let reply = send(server.addr, "POST", "/v1/check", &[], body);
+        let reply = server.send("POST", "/v1/check", &[], body);
         assert_eq!(
             reply.status,
             400,
@@ -216,7 +213,7 @@ fn bad_input_gets_a_400_problem_naming_the_field() {
         }
     }
     // The missing field is named in the detail.
-    let reply = send(server.addr, "POST", "/v1/check", &[], br#"{"path": "/x"}"#);
+    let reply = server.send("POST", "/v1/check", &[], br#"{"path": "/x"}"#);
     assert!(
         reply.json()["detail"].as_str().unwrap().contains("method"),
         "{}",
@@ -226,24 +223,23 @@ fn bad_input_gets_a_400_problem_naming_the_field() {
 
 #[test]
 fn oversized_bodies_and_headers_are_refused() {
-    let server = server();
+    let server = TestServer::start(POLICY, options());
     let big = vec![b' '; 200 * 1024];
-    let reply = send(server.addr, "POST", "/v1/check", &[], &big);
+    let reply = server.send("POST", "/v1/check", &[], &big);
     assert_eq!(reply.status, 413);
     assert_conforms(&reply, "Problem");
     let huge = "x".repeat(512 * 1024);
-    let reply = send(server.addr, "GET", "/v1/auth", &[("X-Huge", &huge)], b"");
+    let reply = server.send("GET", "/v1/auth", &[("X-Huge", &huge)], b"");
     assert_eq!(reply.status, 431, "{}", reply.text());
     // The server is still there.
-    assert_eq!(send(server.addr, "GET", "/healthz", &[], b"").status, 200);
+    assert_eq!(server.send("GET", "/healthz", &[], b"").status, 200);
 }
 
 #[test]
 fn forward_auth_for_traefik_passes_the_real_status() {
     let server = server();
     let auth = |client: &str| {
-        send(
-            server.addr,
+        server.send(
             "GET",
             "/v1/auth",
             &[
@@ -277,8 +273,7 @@ fn forward_auth_for_traefik_passes_the_real_status() {
 fn forward_auth_for_nginx_answers_403_with_the_real_status_in_a_header() {
     let server = server();
     let auth = || {
-        send(
-            server.addr,
+        server.send(
             "GET",
             "/v1/auth",
             &[
@@ -301,18 +296,18 @@ fn forward_auth_for_nginx_answers_403_with_the_real_status_in_a_header() {
 #[test]
 fn health_readiness_and_unknown_paths() {
     let server = server();
-    assert_eq!(send(server.addr, "GET", "/healthz", &[], b"").status, 200);
-    let ready = send(server.addr, "GET", "/readyz", &[], b"");
+    assert_eq!(server.send("GET", "/healthz", &[], b"").status, 200);
+    let ready = server.send("GET", "/readyz", &[], b"");
     assert_eq!(ready.status, 200);
     assert!(ready.text().starts_with("ready: plan "));
-    let missing = send(server.addr, "GET", "/nope", &[], b"");
+    let missing = server.send("GET", "/nope", &[], b"");
     assert_eq!(missing.status, 404);
     assert_conforms(&missing, "Problem");
 }
 
 #[test]
 fn ipv6_clients_share_a_counter_per_64() {
-    let server = TestServer::start(
+    let server = InProcess::start(
         r#"limit l { match { route GET "/x"; } key ip; algorithm fixed_window; rate 1/min; }"#,
         HttpOptions::default(),
     );
@@ -448,7 +443,7 @@ fn the_decision_api_accepts_exactly_what_the_spec_allows() {
             &release_schema
         };
         let valid = validator.is_valid(&value);
-        let reply = send(server.addr, "POST", endpoint, &[], body.as_bytes());
+        let reply = server.send("POST", endpoint, &[], body.as_bytes());
         assert_eq!(
             reply.status != 400,
             valid,
@@ -474,25 +469,18 @@ fn text_after_the_json_body_is_refused() {
         r#"{"method": "GET", "path": "/x"} xyz"#,
         r#"{"method": "GET", "path": "/x"},"#,
     ] {
-        let reply = send(server.addr, "POST", "/v1/check", &[], body.as_bytes());
+        let reply = server.send("POST", "/v1/check", &[], body.as_bytes());
         assert_eq!(reply.status, 400, "{body}: {}", reply.text());
         assert_conforms(&reply, "Problem");
     }
-    let trailing_space = send(
-        server.addr,
+    let trailing_space = server.send(
         "POST",
         "/v1/check",
         &[],
         b"{\"method\": \"GET\", \"path\": \"/x\"}\n  ",
     );
     assert_eq!(trailing_space.status, 200, "{}", trailing_space.text());
-    let reply = send(
-        server.addr,
-        "POST",
-        "/v1/release",
-        &[],
-        br#"{"leases": []} []"#,
-    );
+    let reply = server.send("POST", "/v1/release", &[], br#"{"leases": []} []"#);
     assert_eq!(reply.status, 400);
 }
 
@@ -511,7 +499,7 @@ fn the_documented_examples_are_answered_as_documented() {
         let server = server();
         for (name, example) in examples {
             let body = example["value"].to_string();
-            let reply = send(server.addr, "POST", path, &[], body.as_bytes());
+            let reply = server.send("POST", path, &[], body.as_bytes());
             let status = reply.status.to_string();
             let documented = &item["post"]["responses"][&status];
             assert!(

@@ -156,6 +156,97 @@ pub fn require(what: &str) -> bool {
     false
 }
 
+/// `tollgate serve`'s router called in this process with `oneshot`, without a socket: for
+/// tests of what the server answers (sockets are tested where they matter: header limits,
+/// nginx, the proxy, WebSockets). Each request comes from the peer 127.0.0.1.
+pub struct InProcess {
+    router: axum::Router,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl InProcess {
+    /// Serves `policy` (one `.rl` text) with `options`.
+    pub fn start(policy: &str, options: tollgate::middleware::HttpOptions) -> InProcess {
+        let set = tollgate::PolicySet::from_sources([("test.rl", policy)]);
+        InProcess {
+            router: tollgate::server::router(app_state(set, options, None)),
+            runtime: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap(),
+        }
+    }
+
+    /// `POST /v1/check` with `body`.
+    pub fn check(&self, body: &serde_json::Value) -> Reply {
+        self.send("POST", "/v1/check", &[], body.to_string().as_bytes())
+    }
+
+    /// Sends one request and reads the whole answer.
+    pub fn send(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply {
+        use tower::ServiceExt;
+        let mut request = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "127.0.0.1");
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let mut request = request.body(axum::body::Body::from(body.to_vec())).unwrap();
+        let peer: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        request
+            .extensions_mut()
+            .insert(axum::extract::ConnectInfo(peer));
+        self.runtime.block_on(async {
+            let response = self.router.clone().oneshot(request).await.unwrap();
+            let (parts, body) = response.into_parts();
+            let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+            Reply {
+                status: parts.status.as_u16(),
+                headers: parts
+                    .headers
+                    .iter()
+                    .map(|(k, v)| {
+                        (
+                            k.as_str().to_owned(),
+                            String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                        )
+                    })
+                    .collect(),
+                body: body.to_vec(),
+            }
+        })
+    }
+}
+
+/// The server's state for `set`, counting in memory.
+fn app_state(
+    set: tollgate::PolicySet,
+    options: tollgate::middleware::HttpOptions,
+    upstream: Option<SocketAddr>,
+) -> std::sync::Arc<tollgate::server::AppState<tollgate::store::MemoryStore>> {
+    use std::sync::Arc;
+    let plan = tollgate::compile(&set).unwrap_or_else(|e| panic!("{}", e.render_plain(100)));
+    let engine = Arc::new(tollgate::Engine::new(
+        plan,
+        tollgate::store::MemoryStore::new(),
+    ));
+    Arc::new(tollgate::server::AppState {
+        engine,
+        options,
+        max_body_bytes: 64 * 1024,
+        upstream: upstream
+            .map(|a| tollgate::proxy::Upstream::new(format!("http://{a}").parse().unwrap())),
+    })
+}
+
+impl TestServer {
+    /// Sends one request over a new connection and reads the whole answer.
+    pub fn send(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply {
+        send(self.addr, method, path, headers, body)
+    }
+}
+
 /// A `tollgate serve` running in this process on a free port, stopped on drop.
 pub struct TestServer {
     pub addr: SocketAddr,
@@ -192,19 +283,7 @@ impl TestServer {
         options: tollgate::middleware::HttpOptions,
         upstream: Option<SocketAddr>,
     ) -> TestServer {
-        use std::sync::Arc;
-        let plan = tollgate::compile(&set).unwrap_or_else(|e| panic!("{}", e.render_plain(100)));
-        let engine = Arc::new(tollgate::Engine::new(
-            plan,
-            tollgate::store::MemoryStore::new(),
-        ));
-        let state = Arc::new(tollgate::server::AppState {
-            engine,
-            options,
-            max_body_bytes: 64 * 1024,
-            upstream: upstream
-                .map(|a| tollgate::proxy::Upstream::new(format!("http://{a}").parse().unwrap())),
-        });
+        let state = app_state(set, options, upstream);
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
