@@ -341,6 +341,7 @@ impl<S: Store, C: Clock> Engine<S, C> {
                 };
                 return verdict(action, Vec::new(), Vec::new(), Vec::new());
             }
+            Selection::Limits { skipped } if skipped.is_empty() => Vec::new(),
             Selection::Limits { skipped } => skipped
                 .into_iter()
                 .map(|limit| SkippedLimit {
@@ -520,6 +521,7 @@ impl<S: Store, C: Clock> Engine<S, C> {
 
 /// One selected limit as a report (the store fills in its decision), an operation to count
 /// and the limit, in the same order; returns whether it refuses without counting.
+#[inline]
 fn charge<'p>(
     selected: Selected<'p>,
     reports: &mut Vec<LimitReport>,

@@ -133,10 +133,15 @@ impl KeySelector<'_> {
 /// The part of `key` that decides where it lives, as Redis Cluster reads it: between the
 /// first `{` and the next `}`, or the whole key when there is none or it is empty.
 pub fn hash_tag(key: &str) -> &str {
-    key.find('{')
+    // Byte searches: `{` and `}` are ASCII, and `str::find(char)` costs a `memcmp` per hit.
+    let bytes = key.as_bytes();
+    bytes
+        .iter()
+        .position(|&b| b == b'{')
         .and_then(|open| {
-            let rest = &key[open + 1..];
-            rest.find('}').map(|close| &rest[..close])
+            let rest = &bytes[open + 1..];
+            let close = rest.iter().position(|&b| b == b'}')?;
+            key.get(open + 1..open + 1 + close)
         })
         .filter(|tag| !tag.is_empty())
         .unwrap_or(key)
