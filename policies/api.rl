@@ -1,7 +1,8 @@
 # Public API: per-client limits by plan, monthly quotas, search and exports.
 version 1;
 namespace "api";
-import cedar "api.cedar" schema "api.cedarschema" namespace "Api";
+# Cedar: who may write and administer (api.cedar), users and roles (api.entities.json).
+import cedar "api.cedar" schema "api.cedarschema" namespace "Api" entities "api.entities.json";
 
 # Who the client is: the first source that has a value wins.
 key identity = first_of(user_id, api_token, header("X-Client-Id"), ip);
@@ -65,4 +66,12 @@ limit orders_write {
   algorithm token_bucket;
   rate 30/min burst 5;
   mode shadow;
+}
+
+# The admin endpoints need Cedar's permit (staff, from the private networks): others get 403.
+limit admin {
+  match { route ANY "/api/v1/admin/**"; }
+  authorize action "admin";
+  rate 10/min;
+  priority 20;
 }

@@ -57,6 +57,16 @@ pub enum Action {
         /// The list's reason.
         reason: Option<Arc<str>>,
     },
+    /// A limit that applies requires Cedar's permit (`authorize action "…"`) and Cedar does
+    /// not give it: refused with 403, nothing counted.
+    Unauthorized {
+        /// The limit whose authorization failed.
+        limit: Arc<str>,
+        /// The action Cedar was asked about.
+        action: Arc<str>,
+        /// The determining policies (the `forbid`s that denied; none when nothing permits).
+        policies: Vec<Arc<str>>,
+    },
     /// The counter store failed and a limit that applies fails closed.
     Unavailable {
         /// The limit that fails closed.
@@ -323,7 +333,7 @@ impl<S: Store, C: Clock> Engine<S, C> {
         let mut pending: SmallVec<[Pending; 4]> = SmallVec::new();
         let mut applied: SmallVec<[&Limit; 4]> = SmallVec::new();
         let mut blocked = false;
-        let selection = select(&plan, request, &self.hasher, scope, |s| {
+        let selection = select(&plan, request, &self.hasher, now, scope, |s| {
             blocked |= charge(s, &mut reports, &mut pending, &mut applied);
         });
         let skipped = match selection {
@@ -338,6 +348,14 @@ impl<S: Store, C: Clock> Engine<S, C> {
                     status: deny.status,
                     list: Arc::clone(&deny.list.name),
                     reason: deny.reason.clone(),
+                };
+                return verdict(action, Vec::new(), Vec::new(), Vec::new());
+            }
+            Selection::Unauthorized(denied) => {
+                let action = Action::Unauthorized {
+                    limit: Arc::clone(&denied.limit.name),
+                    action: denied.action,
+                    policies: denied.answer.policies.clone(),
                 };
                 return verdict(action, Vec::new(), Vec::new(), Vec::new());
             }
@@ -533,8 +551,17 @@ fn charge<'p>(
         tier,
         key,
         charge,
+        authorization,
         ..
     } = selected;
+    if let Some(answer) = authorization.filter(|a| !a.allowed) {
+        // Only a limit in shadow mode gets here with a denial: reported, not enforced.
+        tracing::info!(
+            limit = %limit.name,
+            policies = ?answer.policies,
+            "shadow: Cedar denies this request's authorization"
+        );
+    }
     let (algorithm, policy, counted, allowed) = match charge {
         Charge::Count { quota, cost } => {
             pending.push(Pending {

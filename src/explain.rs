@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use crate::limiter::Quota;
 use crate::plan::condition::Env;
-use crate::plan::select::{Scope, resolve_tier, select_limits};
+use crate::authz::Asking;
+use crate::plan::condition::describe;
+use crate::plan::select::{Scope, focus, resolve_tier, select_limits};
 use crate::plan::{Counts, KeyHasher, LimitRate, MissingKey, Mode, Plan, TierSource, TierValue};
 use crate::request::RequestCtx;
 
@@ -21,6 +23,9 @@ pub struct Explanation {
     pub safelisted: Option<(Arc<str>, String)>,
     /// The denylist the request is on, with the reason.
     pub denylisted: Option<(Arc<str>, String)>,
+    /// The limit whose `authorize` Cedar denies, with Cedar's answer in words: the request
+    /// is refused with 403 and nothing is counted.
+    pub unauthorized: Option<(Arc<str>, String)>,
     /// Every limit of the plan, highest priority first.
     pub limits: Vec<LimitExplanation>,
 }
@@ -42,18 +47,33 @@ pub struct LimitExplanation {
     pub tier: Option<String>,
     /// The rate it would count against.
     pub rate: String,
+    /// Cedar's answer to its `authorize`, in words, if it has one.
+    pub authorization: Option<String>,
 }
 
 /// Explains `request` against `plan`.
 pub fn explain(plan: &Plan, request: &RequestCtx, hasher: &KeyHasher) -> Explanation {
     let routes = plan.routes.matches(&request.path);
+    let asking = Asking::new(&plan.cedar, hasher, 0);
     let env = Env {
         request,
         routes: &routes,
         index: &plan.routes,
+        cedar: &asking,
     };
     let mut applied = Vec::new();
-    let skipped = select_limits(plan, &env, hasher, Scope::REQUESTS, |s| applied.push(s));
+    let (skipped, unauthorized) =
+        match select_limits(plan, &env, hasher, Scope::REQUESTS, |s| applied.push(s)) {
+            Ok(skipped) => (skipped, None),
+            Err(denied) => {
+                let why = format!(
+                    "Cedar does not permit action `{}`: {}",
+                    denied.action,
+                    describe(&denied.answer)
+                );
+                (Vec::new(), Some((Arc::clone(&denied.limit.name), why)))
+            }
+        };
     let on_list = |conditions: &[crate::plan::Condition]| {
         conditions.iter().find_map(|c| c.explain(&env).ok())
     };
@@ -69,6 +89,17 @@ pub fn explain(plan: &Plan, request: &RequestCtx, hasher: &KeyHasher) -> Explana
         .limits
         .iter()
         .map(|limit| {
+            focus(plan, limit, &env);
+            let authorization = limit.authorize.as_ref().map(|auth| {
+                let answer = env.cedar.answer(request, auth.cedar, &auth.action);
+                let verdict = if answer.allowed { "permits" } else { "does not permit" };
+                format!(
+                    "Cedar {verdict} action `{}` for {} ({})",
+                    auth.action,
+                    env.cedar.principal(request, auth.cedar),
+                    describe(&answer)
+                )
+            });
             let (tier, value) = match &limit.rate {
                 LimitRate::Fixed(v) => (None, *v),
                 LimitRate::Tiered {
@@ -77,7 +108,7 @@ pub fn explain(plan: &Plan, request: &RequestCtx, hasher: &KeyHasher) -> Explana
                     values,
                 } => {
                     let table = &plan.tiers[*table];
-                    let t = resolve_tier(table, request);
+                    let t = resolve_tier(table, &env);
                     let how = match &table.source {
                         TierSource::Header { name, trusted }
                             if request.header(name).is_some()
@@ -99,9 +130,36 @@ pub fn explain(plan: &Plan, request: &RequestCtx, hasher: &KeyHasher) -> Explana
                             format!("from claim `{c}`")
                         }
                         TierSource::Claim(c) => format!("the default: claim `{c}` is missing"),
-                        TierSource::CedarAnnotation { annotation, .. } => format!(
-                            "the default: Cedar annotation `{annotation}` is not evaluated yet"
-                        ),
+                        TierSource::CedarAnnotation {
+                            annotation,
+                            cedar,
+                            action,
+                            ..
+                        } => {
+                            let answer = env.cedar.answer(request, *cedar, action);
+                            let values: Vec<&str> = env
+                                .cedar
+                                .set(*cedar)
+                                .annotations(&answer.policies, annotation)
+                                .collect();
+                            if !answer.allowed {
+                                format!(
+                                    "the default: Cedar does not permit action `{action}` ({})",
+                                    describe(&answer)
+                                )
+                            } else if values.is_empty() {
+                                format!(
+                                    "the default: no permitting policy has `@{annotation}` ({})",
+                                    describe(&answer)
+                                )
+                            } else {
+                                format!(
+                                    "from Cedar annotation `@{annotation}` ({}: {})",
+                                    describe(&answer),
+                                    values.join(", ")
+                                )
+                            }
+                        }
                     };
                     let tier = format!(
                         "`{}` of `{}` ({how}), entry `{entry}`",
@@ -131,6 +189,10 @@ pub fn explain(plan: &Plan, request: &RequestCtx, hasher: &KeyHasher) -> Explana
                 (Some(_), Err(why)) => (true, why),
                 (None, Err(why)) => (false, why),
                 (None, Ok(_)) if limit.mode == Mode::Off => (false, "`mode off`".to_owned()),
+                (None, Ok(why)) if unauthorized.is_some() => (
+                    false,
+                    format!("{why}; not counted: the request is refused by authorization"),
+                ),
                 (None, Ok(_)) if skipped.iter().any(|s| std::ptr::eq(*s, limit)) => (
                     false,
                     format!(
@@ -158,6 +220,7 @@ pub fn explain(plan: &Plan, request: &RequestCtx, hasher: &KeyHasher) -> Explana
                 key,
                 tier,
                 rate: describe_value(value),
+                authorization,
             }
         })
         .collect();
@@ -165,6 +228,7 @@ pub fn explain(plan: &Plan, request: &RequestCtx, hasher: &KeyHasher) -> Explana
         plan_version: Arc::clone(&plan.version),
         safelisted,
         denylisted,
+        unauthorized,
         limits,
     }
 }
@@ -243,6 +307,12 @@ impl fmt::Display for Explanation {
         if let Some((list, why)) = &self.denylisted {
             writeln!(f, "denylisted by `{list}`: {why}; the request is refused")?;
         }
+        if let Some((limit, why)) = &self.unauthorized {
+            writeln!(
+                f,
+                "unauthorized by limit `{limit}`: {why}; the request is refused with 403"
+            )?;
+        }
         let (applies, skipped): (Vec<_>, Vec<_>) = self.limits.iter().partition(|l| l.applies);
         writeln!(f, "\n{} limit(s) apply:", applies.len())?;
         for l in &applies {
@@ -258,6 +328,9 @@ impl fmt::Display for Explanation {
             }
             if let Some(tier) = &l.tier {
                 writeln!(f, "      tier  {tier}")?;
+            }
+            if let Some(authorization) = &l.authorization {
+                writeln!(f, "      authz {authorization}")?;
             }
         }
         writeln!(f, "\n{} limit(s) do not apply:", skipped.len())?;

@@ -34,6 +34,8 @@ pub struct Plan {
     pub(crate) anomalies: Vec<Anomaly>,
     pub(crate) tiers: Vec<TierTable>,
     pub(crate) cedar_imports: Vec<CedarImport>,
+    /// The imported Cedar policy sets, loaded and validated.
+    pub(crate) cedar: Vec<Arc<crate::authz::CedarSet>>,
     pub(crate) warnings: Vec<PolicyError>,
 }
 
@@ -83,6 +85,11 @@ impl Plan {
         &self.cedar_imports
     }
 
+    /// The imported Cedar policy sets, in import order.
+    pub fn cedar(&self) -> &[Arc<crate::authz::CedarSet>] {
+        &self.cedar
+    }
+
     /// The route matcher shared by every rule of the plan.
     pub fn routes(&self) -> &RouteIndex {
         &self.routes
@@ -118,6 +125,17 @@ pub struct Limit {
     pub priority: i32,
     /// What it counts.
     pub counts: Counts,
+    /// The Cedar permit a request needs (`authorize action "…"`), if any.
+    pub authorize: Option<Authorize>,
+}
+
+/// `authorize action "read";`: Cedar must permit the action, or the request is refused.
+#[derive(Debug, Clone)]
+pub struct Authorize {
+    /// The Cedar policy set asked (an index into the plan's Cedar sets).
+    pub cedar: usize,
+    /// The action.
+    pub action: Arc<str>,
 }
 
 /// What a limit does with a request whose key has no value (a user limit, an anonymous
@@ -331,6 +349,10 @@ pub enum TierSource {
         annotation: Arc<str>,
         /// Which tier wins when several apply.
         pick: Pick,
+        /// The Cedar policy set asked (an index into the plan's Cedar sets).
+        cedar: usize,
+        /// The action asked about.
+        action: Arc<str>,
     },
 }
 
@@ -354,4 +376,6 @@ pub struct CedarImport {
     pub schema: Option<std::path::PathBuf>,
     /// The Cedar namespace.
     pub namespace: Option<Arc<str>>,
+    /// The entities file.
+    pub entities: Option<std::path::PathBuf>,
 }

@@ -156,6 +156,10 @@ pub struct Problem {
     /// The request field that is invalid, for `400` answers.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
+    /// The Cedar policies that decided a `403` for authorization (the `forbid`s; empty when
+    /// no policy permits).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub determining_policies: Option<Vec<String>>,
     /// The request's id.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
@@ -181,6 +185,7 @@ impl Problem {
             retry_after: None,
             reason: None,
             field: None,
+            determining_policies: None,
             request_id: None,
         }
     }
@@ -282,6 +287,31 @@ pub fn problem(verdict: &Verdict, request_id: Option<&str>) -> Option<Problem> {
             );
             p.policy = Some(list.to_string());
             p.reason = reason.as_deref().map(str::to_owned);
+            p
+        }
+        Action::Unauthorized {
+            limit,
+            action,
+            policies,
+        } => {
+            let because = match policies.as_slice() {
+                [] => "no policy permits it".to_owned(),
+                ids => format!(
+                    "forbidden by {}",
+                    ids.iter()
+                        .map(|id| format!("`{id}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            };
+            let mut p = Problem::new(
+                "urn:tollgate:problem:unauthorized",
+                "Forbidden",
+                StatusCode::FORBIDDEN,
+                format!("limit `{limit}` requires Cedar's permit for action `{action}`: {because}"),
+            );
+            p.policy = Some(limit.to_string());
+            p.determining_policies = Some(policies.iter().map(|id| id.to_string()).collect());
             p
         }
         Action::Unavailable { limit } => {

@@ -71,6 +71,8 @@ pub struct ImportStmt {
     pub schema: Option<Spanned<String>>,
     /// The Cedar namespace of the policies.
     pub namespace: Option<Spanned<String>>,
+    /// The Cedar entities file (JSON), relative to this file.
+    pub entities: Option<Spanned<String>>,
     /// The whole statement.
     pub span: Span,
 }
@@ -155,6 +157,8 @@ pub enum Setting {
     Priority(Spanned<i64>),
     /// `counts messages;`
     Counts(Ident),
+    /// `authorize action "read";`
+    Authorize(Spanned<String>),
 }
 
 /// A time unit as written.
@@ -288,6 +292,8 @@ pub enum TierSource {
     CedarAnnotation {
         /// The annotation's name.
         annotation: Spanned<String>,
+        /// The action asked about (`for action "x"`); `read` when not named.
+        action: Option<Spanned<String>>,
         /// Which value wins when several policies apply.
         pick: Option<Ident>,
     },
@@ -395,6 +401,8 @@ pub enum ConditionKind {
     Ip(Vec<Spanned<String>>),
     /// `cedar permits action "a"`
     Cedar(Spanned<String>),
+    /// `cedar principal in Role "staff"`: the entity type and id of an ancestor.
+    CedarPrincipalIn(Ident, Spanned<String>),
 }
 
 /// `safelist name { … }` or `denylist name { … }`

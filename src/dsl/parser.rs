@@ -286,6 +286,7 @@ fn describe(rule: Rule) -> &'static str {
         Rule::import_stmt => "`import`",
         Rule::import_schema => "`schema`",
         Rule::import_namespace => "`namespace`",
+        Rule::import_entities => "`entities`",
         Rule::key_def | Rule::key_stmt => "`key`",
         Rule::key_expr
         | Rule::first_of
@@ -304,6 +305,7 @@ fn describe(rule: Rule) -> &'static str {
         Rule::tiers_block => "`tiers`",
         Rule::tier_from => "`from`",
         Rule::cedar_annotation => "`cedar annotation`",
+        Rule::cedar_for_action => "`for action`",
         Rule::pick => "`highest`, `lowest` or `first`",
         Rule::tier_default => "`default`",
         Rule::tier_def => "`tier`",
@@ -337,7 +339,10 @@ fn describe(rule: Rule) -> &'static str {
         Rule::cmp_op => "`==`, `!=` or `~=`",
         Rule::regex_op => "`~=`",
         Rule::ip_cond => "`ip in […]`",
-        Rule::cedar_cond => "`cedar permits action`",
+        Rule::cedar_cond => "`cedar permits action` or `cedar principal in`",
+        Rule::cedar_permits => "`permits action`",
+        Rule::cedar_principal_in => "`principal in`",
+        Rule::authorize_stmt => "`authorize`",
         Rule::safelist_block => "`safelist`",
         Rule::denylist_block => "`denylist`",
         Rule::respond_stmt => "`respond`",
@@ -471,21 +476,21 @@ impl Builder<'_> {
             Rule::namespace_stmt => Item::Namespace(self.string(next(&mut inner))),
             Rule::import_stmt => {
                 let cedar = self.string(next(&mut inner));
-                let mut schema = None;
-                let mut namespace = None;
+                let (mut schema, mut namespace, mut entities) = (None, None, None);
                 for part in inner {
                     let rule = part.as_rule();
-                    let value = self.string(next(&mut part.into_inner()));
-                    if rule == Rule::import_schema {
-                        schema = Some(value);
-                    } else {
-                        namespace = Some(value);
+                    let value = Some(self.string(next(&mut part.into_inner())));
+                    match rule {
+                        Rule::import_schema => schema = value,
+                        Rule::import_namespace => namespace = value,
+                        _ => entities = value,
                     }
                 }
                 Item::Import(ImportStmt {
                     cedar,
                     schema,
                     namespace,
+                    entities,
                     span,
                 })
             }
@@ -644,6 +649,7 @@ impl Builder<'_> {
             Rule::on_store_error_stmt => Setting::OnStoreError(self.ident(next(&mut inner))),
             Rule::on_missing_key_stmt => Setting::OnMissingKey(self.ident(next(&mut inner))),
             Rule::counts_stmt => Setting::Counts(self.ident(next(&mut inner))),
+            Rule::authorize_stmt => Setting::Authorize(self.string(next(&mut inner))),
             _ => Setting::Priority(self.signed(next(&mut inner))),
         }
     }
@@ -701,8 +707,19 @@ impl Builder<'_> {
                         _ => {
                             let mut parts = source.into_inner();
                             let annotation = self.string(next(&mut parts));
-                            let pick = parts.next().map(|p| self.ident(p));
-                            TierSource::CedarAnnotation { annotation, pick }
+                            let (mut action, mut pick) = (None, None);
+                            for part in parts {
+                                if part.as_rule() == Rule::cedar_for_action {
+                                    action = Some(self.string(next(&mut part.into_inner())));
+                                } else {
+                                    pick = Some(self.ident(part));
+                                }
+                            }
+                            TierSource::CedarAnnotation {
+                                annotation,
+                                action,
+                                pick,
+                            }
                         }
                     };
                     block.sources.push(Spanned::new(value, pspan));
@@ -816,7 +833,17 @@ impl Builder<'_> {
                     })
                     .collect(),
             ),
-            _ => ConditionKind::Cedar(self.string(next(&mut inner))),
+            _ => {
+                let test = next(&mut inner);
+                let is_permits = test.as_rule() == Rule::cedar_permits;
+                let mut parts = test.into_inner();
+                if is_permits {
+                    ConditionKind::Cedar(self.string(next(&mut parts)))
+                } else {
+                    let kind = self.ident(next(&mut parts));
+                    ConditionKind::CedarPrincipalIn(kind, self.string(next(&mut parts)))
+                }
+            }
         };
         Condition { kind, span }
     }

@@ -16,7 +16,7 @@ use super::ipset::IpSet;
 use super::key::{KeyPart, KeySource, KeySpec, is_secret_header};
 use super::route::{PatternId, RouteIndex, Template};
 use super::{
-    Anomaly, CedarImport, Cost, Counts, DenyRule, Limit, LimitRate, ListRule, MissingKey, Mode,
+    Anomaly, Authorize, CedarImport, Cost, Counts, DenyRule, Limit, LimitRate, ListRule, MissingKey, Mode,
     OnExceed, Pick, Plan, SoftAction, SoftStep, StoreErrorMode, TierSource, TierTable, TierValue,
 };
 use crate::diagnostic::{PolicyError, PolicyErrors, Span};
@@ -112,8 +112,9 @@ pub fn compile(set: &PolicySet) -> Result<Plan, PolicyErrors> {
         table_names: HashMap::new(),
         pattern_ids: HashMap::new(),
         templates: Vec::new(),
-        has_cedar: false,
         warnings: Vec::new(),
+        cedar: Vec::new(),
+        file_cedar: vec![None; set.files().len()],
     };
     let mut plan = cx.run();
     plan.warnings = std::mem::take(&mut cx.warnings);
@@ -198,6 +199,7 @@ struct Settings<'a> {
     on_missing_key: Option<&'a ast::Ident>,
     priority: Option<&'a Spanned<i64>>,
     counts: Option<&'a ast::Ident>,
+    authorize: Option<&'a Spanned<String>>,
 }
 
 struct Compiler<'a> {
@@ -209,9 +211,12 @@ struct Compiler<'a> {
     table_names: HashMap<String, usize>,
     pattern_ids: HashMap<Template, PatternId>,
     templates: Vec<(Arc<str>, Template)>,
-    has_cedar: bool,
     /// Problems worth reading that do not stop the plan.
     warnings: Vec<PolicyError>,
+    /// The imported Cedar sets, loaded.
+    cedar: Vec<crate::authz::CedarSet>,
+    /// `file_cedar[file]`: the Cedar set the file imports.
+    file_cedar: Vec<Option<usize>>,
 }
 
 impl<'a> Compiler<'a> {
@@ -335,6 +340,10 @@ impl<'a> Compiler<'a> {
             anomalies,
             tiers,
             cedar_imports: declared.cedar_imports,
+            cedar: std::mem::take(&mut self.cedar)
+                .into_iter()
+                .map(Arc::new)
+                .collect(),
             warnings: Vec::new(),
         }
     }
@@ -375,14 +384,128 @@ impl<'a> Compiler<'a> {
         };
         let policies = resolve(self, &import.cedar, "policy file");
         let schema = import.schema.as_ref().map(|s| resolve(self, s, "schema"));
-        ok.then(|| CedarImport {
+        let entities = import
+            .entities
+            .as_ref()
+            .map(|e| resolve(self, e, "entities file"));
+        if !ok {
+            return None;
+        }
+        if self.file_cedar[f].is_some() {
+            self.error_help(
+                f,
+                import.span,
+                "a file imports Cedar policies once",
+                "second import",
+                "put the policies in one `.cedar` file, or split the limits into two `.rl` files",
+            );
+            return None;
+        }
+        let files = crate::authz::CedarFiles {
+            policies: &policies,
+            schema: schema.as_deref(),
+            entities: entities.as_deref(),
+            namespace: import.namespace.as_ref().map(|n| n.node.as_str()),
+        };
+        match crate::authz::CedarSet::load(&files) {
+            Ok(set) => {
+                self.file_cedar[f] = Some(self.cedar.len());
+                self.cedar.push(set);
+            }
+            Err(problems) => {
+                for problem in problems {
+                    self.import_problem(f, import, problem);
+                }
+            }
+        }
+        Some(CedarImport {
             policies,
             schema,
             namespace: import
                 .namespace
                 .as_ref()
                 .map(|n| Arc::from(n.node.as_str())),
+            entities,
         })
+    }
+
+    /// A problem loading an import: where Cedar located it, else at the part of the
+    /// `import` statement it is about.
+    fn import_problem(
+        &mut self,
+        f: usize,
+        import: &ast::ImportStmt,
+        problem: crate::authz::LoadProblem,
+    ) {
+        use crate::authz::{ImportPart, LoadProblem};
+        match problem {
+            LoadProblem::Located(error) => self.errors.push(error),
+            LoadProblem::About {
+                part,
+                message,
+                help,
+            } => {
+                let site = match part {
+                    ImportPart::Policies => Some(&import.cedar),
+                    ImportPart::Schema => import.schema.as_ref(),
+                    ImportPart::Entities => import.entities.as_ref(),
+                    ImportPart::Namespace => import.namespace.as_ref(),
+                };
+                let span = site.map_or(import.span, |s| s.span);
+                self.error_help(f, span, message, "here", help);
+            }
+        }
+    }
+
+    /// The Cedar set file `f`'s `what` asks: the file's own import, else the plan's only one.
+    pub(super) fn cedar_for(&mut self, f: usize, span: Span, what: &str) -> Option<usize> {
+        if let Some(set) = self.file_cedar[f] {
+            return Some(set);
+        }
+        let imports_here = self.files[f]
+            .ast
+            .items
+            .iter()
+            .any(|i| matches!(i, ast::Item::Import(_)));
+        let imported: Vec<usize> = self.file_cedar.iter().flatten().copied().collect();
+        match imported[..] {
+            // The file's own import failed, and was reported.
+            _ if imports_here => None,
+            [only] => Some(only),
+            _ => {
+                let help = if imported.is_empty() {
+                    "add `import cedar \"policies.cedar\" schema \"policies.cedarschema\";` to the file"
+                } else {
+                    "several files import Cedar: import the policies this file means in it too"
+                };
+                self.error_help(
+                    f,
+                    span,
+                    format!("{what} need Cedar policies"),
+                    "no Cedar policies imported",
+                    help,
+                );
+                None
+            }
+        }
+    }
+
+    /// Checks that the Cedar set knows `action` and prepares its slice.
+    fn cedar_action(&mut self, f: usize, cedar: usize, action: &Spanned<String>) -> bool {
+        if self.cedar[cedar].knows_action(&action.node) {
+            self.cedar[cedar].prepare_action(&action.node);
+            return true;
+        }
+        let known = self.cedar[cedar].action_names();
+        let help = suggest(&action.node, &known)
+            .unwrap_or_else(|| format!("the schema's actions are: {}", known.join(", ")));
+        let message = format!(
+            "the Cedar schema of `{}` declares no action `{}`",
+            self.cedar[cedar].name(),
+            action.node
+        );
+        self.error_help(f, action.span, message, "unknown action", help);
+        false
     }
 }
 

@@ -8,6 +8,7 @@ use regex::Regex;
 
 use super::ipset::IpSet;
 use super::route::{PatternId, RouteIndex, RouteMatches};
+use crate::authz::Asking;
 use crate::request::RequestCtx;
 
 /// A condition on a request, with names resolved and regexes compiled.
@@ -44,8 +45,20 @@ pub enum Condition {
     HeaderMatches(HeaderName, Regex),
     /// The client address is in one of the networks.
     IpIn(Arc<IpSet>),
-    /// Cedar permits the action for the request's principal.
-    Cedar(Arc<str>),
+    /// Cedar permits the action for the request's principal on the limit's route.
+    Cedar {
+        /// The Cedar set asked (an index into the plan's sets).
+        cedar: usize,
+        /// The action.
+        action: Arc<str>,
+    },
+    /// The request's principal is in this entity (Cedar's `principal in …`).
+    CedarIn {
+        /// The Cedar set whose entities hold the hierarchy.
+        cedar: usize,
+        /// The ancestor.
+        ancestor: Arc<cedar_policy::EntityUid>,
+    },
 }
 
 /// What a condition needs to be evaluated besides the request.
@@ -56,6 +69,8 @@ pub struct Env<'a> {
     pub routes: &'a RouteMatches,
     /// The plan's route index, for templates in explanations.
     pub index: &'a RouteIndex,
+    /// The request's questions to Cedar.
+    pub cedar: &'a Asking<'a>,
 }
 
 impl Condition {
@@ -78,9 +93,8 @@ impl Condition {
             Condition::HeaderIsNot(name, value) => r.header(name) != Some(&**value),
             Condition::HeaderMatches(name, re) => r.header(name).is_some_and(|v| re.is_match(v)),
             Condition::IpIn(set) => r.client_ip.is_some_and(|ip| set.contains(ip)),
-            // Cedar evaluation arrives with the authorization module; until then a Cedar
-            // condition holds, and `explain` says so.
-            Condition::Cedar(_) => true,
+            Condition::Cedar { cedar, action } => env.cedar.answer(r, *cedar, action).allowed,
+            Condition::CedarIn { cedar, ancestor } => env.cedar.principal_in(r, *cedar, ancestor),
         }
     }
 
@@ -190,9 +204,24 @@ impl Condition {
                     set.shown()
                 )),
             },
-            Condition::Cedar(action) => Ok(format!(
-                "cedar permits action `{action}` is assumed (Cedar is not evaluated yet)"
-            )),
+            Condition::Cedar { cedar, action } => {
+                let answer = env.cedar.answer(r, *cedar, action);
+                let principal = env.cedar.principal(r, *cedar);
+                let said = describe(&answer);
+                verdict(
+                    answer.allowed,
+                    format!("cedar permits {principal} action `{action}` ({said})"),
+                    format!("cedar does not permit {principal} action `{action}` ({said})"),
+                )
+            }
+            Condition::CedarIn { cedar, ancestor } => {
+                let principal = env.cedar.principal(r, *cedar);
+                verdict(
+                    self.eval(env),
+                    format!("principal {principal} is in {ancestor}"),
+                    format!("principal {principal} is not in {ancestor}"),
+                )
+            }
         }
     }
 
@@ -234,7 +263,7 @@ impl Condition {
     /// Whether the condition, or a part of it, asks Cedar.
     pub fn uses_cedar(&self) -> bool {
         match self {
-            Condition::Cedar(_) => true,
+            Condition::Cedar { .. } | Condition::CedarIn { .. } => true,
             Condition::All(parts) | Condition::Any(parts) => {
                 parts.iter().any(Condition::uses_cedar)
             }
@@ -242,6 +271,24 @@ impl Condition {
             _ => false,
         }
     }
+}
+
+/// Cedar's answer in words: the determining policies, or that none permits.
+pub(crate) fn describe(answer: &crate::authz::Answer) -> String {
+    let mut said = match (answer.allowed, answer.policies.as_slice()) {
+        (_, []) => "no policy permits".to_owned(),
+        (true, ids) => format!("permitted by {}", quoted(ids)),
+        (false, ids) => format!("forbidden by {}", quoted(ids)),
+    };
+    if !answer.errors.is_empty() {
+        said.push_str(&format!("; errors: {}", answer.errors.join("; ")));
+    }
+    said
+}
+
+fn quoted(ids: &[Arc<str>]) -> String {
+    let ids: Vec<String> = ids.iter().map(|id| format!("`{id}`")).collect();
+    ids.join(", ")
 }
 
 fn method_in(methods: &[Method], method: &Method) -> bool {

@@ -11,9 +11,11 @@ use std::sync::Arc;
 use smallvec::SmallVec;
 
 use super::condition::Env;
+use crate::authz::{Answer, Asking};
+use crate::clock::Timestamp;
 use super::key::{CounterKey, KeySource};
 use super::{
-    Cost, Counts, DenyRule, KeyHasher, Limit, LimitRate, ListRule, MissingKey, Mode, Plan,
+    Cost, Counts, DenyRule, KeyHasher, Limit, LimitRate, ListRule, MissingKey, Mode, Pick, Plan,
     TierSource, TierTable, TierValue,
 };
 use crate::limiter::Quota;
@@ -47,12 +49,26 @@ pub enum Selection<'p> {
     Bypass(&'p ListRule),
     /// On a denylist: refused.
     Forbid(&'p DenyRule),
+    /// A limit that applies requires Cedar's permit (`authorize`), and Cedar does not give
+    /// it: refused, nothing counted.
+    Unauthorized(Unauthorized<'p>),
     /// The limits that apply went to the caller's `each`, in plan order (highest priority
     /// first); these matched but did not apply.
     Limits {
         /// Limits that matched but were skipped (`on_missing_key skip`).
         skipped: Vec<&'p Limit>,
     },
+}
+
+/// A limit whose `authorize` Cedar denied.
+#[derive(Debug)]
+pub struct Unauthorized<'p> {
+    /// The limit.
+    pub limit: &'p Limit,
+    /// The action it asked about.
+    pub action: Arc<str>,
+    /// Cedar's answer, with the determining policies.
+    pub answer: Arc<Answer>,
 }
 
 /// One limit that applies, with what the store needs to count it.
@@ -68,6 +84,9 @@ pub struct Selected<'p> {
     pub key_missing: bool,
     /// What the limit does with the request.
     pub charge: Charge,
+    /// Cedar's answer to the limit's `authorize`, if it has one (a denial here means the
+    /// limit is in shadow mode: it is reported, not enforced).
+    pub authorization: Option<Arc<Answer>>,
 }
 
 /// What a selected limit does with the request.
@@ -101,21 +120,28 @@ pub fn select<'p>(
     plan: &'p Plan,
     request: &RequestCtx,
     hasher: &KeyHasher,
+    now: Timestamp,
     scope: Scope<'_>,
     each: impl FnMut(Selected<'p>),
 ) -> Selection<'p> {
     let routes = plan.routes.matches(&request.path);
+    let asking = Asking::new(&plan.cedar, hasher, now.as_micros());
     let env = Env {
         request,
         routes: &routes,
         index: &plan.routes,
+        cedar: &asking,
     };
     if let Some(list) = plan
         .safelists
         .iter()
         .find(|l| l.conditions.iter().any(|c| c.eval(&env)))
     {
-        return Selection::Bypass(list);
+        // A safelist lifts limits, not authorization: `authorize` still holds.
+        return match authorization_only(plan, &env) {
+            Some(denied) => Selection::Unauthorized(denied),
+            None => Selection::Bypass(list),
+        };
     }
     if let Some(deny) = plan
         .denylists
@@ -124,12 +150,15 @@ pub fn select<'p>(
     {
         return Selection::Forbid(deny);
     }
-    let skipped = select_limits(plan, &env, hasher, scope, each);
-    Selection::Limits { skipped }
+    match select_limits(plan, &env, hasher, scope, each) {
+        Ok(skipped) => Selection::Limits { skipped },
+        Err(denied) => Selection::Unauthorized(denied),
+    }
 }
 
 /// The limits that apply, handed to `each`, and those skipped (returned), lists aside: what
-/// [`select`] does past the lists, and what `explain` shows whatever the lists say.
+/// [`select`] does past the lists, and what `explain` shows whatever the lists say. Stops at
+/// the first enforced limit whose `authorize` Cedar denies.
 #[inline]
 pub fn select_limits<'p>(
     plan: &'p Plan,
@@ -137,7 +166,7 @@ pub fn select_limits<'p>(
     hasher: &KeyHasher,
     scope: Scope<'_>,
     mut each: impl FnMut(Selected<'p>),
-) -> Vec<&'p Limit> {
+) -> Result<Vec<&'p Limit>, Unauthorized<'p>> {
     let request = env.request;
     let candidates: SmallVec<[usize; 8]> = match scope.only {
         None => plan.routes.candidates(env.routes),
@@ -148,22 +177,35 @@ pub fn select_limits<'p>(
     let mut skipped = Vec::new();
     for index in candidates {
         let limit = &plan.limits[index];
-        if limit.mode == Mode::Off
-            || limit.counts != scope.counts
-            || (scope.only.is_none() && !limit.condition.eval(env))
-        {
+        if limit.mode == Mode::Off || limit.counts != scope.counts {
             continue;
         }
-        let (value, tier) = tier_value(plan, limit, request);
+        let route = focus(plan, limit, env);
+        if scope.only.is_none() && !limit.condition.eval(env) {
+            continue;
+        }
+        let authorization = limit.authorize.as_ref().map(|auth| {
+            (
+                auth,
+                env.cedar.answer(request, auth.cedar, &auth.action),
+            )
+        });
+        if let Some((auth, answer)) = &authorization
+            && !answer.allowed
+            && limit.mode == Mode::Enforce
+        {
+            return Err(Unauthorized {
+                limit,
+                action: Arc::clone(&auth.action),
+                answer: Arc::clone(answer),
+            });
+        }
+        let (value, tier) = tier_value(plan, limit, env);
         let quota = match value {
             TierValue::Unlimited => continue,
             TierValue::Quota(q) => Some(q),
             TierValue::Blocked => None,
         };
-        let route = limit
-            .condition
-            .matched_route(env)
-            .map(|p| &**plan.routes.template(p));
         let mut refused = false;
         let mut key_missing = false;
         let key = CounterKey::build(&limit.namespace, &limit.name, |out| {
@@ -199,18 +241,51 @@ pub fn select_limits<'p>(
             key,
             key_missing,
             charge,
+            authorization: authorization.map(|(_, answer)| answer),
         });
     }
-    skipped
+    Ok(skipped)
+}
+
+/// The first enforced limit that applies whose `authorize` Cedar denies, for requests no
+/// limit counts (safelisted).
+fn authorization_only<'p>(plan: &'p Plan, env: &Env<'_>) -> Option<Unauthorized<'p>> {
+    plan.routes.candidates(env.routes).into_iter().find_map(|index| {
+        let limit = &plan.limits[index];
+        let auth = limit.authorize.as_ref()?;
+        if limit.mode != Mode::Enforce {
+            return None;
+        }
+        focus(plan, limit, env);
+        if !limit.condition.eval(env) {
+            return None;
+        }
+        let answer = env.cedar.answer(env.request, auth.cedar, &auth.action);
+        (!answer.allowed).then(|| Unauthorized {
+            limit,
+            action: Arc::clone(&auth.action),
+            answer,
+        })
+    })
+}
+
+/// The route template `limit` matched, made the resource of Cedar's next questions.
+pub fn focus<'p>(plan: &'p Plan, limit: &Limit, env: &Env<'_>) -> Option<&'p str> {
+    let route = limit
+        .condition
+        .matched_route(env)
+        .map(|p| plan.routes.template(p));
+    env.cedar.set_resource(route);
+    route.map(|r| &**r)
 }
 
 /// The limit's value for this request, and the tier it came from.
-fn tier_value(plan: &Plan, limit: &Limit, request: &RequestCtx) -> (TierValue, Option<Arc<str>>) {
+fn tier_value(plan: &Plan, limit: &Limit, env: &Env<'_>) -> (TierValue, Option<Arc<str>>) {
     match &limit.rate {
         LimitRate::Fixed(v) => (*v, None),
         LimitRate::Tiered { table, values, .. } => {
             let table = &plan.tiers[*table];
-            let t = resolve_tier(table, request);
+            let t = resolve_tier(table, env);
             (values[t], Some(Arc::clone(&table.tiers[t])))
         }
     }
@@ -247,7 +322,8 @@ pub(crate) fn write_fallback(request: &RequestCtx, hasher: &KeyHasher, out: &mut
 }
 
 /// The request's tier in a table: from its source, else the default.
-pub fn resolve_tier(table: &TierTable, request: &RequestCtx) -> usize {
+pub fn resolve_tier(table: &TierTable, env: &Env<'_>) -> usize {
+    let request = env.request;
     let named = match &table.source {
         TierSource::Header { name, trusted } if *trusted || request.headers_trusted => {
             request.header(name)
@@ -255,10 +331,41 @@ pub fn resolve_tier(table: &TierTable, request: &RequestCtx) -> usize {
         // From a client that is not a trusted proxy, the plan it claims is not believed.
         TierSource::Header { .. } => None,
         TierSource::Claim(claim) => request.claims.get(&**claim).map(String::as_str),
-        // Cedar-chosen tiers arrive with the authorization module.
-        TierSource::CedarAnnotation { .. } => None,
+        TierSource::CedarAnnotation {
+            annotation,
+            pick,
+            cedar,
+            action,
+        } => return cedar_tier(table, env, annotation, *pick, *cedar, action),
     };
     named
         .and_then(|n| table.tier_index(n.trim()))
         .unwrap_or(table.default)
+}
+
+/// The tier the annotations of the policies that permit the request name: the highest,
+/// lowest or first (in policy order) of those that name a tier of the table.
+fn cedar_tier(
+    table: &TierTable,
+    env: &Env<'_>,
+    annotation: &str,
+    pick: Pick,
+    cedar: usize,
+    action: &Arc<str>,
+) -> usize {
+    let answer = env.cedar.answer(env.request, cedar, action);
+    if !answer.allowed {
+        return table.default;
+    }
+    let mut named = env
+        .cedar
+        .set(cedar)
+        .annotations(&answer.policies, annotation)
+        .filter_map(|value| table.tier_index(value.trim()));
+    let chosen = match pick {
+        Pick::First => named.next(),
+        Pick::Highest => named.max(),
+        Pick::Lowest => named.min(),
+    };
+    chosen.unwrap_or(table.default)
 }

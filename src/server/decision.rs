@@ -127,6 +127,7 @@ pub(super) fn action_name(action: &Action) -> &'static str {
         Action::Bypass { .. } => "bypass",
         Action::Reject { .. } => "reject",
         Action::Forbid { .. } => "forbid",
+        Action::Unauthorized { .. } => "unauthorized",
         Action::Unavailable { .. } => "unavailable",
     }
 }

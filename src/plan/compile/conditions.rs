@@ -97,17 +97,45 @@ impl<'a> Compiler<'a> {
                 ok.then(|| Condition::IpIn(Arc::new(IpSet::new(nets))))
             }
             K::Cedar(action) => {
-                if !self.has_cedar_import() {
+                let cedar = self.cedar_for(f, c.span, "`cedar` conditions")?;
+                self.cedar_action(f, cedar, action)
+                    .then(|| Condition::Cedar {
+                        cedar,
+                        action: Arc::from(action.node.as_str()),
+                    })
+            }
+            K::CedarPrincipalIn(kind, id) => {
+                let cedar = self.cedar_for(f, c.span, "`cedar` conditions")?;
+                let set = &self.cedar[cedar];
+                let Some(ancestor) = set.entity(&kind.node, &id.node) else {
                     self.error_help(
                         f,
-                        c.span,
-                        "`cedar` conditions need Cedar policies",
-                        "no Cedar policies imported",
-                        "add `import cedar \"policies.cedar\";` to a policy file",
+                        kind.span,
+                        format!("`{}` is not a Cedar entity type", kind.node),
+                        "not a type name",
+                        "name a type the schema declares, such as `Role`",
+                    );
+                    return None;
+                };
+                if !set.knows_entity_type(&ancestor) {
+                    let message = format!(
+                        "the Cedar schema of `{}` declares no entity type `{}`",
+                        set.name(),
+                        kind.node
+                    );
+                    self.error_help(
+                        f,
+                        kind.span,
+                        message,
+                        "unknown type",
+                        "name a type the schema declares, such as `Role`",
                     );
                     return None;
                 }
-                Some(Condition::Cedar(Arc::from(action.node.as_str())))
+                Some(Condition::CedarIn {
+                    cedar,
+                    ancestor: Arc::new(ancestor),
+                })
             }
         }
     }

@@ -71,6 +71,10 @@ impl<'a> Compiler<'a> {
             ok = false;
         }
         let priority = self.priority(f, settings.priority);
+        let authorize = match settings.authorize {
+            Some(action) => self.authorize(f, action),
+            None => Some(None),
+        };
         algorithm?;
         Some(Limit {
             name: Arc::from(name.node.as_str()),
@@ -86,6 +90,7 @@ impl<'a> Compiler<'a> {
             on_missing_key: on_missing_key?,
             priority: priority?,
             counts: counts?,
+            authorize: authorize?,
         })
         .filter(|_| ok)
     }
@@ -214,6 +219,17 @@ impl<'a> Compiler<'a> {
         }
     }
 
+    /// `authorize action "…"`: the file's Cedar set, and an action its schema declares.
+    fn authorize(&mut self, f: usize, action: &Spanned<String>) -> Option<Option<Authorize>> {
+        let cedar = self.cedar_for(f, action.span, "`authorize`")?;
+        self.cedar_action(f, cedar, action).then(|| {
+            Some(Authorize {
+                cedar,
+                action: Arc::from(action.node.as_str()),
+            })
+        })
+    }
+
     fn priority(&mut self, f: usize, setting: Option<&Spanned<i64>>) -> Option<i32> {
         let Some(p) = setting else {
             return Some(0);
@@ -288,6 +304,10 @@ impl<'a> Compiler<'a> {
             ast::Setting::Counts(c) => {
                 settings.counts = Some(c);
                 ("counts", c.span)
+            }
+            ast::Setting::Authorize(a) => {
+                settings.authorize = Some(a);
+                ("authorize", a.span)
             }
         };
         if let Some(first) = seen.insert(name, span) {

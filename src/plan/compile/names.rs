@@ -38,7 +38,6 @@ impl<'a> Compiler<'a> {
                     ast::Item::Version(v) => self.version(f, v, &mut version),
                     ast::Item::Namespace(ns) => self.namespace(f, ns, &mut namespace),
                     ast::Item::Import(import) => {
-                        self.has_cedar = true;
                         if let Some(import) = self.import(f, import) {
                             out.cedar_imports.push(import);
                         }

@@ -199,15 +199,20 @@ impl<'a> Compiler<'a> {
                 })
             }
             ast::TierSource::Claim(name) => Some(TierSource::Claim(Arc::from(name.node.as_str()))),
-            ast::TierSource::CedarAnnotation { annotation, pick } => {
-                if !self.has_cedar_import() {
-                    self.error_help(
-                        f,
-                        source.span,
-                        "tiers from a Cedar annotation need Cedar policies",
-                        "no Cedar policies imported",
-                        "add `import cedar \"policies.cedar\";` to a policy file",
-                    );
+            ast::TierSource::CedarAnnotation {
+                annotation,
+                action,
+                pick,
+            } => {
+                let what = "tiers from a Cedar annotation";
+                let cedar = self.cedar_for(f, source.span, what)?;
+                let action = action.clone().unwrap_or_else(|| {
+                    Spanned::new(
+                        crate::authz::DEFAULT_CLASSIFY_ACTION.to_owned(),
+                        annotation.span,
+                    )
+                });
+                if !self.cedar_action(f, cedar, &action) {
                     return None;
                 }
                 let pick = match pick {
@@ -217,18 +222,10 @@ impl<'a> Compiler<'a> {
                 Some(TierSource::CedarAnnotation {
                     annotation: Arc::from(annotation.node.as_str()),
                     pick,
+                    cedar,
+                    action: Arc::from(action.node.as_str()),
                 })
             }
         }
-    }
-
-    pub(super) fn has_cedar_import(&self) -> bool {
-        self.has_cedar
-            || self.files.iter().any(|f| {
-                f.ast
-                    .items
-                    .iter()
-                    .any(|i| matches!(i, ast::Item::Import(_)))
-            })
     }
 }

@@ -1,8 +1,8 @@
 version 1;
-import cedar "cedar/app.cedar" schema "cedar/app.cedarschema" namespace "App";
+import cedar "../cedar/ok/app.cedar" schema "../cedar/ok/app.cedarschema" namespace "App" entities "../cedar/ok/app.entities.json";
 
 tiers plans {
-  from cedar annotation "rl_tier" pick highest;
+  from cedar annotation "rl_tier" for action "read" pick highest;
   default basic;
   tier basic { api = 100/min; }
   tier gold extends basic { api = 1000/min; }
@@ -13,4 +13,16 @@ limit writes {
   when cedar permits action "write";
   algorithm gcra;
   rate plans.api;
+}
+
+limit gold_reads {
+  match { route GET "/orders/**"; }
+  when cedar principal in Role "gold";
+  rate 50/s;
+}
+
+limit order_writes {
+  match { route POST "/orders"; }
+  authorize action "write";
+  rate 10/min;
 }

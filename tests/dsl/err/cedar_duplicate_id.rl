@@ -1,0 +1,3 @@
+version 1;
+import cedar "../cedar/err/dup.cedar";
+limit l { when cedar permits action "read"; rate 1/s; }
