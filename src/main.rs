@@ -188,8 +188,12 @@ fn check(paths: &[PathBuf]) -> ExitCode {
                 1 => ", 1 warning".to_owned(),
                 n => format!(", {n} warnings"),
             };
+            let cedar = match plan.cedar().iter().map(|c| c.len()).sum::<usize>() {
+                0 if plan.cedar().is_empty() => String::new(),
+                n => format!(", {n} Cedar polic{}", if n == 1 { "y" } else { "ies" }),
+            };
             println!(
-                "ok: {} file(s), {} limit(s), plan {}{warnings}",
+                "ok: {} file(s), {} limit(s){cedar}, plan {}{warnings}",
                 set.files().len(),
                 plan.limits().len(),
                 plan.version()

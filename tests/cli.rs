@@ -18,7 +18,7 @@ fn text(bytes: &[u8]) -> String {
 fn check_accepts_the_shipped_policies() {
     let out = tollgate(&["check", "policies"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(text(&out.stdout).starts_with("ok: 3 file(s), 7 limit(s), plan "));
+    assert!(text(&out.stdout).starts_with("ok: 3 file(s), 8 limit(s), 3 Cedar policies, plan "));
 }
 
 #[test]

@@ -529,7 +529,10 @@ fn version_hash(files: &[ParsedFile], imports: &[CedarImport]) -> Arc<str> {
         hasher.update(&[0]);
     }
     for import in imports {
-        for path in std::iter::once(&import.policies).chain(import.schema.as_ref()) {
+        let files = std::iter::once(&import.policies)
+            .chain(import.schema.as_ref())
+            .chain(import.entities.as_ref());
+        for path in files {
             hasher.update(path.to_string_lossy().as_bytes());
             if let Ok(bytes) = std::fs::read(path) {
                 hasher.update(&bytes);
