@@ -21,9 +21,9 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use cedar_policy::{
-    ActionConstraint, Authorizer, Context, Decision, Entities, EntityId, EntityTypeName,
-    EntityUid, PolicyId, PolicySet, PrincipalConstraint, Request, ResourceConstraint,
-    RestrictedExpression, Schema, ValidationMode, Validator,
+    ActionConstraint, Authorizer, Context, Decision, Entities, EntityId, EntityTypeName, EntityUid,
+    PolicyId, PolicySet, PrincipalConstraint, Request, ResourceConstraint, RestrictedExpression,
+    Schema, ValidationMode, Validator,
 };
 
 use crate::diagnostic::{PolicyError, SourceFile, Span};
@@ -151,17 +151,17 @@ impl CedarSet {
     /// located in its file when Cedar says where.
     pub fn load(files: &CedarFiles<'_>) -> Result<CedarSet, Vec<LoadProblem>> {
         let mut errors = Vec::new();
-        let read = |path: &Path, part, errors: &mut Vec<LoadProblem>| {
-            match std::fs::read_to_string(path) {
-                Ok(text) => Some(SourceFile::new(path.display().to_string(), text)),
-                Err(e) => {
-                    errors.push(LoadProblem::about(
-                        part,
-                        format!("cannot read `{}`: {e}", path.display()),
-                        "check the path and the file's permissions",
-                    ));
-                    None
-                }
+        let read = |path: &Path, part, errors: &mut Vec<LoadProblem>| match std::fs::read_to_string(
+            path,
+        ) {
+            Ok(text) => Some(SourceFile::new(path.display().to_string(), text)),
+            Err(e) => {
+                errors.push(LoadProblem::about(
+                    part,
+                    format!("cannot read `{}`: {e}", path.display()),
+                    "check the path and the file's permissions",
+                ));
+                None
             }
         };
         let policy_file = read(files.policies, ImportPart::Policies, &mut errors);
@@ -206,7 +206,10 @@ impl CedarSet {
             return Err(errors);
         };
         if let Some(schema) = &schema {
-            for (wanted, what) in [(&principal_type, "principals"), (&resource_type, "resources")] {
+            for (wanted, what) in [
+                (&principal_type, "principals"),
+                (&resource_type, "resources"),
+            ] {
                 if !schema.entity_types().any(|t| t == wanted) {
                     errors.push(LoadProblem::about(
                         ImportPart::Schema,
@@ -221,11 +224,16 @@ impl CedarSet {
                 }
             }
         }
-        if let (Some(schema), Some((policies, _)), Some(source)) = (&schema, &policies, &policy_file)
+        if let (Some(schema), Some((policies, _)), Some(source)) =
+            (&schema, &policies, &policy_file)
         {
             let result = Validator::new(schema.clone()).validate(policies, ValidationMode::Strict);
             for e in result.validation_errors() {
-                errors.push(LoadProblem::Located(cedar_error(source, e, VALIDATION_HELP)));
+                errors.push(LoadProblem::Located(cedar_error(
+                    source,
+                    e,
+                    VALIDATION_HELP,
+                )));
             }
         }
         let entities = match (&entities_file, &schema) {
@@ -303,11 +311,7 @@ impl CedarSet {
 
     /// The declared actions, for messages.
     pub fn action_names(&self) -> Vec<&str> {
-        self.actions
-            .iter()
-            .flatten()
-            .map(String::as_str)
-            .collect()
+        self.actions.iter().flatten().map(String::as_str).collect()
     }
 
     /// Makes sure `action` has its slice (sets without a schema add them as the compiler
@@ -449,7 +453,11 @@ impl CedarSet {
     }
 
     /// The values of annotation `key` on `policies`, in their order.
-    pub fn annotations<'s>(&'s self, policies: &'s [Arc<str>], key: &'s str) -> impl Iterator<Item = &'s str> + 's {
+    pub fn annotations<'s>(
+        &'s self,
+        policies: &'s [Arc<str>],
+        key: &'s str,
+    ) -> impl Iterator<Item = &'s str> + 's {
         policies
             .iter()
             .filter_map(move |id| self.policies.annotation(&PolicyId::new(&**id), key))
@@ -532,7 +540,10 @@ fn context(request: &RequestCtx) -> Context {
             "method",
             RestrictedExpression::new_string(request.method.as_str().to_owned()),
         ),
-        ("path", RestrictedExpression::new_string(request.path.clone())),
+        (
+            "path",
+            RestrictedExpression::new_string(request.path.clone()),
+        ),
         (
             "host",
             RestrictedExpression::new_string(request.host.clone().unwrap_or_default()),
@@ -585,9 +596,10 @@ fn parse_policies(
         })
         .collect();
     numbered.sort_by_key(|(n, _)| *n);
-    let stem = Path::new(source.name())
-        .file_name()
-        .map_or_else(|| source.name().to_owned(), |f| f.to_string_lossy().into_owned());
+    let stem = Path::new(source.name()).file_name().map_or_else(
+        || source.name().to_owned(),
+        |f| f.to_string_lossy().into_owned(),
+    );
     let mut set = PolicySet::new();
     let mut order = HashMap::new();
     let mut seen: HashMap<String, usize> = HashMap::new();
@@ -601,8 +613,7 @@ fn parse_policies(
         *occurrence += 1;
         if *occurrence > 1 {
             ok = false;
-            let span = annotation_span(source.text(), &id, *occurrence)
-                .unwrap_or(Span::new(0, 0));
+            let span = annotation_span(source.text(), &id, *occurrence).unwrap_or(Span::new(0, 0));
             errors.push(
                 PolicyError::new(
                     source,
@@ -630,10 +641,12 @@ fn annotation_span(text: &str, id: &str, occurrence: usize) -> Option<Span> {
     Some(Span::new(m.start(), m.end()))
 }
 
-const SCHEMA_HELP: &str = "see the Cedar schema format: https://docs.cedarpolicy.com/schema/human-readable-schema.html";
+const SCHEMA_HELP: &str =
+    "see the Cedar schema format: https://docs.cedarpolicy.com/schema/human-readable-schema.html";
 const VALIDATION_HELP: &str =
     "policies are validated against the schema in strict mode; fix the policy or the schema";
-const SYNTAX_HELP: &str = "see the Cedar policy syntax: https://docs.cedarpolicy.com/policies/syntax-policy.html";
+const SYNTAX_HELP: &str =
+    "see the Cedar policy syntax: https://docs.cedarpolicy.com/policies/syntax-policy.html";
 
 /// An error and its sources, in one line.
 fn chain(error: &dyn std::error::Error) -> String {
@@ -682,6 +695,9 @@ fn cedar_error(
     error
 }
 
+/// One question asked (set, action, resource) and its answer.
+type Asked = (usize, Arc<str>, String, Arc<Answer>);
+
 /// What one request asks Cedar, kept while the request is decided: the principal of each
 /// set (built once), the answers so far (each question asked once), and the resource of the
 /// limit being looked at.
@@ -691,7 +707,7 @@ pub struct Asking<'a> {
     now_micros: u64,
     resource: std::cell::RefCell<Option<Arc<str>>>,
     principals: std::cell::RefCell<Vec<(usize, Arc<EntityUid>)>>,
-    answers: std::cell::RefCell<Vec<(usize, Arc<str>, String, Arc<Answer>)>>,
+    answers: std::cell::RefCell<Vec<Asked>>,
 }
 
 impl<'a> Asking<'a> {
@@ -737,8 +753,7 @@ impl<'a> Asking<'a> {
             return Arc::clone(answer);
         }
         let principal = self.principal(request, set);
-        let answer =
-            self.sets[set].decide(&principal, action, resource, request, self.now_micros);
+        let answer = self.sets[set].decide(&principal, action, resource, request, self.now_micros);
         self.answers.borrow_mut().push((
             set,
             Arc::clone(action),

@@ -6,9 +6,9 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::authz::Asking;
 use crate::limiter::Quota;
 use crate::plan::condition::Env;
-use crate::authz::Asking;
 use crate::plan::condition::describe;
 use crate::plan::select::{Scope, focus, resolve_tier, select_limits};
 use crate::plan::{Counts, KeyHasher, LimitRate, MissingKey, Mode, Plan, TierSource, TierValue};
@@ -92,7 +92,11 @@ pub fn explain(plan: &Plan, request: &RequestCtx, hasher: &KeyHasher) -> Explana
             focus(plan, limit, &env);
             let authorization = limit.authorize.as_ref().map(|auth| {
                 let answer = env.cedar.answer(request, auth.cedar, &auth.action);
-                let verdict = if answer.allowed { "permits" } else { "does not permit" };
+                let verdict = if answer.allowed {
+                    "permits"
+                } else {
+                    "does not permit"
+                };
                 format!(
                     "Cedar {verdict} action `{}` for {} ({})",
                     auth.action,

@@ -258,6 +258,9 @@ fn log_verdict(verdict: &Verdict, request_id: &str) {
             tracing::debug!(request_id, %limit, "rejected")
         }
         Action::Forbid { list, .. } => tracing::debug!(request_id, %list, "forbidden"),
+        Action::Unauthorized {
+            limit, policies, ..
+        } => tracing::info!(request_id, %limit, ?policies, "unauthorized by Cedar"),
         Action::Warn | Action::Delay(_) => {
             if let Some(r) = verdict.headline() {
                 tracing::info!(request_id, limit = %r.limit, used = r.decision.used_percent(), "soft threshold")

@@ -7,7 +7,7 @@ mod support;
 use std::net::IpAddr;
 
 use serde_json::{Value, json};
-use support::{InProcess, Reply, TestServer};
+use support::{InProcess, Reply, TestServer, assert_conforms, schema};
 use tollgate::identity::Identifier;
 use tollgate::middleware::HttpOptions;
 
@@ -42,61 +42,6 @@ fn check(server: &InProcess, body: &Value) -> Reply {
         &[("Content-Type", "application/json")],
         body.to_string().as_bytes(),
     )
-}
-
-/// The OpenAPI document, and a validator for one of its component schemas.
-fn schema(name: &str) -> jsonschema::Validator {
-    let doc: Value =
-        serde_norway::from_str(&std::fs::read_to_string("docs/openapi.yaml").unwrap()).unwrap();
-    let schemas = doc["components"]["schemas"].clone();
-    fn inline(v: &Value, schemas: &Value) -> Value {
-        match v {
-            Value::Object(map) => {
-                if let Some(Value::String(r)) = map.get("$ref") {
-                    let name = r.trim_start_matches("#/components/schemas/");
-                    return inline(&schemas[name], schemas);
-                }
-                Value::Object(
-                    map.iter()
-                        .map(|(k, v)| (k.clone(), inline(v, schemas)))
-                        .collect(),
-                )
-            }
-            Value::Array(items) => Value::Array(items.iter().map(|v| inline(v, schemas)).collect()),
-            other => other.clone(),
-        }
-    }
-    let mut s = inline(&schemas[name], &schemas);
-    // OpenAPI's `example` is not JSON Schema's; drop it before compiling.
-    fn strip(v: &mut Value) {
-        match v {
-            Value::Object(map) => {
-                map.remove("example");
-                map.values_mut().for_each(strip);
-            }
-            Value::Array(items) => items.iter_mut().for_each(strip),
-            _ => {}
-        }
-    }
-    strip(&mut s);
-    // Formats (`ipv4`, `ipv6`) are part of the contract: check them.
-    jsonschema::options()
-        .should_validate_formats(true)
-        .build(&s)
-        .unwrap()
-}
-
-fn assert_conforms(reply: &Reply, name: &str) {
-    let value = reply.json();
-    let validator = schema(name);
-    let errors: Vec<String> = validator
-        .iter_errors(&value)
-        .map(|e| e.to_string())
-        .collect();
-    assert!(
-        errors.is_empty(),
-        "{name} does not match docs/openapi.yaml: {errors:?}\n{value:#}"
-    );
 }
 
 #[test]

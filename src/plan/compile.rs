@@ -16,8 +16,9 @@ use super::ipset::IpSet;
 use super::key::{KeyPart, KeySource, KeySpec, is_secret_header};
 use super::route::{PatternId, RouteIndex, Template};
 use super::{
-    Anomaly, Authorize, CedarImport, Cost, Counts, DenyRule, Limit, LimitRate, ListRule, MissingKey, Mode,
-    OnExceed, Pick, Plan, SoftAction, SoftStep, StoreErrorMode, TierSource, TierTable, TierValue,
+    Anomaly, Authorize, CedarImport, Cost, Counts, DenyRule, Limit, LimitRate, ListRule,
+    MissingKey, Mode, OnExceed, Pick, Plan, SoftAction, SoftStep, StoreErrorMode, TierSource,
+    TierTable, TierValue,
 };
 use crate::diagnostic::{PolicyError, PolicyErrors, Span};
 use crate::dsl::ast::{self, Spanned};

@@ -11,13 +11,13 @@ use std::sync::Arc;
 use smallvec::SmallVec;
 
 use super::condition::Env;
-use crate::authz::{Answer, Asking};
-use crate::clock::Timestamp;
 use super::key::{CounterKey, KeySource};
 use super::{
     Cost, Counts, DenyRule, KeyHasher, Limit, LimitRate, ListRule, MissingKey, Mode, Pick, Plan,
     TierSource, TierTable, TierValue,
 };
+use crate::authz::{Answer, Asking};
+use crate::clock::Timestamp;
 use crate::limiter::Quota;
 use crate::request::RequestCtx;
 
@@ -184,12 +184,10 @@ pub fn select_limits<'p>(
         if scope.only.is_none() && !limit.condition.eval(env) {
             continue;
         }
-        let authorization = limit.authorize.as_ref().map(|auth| {
-            (
-                auth,
-                env.cedar.answer(request, auth.cedar, &auth.action),
-            )
-        });
+        let authorization = limit
+            .authorize
+            .as_ref()
+            .map(|auth| (auth, env.cedar.answer(request, auth.cedar, &auth.action)));
         if let Some((auth, answer)) = &authorization
             && !answer.allowed
             && limit.mode == Mode::Enforce
@@ -250,23 +248,26 @@ pub fn select_limits<'p>(
 /// The first enforced limit that applies whose `authorize` Cedar denies, for requests no
 /// limit counts (safelisted).
 fn authorization_only<'p>(plan: &'p Plan, env: &Env<'_>) -> Option<Unauthorized<'p>> {
-    plan.routes.candidates(env.routes).into_iter().find_map(|index| {
-        let limit = &plan.limits[index];
-        let auth = limit.authorize.as_ref()?;
-        if limit.mode != Mode::Enforce {
-            return None;
-        }
-        focus(plan, limit, env);
-        if !limit.condition.eval(env) {
-            return None;
-        }
-        let answer = env.cedar.answer(env.request, auth.cedar, &auth.action);
-        (!answer.allowed).then(|| Unauthorized {
-            limit,
-            action: Arc::clone(&auth.action),
-            answer,
+    plan.routes
+        .candidates(env.routes)
+        .into_iter()
+        .find_map(|index| {
+            let limit = &plan.limits[index];
+            let auth = limit.authorize.as_ref()?;
+            if limit.mode != Mode::Enforce {
+                return None;
+            }
+            focus(plan, limit, env);
+            if !limit.condition.eval(env) {
+                return None;
+            }
+            let answer = env.cedar.answer(env.request, auth.cedar, &auth.action);
+            (!answer.allowed).then(|| Unauthorized {
+                limit,
+                action: Arc::clone(&auth.action),
+                answer,
+            })
         })
-    })
 }
 
 /// The route template `limit` matched, made the resource of Cedar's next questions.

@@ -43,6 +43,8 @@ pub(super) struct CheckResponse {
     delay_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    determining_policies: Option<Vec<String>>,
     headers: BTreeMap<String, String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     leases: Vec<Lease>,
@@ -92,6 +94,9 @@ pub(super) async fn check<S: Store, C: Clock>(
             _ => None,
         },
         reason: problem.as_ref().and_then(|p| p.reason.clone()),
+        determining_policies: problem
+            .as_ref()
+            .and_then(|p| p.determining_policies.clone()),
         headers: headers
             .iter()
             .filter_map(|(k, v)| Some((k.to_string(), v.to_str().ok()?.to_owned())))

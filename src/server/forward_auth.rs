@@ -78,7 +78,13 @@ pub(super) async fn forward_auth<S: Store, C: Clock>(
 }
 
 pub(super) fn log_refusal(verdict: &Verdict, request_id: &str) {
-    if let Action::Reject { limit, .. } = &verdict.action {
-        tracing::info!(request_id, %limit, "rejected (forward-auth)");
+    match &verdict.action {
+        Action::Reject { limit, .. } => {
+            tracing::info!(request_id, %limit, "rejected (forward-auth)");
+        }
+        Action::Unauthorized {
+            limit, policies, ..
+        } => tracing::info!(request_id, %limit, ?policies, "unauthorized by Cedar (forward-auth)"),
+        _ => {}
     }
 }

@@ -177,6 +177,21 @@ impl InProcess {
         }
     }
 
+    /// Serves the policies in a directory (with their Cedar imports) with `options`.
+    pub fn start_dir(
+        dir: &std::path::Path,
+        options: tollgate::middleware::HttpOptions,
+    ) -> InProcess {
+        let set = tollgate::PolicySet::load(&[dir]);
+        InProcess {
+            router: tollgate::server::router(app_state(set, options, None)),
+            runtime: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap(),
+        }
+    }
+
     /// `POST /v1/check` with `body`.
     pub fn check(&self, body: &serde_json::Value) -> Reply {
         self.send("POST", "/v1/check", &[], body.to_string().as_bytes())
@@ -412,4 +427,61 @@ impl TestApp {
             runtime: Some(runtime),
         }
     }
+}
+
+/// The OpenAPI document, and a validator for one of its component schemas.
+pub fn schema(name: &str) -> jsonschema::Validator {
+    let doc: serde_json::Value =
+        serde_norway::from_str(&std::fs::read_to_string("docs/openapi.yaml").unwrap()).unwrap();
+    let schemas = doc["components"]["schemas"].clone();
+    fn inline(v: &serde_json::Value, schemas: &serde_json::Value) -> serde_json::Value {
+        match v {
+            serde_json::Value::Object(map) => {
+                if let Some(serde_json::Value::String(r)) = map.get("$ref") {
+                    let name = r.trim_start_matches("#/components/schemas/");
+                    return inline(&schemas[name], schemas);
+                }
+                serde_json::Value::Object(
+                    map.iter()
+                        .map(|(k, v)| (k.clone(), inline(v, schemas)))
+                        .collect(),
+                )
+            }
+            serde_json::Value::Array(items) => {
+                serde_json::Value::Array(items.iter().map(|v| inline(v, schemas)).collect())
+            }
+            other => other.clone(),
+        }
+    }
+    let mut s = inline(&schemas[name], &schemas);
+    // OpenAPI's `example` is not JSON Schema's; drop it before compiling.
+    fn strip(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(map) => {
+                map.remove("example");
+                map.values_mut().for_each(strip);
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    strip(&mut s);
+    // Formats (`ipv4`, `ipv6`) are part of the contract: check them.
+    jsonschema::options()
+        .should_validate_formats(true)
+        .build(&s)
+        .unwrap()
+}
+
+pub fn assert_conforms(reply: &Reply, name: &str) {
+    let value = reply.json();
+    let validator = schema(name);
+    let errors: Vec<String> = validator
+        .iter_errors(&value)
+        .map(|e| e.to_string())
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "{name} does not match docs/openapi.yaml: {errors:?}\n{value:#}"
+    );
 }
