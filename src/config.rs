@@ -97,6 +97,10 @@ pub struct Settings {
     pub max_body_bytes: usize,
     /// Log format.
     pub log_format: LogFormat,
+    /// How long a Cedar answer is kept, in milliseconds (0: not kept).
+    pub cedar_cache_ttl_ms: u64,
+    /// How many Cedar answers are kept per policy set.
+    pub cedar_cache_size: usize,
 }
 
 pub use crate::identity::{JwtKey, JwtSettings};
@@ -134,6 +138,8 @@ struct Raw {
     jwt_user_claim: Option<String>,
     max_body_bytes: Option<usize>,
     log_format: Option<String>,
+    cedar_cache_ttl_ms: Option<u64>,
+    cedar_cache_size: Option<usize>,
 }
 
 /// The setting names, for unknown-key checks.
@@ -168,6 +174,8 @@ const KEYS: &[&str] = &[
     "jwt_user_claim",
     "max_body_bytes",
     "log_format",
+    "cedar_cache_ttl_ms",
+    "cedar_cache_size",
 ];
 
 /// Settings whose values are numbers.
@@ -179,6 +187,8 @@ const NUMERIC: &[&str] = &[
     "breaker_failures",
     "breaker_max_backoff_ms",
     "max_body_bytes",
+    "cedar_cache_ttl_ms",
+    "cedar_cache_size",
 ];
 
 /// A list given either as a list or as one comma-separated string (as variables are).
@@ -302,6 +312,8 @@ impl Settings {
             jwt: None,
             max_body_bytes: 64 * 1024,
             log_format: LogFormat::Pretty,
+            cedar_cache_ttl_ms: 1_000,
+            cedar_cache_size: 100_000,
         }
     }
 
@@ -371,6 +383,24 @@ impl Settings {
         self.max_body_bytes = raw.max_body_bytes.take().unwrap_or(self.max_body_bytes);
         if self.max_body_bytes == 0 {
             p.add("max_body_bytes", "must be at least 1".to_owned());
+        }
+        if let Some(ttl) = raw.cedar_cache_ttl_ms.take() {
+            match ttl {
+                0..=60_000 => self.cedar_cache_ttl_ms = ttl,
+                _ => p.add(
+                    "cedar_cache_ttl_ms",
+                    format!("{ttl} is not between 0 and 60000"),
+                ),
+            }
+        }
+        if let Some(size) = raw.cedar_cache_size.take() {
+            match size {
+                1..=10_000_000 => self.cedar_cache_size = size,
+                _ => p.add(
+                    "cedar_cache_size",
+                    format!("{size} is not between 1 and 10000000"),
+                ),
+            }
         }
     }
 
@@ -691,6 +721,8 @@ impl<'f> Sources<'f> {
             jwt_user_claim,
             max_body_bytes,
             log_format,
+            cedar_cache_ttl_ms,
+            cedar_cache_size,
         )
     }
 

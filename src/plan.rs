@@ -90,6 +90,20 @@ impl Plan {
         &self.cedar
     }
 
+    /// Keeps at most `capacity` Cedar answers per policy set, each for `ttl` (zero: none),
+    /// instead of the defaults (100,000 answers, 1 s). Call before the plan is shared.
+    pub fn with_cedar_cache(mut self, capacity: usize, ttl: std::time::Duration) -> Self {
+        for set in &mut self.cedar {
+            if let Some(set) = Arc::get_mut(set) {
+                set.set_cache(crate::authz::AnswerCache::new(
+                    capacity,
+                    crate::clock::micros(ttl),
+                ));
+            }
+        }
+        self
+    }
+
     /// The route matcher shared by every rule of the plan.
     pub fn routes(&self) -> &RouteIndex {
         &self.routes

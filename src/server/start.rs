@@ -3,11 +3,20 @@
 
 use super::*;
 
+/// Reads and compiles the policies the settings name, with the Cedar answer cache they say.
+pub fn load_plan(settings: &Settings) -> Result<crate::plan::Plan, PolicyErrors> {
+    let set = PolicySet::load(&[&settings.policies]);
+    let plan = compile(&set)?;
+    Ok(plan.with_cedar_cache(
+        settings.cedar_cache_size,
+        Duration::from_millis(settings.cedar_cache_ttl_ms),
+    ))
+}
+
 /// Builds the engine and state for `settings`: the Redis store when `redis_url` is set and
 /// answers; when it does not, `prod` refuses to start and `dev` warns and counts in memory.
 pub async fn build(settings: &Settings) -> Result<Arc<AppState<AnyStore>>, ServeError> {
-    let set = PolicySet::load(&[&settings.policies]);
-    let plan = compile(&set).map_err(|errors| ServeError::Policies {
+    let plan = load_plan(settings).map_err(|errors| ServeError::Policies {
         path: settings.policies.display().to_string(),
         errors,
     })?;
