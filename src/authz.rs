@@ -77,10 +77,44 @@ pub struct CedarSet {
 
 /// The policies that can apply to one action.
 struct Slice {
-    policies: PolicySet,
+    /// The policies, each with the entity its principal and resource scopes name.
+    scoped: Vec<Scoped>,
     /// Whether an answer depends only on (principal, action, resource): no policy of the
     /// slice reads the context.
     cacheable: bool,
+    /// The policy sets built so far, by which of `scoped` they hold (one bit each): requests
+    /// whose principals share roles share a set.
+    built: std::sync::Mutex<HashMap<Vec<u64>, Arc<PolicySet>>>,
+}
+
+/// Policy sets kept per slice before the memo starts over.
+const MAX_BUILT: usize = 4_096;
+
+/// A policy and what its scope requires of the principal and the resource.
+struct Scoped {
+    policy: cedar_policy::Policy,
+    principal: Needs,
+    resource: Needs,
+}
+
+/// What a scope requires of an entity (its type was checked when the slice was built).
+enum Needs {
+    /// Anything.
+    Any,
+    /// To be this entity (`==`).
+    Is(EntityUid),
+    /// To be this entity or one of its descendants (`in`).
+    In(EntityUid),
+}
+
+impl Needs {
+    fn holds(&self, entity: &EntityUid, ancestors: &[EntityUid]) -> bool {
+        match self {
+            Needs::Any => true,
+            Needs::Is(e) => e == entity,
+            Needs::In(e) => e == entity || ancestors.contains(e),
+        }
+    }
 }
 
 impl fmt::Debug for CedarSet {
@@ -390,11 +424,53 @@ impl CedarSet {
         {
             return answer;
         }
-        let answer = Arc::new(self.evaluate(&slice.policies, principal, action, resource, request));
+        let policies = self.policies_for(slice, principal, resource);
+        let answer = Arc::new(self.evaluate(&policies, principal, action, resource, request));
         if let Some(key) = key {
             self.cache.insert(key, Arc::clone(&answer), now_micros);
         }
         answer
+    }
+
+    /// The policies of `slice` whose scope can hold for `principal` and `resource`, given
+    /// the entities' hierarchy: the others cannot be satisfied, so Cedar's answer (decision,
+    /// reasons, errors) is the same without them.
+    fn policies_for(&self, slice: &Slice, principal: &EntityUid, resource: &str) -> Arc<PolicySet> {
+        let resource =
+            EntityUid::from_type_name_and_id(self.resource_type.clone(), EntityId::new(resource));
+        let ancestors = |e: &EntityUid| -> Vec<EntityUid> {
+            self.entities
+                .ancestors(e)
+                .map(|a| a.cloned().collect())
+                .unwrap_or_default()
+        };
+        let (p_up, r_up) = (ancestors(principal), ancestors(&resource));
+        let mut bits = vec![0u64; slice.scoped.len().div_ceil(64)];
+        for (i, scoped) in slice.scoped.iter().enumerate() {
+            if scoped.principal.holds(principal, &p_up) && scoped.resource.holds(&resource, &r_up) {
+                bits[i / 64] |= 1 << (i % 64);
+            }
+        }
+        let mut built = slice
+            .built
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(set) = built.get(&bits) {
+            return Arc::clone(set);
+        }
+        let mut set = PolicySet::new();
+        for (i, scoped) in slice.scoped.iter().enumerate() {
+            if bits[i / 64] & (1 << (i % 64)) != 0 {
+                // Ids are unique in the set they come from.
+                let _ = set.add(scoped.policy.clone());
+            }
+        }
+        let set = Arc::new(set);
+        if built.len() >= MAX_BUILT {
+            built.clear();
+        }
+        built.insert(bits, Arc::clone(&set));
+        set
     }
 
     /// Cedar's answer over the whole policy set, unsliced and uncached: what [`decide`]
@@ -477,7 +553,7 @@ impl CedarSet {
     /// types: the index that keeps evaluation from growing with unrelated policies.
     fn add_slice(&mut self, action: &str, action_entities: &Entities) {
         let action_uid = self.action_uid(action);
-        let mut slice = PolicySet::new();
+        let mut scoped = Vec::new();
         let mut cacheable = true;
         for policy in self.policies.policies() {
             let action_matches = match policy.action_constraint() {
@@ -487,31 +563,41 @@ impl CedarSet {
                     .iter()
                     .any(|a| *a == action_uid || action_entities.is_ancestor_of(a, &action_uid)),
             };
-            let principal_matches = match policy.principal_constraint() {
-                PrincipalConstraint::Eq(p) => *p.type_name() == self.principal_type,
-                PrincipalConstraint::Is(t) | PrincipalConstraint::IsIn(t, _) => {
-                    t == self.principal_type
+            let principal = match policy.principal_constraint() {
+                PrincipalConstraint::Any => Some(Needs::Any),
+                PrincipalConstraint::Eq(p) => {
+                    (*p.type_name() == self.principal_type).then_some(Needs::Is(p))
                 }
-                PrincipalConstraint::Any | PrincipalConstraint::In(_) => true,
-            };
-            let resource_matches = match policy.resource_constraint() {
-                ResourceConstraint::Eq(r) => *r.type_name() == self.resource_type,
-                ResourceConstraint::Is(t) | ResourceConstraint::IsIn(t, _) => {
-                    t == self.resource_type
+                PrincipalConstraint::In(p) => Some(Needs::In(p)),
+                PrincipalConstraint::Is(t) => (t == self.principal_type).then_some(Needs::Any),
+                PrincipalConstraint::IsIn(t, p) => {
+                    (t == self.principal_type).then_some(Needs::In(p))
                 }
-                ResourceConstraint::Any | ResourceConstraint::In(_) => true,
             };
-            if action_matches && principal_matches && resource_matches {
+            let resource = match policy.resource_constraint() {
+                ResourceConstraint::Any => Some(Needs::Any),
+                ResourceConstraint::Eq(r) => {
+                    (*r.type_name() == self.resource_type).then_some(Needs::Is(r))
+                }
+                ResourceConstraint::In(r) => Some(Needs::In(r)),
+                ResourceConstraint::Is(t) => (t == self.resource_type).then_some(Needs::Any),
+                ResourceConstraint::IsIn(t, r) => (t == self.resource_type).then_some(Needs::In(r)),
+            };
+            if let (true, Some(principal), Some(resource)) = (action_matches, principal, resource) {
                 cacheable &= !reads_context(&policy.to_string());
-                // Ids are unique in the set they come from.
-                let _ = slice.add(policy.clone());
+                scoped.push(Scoped {
+                    policy: policy.clone(),
+                    principal,
+                    resource,
+                });
             }
         }
         self.by_action.insert(
             action.to_owned(),
             Slice {
-                policies: slice,
+                scoped,
                 cacheable,
+                built: std::sync::Mutex::new(HashMap::new()),
             },
         );
     }

@@ -341,3 +341,79 @@ async fn the_layer_refuses_an_unauthorized_request_with_403() {
         "nothing permits bob"
     );
 }
+
+#[path = "support/cedar_gen.rs"]
+mod cedar_gen;
+
+mod indexed_evaluation {
+    use std::time::Duration;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// The generated 50-policy set and the shipped policies, with the answer cache off so
+    /// that every question goes through the index.
+    fn sets() -> Vec<(tollgate::Plan, Vec<&'static str>, Vec<String>)> {
+        let dir = tempfile::tempdir().unwrap();
+        cedar_gen::write(dir.path(), 50);
+        let generated = plan(dir.path()).with_cedar_cache(1, Duration::ZERO);
+        let shipped = plan(Path::new("policies")).with_cedar_cache(1, Duration::ZERO);
+        let mut users: Vec<String> = (0..100).map(|u| format!("u{u}")).collect();
+        users.extend(["alice", "bob", "carol", "r0"].map(String::from));
+        vec![
+            (
+                generated,
+                vec!["read", "write", "delete", "admin"],
+                users.clone(),
+            ),
+            (shipped, vec!["read", "write", "admin"], users),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        /// Whatever the request, the indexed answer is Cedar's unsliced `is_authorized`:
+        /// the same decision, the same determining policies, the same errors.
+        #[test]
+        fn indexed_answers_equal_cedars_unsliced_ones(
+            set in 0usize..2,
+            user in 0usize..104,
+            anonymous in any::<bool>(),
+            action in 0usize..4,
+            resource in 0usize..14,
+            private in any::<bool>(),
+            post in any::<bool>(),
+        ) {
+            let sets = SETS.with(|s| s.clone());
+            let (plan, actions, users) = &sets[set];
+            let cedar = &plan.cedar()[0];
+            let action = actions[action % actions.len()];
+            let resource = match resource {
+                0..=9 => format!("/api/v1/res{resource}/{{id}}"),
+                10 => "/api/v1/admin/**".to_owned(),
+                11 => "/api/v1/res3/42".to_owned(),
+                12 => "/".to_owned(),
+                _ => "/api/**".to_owned(),
+            };
+            let ip = if private { "10.2.3.4" } else { "203.0.113.77" };
+            let method = if post { Method::POST } else { Method::GET };
+            let request = if anonymous {
+                request(method, &resource, None, ip)
+            } else {
+                request(method, &resource, Some(&users[user]), ip)
+            };
+            let hasher = tollgate::plan::KeyHasher::random();
+            let principal = cedar.principal(&request, &hasher);
+            let indexed = cedar.decide(&principal, action, &resource, &request, 0);
+            let unsliced = cedar.decide_unsliced(&principal, action, &resource, &request);
+            prop_assert_eq!(&*indexed, &unsliced);
+        }
+    }
+
+    thread_local! {
+        static SETS: std::rc::Rc<Vec<(tollgate::Plan, Vec<&'static str>, Vec<String>)>> =
+            std::rc::Rc::new(sets());
+    }
+}
