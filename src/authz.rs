@@ -73,7 +73,13 @@ pub struct CedarSet {
     /// Declared entity types (with a schema); `None`: any type is accepted.
     entity_types: Option<Vec<EntityTypeName>>,
     cache: AnswerCache,
+    /// Client addresses as Cedar `ipaddr` values: Cedar parses the extension's name with
+    /// its full grammar on every `RestrictedExpression::new_ip`, a third of a question.
+    addresses: quick_cache::sync::Cache<std::net::IpAddr, RestrictedExpression>,
 }
+
+/// Client addresses kept as Cedar values.
+const ADDRESSES_KEPT: usize = 10_000;
 
 /// The policies that can apply to one action.
 struct Slice {
@@ -314,6 +320,7 @@ impl CedarSet {
             actions,
             entity_types: schema.as_ref().map(|s| s.entity_types().cloned().collect()),
             cache: AnswerCache::default(),
+            addresses: quick_cache::sync::Cache::new(ADDRESSES_KEPT),
         };
         for action in set.actions.clone().unwrap_or_default() {
             set.add_slice(&action, &action_entities);
@@ -498,7 +505,7 @@ impl CedarSet {
         let action_uid = self.action_uid(action);
         let resource =
             EntityUid::from_type_name_and_id(self.resource_type.clone(), EntityId::new(resource));
-        let context = context(request);
+        let context = self.context(request);
         let request = match Request::new(principal.clone(), action_uid, resource, context, None) {
             Ok(request) => request,
             Err(e) => {
@@ -526,6 +533,37 @@ impl CedarSet {
                 .map(ToString::to_string)
                 .collect(),
         }
+    }
+
+    /// The request's context: `ip` (an `ipaddr`; `0.0.0.0` when unknown), `method`, `path`
+    /// and `host` (strings; the host empty when unknown).
+    fn context(&self, request: &RequestCtx) -> Context {
+        let ip = request
+            .client_ip
+            .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+        let ip = self
+            .addresses
+            .get_or_insert_with(&ip, || {
+                Ok::<_, std::convert::Infallible>(RestrictedExpression::new_ip(ip.to_string()))
+            })
+            .unwrap_or_else(|never| match never {});
+        let pairs = [
+            ("ip", ip),
+            (
+                "method",
+                RestrictedExpression::new_string(request.method.as_str().to_owned()),
+            ),
+            (
+                "path",
+                RestrictedExpression::new_string(request.path.clone()),
+            ),
+            (
+                "host",
+                RestrictedExpression::new_string(request.host.clone().unwrap_or_default()),
+            ),
+        ];
+        Context::from_pairs(pairs.into_iter().map(|(k, v)| (k.to_owned(), v)))
+            .unwrap_or_else(|_| Context::empty())
     }
 
     /// The values of annotation `key` on `policies`, in their order.
@@ -612,31 +650,6 @@ fn reads_context(text: &str) -> bool {
         !before.is_some_and(|c| c.is_alphanumeric() || c == '_')
             && !after.is_some_and(|c| c.is_alphanumeric() || c == '_')
     })
-}
-
-/// The request's context: `ip` (an `ipaddr`; `0.0.0.0` when unknown), `method`, `path` and
-/// `host` (strings; the host empty when unknown).
-fn context(request: &RequestCtx) -> Context {
-    let ip = request
-        .client_ip
-        .map_or_else(|| "0.0.0.0".to_owned(), |ip| ip.to_string());
-    let pairs = [
-        ("ip", RestrictedExpression::new_ip(ip)),
-        (
-            "method",
-            RestrictedExpression::new_string(request.method.as_str().to_owned()),
-        ),
-        (
-            "path",
-            RestrictedExpression::new_string(request.path.clone()),
-        ),
-        (
-            "host",
-            RestrictedExpression::new_string(request.host.clone().unwrap_or_default()),
-        ),
-    ];
-    Context::from_pairs(pairs.into_iter().map(|(k, v)| (k.to_owned(), v)))
-        .unwrap_or_else(|_| Context::empty())
 }
 
 /// Parses a policy file; each policy is named by its `@id` annotation, else `file#n` (the
