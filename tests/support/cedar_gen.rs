@@ -3,7 +3,11 @@
 //! role grants per resource, writes that read the context, per-user forbids, tier
 //! annotations, and admin rights from the private network.
 
-#![allow(dead_code, reason = "each including crate uses a part")]
+#![allow(
+    dead_code,
+    unreachable_pub,
+    reason = "included by a test and a benchmark, each using a part"
+)]
 
 /// Writes `gen.cedarschema`, `gen.cedar`, `gen.entities.json` and `gen.rl` into `dir`.
 pub fn write(dir: &std::path::Path, policies: usize) {
