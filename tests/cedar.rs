@@ -352,9 +352,12 @@ mod indexed_evaluation {
 
     use super::*;
 
+    /// A plan, the actions its schema declares, the users asked about.
+    type Case = (tollgate::Plan, Vec<&'static str>, Vec<String>);
+
     /// The generated 50-policy set and the shipped policies, with the answer cache off so
     /// that every question goes through the index.
-    fn sets() -> Vec<(tollgate::Plan, Vec<&'static str>, Vec<String>)> {
+    fn sets() -> Vec<Case> {
         let dir = tempfile::tempdir().unwrap();
         cedar_gen::write(dir.path(), 50);
         let generated = plan(dir.path()).with_cedar_cache(1, Duration::ZERO);
@@ -413,7 +416,7 @@ mod indexed_evaluation {
     }
 
     thread_local! {
-        static SETS: std::rc::Rc<Vec<(tollgate::Plan, Vec<&'static str>, Vec<String>)>> =
+        static SETS: std::rc::Rc<Vec<Case>> =
             std::rc::Rc::new(sets());
     }
 }
