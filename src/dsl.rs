@@ -125,7 +125,12 @@ fn collect_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(path)? {
         let file = entry?.path();
-        if file.extension().is_some_and(|e| e == "rl") && file.is_file() {
+        // Hidden files are editors' and tools' (`.#api.rl`, a ConfigMap's `..data`), not
+        // policies.
+        let hidden = file
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with('.'));
+        if !hidden && file.extension().is_some_and(|e| e == "rl") && file.is_file() {
             files.push(file);
         }
     }

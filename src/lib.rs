@@ -34,6 +34,7 @@ pub mod limiter;
 pub mod middleware;
 pub mod plan;
 pub mod proxy;
+pub mod reload;
 pub mod request;
 pub mod response;
 pub mod server;

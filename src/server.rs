@@ -44,7 +44,7 @@ mod start;
 use self::decision::{check, release};
 use self::forward_auth::forward_auth;
 use self::health::{not_found, ready, set_request_id};
-pub use self::start::{build, identifier, redis_options};
+pub use self::start::{build, identifier, load_plan, redis_options};
 
 /// `X-Tollgate-Status`: the real status of a refusal, for nginx (which only understands 401
 /// and 403 from an auth endpoint).
@@ -173,6 +173,22 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let state = build(settings).await?;
+    let reloader = crate::reload::Reloader::new(Arc::clone(&state.engine), {
+        let settings = settings.clone();
+        move || load_plan(&settings)
+    });
+    // The policy files and the Cedar files they import, wherever those are.
+    let mut watched = vec![settings.policies.clone()];
+    for import in state.engine.plan().cedar_imports() {
+        watched.push(import.policies.clone());
+        watched.extend(import.schema.iter().chain(import.entities.iter()).cloned());
+    }
+    let _watching = reloader
+        .watch(&watched, crate::reload::DEFAULT_DEBOUNCE)
+        .map_err(|e| tracing::warn!(error = %e, "policy files are not watched: reload with SIGHUP"))
+        .ok();
+    #[cfg(unix)]
+    let hangups = reloader.on_sighup()?;
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .map_err(|source| ServeError::Bind {
@@ -180,5 +196,8 @@ pub async fn serve(
             source,
         })?;
     tracing::info!(listen = %settings.listen, env = ?settings.env, "tollgate serving");
-    run(state, listener, shutdown).await
+    let served = run(state, listener, shutdown).await;
+    #[cfg(unix)]
+    hangups.abort();
+    served
 }

@@ -4,7 +4,7 @@
 use super::*;
 
 /// Reads and compiles the policies the settings name, with the Cedar answer cache they say.
-pub(super) fn load_plan(settings: &Settings) -> Result<crate::plan::Plan, PolicyErrors> {
+pub fn load_plan(settings: &Settings) -> Result<crate::plan::Plan, PolicyErrors> {
     let set = PolicySet::load(&[&settings.policies]);
     let plan = compile(&set)?;
     Ok(plan.with_cedar_cache(
