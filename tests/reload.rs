@@ -6,6 +6,8 @@
 //! These tests wait for the file watcher (real files, real events): they poll for the effect
 //! with a generous deadline and assert what happened, never how fast.
 
+mod support;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -225,4 +227,43 @@ async fn a_hundred_reloads_one_in_ten_broken_fail_no_request() {
     assert_eq!(reloader.status().failed, 10);
     assert!(sent > 100, "requests went on during the reloads: {sent}");
     assert_eq!(failed, 0, "{failed} of {sent} requests failed");
+}
+
+/// `tollgate serve` reloads its policy directory when a file changes and on `SIGHUP`; a
+/// broken edit leaves the plan in `/readyz` as it was and is logged with its place.
+#[test]
+fn tollgate_serve_reloads_its_policies() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("api.rl");
+    std::fs::write(&file, policy("3/min")).unwrap();
+    let policies = dir.path().display().to_string();
+    let server = support::serving::Serving::start(&[("TOLLGATE_POLICIES", &policies)]);
+    let version = || {
+        let reply = support::send(server.addr, "GET", "/readyz", &[], b"");
+        reply.text().trim_start_matches("ready: plan ").to_owned()
+    };
+    let wait_for = |what: &str, done: &dyn Fn(&str) -> bool| {
+        for _ in 0..1_000 {
+            if done(&version()) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("gave up waiting for {what}");
+    };
+    let first = version();
+    std::fs::write(&file, policy("5/min")).unwrap();
+    wait_for("the edit to load", &|v| v != first);
+    let second = version();
+
+    std::fs::write(&file, BROKEN).unwrap();
+    // The broken edit is refused; then SIGHUP after a valid one loads that.
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(version(), second, "a broken edit never takes effect");
+    std::fs::write(&file, policy("6/min")).unwrap();
+    server.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_for("the fix to load", &|v| v != second);
+    let log = server.stop();
+    assert!(log.contains("do not compile"), "{log}");
+    assert!(log.contains("api.rl:4:"), "the error is located: {log}");
 }

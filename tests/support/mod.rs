@@ -14,6 +14,7 @@ use std::time::Duration;
 pub mod nginx;
 pub mod process;
 pub mod redis;
+pub mod serving;
 pub mod tls;
 
 /// A free TCP port on 127.0.0.1 (bound and released; the caller binds it again).

@@ -1,0 +1,75 @@
+//! `tollgate serve` as its own process, for tests of the binary.
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// `tollgate serve` with only `env` (and `PATH`) for environment.
+pub fn tollgate(env: &[(&str, &str)]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+    c.arg("serve")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.stdout(Stdio::null()).stderr(Stdio::piped());
+    c
+}
+
+/// A running `tollgate serve`, killed on drop.
+pub struct Serving {
+    pub addr: SocketAddr,
+    child: Option<Child>,
+}
+
+impl Serving {
+    pub fn start(env: &[(&str, &str)]) -> Serving {
+        let addr: SocketAddr = format!("127.0.0.1:{}", super::free_port()).parse().unwrap();
+        let listen = addr.to_string();
+        let mut all = env.to_vec();
+        all.push(("TOLLGATE_LISTEN", &listen));
+        let mut child = super::process::spawn(&mut tollgate(&all)).expect("tollgate starts");
+        // Up to 20 s to listen (a start-up wait, not a timing test).
+        for _ in 0..1000 {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("tollgate exited with {status}");
+            }
+            if std::net::TcpStream::connect(addr).is_ok() {
+                return Serving {
+                    addr,
+                    child: Some(child),
+                };
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("tollgate did not listen on {addr}");
+    }
+}
+
+impl Serving {
+    /// Stops the server and returns what it logged.
+    pub fn stop(mut self) -> String {
+        let child = self.child.take().unwrap();
+        super::process::signal_group(&child, nix::sys::signal::Signal::SIGKILL);
+        let output = child.wait_with_output().unwrap();
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            super::process::kill_group(child);
+        }
+    }
+}
+
+impl Serving {
+    /// Sends `signal` to the server.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        if let Some(child) = &self.child {
+            super::process::signal_group(child, signal);
+        }
+    }
+}
