@@ -232,6 +232,11 @@ impl<S: Store, C: Clock> Engine<S, C> {
         }
     }
 
+    /// The hasher secrets in keys are hashed with.
+    pub fn key_hasher(&self) -> &KeyHasher {
+        &self.hasher
+    }
+
     /// Uses `hasher` for secrets in keys.
     pub fn with_key_hasher(mut self, hasher: KeyHasher) -> Self {
         self.hasher = hasher;

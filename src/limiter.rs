@@ -130,8 +130,10 @@ impl Quota {
     }
 }
 
-/// One key's stored state; which variant depends on the algorithm.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One key's stored state; which variant depends on the algorithm. As JSON (the admin API):
+/// `{"kind": "window", "start": …, "count": …}`, times in microseconds since the epoch.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
 pub enum State {
     /// Fixed windows and calendar quotas.
     Window(WindowState),

@@ -36,6 +36,8 @@ pub struct Plan {
     pub(crate) cedar_imports: Vec<CedarImport>,
     /// The imported Cedar policy sets, loaded and validated.
     pub(crate) cedar: Vec<Arc<crate::authz::CedarSet>>,
+    /// The `.rl` files it was compiled from.
+    pub(crate) sources: Vec<Arc<str>>,
     pub(crate) warnings: Vec<PolicyError>,
 }
 
@@ -83,6 +85,11 @@ impl Plan {
     /// The Cedar files the policies import.
     pub fn cedar_imports(&self) -> &[CedarImport] {
         &self.cedar_imports
+    }
+
+    /// The `.rl` files the plan was compiled from.
+    pub fn source_files(&self) -> &[Arc<str>] {
+        &self.sources
     }
 
     /// The imported Cedar policy sets, in import order.

@@ -36,11 +36,13 @@ use crate::store::redis::{BreakerSettings, RedisOptions, RedisStore};
 use crate::store::{AnyStore, MemoryStore, Store};
 use crate::{PolicySet, compile};
 
+mod admin;
 mod decision;
 mod forward_auth;
 mod health;
 mod start;
 
+pub use self::admin::{AdminState, admin_router};
 use self::decision::{check, release};
 use self::forward_auth::forward_auth;
 use self::health::{not_found, ready, set_request_id};
@@ -195,9 +197,39 @@ pub async fn serve(
             addr: settings.listen,
             source,
         })?;
+    let admin = match &settings.admin_token {
+        Some(token) => {
+            let admin = Arc::new(AdminState {
+                engine: Arc::clone(&state.engine),
+                identifier: state.options.identifier.clone(),
+                reloader: reloader.clone(),
+                token: token.clone(),
+            });
+            let listener = tokio::net::TcpListener::bind(settings.admin_listen)
+                .await
+                .map_err(|source| ServeError::Bind {
+                    addr: settings.admin_listen,
+                    source,
+                })?;
+            tracing::info!(listen = %settings.admin_listen, "admin API serving");
+            let app = admin_router(admin);
+            Some(tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, app).await {
+                    tracing::error!(error = %e, "the admin listener failed");
+                }
+            }))
+        }
+        None => {
+            tracing::info!("admin API off: set admin_token to serve it on admin_listen");
+            None
+        }
+    };
     tracing::info!(listen = %settings.listen, env = ?settings.env, "tollgate serving");
     let served = run(state, listener, shutdown).await;
     #[cfg(unix)]
     hangups.abort();
+    if let Some(admin) = admin {
+        admin.abort();
+    }
     served
 }

@@ -59,7 +59,7 @@ fn gcd(mut a: u64, mut b: u64) -> u64 {
 }
 
 /// A token bucket's level, in units of `1 / period` token, and when it was measured.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct TokenBucketState {
     /// Tokens × `period`, so that refilling `count` per microsecond stays exact.
     pub level: u64,
@@ -111,7 +111,7 @@ pub(crate) fn token_bucket(
 }
 
 /// GCRA's theoretical arrival time: when the bucket would be full again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct GcraState {
     /// Microseconds since the epoch.
     pub tat: u64,

@@ -22,7 +22,7 @@ pub struct ConcurrencyQuota {
 pub struct LeaseId(pub u64);
 
 /// The leases held on one key.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
 pub struct ConcurrencyState {
     /// `(lease, expires_at)` pairs, microseconds since the epoch.
     pub leases: Vec<(LeaseId, u64)>,

@@ -75,7 +75,7 @@ fn midnight_micros(date: NaiveDate) -> u64 {
 }
 
 /// The count of one fixed window.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct WindowState {
     /// Start of the window counted, microseconds since the epoch.
     pub start: u64,
@@ -115,7 +115,7 @@ pub(crate) fn fixed(
 }
 
 /// The two windows a sliding estimate reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct SlidingState {
     /// Start of the current window, microseconds since the epoch.
     pub start: u64,

@@ -345,6 +345,7 @@ impl<'a> Compiler<'a> {
                 .into_iter()
                 .map(Arc::new)
                 .collect(),
+            sources: files.iter().map(|f| Arc::from(f.source.name())).collect(),
             warnings: Vec::new(),
         }
     }

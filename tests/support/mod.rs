@@ -193,6 +193,22 @@ impl InProcess {
         }
     }
 
+    /// Serves the router `make` builds, made in this client's runtime (so that what it
+    /// connects to, a Redis store, runs there).
+    pub fn build(make: impl AsyncFnOnce() -> axum::Router) -> InProcess {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let router = runtime.block_on(make());
+        InProcess { router, runtime }
+    }
+
+    /// Runs `future` on this client's runtime.
+    pub fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
+        self.runtime.block_on(future)
+    }
+
     /// `POST /v1/check` with `body`.
     pub fn check(&self, body: &serde_json::Value) -> Reply {
         self.send("POST", "/v1/check", &[], body.to_string().as_bytes())
@@ -432,8 +448,13 @@ impl TestApp {
 
 /// The OpenAPI document, and a validator for one of its component schemas.
 pub fn schema(name: &str) -> jsonschema::Validator {
+    schema_in("docs/openapi.yaml", name)
+}
+
+/// A validator for one component schema of the OpenAPI document at `path`.
+pub fn schema_in(path: &str, name: &str) -> jsonschema::Validator {
     let doc: serde_json::Value =
-        serde_norway::from_str(&std::fs::read_to_string("docs/openapi.yaml").unwrap()).unwrap();
+        serde_norway::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let schemas = doc["components"]["schemas"].clone();
     fn inline(v: &serde_json::Value, schemas: &serde_json::Value) -> serde_json::Value {
         match v {
@@ -475,14 +496,19 @@ pub fn schema(name: &str) -> jsonschema::Validator {
 }
 
 pub fn assert_conforms(reply: &Reply, name: &str) {
+    assert_conforms_to("docs/openapi.yaml", reply, name);
+}
+
+/// Fails unless `reply`'s JSON body matches component schema `name` of the document `path`.
+pub fn assert_conforms_to(path: &str, reply: &Reply, name: &str) {
     let value = reply.json();
-    let validator = schema(name);
+    let validator = schema_in(path, name);
     let errors: Vec<String> = validator
         .iter_errors(&value)
         .map(|e| e.to_string())
         .collect();
     assert!(
         errors.is_empty(),
-        "{name} does not match docs/openapi.yaml: {errors:?}\n{value:#}"
+        "{name} does not match {path}: {errors:?}\n{value:#}"
     );
 }

@@ -1,0 +1,337 @@
+//! The admin API, on its own listener (`admin_listen`), documented in
+//! `docs/admin-openapi.yaml`. Every route requires `Authorization: Bearer <admin_token>`
+//! (compared in constant time); without a configured token the listener does not start.
+//! Errors are problem documents; every change is logged with what it changed.
+//!
+//! - `GET /admin/plan`: the plan serving (version, files, limits, Cedar policies), when it
+//!   was loaded, and the last reload's error until a good version loads;
+//! - `POST /admin/reload`: rebuilds the plan now (422 with the located problems when broken);
+//! - `POST /admin/explain`: a described request (the `/v1/check` body) → `tollgate explain`'s
+//!   words;
+//! - `GET /admin/keys` (count live keys), `DELETE /admin/keys` (reset), `GET /admin/key`
+//!   (one key's state): by `key`, `client`, `namespace` or `limit`, on memory, Redis or a
+//!   Cluster (`SCAN`, never `KEYS`);
+//! - `GET /admin/diagnostics`: the store's health and latency, memory evictions, the build.
+
+use axum::extract::Query;
+use axum::middleware::Next;
+use subtle::ConstantTimeEq;
+
+use super::decision::{CheckRequest, check_ctx, read_json};
+use super::*;
+use crate::reload::{Reloader, Trigger};
+use crate::store::{KeySelector, StoreError};
+
+/// What the admin handlers share.
+pub struct AdminState<S, C = SystemClock> {
+    /// The engine whose plan and store are administered.
+    pub engine: Arc<Engine<S, C>>,
+    /// How requests are identified (for explain).
+    pub identifier: Identifier,
+    /// Reloads the plan.
+    pub reloader: Reloader,
+    /// The bearer token every route requires.
+    pub token: String,
+}
+
+/// The admin routes around `state`, behind the token check.
+pub fn admin_router<S: Store, C: Clock>(state: Arc<AdminState<S, C>>) -> Router {
+    Router::new()
+        .route("/admin/plan", get(plan::<S, C>))
+        .route("/admin/reload", post(reload::<S, C>))
+        .route("/admin/explain", post(explain::<S, C>))
+        .route(
+            "/admin/keys",
+            get(count_keys::<S, C>).delete(reset_keys::<S, C>),
+        )
+        .route("/admin/key", get(inspect_key::<S, C>))
+        .route("/admin/diagnostics", get(diagnostics::<S, C>))
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            authorized::<S, C>,
+        ))
+        .with_state(state)
+}
+
+/// Lets through requests that carry the token; 401 for the others.
+async fn authorized<S: Store, C: Clock>(
+    State(state): State<Arc<AdminState<S, C>>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let presented = request
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if bool::from(presented.as_bytes().ct_eq(state.token.as_bytes())) {
+        return next.run(request).await;
+    }
+    let request_id = crate::request::request_id(request.headers());
+    tracing::warn!(request_id, path = %request.uri().path(), "admin request without the admin token");
+    let mut response = problem_response(
+        Problem::new(
+            "urn:tollgate:problem:unauthenticated",
+            "Unauthorized",
+            StatusCode::UNAUTHORIZED,
+            "the admin API needs `Authorization: Bearer <admin_token>`".to_owned(),
+        ),
+        &request_id,
+    );
+    response.headers_mut().insert(
+        http::header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer"),
+    );
+    response
+}
+
+#[derive(Serialize)]
+struct PlanInfo {
+    version: String,
+    loaded_at: u64,
+    files: Vec<String>,
+    limits: Vec<LimitInfo>,
+    cedar_policies: usize,
+    reloads_succeeded: u64,
+    reloads_failed: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_error: Option<String>,
+}
+
+#[derive(Serialize)]
+struct LimitInfo {
+    name: String,
+    namespace: String,
+    mode: &'static str,
+}
+
+async fn plan<S: Store, C: Clock>(State(state): State<Arc<AdminState<S, C>>>) -> Response {
+    let plan = state.engine.plan();
+    let status = state.reloader.status();
+    let mut files: Vec<String> = plan
+        .cedar_imports()
+        .iter()
+        .flat_map(|i| {
+            std::iter::once(&i.policies)
+                .chain(i.schema.iter())
+                .chain(i.entities.iter())
+        })
+        .map(|p| p.display().to_string())
+        .collect();
+    files.extend(plan.source_files().iter().map(|f| f.to_string()));
+    files.sort();
+    let body = PlanInfo {
+        version: plan.version().to_owned(),
+        loaded_at: status.loaded_at.as_micros() / 1_000_000,
+        files,
+        limits: plan
+            .limits()
+            .iter()
+            .map(|l| LimitInfo {
+                name: l.name.to_string(),
+                namespace: l.namespace.to_string(),
+                mode: match l.mode {
+                    crate::plan::Mode::Enforce => "enforce",
+                    crate::plan::Mode::Shadow => "shadow",
+                    crate::plan::Mode::Off => "off",
+                },
+            })
+            .collect(),
+        cedar_policies: plan.cedar().iter().map(|c| c.len()).sum(),
+        reloads_succeeded: status.succeeded,
+        reloads_failed: status.failed,
+        last_error: status.last_error,
+    };
+    axum::Json(body).into_response()
+}
+
+async fn reload<S: Store, C: Clock>(
+    State(state): State<Arc<AdminState<S, C>>>,
+    headers: HeaderMap,
+) -> Response {
+    let request_id = crate::request::request_id(&headers);
+    match state.reloader.reload(Trigger::Request).await {
+        Ok(version) => {
+            tracing::info!(request_id, plan = %version, "admin: policies reloaded");
+            axum::Json(serde_json::json!({ "version": &*version })).into_response()
+        }
+        Err(errors) => problem_response(
+            Problem::new(
+                "urn:tollgate:problem:invalid-policies",
+                "Unprocessable Content",
+                StatusCode::UNPROCESSABLE_ENTITY,
+                errors.render_plain(100),
+            ),
+            &request_id,
+        ),
+    }
+}
+
+async fn explain<S: Store, C: Clock>(
+    State(state): State<Arc<AdminState<S, C>>>,
+    request: Request,
+) -> Response {
+    let request_id = crate::request::request_id(request.headers());
+    let input: CheckRequest = match read_json(request, 64 * 1024).await {
+        Ok(input) => input,
+        Err(problem) => return problem_response(*problem, &request_id),
+    };
+    let ctx = match check_ctx(input, &state.identifier) {
+        Ok(ctx) => ctx,
+        Err(problem) => return problem_response(*problem, &request_id),
+    };
+    let plan = state.engine.plan();
+    let explanation = crate::explain::explain(&plan, &ctx, state.engine.key_hasher());
+    axum::Json(serde_json::json!({
+        "plan_version": plan.version(),
+        "explanation": explanation.to_string(),
+    }))
+    .into_response()
+}
+
+/// Which keys a `/admin/keys` request is about: exactly one of these.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Selecting {
+    key: Option<String>,
+    client: Option<String>,
+    namespace: Option<String>,
+    limit: Option<String>,
+}
+
+impl Selecting {
+    fn selector(&self) -> Result<KeySelector<'_>, Box<Problem>> {
+        let (key, client, namespace, limit) = (
+            self.key.as_deref(),
+            self.client.as_deref(),
+            self.namespace.as_deref(),
+            self.limit.as_deref(),
+        );
+        match (key, client, namespace, limit) {
+            (Some(k), None, None, None) => Ok(KeySelector::Key(k)),
+            (None, Some(c), None, None) => Ok(KeySelector::Client(c)),
+            (None, None, Some(n), None) => Ok(KeySelector::Namespace(n)),
+            (None, None, None, Some(l)) => Ok(KeySelector::Limit(l)),
+            _ => Err(Box::new(Problem::bad_request(
+                "name exactly one of `key`, `client`, `namespace` or `limit`",
+            ))),
+        }
+    }
+}
+
+fn query<T: serde::de::DeserializeOwned>(
+    query: Result<Query<T>, axum::extract::rejection::QueryRejection>,
+) -> Result<T, Box<Problem>> {
+    query
+        .map(|Query(q)| q)
+        .map_err(|e| Box::new(Problem::bad_request(e.body_text())))
+}
+
+fn store_problem(error: &StoreError) -> Problem {
+    Problem::new(
+        "urn:tollgate:problem:store-unavailable",
+        "Service Unavailable",
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("the counter store failed: {error}"),
+    )
+}
+
+async fn count_keys<S: Store, C: Clock>(
+    State(state): State<Arc<AdminState<S, C>>>,
+    headers: HeaderMap,
+    selecting: Result<Query<Selecting>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let request_id = crate::request::request_id(&headers);
+    let selecting = match query(selecting) {
+        Ok(s) => s,
+        Err(problem) => return problem_response(*problem, &request_id),
+    };
+    let selector = match selecting.selector() {
+        Ok(s) => s,
+        Err(problem) => return problem_response(*problem, &request_id),
+    };
+    match state
+        .engine
+        .store()
+        .count(selector, state.engine.now())
+        .await
+    {
+        Ok(live) => axum::Json(serde_json::json!({ "live_keys": live })).into_response(),
+        Err(e) => problem_response(store_problem(&e), &request_id),
+    }
+}
+
+async fn reset_keys<S: Store, C: Clock>(
+    State(state): State<Arc<AdminState<S, C>>>,
+    headers: HeaderMap,
+    selecting: Result<Query<Selecting>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let request_id = crate::request::request_id(&headers);
+    let selecting = match query(selecting) {
+        Ok(s) => s,
+        Err(problem) => return problem_response(*problem, &request_id),
+    };
+    let selector = match selecting.selector() {
+        Ok(s) => s,
+        Err(problem) => return problem_response(*problem, &request_id),
+    };
+    match state.engine.store().reset(selector).await {
+        Ok(removed) => {
+            tracing::info!(request_id, ?selector, removed, "admin: counters reset");
+            axum::Json(serde_json::json!({ "removed_keys": removed })).into_response()
+        }
+        Err(e) => problem_response(store_problem(&e), &request_id),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OneKey {
+    key: String,
+}
+
+async fn inspect_key<S: Store, C: Clock>(
+    State(state): State<Arc<AdminState<S, C>>>,
+    headers: HeaderMap,
+    one: Result<Query<OneKey>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let request_id = crate::request::request_id(&headers);
+    let one = match query(one) {
+        Ok(one) => one,
+        Err(problem) => return problem_response(*problem, &request_id),
+    };
+    match state
+        .engine
+        .store()
+        .inspect(&one.key, state.engine.now())
+        .await
+    {
+        Ok(found) => axum::Json(serde_json::json!({
+            "key": one.key,
+            "state": found.state,
+            "banned_until": found.banned_until.map(|t| t.as_micros()),
+        }))
+        .into_response(),
+        Err(e) => problem_response(store_problem(&e), &request_id),
+    }
+}
+
+async fn diagnostics<S: Store, C: Clock>(State(state): State<Arc<AdminState<S, C>>>) -> Response {
+    let clock = state.engine.clock();
+    let started = clock.now();
+    let ping = state.engine.store().ping().await;
+    let took = clock.now().saturating_since(started);
+    let store = match ping {
+        Ok(()) => serde_json::json!({ "ok": true, "latency_ms": took.as_secs_f64() * 1e3 }),
+        Err(e) => serde_json::json!({ "ok": false, "error": e.to_string() }),
+    };
+    axum::Json(serde_json::json!({
+        "store": store,
+        "memory_evictions": state.engine.evictions(),
+        "plan_version": state.engine.plan().version(),
+        "build": { "version": env!("CARGO_PKG_VERSION") },
+    }))
+    .into_response()
+}

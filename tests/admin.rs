@@ -1,0 +1,294 @@
+//! The admin API: the token is required and compared whole; the plan, reload (a broken one
+//! keeps the plan and shows its located error), explain (`tollgate explain`'s words), key
+//! counts, resets and states on the memory store, a real `redis-server` and a real Redis
+//! Cluster, and diagnostics — every answer checked against `docs/admin-openapi.yaml`.
+
+mod support;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use http::Method;
+use serde_json::json;
+use support::{InProcess, Reply};
+use tollgate::reload::Reloader;
+use tollgate::server::{AdminState, admin_router};
+use tollgate::store::redis::RedisStore;
+use tollgate::store::{MemoryStore, Store};
+use tollgate::{Engine, PolicySet, RequestCtx, compile};
+
+const SPEC: &str = "docs/admin-openapi.yaml";
+const TOKEN: &str = "an-admin-token-of-32-characters!";
+
+const POLICY: &str = r#"version 1;
+namespace "shop";
+limit api { match { route GET "/api/**"; } key ip; algorithm fixed_window; rate 10/min; }
+limit login { match { route POST "/login"; } key ip; algorithm fixed_window; rate 5/min; }
+"#;
+
+fn policy_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("shop.rl"), POLICY).unwrap();
+    dir
+}
+
+fn load(
+    dir: &Path,
+) -> impl Fn() -> Result<tollgate::Plan, tollgate::diagnostic::PolicyErrors> + Send + Sync + use<> {
+    let dir = dir.to_path_buf();
+    move || compile(&PolicySet::load(&[&dir]))
+}
+
+/// The admin API over `store`, with the engine to make traffic.
+fn admin<S: Store>(dir: &Path, store: impl AsyncFnOnce() -> S) -> (InProcess, Arc<Engine<S>>) {
+    let engine_slot = Arc::new(std::sync::Mutex::new(None));
+    let slot = Arc::clone(&engine_slot);
+    let load = load(dir);
+    let app = InProcess::build(async move || {
+        let plan = load().unwrap();
+        let engine = Arc::new(Engine::new(plan, store().await));
+        *slot.lock().unwrap() = Some(Arc::clone(&engine));
+        let reloader = Reloader::new(Arc::clone(&engine), load);
+        admin_router(Arc::new(AdminState {
+            engine,
+            identifier: tollgate::identity::Identifier::new(),
+            reloader,
+            token: TOKEN.to_owned(),
+        }))
+    });
+    let engine = engine_slot
+        .lock()
+        .unwrap()
+        .take()
+        .expect("the engine was built");
+    (app, engine)
+}
+
+fn call(app: &InProcess, method: &str, path: &str, body: &[u8]) -> Reply {
+    let auth = format!("Bearer {TOKEN}");
+    app.send(
+        method,
+        path,
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/json"),
+        ],
+        body,
+    )
+}
+
+#[test]
+fn every_route_needs_the_whole_token() {
+    let dir = policy_dir();
+    let (app, _) = admin(dir.path(), async || MemoryStore::new());
+    for (method, path) in [
+        ("GET", "/admin/plan"),
+        ("POST", "/admin/reload"),
+        ("GET", "/admin/keys?limit=api"),
+        ("DELETE", "/admin/keys?limit=api"),
+        ("GET", "/admin/diagnostics"),
+        ("GET", "/admin/nope"),
+    ] {
+        for auth in [
+            None,
+            Some("Bearer wrong".to_owned()),
+            Some(format!("Bearer {}", &TOKEN[..TOKEN.len() - 1])),
+            Some(format!("Bearer {TOKEN}x")),
+            Some(format!("Basic {TOKEN}")),
+        ] {
+            let headers: Vec<(&str, &str)> =
+                auth.iter().map(|a| ("Authorization", a.as_str())).collect();
+            let reply = app.send(method, path, &headers, b"");
+            assert_eq!(reply.status, 401, "{method} {path} with {auth:?}");
+            assert_eq!(reply.header("www-authenticate"), Some("Bearer"));
+            support::assert_conforms_to(SPEC, &reply, "Problem");
+        }
+    }
+}
+
+#[test]
+fn the_plan_reloads_and_a_broken_reload_keeps_it() {
+    let dir = policy_dir();
+    let (app, _) = admin(dir.path(), async || MemoryStore::new());
+    let plan = call(&app, "GET", "/admin/plan", b"");
+    assert_eq!(plan.status, 200);
+    support::assert_conforms_to(SPEC, &plan, "PlanInfo");
+    let first = plan.json();
+    assert_eq!(first["limits"].as_array().unwrap().len(), 2);
+    assert!(first["files"][0].as_str().unwrap().ends_with("shop.rl"));
+
+    std::fs::write(
+        dir.path().join("shop.rl"),
+        POLICY.replace("10/min", "20/min"),
+    )
+    .unwrap();
+    let reloaded = call(&app, "POST", "/admin/reload", b"");
+    assert_eq!(reloaded.status, 200, "{}", reloaded.text());
+    support::assert_conforms_to(SPEC, &reloaded, "Reloaded");
+    let version = reloaded.json()["version"].clone();
+    assert_ne!(version, first["version"]);
+
+    std::fs::write(
+        dir.path().join("shop.rl"),
+        POLICY.replace("10/min", "10/fortnight"),
+    )
+    .unwrap();
+    let refused = call(&app, "POST", "/admin/reload", b"");
+    assert_eq!(refused.status, 422);
+    support::assert_conforms_to(SPEC, &refused, "Problem");
+    assert!(
+        refused.json()["detail"]
+            .as_str()
+            .unwrap()
+            .contains("shop.rl:3:")
+    );
+    let plan = call(&app, "GET", "/admin/plan", b"").json();
+    assert_eq!(plan["version"], version, "the good plan keeps serving");
+    assert_eq!(plan["reloads_failed"], 1);
+    assert!(plan["last_error"].as_str().unwrap().contains("fortnight"));
+}
+
+#[test]
+fn explain_says_what_tollgate_explain_says() {
+    let dir = policy_dir();
+    let (app, _) = admin(dir.path(), async || MemoryStore::new());
+    let reply = call(
+        &app,
+        "POST",
+        "/admin/explain",
+        json!({ "method": "GET", "path": "/api/items", "client_ip": "203.0.113.9" })
+            .to_string()
+            .as_bytes(),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    support::assert_conforms_to(SPEC, &reply, "Explained");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["explain", "--policies"])
+        .arg(dir.path())
+        .args([
+            "--method",
+            "GET",
+            "--path",
+            "/api/items",
+            "--ip",
+            "203.0.113.9",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        reply.json()["explanation"],
+        String::from_utf8_lossy(&output.stdout).as_ref()
+    );
+    let bad = call(&app, "POST", "/admin/explain", br#"{"path": "/x"}"#);
+    assert_eq!(bad.status, 400);
+    support::assert_conforms_to(SPEC, &bad, "Problem");
+}
+
+/// Counts, states and resets, by every selector, against `store`.
+fn keys_on<S: Store>(store: impl AsyncFnOnce() -> S) {
+    let dir = policy_dir();
+    let (app, engine) = admin(dir.path(), store);
+    // Three clients use the API, one of them logs in too.
+    for ip in ["198.51.100.1", "198.51.100.2", "198.51.100.3"] {
+        let request = RequestCtx::new(Method::GET, "/api/x").with_client_ip(ip.parse().unwrap());
+        for _ in 0..2 {
+            app.block_on(engine.decide(&request));
+        }
+    }
+    let login =
+        RequestCtx::new(Method::POST, "/login").with_client_ip("198.51.100.1".parse().unwrap());
+    let key = app.block_on(engine.decide(&login)).reports[0].key.clone();
+
+    let count = |query: &str| {
+        let reply = call(&app, "GET", &format!("/admin/keys?{query}"), b"");
+        assert_eq!(reply.status, 200, "{query}: {}", reply.text());
+        support::assert_conforms_to(SPEC, &reply, "Counted");
+        reply.json()["live_keys"].as_u64().unwrap()
+    };
+    assert_eq!(count("limit=api"), 3);
+    assert_eq!(count("limit=login"), 1);
+    assert_eq!(count("namespace=shop"), 4);
+    assert_eq!(
+        count(&format!("client={}", urlencode("ip:198.51.100.1/32"))),
+        2
+    );
+
+    let state = call(
+        &app,
+        "GET",
+        &format!("/admin/key?key={}", urlencode(&key)),
+        b"",
+    );
+    assert_eq!(state.status, 200, "{}", state.text());
+    support::assert_conforms_to(SPEC, &state, "KeyState");
+    assert_eq!(state.json()["state"]["kind"], "window");
+    assert_eq!(state.json()["state"]["count"], 1);
+
+    let client = urlencode("ip:198.51.100.1/32");
+    let reset = call(&app, "DELETE", &format!("/admin/keys?client={client}"), b"");
+    assert_eq!(reset.status, 200);
+    support::assert_conforms_to(SPEC, &reset, "Removed");
+    assert_eq!(reset.json()["removed_keys"], 2);
+    assert_eq!(count("namespace=shop"), 2);
+    let reset = call(&app, "DELETE", "/admin/keys?namespace=shop", b"").json();
+    assert_eq!(reset["removed_keys"], 2);
+    assert_eq!(count("namespace=shop"), 0);
+    let empty = call(
+        &app,
+        "GET",
+        &format!("/admin/key?key={}", urlencode(&key)),
+        b"",
+    )
+    .json();
+    assert_eq!(empty["state"], serde_json::Value::Null);
+
+    for bad in ["limit=api&client=x", "", "limit=api&wat=1"] {
+        let reply = call(&app, "GET", &format!("/admin/keys?{bad}"), b"");
+        assert_eq!(reply.status, 400, "{bad}");
+        support::assert_conforms_to(SPEC, &reply, "Problem");
+    }
+
+    let diagnostics = call(&app, "GET", "/admin/diagnostics", b"");
+    support::assert_conforms_to(SPEC, &diagnostics, "Diagnostics");
+    assert_eq!(diagnostics.json()["store"]["ok"], true);
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[test]
+fn keys_on_the_memory_store() {
+    keys_on(async || MemoryStore::new());
+}
+
+#[test]
+fn keys_on_redis() {
+    let Some(redis) = support::redis::Redis::start() else {
+        return;
+    };
+    let url = redis.url();
+    keys_on(async move || {
+        RedisStore::connect(&url, std::time::Duration::from_secs(2))
+            .await
+            .expect("the store connects")
+    });
+}
+
+#[test]
+fn keys_on_a_redis_cluster() {
+    let Some(cluster) = support::redis::Cluster::start(3, 0) else {
+        return;
+    };
+    let url = cluster.url();
+    keys_on(async move || {
+        RedisStore::connect(&url, std::time::Duration::from_secs(5))
+            .await
+            .expect("the cluster connects")
+    });
+}
