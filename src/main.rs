@@ -75,6 +75,72 @@ enum Command {
         #[arg(long)]
         untrusted: bool,
     },
+    /// Call a running server's admin API (address and token from the same settings as
+    /// `serve`: `TOLLGATE_ADMIN_LISTEN`, `TOLLGATE_ADMIN_TOKEN`, `--config`).
+    Admin {
+        /// The admin API's URL [default: http://{admin_listen}].
+        #[arg(long)]
+        url: Option<String>,
+        /// The admin token [default: admin_token from the settings].
+        #[arg(long)]
+        token: Option<String>,
+        /// Settings file (TOML), as for `serve`.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        action: AdminAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminAction {
+    /// The plan serving, and the last reload's error.
+    Plan,
+    /// Rebuild the plan from the files now.
+    Reload,
+    /// Which limits apply to a described request, and why.
+    Explain {
+        /// The request's method.
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// The request's path.
+        #[arg(long)]
+        path: String,
+        /// The client's address.
+        #[arg(long)]
+        ip: Option<IpAddr>,
+        /// A request header, `Name: value` (repeatable).
+        #[arg(long = "header", value_name = "NAME:VALUE")]
+        headers: Vec<String>,
+        /// The headers were set by a trusted component.
+        #[arg(long)]
+        trusted_headers: bool,
+    },
+    /// Count (or `--reset`) the counters of a key, client, namespace or limit.
+    Keys {
+        /// One counter: `api:{user:alice}:api`.
+        #[arg(long, group = "selector")]
+        key: Option<String>,
+        /// One client in every limit: `user:alice`.
+        #[arg(long, group = "selector")]
+        client: Option<String>,
+        /// Every counter of a namespace.
+        #[arg(long, group = "selector")]
+        namespace: Option<String>,
+        /// Every client of a limit.
+        #[arg(long, group = "selector")]
+        limit: Option<String>,
+        /// Forget them (counters and bans) instead of counting.
+        #[arg(long)]
+        reset: bool,
+    },
+    /// One counter's state and ban.
+    Key {
+        /// The key: `api:{user:alice}:api`.
+        key: String,
+    },
+    /// The store's health and latency, memory evictions, the build.
+    Diagnostics,
 }
 
 fn main() -> ExitCode {
@@ -122,7 +188,148 @@ fn main() -> ExitCode {
                 Err(errors) => report(&errors),
             }
         }
+        Command::Admin {
+            url,
+            token,
+            config,
+            action,
+        } => admin(url, token, config, action),
     }
+}
+
+/// `tollgate admin …`: one call to the admin API; the answer as JSON (explain: as text).
+fn admin(
+    url: Option<String>,
+    token: Option<String>,
+    config: Option<PathBuf>,
+    action: AdminAction,
+) -> ExitCode {
+    let settings = Settings::load(&Flags {
+        config,
+        ..Flags::default()
+    });
+    let (url, token) = match (url, token, &settings) {
+        (Some(url), Some(token), _) => (url, token),
+        (url, token, Ok(s)) => {
+            let url = url.unwrap_or_else(|| format!("http://{}", s.admin_listen));
+            match token.or_else(|| s.admin_token.clone()) {
+                Some(token) => (url, token),
+                None => {
+                    eprintln!("error: no admin token: set TOLLGATE_ADMIN_TOKEN, or pass --token");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+        (_, _, Err(e)) => {
+            eprintln!("error: {e}");
+            eprintln!("(or pass both --url and --token)");
+            return ExitCode::from(2);
+        }
+    };
+    let client = match tollgate::server::AdminClient::new(&url, &token) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let query = |pairs: &[(&str, &Option<String>)]| -> String {
+        let parts: Vec<String> = pairs
+            .iter()
+            .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", encode(v))))
+            .collect();
+        parts.join("&")
+    };
+    use http::Method;
+    let (method, path, body) = match &action {
+        AdminAction::Plan => (Method::GET, "/admin/plan".to_owned(), None),
+        AdminAction::Reload => (Method::POST, "/admin/reload".to_owned(), None),
+        AdminAction::Explain {
+            method,
+            path,
+            ip,
+            headers,
+            trusted_headers,
+        } => {
+            let mut described = serde_json::json!({
+                "method": method, "path": path, "trusted_headers": trusted_headers,
+            });
+            if let Some(ip) = ip {
+                described["client_ip"] = serde_json::json!(ip);
+            }
+            let mut map = serde_json::Map::new();
+            for header in headers {
+                let Some((name, value)) = header.split_once(':') else {
+                    eprintln!("error: `{header}` is not `Name: value`");
+                    return ExitCode::from(2);
+                };
+                map.insert(name.trim().to_owned(), value.trim().into());
+            }
+            described["headers"] = map.into();
+            (Method::POST, "/admin/explain".to_owned(), Some(described))
+        }
+        AdminAction::Keys {
+            key,
+            client,
+            namespace,
+            limit,
+            reset,
+        } => {
+            let q = query(&[
+                ("key", key),
+                ("client", client),
+                ("namespace", namespace),
+                ("limit", limit),
+            ]);
+            let method = if *reset { Method::DELETE } else { Method::GET };
+            (method, format!("/admin/keys?{q}"), None)
+        }
+        AdminAction::Key { key } => (Method::GET, format!("/admin/key?key={}", encode(key)), None),
+        AdminAction::Diagnostics => (Method::GET, "/admin/diagnostics".to_owned(), None),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(client.call(method, &path, body)) {
+        Ok(reply) if (200..300).contains(&reply.status) => {
+            match (
+                &action,
+                reply.body.get("explanation").and_then(|e| e.as_str()),
+            ) {
+                (AdminAction::Explain { .. }, Some(text)) => print!("{text}"),
+                _ => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&reply.body).unwrap_or_default()
+                ),
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(reply) => {
+            let detail = reply
+                .body
+                .get("detail")
+                .and_then(|d| d.as_str())
+                .map_or_else(|| reply.body.to_string(), str::to_owned);
+            eprintln!("error: {} {detail}", reply.status);
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `value` percent-encoded for a query string.
+fn encode(value: &str) -> String {
+    percent_encoding::utf8_percent_encode(value, percent_encoding::NON_ALPHANUMERIC).to_string()
 }
 
 fn serve(flags: Flags) -> ExitCode {

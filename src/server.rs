@@ -37,12 +37,14 @@ use crate::store::{AnyStore, MemoryStore, Store};
 use crate::{PolicySet, compile};
 
 mod admin;
+mod admin_client;
 mod decision;
 mod forward_auth;
 mod health;
 mod start;
 
 pub use self::admin::{AdminState, admin_router};
+pub use self::admin_client::{AdminClient, AdminError, AdminReply};
 use self::decision::{check, release};
 use self::forward_auth::forward_auth;
 use self::health::{not_found, ready, set_request_id};

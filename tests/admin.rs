@@ -292,3 +292,65 @@ fn keys_on_a_redis_cluster() {
             .expect("the cluster connects")
     });
 }
+
+/// `tollgate admin …` calls a running `tollgate serve`'s admin API with the address and
+/// token of the same settings; a wrong token fails with a readable message.
+#[test]
+fn the_admin_command_calls_a_running_server() {
+    let dir = policy_dir();
+    let policies = dir.path().display().to_string();
+    let admin_listen = format!("127.0.0.1:{}", support::free_port());
+    let env = [
+        ("TOLLGATE_POLICIES", policies.as_str()),
+        ("TOLLGATE_ADMIN_LISTEN", admin_listen.as_str()),
+        ("TOLLGATE_ADMIN_TOKEN", TOKEN),
+    ];
+    let server = support::serving::Serving::start(&env);
+    let admin = |args: &[&str], token: &str| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"));
+        command
+            .arg("admin")
+            .args(args)
+            .env_clear()
+            .env("TOLLGATE_POLICIES", &policies)
+            .env("TOLLGATE_ADMIN_LISTEN", &admin_listen)
+            .env("TOLLGATE_ADMIN_TOKEN", token);
+        // The admin listener starts just after the main one.
+        for _ in 0..500 {
+            let output = command.output().unwrap();
+            if !String::from_utf8_lossy(&output.stderr).contains("cannot reach") {
+                return output;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        panic!("the admin API never answered");
+    };
+    let plan = admin(&["plan"], TOKEN);
+    assert!(
+        plan.status.success(),
+        "{}",
+        String::from_utf8_lossy(&plan.stderr)
+    );
+    let plan: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
+    assert_eq!(plan["limits"].as_array().unwrap().len(), 2);
+
+    let explained = admin(
+        &["explain", "--path", "/api/x", "--ip", "203.0.113.9"],
+        TOKEN,
+    );
+    assert!(String::from_utf8_lossy(&explained.stdout).contains("✓ api"));
+    let reload = admin(&["reload"], TOKEN);
+    assert!(reload.status.success());
+    let keys = admin(&["keys", "--limit", "api"], TOKEN);
+    let keys: serde_json::Value = serde_json::from_slice(&keys.stdout).unwrap();
+    assert_eq!(keys["live_keys"], 0);
+
+    let refused = admin(&["plan"], "not-the-admin-token-at-all-no");
+    assert!(!refused.status.success());
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        message.contains("401") && message.contains("Bearer"),
+        "{message}"
+    );
+    drop(server);
+}
