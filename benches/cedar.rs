@@ -9,26 +9,19 @@
 //!
 //! `cargo bench --bench cedar`. Figures and the machine are in `docs/performance.md`.
 
-use std::pin::pin;
-use std::task::{Context, Poll, Waker};
 use std::time::Duration;
+
+#[path = "support/ready.rs"]
+mod ready;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::Method;
+use ready::ready;
 use tollgate::store::MemoryStore;
 use tollgate::{Engine, PolicySet, RequestCtx, compile};
 
 #[path = "../tests/support/cedar_gen.rs"]
 mod cedar_gen;
-
-fn ready<F: Future>(future: F) -> F::Output {
-    let mut future = pin!(future);
-    let mut cx = Context::from_waker(Waker::noop());
-    match future.as_mut().poll(&mut cx) {
-        Poll::Ready(v) => v,
-        Poll::Pending => panic!("the memory store never waits"),
-    }
-}
 
 fn requests() -> Vec<RequestCtx> {
     (0..100)

@@ -8,11 +8,12 @@
 //!
 //! `cargo bench --bench engine`. Figures and the machine are in `docs/performance.md`.
 
-use std::pin::pin;
-use std::task::{Context, Poll, Waker};
+#[path = "support/ready.rs"]
+mod ready;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use http::Method;
+use ready::ready;
 use tollgate::store::MemoryStore;
 use tollgate::{Engine, PolicySet, RequestCtx, compile};
 
@@ -32,17 +33,6 @@ fn request() -> RequestCtx {
         .with_client_ip("203.0.113.9".parse().unwrap())
         .try_header("X-Client-Id", "client-7")
         .unwrap()
-}
-
-/// Drives a future that completes without waiting (the memory store never waits), without
-/// a runtime, so that the figure is `decide` itself.
-fn ready<F: Future>(future: F) -> F::Output {
-    let mut future = pin!(future);
-    let mut cx = Context::from_waker(Waker::noop());
-    match future.as_mut().poll(&mut cx) {
-        Poll::Ready(v) => v,
-        Poll::Pending => panic!("the memory store never waits"),
-    }
 }
 
 fn decide(c: &mut Criterion) {

@@ -40,10 +40,7 @@ pub fn admin_router<S: Store, C: Clock>(state: Arc<AdminState<S, C>>) -> Router 
         .route("/admin/plan", get(plan::<S, C>))
         .route("/admin/reload", post(reload::<S, C>))
         .route("/admin/explain", post(explain::<S, C>))
-        .route(
-            "/admin/keys",
-            get(count_keys::<S, C>).delete(reset_keys::<S, C>),
-        )
+        .route("/admin/keys", get(keys::<S, C>).delete(keys::<S, C>))
         .route("/admin/key", get(inspect_key::<S, C>))
         .route("/admin/diagnostics", get(diagnostics::<S, C>))
         .fallback(not_found)
@@ -201,23 +198,60 @@ struct Selecting {
     limit: Option<String>,
 }
 
-impl Selecting {
-    fn selector(&self) -> Result<KeySelector<'_>, Box<Problem>> {
-        let (key, client, namespace, limit) = (
-            self.key.as_deref(),
-            self.client.as_deref(),
-            self.namespace.as_deref(),
-            self.limit.as_deref(),
-        );
-        match (key, client, namespace, limit) {
-            (Some(k), None, None, None) => Ok(KeySelector::Key(k)),
-            (None, Some(c), None, None) => Ok(KeySelector::Client(c)),
-            (None, None, Some(n), None) => Ok(KeySelector::Namespace(n)),
-            (None, None, None, Some(l)) => Ok(KeySelector::Limit(l)),
-            _ => Err(Box::new(Problem::bad_request(
-                "name exactly one of `key`, `client`, `namespace` or `limit`",
-            ))),
+/// The one selector a `/admin/keys` request names.
+enum Target {
+    Key(String),
+    Client(String),
+    Namespace(String),
+    Limit(String),
+}
+
+impl Target {
+    fn selector(&self) -> KeySelector<'_> {
+        match self {
+            Target::Key(k) => KeySelector::Key(k),
+            Target::Client(c) => KeySelector::Client(c),
+            Target::Namespace(n) => KeySelector::Namespace(n),
+            Target::Limit(l) => KeySelector::Limit(l),
         }
+    }
+}
+
+/// The query's selector, or the 400 answer naming what is wrong.
+fn target(
+    selecting: Result<Query<Selecting>, axum::extract::rejection::QueryRejection>,
+    request_id: &str,
+) -> Result<Target, Box<Response>> {
+    let answer = |p: Problem| Box::new(problem_response(p, request_id));
+    let selecting = query(selecting).map_err(|p| answer(*p))?;
+    match selecting {
+        Selecting {
+            key: Some(k),
+            client: None,
+            namespace: None,
+            limit: None,
+        } => Ok(Target::Key(k)),
+        Selecting {
+            key: None,
+            client: Some(c),
+            namespace: None,
+            limit: None,
+        } => Ok(Target::Client(c)),
+        Selecting {
+            key: None,
+            client: None,
+            namespace: Some(n),
+            limit: None,
+        } => Ok(Target::Namespace(n)),
+        Selecting {
+            key: None,
+            client: None,
+            namespace: None,
+            limit: Some(l),
+        } => Ok(Target::Limit(l)),
+        _ => Err(answer(Problem::bad_request(
+            "name exactly one of `key`, `client`, `namespace` or `limit`",
+        ))),
     }
 }
 
@@ -238,50 +272,31 @@ fn store_problem(error: &StoreError) -> Problem {
     )
 }
 
-async fn count_keys<S: Store, C: Clock>(
+/// `GET /admin/keys` counts the selected live counters; `DELETE` forgets them.
+async fn keys<S: Store, C: Clock>(
     State(state): State<Arc<AdminState<S, C>>>,
+    method: Method,
     headers: HeaderMap,
     selecting: Result<Query<Selecting>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     let request_id = crate::request::request_id(&headers);
-    let selecting = match query(selecting) {
-        Ok(s) => s,
-        Err(problem) => return problem_response(*problem, &request_id),
+    let target = match target(selecting, &request_id) {
+        Ok(target) => target,
+        Err(answer) => return *answer,
     };
-    let selector = match selecting.selector() {
-        Ok(s) => s,
-        Err(problem) => return problem_response(*problem, &request_id),
-    };
-    match state
-        .engine
-        .store()
-        .count(selector, state.engine.now())
-        .await
-    {
-        Ok(live) => axum::Json(serde_json::json!({ "live_keys": live })).into_response(),
-        Err(e) => problem_response(store_problem(&e), &request_id),
-    }
-}
-
-async fn reset_keys<S: Store, C: Clock>(
-    State(state): State<Arc<AdminState<S, C>>>,
-    headers: HeaderMap,
-    selecting: Result<Query<Selecting>, axum::extract::rejection::QueryRejection>,
-) -> Response {
-    let request_id = crate::request::request_id(&headers);
-    let selecting = match query(selecting) {
-        Ok(s) => s,
-        Err(problem) => return problem_response(*problem, &request_id),
-    };
-    let selector = match selecting.selector() {
-        Ok(s) => s,
-        Err(problem) => return problem_response(*problem, &request_id),
-    };
-    match state.engine.store().reset(selector).await {
-        Ok(removed) => {
+    let selector = target.selector();
+    let store = state.engine.store();
+    let answer = if method == Method::DELETE {
+        store.reset(selector).await.map(|removed| {
             tracing::info!(request_id, ?selector, removed, "admin: counters reset");
-            axum::Json(serde_json::json!({ "removed_keys": removed })).into_response()
-        }
+            serde_json::json!({ "removed_keys": removed })
+        })
+    } else {
+        let live = store.count(selector, state.engine.now()).await;
+        live.map(|live| serde_json::json!({ "live_keys": live }))
+    };
+    match answer {
+        Ok(body) => axum::Json(body).into_response(),
         Err(e) => problem_response(store_problem(&e), &request_id),
     }
 }

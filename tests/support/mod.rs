@@ -168,14 +168,10 @@ pub struct InProcess {
 impl InProcess {
     /// Serves `policy` (one `.rl` text) with `options`.
     pub fn start(policy: &str, options: tollgate::middleware::HttpOptions) -> InProcess {
-        let set = tollgate::PolicySet::from_sources([("test.rl", policy)]);
-        InProcess {
-            router: tollgate::server::router(app_state(set, options, None)),
-            runtime: tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap(),
-        }
+        Self::serve(
+            tollgate::PolicySet::from_sources([("test.rl", policy)]),
+            options,
+        )
     }
 
     /// Serves the policies in a directory (with their Cedar imports) with `options`.
@@ -183,14 +179,12 @@ impl InProcess {
         dir: &std::path::Path,
         options: tollgate::middleware::HttpOptions,
     ) -> InProcess {
-        let set = tollgate::PolicySet::load(&[dir]);
-        InProcess {
-            router: tollgate::server::router(app_state(set, options, None)),
-            runtime: tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap(),
-        }
+        Self::serve(tollgate::PolicySet::load(&[dir]), options)
+    }
+
+    fn serve(set: tollgate::PolicySet, options: tollgate::middleware::HttpOptions) -> InProcess {
+        let state = app_state(set, options, None);
+        Self::build(async move || tollgate::server::router(state))
     }
 
     /// Serves the router `make` builds, made in this client's runtime (so that what it
