@@ -18,6 +18,7 @@ use crate::limiter::{Decision, LeaseId, Quota};
 use crate::plan::select::{Charge, Scope, Selected, Selection, select};
 use crate::plan::{Counts, KeyHasher, Limit, Mode, Plan, SoftAction, StoreErrorMode};
 use crate::request::RequestCtx;
+use crate::store::runtime::{RuntimeEntry, RuntimeList, RuntimeLists};
 use crate::store::{BatchResult, MemoryStore, Op, Store, StoreError};
 
 /// The bits of a lease id chosen at random per engine: 32 to 52.
@@ -73,6 +74,11 @@ pub enum Action {
         limit: Arc<str>,
     },
 }
+
+/// The name refusals by the runtime denylist carry.
+pub const RUNTIME_DENYLIST: &str = "runtime-denylist";
+/// The name passes by the runtime safelist carry.
+pub const RUNTIME_SAFELIST: &str = "runtime-safelist";
 
 /// How a limit's decision was reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -194,6 +200,8 @@ pub struct Engine<S, C = SystemClock> {
     local_nodes: NonZeroU64,
     lease_base: u64,
     lease_counter: AtomicU64,
+    /// Runtime list entries, as last read from the store.
+    runtime: ArcSwap<RuntimeLists>,
 }
 
 impl<S: std::fmt::Debug, C: std::fmt::Debug> std::fmt::Debug for Engine<S, C> {
@@ -229,7 +237,39 @@ impl<S: Store, C: Clock> Engine<S, C> {
             // JSON client (JavaScript's numbers included) gives them back exactly.
             lease_base: rand::random::<u64>() & LEASE_BASE_BITS,
             lease_counter: AtomicU64::new(0),
+            runtime: ArcSwap::from_pointee(RuntimeLists::default()),
         }
+    }
+
+    /// Reads the runtime list entries back from the store (every node does this every
+    /// second; a node that changes them does it at once). Returns how many are live.
+    pub async fn refresh_runtime_lists(&self) -> Result<usize, StoreError> {
+        let entries = self.store.runtime_entries(self.clock.now()).await?;
+        let live = entries.len();
+        self.runtime.store(Arc::new(RuntimeLists::new(entries)));
+        Ok(live)
+    }
+
+    /// The runtime list entries this node applies.
+    pub fn runtime_lists(&self) -> Arc<RuntimeLists> {
+        self.runtime.load_full()
+    }
+
+    /// Adds (or replaces) a runtime list entry, for every node sharing the store.
+    pub async fn put_runtime_entry(&self, entry: &RuntimeEntry) -> Result<(), StoreError> {
+        self.store.put_runtime_entry(entry).await?;
+        self.refresh_runtime_lists().await.map(drop)
+    }
+
+    /// Removes a runtime list entry; whether there was one.
+    pub async fn remove_runtime_entry(
+        &self,
+        list: RuntimeList,
+        net: &ipnet::IpNet,
+    ) -> Result<bool, StoreError> {
+        let removed = self.store.remove_runtime_entry(list, net).await?;
+        self.refresh_runtime_lists().await?;
+        Ok(removed)
     }
 
     /// The hasher secrets in keys are hashed with.
@@ -332,6 +372,9 @@ impl<S: Store, C: Clock> Engine<S, C> {
             skipped,
             plan_version: Arc::clone(&plan.version),
         };
+        if let Some(action) = self.runtime_action(&plan, request, now) {
+            return verdict(action, Vec::new(), Vec::new(), Vec::new());
+        }
         // Each selected limit becomes a report and an operation as it is found, in this
         // frame: no list of selections is built or moved.
         let mut reports = Vec::new();
@@ -390,6 +433,37 @@ impl<S: Store, C: Clock> Engine<S, C> {
             Vec::new()
         };
         verdict(action, reports, leases, skipped)
+    }
+
+    /// What the runtime lists say of the request's address, if anything: a denylisted one is
+    /// refused (403); a safelisted one passes uncounted, unless a limit's `authorize` that
+    /// applies to it is denied.
+    fn runtime_action(&self, plan: &Plan, request: &RequestCtx, now: Timestamp) -> Option<Action> {
+        let lists = self.runtime.load();
+        if lists.entries().is_empty() {
+            return None;
+        }
+        let ip = request.client_ip?;
+        if let Some(entry) = lists.find(RuntimeList::Denylist, ip, now) {
+            return Some(Action::Forbid {
+                status: StatusCode::FORBIDDEN,
+                list: Arc::from(RUNTIME_DENYLIST),
+                reason: entry.reason.as_deref().map(Arc::from),
+            });
+        }
+        lists.find(RuntimeList::Safelist, ip, now)?;
+        Some(
+            match crate::plan::select::authorization_only_for(plan, request, &self.hasher, now) {
+                Some(denied) => Action::Unauthorized {
+                    limit: Arc::clone(&denied.limit.name),
+                    action: denied.action,
+                    policies: denied.answer.policies.clone(),
+                },
+                None => Action::Bypass {
+                    list: Arc::from(RUNTIME_SAFELIST),
+                },
+            },
+        )
     }
 
     /// Counts the pending operations in the store, all or nothing; when the store fails,

@@ -141,6 +141,38 @@ enum AdminAction {
     },
     /// The store's health and latency, memory evictions, the build.
     Diagnostics,
+    /// The runtime safelist and denylist entries in force.
+    Lists,
+    /// Refuse an address or network (403) on every node: for a time, or until `unlist`.
+    Ban {
+        /// The address or network: `203.0.113.9`, `203.0.113.0/24`.
+        net: String,
+        /// For how many seconds [default: until removed].
+        #[arg(long = "for")]
+        for_seconds: Option<u64>,
+        /// Why, shown to refused clients.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Count nothing for an address or network on every node (authorization still applies).
+    Allow {
+        /// The address or network.
+        net: String,
+        /// For how many seconds [default: until removed].
+        #[arg(long = "for")]
+        for_seconds: Option<u64>,
+        /// Why.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Remove a runtime entry.
+    Unlist {
+        /// `denylist` (a ban) or `safelist`.
+        #[arg(long, default_value = "denylist")]
+        list: String,
+        /// The address or network.
+        net: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -286,6 +318,35 @@ fn admin(
         }
         AdminAction::Key { key } => (Method::GET, format!("/admin/key?key={}", encode(key)), None),
         AdminAction::Diagnostics => (Method::GET, "/admin/diagnostics".to_owned(), None),
+        AdminAction::Lists => (Method::GET, "/admin/lists".to_owned(), None),
+        AdminAction::Ban {
+            net,
+            for_seconds,
+            reason,
+        }
+        | AdminAction::Allow {
+            net,
+            for_seconds,
+            reason,
+        } => {
+            let list = match action {
+                AdminAction::Ban { .. } => "denylist",
+                _ => "safelist",
+            };
+            let mut entry = serde_json::json!({ "list": list, "net": net });
+            if let Some(s) = for_seconds {
+                entry["for_seconds"] = serde_json::json!(s);
+            }
+            if let Some(r) = reason {
+                entry["reason"] = serde_json::json!(r);
+            }
+            (Method::POST, "/admin/lists".to_owned(), Some(entry))
+        }
+        AdminAction::Unlist { list, net } => (
+            Method::DELETE,
+            format!("/admin/lists?list={}&net={}", encode(list), encode(net)),
+            None,
+        ),
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

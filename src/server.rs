@@ -163,11 +163,32 @@ pub async fn run<S: Store>(
             }
         })
     };
+    // Runtime list entries (bans, safelisted addresses) are shared through the store: every
+    // node reads them back each second. A failing store keeps the last ones read.
+    let refresher = {
+        let engine = Arc::clone(&state.engine);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut failing = false;
+            loop {
+                tick.tick().await;
+                match engine.refresh_runtime_lists().await {
+                    Ok(_) => failing = false,
+                    Err(e) if !failing => {
+                        failing = true;
+                        tracing::warn!(error = %e, "cannot read the runtime lists; the last ones read stay in force");
+                    }
+                    Err(_) => {}
+                }
+            }
+        })
+    };
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await;
     sweeper.abort();
+    refresher.abort();
     Ok(result?)
 }
 

@@ -7,6 +7,7 @@
 pub mod deny;
 pub mod memory;
 pub mod redis;
+pub mod runtime;
 mod sharded;
 
 use std::future::Future;
@@ -212,6 +213,102 @@ pub trait Store: Send + Sync + 'static {
         selector: KeySelector<'_>,
         now: Timestamp,
     ) -> impl Future<Output = Result<usize, StoreError>> + Send;
+
+    /// The runtime list entries live at `now` (ended ones are dropped).
+    fn runtime_entries(
+        &self,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<Vec<runtime::RuntimeEntry>, StoreError>> + Send;
+
+    /// Adds or replaces a runtime list entry.
+    fn put_runtime_entry(
+        &self,
+        entry: &runtime::RuntimeEntry,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Removes a runtime list entry; whether there was one.
+    fn remove_runtime_entry(
+        &self,
+        list: runtime::RuntimeList,
+        net: &ipnet::IpNet,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+}
+
+/// A store shared by several engines (nodes of one process, tests) is a store.
+impl<S: Store> Store for std::sync::Arc<S> {
+    fn apply(
+        &self,
+        ops: &[Op<'_>],
+        now: Timestamp,
+    ) -> impl Future<Output = Result<BatchResult, StoreError>> + Send {
+        (**self).apply(ops, now)
+    }
+
+    fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
+        (**self).ping()
+    }
+
+    fn sweep(&self, now: Timestamp) -> usize {
+        (**self).sweep(now)
+    }
+
+    fn evictions(&self) -> u64 {
+        (**self).evictions()
+    }
+
+    fn release(
+        &self,
+        key: &str,
+        lease: LeaseId,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        (**self).release(key, lease, now)
+    }
+
+    fn inspect(
+        &self,
+        key: &str,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<KeyState, StoreError>> + Send {
+        (**self).inspect(key, now)
+    }
+
+    fn reset(
+        &self,
+        selector: KeySelector<'_>,
+    ) -> impl Future<Output = Result<usize, StoreError>> + Send {
+        (**self).reset(selector)
+    }
+
+    fn count(
+        &self,
+        selector: KeySelector<'_>,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<usize, StoreError>> + Send {
+        (**self).count(selector, now)
+    }
+
+    fn runtime_entries(
+        &self,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<Vec<runtime::RuntimeEntry>, StoreError>> + Send {
+        (**self).runtime_entries(now)
+    }
+
+    fn put_runtime_entry(
+        &self,
+        entry: &runtime::RuntimeEntry,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        (**self).put_runtime_entry(entry)
+    }
+
+    fn remove_runtime_entry(
+        &self,
+        list: runtime::RuntimeList,
+        net: &ipnet::IpNet,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        (**self).remove_runtime_entry(list, net)
+    }
 }
 
 /// The store `tollgate serve` chose at start-up.
@@ -224,6 +321,34 @@ pub enum AnyStore {
 }
 
 impl Store for AnyStore {
+    async fn runtime_entries(
+        &self,
+        now: Timestamp,
+    ) -> Result<Vec<runtime::RuntimeEntry>, StoreError> {
+        match self {
+            AnyStore::Memory(m) => m.runtime_entries(now).await,
+            AnyStore::Redis(r) => r.runtime_entries(now).await,
+        }
+    }
+
+    async fn put_runtime_entry(&self, entry: &runtime::RuntimeEntry) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Memory(m) => m.put_runtime_entry(entry).await,
+            AnyStore::Redis(r) => r.put_runtime_entry(entry).await,
+        }
+    }
+
+    async fn remove_runtime_entry(
+        &self,
+        list: runtime::RuntimeList,
+        net: &ipnet::IpNet,
+    ) -> Result<bool, StoreError> {
+        match self {
+            AnyStore::Memory(m) => m.remove_runtime_entry(list, net).await,
+            AnyStore::Redis(r) => r.remove_runtime_entry(list, net).await,
+        }
+    }
+
     async fn apply(&self, ops: &[Op<'_>], now: Timestamp) -> Result<BatchResult, StoreError> {
         match self {
             AnyStore::Memory(m) => m.apply(ops, now).await,

@@ -345,6 +345,38 @@ fn the_admin_command_calls_a_running_server() {
     let keys: serde_json::Value = serde_json::from_slice(&keys.stdout).unwrap();
     assert_eq!(keys["live_keys"], 0);
 
+    let ban = admin(
+        &[
+            "ban",
+            "203.0.113.0/24",
+            "--for",
+            "60",
+            "--reason",
+            "scraping",
+        ],
+        TOKEN,
+    );
+    assert!(
+        ban.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ban.stderr)
+    );
+    let lists: serde_json::Value =
+        serde_json::from_slice(&admin(&["lists"], TOKEN).stdout).unwrap();
+    assert_eq!(lists["entries"][0]["net"], "203.0.113.0/24");
+    let checked = support::check(
+        server.addr,
+        &json!({ "method": "GET", "path": "/api/x", "client_ip": "203.0.113.5" }),
+    );
+    assert_eq!(
+        checked.json()["action"],
+        "forbid",
+        "the ban applies to the decision API"
+    );
+    let unlisted = admin(&["unlist", "203.0.113.0/24"], TOKEN);
+    let unlisted: serde_json::Value = serde_json::from_slice(&unlisted.stdout).unwrap();
+    assert_eq!(unlisted["removed"], true);
+
     let refused = admin(&["plan"], "not-the-admin-token-at-all-no");
     assert!(!refused.status.success());
     let message = String::from_utf8_lossy(&refused.stderr);
@@ -353,4 +385,118 @@ fn the_admin_command_calls_a_running_server() {
         "{message}"
     );
     drop(server);
+}
+
+/// Runtime lists on `store`, shared by two engines (two nodes): a ban added through one
+/// node's admin API refuses the address on the other once it has read the lists back; a
+/// safelisted address is not counted; entries end and can be removed.
+fn runtime_lists_on<S: Store + Clone>(store: impl AsyncFnOnce() -> S) {
+    let dir = policy_dir();
+    let (app, engine) = admin(dir.path(), store);
+    let other = Engine::new(load(dir.path())().unwrap(), engine.store().clone());
+    let ask = |engine: &Engine<S>, ip: &str| {
+        let request = RequestCtx::new(Method::GET, "/api/x").with_client_ip(ip.parse().unwrap());
+        app.block_on(engine.decide(&request))
+    };
+    let add = |body: serde_json::Value| {
+        let reply = call(&app, "POST", "/admin/lists", body.to_string().as_bytes());
+        assert_eq!(reply.status, 201, "{}", reply.text());
+        support::assert_conforms_to(SPEC, &reply, "RuntimeEntry");
+        reply.json()
+    };
+    add(json!({ "list": "denylist", "net": "203.0.113.0/24", "reason": "scraping" }));
+    add(json!({ "list": "safelist", "net": "198.51.100.7" }));
+    let banned = add(json!({ "list": "denylist", "net": "192.0.2.1", "for_seconds": 600 }));
+    assert!(banned["until"].as_u64().is_some());
+
+    // The node that took the change applies it at once; the other once it reads the lists.
+    let refused = ask(&engine, "203.0.113.50");
+    assert!(
+        matches!(&refused.action, tollgate::engine::Action::Forbid { list, reason, .. }
+            if &**list == "runtime-denylist" && reason.as_deref() == Some("scraping")),
+        "{:?}",
+        refused.action
+    );
+    assert!(ask(&other, "203.0.113.50").is_allowed(), "not read yet");
+    assert_eq!(app.block_on(other.refresh_runtime_lists()).unwrap(), 3);
+    assert!(!ask(&other, "203.0.113.50").is_allowed());
+    assert!(!ask(&other, "192.0.2.1").is_allowed());
+    let safe = ask(&other, "198.51.100.7");
+    assert!(matches!(
+        safe.action,
+        tollgate::engine::Action::Bypass { .. }
+    ));
+    assert!(
+        safe.reports.is_empty(),
+        "a safelisted address is not counted"
+    );
+    assert!(ask(&other, "198.51.100.8").is_allowed());
+
+    let listed = call(&app, "GET", "/admin/lists", b"");
+    support::assert_conforms_to(SPEC, &listed, "Entries");
+    assert_eq!(listed.json()["entries"].as_array().unwrap().len(), 3);
+
+    let removed = call(
+        &app,
+        "DELETE",
+        "/admin/lists?list=denylist&net=203.0.113.0%2F24",
+        b"",
+    );
+    support::assert_conforms_to(SPEC, &removed, "EntryRemoved");
+    assert_eq!(removed.json()["removed"], true);
+    let again = call(
+        &app,
+        "DELETE",
+        "/admin/lists?list=denylist&net=203.0.113.0%2F24",
+        b"",
+    );
+    assert_eq!(again.json()["removed"], false);
+    app.block_on(other.refresh_runtime_lists()).unwrap();
+    assert!(ask(&other, "203.0.113.50").is_allowed());
+
+    for bad in [
+        json!({ "list": "denylist", "net": "not-an-address" }),
+        json!({ "list": "greylist", "net": "192.0.2.9" }),
+        json!({ "list": "denylist", "net": "192.0.2.9", "for_seconds": 0 }),
+        json!({ "list": "denylist", "net": "192.0.2.9", "extra": true }),
+    ] {
+        let reply = call(&app, "POST", "/admin/lists", bad.to_string().as_bytes());
+        assert_eq!(reply.status, 400, "{bad}");
+        support::assert_conforms_to(SPEC, &reply, "Problem");
+    }
+}
+
+#[test]
+fn runtime_lists_on_the_memory_store() {
+    runtime_lists_on(async || Arc::new(MemoryStore::new()));
+}
+
+#[test]
+fn runtime_lists_on_redis() {
+    let Some(redis) = support::redis::Redis::start() else {
+        return;
+    };
+    let url = redis.url();
+    runtime_lists_on(async move || {
+        Arc::new(
+            RedisStore::connect(&url, std::time::Duration::from_secs(2))
+                .await
+                .expect("the store connects"),
+        )
+    });
+}
+
+#[test]
+fn runtime_lists_on_a_redis_cluster() {
+    let Some(cluster) = support::redis::Cluster::start(3, 0) else {
+        return;
+    };
+    let url = cluster.url();
+    runtime_lists_on(async move || {
+        Arc::new(
+            RedisStore::connect(&url, std::time::Duration::from_secs(5))
+                .await
+                .expect("the cluster connects"),
+        )
+    });
 }

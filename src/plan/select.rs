@@ -245,6 +245,25 @@ pub fn select_limits<'p>(
     Ok(skipped)
 }
 
+/// The first enforced limit that applies to `request` whose `authorize` Cedar denies: what
+/// still refuses a request that no limit counts (safelisted at run time).
+pub fn authorization_only_for<'p>(
+    plan: &'p Plan,
+    request: &RequestCtx,
+    hasher: &KeyHasher,
+    now: Timestamp,
+) -> Option<Unauthorized<'p>> {
+    let routes = plan.routes.matches(&request.path);
+    let asking = Asking::new(&plan.cedar, hasher, now.as_micros());
+    let env = Env {
+        request,
+        routes: &routes,
+        index: &plan.routes,
+        cedar: &asking,
+    };
+    authorization_only(plan, &env)
+}
+
 /// The first enforced limit that applies whose `authorize` Cedar denies, for requests no
 /// limit counts (safelisted).
 fn authorization_only<'p>(plan: &'p Plan, env: &Env<'_>) -> Option<Unauthorized<'p>> {

@@ -11,6 +11,9 @@
 //! - `GET /admin/keys` (count live keys), `DELETE /admin/keys` (reset), `GET /admin/key`
 //!   (one key's state): by `key`, `client`, `namespace` or `limit`, on memory, Redis or a
 //!   Cluster (`SCAN`, never `KEYS`);
+//! - `GET|POST|DELETE /admin/lists`: runtime safelist and denylist entries (addresses or
+//!   networks, for a time or until removed: a ban is a denylist entry that ends), shared by
+//!   every node through the store;
 //! - `GET /admin/diagnostics`: the store's health and latency, memory evictions, the build.
 
 use axum::extract::Query;
@@ -20,6 +23,7 @@ use subtle::ConstantTimeEq;
 use super::decision::{CheckRequest, check_ctx, read_json};
 use super::*;
 use crate::reload::{Reloader, Trigger};
+use crate::store::runtime::{RuntimeEntry, RuntimeList};
 use crate::store::{KeySelector, StoreError};
 
 /// What the admin handlers share.
@@ -42,6 +46,12 @@ pub fn admin_router<S: Store, C: Clock>(state: Arc<AdminState<S, C>>) -> Router 
         .route("/admin/explain", post(explain::<S, C>))
         .route("/admin/keys", get(keys::<S, C>).delete(keys::<S, C>))
         .route("/admin/key", get(inspect_key::<S, C>))
+        .route(
+            "/admin/lists",
+            get(lists::<S, C>)
+                .post(add_entry::<S, C>)
+                .delete(remove_entry::<S, C>),
+        )
         .route("/admin/diagnostics", get(diagnostics::<S, C>))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
@@ -349,4 +359,119 @@ async fn diagnostics<S: Store, C: Clock>(State(state): State<Arc<AdminState<S, C
         "build": { "version": env!("CARGO_PKG_VERSION") },
     }))
     .into_response()
+}
+
+/// `GET /admin/lists`: the runtime entries in force on this node (read from the store).
+async fn lists<S: Store, C: Clock>(
+    State(state): State<Arc<AdminState<S, C>>>,
+    headers: HeaderMap,
+) -> Response {
+    let request_id = crate::request::request_id(&headers);
+    match state.engine.refresh_runtime_lists().await {
+        Ok(_) => axum::Json(serde_json::json!({
+            "entries": state.engine.runtime_lists().entries(),
+        }))
+        .into_response(),
+        Err(e) => problem_response(store_problem(&e), &request_id),
+    }
+}
+
+/// `POST /admin/lists` input: an entry, its duration instead of its end.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewEntry {
+    list: RuntimeList,
+    net: String,
+    #[serde(default)]
+    for_seconds: Option<u64>,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// An address or a network, as operators write them.
+fn network(text: &str) -> Result<ipnet::IpNet, Box<Problem>> {
+    text.parse::<ipnet::IpNet>()
+        .or_else(|_| text.parse::<IpAddr>().map(ipnet::IpNet::from))
+        .map(|n| n.trunc())
+        .map_err(|_| {
+            let mut p = Problem::bad_request(format!(
+                "`{text}` is not an address or a network like `203.0.113.0/24`"
+            ));
+            p.field = Some("net".to_owned());
+            Box::new(p)
+        })
+}
+
+async fn add_entry<S: Store, C: Clock>(
+    State(state): State<Arc<AdminState<S, C>>>,
+    request: Request,
+) -> Response {
+    let request_id = crate::request::request_id(request.headers());
+    let input: NewEntry = match read_json(request, 64 * 1024).await {
+        Ok(input) => input,
+        Err(problem) => return problem_response(*problem, &request_id),
+    };
+    let net = match network(&input.net) {
+        Ok(net) => net,
+        Err(problem) => return problem_response(*problem, &request_id),
+    };
+    if input.for_seconds == Some(0) || input.reason.as_ref().is_some_and(|r| r.len() > 500) {
+        let mut p =
+            Problem::bad_request("`for_seconds` is at least 1; a `reason` at most 500 bytes");
+        p.field = Some(
+            if input.for_seconds == Some(0) {
+                "for_seconds"
+            } else {
+                "reason"
+            }
+            .to_owned(),
+        );
+        return problem_response(p, &request_id);
+    }
+    let now = state.engine.now();
+    let entry = RuntimeEntry {
+        list: input.list,
+        net,
+        until: input
+            .for_seconds
+            .map(|s| now.saturating_add(Duration::from_secs(s)).as_micros()),
+        reason: input.reason,
+    };
+    match state.engine.put_runtime_entry(&entry).await {
+        Ok(()) => {
+            tracing::info!(request_id, list = ?entry.list, net = %entry.net, until = ?entry.until, reason = ?entry.reason, "admin: runtime list entry added");
+            (StatusCode::CREATED, axum::Json(entry)).into_response()
+        }
+        Err(e) => problem_response(store_problem(&e), &request_id),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EntryAt {
+    list: RuntimeList,
+    net: String,
+}
+
+async fn remove_entry<S: Store, C: Clock>(
+    State(state): State<Arc<AdminState<S, C>>>,
+    headers: HeaderMap,
+    at: Result<Query<EntryAt>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let request_id = crate::request::request_id(&headers);
+    let at = match query(at) {
+        Ok(at) => at,
+        Err(problem) => return problem_response(*problem, &request_id),
+    };
+    let net = match network(&at.net) {
+        Ok(net) => net,
+        Err(problem) => return problem_response(*problem, &request_id),
+    };
+    match state.engine.remove_runtime_entry(at.list, &net).await {
+        Ok(removed) => {
+            tracing::info!(request_id, list = ?at.list, %net, removed, "admin: runtime list entry removed");
+            axum::Json(serde_json::json!({ "removed": removed })).into_response()
+        }
+        Err(e) => problem_response(store_problem(&e), &request_id),
+    }
 }

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use parking_lot::MutexGuard;
 use smallvec::SmallVec;
 
+use super::runtime::{RuntimeEntry, RuntimeList};
 use super::sharded::{Evicted, Sharded};
 use super::{BatchResult, KeySelector, KeyState, Op, OpResult, Store, StoreError};
 use crate::clock::Timestamp;
@@ -42,6 +43,8 @@ type Shard = super::sharded::Shard<Entry>;
 pub struct MemoryStore {
     shards: Sharded<Entry>,
     evictions: AtomicU64,
+    /// Runtime list entries, by their field.
+    runtime: std::sync::Mutex<std::collections::BTreeMap<String, RuntimeEntry>>,
 }
 
 impl Default for MemoryStore {
@@ -62,6 +65,7 @@ impl MemoryStore {
         MemoryStore {
             shards: Sharded::new(SHARDS, max_keys),
             evictions: AtomicU64::new(0),
+            runtime: std::sync::Mutex::default(),
         }
     }
 
@@ -268,6 +272,36 @@ impl MemoryStore {
 }
 
 impl Store for MemoryStore {
+    async fn runtime_entries(&self, now: Timestamp) -> Result<Vec<RuntimeEntry>, StoreError> {
+        let mut entries = self
+            .runtime
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        entries.retain(|_, e| e.live(now));
+        Ok(entries.values().cloned().collect())
+    }
+
+    async fn put_runtime_entry(&self, entry: &RuntimeEntry) -> Result<(), StoreError> {
+        self.runtime
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(entry.field(), entry.clone());
+        Ok(())
+    }
+
+    async fn remove_runtime_entry(
+        &self,
+        list: RuntimeList,
+        net: &ipnet::IpNet,
+    ) -> Result<bool, StoreError> {
+        Ok(self
+            .runtime
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&crate::store::runtime::field(list, net))
+            .is_some())
+    }
+
     fn sweep(&self, now: Timestamp) -> usize {
         self.purge_expired(now)
     }

@@ -623,6 +623,75 @@ impl Store for RedisStore {
     async fn count(&self, selector: KeySelector<'_>, _now: Timestamp) -> Result<usize, StoreError> {
         self.count_selected(selector).await
     }
+
+    async fn runtime_entries(
+        &self,
+        now: Timestamp,
+    ) -> Result<Vec<crate::store::runtime::RuntimeEntry>, StoreError> {
+        use crate::store::runtime::{RUNTIME_KEY, RuntimeEntry};
+        let fields: std::collections::HashMap<String, String> = self
+            .call(async |c| redis::cmd("HGETALL").arg(RUNTIME_KEY).query_async(c).await)
+            .await?;
+        let mut live = Vec::new();
+        let mut ended = Vec::new();
+        for (field, value) in fields {
+            match serde_json::from_str::<RuntimeEntry>(&value) {
+                Ok(entry) if entry.live(now) => live.push(entry),
+                // Ended, or written by something else: dropped.
+                _ => ended.push(field),
+            }
+        }
+        if !ended.is_empty() {
+            let _: usize = self
+                .call(async |c| {
+                    redis::cmd("HDEL")
+                        .arg(RUNTIME_KEY)
+                        .arg(&ended)
+                        .query_async(c)
+                        .await
+                })
+                .await?;
+        }
+        live.sort_by_key(RuntimeEntry::field);
+        Ok(live)
+    }
+
+    async fn put_runtime_entry(
+        &self,
+        entry: &crate::store::runtime::RuntimeEntry,
+    ) -> Result<(), StoreError> {
+        let value = serde_json::to_string(entry).map_err(|e| StoreError::Backend(e.to_string()))?;
+        let field = entry.field();
+        let _: usize = self
+            .call(async |c| {
+                redis::cmd("HSET")
+                    .arg(crate::store::runtime::RUNTIME_KEY)
+                    .arg(&field)
+                    .arg(&value)
+                    .query_async(c)
+                    .await
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn remove_runtime_entry(
+        &self,
+        list: crate::store::runtime::RuntimeList,
+        net: &ipnet::IpNet,
+    ) -> Result<bool, StoreError> {
+        let field = crate::store::runtime::field(list, net);
+        let removed: usize = self
+            .call(async |c| {
+                redis::cmd("HDEL")
+                    .arg(crate::store::runtime::RUNTIME_KEY)
+                    .arg(&field)
+                    .query_async(c)
+                    .await
+            })
+            .await?;
+        Ok(removed > 0)
+    }
 }
 
 /// The script's flat reply: admitted, then six numbers per operation.
