@@ -124,21 +124,47 @@ pub fn select<'p>(
     scope: Scope<'_>,
     each: impl FnMut(Selected<'p>),
 ) -> Selection<'p> {
+    with_env(plan, request, hasher, now, |env| {
+        select_in(plan, env, hasher, scope, each)
+    })
+}
+
+/// What conditions need to evaluate `request` under `plan` (the routes matched, Cedar's
+/// questions), for `f`.
+#[inline]
+fn with_env<R>(
+    plan: &Plan,
+    request: &RequestCtx,
+    hasher: &KeyHasher,
+    now: Timestamp,
+    f: impl FnOnce(&Env<'_>) -> R,
+) -> R {
     let routes = plan.routes.matches(&request.path);
     let asking = Asking::new(&plan.cedar, hasher, now.as_micros());
-    let env = Env {
+    f(&Env {
         request,
         routes: &routes,
         index: &plan.routes,
         cedar: &asking,
-    };
+    })
+}
+
+/// [`select`] once the environment is built.
+#[inline]
+fn select_in<'p>(
+    plan: &'p Plan,
+    env: &Env<'_>,
+    hasher: &KeyHasher,
+    scope: Scope<'_>,
+    each: impl FnMut(Selected<'p>),
+) -> Selection<'p> {
     if let Some(list) = plan
         .safelists
         .iter()
-        .find(|l| l.conditions.iter().any(|c| c.eval(&env)))
+        .find(|l| l.conditions.iter().any(|c| c.eval(env)))
     {
         // A safelist lifts limits, not authorization: `authorize` still holds.
-        return match authorization_only(plan, &env) {
+        return match authorization_only(plan, env) {
             Some(denied) => Selection::Unauthorized(denied),
             None => Selection::Bypass(list),
         };
@@ -146,11 +172,11 @@ pub fn select<'p>(
     if let Some(deny) = plan
         .denylists
         .iter()
-        .find(|d| d.list.conditions.iter().any(|c| c.eval(&env)))
+        .find(|d| d.list.conditions.iter().any(|c| c.eval(env)))
     {
         return Selection::Forbid(deny);
     }
-    match select_limits(plan, &env, hasher, scope, each) {
+    match select_limits(plan, env, hasher, scope, each) {
         Ok(skipped) => Selection::Limits { skipped },
         Err(denied) => Selection::Unauthorized(denied),
     }
@@ -253,15 +279,9 @@ pub fn authorization_only_for<'p>(
     hasher: &KeyHasher,
     now: Timestamp,
 ) -> Option<Unauthorized<'p>> {
-    let routes = plan.routes.matches(&request.path);
-    let asking = Asking::new(&plan.cedar, hasher, now.as_micros());
-    let env = Env {
-        request,
-        routes: &routes,
-        index: &plan.routes,
-        cedar: &asking,
-    };
-    authorization_only(plan, &env)
+    with_env(plan, request, hasher, now, |env| {
+        authorization_only(plan, env)
+    })
 }
 
 /// The first enforced limit that applies whose `authorize` Cedar denies, for requests no
