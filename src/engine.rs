@@ -202,6 +202,8 @@ pub struct Engine<S, C = SystemClock> {
     lease_counter: AtomicU64,
     /// Runtime list entries, as last read from the store.
     runtime: ArcSwap<RuntimeLists>,
+    /// How many there are: requests skip the lists without loading them when none.
+    runtime_len: AtomicU64,
 }
 
 impl<S: std::fmt::Debug, C: std::fmt::Debug> std::fmt::Debug for Engine<S, C> {
@@ -238,6 +240,7 @@ impl<S: Store, C: Clock> Engine<S, C> {
             lease_base: rand::random::<u64>() & LEASE_BASE_BITS,
             lease_counter: AtomicU64::new(0),
             runtime: ArcSwap::from_pointee(RuntimeLists::default()),
+            runtime_len: AtomicU64::new(0),
         }
     }
 
@@ -247,6 +250,7 @@ impl<S: Store, C: Clock> Engine<S, C> {
         let entries = self.store.runtime_entries(self.clock.now()).await?;
         let live = entries.len();
         self.runtime.store(Arc::new(RuntimeLists::new(entries)));
+        self.runtime_len.store(live as u64, Ordering::Relaxed);
         Ok(live)
     }
 
@@ -439,10 +443,10 @@ impl<S: Store, C: Clock> Engine<S, C> {
     /// refused (403); a safelisted one passes uncounted, unless a limit's `authorize` that
     /// applies to it is denied.
     fn runtime_action(&self, plan: &Plan, request: &RequestCtx, now: Timestamp) -> Option<Action> {
-        let lists = self.runtime.load();
-        if lists.entries().is_empty() {
+        if self.runtime_len.load(Ordering::Relaxed) == 0 {
             return None;
         }
+        let lists = self.runtime.load();
         let ip = request.client_ip?;
         if let Some(entry) = lists.find(RuntimeList::Denylist, ip, now) {
             return Some(Action::Forbid {

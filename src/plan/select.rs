@@ -310,12 +310,16 @@ fn authorization_only<'p>(plan: &'p Plan, env: &Env<'_>) -> Option<Unauthorized<
 }
 
 /// The route template `limit` matched, made the resource of Cedar's next questions.
+#[inline]
 pub fn focus<'p>(plan: &'p Plan, limit: &Limit, env: &Env<'_>) -> Option<&'p str> {
     let route = limit
         .condition
         .matched_route(env)
         .map(|p| plan.routes.template(p));
-    env.cedar.set_resource(route);
+    // Without Cedar nobody asks about the resource.
+    if !plan.cedar.is_empty() {
+        env.cedar.set_resource(route);
+    }
     route.map(|r| &**r)
 }
 
