@@ -497,11 +497,7 @@ impl Settings {
             .map(|l| l.items())
             .unwrap_or_default()
         {
-            match item
-                .parse::<IpNet>()
-                .ok()
-                .or_else(|| item.parse::<std::net::IpAddr>().ok().map(IpNet::from))
-            {
+            match crate::plan::ipset::parse_net(&item) {
                 Some(net) => self.trusted_proxies.push(net),
                 None => p.add(
                     "trusted_proxies",

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderName, Method, StatusCode};
-use ipnet::IpNet;
 use regex::{Regex, RegexBuilder};
 
 use super::condition::Condition;

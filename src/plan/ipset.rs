@@ -110,6 +110,15 @@ impl IpSet {
     }
 }
 
+/// An address (`203.0.113.9`, a /32 or /128) or a network (`203.0.113.0/24`), as policies,
+/// settings and the admin API write them.
+pub fn parse_net(text: &str) -> Option<IpNet> {
+    let text = text.trim();
+    text.parse::<IpNet>()
+        .ok()
+        .or_else(|| text.parse::<std::net::IpAddr>().ok().map(IpNet::from))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -390,10 +390,9 @@ struct NewEntry {
 
 /// An address or a network, as operators write them.
 fn network(text: &str) -> Result<ipnet::IpNet, Box<Problem>> {
-    text.parse::<ipnet::IpNet>()
-        .or_else(|_| text.parse::<IpAddr>().map(ipnet::IpNet::from))
+    crate::plan::ipset::parse_net(text)
         .map(|n| n.trunc())
-        .map_err(|_| {
+        .ok_or_else(|| {
             let mut p = Problem::bad_request(format!(
                 "`{text}` is not an address or a network like `203.0.113.0/24`"
             ));

@@ -66,11 +66,7 @@ impl<'a> Compiler<'a> {
                 let mut ok = true;
                 for item in items {
                     let text = item.node.trim();
-                    let net = text
-                        .parse::<IpNet>()
-                        .ok()
-                        .or_else(|| text.parse::<std::net::IpAddr>().ok().map(IpNet::from));
-                    match net {
+                    match crate::plan::ipset::parse_net(text) {
                         Some(n) => nets.push(n),
                         None => {
                             self.error_help(
