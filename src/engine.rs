@@ -15,10 +15,11 @@ use smallvec::SmallVec;
 
 use crate::clock::{Clock, SystemClock, Timestamp};
 use crate::limiter::{Decision, LeaseId, Quota};
+use crate::plan::key::{CounterKey, KeySource};
 use crate::plan::select::{Charge, Scope, Selected, Selection, select};
 use crate::plan::{Counts, KeyHasher, Limit, Mode, Plan, SoftAction, StoreErrorMode};
 use crate::request::RequestCtx;
-use crate::store::runtime::{RuntimeEntry, RuntimeList, RuntimeLists};
+use crate::store::runtime::{RuntimeEntry, RuntimeList, RuntimeLists, Target};
 use crate::store::{BatchResult, MemoryStore, Op, Store, StoreError};
 
 /// The bits of a lease id chosen at random per engine: 32 to 52.
@@ -269,9 +270,9 @@ impl<S: Store, C: Clock> Engine<S, C> {
     pub async fn remove_runtime_entry(
         &self,
         list: RuntimeList,
-        net: &ipnet::IpNet,
+        target: &Target,
     ) -> Result<bool, StoreError> {
-        let removed = self.store.remove_runtime_entry(list, net).await?;
+        let removed = self.store.remove_runtime_entry(list, target).await?;
         self.refresh_runtime_lists().await?;
         Ok(removed)
     }
@@ -420,6 +421,9 @@ impl<S: Store, C: Clock> Engine<S, C> {
                 })
                 .collect(),
         };
+        if let Some(action) = self.runtime_key_action(&reports, now) {
+            return verdict(action, Vec::new(), Vec::new(), Vec::new());
+        }
         let (leases, unavailable) = if blocked || pending.is_empty() {
             (Vec::new(), None)
         } else {
@@ -439,23 +443,31 @@ impl<S: Store, C: Clock> Engine<S, C> {
         verdict(action, reports, leases, skipped)
     }
 
-    /// What the runtime lists say of the request's address, if anything: a denylisted one is
-    /// refused (403); a safelisted one passes uncounted, unless a limit's `authorize` that
-    /// applies to it is denied.
+    /// What the runtime lists say of the request's address or identity (user, token), if
+    /// anything: a denylisted one is refused (403), whatever a safelist says; a safelisted
+    /// one passes uncounted, unless a limit's `authorize` that applies to it is denied.
     fn runtime_action(&self, plan: &Plan, request: &RequestCtx, now: Timestamp) -> Option<Action> {
         if self.runtime_len.load(Ordering::Relaxed) == 0 {
             return None;
         }
         let lists = self.runtime.load();
-        let ip = request.client_ip?;
-        if let Some(entry) = lists.find(RuntimeList::Denylist, ip, now) {
-            return Some(Action::Forbid {
-                status: StatusCode::FORBIDDEN,
-                list: Arc::from(RUNTIME_DENYLIST),
-                reason: entry.reason.as_deref().map(Arc::from),
-            });
+        let identity = if lists.has_clients() {
+            identity_clients(request, &self.hasher)
+        } else {
+            SmallVec::new()
+        };
+        let find = |list| {
+            let by_ip = request.client_ip.and_then(|ip| lists.find(list, ip, now));
+            by_ip.or_else(|| {
+                identity
+                    .iter()
+                    .find_map(|client| lists.find_client(list, client, now))
+            })
+        };
+        if let Some(entry) = find(RuntimeList::Denylist) {
+            return Some(runtime_forbid(entry));
         }
-        lists.find(RuntimeList::Safelist, ip, now)?;
+        find(RuntimeList::Safelist)?;
         Some(
             match crate::plan::select::authorization_only_for(plan, request, &self.hasher, now) {
                 Some(denied) => Action::Unauthorized {
@@ -468,6 +480,31 @@ impl<S: Store, C: Clock> Engine<S, C> {
                 },
             },
         )
+    }
+
+    /// What the runtime lists' client entries say of the keys of the limits selected for a
+    /// request (authorized already): a denylisted client is refused, a safelisted one
+    /// passes uncounted.
+    fn runtime_key_action(&self, reports: &[LimitReport], now: Timestamp) -> Option<Action> {
+        if self.runtime_len.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        let lists = self.runtime.load();
+        if !lists.has_clients() {
+            return None;
+        }
+        let find = |list| {
+            reports.iter().find_map(|r| {
+                let client = CounterKey::parse(&r.key)?.client;
+                lists.find_client(list, client, now)
+            })
+        };
+        if let Some(entry) = find(RuntimeList::Denylist) {
+            return Some(runtime_forbid(entry));
+        }
+        find(RuntimeList::Safelist).map(|_| Action::Bypass {
+            list: Arc::from(RUNTIME_SAFELIST),
+        })
     }
 
     /// Counts the pending operations in the store, all or nothing; when the store fails,
@@ -688,6 +725,27 @@ struct Pending {
     cost: u64,
     enforce: bool,
     ban: Option<Duration>,
+}
+
+/// The refusal a runtime denylist entry gives.
+fn runtime_forbid(entry: &RuntimeEntry) -> Action {
+    Action::Forbid {
+        status: StatusCode::FORBIDDEN,
+        list: Arc::from(RUNTIME_DENYLIST),
+        reason: entry.reason.as_deref().map(Arc::from),
+    }
+}
+
+/// The request's own identity as counter keys name it (`user:…`, `token:<hash>`), for the
+/// runtime lists' client entries.
+fn identity_clients(request: &RequestCtx, hasher: &KeyHasher) -> SmallVec<[String; 2]> {
+    [KeySource::UserId, KeySource::ApiToken]
+        .iter()
+        .filter_map(|source| {
+            let mut out = String::new();
+            source.write(request, None, hasher, &mut out).then_some(out)
+        })
+        .collect()
 }
 
 /// The store operations for `pending`, keyed by their reports' keys.

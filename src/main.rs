@@ -143,10 +143,11 @@ enum AdminAction {
     Diagnostics,
     /// The runtime safelist and denylist entries in force.
     Lists,
-    /// Refuse an address or network (403) on every node: for a time, or until `unlist`.
+    /// Refuse an address, a network or a client (403) on every node: for a time, or until
+    /// `unlist`.
     Ban {
-        /// The address or network: `203.0.113.9`, `203.0.113.0/24`.
-        net: String,
+        #[command(flatten)]
+        target: EntryTarget,
         /// For how many seconds [default: until removed].
         #[arg(long = "for")]
         for_seconds: Option<u64>,
@@ -154,10 +155,11 @@ enum AdminAction {
         #[arg(long)]
         reason: Option<String>,
     },
-    /// Count nothing for an address or network on every node (authorization still applies).
+    /// Count nothing for an address, a network or a client on every node (authorization
+    /// still applies).
     Allow {
-        /// The address or network.
-        net: String,
+        #[command(flatten)]
+        target: EntryTarget,
         /// For how many seconds [default: until removed].
         #[arg(long = "for")]
         for_seconds: Option<u64>,
@@ -170,9 +172,45 @@ enum AdminAction {
         /// `denylist` (a ban) or `safelist`.
         #[arg(long, default_value = "denylist")]
         list: String,
-        /// The address or network.
-        net: String,
+        #[command(flatten)]
+        target: EntryTarget,
     },
+}
+
+/// What a runtime entry holds for: one of these.
+#[derive(Debug, clap::Args)]
+#[group(required = true, multiple = false)]
+struct EntryTarget {
+    /// An address or network: `203.0.113.9`, `203.0.113.0/24`.
+    net: Option<String>,
+    /// A client as counter keys name it: `user:alice`, `token:<hash>`, `h.x-tenant:acme`.
+    #[arg(long)]
+    client: Option<String>,
+    /// An API token, read from standard input (so that it is not on the command line); the
+    /// server stores only its hash.
+    #[arg(long)]
+    token_stdin: bool,
+}
+
+impl EntryTarget {
+    /// The JSON fields naming the target.
+    fn fields(&self) -> Result<Vec<(&'static str, String)>, String> {
+        if let Some(net) = &self.net {
+            return Ok(vec![("net", net.clone())]);
+        }
+        if let Some(client) = &self.client {
+            return Ok(vec![("client", client.clone())]);
+        }
+        let mut token = String::new();
+        std::io::stdin()
+            .read_line(&mut token)
+            .map_err(|e| format!("cannot read the token from standard input: {e}"))?;
+        let token = token.trim_end_matches(['\r', '\n']);
+        if token.is_empty() {
+            return Err("standard input holds no token".to_owned());
+        }
+        Ok(vec![("token", token.to_owned())])
+    }
 }
 
 fn main() -> ExitCode {
@@ -320,12 +358,12 @@ fn admin(
         AdminAction::Diagnostics => (Method::GET, "/admin/diagnostics".to_owned(), None),
         AdminAction::Lists => (Method::GET, "/admin/lists".to_owned(), None),
         AdminAction::Ban {
-            net,
+            target,
             for_seconds,
             reason,
         }
         | AdminAction::Allow {
-            net,
+            target,
             for_seconds,
             reason,
         } => {
@@ -333,7 +371,18 @@ fn admin(
                 AdminAction::Ban { .. } => "denylist",
                 _ => "safelist",
             };
-            let mut entry = serde_json::json!({ "list": list, "net": net });
+            let mut entry = serde_json::json!({ "list": list });
+            match target.fields() {
+                Ok(fields) => {
+                    for (name, value) in fields {
+                        entry[name] = value.into();
+                    }
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            }
             if let Some(s) = for_seconds {
                 entry["for_seconds"] = serde_json::json!(s);
             }
@@ -342,11 +391,20 @@ fn admin(
             }
             (Method::POST, "/admin/lists".to_owned(), Some(entry))
         }
-        AdminAction::Unlist { list, net } => (
-            Method::DELETE,
-            format!("/admin/lists?list={}&net={}", encode(list), encode(net)),
-            None,
-        ),
+        AdminAction::Unlist { list, target } => {
+            let fields = match target.fields() {
+                Ok(fields) => fields,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let mut q = format!("/admin/lists?list={}", encode(list));
+            for (name, value) in fields {
+                q.push_str(&format!("&{name}={}", encode(&value)));
+            }
+            (Method::DELETE, q, None)
+        }
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

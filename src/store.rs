@@ -230,7 +230,7 @@ pub trait Store: Send + Sync + 'static {
     fn remove_runtime_entry(
         &self,
         list: runtime::RuntimeList,
-        net: &ipnet::IpNet,
+        target: &runtime::Target,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 }
 
@@ -305,9 +305,9 @@ impl<S: Store> Store for std::sync::Arc<S> {
     fn remove_runtime_entry(
         &self,
         list: runtime::RuntimeList,
-        net: &ipnet::IpNet,
+        target: &runtime::Target,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send {
-        (**self).remove_runtime_entry(list, net)
+        (**self).remove_runtime_entry(list, target)
     }
 }
 
@@ -341,11 +341,11 @@ impl Store for AnyStore {
     async fn remove_runtime_entry(
         &self,
         list: runtime::RuntimeList,
-        net: &ipnet::IpNet,
+        target: &runtime::Target,
     ) -> Result<bool, StoreError> {
         match self {
-            AnyStore::Memory(m) => m.remove_runtime_entry(list, net).await,
-            AnyStore::Redis(r) => r.remove_runtime_entry(list, net).await,
+            AnyStore::Memory(m) => m.remove_runtime_entry(list, target).await,
+            AnyStore::Redis(r) => r.remove_runtime_entry(list, target).await,
         }
     }
 

@@ -24,6 +24,7 @@ const POLICY: &str = r#"version 1;
 namespace "shop";
 limit api { match { route GET "/api/**"; } key ip; algorithm fixed_window; rate 10/min; }
 limit login { match { route POST "/login"; } key ip; algorithm fixed_window; rate 5/min; }
+limit tenants { match { route GET "/t/**"; } key header("X-Tenant") trusted + ip; algorithm fixed_window; rate 10/min; }
 "#;
 
 fn policy_dir() -> tempfile::TempDir {
@@ -114,7 +115,7 @@ fn the_plan_reloads_and_a_broken_reload_keeps_it() {
     assert_eq!(plan.status, 200);
     support::assert_conforms_to(SPEC, &plan, "PlanInfo");
     let first = plan.json();
-    assert_eq!(first["limits"].as_array().unwrap().len(), 2);
+    assert_eq!(first["limits"].as_array().unwrap().len(), 3);
     assert!(first["files"][0].as_str().unwrap().ends_with("shop.rl"));
 
     std::fs::write(
@@ -327,7 +328,7 @@ fn the_admin_command_calls_a_running_server() {
         String::from_utf8_lossy(&plan.stderr)
     );
     let plan: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
-    assert_eq!(plan["limits"].as_array().unwrap().len(), 2);
+    assert_eq!(plan["limits"].as_array().unwrap().len(), 3);
 
     let explained = admin(
         &["explain", "--path", "/api/x", "--ip", "203.0.113.9"],
@@ -371,6 +372,47 @@ fn the_admin_command_calls_a_running_server() {
     let unlisted = admin(&["unlist", "203.0.113.0/24"], TOKEN);
     let unlisted: serde_json::Value = serde_json::from_slice(&unlisted.stdout).unwrap();
     assert_eq!(unlisted["removed"], true);
+
+    // A client, and a token read from standard input (never on the command line).
+    assert!(
+        admin(&["ban", "--client", "h.x-tenant:evil"], TOKEN)
+            .status
+            .success()
+    );
+    let mut with_stdin = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"));
+    with_stdin
+        .args(["admin", "ban", "--token-stdin", "--for", "60"])
+        .env_clear()
+        .env("TOLLGATE_POLICIES", &policies)
+        .env("TOLLGATE_ADMIN_LISTEN", &admin_listen)
+        .env("TOLLGATE_ADMIN_TOKEN", TOKEN)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
+    let mut child = with_stdin.spawn().unwrap();
+    {
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"sk-from-stdin-123\n").unwrap();
+    }
+    let banned = child.wait_with_output().unwrap();
+    assert!(banned.status.success());
+    let banned: serde_json::Value = serde_json::from_slice(&banned.stdout).unwrap();
+    assert!(banned["client"].as_str().unwrap().starts_with("token:"));
+    let lists = String::from_utf8_lossy(&admin(&["lists"], TOKEN).stdout).into_owned();
+    assert!(
+        lists.contains("h.x-tenant:evil") && !lists.contains("sk-from-stdin"),
+        "{lists}"
+    );
+    let checked = support::check(
+        server.addr,
+        &json!({ "method": "GET", "path": "/t/x", "client_ip": "198.51.100.9",
+                 "headers": { "X-Tenant": "evil" } }),
+    );
+    assert_eq!(checked.json()["action"], "forbid", "{}", checked.text());
+    let unlisted = admin(&["unlist", "--client", "h.x-tenant:evil"], TOKEN);
+    assert!(String::from_utf8_lossy(&unlisted.stdout).contains("true"));
+    let neither = admin(&["ban"], TOKEN);
+    assert!(!neither.status.success(), "a ban names what it bans");
 
     let refused = admin(&["plan"], "not-the-admin-token-at-all-no");
     assert!(!refused.status.success());
@@ -454,11 +496,148 @@ fn runtime_lists_on<S: Store + Clone>(store: impl AsyncFnOnce() -> S) {
         json!({ "list": "greylist", "net": "192.0.2.9" }),
         json!({ "list": "denylist", "net": "192.0.2.9", "for_seconds": 0 }),
         json!({ "list": "denylist", "net": "192.0.2.9", "extra": true }),
+        json!({ "list": "denylist" }),
+        json!({ "list": "denylist", "net": "192.0.2.9", "client": "user:bob" }),
+        json!({ "list": "denylist", "client": "bob" }),
+        json!({ "list": "denylist", "client": "user:" }),
+        json!({ "list": "denylist", "client": "user:a b" }),
+        json!({ "list": "denylist", "client": format!("user:{}", "a".repeat(600)) }),
+        json!({ "list": "denylist", "token": "" }),
     ] {
         let reply = call(&app, "POST", "/admin/lists", bad.to_string().as_bytes());
         assert_eq!(reply.status, 400, "{bad}");
         support::assert_conforms_to(SPEC, &reply, "Problem");
     }
+    let listed = call(&app, "GET", "/admin/lists", b"");
+    assert_eq!(
+        listed.json()["entries"].as_array().unwrap().len(),
+        2,
+        "bad input changed nothing"
+    );
+}
+
+/// Client entries on `store`: a user, a token (given raw, kept hashed) and one part of a
+/// composite key are refused on every node; a safelisted client is not counted; a key's
+/// address part is taken as a network; entries are removed the way they were added.
+fn runtime_client_entries_on<S: Store + Clone>(store: impl AsyncFnOnce() -> S) {
+    const TOKEN_SENT: &str = "sk-live-client-entry-token-4711";
+    let dir = policy_dir();
+    let (app, engine) = admin(dir.path(), store);
+    // Nodes share the secret tokens are hashed with (`key_hash_secret`).
+    let other = Engine::new(load(dir.path())().unwrap(), engine.store().clone())
+        .with_key_hasher(engine.key_hasher().clone());
+    let add = |body: serde_json::Value| {
+        let reply = call(&app, "POST", "/admin/lists", body.to_string().as_bytes());
+        assert_eq!(reply.status, 201, "{}", reply.text());
+        support::assert_conforms_to(SPEC, &reply, "RuntimeEntry");
+        reply.json()
+    };
+    add(json!({ "list": "denylist", "client": "user:mallory", "reason": "abuse" }));
+    let token = add(json!({ "list": "denylist", "token": TOKEN_SENT, "for_seconds": 60 }));
+    let hashed = token["client"].as_str().unwrap().to_owned();
+    assert!(hashed.starts_with("token:") && !hashed.contains(TOKEN_SENT));
+    add(json!({ "list": "denylist", "client": "h.x-tenant:evil" }));
+    add(json!({ "list": "safelist", "client": "h.x-tenant:partner" }));
+    let net = add(json!({ "list": "denylist", "client": "ip:192.0.2.0/24" }));
+    assert_eq!(
+        net["net"], "192.0.2.0/24",
+        "a key's address part is a network"
+    );
+    app.block_on(other.refresh_runtime_lists()).unwrap();
+
+    let ask = |request: RequestCtx| app.block_on(other.decide(&request));
+    let api = || RequestCtx::new(Method::GET, "/api/x").with_client_ip([198, 51, 100, 1].into());
+    let tenant = |name: &str| {
+        RequestCtx::new(Method::GET, "/t/x")
+            .with_client_ip([198, 51, 100, 1].into())
+            .try_header("X-Tenant", name)
+            .unwrap()
+    };
+    let forbidden = |v: &tollgate::engine::Verdict| matches!(&v.action, tollgate::engine::Action::Forbid { list, .. } if &**list == "runtime-denylist");
+    let mallory = ask(api().with_user_id("mallory"));
+    assert!(
+        forbidden(&mallory),
+        "a banned user, whatever the key: {:?}",
+        mallory.action
+    );
+    assert!(ask(api().with_user_id("alice")).is_allowed());
+    assert!(
+        forbidden(&ask(api().with_api_token(TOKEN_SENT))),
+        "a banned token"
+    );
+    assert!(ask(api().with_api_token("another-token")).is_allowed());
+    assert!(
+        forbidden(&ask(tenant("evil"))),
+        "one part of the key `h.x-tenant:evil+ip:…`"
+    );
+    let partner = ask(tenant("partner"));
+    assert!(
+        matches!(partner.action, tollgate::engine::Action::Bypass { .. })
+            && partner.reports.is_empty(),
+        "a safelisted client is not counted: {partner:?}"
+    );
+    assert!(ask(tenant("acme")).is_allowed());
+    assert!(forbidden(&ask(
+        RequestCtx::new(Method::GET, "/api/x").with_client_ip([192, 0, 2, 7].into())
+    )));
+    // Nothing was counted for refused clients.
+    let keys = call(&app, "GET", "/admin/keys?client=user%3Amallory", b"");
+    assert_eq!(keys.json()["live_keys"], 0);
+
+    let removed = call(
+        &app,
+        "DELETE",
+        &format!("/admin/lists?list=denylist&token={TOKEN_SENT}"),
+        b"",
+    );
+    assert_eq!(removed.json()["removed"], true, "{}", removed.text());
+    let removed = call(
+        &app,
+        "DELETE",
+        "/admin/lists?list=denylist&client=user%3Amallory",
+        b"",
+    );
+    assert_eq!(removed.json()["removed"], true);
+    app.block_on(other.refresh_runtime_lists()).unwrap();
+    assert!(ask(api().with_user_id("mallory")).is_allowed());
+    assert!(ask(api().with_api_token(TOKEN_SENT)).is_allowed());
+    let listed = call(&app, "GET", "/admin/lists", b"").text();
+    assert!(!listed.contains(TOKEN_SENT), "{listed}");
+}
+
+#[test]
+fn runtime_client_entries_on_the_memory_store() {
+    runtime_client_entries_on(async || Arc::new(MemoryStore::new()));
+}
+
+#[test]
+fn runtime_client_entries_on_redis() {
+    let Some(redis) = support::redis::Redis::start() else {
+        return;
+    };
+    let url = redis.url();
+    runtime_client_entries_on(async move || {
+        Arc::new(
+            RedisStore::connect(&url, std::time::Duration::from_secs(2))
+                .await
+                .expect("the store connects"),
+        )
+    });
+}
+
+#[test]
+fn runtime_client_entries_on_a_redis_cluster() {
+    let Some(cluster) = support::redis::Cluster::start(3, 0) else {
+        return;
+    };
+    let url = cluster.url();
+    runtime_client_entries_on(async move || {
+        Arc::new(
+            RedisStore::connect(&url, std::time::Duration::from_secs(5))
+                .await
+                .expect("the cluster connects"),
+        )
+    });
 }
 
 #[test]

@@ -22,8 +22,10 @@ use subtle::ConstantTimeEq;
 
 use super::decision::{CheckRequest, check_ctx, read_json};
 use super::*;
+use crate::plan::KeyHasher;
+use crate::plan::key::KeySource;
 use crate::reload::{Reloader, Trigger};
-use crate::store::runtime::{RuntimeEntry, RuntimeList};
+use crate::store::runtime::{MAX_CLIENT_LEN, RuntimeEntry, RuntimeList, Target};
 use crate::store::{KeySelector, StoreError};
 
 /// What the admin handlers share.
@@ -209,20 +211,20 @@ struct Selecting {
 }
 
 /// The one selector a `/admin/keys` request names.
-enum Target {
+enum KeysTarget {
     Key(String),
     Client(String),
     Namespace(String),
     Limit(String),
 }
 
-impl Target {
+impl KeysTarget {
     fn selector(&self) -> KeySelector<'_> {
         match self {
-            Target::Key(k) => KeySelector::Key(k),
-            Target::Client(c) => KeySelector::Client(c),
-            Target::Namespace(n) => KeySelector::Namespace(n),
-            Target::Limit(l) => KeySelector::Limit(l),
+            KeysTarget::Key(k) => KeySelector::Key(k),
+            KeysTarget::Client(c) => KeySelector::Client(c),
+            KeysTarget::Namespace(n) => KeySelector::Namespace(n),
+            KeysTarget::Limit(l) => KeySelector::Limit(l),
         }
     }
 }
@@ -231,7 +233,7 @@ impl Target {
 fn target(
     selecting: Result<Query<Selecting>, axum::extract::rejection::QueryRejection>,
     request_id: &str,
-) -> Result<Target, Box<Response>> {
+) -> Result<KeysTarget, Box<Response>> {
     let answer = |p: Problem| Box::new(problem_response(p, request_id));
     let selecting = query(selecting).map_err(|p| answer(*p))?;
     match selecting {
@@ -240,25 +242,25 @@ fn target(
             client: None,
             namespace: None,
             limit: None,
-        } => Ok(Target::Key(k)),
+        } => Ok(KeysTarget::Key(k)),
         Selecting {
             key: None,
             client: Some(c),
             namespace: None,
             limit: None,
-        } => Ok(Target::Client(c)),
+        } => Ok(KeysTarget::Client(c)),
         Selecting {
             key: None,
             client: None,
             namespace: Some(n),
             limit: None,
-        } => Ok(Target::Namespace(n)),
+        } => Ok(KeysTarget::Namespace(n)),
         Selecting {
             key: None,
             client: None,
             namespace: None,
             limit: Some(l),
-        } => Ok(Target::Limit(l)),
+        } => Ok(KeysTarget::Limit(l)),
         _ => Err(answer(Problem::bad_request(
             "name exactly one of `key`, `client`, `namespace` or `limit`",
         ))),
@@ -381,11 +383,79 @@ async fn lists<S: Store, C: Clock>(
 #[serde(deny_unknown_fields)]
 struct NewEntry {
     list: RuntimeList,
-    net: String,
+    #[serde(default)]
+    net: Option<String>,
+    #[serde(default)]
+    client: Option<String>,
+    #[serde(default)]
+    token: Option<String>,
     #[serde(default)]
     for_seconds: Option<u64>,
     #[serde(default)]
     reason: Option<String>,
+}
+
+/// What an entry holds for, as operators write it: exactly one of an address or network, a
+/// client as counter keys name it, or a raw API token (hashed here, never stored).
+struct TargetInput<'a> {
+    net: &'a Option<String>,
+    client: &'a Option<String>,
+    token: &'a Option<String>,
+}
+
+impl TargetInput<'_> {
+    /// The target, or the problem with it.
+    fn read(&self, hasher: &KeyHasher) -> Result<Target, Box<Problem>> {
+        let field_problem = |field: &str, detail: String| {
+            let mut p = Problem::bad_request(detail);
+            p.field = Some(field.to_owned());
+            Box::new(p)
+        };
+        match (self.net, self.client, self.token) {
+            (Some(net), None, None) => network(net).map(Target::Net),
+            (None, Some(client), None) => {
+                // A key's address part is a network: the same entry as `net`.
+                if let Some(net) = client
+                    .strip_prefix("ip:")
+                    .and_then(crate::plan::ipset::parse_net)
+                {
+                    return Ok(Target::Net(net.trunc()));
+                }
+                let well_formed = client.len() <= MAX_CLIENT_LEN
+                    && client.split('+').all(|part| {
+                        part.split_once(':')
+                            .is_some_and(|(label, value)| !label.is_empty() && !value.is_empty())
+                    })
+                    && client.bytes().all(|b| b.is_ascii_graphic());
+                if well_formed {
+                    Ok(Target::Client(client.clone()))
+                } else {
+                    Err(field_problem(
+                        "client",
+                        format!(
+                            "`{}` is not a client as counter keys name it, like `user:alice` \
+                             or `token:<hash>` (at most {MAX_CLIENT_LEN} printable bytes)",
+                            client.chars().take(64).collect::<String>()
+                        ),
+                    ))
+                }
+            }
+            (None, None, Some(token)) if !token.is_empty() && token.len() <= 4096 => {
+                let mut client = String::new();
+                let request = RequestCtx::new(http::Method::GET, "/").with_api_token(token);
+                KeySource::ApiToken.write(&request, None, hasher, &mut client);
+                Ok(Target::Client(client))
+            }
+            (None, None, Some(_)) => Err(field_problem(
+                "token",
+                "a `token` has 1 to 4096 bytes".to_owned(),
+            )),
+            _ => Err(field_problem(
+                "net",
+                "name exactly one of `net`, `client` or `token`".to_owned(),
+            )),
+        }
+    }
 }
 
 /// An address or a network, as operators write them.
@@ -410,8 +480,13 @@ async fn add_entry<S: Store, C: Clock>(
         Ok(input) => input,
         Err(problem) => return problem_response(*problem, &request_id),
     };
-    let net = match network(&input.net) {
-        Ok(net) => net,
+    let target = TargetInput {
+        net: &input.net,
+        client: &input.client,
+        token: &input.token,
+    };
+    let target = match target.read(state.engine.key_hasher()) {
+        Ok(target) => target,
         Err(problem) => return problem_response(*problem, &request_id),
     };
     if input.for_seconds == Some(0) || input.reason.as_ref().is_some_and(|r| r.len() > 500) {
@@ -430,7 +505,7 @@ async fn add_entry<S: Store, C: Clock>(
     let now = state.engine.now();
     let entry = RuntimeEntry {
         list: input.list,
-        net,
+        target,
         until: input
             .for_seconds
             .map(|s| now.saturating_add(Duration::from_secs(s)).as_micros()),
@@ -438,7 +513,7 @@ async fn add_entry<S: Store, C: Clock>(
     };
     match state.engine.put_runtime_entry(&entry).await {
         Ok(()) => {
-            tracing::info!(request_id, list = ?entry.list, net = %entry.net, until = ?entry.until, reason = ?entry.reason, "admin: runtime list entry added");
+            tracing::info!(request_id, list = ?entry.list, target = %entry.target, until = ?entry.until, reason = ?entry.reason, "admin: runtime list entry added");
             (StatusCode::CREATED, axum::Json(entry)).into_response()
         }
         Err(e) => problem_response(store_problem(&e), &request_id),
@@ -449,7 +524,12 @@ async fn add_entry<S: Store, C: Clock>(
 #[serde(deny_unknown_fields)]
 struct EntryAt {
     list: RuntimeList,
-    net: String,
+    #[serde(default)]
+    net: Option<String>,
+    #[serde(default)]
+    client: Option<String>,
+    #[serde(default)]
+    token: Option<String>,
 }
 
 async fn remove_entry<S: Store, C: Clock>(
@@ -462,13 +542,18 @@ async fn remove_entry<S: Store, C: Clock>(
         Ok(at) => at,
         Err(problem) => return problem_response(*problem, &request_id),
     };
-    let net = match network(&at.net) {
-        Ok(net) => net,
+    let target = TargetInput {
+        net: &at.net,
+        client: &at.client,
+        token: &at.token,
+    };
+    let target = match target.read(state.engine.key_hasher()) {
+        Ok(target) => target,
         Err(problem) => return problem_response(*problem, &request_id),
     };
-    match state.engine.remove_runtime_entry(at.list, &net).await {
+    match state.engine.remove_runtime_entry(at.list, &target).await {
         Ok(removed) => {
-            tracing::info!(request_id, list = ?at.list, %net, removed, "admin: runtime list entry removed");
+            tracing::info!(request_id, list = ?at.list, %target, removed, "admin: runtime list entry removed");
             axum::Json(serde_json::json!({ "removed": removed })).into_response()
         }
         Err(e) => problem_response(store_problem(&e), &request_id),

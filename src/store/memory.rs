@@ -292,13 +292,13 @@ impl Store for MemoryStore {
     async fn remove_runtime_entry(
         &self,
         list: RuntimeList,
-        net: &ipnet::IpNet,
+        target: &crate::store::runtime::Target,
     ) -> Result<bool, StoreError> {
         Ok(self
             .runtime
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(&crate::store::runtime::field(list, net))
+            .remove(&crate::store::runtime::field(list, target))
             .is_some())
     }
 

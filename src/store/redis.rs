@@ -678,9 +678,9 @@ impl Store for RedisStore {
     async fn remove_runtime_entry(
         &self,
         list: crate::store::runtime::RuntimeList,
-        net: &ipnet::IpNet,
+        target: &crate::store::runtime::Target,
     ) -> Result<bool, StoreError> {
-        let field = crate::store::runtime::field(list, net);
+        let field = crate::store::runtime::field(list, target);
         let removed: usize = self
             .call(async |c| {
                 redis::cmd("HDEL")

@@ -1,7 +1,13 @@
-//! Runtime list entries: addresses or networks safelisted or denylisted while Tollgate runs
-//! (through the admin API), with an optional end (a ban is a denylist entry that ends), kept
-//! in the store so that every node sharing it applies them. Each node reads them back every
-//! second (and at once after its own change); a request checks them before the plan's lists.
+//! Runtime list entries: addresses, networks or clients safelisted or denylisted while
+//! Tollgate runs (through the admin API), with an optional end (a ban is a denylist entry
+//! that ends), kept in the store so that every node sharing it applies them. Each node reads
+//! them back every second (and at once after its own change); a request checks them before
+//! the plan's lists.
+//!
+//! A client entry names a client the way counter keys do (`user:alice`, `token:<hash>`,
+//! `h.x-tenant:acme`, `ip:203.0.113.9`): it holds for a request whose user, token or address
+//! is that client, or when the client part of a limit that applies to the request is the
+//! entry or has it as one of its `+`-joined parts.
 
 use std::sync::Arc;
 
@@ -14,6 +20,9 @@ use crate::clock::Timestamp;
 /// selector of the admin API ever reaches it.
 pub const RUNTIME_KEY: &str = "tollgate:runtime-lists";
 
+/// The longest client an entry may name (counter keys hash longer values).
+pub const MAX_CLIENT_LEN: usize = 512;
+
 /// Which list an entry is on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -24,14 +33,33 @@ pub enum RuntimeList {
     Denylist,
 }
 
+/// What an entry holds for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    /// Clients at an address or in a network.
+    Net(IpNet),
+    /// A client as counter keys name it (`user:alice`, `token:<hash>`).
+    Client(String),
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Net(net) => write!(f, "{}", net.trunc()),
+            Target::Client(client) => write!(f, "client={client}"),
+        }
+    }
+}
+
 /// One entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RuntimeEntry {
     /// The list.
     pub list: RuntimeList,
-    /// The address or network.
-    pub net: IpNet,
+    /// What it holds for: `"net": "203.0.113.0/24"` or `"client": "user:alice"`.
+    #[serde(flatten)]
+    pub target: Target,
     /// When it ends, in microseconds since the epoch (`None`: until removed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub until: Option<u64>,
@@ -41,9 +69,9 @@ pub struct RuntimeEntry {
 }
 
 impl RuntimeEntry {
-    /// The entry's field in the store: its list and network.
+    /// The entry's field in the store: its list and target.
     pub fn field(&self) -> String {
-        field(self.list, &self.net)
+        field(self.list, &self.target)
     }
 
     /// Whether it still holds at `now`.
@@ -52,32 +80,43 @@ impl RuntimeEntry {
     }
 }
 
-/// The store field of `net` on `list`.
-pub fn field(list: RuntimeList, net: &IpNet) -> String {
+/// The store field of `target` on `list` (`denylist|203.0.113.0/24`,
+/// `denylist|client=user:alice`).
+pub fn field(list: RuntimeList, target: &Target) -> String {
     let list = match list {
         RuntimeList::Safelist => "safelist",
         RuntimeList::Denylist => "denylist",
     };
-    format!("{list}|{}", net.trunc())
+    format!("{list}|{target}")
 }
 
 /// The entries a node applies, as last read from the store.
 #[derive(Debug, Clone, Default)]
 pub struct RuntimeLists {
     entries: Arc<[RuntimeEntry]>,
+    clients: bool,
 }
 
 impl RuntimeLists {
     /// The lists holding `entries`.
     pub fn new(entries: Vec<RuntimeEntry>) -> Self {
+        let clients = entries
+            .iter()
+            .any(|e| matches!(e.target, Target::Client(_)));
         RuntimeLists {
             entries: entries.into(),
+            clients,
         }
     }
 
     /// Every entry.
     pub fn entries(&self) -> &[RuntimeEntry] {
         &self.entries
+    }
+
+    /// Whether any entry names a client (else no key needs checking).
+    pub fn has_clients(&self) -> bool {
+        self.clients
     }
 
     /// The live entry of `list` that holds `ip`, the narrowest first.
@@ -94,8 +133,32 @@ impl RuntimeLists {
         };
         self.entries
             .iter()
-            .filter(|e| e.list == list && e.live(now) && e.net.contains(&ip))
-            .max_by_key(|e| e.net.prefix_len())
+            .filter(|e| e.list == list && e.live(now))
+            .filter_map(|e| match &e.target {
+                Target::Net(net) => net.contains(&ip).then_some((e, net.prefix_len())),
+                Target::Client(_) => None,
+            })
+            .max_by_key(|(_, len)| *len)
+            .map(|(e, _)| e)
+    }
+
+    /// The live client entry of `list` that holds the client part `client` of a key: the
+    /// whole of it or one of its `+`-joined parts.
+    pub fn find_client(
+        &self,
+        list: RuntimeList,
+        client: &str,
+        now: Timestamp,
+    ) -> Option<&RuntimeEntry> {
+        if !self.clients {
+            return None;
+        }
+        self.entries.iter().find(|e| {
+            e.list == list
+                && e.live(now)
+                && matches!(&e.target, Target::Client(c)
+                    if c == client || client.split('+').any(|part| part == c))
+        })
     }
 }
 
@@ -106,7 +169,7 @@ mod tests {
     fn entry(list: RuntimeList, net: &str, until: Option<u64>, reason: &str) -> RuntimeEntry {
         RuntimeEntry {
             list,
-            net: net.parse().unwrap(),
+            target: Target::Net(net.parse().unwrap()),
             until,
             reason: Some(reason.to_owned()),
         }
@@ -148,5 +211,46 @@ mod tests {
     fn fields_name_the_list_and_the_network() {
         let e = entry(RuntimeList::Safelist, "203.0.113.9/24", None, "x");
         assert_eq!(e.field(), "safelist|203.0.113.0/24");
+    }
+
+    #[test]
+    fn client_entries_hold_for_the_whole_client_or_one_of_its_parts() {
+        let client = |list, c: &str, until| RuntimeEntry {
+            list,
+            target: Target::Client(c.to_owned()),
+            until,
+            reason: None,
+        };
+        let lists = RuntimeLists::new(vec![
+            client(RuntimeList::Denylist, "user:alice", None),
+            client(RuntimeList::Denylist, "token:ab12", Some(1_000)),
+            client(RuntimeList::Safelist, "h.x-tenant:acme", None),
+        ]);
+        assert!(lists.has_clients());
+        let now = Timestamp::from_micros(5_000);
+        let deny = |c: &str| lists.find_client(RuntimeList::Denylist, c, now).is_some();
+        assert!(deny("user:alice"));
+        assert!(deny("user:alice+route:/x"), "one part of a composite key");
+        assert!(!deny("user:alicea"), "a prefix is not the client");
+        assert!(!deny("token:ab12"), "ended");
+        assert!(
+            lists
+                .find_client(RuntimeList::Safelist, "ip:10.0.0.1+h.x-tenant:acme", now)
+                .is_some()
+        );
+        assert!(
+            lists
+                .find(RuntimeList::Denylist, "10.0.0.1".parse().unwrap(), now)
+                .is_none()
+        );
+        let e = client(RuntimeList::Denylist, "user:alice", None);
+        assert_eq!(e.field(), "denylist|client=user:alice");
+        let json = serde_json::to_value(&e).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"list": "denylist", "client": "user:alice"})
+        );
+        assert_eq!(serde_json::from_value::<RuntimeEntry>(json).unwrap(), e);
+        assert!(!RuntimeLists::new(vec![]).has_clients());
     }
 }
