@@ -5,7 +5,8 @@
 //! A Cedar-conditioned decision with 50 generated policies (`tests/support/cedar_gen.rs`):
 //! `Engine::decide` with the answer cache off (cold: every question evaluated, on the
 //! policies sliced for its action) and on (warm), beside Cedar's unsliced evaluation of the
-//! same question, and the same engine without the Cedar condition.
+//! same question, and the same engine without the Cedar condition; and cold with roles from
+//! the requests' claims.
 //!
 //! `cargo bench --bench cedar`. Figures and the machine are in `docs/performance.md`.
 
@@ -60,6 +61,21 @@ fn cedar(c: &mut Criterion) {
         })
     });
 
+    // The same users with a role from their token's claims (`parents Role from
+    // claim("roles")`): each question evaluates over a copy of the entities with the
+    // principal's parents added.
+    let with_roles: Vec<RequestCtx> = requests
+        .iter()
+        .enumerate()
+        .map(|(u, r)| r.clone().with_claim("roles", format!("r{}", u % 7)))
+        .collect();
+    group.bench_function("decide_cache_cold_roles_from_claims", |b| {
+        b.iter(|| {
+            i = (i + 1) % with_roles.len();
+            ready(cold.decide(&with_roles[i]))
+        })
+    });
+
     let warm = Engine::new(plan(), MemoryStore::new());
     group.bench_function("decide_cache_warm", |b| {
         b.iter(|| {
@@ -76,7 +92,13 @@ fn cedar(c: &mut Criterion) {
             i = (i + 1) % requests.len();
             let request = &requests[i];
             let principal = set.principal(request, &hasher);
-            set.decide_unsliced(&principal, "read", "/api/v1/res0/{id}", request)
+            let question = tollgate::authz::Question {
+                principal: &principal,
+                action: "read",
+                resource: "/api/v1/res0/{id}",
+                tier: None,
+            };
+            set.decide_unsliced(&question, request)
         })
     });
 

@@ -1,8 +1,11 @@
 # Public API: per-client limits by plan, monthly quotas, search and exports.
 version 1;
 namespace "api";
-# Cedar: who may write and administer (api.cedar), users and roles (api.entities.json).
-import cedar "api.cedar" schema "api.cedarschema" namespace "Api" entities "api.entities.json";
+# Cedar: who may write and administer (api.cedar), users and roles (api.entities.json);
+# a verified token's `roles` claim adds roles to those of the entities file.
+import cedar "api.cedar" schema "api.cedarschema" namespace "Api" entities "api.entities.json" {
+  parents Role from claim("roles");
+}
 
 # Who the client is: the first source that has a value wins.
 key identity = first_of(user_id, api_token, header("X-Client-Id"), ip);

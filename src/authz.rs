@@ -4,11 +4,14 @@
 //! A request is asked about as (principal, action, resource, context):
 //! - the principal is a `{Namespace}::User`: the user id, else `token:` and the API token's
 //!   keyed hash, else `ip:` and the client address, else `anonymous`; its parents (roles,
-//!   groups, tenants) come from the imported entities file;
+//!   groups, tenants) come from the imported entities file and from the claims and headers
+//!   the import names (`parents Role from claim("roles");`);
 //! - the action is a `{Namespace}::Action` the policy names (`authorize action "read"`);
 //! - the resource is a `{Namespace}::Endpoint` whose id is the route template the limit
 //!   matched (`/api/v1/orders/{id}`), else the canonical path;
-//! - the context holds `ip` (an `ipaddr`), `method`, `path` and `host` (strings).
+//! - the context holds `ip` (an `ipaddr`), `method`, `path` and `host` (strings), `tier`
+//!   (the limit's tier, when its table does not itself ask Cedar) and the attributes the
+//!   import names (`context "client" from header("X-Client");`).
 //!
 //! Everything static (policies, schema, entities, the policies sliced per action) is built once
 //! per plan. Answers are cached for a short time per (principal, action, resource) when no
@@ -52,6 +55,197 @@ pub struct CedarFiles<'a> {
     pub entities: Option<&'a Path>,
     /// The Cedar namespace of the entity types (`Api`).
     pub namespace: Option<&'a str>,
+    /// The principal's parents each request names: entity type (without the namespace) and
+    /// where the list of ids comes from.
+    pub parents: &'a [(String, ValueFrom)],
+    /// The context attributes each request adds: name and where the value comes from.
+    pub context: &'a [(String, ValueFrom)],
+}
+
+/// A request value read by name: a header (believed from trusted proxies unless `trusted`)
+/// or a claim of the verified token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ValueFrom {
+    /// A request header.
+    Header {
+        /// The header.
+        name: http::HeaderName,
+        /// Believed from any client.
+        trusted: bool,
+    },
+    /// A claim (a JSON array of strings is read as its items joined by commas).
+    Claim(Arc<str>),
+}
+
+impl ValueFrom {
+    /// The request's value, if it has one that is believed.
+    pub fn read<'r>(&self, request: &'r RequestCtx) -> Option<&'r str> {
+        match self {
+            ValueFrom::Header { name, trusted } if *trusted || request.headers_trusted => {
+                request.header(name)
+            }
+            ValueFrom::Header { .. } => None,
+            ValueFrom::Claim(claim) => request.claims.get(&**claim).map(String::as_str),
+        }
+    }
+}
+
+/// The most parents one request may name (more are ignored).
+pub const MAX_REQUEST_PARENTS: usize = 32;
+/// The longest parent id a request may name (longer ones are ignored).
+pub const MAX_PARENT_ID_LEN: usize = 256;
+/// Context attribute names Tollgate sets itself.
+pub const BUILT_IN_CONTEXT: [&str; 5] = ["ip", "method", "path", "host", "tier"];
+
+/// A request's principal: its entity, and the parents the request itself names (from the
+/// claims and headers the import lists), sorted.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Principal {
+    /// The entity (`Api::User::"alice"`).
+    pub uid: EntityUid,
+    /// Parents from the request (`Api::Role::"staff"`), beside those of the entities file.
+    pub parents: Vec<EntityUid>,
+}
+
+impl fmt::Display for Principal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.uid)?;
+        if !self.parents.is_empty() {
+            let parents: Vec<String> = self.parents.iter().map(ToString::to_string).collect();
+            write!(f, " (in {} from the request)", parents.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
+/// Which entities a question with request parents is evaluated over.
+#[derive(Debug, Clone, Copy)]
+enum Scope {
+    /// Those the evaluation can reach (requests).
+    Reached,
+    /// The whole file (the reference).
+    Whole,
+}
+
+/// What evaluation can reach besides the principal, the resource and the action: the
+/// policies' entity literals and the action entities, and which entities each entity's
+/// attributes and tags name. Built at load when the import names request parents (else
+/// evaluation uses the whole entities file, and this stays empty).
+#[derive(Debug, Default)]
+struct Reach {
+    always: Vec<EntityUid>,
+    refs: HashMap<EntityUid, Vec<EntityUid>>,
+    /// The entities with attributes or tags.
+    described: std::collections::HashSet<EntityUid>,
+}
+
+impl Reach {
+    fn new(policies: &PolicySet, entities: &Entities) -> Reach {
+        // A literal of the scope (`principal in Role::"x"`) is only compared with what the
+        // principal, action or resource hold; only literals of the conditions may be read.
+        let mut always: Vec<EntityUid> = policies.policies().flat_map(body_literals).collect();
+        always.sort_by_key(ToString::to_string);
+        always.dedup();
+        let mut refs = HashMap::new();
+        let mut described = std::collections::HashSet::new();
+        for entity in entities.iter() {
+            let Ok(json) = entity.to_json_value() else {
+                // Kept whole when it cannot be looked into.
+                described.insert(entity.uid());
+                continue;
+            };
+            let mut named = Vec::new();
+            for part in ["attrs", "tags"] {
+                if let Some(value) = json.get(part) {
+                    if value.as_object().is_some_and(|o| !o.is_empty()) {
+                        described.insert(entity.uid());
+                    }
+                    entity_refs(value, &mut named);
+                }
+            }
+            if !named.is_empty() {
+                refs.insert(entity.uid(), named);
+            }
+        }
+        Reach {
+            always,
+            refs,
+            described,
+        }
+    }
+
+    /// The entities `uid`'s attributes and tags name.
+    fn from<'a>(&'a self, uid: &EntityUid) -> impl Iterator<Item = EntityUid> + 'a {
+        self.refs.get(uid).into_iter().flatten().cloned()
+    }
+}
+
+/// The entity literals of `policy`'s `when` and `unless` conditions: those of the whole
+/// condition (which includes the scope) less one for each use in the scope.
+fn body_literals(policy: &cedar_policy::Policy) -> Vec<EntityUid> {
+    let mut literals = policy.entity_literals();
+    let mut scope = Vec::new();
+    match policy.principal_constraint() {
+        PrincipalConstraint::In(e)
+        | PrincipalConstraint::Eq(e)
+        | PrincipalConstraint::IsIn(_, e) => {
+            scope.push(e);
+        }
+        PrincipalConstraint::Any | PrincipalConstraint::Is(_) => {}
+    }
+    match policy.action_constraint() {
+        ActionConstraint::Eq(e) => scope.push(e),
+        ActionConstraint::In(list) => scope.extend(list),
+        ActionConstraint::Any => {}
+    }
+    match policy.resource_constraint() {
+        ResourceConstraint::In(e) | ResourceConstraint::Eq(e) | ResourceConstraint::IsIn(_, e) => {
+            scope.push(e);
+        }
+        ResourceConstraint::Any | ResourceConstraint::Is(_) => {}
+    }
+    for used in scope {
+        if let Some(at) = literals.iter().position(|l| *l == used) {
+            literals.swap_remove(at);
+        }
+    }
+    literals
+}
+
+/// The entity references (`{"__entity": {"type", "id"}}`) in a JSON value of Cedar's
+/// entity format.
+fn entity_refs(value: &serde_json::Value, out: &mut Vec<EntityUid>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            if let Some(r) = map.get("__entity")
+                && let (Some(kind), Some(id)) = (
+                    r.get("type").and_then(|t| t.as_str()),
+                    r.get("id").and_then(|i| i.as_str()),
+                )
+                && let Ok(kind) = EntityTypeName::from_str(kind)
+            {
+                out.push(EntityUid::from_type_name_and_id(kind, EntityId::new(id)));
+                return;
+            }
+            map.values().for_each(|v| entity_refs(v, out));
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|v| entity_refs(v, out)),
+        _ => {}
+    }
+}
+
+/// One question to Cedar: may `principal` do `action` on `resource`, with the limit's `tier`
+/// in the context?
+#[derive(Debug, Clone, Copy)]
+pub struct Question<'q> {
+    /// Who asks.
+    pub principal: &'q Principal,
+    /// The action (`read`).
+    pub action: &'q str,
+    /// The route template, else the path.
+    pub resource: &'q str,
+    /// The tier of the limit being decided, when known.
+    pub tier: Option<&'q str>,
 }
 
 /// One imported Cedar policy set, ready to answer.
@@ -73,10 +267,22 @@ pub struct CedarSet {
     /// Declared entity types (with a schema); `None`: any type is accepted.
     entity_types: Option<Vec<EntityTypeName>>,
     cache: AnswerCache,
+    /// The principal's parents each request names.
+    request_parents: Vec<(EntityTypeName, ValueFrom)>,
+    /// The context attributes each request adds.
+    request_context: Vec<(String, ValueFrom)>,
+    /// What evaluation reaches, for questions whose principal names parents.
+    reach: Reach,
+    /// The entities built for such questions, per question: the same user with the same
+    /// roles asks again, and the entities do not change while the plan serves.
+    reached: quick_cache::sync::Cache<cache::Key, Arc<Entities>>,
     /// Client addresses as Cedar `ipaddr` values: Cedar parses the extension's name with
     /// its full grammar on every `RestrictedExpression::new_ip`, a third of a question.
     addresses: quick_cache::sync::Cache<std::net::IpAddr, RestrictedExpression>,
 }
+
+/// Entity sets kept for questions whose principal names parents.
+const REACHED_KEPT: usize = 10_000;
 
 /// Client addresses kept as Cedar values.
 const ADDRESSES_KEPT: usize = 10_000;
@@ -145,6 +351,8 @@ pub enum ImportPart {
     Entities,
     /// The namespace.
     Namespace,
+    /// The n-th `parents` statement of the import's block.
+    Parents(usize),
 }
 
 /// A problem with an import: located in a Cedar file, or about a part of the import (the
@@ -264,6 +472,36 @@ impl CedarSet {
                 }
             }
         }
+        let mut request_parents = Vec::new();
+        for (i, (name, from)) in files.parents.iter().enumerate() {
+            let Some(kind) = type_name(name) else {
+                errors.push(LoadProblem::about(
+                    ImportPart::Parents(i),
+                    format!("`{name}` is not a Cedar entity type name"),
+                    "name a type the schema declares, like `Role`",
+                ));
+                continue;
+            };
+            if let Some(schema) = &schema {
+                let can_parent = schema
+                    .ancestors(&principal_type)
+                    .is_some_and(|mut up| up.any(|t| *t == kind));
+                if !can_parent {
+                    errors.push(LoadProblem::about(
+                        ImportPart::Parents(i),
+                        format!("in the schema, `{principal_type}` cannot be a member of `{kind}`"),
+                        format!(
+                            "declare `entity {} in [{}]` (and `entity {}`) in the schema",
+                            principal_type.basename(),
+                            kind.basename(),
+                            kind.basename()
+                        ),
+                    ));
+                    continue;
+                }
+            }
+            request_parents.push((kind, from.clone()));
+        }
         if let (Some(schema), Some((policies, _)), Some(source)) =
             (&schema, &policies, &policy_file)
         {
@@ -307,6 +545,11 @@ impl CedarSet {
             .as_ref()
             .and_then(|s| s.action_entities().ok())
             .unwrap_or_else(Entities::empty);
+        let reach = if request_parents.is_empty() {
+            Reach::default()
+        } else {
+            Reach::new(&policies, &entities)
+        };
         let mut set = CedarSet {
             name: Arc::from(files.policies.display().to_string()),
             namespace,
@@ -320,6 +563,10 @@ impl CedarSet {
             actions,
             entity_types: schema.as_ref().map(|s| s.entity_types().cloned().collect()),
             cache: AnswerCache::default(),
+            reach,
+            reached: quick_cache::sync::Cache::new(REACHED_KEPT),
+            request_parents,
+            request_context: files.context.to_vec(),
             addresses: quick_cache::sync::Cache::new(ADDRESSES_KEPT),
         };
         for action in set.actions.clone().unwrap_or_default() {
@@ -385,8 +632,8 @@ impl CedarSet {
         self.cache = cache;
     }
 
-    /// The request's principal.
-    pub fn principal(&self, request: &RequestCtx, hasher: &KeyHasher) -> EntityUid {
+    /// The request's principal, with the parents the request names.
+    pub fn principal(&self, request: &RequestCtx, hasher: &KeyHasher) -> Principal {
         let id = if let Some(user) = &request.user_id {
             user.clone()
         } else if let Some(token) = &request.api_token {
@@ -396,43 +643,63 @@ impl CedarSet {
         } else {
             "anonymous".to_owned()
         };
-        EntityUid::from_type_name_and_id(self.principal_type.clone(), EntityId::new(id))
+        let uid = EntityUid::from_type_name_and_id(self.principal_type.clone(), EntityId::new(id));
+        let mut parents: Vec<EntityUid> = self
+            .request_parents
+            .iter()
+            .flat_map(|(kind, from)| {
+                from.read(request)
+                    .into_iter()
+                    .flat_map(|list| list.split(','))
+                    .map(str::trim)
+                    .filter(|id| !id.is_empty() && id.len() <= MAX_PARENT_ID_LEN)
+                    .map(|id| EntityUid::from_type_name_and_id(kind.clone(), EntityId::new(id)))
+            })
+            .take(MAX_REQUEST_PARENTS)
+            .collect();
+        parents.sort_by_key(ToString::to_string);
+        parents.dedup();
+        Principal { uid, parents }
     }
 
-    /// Whether `principal` is `ancestor` or a descendant of it (Cedar's `principal in …`).
-    pub fn principal_in(&self, principal: &EntityUid, ancestor: &EntityUid) -> bool {
-        self.entities.is_ancestor_of(ancestor, principal)
+    /// Whether `principal` is `ancestor` or a descendant of it (Cedar's `principal in …`),
+    /// through the entities file or the parents the request names.
+    pub fn principal_in(&self, principal: &Principal, ancestor: &EntityUid) -> bool {
+        principal.uid == *ancestor
+            || self.entities.is_ancestor_of(ancestor, &principal.uid)
+            || principal
+                .parents
+                .iter()
+                .any(|p| p == ancestor || self.entities.is_ancestor_of(ancestor, p))
     }
 
-    /// Cedar's answer for `principal` doing `action` on `resource` (a route template or path),
-    /// with the request as context. Cached when the answer cannot depend on the context.
+    /// Cedar's answer to `question` about `request`. Cached when the answer cannot depend on
+    /// the context.
     pub fn decide(
         &self,
-        principal: &EntityUid,
-        action: &str,
-        resource: &str,
+        question: &Question<'_>,
         request: &RequestCtx,
         now_micros: u64,
     ) -> Arc<Answer> {
-        let Some(slice) = self.by_action.get(action) else {
+        let Some(slice) = self.by_action.get(question.action) else {
             // Compiled plans prepare every action they ask about; an unknown one permits
             // nothing.
             return Arc::new(Answer {
                 allowed: false,
                 policies: Vec::new(),
-                errors: vec![format!("unknown action `{action}`")],
+                errors: vec![format!("unknown action `{}`", question.action)],
             });
         };
         let key = slice
             .cacheable
-            .then(|| cache::Key::new(principal, action, resource));
+            .then(|| cache::Key::new(question.principal, question.action, question.resource));
         if let Some(key) = &key
             && let Some(answer) = self.cache.get(key, now_micros)
         {
             return answer;
         }
-        let policies = self.policies_for(slice, principal, resource);
-        let answer = Arc::new(self.evaluate(&policies, principal, action, resource, request));
+        let policies = self.policies_for(slice, question.principal, question.resource);
+        let answer = Arc::new(self.evaluate(&policies, question, request));
         if let Some(key) = key {
             self.cache.insert(key, Arc::clone(&answer), now_micros);
         }
@@ -442,7 +709,7 @@ impl CedarSet {
     /// The policies of `slice` whose scope can hold for `principal` and `resource`, given
     /// the entities' hierarchy: the others cannot be satisfied, so Cedar's answer (decision,
     /// reasons, errors) is the same without them.
-    fn policies_for(&self, slice: &Slice, principal: &EntityUid, resource: &str) -> Arc<PolicySet> {
+    fn policies_for(&self, slice: &Slice, principal: &Principal, resource: &str) -> Arc<PolicySet> {
         let resource =
             EntityUid::from_type_name_and_id(self.resource_type.clone(), EntityId::new(resource));
         let ancestors = |e: &EntityUid| -> Vec<EntityUid> {
@@ -451,10 +718,17 @@ impl CedarSet {
                 .map(|a| a.cloned().collect())
                 .unwrap_or_default()
         };
-        let (p_up, r_up) = (ancestors(principal), ancestors(&resource));
+        let mut p_up = ancestors(&principal.uid);
+        for parent in &principal.parents {
+            p_up.push(parent.clone());
+            p_up.extend(ancestors(parent));
+        }
+        let r_up = ancestors(&resource);
         let mut bits = vec![0u64; slice.scoped.len().div_ceil(64)];
         for (i, scoped) in slice.scoped.iter().enumerate() {
-            if scoped.principal.holds(principal, &p_up) && scoped.resource.holds(&resource, &r_up) {
+            if scoped.principal.holds(&principal.uid, &p_up)
+                && scoped.resource.holds(&resource, &r_up)
+            {
                 bits[i / 64] |= 1 << (i % 64);
             }
         }
@@ -484,41 +758,78 @@ impl CedarSet {
     /// must always agree with.
     ///
     /// [`decide`]: CedarSet::decide
-    pub fn decide_unsliced(
-        &self,
-        principal: &EntityUid,
-        action: &str,
-        resource: &str,
-        request: &RequestCtx,
-    ) -> Answer {
-        self.evaluate(&self.policies, principal, action, resource, request)
+    /// With parents from the request, it evaluates over the whole entities file with the
+    /// principal added (not the entities the evaluation can reach): the reference for those
+    /// too.
+    pub fn decide_unsliced(&self, question: &Question<'_>, request: &RequestCtx) -> Answer {
+        self.evaluate_with(&self.policies, question, request, Scope::Whole)
     }
 
     fn evaluate(
         &self,
         policies: &PolicySet,
-        principal: &EntityUid,
-        action: &str,
-        resource: &str,
+        question: &Question<'_>,
         request: &RequestCtx,
     ) -> Answer {
-        let action_uid = self.action_uid(action);
-        let resource =
-            EntityUid::from_type_name_and_id(self.resource_type.clone(), EntityId::new(resource));
-        let context = self.context(request);
-        let request = match Request::new(principal.clone(), action_uid, resource, context, None) {
-            Ok(request) => request,
-            Err(e) => {
-                return Answer {
-                    allowed: false,
-                    policies: Vec::new(),
-                    errors: vec![e.to_string()],
-                };
-            }
+        self.evaluate_with(policies, question, request, Scope::Reached)
+    }
+
+    fn evaluate_with(
+        &self,
+        policies: &PolicySet,
+        question: &Question<'_>,
+        request: &RequestCtx,
+        scope: Scope,
+    ) -> Answer {
+        let denied = |error: String| Answer {
+            allowed: false,
+            policies: Vec::new(),
+            errors: vec![error],
+        };
+        let action_uid = self.action_uid(question.action);
+        let resource = EntityUid::from_type_name_and_id(
+            self.resource_type.clone(),
+            EntityId::new(question.resource),
+        );
+        let context = self.context(request, question.tier);
+        let cedar_request = match Request::new(
+            question.principal.uid.clone(),
+            action_uid,
+            resource,
+            context,
+            None,
+        ) {
+            Ok(r) => r,
+            Err(e) => return denied(e.to_string()),
+        };
+        let with_parents;
+        let entities = if question.principal.parents.is_empty() {
+            &self.entities
+        } else {
+            let (resource, action) = (cedar_request.resource(), cedar_request.action());
+            let (Some(resource), Some(action)) = (resource, action) else {
+                return denied("a question without resource or action".to_owned());
+            };
+            let built = match scope {
+                Scope::Reached => {
+                    let key =
+                        cache::Key::new(question.principal, question.action, question.resource);
+                    self.reached.get_or_insert_with(&key, || {
+                        self.entities_with(question.principal, resource, action)
+                            .map(Arc::new)
+                    })
+                }
+                Scope::Whole => self.whole_entities_with(question.principal).map(Arc::new),
+            };
+            with_parents = match built {
+                Ok(entities) => entities,
+                Err(e) => return denied(e),
+            };
+            &with_parents
         };
         let response = self
             .authorizer
-            .is_authorized(&request, policies, &self.entities);
+            .is_authorized(&cedar_request, policies, entities);
         let mut determining: Vec<&PolicyId> = response.diagnostics().reason().collect();
         determining.sort_by_key(|id| self.order.get(*id).copied().unwrap_or(usize::MAX));
         Answer {
@@ -535,9 +846,103 @@ impl CedarSet {
         }
     }
 
+    /// The whole entities file with the principal's request parents added: what
+    /// [`entities_with`](Self::entities_with) must always be equivalent to, at the cost of a
+    /// copy of the file and its transitive closure.
+    fn whole_entities_with(&self, principal: &Principal) -> Result<Entities, String> {
+        let entity = self.principal_entity(principal)?;
+        self.entities
+            .clone()
+            .upsert_entities([entity], None)
+            .map_err(|e| e.to_string())
+    }
+
+    /// The principal's entity: the entities file's (attributes and tags kept), with the
+    /// parents the request names added.
+    fn principal_entity(&self, principal: &Principal) -> Result<cedar_policy::Entity, String> {
+        // The request's parents with their ancestors in the file: the closure is complete
+        // here, so the entities built from this one need none of those ancestors.
+        let mut ancestors: std::collections::HashSet<EntityUid> = principal
+            .parents
+            .iter()
+            .flat_map(|p| {
+                let up = self.entities.ancestors(p).into_iter().flatten().cloned();
+                std::iter::once(p.clone()).chain(up)
+            })
+            .collect();
+        let Some(known) = self.entities.get(&principal.uid) else {
+            return Ok(cedar_policy::Entity::new_no_attrs(
+                principal.uid.clone(),
+                ancestors,
+            ));
+        };
+        ancestors.extend(
+            self.entities
+                .ancestors(&principal.uid)
+                .into_iter()
+                .flatten()
+                .cloned(),
+        );
+        if !self.reach.described.contains(&principal.uid) {
+            // No attributes or tags to keep.
+            return Ok(cedar_policy::Entity::new_no_attrs(
+                principal.uid.clone(),
+                ancestors,
+            ));
+        }
+        let mut json = known.to_json_value().map_err(|e| e.to_string())?;
+        if let Some(parents) = json.get_mut("parents").and_then(|p| p.as_array_mut()) {
+            parents.clear();
+            for parent in &ancestors {
+                parents.push(serde_json::json!({
+                    "type": parent.type_name().to_string(),
+                    "id": parent.id().unescaped(),
+                }));
+            }
+        }
+        cedar_policy::Entity::from_json_value(json, None).map_err(|e| e.to_string())
+    }
+
+    /// The entities a question whose principal names parents can reach: the principal, with
+    /// the request's parents added to those of the entities file (its attributes and tags
+    /// kept), and every entity of the file the evaluation can get to from it, the resource,
+    /// the action and the policies' literals (entities that attributes name; each entity of
+    /// the file carries its ancestors, so those are not needed unless named). A few
+    /// entities, not a copy of the file.
+    fn entities_with(
+        &self,
+        principal: &Principal,
+        resource: &EntityUid,
+        action: &EntityUid,
+    ) -> Result<Entities, String> {
+        let merged = self.principal_entity(principal)?;
+        let mut seen: std::collections::HashSet<EntityUid> =
+            std::collections::HashSet::from([principal.uid.clone()]);
+        let mut pending: Vec<EntityUid> = principal
+            .parents
+            .iter()
+            .chain([resource, action])
+            .chain(&self.reach.always)
+            .cloned()
+            .collect();
+        pending.extend(self.reach.from(&principal.uid));
+        let mut reached = vec![merged];
+        while let Some(uid) = pending.pop() {
+            if !seen.insert(uid.clone()) {
+                continue;
+            }
+            if let Some(entity) = self.entities.get(&uid) {
+                pending.extend(self.reach.from(&uid));
+                reached.push(entity.clone());
+            }
+        }
+        Entities::from_entities(reached, None).map_err(|e| e.to_string())
+    }
+
     /// The request's context: `ip` (an `ipaddr`; `0.0.0.0` when unknown), `method`, `path`
-    /// and `host` (strings; the host empty when unknown).
-    fn context(&self, request: &RequestCtx) -> Context {
+    /// and `host` (strings; the host empty when unknown), `tier` when known, and the
+    /// attributes the import names that the request has.
+    fn context(&self, request: &RequestCtx, tier: Option<&str>) -> Context {
         let ip = request
             .client_ip
             .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
@@ -547,23 +952,25 @@ impl CedarSet {
                 Ok::<_, std::convert::Infallible>(RestrictedExpression::new_ip(ip.to_string()))
             })
             .unwrap_or_else(|never| match never {});
-        let pairs = [
-            ("ip", ip),
+        let string = |s: &str| RestrictedExpression::new_string(s.to_owned());
+        let mut pairs = vec![
+            ("ip".to_owned(), ip),
+            ("method".to_owned(), string(request.method.as_str())),
+            ("path".to_owned(), string(&request.path)),
             (
-                "method",
-                RestrictedExpression::new_string(request.method.as_str().to_owned()),
-            ),
-            (
-                "path",
-                RestrictedExpression::new_string(request.path.clone()),
-            ),
-            (
-                "host",
-                RestrictedExpression::new_string(request.host.clone().unwrap_or_default()),
+                "host".to_owned(),
+                string(request.host.as_deref().unwrap_or_default()),
             ),
         ];
-        Context::from_pairs(pairs.into_iter().map(|(k, v)| (k.to_owned(), v)))
-            .unwrap_or_else(|_| Context::empty())
+        if let Some(tier) = tier {
+            pairs.push(("tier".to_owned(), string(tier)));
+        }
+        for (name, from) in &self.request_context {
+            if let Some(value) = from.read(request) {
+                pairs.push((name.clone(), string(value)));
+            }
+        }
+        Context::from_pairs(pairs).unwrap_or_else(|_| Context::empty())
     }
 
     /// The values of annotation `key` on `policies`, in their order.
@@ -795,17 +1202,19 @@ fn cedar_error(
 }
 
 /// One question asked (set, action, resource) and its answer.
-type Asked = (usize, Arc<str>, String, Arc<Answer>);
+/// A question asked while deciding a request: set, action, resource, tier; and its answer.
+type Asked = (usize, Arc<str>, String, Option<Arc<str>>, Arc<Answer>);
 
 /// What one request asks Cedar, kept while the request is decided: the principal of each
-/// set (built once), the answers so far (each question asked once), and the resource of the
-/// limit being looked at.
+/// set (built once), the answers so far (each question asked once), and the resource and
+/// tier of the limit being looked at.
 pub struct Asking<'a> {
     sets: &'a [Arc<CedarSet>],
     hasher: &'a KeyHasher,
     now_micros: u64,
     resource: std::cell::RefCell<Option<Arc<str>>>,
-    principals: std::cell::RefCell<Vec<(usize, Arc<EntityUid>)>>,
+    tier: std::cell::RefCell<Option<Arc<str>>>,
+    principals: std::cell::RefCell<Vec<(usize, Arc<Principal>)>>,
     answers: std::cell::RefCell<Vec<Asked>>,
 }
 
@@ -817,18 +1226,21 @@ impl<'a> Asking<'a> {
             hasher,
             now_micros,
             resource: std::cell::RefCell::new(None),
+            tier: std::cell::RefCell::new(None),
             principals: std::cell::RefCell::new(Vec::new()),
             answers: std::cell::RefCell::new(Vec::new()),
         }
     }
 
-    /// The route template the next questions are about (`None`: the request's path).
-    pub fn set_resource(&self, template: Option<&Arc<str>>) {
+    /// The route template the next questions are about (`None`: the request's path), and
+    /// the tier of the limit asking (`None`: unknown, or chosen by Cedar itself).
+    pub fn focus(&self, template: Option<&Arc<str>>, tier: Option<Arc<str>>) {
         *self.resource.borrow_mut() = template.cloned();
+        *self.tier.borrow_mut() = tier;
     }
 
     /// The request's principal in set `set`.
-    pub fn principal(&self, request: &RequestCtx, set: usize) -> Arc<EntityUid> {
+    pub fn principal(&self, request: &RequestCtx, set: usize) -> Arc<Principal> {
         if let Some((_, p)) = self.principals.borrow().iter().find(|(s, _)| *s == set) {
             return Arc::clone(p);
         }
@@ -843,20 +1255,28 @@ impl<'a> Asking<'a> {
     pub fn answer(&self, request: &RequestCtx, set: usize, action: &Arc<str>) -> Arc<Answer> {
         let current = self.resource.borrow().clone();
         let resource = current.as_deref().unwrap_or(&request.path);
+        let tier = self.tier.borrow().clone();
         if let Some((.., answer)) = self
             .answers
             .borrow()
             .iter()
-            .find(|(s, a, r, _)| *s == set && a == action && r == resource)
+            .find(|(s, a, r, t, _)| *s == set && a == action && r == resource && *t == tier)
         {
             return Arc::clone(answer);
         }
         let principal = self.principal(request, set);
-        let answer = self.sets[set].decide(&principal, action, resource, request, self.now_micros);
+        let question = Question {
+            principal: &principal,
+            action,
+            resource,
+            tier: tier.as_deref(),
+        };
+        let answer = self.sets[set].decide(&question, request, self.now_micros);
         self.answers.borrow_mut().push((
             set,
             Arc::clone(action),
             resource.to_owned(),
+            tier,
             Arc::clone(&answer),
         ));
         answer

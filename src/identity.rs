@@ -231,7 +231,9 @@ impl Identifier {
 }
 
 impl Jwt {
-    /// The user and the claims (those with string, number or boolean values) of a valid token.
+    /// The user and the claims of a valid token: those with string, number or boolean values,
+    /// and arrays of strings (read as their items joined by commas: `["staff","dev"]` is
+    /// `staff,dev`, what Cedar `parents … from claim(…)` splits).
     fn verify(&self, token: &str) -> Option<(Option<String>, BTreeMap<String, String>)> {
         let data = jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(
             token,
@@ -246,6 +248,11 @@ impl Jwt {
                 serde_json::Value::String(s) => Some((k, s)),
                 serde_json::Value::Number(n) => Some((k, n.to_string())),
                 serde_json::Value::Bool(b) => Some((k, b.to_string())),
+                serde_json::Value::Array(items) => items
+                    .iter()
+                    .map(|i| i.as_str().filter(|s| !s.contains(',')))
+                    .collect::<Option<Vec<_>>>()
+                    .map(|items| (k, items.join(","))),
                 _ => None,
             })
             .collect();

@@ -388,6 +388,7 @@ mod indexed_evaluation {
             resource in 0usize..14,
             private in any::<bool>(),
             post in any::<bool>(),
+            roles in proptest::option::of(0usize..5),
         ) {
             let sets = SETS.with(|s| s.clone());
             let (plan, actions, users) = &sets[set];
@@ -407,10 +408,24 @@ mod indexed_evaluation {
             } else {
                 request(method, &resource, Some(&users[user]), ip)
             };
+            // Roles the request names (`parents Role from claim("roles")`), beside the file's.
+            let request = match roles {
+                Some(r) => request.with_claim(
+                    "roles",
+                    ["r1", "r3, r7", "staff", "writer,staff", "r0,nobody"][r],
+                ),
+                None => request,
+            };
             let hasher = tollgate::plan::KeyHasher::random();
             let principal = cedar.principal(&request, &hasher);
-            let indexed = cedar.decide(&principal, action, &resource, &request, 0);
-            let unsliced = cedar.decide_unsliced(&principal, action, &resource, &request);
+            let question = tollgate::authz::Question {
+                principal: &principal,
+                action,
+                resource: &resource,
+                tier: None,
+            };
+            let indexed = cedar.decide(&question, &request, 0);
+            let unsliced = cedar.decide_unsliced(&question, &request);
             prop_assert_eq!(&*indexed, &unsliced);
         }
     }
@@ -419,4 +434,383 @@ mod indexed_evaluation {
         static SETS: std::rc::Rc<Vec<Case>> =
             std::rc::Rc::new(sets());
     }
+}
+
+const ORG_SCHEMA: &str = r#"
+namespace Org {
+  entity Role;
+  entity Tenant;
+  entity User in [Role, Tenant];
+  entity Endpoint;
+  type Request = { ip: ipaddr, method: String, path: String, host: String, tier?: String, client?: String };
+  action "read", "write", "export" appliesTo { principal: User, resource: Endpoint, context: Request };
+}
+"#;
+
+const ORG_POLICIES: &str = r#"
+@id("editors-write")
+permit (principal in Org::Role::"editor", action == Org::Action::"write", resource);
+
+@id("no-legacy-writes")
+forbid (principal, action == Org::Action::"write", resource)
+when { context has client && context.client == "legacy-cli" };
+
+@id("acme-pro-exports")
+permit (principal in Org::Tenant::"acme", action == Org::Action::"export", resource)
+when { context has tier && context.tier == "pro" };
+
+@id("readers")
+permit (principal in Org::Role::"reader", action == Org::Action::"read", resource);
+"#;
+
+const ORG_ENTITIES: &str = r#"[
+  { "uid": { "type": "Org::Role", "id": "editor" }, "attrs": {}, "parents": [] },
+  { "uid": { "type": "Org::Role", "id": "reader" }, "attrs": {}, "parents": [] },
+  { "uid": { "type": "Org::Tenant", "id": "acme" }, "attrs": {}, "parents": [] },
+  { "uid": { "type": "Org::User", "id": "dave" }, "attrs": {},
+    "parents": [{ "type": "Org::Role", "id": "editor" }] }
+]"#;
+
+const ORG_LIMITS: &str = r#"
+version 1;
+import cedar "org.cedar" schema "org.cedarschema" namespace "Org" entities "org.entities.json" {
+  parents Role from claim("roles");
+  parents Tenant from header("X-Tenant");
+  context "client" from header("X-Client") trusted;
+}
+tiers plans { from header("X-Plan") trusted; default free;
+  tier free { api = 10/min; } tier pro extends free { api = 100/min; } }
+
+limit edit { match { route POST "/docs/**"; } authorize action "write"; key user_id;
+  algorithm fixed_window; rate 100/min; }
+limit export { match { route GET "/export"; } authorize action "export"; key user_id;
+  algorithm fixed_window; rate plans.api; }
+limit editors { match { route GET "/docs/**"; } when cedar principal in Role "editor";
+  key user_id; algorithm fixed_window; rate 5/min; }
+limit reads { match { route GET "/r"; } when cedar permits action "read"; key user_id;
+  algorithm fixed_window; rate 5/min; }
+"#;
+
+fn org_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in [
+        ("org.cedarschema", ORG_SCHEMA),
+        ("org.cedar", ORG_POLICIES),
+        ("org.entities.json", ORG_ENTITIES),
+        ("org.rl", ORG_LIMITS),
+    ] {
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
+    dir
+}
+
+/// Parents from a claim and a trusted header (beside the entities file's), context
+/// attributes from a header and the limit's tier, against `store`.
+async fn request_parents_and_context_on<S: Store>(store: S) {
+    let dir = org_dir();
+    let engine = Engine::new(plan(dir.path()), store);
+    let user = |path: &str, method: Method, name: &str| {
+        RequestCtx::new(method, path)
+            .with_client_ip([198, 51, 100, 1].into())
+            .with_user_id(name)
+    };
+    let unauthorized = |v: &Verdict| match &v.action {
+        Action::Unauthorized { policies, .. } => {
+            Some(policies.iter().map(|p| p.to_string()).collect::<Vec<_>>())
+        }
+        _ => None,
+    };
+    let applies = |v: &Verdict, limit: &str| v.reports.iter().any(|r| &*r.limit == limit);
+
+    // A role from the token's claims.
+    let erin = || user("/docs/1", Method::POST, "erin");
+    let with_role = engine
+        .decide(&erin().with_claim("roles", "viewer, editor"))
+        .await;
+    assert!(with_role.is_allowed(), "{:?}", with_role.action);
+    let without = engine.decide(&erin()).await;
+    assert_eq!(unauthorized(&without), Some(vec![]), "no role, no permit");
+    // A context attribute from a header: the forbid names it.
+    let legacy = engine
+        .decide(
+            &erin()
+                .with_claim("roles", "editor")
+                .try_header("X-Client", "legacy-cli")
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(
+        unauthorized(&legacy),
+        Some(vec!["no-legacy-writes".to_owned()])
+    );
+    // `principal in` sees claimed roles and the entities file's.
+    let read_docs = |who: &str, roles: Option<&str>| {
+        let mut r = user("/docs/1", Method::GET, who);
+        if let Some(roles) = roles {
+            r = r.with_claim("roles", roles);
+        }
+        r
+    };
+    assert!(applies(
+        &engine.decide(&read_docs("erin", Some("editor"))).await,
+        "editors"
+    ));
+    assert!(!applies(
+        &engine.decide(&read_docs("erin", None)).await,
+        "editors"
+    ));
+    assert!(applies(
+        &engine.decide(&read_docs("dave", None)).await,
+        "editors"
+    ));
+
+    // Cached answers are per principal *and* its parents: the same user with and without
+    // the role, one after the other, within the cache's lifetime.
+    for _ in 0..2 {
+        let reader = engine
+            .decide(&user("/r", Method::GET, "erin").with_claim("roles", "reader"))
+            .await;
+        assert!(applies(&reader, "reads"));
+        let plain = engine.decide(&user("/r", Method::GET, "erin")).await;
+        assert!(!applies(&plain, "reads"));
+    }
+
+    // A tenant from a header believed only from trusted proxies, and the tier in the
+    // context: dave (an editor in the file) of tenant acme on the pro plan may export.
+    let export = |tenant: &str, plan: &str, trusted: bool| {
+        let r = user("/export", Method::GET, "dave")
+            .try_header("X-Tenant", tenant)
+            .unwrap()
+            .try_header("X-Plan", plan)
+            .unwrap();
+        if trusted { r.with_trusted_headers() } else { r }
+    };
+    let exported = engine.decide(&export("acme", "pro", true)).await;
+    assert!(exported.is_allowed(), "{:?}", exported.action);
+    assert_eq!(report(&exported, "export").decision.limit, 100);
+    assert!(
+        unauthorized(&engine.decide(&export("acme", "free", true)).await).is_some(),
+        "the context's tier is free"
+    );
+    assert!(
+        unauthorized(&engine.decide(&export("acme", "pro", false)).await).is_some(),
+        "a tenant header from a client that is not a trusted proxy is not believed"
+    );
+    assert!(unauthorized(&engine.decide(&export("globex", "pro", true)).await).is_some());
+    // Dave keeps the file's role with parents from the request.
+    let dave_writes = engine
+        .decide(
+            &user("/docs/1", Method::POST, "dave")
+                .try_header("X-Tenant", "acme")
+                .unwrap()
+                .with_trusted_headers(),
+        )
+        .await;
+    assert!(dave_writes.is_allowed(), "{:?}", dave_writes.action);
+
+    // Explain names the parents the request brought.
+    let text = tollgate::explain::explain(
+        engine.plan().as_ref(),
+        &read_docs("erin", Some("editor")),
+        &tollgate::plan::KeyHasher::random(),
+    )
+    .to_string();
+    assert!(
+        text.contains(r#"Org::User::"erin" (in Org::Role::"editor" from the request)"#),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn request_parents_and_context_on_the_memory_store() {
+    request_parents_and_context_on(MemoryStore::new()).await;
+}
+
+#[tokio::test]
+async fn request_parents_and_context_on_redis() {
+    let Some(redis) = support::redis::Redis::start() else {
+        return;
+    };
+    let store = RedisStore::connect(&redis.url(), std::time::Duration::from_secs(2))
+        .await
+        .expect("the store connects");
+    request_parents_and_context_on(store).await;
+}
+
+/// Through the layer with a verified JWT: the roles its `roles` claim lists (a JSON array)
+/// are the principal's parents; a forged token's roles count for nothing.
+#[tokio::test]
+async fn roles_from_a_verified_token_reach_cedar() {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    use tollgate::identity::{JwtKey, JwtSettings};
+    use tower::ServiceExt;
+    const SECRET: &[u8] = b"the-verification-secret-32-bytes!";
+    let dir = org_dir();
+    let engine = std::sync::Arc::new(Engine::new(plan(dir.path()), MemoryStore::new()));
+    let identifier = tollgate::identity::Identifier::new()
+        .with_jwt(&JwtSettings {
+            algorithm: Algorithm::HS256,
+            key: JwtKey::Secret(SECRET.to_vec()),
+            issuer: None,
+            audience: None,
+            user_claim: "sub".to_owned(),
+        })
+        .unwrap();
+    let app = axum::Router::new()
+        .route("/docs/{id}", axum::routing::post(|| async { "saved" }))
+        .layer(tollgate::RateLimitLayer::new(engine).with_options(
+            tollgate::middleware::HttpOptions {
+                identifier,
+                ..Default::default()
+            },
+        ));
+    let token = |roles: serde_json::Value, key: &[u8]| {
+        let exp = jsonwebtoken::get_current_timestamp() + 3600;
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &json!({ "sub": "erin", "exp": exp, "roles": roles }),
+            &EncodingKey::from_secret(key),
+        )
+        .unwrap()
+    };
+    let send = |token: String| {
+        let app = app.clone();
+        async move {
+            let bearer = format!("Bearer {token}");
+            let request = support::from_peer(
+                "POST",
+                "/docs/1",
+                "198.51.100.1",
+                &[("Authorization", bearer.as_str())],
+            );
+            app.oneshot(request).await.unwrap().status()
+        }
+    };
+    assert_eq!(send(token(json!(["reader", "editor"]), SECRET)).await, 200);
+    assert_eq!(send(token(json!(["reader"]), SECRET)).await, 403);
+    assert_eq!(
+        send(token(
+            json!(["editor"]),
+            b"not-the-secret-at-all-not-at-all"
+        ))
+        .await,
+        403,
+        "a forged token names no role"
+    );
+}
+
+/// With parents from the request, evaluation runs over the entities it can reach, not a
+/// copy of the file: entities that attributes name (on the principal, on a parent, on a
+/// policy's literal), action groups and the resource's ancestors must all be there. Each
+/// answer is compared with the evaluation over the whole file.
+#[test]
+fn request_parents_reach_every_entity_the_policies_read() {
+    const SCHEMA: &str = r#"
+namespace Deep {
+  entity Plan = { level: Long };
+  entity Team = { plan: Plan };
+  entity Role = { team: Team };
+  entity Switch = { open: Bool };
+  entity User in [Role] = { home: Team };
+  entity Area;
+  entity Endpoint in [Area];
+  type Request = { ip: ipaddr, method: String, path: String, host: String };
+  action "read", "write";
+  action "edit" in ["write"] appliesTo { principal: User, resource: Endpoint, context: Request };
+  action "view" in ["read"] appliesTo { principal: User, resource: Endpoint, context: Request };
+}
+"#;
+    const POLICIES: &str = r#"
+@id("gold-teams")
+permit (principal, action in Deep::Action::"write", resource in Deep::Area::"docs")
+when { principal in Deep::Role::"lead" && Deep::Role::"lead".team.plan.level >= 2 };
+@id("home-plan")
+permit (principal, action == Deep::Action::"view", resource)
+when { principal.home.plan.level >= 3 && Deep::Switch::"views".open };
+@id("writers")
+permit (principal in Deep::Role::"writer", action in Deep::Action::"write", resource);
+"#;
+    const ENTITIES: &str = r#"[
+  { "uid": { "type": "Deep::Plan", "id": "gold" }, "attrs": { "level": 3 }, "parents": [] },
+  { "uid": { "type": "Deep::Plan", "id": "silver" }, "attrs": { "level": 2 }, "parents": [] },
+  { "uid": { "type": "Deep::Team", "id": "core" },
+    "attrs": { "plan": { "__entity": { "type": "Deep::Plan", "id": "gold" } } }, "parents": [] },
+  { "uid": { "type": "Deep::Team", "id": "edge" },
+    "attrs": { "plan": { "__entity": { "type": "Deep::Plan", "id": "silver" } } }, "parents": [] },
+  { "uid": { "type": "Deep::Role", "id": "lead" },
+    "attrs": { "team": { "__entity": { "type": "Deep::Team", "id": "edge" } } }, "parents": [] },
+  { "uid": { "type": "Deep::Role", "id": "writer" },
+    "attrs": { "team": { "__entity": { "type": "Deep::Team", "id": "core" } } }, "parents": [] },
+  { "uid": { "type": "Deep::Switch", "id": "views" }, "attrs": { "open": true }, "parents": [] },
+  { "uid": { "type": "Deep::User", "id": "gina" },
+    "attrs": { "home": { "__entity": { "type": "Deep::Team", "id": "core" } } }, "parents": [] },
+  { "uid": { "type": "Deep::User", "id": "hugo" },
+    "attrs": { "home": { "__entity": { "type": "Deep::Team", "id": "edge" } } },
+    "parents": [{ "type": "Deep::Role", "id": "writer" }] },
+  { "uid": { "type": "Deep::Area", "id": "docs" }, "attrs": {}, "parents": [] },
+  { "uid": { "type": "Deep::Endpoint", "id": "/docs/{id}" }, "attrs": {},
+    "parents": [{ "type": "Deep::Area", "id": "docs" }] }
+]"#;
+    const LIMITS: &str = r#"
+version 1;
+import cedar "deep.cedar" schema "deep.cedarschema" namespace "Deep" entities "deep.entities.json" {
+  parents Role from claim("roles");
+}
+limit l { match { route GET "/docs/{id}"; } when cedar permits action "view"; rate 1/s; }
+limit m { match { route POST "/docs/{id}"; } when cedar permits action "edit"; rate 1/s; }
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in [
+        ("deep.cedarschema", SCHEMA),
+        ("deep.cedar", POLICIES),
+        ("deep.entities.json", ENTITIES),
+        ("deep.rl", LIMITS),
+    ] {
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
+    let plan = plan(dir.path()).with_cedar_cache(1, std::time::Duration::ZERO);
+    let cedar = &plan.cedar()[0];
+    let hasher = tollgate::plan::KeyHasher::random();
+    let mut allowed = 0;
+    for user in ["gina", "hugo", "ivan"] {
+        for roles in [
+            None,
+            Some("lead"),
+            Some("writer"),
+            Some("lead,writer"),
+            Some("nobody"),
+        ] {
+            for (action, resource) in [
+                ("view", "/docs/{id}"),
+                ("edit", "/docs/{id}"),
+                ("edit", "/other"),
+            ] {
+                let mut request = request(Method::GET, "/docs/1", Some(user), "198.51.100.1");
+                if let Some(roles) = roles {
+                    request = request.with_claim("roles", roles);
+                }
+                let principal = cedar.principal(&request, &hasher);
+                let question = tollgate::authz::Question {
+                    principal: &principal,
+                    action,
+                    resource,
+                    tier: None,
+                };
+                let reached = cedar.decide(&question, &request, 0);
+                let whole = cedar.decide_unsliced(&question, &request);
+                assert_eq!(*reached, whole, "{user} {roles:?} {action} {resource}");
+                // ivan is in no file: `principal.home` is an error for him, alike in both.
+                assert_eq!(
+                    whole.errors.is_empty(),
+                    user != "ivan" || action != "view",
+                    "{:?}",
+                    whole.errors
+                );
+                allowed += usize::from(whole.allowed);
+            }
+        }
+    }
+    // gina views (her home team's plan is gold) whatever her roles; a lead edits docs only
+    // when the lead role's team plan is at least 2 (edge: silver, 2); writers edit anything.
+    assert!(allowed > 10 && allowed < 45, "{allowed}");
 }

@@ -5,9 +5,7 @@
 
 use std::sync::Arc;
 
-use cedar_policy::EntityUid;
-
-use super::Answer;
+use super::{Answer, Principal};
 
 /// How long an answer is kept, in microseconds.
 pub const DEFAULT_TTL_MICROS: u64 = 1_000_000;
@@ -23,9 +21,14 @@ pub(super) struct Key {
 }
 
 impl Key {
-    pub(super) fn new(principal: &EntityUid, action: &str, resource: &str) -> Key {
+    pub(super) fn new(principal: &Principal, action: &str, resource: &str) -> Key {
+        let mut shown = principal.uid.to_string();
+        for parent in &principal.parents {
+            shown.push('|');
+            shown.push_str(&parent.to_string());
+        }
         Key {
-            principal: principal.to_string(),
+            principal: shown,
             action: action.to_owned(),
             resource: resource.to_owned(),
         }

@@ -73,8 +73,34 @@ pub struct ImportStmt {
     pub namespace: Option<Spanned<String>>,
     /// The Cedar entities file (JSON), relative to this file.
     pub entities: Option<Spanned<String>>,
+    /// `parents Role from claim("roles");`: the principal's parents from the request.
+    pub parents: Vec<ImportValue>,
+    /// `context "client" from header("X-Client");`: context attributes from the request.
+    pub context: Vec<ImportValue>,
     /// The whole statement.
     pub span: Span,
+}
+
+/// `parents Role from claim("roles");` or `context "client" from header("X-Client");`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImportValue {
+    /// The entity type (`Role`) or the context attribute (`client`).
+    pub name: Spanned<String>,
+    /// Where the request's value comes from.
+    pub source: ValueSource,
+    /// The whole statement.
+    pub span: Span,
+}
+
+/// A request value read by name: a header or a claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ValueSource {
+    /// `header("X-Name")`: believed from trusted proxies only.
+    Header(Spanned<String>),
+    /// `header("X-Name") trusted`: believed from any client.
+    TrustedHeader(Spanned<String>),
+    /// `claim("name")`
+    Claim(Spanned<String>),
 }
 
 /// `key identity = first_of(user_id, ip);`

@@ -287,6 +287,9 @@ fn describe(rule: Rule) -> &'static str {
         Rule::import_schema => "`schema`",
         Rule::import_namespace => "`namespace`",
         Rule::import_entities => "`entities`",
+        Rule::import_block => "`{` with `parents` or `context`",
+        Rule::import_parents => "`parents`",
+        Rule::import_context => "`context`",
         Rule::key_def | Rule::key_stmt => "`key`",
         Rule::key_expr
         | Rule::first_of
@@ -374,6 +377,27 @@ impl Builder<'_> {
 
     fn ident(&self, pair: P<'_>) -> Ident {
         Spanned::new(pair.as_str().to_owned(), self.span(&pair))
+    }
+
+    /// `parents Role from claim("roles");` or `context "client" from header("X-Client");`.
+    fn import_value(&self, item: P<'_>) -> ImportValue {
+        let span = self.span(&item);
+        let mut parts = item.into_inner();
+        let name = next(&mut parts);
+        let name = if name.as_rule() == Rule::string {
+            self.string(name)
+        } else {
+            self.ident(name)
+        };
+        let source = next(&mut parts);
+        let source = match source.as_rule() {
+            Rule::trusted_header => ValueSource::TrustedHeader(
+                self.string(next(&mut next(&mut source.into_inner()).into_inner())),
+            ),
+            Rule::header_ref => ValueSource::Header(self.string(next(&mut source.into_inner()))),
+            _ => ValueSource::Claim(self.string(next(&mut source.into_inner()))),
+        };
+        ImportValue { name, source, span }
     }
 
     fn string(&self, pair: P<'_>) -> Spanned<String> {
@@ -477,8 +501,21 @@ impl Builder<'_> {
             Rule::import_stmt => {
                 let cedar = self.string(next(&mut inner));
                 let (mut schema, mut namespace, mut entities) = (None, None, None);
+                let (mut parents, mut context) = (Vec::new(), Vec::new());
                 for part in inner {
                     let rule = part.as_rule();
+                    if rule == Rule::import_block {
+                        for item in part.into_inner() {
+                            let is_parents = item.as_rule() == Rule::import_parents;
+                            let value = self.import_value(item);
+                            if is_parents {
+                                parents.push(value);
+                            } else {
+                                context.push(value);
+                            }
+                        }
+                        continue;
+                    }
                     let value = Some(self.string(next(&mut part.into_inner())));
                     match rule {
                         Rule::import_schema => schema = value,
@@ -491,6 +528,8 @@ impl Builder<'_> {
                     schema,
                     namespace,
                     entities,
+                    parents,
+                    context,
                     span,
                 })
             }

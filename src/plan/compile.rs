@@ -402,11 +402,14 @@ impl<'a> Compiler<'a> {
             );
             return None;
         }
+        let (parents, context) = self.request_values(f, import);
         let files = crate::authz::CedarFiles {
             policies: &policies,
             schema: schema.as_deref(),
             entities: entities.as_deref(),
             namespace: import.namespace.as_ref().map(|n| n.node.as_str()),
+            parents: &parents,
+            context: &context,
         };
         match crate::authz::CedarSet::load(&files) {
             Ok(set) => {
@@ -430,6 +433,82 @@ impl<'a> Compiler<'a> {
         })
     }
 
+    /// The import block's `parents` and `context` statements that are right (the others are
+    /// reported, and Cedar still checks the rest).
+    #[expect(
+        clippy::type_complexity,
+        reason = "two lists of (name, source), as CedarFiles takes them"
+    )]
+    fn request_values(
+        &mut self,
+        f: usize,
+        import: &ast::ImportStmt,
+    ) -> (
+        Vec<(String, crate::authz::ValueFrom)>,
+        Vec<(String, crate::authz::ValueFrom)>,
+    ) {
+        use crate::authz::{BUILT_IN_CONTEXT, ValueFrom};
+        let source = |cx: &mut Self, value: &ast::ImportValue| match &value.source {
+            ast::ValueSource::Claim(claim) => {
+                Some(ValueFrom::Claim(Arc::from(claim.node.as_str())))
+            }
+            ast::ValueSource::Header(name) | ast::ValueSource::TrustedHeader(name) => {
+                let trusted = matches!(value.source, ast::ValueSource::TrustedHeader(_));
+                cx.header_name(f, name)
+                    .map(|name| ValueFrom::Header { name, trusted })
+            }
+        };
+        let mut parents = Vec::new();
+        for value in &import.parents {
+            // Kept in place (even when its header is wrong) so that Cedar's problems about
+            // the n-th statement point at it.
+            let from = source(self, value).unwrap_or(ValueFrom::Claim(Arc::from("")));
+            parents.push((value.name.node.clone(), from));
+        }
+        let mut context: Vec<(String, ValueFrom)> = Vec::new();
+        for value in &import.context {
+            let name = &value.name;
+            let identifier = name
+                .node
+                .starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+                && name
+                    .node
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !identifier || BUILT_IN_CONTEXT.contains(&name.node.as_str()) {
+                self.error_help(
+                    f,
+                    name.span,
+                    format!("`{}` cannot name a context attribute here", name.node),
+                    if identifier {
+                        "Tollgate sets this one"
+                    } else {
+                        "not a name"
+                    },
+                    format!(
+                        "use a name like `client_version` (letters, digits, `_`), other than {}",
+                        BUILT_IN_CONTEXT.map(|n| format!("`{n}`")).join(", ")
+                    ),
+                );
+                continue;
+            }
+            if context.iter().any(|(n, _)| *n == name.node) {
+                self.error_help(
+                    f,
+                    name.span,
+                    format!("the context attribute `{}` is set twice", name.node),
+                    "second time",
+                    "each context attribute comes from one header or claim",
+                );
+                continue;
+            }
+            if let Some(from) = source(self, value) {
+                context.push((name.node.clone(), from));
+            }
+        }
+        (parents, context)
+    }
+
     /// A problem loading an import: where Cedar located it, else at the part of the
     /// `import` statement it is about.
     fn import_problem(
@@ -451,6 +530,7 @@ impl<'a> Compiler<'a> {
                     ImportPart::Schema => import.schema.as_ref(),
                     ImportPart::Entities => import.entities.as_ref(),
                     ImportPart::Namespace => import.namespace.as_ref(),
+                    ImportPart::Parents(i) => import.parents.get(i).map(|p| &p.name),
                 };
                 let span = site.map_or(import.span, |s| s.span);
                 self.error_help(f, span, message, "here", help);

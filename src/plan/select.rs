@@ -309,7 +309,8 @@ fn authorization_only<'p>(plan: &'p Plan, env: &Env<'_>) -> Option<Unauthorized<
         })
 }
 
-/// The route template `limit` matched, made the resource of Cedar's next questions.
+/// The route template `limit` matched, made the resource of Cedar's next questions (with
+/// the limit's tier in their context).
 #[inline]
 pub fn focus<'p>(plan: &'p Plan, limit: &Limit, env: &Env<'_>) -> Option<&'p str> {
     let route = limit
@@ -318,9 +319,22 @@ pub fn focus<'p>(plan: &'p Plan, limit: &Limit, env: &Env<'_>) -> Option<&'p str
         .map(|p| plan.routes.template(p));
     // Without Cedar nobody asks about the resource.
     if !plan.cedar.is_empty() {
-        env.cedar.set_resource(route);
+        env.cedar.focus(route, context_tier(plan, limit, env));
     }
     route.map(|r| &**r)
+}
+
+/// The limit's tier as Cedar's context sees it: known before Cedar is asked, so not when
+/// the tier table itself asks Cedar.
+fn context_tier(plan: &Plan, limit: &Limit, env: &Env<'_>) -> Option<Arc<str>> {
+    let LimitRate::Tiered { table, .. } = &limit.rate else {
+        return None;
+    };
+    let table = &plan.tiers[*table];
+    if matches!(table.source, TierSource::CedarAnnotation { .. }) {
+        return None;
+    }
+    Some(Arc::clone(&table.tiers[resolve_tier(table, env)]))
 }
 
 /// The limit's value for this request, and the tier it came from.

@@ -60,7 +60,9 @@ pub fn write(dir: &std::path::Path, policies: usize) {
         ));
     }
     let limits = r#"version 1;
-import cedar "gen.cedar" schema "gen.cedarschema" namespace "Gen" entities "gen.entities.json";
+import cedar "gen.cedar" schema "gen.cedarschema" namespace "Gen" entities "gen.entities.json" {
+  parents Role from claim("roles");
+}
 limit reads { match { route GET "/api/v1/res0/{id}", "/api/v1/res1/{id}", "/api/v1/res2/{id}", "/api/v1/res3/{id}", "/api/v1/res4/{id}", "/api/v1/res5/{id}", "/api/v1/res6/{id}", "/api/v1/res7/{id}", "/api/v1/res8/{id}", "/api/v1/res9/{id}"; }
   when cedar permits action "read"; key user_id; algorithm fixed_window; rate 1000000/s; }
 "#;

@@ -1,5 +1,8 @@
 version 1;
-import cedar "../cedar/ok/app.cedar" schema "../cedar/ok/app.cedarschema" namespace "App" entities "../cedar/ok/app.entities.json";
+import cedar "../cedar/ok/app.cedar" schema "../cedar/ok/app.cedarschema" namespace "App" entities "../cedar/ok/app.entities.json" {
+  parents Role from claim("roles");
+  context "client" from header("X-Client") trusted;
+}
 
 tiers plans {
   from cedar annotation "rl_tier" for action "read" pick highest;
