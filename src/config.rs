@@ -57,6 +57,8 @@ pub struct Settings {
     /// Certificates for `rediss://` (read from `redis_tls_ca_file`, `redis_tls_cert_file` and
     /// `redis_tls_key_file`); `None`: the system's roots, no client certificate.
     pub redis_tls: Option<crate::store::redis::RedisTls>,
+    /// Where `redis_tls` was read from: watched, so that rotated certificates are picked up.
+    pub redis_tls_files: Option<crate::store::redis::RedisTlsFiles>,
     /// Per-call store timeout, in milliseconds.
     pub store_timeout_ms: u64,
     /// Whose clock the Redis store counts with: this node's, or Redis's (`TIME`).
@@ -293,6 +295,7 @@ impl Settings {
             env: Environment::Dev,
             redis_url: None,
             redis_tls: None,
+            redis_tls_files: None,
             store_timeout_ms: 50,
             store_clock: StoreClock::Local,
             expected_nodes: 1,
@@ -420,13 +423,14 @@ impl Settings {
                 );
             }
         }
-        self.redis_tls = redis_tls(
+        (self.redis_tls, self.redis_tls_files) = redis_tls(
             self.redis_url.as_deref(),
             raw.redis_tls_ca_file.take(),
             raw.redis_tls_cert_file.take(),
             raw.redis_tls_key_file.take(),
             &mut |key, message| p.add(key, message),
-        );
+        )
+        .unzip();
         self.store_clock = keyword(
             p,
             "store_clock",
@@ -764,14 +768,18 @@ impl Problems<'_> {
     }
 }
 
-/// The certificates for TLS to Redis, read now so that a missing file stops the start.
+/// Where the certificates for TLS to Redis are, and what they hold, read now so that a
+/// missing file stops the start.
 fn redis_tls(
     url: Option<&str>,
     ca_file: Option<String>,
     cert_file: Option<String>,
     key_file: Option<String>,
     problem: &mut impl FnMut(&str, String),
-) -> Option<crate::store::redis::RedisTls> {
+) -> Option<(
+    crate::store::redis::RedisTls,
+    crate::store::redis::RedisTlsFiles,
+)> {
     if ca_file.is_none() && cert_file.is_none() && key_file.is_none() {
         return None;
     }
@@ -787,57 +795,20 @@ fn redis_tls(
         );
         return None;
     }
-    let mut read = |key: &str, path: Option<String>, marker: &str, what: &str| {
-        let path = path?;
-        match std::fs::read(&path) {
-            Ok(pem) if pem.windows(marker.len()).any(|w| w == marker.as_bytes()) => Some(pem),
-            Ok(_) => {
-                problem(key, format!("`{path}` holds no PEM {what}"));
-                None
-            }
-            Err(e) => {
-                problem(key, format!("cannot read `{path}`: {e}"));
-                None
-            }
-        }
+    let files = crate::store::redis::RedisTlsFiles {
+        ca: ca_file.map(PathBuf::from),
+        cert: cert_file.map(PathBuf::from),
+        key: key_file.map(PathBuf::from),
     };
-    let ca_pem = read(
-        "redis_tls_ca_file",
-        ca_file,
-        "-----BEGIN CERTIFICATE-----",
-        "certificate",
-    );
-    let (has_cert, has_key) = (cert_file.is_some(), key_file.is_some());
-    let cert = read(
-        "redis_tls_cert_file",
-        cert_file,
-        "-----BEGIN CERTIFICATE-----",
-        "certificate",
-    );
-    let key = read(
-        "redis_tls_key_file",
-        key_file,
-        "PRIVATE KEY-----",
-        "private key",
-    );
-    let client = match (cert, key) {
-        (Some(cert), Some(key)) => Some((cert, key)),
-        _ if has_cert != has_key => {
-            let missing = if has_cert {
-                "redis_tls_key_file"
-            } else {
-                "redis_tls_cert_file"
-            };
-            problem(
-                missing,
-                "a client certificate needs both `redis_tls_cert_file` and `redis_tls_key_file`"
-                    .to_owned(),
-            );
+    match files.read() {
+        Ok(tls) => Some((tls, files)),
+        Err(problems) => {
+            for (key, message) in problems {
+                problem(key, message);
+            }
             None
         }
-        _ => None,
-    };
-    Some(crate::store::redis::RedisTls { ca_pem, client })
+    }
 }
 
 fn jwt_settings(

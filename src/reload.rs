@@ -189,40 +189,12 @@ impl Reloader {
         paths: &[PathBuf],
         debounce: Duration,
     ) -> Result<WatchGuard, notify::Error> {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
-        let mut watcher =
-            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                match event {
-                    Ok(event) if matches!(event.kind, EventKind::Access(_)) => {}
-                    // A full channel already holds a pending change: nothing is lost.
-                    Ok(_) => {
-                        let _ = tx.try_send(());
-                    }
-                    Err(e) => tracing::warn!(error = %e, "watching the policy files failed"),
-                }
-            })?;
-        for path in watch_roots(paths) {
-            watcher.watch(&path, RecursiveMode::Recursive)?;
-            tracing::info!(path = %path.display(), "watching for policy changes");
-        }
         let reloader = self.clone();
-        let task = tokio::spawn(async move {
-            while rx.recv().await.is_some() {
-                // Editors write in bursts (a temporary file, a rename, a chmod): wait until
-                // the files are quiet.
-                loop {
-                    match tokio::time::timeout(debounce, rx.recv()).await {
-                        Ok(Some(())) => continue,
-                        Ok(None) => return,
-                        Err(_quiet) => break,
-                    }
-                }
+        watch_paths(paths, debounce, "policy", move || {
+            let reloader = reloader.clone();
+            async move {
                 let _ = reloader.reload(Trigger::Watch).await;
             }
-        });
-        Ok(WatchGuard {
-            _watcher: watcher,
-            task,
         })
     }
 
@@ -238,6 +210,55 @@ impl Reloader {
             }
         }))
     }
+}
+
+/// Watches `paths` (directories recursively; a file through its directory) and runs
+/// `changed` once they have been quiet for `debounce` after a change (one run at a time;
+/// changes during a run bring one more). `what` names the files in the log. Watching stops
+/// when the returned guard is dropped.
+pub fn watch_paths<F, Fut>(
+    paths: &[PathBuf],
+    debounce: Duration,
+    what: &'static str,
+    mut changed: F,
+) -> Result<WatchGuard, notify::Error>
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        match event {
+            Ok(event) if matches!(event.kind, EventKind::Access(_)) => {}
+            // A full channel already holds a pending change: nothing is lost.
+            Ok(_) => {
+                let _ = tx.try_send(());
+            }
+            Err(e) => tracing::warn!(error = %e, what, "watching files failed"),
+        }
+    })?;
+    for path in watch_roots(paths) {
+        watcher.watch(&path, RecursiveMode::Recursive)?;
+        tracing::info!(path = %path.display(), what, "watching for changes");
+    }
+    let task = tokio::spawn(async move {
+        while rx.recv().await.is_some() {
+            // Editors write in bursts (a temporary file, a rename, a chmod): wait until the
+            // files are quiet.
+            loop {
+                match tokio::time::timeout(debounce, rx.recv()).await {
+                    Ok(Some(())) => continue,
+                    Ok(None) => return,
+                    Err(_quiet) => break,
+                }
+            }
+            changed().await;
+        }
+    });
+    Ok(WatchGuard {
+        _watcher: watcher,
+        task,
+    })
 }
 
 /// Keeps a watch alive; dropping it stops watching.

@@ -192,6 +192,50 @@ pub async fn run<S: Store>(
     Ok(result?)
 }
 
+/// Watches the files of the Redis TLS certificates: once they have been quiet for
+/// `debounce` after a change, they are read again and, when they differ from those in use
+/// (`in_use` at first), put in use for new connections. A file that cannot be read, or certificates the server
+/// refuses, keep the ones in use (the error is logged).
+pub fn watch_redis_tls<C: Clock>(
+    engine: Arc<Engine<AnyStore, C>>,
+    files: crate::store::redis::RedisTlsFiles,
+    in_use: Option<crate::store::redis::RedisTls>,
+    debounce: Duration,
+) -> Result<crate::reload::WatchGuard, notify::Error> {
+    let current = Arc::new(tokio::sync::Mutex::new(in_use));
+    crate::reload::watch_paths(&files.paths(), debounce, "Redis TLS", move || {
+        let (engine, files, current) = (Arc::clone(&engine), files.clone(), Arc::clone(&current));
+        async move {
+            let mut current = current.lock().await;
+            let tls = match files.read() {
+                Ok(tls) => tls,
+                Err(problems) => {
+                    for (setting, problem) in problems {
+                        tracing::warn!(
+                            setting,
+                            problem,
+                            "Redis TLS files unreadable; the certificates in use stay"
+                        );
+                    }
+                    return;
+                }
+            };
+            if current.as_ref() == Some(&tls) {
+                return;
+            }
+            match engine.store().rotate_tls(&tls).await {
+                Ok(()) => {
+                    tracing::info!("Redis TLS certificates reloaded: new connections use them");
+                    *current = Some(tls);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the new Redis TLS certificates do not connect; the ones in use stay")
+                }
+            }
+        }
+    })
+}
+
 /// Binds `settings.listen` and runs until `shutdown`.
 pub async fn serve(
     settings: &Settings,
@@ -212,6 +256,12 @@ pub async fn serve(
         .watch(&watched, crate::reload::DEFAULT_DEBOUNCE)
         .map_err(|e| tracing::warn!(error = %e, "policy files are not watched: reload with SIGHUP"))
         .ok();
+    let _tls_watch = settings.redis_tls_files.clone().and_then(|files| {
+        let in_use = settings.redis_tls.clone();
+        watch_redis_tls(Arc::clone(&state.engine), files, in_use, crate::reload::DEFAULT_DEBOUNCE)
+            .map_err(|e| tracing::warn!(error = %e, "the Redis TLS files are not watched: rotating them needs a restart"))
+            .ok()
+    });
     #[cfg(unix)]
     let hangups = reloader.on_sighup()?;
     let listener = tokio::net::TcpListener::bind(settings.listen)

@@ -320,6 +320,19 @@ pub enum AnyStore {
     Redis(Box<redis::RedisStore>),
 }
 
+impl AnyStore {
+    /// Puts new TLS certificates in use for Redis (see [`redis::RedisStore::rotate_tls`]);
+    /// the memory store has none.
+    pub async fn rotate_tls(&self, tls: &redis::RedisTls) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Memory(_) => Err(StoreError::Backend(
+                "the memory store has no TLS certificates".to_owned(),
+            )),
+            AnyStore::Redis(r) => r.rotate_tls(tls).await,
+        }
+    }
+}
+
 impl Store for AnyStore {
     async fn runtime_entries(
         &self,

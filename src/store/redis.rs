@@ -22,9 +22,11 @@ mod admin;
 mod breaker;
 mod cluster;
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
@@ -99,6 +101,88 @@ impl RedisTls {
     }
 }
 
+/// Where the certificates for TLS to Redis are read from (`redis_tls_ca_file`,
+/// `redis_tls_cert_file`, `redis_tls_key_file`): read at start-up, and again when they
+/// change (a rotated certificate is picked up without a restart).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RedisTlsFiles {
+    /// The CA that signed the servers' certificates.
+    pub ca: Option<std::path::PathBuf>,
+    /// The client certificate.
+    pub cert: Option<std::path::PathBuf>,
+    /// The client certificate's private key.
+    pub key: Option<std::path::PathBuf>,
+}
+
+impl RedisTlsFiles {
+    /// The files' paths, to watch.
+    pub fn paths(&self) -> Vec<std::path::PathBuf> {
+        [&self.ca, &self.cert, &self.key]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect()
+    }
+
+    /// Reads the certificates; every problem, each with the setting it is about.
+    pub fn read(&self) -> Result<RedisTls, Vec<(&'static str, String)>> {
+        let mut problems = Vec::new();
+        let mut read = |key: &'static str,
+                        path: &Option<std::path::PathBuf>,
+                        marker: &str,
+                        what: &str| {
+            let path = path.as_ref()?;
+            match std::fs::read(path) {
+                Ok(pem) if pem.windows(marker.len()).any(|w| w == marker.as_bytes()) => Some(pem),
+                Ok(_) => {
+                    problems.push((key, format!("`{}` holds no PEM {what}", path.display())));
+                    None
+                }
+                Err(e) => {
+                    problems.push((key, format!("cannot read `{}`: {e}", path.display())));
+                    None
+                }
+            }
+        };
+        const CERTIFICATE: &str = "-----BEGIN CERTIFICATE-----";
+        let ca_pem = read("redis_tls_ca_file", &self.ca, CERTIFICATE, "certificate");
+        let cert = read(
+            "redis_tls_cert_file",
+            &self.cert,
+            CERTIFICATE,
+            "certificate",
+        );
+        let key = read(
+            "redis_tls_key_file",
+            &self.key,
+            "PRIVATE KEY-----",
+            "private key",
+        );
+        let client = match (cert, key) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            _ if self.cert.is_some() != self.key.is_some() => {
+                let missing = if self.cert.is_some() {
+                    "redis_tls_key_file"
+                } else {
+                    "redis_tls_cert_file"
+                };
+                problems.push((
+                    missing,
+                    "a client certificate needs both `redis_tls_cert_file` and `redis_tls_key_file`"
+                        .to_owned(),
+                ));
+                None
+            }
+            _ => None,
+        };
+        if problems.is_empty() {
+            Ok(RedisTls { ca_pem, client })
+        } else {
+            Err(problems)
+        }
+    }
+}
+
 impl Default for RedisOptions {
     fn default() -> Self {
         RedisOptions {
@@ -147,6 +231,64 @@ impl ConnectionLike for Connection {
     }
 }
 
+/// A connection to `url` with `tls` (for `rediss` URLs), within `options.connect_timeout`.
+async fn open(
+    url: &str,
+    options: &RedisOptions,
+    tls: Option<&RedisTls>,
+) -> Result<Connection, StoreError> {
+    let wait = options.connect_timeout;
+    let secure = url.starts_with("rediss");
+    let tls = tls.filter(|_| secure);
+    if secure {
+        // rustls picks its crypto from the process default: make it ring (the one compiled
+        // in). An error only says a default is already installed.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+    let connecting = async {
+        match target(url)? {
+            Target::Single(url) => {
+                let client = match tls {
+                    Some(tls) => redis::Client::build_with_tls(url.as_str(), tls.certificates()),
+                    None => redis::Client::open(url.as_str()),
+                }
+                .map_err(backend)?;
+                // Reconnection is the breaker's job: one attempt per call.
+                let config = ConnectionManagerConfig::new()
+                    .set_number_of_retries(0)
+                    .set_connection_timeout(Some(wait))
+                    .set_response_timeout(None);
+                ConnectionManager::new_with_config(client, config)
+                    .await
+                    .map(Connection::Single)
+                    .map_err(backend)
+            }
+            Target::Cluster(seeds) => {
+                let mut builder = ClusterClientBuilder::new(seeds);
+                if let Some(tls) = tls {
+                    builder = builder.certs(tls.certificates());
+                }
+                let client = builder
+                    .connection_timeout(wait)
+                    .response_timeout(options.timeout)
+                    .retries(3)
+                    .min_retry_wait(5)
+                    .max_retry_wait(50)
+                    .build()
+                    .map_err(backend)?;
+                client
+                    .get_async_connection()
+                    .await
+                    .map(Connection::Cluster)
+                    .map_err(backend)
+            }
+        }
+    };
+    tokio::time::timeout(wait, connecting)
+        .await
+        .map_err(|_| StoreError::Timeout(wait))?
+}
+
 /// Where a URL points: one server, or a Cluster's seed nodes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Target {
@@ -186,7 +328,10 @@ fn target(url: &str) -> Result<Target, StoreError> {
 
 /// A [`Store`] on one Redis server or a Redis Cluster.
 pub struct RedisStore {
-    connection: Connection,
+    /// Swapped whole when TLS certificates rotate.
+    connection: ArcSwap<Connection>,
+    /// Where it connects (with any password: never shown).
+    url: String,
     batch: Script,
     undo: Script,
     options: RedisOptions,
@@ -194,6 +339,7 @@ pub struct RedisStore {
     deny: Option<DenyCache>,
     round_trips: AtomicU64,
     cached: AtomicU64,
+    tls_rotations: AtomicU64,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -227,64 +373,14 @@ impl RedisStore {
     /// Connects to `url` (see the module documentation for its forms), loads the scripts and
     /// checks that the server answers, all within `options.connect_timeout`.
     pub async fn connect_with(url: &str, options: RedisOptions) -> Result<Self, StoreError> {
-        let wait = options.connect_timeout;
-        let secure = url.starts_with("rediss");
-        let tls = options.tls.as_ref().filter(|_| secure);
-        if secure {
-            // rustls picks its crypto from the process default: make it ring (the one
-            // compiled in). An error only says a default is already installed.
-            let _ = rustls::crypto::ring::default_provider().install_default();
-        }
-        let connecting = async {
-            match target(url)? {
-                Target::Single(url) => {
-                    let client = match tls {
-                        Some(tls) => {
-                            redis::Client::build_with_tls(url.as_str(), tls.certificates())
-                        }
-                        None => redis::Client::open(url.as_str()),
-                    }
-                    .map_err(backend)?;
-                    // Reconnection is the breaker's job: one attempt per call.
-                    let config = ConnectionManagerConfig::new()
-                        .set_number_of_retries(0)
-                        .set_connection_timeout(Some(wait))
-                        .set_response_timeout(None);
-                    ConnectionManager::new_with_config(client, config)
-                        .await
-                        .map(Connection::Single)
-                        .map_err(backend)
-                }
-                Target::Cluster(seeds) => {
-                    let mut builder = ClusterClientBuilder::new(seeds);
-                    if let Some(tls) = tls {
-                        builder = builder.certs(tls.certificates());
-                    }
-                    let client = builder
-                        .connection_timeout(wait)
-                        .response_timeout(options.timeout)
-                        .retries(3)
-                        .min_retry_wait(5)
-                        .max_retry_wait(50)
-                        .build()
-                        .map_err(backend)?;
-                    client
-                        .get_async_connection()
-                        .await
-                        .map(Connection::Cluster)
-                        .map_err(backend)
-                }
-            }
-        };
-        let connection = tokio::time::timeout(wait, connecting)
-            .await
-            .map_err(|_| StoreError::Timeout(wait))??;
+        let connection = open(url, &options, options.tls.as_ref()).await?;
         let breakers = match connection {
             Connection::Single(_) => 1,
             Connection::Cluster(_) => CLUSTER_SLOTS / SLOTS_PER_BREAKER,
         };
         let store = RedisStore {
-            connection,
+            connection: ArcSwap::from_pointee(connection),
+            url: url.to_owned(),
             batch: Script::new(BATCH),
             undo: Script::new(UNDO),
             breakers: (0..breakers)
@@ -294,18 +390,47 @@ impl RedisStore {
             options,
             round_trips: AtomicU64::new(0),
             cached: AtomicU64::new(0),
+            tls_rotations: AtomicU64::new(0),
         };
-        // Load both scripts (on every master of a Cluster) and check that the store answers.
+        store.ready(&store.connection.load()).await?;
+        Ok(store)
+    }
+
+    /// Loads both scripts (on every master of a Cluster) on `connection` and checks that the
+    /// store answers, within the connect timeout.
+    async fn ready(&self, connection: &Connection) -> Result<(), StoreError> {
+        let wait = self.options.connect_timeout;
         tokio::time::timeout(wait, async {
-            let mut c = store.connection.clone();
-            store.batch.prepare_invoke().load_async(&mut c).await?;
-            store.undo.prepare_invoke().load_async(&mut c).await?;
+            let mut c = connection.clone();
+            self.batch.prepare_invoke().load_async(&mut c).await?;
+            self.undo.prepare_invoke().load_async(&mut c).await?;
             redis::cmd("PING").query_async::<String>(&mut c).await
         })
         .await
         .map_err(|_| StoreError::Timeout(wait))?
         .map_err(backend)?;
-        Ok(store)
+        Ok(())
+    }
+
+    /// Uses `tls` for the connections made from now on: connects with it, checks that the
+    /// store answers, and only then swaps it in (calls in flight finish on the old
+    /// connection). On any error the connection in use stays, and the error is returned.
+    pub async fn rotate_tls(&self, tls: &RedisTls) -> Result<(), StoreError> {
+        if !self.url.starts_with("rediss") {
+            return Err(StoreError::Backend(
+                "TLS certificates apply to `rediss://` URLs only".to_owned(),
+            ));
+        }
+        let connection = open(&self.url, &self.options, Some(tls)).await?;
+        self.ready(&connection).await?;
+        self.connection.store(Arc::new(connection));
+        self.tls_rotations.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// How many times new TLS certificates were put in use.
+    pub fn tls_rotations(&self) -> u64 {
+        self.tls_rotations.load(Ordering::Relaxed)
     }
 
     /// Uses `timeout` for every call from now on.
@@ -316,7 +441,7 @@ impl RedisStore {
 
     /// Whether this store is on a Redis Cluster.
     pub fn is_cluster(&self) -> bool {
-        matches!(self.connection, Connection::Cluster(_))
+        matches!(**self.connection.load(), Connection::Cluster(_))
     }
 
     /// The options in force.
@@ -348,7 +473,7 @@ impl RedisStore {
         &self,
         f: impl AsyncFnOnce(&mut Connection) -> redis::RedisResult<T>,
     ) -> Result<T, StoreError> {
-        let mut connection = self.connection.clone();
+        let mut connection = (**self.connection.load()).clone();
         tokio::time::timeout(self.options.timeout, f(&mut connection))
             .await
             .map_err(|_| StoreError::Timeout(self.options.timeout))?

@@ -137,6 +137,7 @@ impl RedisStore {
     async fn scan(&self, selector: KeySelector<'_>) -> Result<Vec<String>, StoreError> {
         let pattern = selector.pattern();
         let mut found = Vec::new();
+        let connection = self.connection.load_full();
         for node in self.masters().await? {
             let mut cursor = 0u64;
             loop {
@@ -146,7 +147,7 @@ impl RedisStore {
                     .arg(&pattern)
                     .arg("COUNT")
                     .arg(1000);
-                let (next, keys): (u64, Vec<String>) = match (&node, &self.connection) {
+                let (next, keys): (u64, Vec<String>) = match (&node, &*connection) {
                     (Some((host, port)), Connection::Cluster(c)) => {
                         let mut c = c.clone();
                         let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
