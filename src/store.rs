@@ -186,6 +186,12 @@ pub trait Store: Send + Sync + 'static {
         0
     }
 
+    /// What the store says of itself, for operators: its kind, the keys this process holds,
+    /// its circuit breakers.
+    fn health(&self) -> StoreHealth {
+        StoreHealth::default()
+    }
+
     /// Gives back a concurrency lease.
     fn release(
         &self,
@@ -256,6 +262,10 @@ impl<S: Store> Store for std::sync::Arc<S> {
         (**self).evictions()
     }
 
+    fn health(&self) -> StoreHealth {
+        (**self).health()
+    }
+
     fn release(
         &self,
         key: &str,
@@ -308,6 +318,39 @@ impl<S: Store> Store for std::sync::Arc<S> {
         target: &runtime::Target,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send {
         (**self).remove_runtime_entry(list, target)
+    }
+}
+
+/// What a store says of itself (`GET /admin/diagnostics`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StoreHealth {
+    /// `memory`, `redis` or `redis-cluster` (`other` for stores outside Tollgate).
+    pub kind: &'static str,
+    /// Keys held in this process, expired ones included until swept (the memory store).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keys: Option<usize>,
+    /// The most keys this process holds before evicting (the memory store).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_keys: Option<usize>,
+    /// Circuit breakers (one per server, or per group of Cluster slots).
+    pub breakers: usize,
+    /// Of those, how many are open: refusing calls, or letting one probe through.
+    pub breakers_open: usize,
+    /// Times new TLS certificates were put in use (Redis over TLS).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_rotations: Option<u64>,
+}
+
+impl Default for StoreHealth {
+    fn default() -> Self {
+        StoreHealth {
+            kind: "other",
+            keys: None,
+            max_keys: None,
+            breakers: 0,
+            breakers_open: 0,
+            tls_rotations: None,
+        }
     }
 }
 
@@ -373,6 +416,13 @@ impl Store for AnyStore {
         match self {
             AnyStore::Memory(m) => m.ping().await,
             AnyStore::Redis(r) => r.ping().await,
+        }
+    }
+
+    fn health(&self) -> StoreHealth {
+        match self {
+            AnyStore::Memory(m) => m.health(),
+            AnyStore::Redis(r) => r.health(),
         }
     }
 

@@ -674,3 +674,51 @@ fn runtime_lists_on_a_redis_cluster() {
         )
     });
 }
+
+/// Diagnostics say which store counts and how it is: the memory store's keys and cap; a
+/// Redis whose breaker opened once Redis stopped answering.
+#[test]
+fn diagnostics_show_the_memory_store_and_the_breaker() {
+    let dir = policy_dir();
+    let (app, engine) = admin(dir.path(), async || MemoryStore::with_max_keys(1_000));
+    for ip in ["198.51.100.1", "198.51.100.2", "198.51.100.3"] {
+        let request = RequestCtx::new(Method::GET, "/api/x").with_client_ip(ip.parse().unwrap());
+        assert!(app.block_on(engine.decide(&request)).is_allowed());
+    }
+    let memory = call(&app, "GET", "/admin/diagnostics", b"");
+    support::assert_conforms_to(SPEC, &memory, "Diagnostics");
+    let store = &memory.json()["store"];
+    assert_eq!(store["kind"], "memory");
+    assert_eq!(store["keys"], 3, "one counter per client");
+    let cap = store["max_keys"].as_u64().unwrap();
+    assert!(
+        (1_000..1_100).contains(&cap),
+        "rounded up to whole shards: {cap}"
+    );
+    assert_eq!(store["breakers_open"], 0);
+
+    let Some(mut redis) = support::redis::Redis::start() else {
+        return;
+    };
+    let url = redis.url();
+    let (app, engine) = admin(dir.path(), async move || {
+        RedisStore::connect(&url, std::time::Duration::from_millis(200))
+            .await
+            .expect("the store connects")
+    });
+    let healthy = call(&app, "GET", "/admin/diagnostics", b"").json();
+    assert_eq!(healthy["store"]["kind"], "redis");
+    assert_eq!(healthy["store"]["breakers"], 1);
+    assert_eq!(healthy["store"]["breakers_open"], 0);
+    assert!(healthy["store"].get("keys").is_none());
+    redis.kill();
+    let request = RequestCtx::new(Method::GET, "/api/x").with_client_ip([198, 51, 100, 1].into());
+    for _ in 0..10 {
+        app.block_on(engine.decide(&request));
+    }
+    let down = call(&app, "GET", "/admin/diagnostics", b"");
+    support::assert_conforms_to(SPEC, &down, "Diagnostics");
+    let store = &down.json()["store"];
+    assert_eq!(store["ok"], false, "{store}");
+    assert_eq!(store["breakers_open"], 1, "{store}");
+}

@@ -814,3 +814,53 @@ limit m { match { route POST "/docs/{id}"; } when cedar permits action "edit"; r
     // when the lead role's team plan is at least 2 (edge: silver, 2); writers edit anything.
     assert!(allowed > 10 && allowed < 45, "{allowed}");
 }
+
+/// `authorize` in `defaults` applies to every limit of the file; a limit's own `authorize`
+/// wins.
+#[tokio::test]
+async fn authorize_in_defaults_applies_to_every_limit_of_the_file() {
+    let dir = policy_dir();
+    std::fs::write(
+        dir.path().join("shop.rl"),
+        r#"
+version 1;
+import cedar "shop.cedar" schema "shop.cedarschema" namespace "Shop" entities "shop.entities.json";
+defaults { authorize action "write"; key user_id; algorithm fixed_window; }
+limit orders { match { route POST "/orders"; } rate 10/min; }
+limit carts { match { route POST "/carts"; } rate 10/min; }
+limit settings { match { route POST "/settings"; } authorize action "admin"; rate 10/min; }
+"#,
+    )
+    .unwrap();
+    let engine = Engine::new(plan(dir.path()), MemoryStore::new());
+    let ask = |path: &str, user: &str| {
+        let request = request(Method::POST, path, Some(user), "203.0.113.9");
+        let engine = &engine;
+        async move { engine.decide(&request).await.action }
+    };
+    for path in ["/orders", "/carts"] {
+        assert!(
+            matches!(ask(path, "bob").await, Action::Allow),
+            "a writer may write {path}"
+        );
+        match ask(path, "carol").await {
+            Action::Unauthorized { limit, action, .. } => {
+                assert_eq!(&*limit, &path[1..]);
+                assert_eq!(&*action, "write", "the default's action");
+            }
+            other => panic!("carol on {path}: {other:?}"),
+        }
+    }
+    match ask("/settings", "bob").await {
+        Action::Unauthorized {
+            action, policies, ..
+        } => {
+            assert_eq!(&*action, "admin", "the limit's own authorize wins");
+            assert_eq!(
+                policies.iter().map(|p| &**p).collect::<Vec<_>>(),
+                ["no-admin-outside"]
+            );
+        }
+        other => panic!("bob on /settings: {other:?}"),
+    }
+}

@@ -350,10 +350,16 @@ async fn diagnostics<S: Store, C: Clock>(State(state): State<Arc<AdminState<S, C
     let started = clock.now();
     let ping = state.engine.store().ping().await;
     let took = clock.now().saturating_since(started);
-    let store = match ping {
+    let mut store = match ping {
         Ok(()) => serde_json::json!({ "ok": true, "latency_ms": took.as_secs_f64() * 1e3 }),
         Err(e) => serde_json::json!({ "ok": false, "error": e.to_string() }),
     };
+    if let (Some(store), Ok(serde_json::Value::Object(health))) = (
+        store.as_object_mut(),
+        serde_json::to_value(state.engine.store().health()),
+    ) {
+        store.extend(health);
+    }
     axum::Json(serde_json::json!({
         "store": store,
         "memory_evictions": state.engine.evictions(),

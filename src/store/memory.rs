@@ -306,6 +306,15 @@ impl Store for MemoryStore {
         self.purge_expired(now)
     }
 
+    fn health(&self) -> super::StoreHealth {
+        super::StoreHealth {
+            kind: "memory",
+            keys: Some(self.len()),
+            max_keys: Some(self.shards.max_keys()),
+            ..super::StoreHealth::default()
+        }
+    }
+
     fn evictions(&self) -> u64 {
         MemoryStore::evictions(self)
     }

@@ -737,6 +737,20 @@ impl Store for RedisStore {
         Ok(())
     }
 
+    fn health(&self) -> super::StoreHealth {
+        super::StoreHealth {
+            kind: if self.is_cluster() {
+                "redis-cluster"
+            } else {
+                "redis"
+            },
+            breakers: self.breakers.len(),
+            breakers_open: self.breakers.iter().filter(|b| b.is_open()).count(),
+            tls_rotations: self.url.starts_with("rediss").then(|| self.tls_rotations()),
+            ..super::StoreHealth::default()
+        }
+    }
+
     async fn inspect(&self, key: &str, now: Timestamp) -> Result<KeyState, StoreError> {
         self.inspect_key(key, now).await
     }
