@@ -55,6 +55,10 @@ pub struct CedarFiles<'a> {
     pub entities: Option<&'a Path>,
     /// The Cedar namespace of the entity types (`Api`).
     pub namespace: Option<&'a str>,
+    /// The principals' entity type, without the namespace (`None`: `User`).
+    pub principal_type: Option<&'a str>,
+    /// The resources' entity type, without the namespace (`None`: `Endpoint`).
+    pub resource_type: Option<&'a str>,
     /// The principal's parents each request names: entity type (without the namespace) and
     /// where the list of ids comes from.
     pub parents: &'a [(String, ValueFrom)],
@@ -351,6 +355,10 @@ pub enum ImportPart {
     Entities,
     /// The namespace.
     Namespace,
+    /// The `principal` statement (else the schema).
+    PrincipalType,
+    /// The `resource` statement (else the schema).
+    ResourceType,
     /// The n-th `parents` statement of the import's block.
     Parents(usize),
 }
@@ -443,9 +451,10 @@ impl CedarSet {
             };
             EntityTypeName::from_str(&full).ok()
         };
-        let (Some(principal_type), Some(resource_type)) =
-            (type_name(PRINCIPAL_TYPE), type_name(RESOURCE_TYPE))
-        else {
+        let (Some(principal_type), Some(resource_type)) = (
+            type_name(files.principal_type.unwrap_or(PRINCIPAL_TYPE)),
+            type_name(files.resource_type.unwrap_or(RESOURCE_TYPE)),
+        ) else {
             errors.push(LoadProblem::about(
                 ImportPart::Namespace,
                 "not a Cedar namespace",
@@ -454,13 +463,22 @@ impl CedarSet {
             return Err(errors);
         };
         if let Some(schema) = &schema {
-            for (wanted, what) in [
-                (&principal_type, "principals"),
-                (&resource_type, "resources"),
+            for (wanted, what, named) in [
+                (
+                    &principal_type,
+                    "principals",
+                    files.principal_type.is_some(),
+                ),
+                (&resource_type, "resources", files.resource_type.is_some()),
             ] {
                 if !schema.entity_types().any(|t| t == wanted) {
+                    let part = match (named, what) {
+                        (false, _) => ImportPart::Schema,
+                        (true, "principals") => ImportPart::PrincipalType,
+                        (true, _) => ImportPart::ResourceType,
+                    };
                     errors.push(LoadProblem::about(
-                        ImportPart::Schema,
+                        part,
                         format!(
                             "the schema declares no entity type `{wanted}`: Tollgate's {what} are `{wanted}` entities"
                         ),

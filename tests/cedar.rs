@@ -864,3 +864,55 @@ limit settings { match { route POST "/settings"; } authorize action "admin"; rat
         other => panic!("bob on /settings: {other:?}"),
     }
 }
+
+/// The import may name the principal and resource entity types of a schema that does not
+/// call them `User` and `Endpoint`.
+#[tokio::test]
+async fn the_import_names_the_principal_and_resource_types() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in [
+        (
+            "bank.cedarschema",
+            r#"namespace Bank {
+  entity Team;
+  entity Account in [Team];
+  entity Route;
+  action "pay" appliesTo { principal: Account, resource: Route };
+}"#,
+        ),
+        (
+            "bank.cedar",
+            r#"@id("treasury-pays")
+permit (principal in Bank::Team::"treasury", action == Bank::Action::"pay", resource == Bank::Route::"/pay/{id}");"#,
+        ),
+        (
+            "bank.rl",
+            r#"version 1;
+import cedar "bank.cedar" schema "bank.cedarschema" namespace "Bank" {
+  principal Account;
+  resource Route;
+  parents Team from claim("teams");
+}
+limit pay { match { route POST "/pay/{id}"; } authorize action "pay"; key user_id; rate 5/min; }
+"#,
+        ),
+    ] {
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
+    let engine = Engine::new(plan(dir.path()), MemoryStore::new());
+    let pay = |teams: &str| {
+        request(Method::POST, "/pay/7", Some("acct-1"), "198.51.100.1").with_claim("teams", teams)
+    };
+    assert!(engine.decide(&pay("treasury")).await.is_allowed());
+    assert!(matches!(
+        engine.decide(&pay("sales")).await.action,
+        Action::Unauthorized { .. }
+    ));
+    let text = tollgate::explain::explain(
+        engine.plan().as_ref(),
+        &pay("treasury"),
+        &tollgate::plan::KeyHasher::random(),
+    )
+    .to_string();
+    assert!(text.contains(r#"Bank::Account::"acct-1""#), "{text}");
+}

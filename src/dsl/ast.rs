@@ -73,6 +73,10 @@ pub struct ImportStmt {
     pub namespace: Option<Spanned<String>>,
     /// The Cedar entities file (JSON), relative to this file.
     pub entities: Option<Spanned<String>>,
+    /// `principal Account;`: the principals' entity type (every one given, in order).
+    pub principal_type: Vec<Ident>,
+    /// `resource Route;`: the resources' entity type (every one given, in order).
+    pub resource_type: Vec<Ident>,
     /// `parents Role from claim("roles");`: the principal's parents from the request.
     pub parents: Vec<ImportValue>,
     /// `context "client" from header("X-Client");`: context attributes from the request.

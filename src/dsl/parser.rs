@@ -289,6 +289,8 @@ fn describe(rule: Rule) -> &'static str {
         Rule::import_entities => "`entities`",
         Rule::import_block => "`{` with `parents` or `context`",
         Rule::import_parents => "`parents`",
+        Rule::import_principal => "`principal`",
+        Rule::import_resource => "`resource`",
         Rule::import_context => "`context`",
         Rule::key_def | Rule::key_stmt => "`key`",
         Rule::key_expr
@@ -502,16 +504,20 @@ impl Builder<'_> {
                 let cedar = self.string(next(&mut inner));
                 let (mut schema, mut namespace, mut entities) = (None, None, None);
                 let (mut parents, mut context) = (Vec::new(), Vec::new());
+                let (mut principal_type, mut resource_type) = (Vec::new(), Vec::new());
                 for part in inner {
                     let rule = part.as_rule();
                     if rule == Rule::import_block {
                         for item in part.into_inner() {
-                            let is_parents = item.as_rule() == Rule::import_parents;
-                            let value = self.import_value(item);
-                            if is_parents {
-                                parents.push(value);
-                            } else {
-                                context.push(value);
+                            match item.as_rule() {
+                                Rule::import_principal => {
+                                    principal_type.push(self.ident(next(&mut item.into_inner())));
+                                }
+                                Rule::import_resource => {
+                                    resource_type.push(self.ident(next(&mut item.into_inner())));
+                                }
+                                Rule::import_parents => parents.push(self.import_value(item)),
+                                _ => context.push(self.import_value(item)),
                             }
                         }
                         continue;
@@ -528,6 +534,8 @@ impl Builder<'_> {
                     schema,
                     namespace,
                     entities,
+                    principal_type,
+                    resource_type,
                     parents,
                     context,
                     span,

@@ -408,6 +408,8 @@ impl<'a> Compiler<'a> {
             schema: schema.as_deref(),
             entities: entities.as_deref(),
             namespace: import.namespace.as_ref().map(|n| n.node.as_str()),
+            principal_type: self.single(f, &import.principal_type, "principal"),
+            resource_type: self.single(f, &import.resource_type, "resource"),
             parents: &parents,
             context: &context,
         };
@@ -431,6 +433,21 @@ impl<'a> Compiler<'a> {
                 .map(|n| Arc::from(n.node.as_str())),
             entities,
         })
+    }
+
+    /// The one value of an import block statement given at most once (`principal Account;`);
+    /// the others are reported.
+    fn single<'i>(&mut self, f: usize, given: &'i [ast::Ident], what: &str) -> Option<&'i str> {
+        for again in given.iter().skip(1) {
+            self.error_help(
+                f,
+                again.span,
+                format!("`{what}` is given twice"),
+                "second time",
+                format!("name the {what} entity type once"),
+            );
+        }
+        given.first().map(|t| t.node.as_str())
     }
 
     /// The import block's `parents` and `context` statements that are right (the others are
@@ -531,6 +548,8 @@ impl<'a> Compiler<'a> {
                     ImportPart::Entities => import.entities.as_ref(),
                     ImportPart::Namespace => import.namespace.as_ref(),
                     ImportPart::Parents(i) => import.parents.get(i).map(|p| &p.name),
+                    ImportPart::PrincipalType => import.principal_type.first(),
+                    ImportPart::ResourceType => import.resource_type.first(),
                 };
                 let span = site.map_or(import.span, |s| s.span);
                 self.error_help(f, span, message, "here", help);

@@ -1,5 +1,8 @@
 version 1;
 import cedar "../cedar/ok/app.cedar" schema "../cedar/ok/app.cedarschema" namespace "App" {
+  principal Account;
+  principal User;
+  resource Route;
   parents Endpoint from claim("routes");
   parents Nope from header("X-Nope");
   parents Role from header("Bad Header");
