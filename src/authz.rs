@@ -30,7 +30,7 @@ use cedar_policy::{
 };
 
 use crate::diagnostic::{PolicyError, SourceFile, Span};
-use crate::plan::KeyHasher;
+use crate::plan::{KeyHasher, ValueFrom};
 use crate::request::RequestCtx;
 
 mod cache;
@@ -64,34 +64,6 @@ pub struct CedarFiles<'a> {
     pub parents: &'a [(String, ValueFrom)],
     /// The context attributes each request adds: name and where the value comes from.
     pub context: &'a [(String, ValueFrom)],
-}
-
-/// A request value read by name: a header (believed from trusted proxies unless `trusted`)
-/// or a claim of the verified token.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ValueFrom {
-    /// A request header.
-    Header {
-        /// The header.
-        name: http::HeaderName,
-        /// Believed from any client.
-        trusted: bool,
-    },
-    /// A claim (a JSON array of strings is read as its items joined by commas).
-    Claim(Arc<str>),
-}
-
-impl ValueFrom {
-    /// The request's value, if it has one that is believed.
-    pub fn read<'r>(&self, request: &'r RequestCtx) -> Option<&'r str> {
-        match self {
-            ValueFrom::Header { name, trusted } if *trusted || request.headers_trusted => {
-                request.header(name)
-            }
-            ValueFrom::Header { .. } => None,
-            ValueFrom::Claim(claim) => request.claims.get(&**claim).map(String::as_str),
-        }
-    }
 }
 
 /// The most parents one request may name (more are ignored).

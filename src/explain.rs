@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use crate::authz::Asking;
 use crate::limiter::Quota;
+use crate::plan::ValueFrom;
 use crate::plan::condition::Env;
 use crate::plan::condition::describe;
 use crate::plan::select::{Scope, focus, resolve_tier, select_limits};
@@ -114,26 +115,32 @@ pub fn explain(plan: &Plan, request: &RequestCtx, hasher: &KeyHasher) -> Explana
                     let table = &plan.tiers[*table];
                     let t = resolve_tier(table, &env);
                     let how = match &table.source {
-                        TierSource::Header { name, trusted }
+                        TierSource::Request(ValueFrom::Header { name, trusted })
                             if request.header(name).is_some()
                                 && (*trusted || request.headers_trusted) =>
                         {
                             format!("from header `{name}`")
                         }
-                        TierSource::Header { name, .. } if request.header(name).is_some() => {
+                        TierSource::Request(ValueFrom::Header { name, .. })
+                            if request.header(name).is_some() =>
+                        {
                             format!(
                                 "the default: header `{name}` is not believed from a client \
                                  that is not a trusted proxy (add the proxy to \
                                  trusted_proxies, or write `from header(\"{name}\") trusted`)"
                             )
                         }
-                        TierSource::Header { name, .. } => {
+                        TierSource::Request(ValueFrom::Header { name, .. }) => {
                             format!("the default: header `{name}` is missing")
                         }
-                        TierSource::Claim(c) if request.claims.contains_key(&**c) => {
+                        TierSource::Request(ValueFrom::Claim(c))
+                            if request.claims.contains_key(&**c) =>
+                        {
                             format!("from claim `{c}`")
                         }
-                        TierSource::Claim(c) => format!("the default: claim `{c}` is missing"),
+                        TierSource::Request(ValueFrom::Claim(c)) => {
+                            format!("the default: claim `{c}` is missing")
+                        }
                         TierSource::CedarAnnotation {
                             annotation,
                             cedar,

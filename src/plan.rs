@@ -352,18 +352,39 @@ impl TierTable {
     }
 }
 
-/// Where a request's tier comes from.
-#[derive(Debug, Clone)]
-pub enum TierSource {
-    /// A request header, believed from trusted proxies (or from anyone when `trusted`).
+/// A request value read by name: a header (believed from trusted proxies unless `trusted`)
+/// or a claim of the verified token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ValueFrom {
+    /// A request header.
     Header {
         /// The header.
         name: http::HeaderName,
-        /// Believed from any client (`from header("…") trusted`).
+        /// Believed from any client.
         trusted: bool,
     },
-    /// A claim of the verified token.
+    /// A claim (a JSON array of strings is read as its items joined by commas).
     Claim(Arc<str>),
+}
+
+impl ValueFrom {
+    /// The request's value, if it has one that is believed.
+    pub fn read<'r>(&self, request: &'r crate::request::RequestCtx) -> Option<&'r str> {
+        match self {
+            ValueFrom::Header { name, trusted } if *trusted || request.headers_trusted => {
+                request.header(name)
+            }
+            ValueFrom::Header { .. } => None,
+            ValueFrom::Claim(claim) => request.claims.get(&**claim).map(String::as_str),
+        }
+    }
+}
+
+/// Where a request's tier comes from.
+#[derive(Debug, Clone)]
+pub enum TierSource {
+    /// A header or a claim of the request.
+    Request(ValueFrom),
     /// A Cedar annotation on the policies that permit the request.
     CedarAnnotation {
         /// The annotation's name.

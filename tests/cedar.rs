@@ -642,20 +642,11 @@ async fn request_parents_and_context_on_redis() {
 #[tokio::test]
 async fn roles_from_a_verified_token_reach_cedar() {
     use jsonwebtoken::{Algorithm, EncodingKey, Header};
-    use tollgate::identity::{JwtKey, JwtSettings};
     use tower::ServiceExt;
     const SECRET: &[u8] = b"the-verification-secret-32-bytes!";
     let dir = org_dir();
     let engine = std::sync::Arc::new(Engine::new(plan(dir.path()), MemoryStore::new()));
-    let identifier = tollgate::identity::Identifier::new()
-        .with_jwt(&JwtSettings {
-            algorithm: Algorithm::HS256,
-            key: JwtKey::Secret(SECRET.to_vec()),
-            issuer: None,
-            audience: None,
-            user_claim: "sub".to_owned(),
-        })
-        .unwrap();
+    let identifier = support::jwt_identifier(SECRET);
     let app = axum::Router::new()
         .route("/docs/{id}", axum::routing::post(|| async { "saved" }))
         .layer(tollgate::RateLimitLayer::new(engine).with_options(

@@ -16,7 +16,6 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::json;
 use support::InProcess;
 use tollgate::identity::Identifier;
-use tollgate::identity::{JwtKey, JwtSettings};
 use tollgate::middleware::HttpOptions;
 use tollgate::store::MemoryStore;
 use tollgate::{Engine, PolicySet, RateLimitLayer, compile};
@@ -33,15 +32,7 @@ limit strict { match { route ANY "/refuse/**"; } key user_id; algorithm fixed_wi
 "#;
 
 fn identifier() -> Identifier {
-    Identifier::new()
-        .with_jwt(&JwtSettings {
-            algorithm: Algorithm::HS256,
-            key: JwtKey::Secret(SECRET.to_vec()),
-            issuer: None,
-            audience: None,
-            user_claim: "sub".to_owned(),
-        })
-        .unwrap()
+    support::jwt_identifier(SECRET)
 }
 
 fn token(sub: &str, exp_offset: i64, key: &[u8]) -> String {

@@ -312,12 +312,9 @@ pub struct TiersBlock {
 /// Where a request's tier comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TierSource {
-    /// `from header("X-Plan");`: believed from trusted proxies only.
-    Header(Spanned<String>),
-    /// `from header("X-Plan") trusted;`: believed from any client.
-    TrustedHeader(Spanned<String>),
-    /// `from claim("plan");`
-    Claim(Spanned<String>),
+    /// `from header("X-Plan");` (believed from trusted proxies only), `from header("X-Plan")
+    /// trusted;`, `from claim("plan");`
+    Request(ValueSource),
     /// `from cedar annotation "rl_tier" pick highest;`
     CedarAnnotation {
         /// The annotation's name.

@@ -391,15 +391,19 @@ impl Builder<'_> {
         } else {
             self.ident(name)
         };
-        let source = next(&mut parts);
-        let source = match source.as_rule() {
+        let source = self.value_source(next(&mut parts));
+        ImportValue { name, source, span }
+    }
+
+    /// `header("X")`, `header("X") trusted` or `claim("c")`.
+    fn value_source(&self, source: P<'_>) -> ValueSource {
+        match source.as_rule() {
             Rule::trusted_header => ValueSource::TrustedHeader(
                 self.string(next(&mut next(&mut source.into_inner()).into_inner())),
             ),
             Rule::header_ref => ValueSource::Header(self.string(next(&mut source.into_inner()))),
             _ => ValueSource::Claim(self.string(next(&mut source.into_inner()))),
-        };
-        ImportValue { name, source, span }
+        }
     }
 
     fn string(&self, pair: P<'_>) -> Spanned<String> {
@@ -742,14 +746,8 @@ impl Builder<'_> {
                 Rule::tier_from => {
                     let source = next(&mut part.into_inner());
                     let value = match source.as_rule() {
-                        Rule::header_ref => {
-                            TierSource::Header(self.string(next(&mut source.into_inner())))
-                        }
-                        Rule::trusted_header => TierSource::TrustedHeader(
-                            self.string(next(&mut next(&mut source.into_inner()).into_inner())),
-                        ),
-                        Rule::claim_ref => {
-                            TierSource::Claim(self.string(next(&mut source.into_inner())))
+                        Rule::header_ref | Rule::trusted_header | Rule::claim_ref => {
+                            TierSource::Request(self.value_source(source))
                         }
                         _ => {
                             let mut parts = source.into_inner();

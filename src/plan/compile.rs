@@ -461,20 +461,12 @@ impl<'a> Compiler<'a> {
         f: usize,
         import: &ast::ImportStmt,
     ) -> (
-        Vec<(String, crate::authz::ValueFrom)>,
-        Vec<(String, crate::authz::ValueFrom)>,
+        Vec<(String, crate::plan::ValueFrom)>,
+        Vec<(String, crate::plan::ValueFrom)>,
     ) {
-        use crate::authz::{BUILT_IN_CONTEXT, ValueFrom};
-        let source = |cx: &mut Self, value: &ast::ImportValue| match &value.source {
-            ast::ValueSource::Claim(claim) => {
-                Some(ValueFrom::Claim(Arc::from(claim.node.as_str())))
-            }
-            ast::ValueSource::Header(name) | ast::ValueSource::TrustedHeader(name) => {
-                let trusted = matches!(value.source, ast::ValueSource::TrustedHeader(_));
-                cx.header_name(f, name)
-                    .map(|name| ValueFrom::Header { name, trusted })
-            }
-        };
+        use crate::authz::BUILT_IN_CONTEXT;
+        use crate::plan::ValueFrom;
+        let source = |cx: &mut Self, value: &ast::ImportValue| cx.value_from(f, &value.source);
         let mut parents = Vec::new();
         for value in &import.parents {
             // Kept in place (even when its header is wrong) so that Cedar's problems about

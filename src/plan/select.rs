@@ -383,12 +383,8 @@ pub(crate) fn write_fallback(request: &RequestCtx, hasher: &KeyHasher, out: &mut
 pub fn resolve_tier(table: &TierTable, env: &Env<'_>) -> usize {
     let request = env.request;
     let named = match &table.source {
-        TierSource::Header { name, trusted } if *trusted || request.headers_trusted => {
-            request.header(name)
-        }
         // From a client that is not a trusted proxy, the plan it claims is not believed.
-        TierSource::Header { .. } => None,
-        TierSource::Claim(claim) => request.claims.get(&**claim).map(String::as_str),
+        TierSource::Request(from) => from.read(request),
         TierSource::CedarAnnotation {
             annotation,
             pick,

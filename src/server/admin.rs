@@ -401,66 +401,63 @@ struct NewEntry {
     reason: Option<String>,
 }
 
-/// What an entry holds for, as operators write it: exactly one of an address or network, a
-/// client as counter keys name it, or a raw API token (hashed here, never stored).
-struct TargetInput<'a> {
-    net: &'a Option<String>,
-    client: &'a Option<String>,
-    token: &'a Option<String>,
-}
-
-impl TargetInput<'_> {
-    /// The target, or the problem with it.
-    fn read(&self, hasher: &KeyHasher) -> Result<Target, Box<Problem>> {
-        let field_problem = |field: &str, detail: String| {
-            let mut p = Problem::bad_request(detail);
-            p.field = Some(field.to_owned());
-            Box::new(p)
-        };
-        match (self.net, self.client, self.token) {
-            (Some(net), None, None) => network(net).map(Target::Net),
-            (None, Some(client), None) => {
-                // A key's address part is a network: the same entry as `net`.
-                if let Some(net) = client
-                    .strip_prefix("ip:")
-                    .and_then(crate::plan::ipset::parse_net)
-                {
-                    return Ok(Target::Net(net.trunc()));
-                }
-                let well_formed = client.len() <= MAX_CLIENT_LEN
-                    && client.split('+').all(|part| {
-                        part.split_once(':')
-                            .is_some_and(|(label, value)| !label.is_empty() && !value.is_empty())
-                    })
-                    && client.bytes().all(|b| b.is_ascii_graphic());
-                if well_formed {
-                    Ok(Target::Client(client.clone()))
-                } else {
-                    Err(field_problem(
-                        "client",
-                        format!(
-                            "`{}` is not a client as counter keys name it, like `user:alice` \
-                             or `token:<hash>` (at most {MAX_CLIENT_LEN} printable bytes)",
-                            client.chars().take(64).collect::<String>()
-                        ),
-                    ))
-                }
+/// What an entry holds for, as operators write it: exactly one of an address or network
+/// (`net`), a client as counter keys name it (`client`), or a raw API token (`token`, hashed
+/// here, never stored); or the problem with it.
+fn entry_target(
+    net: &Option<String>,
+    client: &Option<String>,
+    token: &Option<String>,
+    hasher: &KeyHasher,
+) -> Result<Target, Box<Problem>> {
+    let field_problem = |field: &str, detail: String| {
+        let mut p = Problem::bad_request(detail);
+        p.field = Some(field.to_owned());
+        Box::new(p)
+    };
+    match (net, client, token) {
+        (Some(net), None, None) => network(net).map(Target::Net),
+        (None, Some(client), None) => {
+            // A key's address part is a network: the same entry as `net`.
+            if let Some(net) = client
+                .strip_prefix("ip:")
+                .and_then(crate::plan::ipset::parse_net)
+            {
+                return Ok(Target::Net(net.trunc()));
             }
-            (None, None, Some(token)) if !token.is_empty() && token.len() <= 4096 => {
-                let mut client = String::new();
-                let request = RequestCtx::new(http::Method::GET, "/").with_api_token(token);
-                KeySource::ApiToken.write(&request, None, hasher, &mut client);
-                Ok(Target::Client(client))
+            let well_formed = client.len() <= MAX_CLIENT_LEN
+                && client.split('+').all(|part| {
+                    part.split_once(':')
+                        .is_some_and(|(label, value)| !label.is_empty() && !value.is_empty())
+                })
+                && client.bytes().all(|b| b.is_ascii_graphic());
+            if well_formed {
+                Ok(Target::Client(client.clone()))
+            } else {
+                Err(field_problem(
+                    "client",
+                    format!(
+                        "`{}` is not a client as counter keys name it, like `user:alice` \
+                         or `token:<hash>` (at most {MAX_CLIENT_LEN} printable bytes)",
+                        client.chars().take(64).collect::<String>()
+                    ),
+                ))
             }
-            (None, None, Some(_)) => Err(field_problem(
-                "token",
-                "a `token` has 1 to 4096 bytes".to_owned(),
-            )),
-            _ => Err(field_problem(
-                "net",
-                "name exactly one of `net`, `client` or `token`".to_owned(),
-            )),
         }
+        (None, None, Some(token)) if !token.is_empty() && token.len() <= 4096 => {
+            let mut client = String::new();
+            let request = RequestCtx::new(http::Method::GET, "/").with_api_token(token);
+            KeySource::ApiToken.write(&request, None, hasher, &mut client);
+            Ok(Target::Client(client))
+        }
+        (None, None, Some(_)) => Err(field_problem(
+            "token",
+            "a `token` has 1 to 4096 bytes".to_owned(),
+        )),
+        _ => Err(field_problem(
+            "net",
+            "name exactly one of `net`, `client` or `token`".to_owned(),
+        )),
     }
 }
 
@@ -486,12 +483,8 @@ async fn add_entry<S: Store, C: Clock>(
         Ok(input) => input,
         Err(problem) => return problem_response(*problem, &request_id),
     };
-    let target = TargetInput {
-        net: &input.net,
-        client: &input.client,
-        token: &input.token,
-    };
-    let target = match target.read(state.engine.key_hasher()) {
+    let hasher = state.engine.key_hasher();
+    let target = match entry_target(&input.net, &input.client, &input.token, hasher) {
         Ok(target) => target,
         Err(problem) => return problem_response(*problem, &request_id),
     };
@@ -548,12 +541,7 @@ async fn remove_entry<S: Store, C: Clock>(
         Ok(at) => at,
         Err(problem) => return problem_response(*problem, &request_id),
     };
-    let target = TargetInput {
-        net: &at.net,
-        client: &at.client,
-        token: &at.token,
-    };
-    let target = match target.read(state.engine.key_hasher()) {
+    let target = match entry_target(&at.net, &at.client, &at.token, state.engine.key_hasher()) {
         Ok(target) => target,
         Err(problem) => return problem_response(*problem, &request_id),
     };

@@ -17,6 +17,19 @@ pub mod redis;
 pub mod serving;
 pub mod tls;
 
+/// An identifier that believes HS256 tokens signed with `secret`, the user in `sub`.
+pub fn jwt_identifier(secret: &[u8]) -> tollgate::identity::Identifier {
+    tollgate::identity::Identifier::new()
+        .with_jwt(&tollgate::identity::JwtSettings {
+            algorithm: jsonwebtoken::Algorithm::HS256,
+            key: tollgate::identity::JwtKey::Secret(secret.to_vec()),
+            issuer: None,
+            audience: None,
+            user_claim: "sub".to_owned(),
+        })
+        .expect("a valid JWT setting")
+}
+
 /// A free TCP port on 127.0.0.1 (bound and released; the caller binds it again).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

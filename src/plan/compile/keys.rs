@@ -143,6 +143,32 @@ impl<'a> Compiler<'a> {
         }
     }
 
+    /// A header or claim of the request, named in file `f`.
+    pub(super) fn value_from(
+        &mut self,
+        f: usize,
+        value: &ast::ValueSource,
+    ) -> Option<crate::plan::ValueFrom> {
+        use crate::plan::ValueFrom;
+        match value {
+            ast::ValueSource::Claim(claim) => {
+                Some(ValueFrom::Claim(Arc::from(claim.node.as_str())))
+            }
+            ast::ValueSource::Header(name) => {
+                self.header_name(f, name).map(|name| ValueFrom::Header {
+                    name,
+                    trusted: false,
+                })
+            }
+            ast::ValueSource::TrustedHeader(name) => {
+                self.header_name(f, name).map(|name| ValueFrom::Header {
+                    name,
+                    trusted: true,
+                })
+            }
+        }
+    }
+
     pub(super) fn header_name(&mut self, f: usize, name: &Spanned<String>) -> Option<HeaderName> {
         match HeaderName::from_bytes(name.node.as_bytes()) {
             Ok(h) => Some(h),

@@ -186,19 +186,7 @@ impl<'a> Compiler<'a> {
         source: &Spanned<ast::TierSource>,
     ) -> Option<TierSource> {
         match &source.node {
-            ast::TierSource::Header(name) => {
-                self.header_name(f, name).map(|name| TierSource::Header {
-                    name,
-                    trusted: false,
-                })
-            }
-            ast::TierSource::TrustedHeader(name) => {
-                self.header_name(f, name).map(|name| TierSource::Header {
-                    name,
-                    trusted: true,
-                })
-            }
-            ast::TierSource::Claim(name) => Some(TierSource::Claim(Arc::from(name.node.as_str()))),
+            ast::TierSource::Request(value) => self.value_from(f, value).map(TierSource::Request),
             ast::TierSource::CedarAnnotation {
                 annotation,
                 action,
