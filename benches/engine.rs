@@ -50,6 +50,13 @@ fn decide(c: &mut Criterion) {
         b.iter(|| rt.block_on(allow.decide(&req)))
     });
 
+    // The same with every decision counted for Prometheus (what `tollgate serve` does).
+    let counted =
+        engine(THREE_LIMITS).with_metrics(std::sync::Arc::new(tollgate::metrics::Metrics::new()));
+    group.bench_function("three_limits_allowed_with_metrics", |b| {
+        b.iter(|| rt.block_on(counted.decide(&req)))
+    });
+
     let reject = engine(ALWAYS_OVER);
     rt.block_on(reject.decide(&req));
     assert!(!rt.block_on(reject.decide(&req)).is_allowed());

@@ -103,6 +103,9 @@ pub struct Settings {
     pub cedar_cache_ttl_ms: u64,
     /// How many Cedar answers are kept per policy set.
     pub cedar_cache_size: usize,
+    /// Serve `/metrics` on the main listener too, without a token (it is always on the
+    /// admin listener, behind the admin token).
+    pub metrics_on_main: bool,
 }
 
 pub use crate::identity::{JwtKey, JwtSettings};
@@ -142,6 +145,24 @@ struct Raw {
     log_format: Option<String>,
     cedar_cache_ttl_ms: Option<u64>,
     cedar_cache_size: Option<usize>,
+    metrics_on_main: Option<BoolText>,
+}
+
+/// A yes/no setting: a boolean in the file, `true` or `false` in a variable or a flag.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+enum BoolText {
+    Bool(bool),
+    Text(String),
+}
+
+impl BoolText {
+    fn into_text(self) -> String {
+        match self {
+            BoolText::Bool(b) => b.to_string(),
+            BoolText::Text(t) => t,
+        }
+    }
 }
 
 /// The setting names, for unknown-key checks.
@@ -178,6 +199,7 @@ const KEYS: &[&str] = &[
     "log_format",
     "cedar_cache_ttl_ms",
     "cedar_cache_size",
+    "metrics_on_main",
 ];
 
 /// Settings whose values are numbers.
@@ -317,6 +339,7 @@ impl Settings {
             log_format: LogFormat::Pretty,
             cedar_cache_ttl_ms: 1_000,
             cedar_cache_size: 100_000,
+            metrics_on_main: false,
         }
     }
 
@@ -346,6 +369,13 @@ impl Settings {
             raw.log_format.take(),
             LOG_FORMATS,
             self.log_format,
+        );
+        self.metrics_on_main = keyword(
+            p,
+            "metrics_on_main",
+            raw.metrics_on_main.take().map(BoolText::into_text),
+            BOOLEANS,
+            self.metrics_on_main,
         );
 
         if let Some(policies) = raw.policies.take() {
@@ -589,6 +619,7 @@ const ENVIRONMENTS: &[(&str, Environment)] =
     &[("dev", Environment::Dev), ("prod", Environment::Prod)];
 const LOG_FORMATS: &[(&str, LogFormat)] =
     &[("pretty", LogFormat::Pretty), ("json", LogFormat::Json)];
+const BOOLEANS: &[(&str, bool)] = &[("true", true), ("false", false)];
 const STORE_CLOCKS: &[(&str, StoreClock)] =
     &[("local", StoreClock::Local), ("redis", StoreClock::Redis)];
 
@@ -723,6 +754,7 @@ impl<'f> Sources<'f> {
             log_format,
             cedar_cache_ttl_ms,
             cedar_cache_size,
+            metrics_on_main,
         )
     }
 

@@ -15,6 +15,7 @@ use smallvec::SmallVec;
 
 use crate::clock::{Clock, SystemClock, Timestamp};
 use crate::limiter::{Decision, LeaseId, Quota};
+use crate::metrics::Metrics;
 use crate::plan::key::{CounterKey, KeySource};
 use crate::plan::select::{Charge, Scope, Selected, Selection, select};
 use crate::plan::{Counts, KeyHasher, Limit, Mode, Plan, SoftAction, StoreErrorMode};
@@ -205,6 +206,10 @@ pub struct Engine<S, C = SystemClock> {
     runtime: ArcSwap<RuntimeLists>,
     /// How many there are: requests skip the lists without loading them when none.
     runtime_len: AtomicU64,
+    /// Where decisions are counted for Prometheus (`None`: nowhere).
+    metrics: Option<Arc<Metrics>>,
+    /// A failing store is logged once per burst, not once per request.
+    store_warnings: crate::telemetry::Burst,
 }
 
 impl<S: std::fmt::Debug, C: std::fmt::Debug> std::fmt::Debug for Engine<S, C> {
@@ -242,7 +247,20 @@ impl<S: Store, C: Clock> Engine<S, C> {
             lease_counter: AtomicU64::new(0),
             runtime: ArcSwap::from_pointee(RuntimeLists::default()),
             runtime_len: AtomicU64::new(0),
+            metrics: None,
+            store_warnings: crate::telemetry::Burst::new(crate::telemetry::BURST_WINDOW),
         }
+    }
+
+    /// Counts every decision, its time and the store's in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// The metrics decisions are counted in, if any.
+    pub fn metrics(&self) -> Option<&Arc<Metrics>> {
+        self.metrics.as_ref()
     }
 
     /// Reads the runtime list entries back from the store (every node does this every
@@ -370,12 +388,17 @@ impl<S: Store, C: Clock> Engine<S, C> {
             counts,
             amount,
         };
-        let verdict = |action, reports, leases, skipped| Verdict {
-            action,
-            reports,
-            leases,
-            skipped,
-            plan_version: Arc::clone(&plan.version),
+        let verdict = |action: Action, reports, leases, skipped| {
+            if let Some(metrics) = &self.metrics {
+                metrics.record_request(&action, self.clock.now().saturating_since(now));
+            }
+            Verdict {
+                action,
+                reports,
+                leases,
+                skipped,
+                plan_version: Arc::clone(&plan.version),
+            }
         };
         if let Some(action) = self.runtime_action(&plan, request, now) {
             return verdict(action, Vec::new(), Vec::new(), Vec::new());
@@ -440,6 +463,9 @@ impl<S: Store, C: Clock> Engine<S, C> {
         } else {
             Vec::new()
         };
+        if let Some(metrics) = &self.metrics {
+            metrics.record_limits(&reports, &applied);
+        }
         verdict(action, reports, leases, skipped)
     }
 
@@ -522,6 +548,10 @@ impl<S: Store, C: Clock> Engine<S, C> {
         let batch = ops(pending, reports, lease);
         let result = self.store.apply(&batch, now).await;
         drop(batch);
+        if let Some(metrics) = &self.metrics {
+            let took = self.clock.now().saturating_since(now);
+            metrics.record_store_call(took, result.is_err());
+        }
         let error = match result {
             Ok(result) => {
                 record(
@@ -539,8 +569,13 @@ impl<S: Store, C: Clock> Engine<S, C> {
         if matches!(error, StoreError::CircuitOpen) {
             // The breaker logged when it opened; once per request would flood.
             tracing::debug!(%error, "applying each limit's on_store_error");
-        } else {
-            tracing::warn!(%error, "counter store failed; applying each limit's on_store_error");
+        } else if let Some(suppressed) = self.store_warnings.admit(now) {
+            tracing::warn!(
+                %error,
+                suppressed,
+                "counter store failed; applying each limit's on_store_error (`suppressed`: \
+                 failures not logged since the last line)"
+            );
         }
         let mut unavailable = None;
         let mut local: SmallVec<[Pending; 4]> = SmallVec::new();

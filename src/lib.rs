@@ -31,6 +31,7 @@ pub mod engine;
 pub mod explain;
 pub mod identity;
 pub mod limiter;
+pub mod metrics;
 pub mod middleware;
 pub mod plan;
 pub mod proxy;

@@ -20,7 +20,7 @@ use tower::{Layer, Service};
 
 pub use self::body::LeaseGuard;
 use crate::clock::{Clock, SystemClock};
-use crate::engine::{Action, Engine, Verdict};
+use crate::engine::{Action, Engine};
 use crate::identity::Identifier;
 use crate::request::{PathError, RequestCtx, X_REQUEST_ID};
 use crate::response::{self, HeaderFamilies, grpc_refusal, refusal};
@@ -188,7 +188,7 @@ where
                     std::mem::take(&mut verdict.leases),
                 )
             });
-            log_verdict(&verdict, &request_id);
+            crate::telemetry::log_verdict(&verdict, &request_id, layer.engine.key_hasher());
             if let Some(problem) = response::problem(&verdict, Some(&request_id)) {
                 let refuse = if grpc { grpc_refusal } else { refusal };
                 return Ok(refuse(
@@ -250,27 +250,6 @@ fn is_grpc(headers: &http::HeaderMap) -> bool {
             v.strip_prefix("application/grpc")
                 .is_some_and(|rest| rest.is_empty() || rest.starts_with(['+', ';']))
         })
-}
-
-fn log_verdict(verdict: &Verdict, request_id: &str) {
-    match &verdict.action {
-        Action::Reject { limit, .. } => {
-            tracing::debug!(request_id, %limit, "rejected")
-        }
-        Action::Forbid { list, .. } => tracing::debug!(request_id, %list, "forbidden"),
-        Action::Unauthorized {
-            limit, policies, ..
-        } => tracing::info!(request_id, %limit, ?policies, "unauthorized by Cedar"),
-        Action::Warn | Action::Delay(_) => {
-            if let Some(r) = verdict.headline() {
-                tracing::info!(request_id, limit = %r.limit, used = r.decision.used_percent(), "soft threshold")
-            }
-        }
-        _ => {}
-    }
-    for shadow in verdict.shadow_rejections() {
-        tracing::info!(request_id, limit = %shadow.limit, "shadow limit would reject");
-    }
 }
 
 #[cfg(test)]

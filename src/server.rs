@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Environment, Settings, StoreClock};
 use crate::diagnostic::PolicyErrors;
-use crate::engine::{Action, Engine, Lease, SkippedLimit, Verdict};
+use crate::engine::{Action, Engine, Lease, SkippedLimit};
 use crate::identity::{Identifier, JwtKeyError};
 use crate::middleware::{HttpOptions, RateLimitLayer};
 use crate::plan::KeyHasher;
@@ -66,6 +66,8 @@ pub struct AppState<S, C = SystemClock> {
     pub max_body_bytes: usize,
     /// The application allowed requests go on to, if any.
     pub upstream: Option<Upstream>,
+    /// Serve `/metrics` here too, without a token.
+    pub metrics_on_main: bool,
 }
 
 /// The server's routes around `state`.
@@ -84,8 +86,17 @@ pub fn router<S: Store, C: Clock>(state: Arc<AppState<S, C>>) -> Router {
             ),
         None => Router::new().fallback(not_found),
     };
-    Router::new()
-        .route("/v1/check", post(check::<S, C>))
+    let own = if state.metrics_on_main {
+        Router::new().route(
+            "/metrics",
+            get(|State(state): State<Arc<AppState<S, C>>>| async move {
+                metrics_response(&state.engine, None)
+            }),
+        )
+    } else {
+        Router::new()
+    };
+    own.route("/v1/check", post(check::<S, C>))
         .route("/v1/release", post(release::<S, C>))
         .route(
             "/v1/auth",
@@ -100,6 +111,37 @@ pub fn router<S: Store, C: Clock>(state: Arc<AppState<S, C>>) -> Router {
         .route("/readyz", get(ready::<S, C>))
         .with_state(state)
         .fallback_service(fallback)
+}
+
+/// `GET /metrics`: every family in Prometheus's text format (404 when the engine counts
+/// nothing). `reloads`: the reloader's counts, when there is one.
+pub fn metrics_response<S: Store, C: Clock>(
+    engine: &Engine<S, C>,
+    reloads: Option<(u64, u64)>,
+) -> Response {
+    let Some(metrics) = engine.metrics() else {
+        return (StatusCode::NOT_FOUND, "metrics are off").into_response();
+    };
+    let now = engine.now();
+    let active_bans = engine
+        .runtime_lists()
+        .entries()
+        .iter()
+        .filter(|e| e.list == crate::store::runtime::RuntimeList::Denylist && e.live(now))
+        .count();
+    let plan = engine.plan();
+    let body = metrics.render(&crate::metrics::Scrape {
+        store: engine.store().health(),
+        evictions: engine.evictions(),
+        reloads,
+        active_bans,
+        plan_version: plan.version(),
+    });
+    (
+        [(http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+        body,
+    )
+        .into_response()
 }
 
 /// Why the server could not start.

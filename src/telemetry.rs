@@ -16,3 +16,123 @@ pub fn init(format: LogFormat) {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
 }
+
+/// Lets one log line through per window and counts the others: a failing store logs once
+/// per burst, with how many lines it held back, never once per request.
+#[derive(Debug)]
+pub struct Burst {
+    window_micros: u64,
+    /// When the next line may go out, in microseconds since the epoch.
+    next: std::sync::atomic::AtomicU64,
+    suppressed: std::sync::atomic::AtomicU64,
+}
+
+impl Burst {
+    /// One line per `window`.
+    pub fn new(window: std::time::Duration) -> Self {
+        Burst {
+            window_micros: u64::try_from(window.as_micros()).unwrap_or(u64::MAX),
+            next: std::sync::atomic::AtomicU64::new(0),
+            suppressed: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(n)`: log now, mentioning the `n` lines held back since the last one; `None`:
+    /// hold this one back.
+    pub fn admit(&self, now: crate::Timestamp) -> Option<u64> {
+        use std::sync::atomic::Ordering;
+        let now = now.as_micros();
+        let next = self.next.load(Ordering::Relaxed);
+        if now >= next
+            && self
+                .next
+                .compare_exchange(
+                    next,
+                    now.saturating_add(self.window_micros),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+        {
+            return Some(self.suppressed.swap(0, Ordering::Relaxed));
+        }
+        self.suppressed.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+}
+
+/// How long a burst of the same warning is logged once.
+pub const BURST_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// One line per decision worth a line: refusals (`reject`, `forbid`, `unauthorized`,
+/// `store_error`), soft actions and shadow rejections at `info`, allows at `debug`. The
+/// fields: `request_id`, `decision`, `namespace`, `limit`, `tier`, `key_hash` (the keyed
+/// hash of the counter key: no client, user or token appears) and `reason`.
+pub fn log_verdict(verdict: &crate::Verdict, request_id: &str, hasher: &crate::plan::KeyHasher) {
+    use crate::engine::Action;
+    let headline = verdict.headline();
+    let key = headline.map(|r| r.key.as_str()).unwrap_or_default();
+    let parts = crate::plan::key::CounterKey::parse(key);
+    let namespace = parts.map(|p| p.namespace).unwrap_or_default();
+    let key_hash = if key.is_empty() {
+        String::new()
+    } else {
+        hasher.hash(key)
+    };
+    let tier = headline.and_then(|r| r.tier.as_deref()).unwrap_or_default();
+    let version = &*verdict.plan_version;
+    match &verdict.action {
+        Action::Reject { limit, reason, .. } => tracing::info!(
+            request_id, decision = "reject", namespace, %limit, tier, key_hash,
+            reason = reason.as_deref().unwrap_or_default(), plan = version, "rejected"
+        ),
+        Action::Forbid { list, reason, .. } => tracing::info!(
+            request_id, decision = "forbid", list = %list,
+            reason = reason.as_deref().unwrap_or_default(), plan = version, "forbidden"
+        ),
+        Action::Unauthorized {
+            limit, policies, ..
+        } => tracing::info!(
+            request_id, decision = "unauthorized", %limit, ?policies, plan = version,
+            "unauthorized by Cedar"
+        ),
+        Action::Unavailable { limit } => tracing::info!(
+            request_id, decision = "store_error", %limit, plan = version,
+            "refused: the store failed and the limit fails closed"
+        ),
+        Action::Warn | Action::Delay(_) => tracing::info!(
+            request_id,
+            decision = if matches!(verdict.action, Action::Warn) {
+                "warn"
+            } else {
+                "delay"
+            },
+            namespace,
+            limit = headline.map(|r| &*r.limit).unwrap_or_default(),
+            tier,
+            key_hash,
+            used_percent = headline
+                .map(|r| r.decision.used_percent())
+                .unwrap_or_default(),
+            "soft threshold"
+        ),
+        Action::Bypass { list } => {
+            tracing::debug!(request_id, decision = "bypass", list = %list, "safelisted");
+        }
+        Action::Allow => tracing::debug!(
+            request_id,
+            decision = "allow",
+            namespace,
+            limit = headline.map(|r| &*r.limit).unwrap_or_default(),
+            tier,
+            key_hash,
+            "allowed"
+        ),
+    }
+    for shadow in verdict.shadow_rejections() {
+        tracing::info!(
+            request_id, decision = "shadow_reject", limit = %shadow.limit,
+            key_hash = hasher.hash(&shadow.key), "shadow limit would reject"
+        );
+    }
+}

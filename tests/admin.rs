@@ -47,7 +47,8 @@ fn admin<S: Store>(dir: &Path, store: impl AsyncFnOnce() -> S) -> (InProcess, Ar
     let load = load(dir);
     let app = InProcess::build(async move || {
         let plan = load().unwrap();
-        let engine = Arc::new(Engine::new(plan, store().await));
+        let metrics = Arc::new(tollgate::metrics::Metrics::new());
+        let engine = Arc::new(Engine::new(plan, store().await).with_metrics(metrics));
         *slot.lock().unwrap() = Some(Arc::clone(&engine));
         let reloader = Reloader::new(Arc::clone(&engine), load);
         admin_router(Arc::new(AdminState {
@@ -88,6 +89,7 @@ fn every_route_needs_the_whole_token() {
         ("GET", "/admin/keys?limit=api"),
         ("DELETE", "/admin/keys?limit=api"),
         ("GET", "/admin/diagnostics"),
+        ("GET", "/metrics"),
         ("GET", "/admin/nope"),
     ] {
         for auth in [
@@ -721,4 +723,186 @@ fn diagnostics_show_the_memory_store_and_the_breaker() {
     let store = &down.json()["store"];
     assert_eq!(store["ok"], false, "{store}");
     assert_eq!(store["breakers_open"], 1, "{store}");
+    let text = call(&app, "GET", "/metrics", b"").text();
+    for line in [
+        "tollgate_store_breakers 1",
+        "tollgate_store_breakers_open 1",
+        r#"tollgate_decisions_total{limit="api",namespace="shop",outcome="store_error"} 10"#,
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+    }
+    let errors = text
+        .lines()
+        .find_map(|l| l.strip_prefix("tollgate_store_errors_total "))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap();
+    assert!(
+        (1..=10).contains(&errors),
+        "failed calls until the breaker opened, none after: {errors}"
+    );
+}
+
+/// `metrics_on_main`: `/metrics` on the main listener too, without a token; off by default.
+#[test]
+fn metrics_on_the_main_listener_when_asked() {
+    for on in [true, false] {
+        let app = InProcess::build(async move || {
+            let plan = compile(&PolicySet::from_sources([("shop.rl", POLICY)])).unwrap();
+            let engine = Arc::new(
+                Engine::new(plan, MemoryStore::new())
+                    .with_metrics(Arc::new(tollgate::metrics::Metrics::new())),
+            );
+            tollgate::server::router(Arc::new(tollgate::server::AppState {
+                engine,
+                options: Default::default(),
+                max_body_bytes: 64 * 1024,
+                upstream: None,
+                metrics_on_main: on,
+            }))
+        });
+        let reply = app.send("GET", "/metrics", &[], b"");
+        assert_eq!(reply.status, if on { 200 } else { 404 });
+        if on {
+            assert!(
+                reply
+                    .text()
+                    .contains("# TYPE tollgate_store_breakers gauge")
+            );
+        }
+    }
+}
+
+/// `/metrics` (admin listener): every family is there, parsed by a Prometheus text parser;
+/// the counters move with traffic, reloads and bans; no label names a client.
+#[test]
+fn metrics_follow_traffic_reloads_and_bans() {
+    let dir = policy_dir();
+    let (app, engine) = admin(dir.path(), async || MemoryStore::new());
+    let scrape = || {
+        let reply = call(&app, "GET", "/metrics", b"");
+        assert_eq!(reply.status, 200);
+        assert!(
+            reply
+                .header("content-type")
+                .unwrap()
+                .starts_with("text/plain; version=0.0.4")
+        );
+        let text = reply.text();
+        let lines = text.lines().map(|l| Ok(l.to_owned()));
+        (
+            prometheus_parse::Scrape::parse(lines).expect("Prometheus text format"),
+            text,
+        )
+    };
+    let value = |scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]| {
+        scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                prometheus_parse::Value::Histogram(ref h) => h.last().map_or(0.0, |b| b.count),
+                _ => 0.0,
+            })
+            .sum::<f64>()
+    };
+    let (before, _) = scrape();
+    for family in [
+        "tollgate_store_breakers",
+        "tollgate_store_breakers_open",
+        "tollgate_memory_store_keys",
+        "tollgate_memory_store_evictions_total",
+        "tollgate_store_errors_total",
+        "tollgate_active_bans",
+        "tollgate_plan_info",
+    ] {
+        assert!(
+            before.samples.iter().any(|s| s.metric == family),
+            "{family} is exported from the start"
+        );
+    }
+
+    // `api` allows 10/min per address: 12 requests from one client, 1 from another.
+    let ask = |ip: &str| {
+        let request = RequestCtx::new(Method::GET, "/api/x").with_client_ip(ip.parse().unwrap());
+        app.block_on(engine.decide(&request))
+    };
+    for _ in 0..12 {
+        ask("198.51.100.23");
+    }
+    ask("198.51.100.24");
+    let (after, text) = scrape();
+    let api = |outcome: &str| {
+        value(
+            &after,
+            "tollgate_decisions_total",
+            &[
+                ("namespace", "shop"),
+                ("limit", "api"),
+                ("outcome", outcome),
+            ],
+        )
+    };
+    assert_eq!(api("reject"), 2.0);
+    assert_eq!(api("allow") + api("near_limit"), 11.0, "{text}");
+    assert_eq!(api("near_limit"), 3.0, "8, 9 and 10 of 10 used");
+    assert_eq!(
+        value(
+            &after,
+            "tollgate_requests_total",
+            &[("outcome", "reject"), ("rule", "api")]
+        ),
+        2.0
+    );
+    assert_eq!(
+        value(&after, "tollgate_requests_total", &[("outcome", "allow")]),
+        11.0
+    );
+    assert_eq!(
+        value(&after, "tollgate_decision_duration_seconds_count", &[]),
+        13.0
+    );
+    assert_eq!(
+        value(&after, "tollgate_store_duration_seconds_count", &[]),
+        13.0
+    );
+    assert_eq!(value(&after, "tollgate_memory_store_keys", &[]), 2.0);
+    assert!(!text.contains("198.51.100"), "no client in any label");
+
+    // A reload, a refused one, and a ban.
+    assert_eq!(call(&app, "POST", "/admin/reload", b"").status, 200);
+    std::fs::write(dir.path().join("broken.rl"), "limit {").unwrap();
+    assert_eq!(call(&app, "POST", "/admin/reload", b"").status, 422);
+    let ban = serde_json::json!({ "list": "denylist", "net": "203.0.113.0/24" });
+    assert_eq!(
+        call(&app, "POST", "/admin/lists", ban.to_string().as_bytes()).status,
+        201
+    );
+    assert!(!ask("203.0.113.9").is_allowed());
+    let (last, text) = scrape();
+    assert_eq!(
+        value(&last, "tollgate_reloads_total", &[("outcome", "ok")]),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        value(&last, "tollgate_reloads_total", &[("outcome", "error")]),
+        1.0
+    );
+    assert_eq!(value(&last, "tollgate_active_bans", &[]), 1.0);
+    assert_eq!(
+        value(
+            &last,
+            "tollgate_requests_total",
+            &[("outcome", "forbid"), ("rule", "runtime-denylist")]
+        ),
+        1.0
+    );
+    let version = engine.plan().version().to_owned();
+    assert_eq!(
+        value(&last, "tollgate_plan_info", &[("version", &version)]),
+        1.0
+    );
 }

@@ -294,3 +294,37 @@ fn redis_tls_settings_are_read_and_checked() {
     assert!(found[2].1.contains("both"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn metrics_on_main_is_a_yes_or_no() {
+    let from_file = file("metrics", "metrics_on_main = true\n");
+    let flags = Flags {
+        config: Some(from_file),
+        ..Flags::default()
+    };
+    assert!(
+        Settings::load_from(&flags, vars(&[]))
+            .unwrap()
+            .metrics_on_main
+    );
+    let s = Settings::load_from(
+        &Flags::default(),
+        vars(&[("TOLLGATE_METRICS_ON_MAIN", "true")]),
+    );
+    assert!(s.unwrap().metrics_on_main);
+    assert!(
+        !Settings::load_from(&Flags::default(), vars(&[]))
+            .unwrap()
+            .metrics_on_main
+    );
+    let wrong = Settings::load_from(
+        &Flags::default(),
+        vars(&[("TOLLGATE_METRICS_ON_MAIN", "yes")]),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        wrong.contains("metrics_on_main") && wrong.contains("true"),
+        "{wrong}"
+    );
+}

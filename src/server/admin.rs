@@ -55,6 +55,7 @@ pub fn admin_router<S: Store, C: Clock>(state: Arc<AdminState<S, C>>) -> Router 
                 .delete(remove_entry::<S, C>),
         )
         .route("/admin/diagnostics", get(diagnostics::<S, C>))
+        .route("/metrics", get(metrics::<S, C>))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&state),
@@ -367,6 +368,12 @@ async fn diagnostics<S: Store, C: Clock>(State(state): State<Arc<AdminState<S, C
         "build": { "version": env!("CARGO_PKG_VERSION") },
     }))
     .into_response()
+}
+
+/// `GET /metrics`: Prometheus's text format, reloads included.
+async fn metrics<S: Store, C: Clock>(State(state): State<Arc<AdminState<S, C>>>) -> Response {
+    let status = state.reloader.status();
+    super::metrics_response(&state.engine, Some((status.succeeded, status.failed)))
 }
 
 /// `GET /admin/lists`: the runtime entries in force on this node (read from the store).

@@ -74,6 +74,7 @@ pub(super) async fn check<S: Store, C: Clock>(
         Err(problem) => return problem_response(*problem, &request_id),
     };
     let verdict = app.engine.decide(&ctx).await;
+    crate::telemetry::log_verdict(&verdict, &request_id, app.engine.key_hasher());
     let headers = response::rate_limit_headers(&verdict, app.options.headers);
     let problem = response::problem(&verdict, Some(&request_id));
     let headline = verdict.headline();

@@ -73,18 +73,6 @@ pub(super) async fn forward_auth<S: Store, C: Clock>(
         }
     };
     set_request_id(response.headers_mut(), &request_id);
-    log_refusal(&verdict, &request_id);
+    crate::telemetry::log_verdict(&verdict, &request_id, app.engine.key_hasher());
     response
-}
-
-pub(super) fn log_refusal(verdict: &Verdict, request_id: &str) {
-    match &verdict.action {
-        Action::Reject { limit, .. } => {
-            tracing::info!(request_id, %limit, "rejected (forward-auth)");
-        }
-        Action::Unauthorized {
-            limit, policies, ..
-        } => tracing::info!(request_id, %limit, ?policies, "unauthorized by Cedar (forward-auth)"),
-        _ => {}
-    }
 }

@@ -72,7 +72,8 @@ pub async fn build(settings: &Settings) -> Result<Arc<AppState<AnyStore>>, Serve
         Engine::new(plan, store)
             .with_key_hasher(hasher)
             .with_local_share(nodes)
-            .with_local_max_keys(settings.memory_max_keys),
+            .with_local_max_keys(settings.memory_max_keys)
+            .with_metrics(Arc::new(crate::metrics::Metrics::new())),
     );
     Ok(Arc::new(AppState {
         engine,
@@ -85,6 +86,7 @@ pub async fn build(settings: &Settings) -> Result<Arc<AppState<AnyStore>>, Serve
         },
         max_body_bytes: settings.max_body_bytes,
         upstream: settings.upstream.clone().map(Upstream::new),
+        metrics_on_main: settings.metrics_on_main,
     }))
 }
 

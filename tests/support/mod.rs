@@ -274,6 +274,7 @@ fn app_state(
         engine,
         options,
         max_body_bytes: 64 * 1024,
+        metrics_on_main: false,
         upstream: upstream
             .map(|a| tollgate::proxy::Upstream::new(format!("http://{a}").parse().unwrap())),
     })

@@ -1,0 +1,375 @@
+//! Prometheus metrics (the `prometheus` crate): what the engine decides, how long deciding
+//! and the store take, the store's health, reloads and bans. Label values come from the plan
+//! (namespaces, limits, lists) or from fixed sets (outcomes), never from clients, so the
+//! number of series stays bounded.
+//!
+//! The engine records into a [`Metrics`] it is given ([`Engine::with_metrics`]); values kept
+//! elsewhere (breakers, memory keys, reloads, bans) are read when the registry is scraped
+//! ([`Metrics::render`]).
+//!
+//! [`Engine::with_metrics`]: crate::Engine::with_metrics
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+
+use crate::engine::{Action, Counted, LimitReport};
+use crate::plan::{Limit, Mode, SoftAction};
+use crate::store::StoreHealth;
+
+/// What one limit did to one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Admitted, well below the limit.
+    Allow,
+    /// Admitted, with 80 % or more of the limit used.
+    NearLimit,
+    /// Admitted past a soft `warn` threshold.
+    Warn,
+    /// Admitted past a soft `delay` threshold.
+    Delay,
+    /// Refused.
+    Reject,
+    /// Over the limit in shadow mode: reported, not refused.
+    ShadowReject,
+    /// The store failed; the limit's `on_store_error` decided.
+    StoreError,
+}
+
+impl Outcome {
+    const ALL: [Outcome; 7] = [
+        Outcome::Allow,
+        Outcome::NearLimit,
+        Outcome::Warn,
+        Outcome::Delay,
+        Outcome::Reject,
+        Outcome::ShadowReject,
+        Outcome::StoreError,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Allow => "allow",
+            Outcome::NearLimit => "near_limit",
+            Outcome::Warn => "warn",
+            Outcome::Delay => "delay",
+            Outcome::Reject => "reject",
+            Outcome::ShadowReject => "shadow_reject",
+            Outcome::StoreError => "store_error",
+        }
+    }
+
+    /// What `report` says `limit` did.
+    pub fn of(report: &LimitReport, limit: &Limit) -> Outcome {
+        if matches!(report.counted, Counted::Skipped | Counted::Local) {
+            return Outcome::StoreError;
+        }
+        if !report.decision.allowed {
+            return if report.mode == Mode::Shadow {
+                Outcome::ShadowReject
+            } else {
+                Outcome::Reject
+            };
+        }
+        let used = report.decision.used_percent();
+        let soft = limit
+            .soft
+            .iter()
+            .rev()
+            .find(|s| used >= u64::from(s.at_percent));
+        match soft.map(|s| s.action) {
+            Some(SoftAction::Delay(_)) => Outcome::Delay,
+            Some(SoftAction::Warn) => Outcome::Warn,
+            None if used >= NEAR_LIMIT_PERCENT => Outcome::NearLimit,
+            None => Outcome::Allow,
+        }
+    }
+}
+
+/// From this share of a limit used, an admitted request is `near_limit`.
+pub const NEAR_LIMIT_PERCENT: u64 = 80;
+
+/// The request-level outcome of an action, and the rule (list or limit) it names.
+fn request_outcome(action: &Action) -> (&'static str, &str) {
+    match action {
+        Action::Allow => ("allow", ""),
+        Action::Warn => ("warn", ""),
+        Action::Delay(_) => ("delay", ""),
+        Action::Bypass { list } => ("bypass", list),
+        Action::Reject { limit, .. } => ("reject", limit),
+        Action::Forbid { list, .. } => ("forbid", list),
+        Action::Unauthorized { limit, .. } => ("unauthorized", limit),
+        Action::Unavailable { limit } => ("store_error", limit),
+    }
+}
+
+/// The counters of one limit, one per outcome (in [`Outcome::ALL`]'s order), resolved once.
+type LimitCounters = [IntCounter; Outcome::ALL.len()];
+
+type CountersByLimit = HashMap<Arc<str>, Arc<LimitCounters>, foldhash::fast::RandomState>;
+
+/// Every metric Tollgate exports, in one registry.
+pub struct Metrics {
+    registry: Registry,
+    decisions: IntCounterVec,
+    /// Limit name (unique in a plan) → its counters: one fast lookup per limit instead of
+    /// hashing three label values.
+    per_limit: ArcSwap<CountersByLimit>,
+    requests: IntCounterVec,
+    /// `requests{outcome=allow|warn|delay, rule=""}`, resolved once: most requests.
+    admitted: [IntCounter; 3],
+    decision_seconds: Histogram,
+    store_seconds: Histogram,
+    store_errors: IntCounter,
+    breakers: IntGauge,
+    breakers_open: IntGauge,
+    memory_keys: IntGauge,
+    memory_evictions: IntCounter,
+    reloads: IntCounterVec,
+    active_bans: IntGauge,
+    plan: prometheus::IntGaugeVec,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("a valid metric");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("registered once");
+    c
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::with_opts(Opts::new(name, help)).expect("a valid metric");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("registered once");
+    c
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::with_opts(Opts::new(name, help)).expect("a valid metric");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("registered once");
+    g
+}
+
+fn histogram(registry: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+        .expect("a valid metric");
+    registry
+        .register(Box::new(h.clone()))
+        .expect("registered once");
+    h
+}
+
+impl Metrics {
+    /// A registry with every family, all at zero.
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let decisions = counter_vec(
+            &registry,
+            "tollgate_decisions_total",
+            "What each limit did to each request it applied to.",
+            &["namespace", "limit", "outcome"],
+        );
+        let requests = counter_vec(
+            &registry,
+            "tollgate_requests_total",
+            "Requests decided, by what was done and the list or limit that decided it.",
+            &["outcome", "rule"],
+        );
+        let decision_seconds = histogram(
+            &registry,
+            "tollgate_decision_duration_seconds",
+            "Time to decide one request, store call included.",
+            prometheus::exponential_buckets(0.000_005, 2.0, 16).expect("valid buckets"),
+        );
+        let store_seconds = histogram(
+            &registry,
+            "tollgate_store_duration_seconds",
+            "Time of one counting call to the store (a batch for one request).",
+            prometheus::exponential_buckets(0.000_01, 2.0, 16).expect("valid buckets"),
+        );
+        let store_errors = counter(
+            &registry,
+            "tollgate_store_errors_total",
+            "Counting calls that failed (the limits' on_store_error decided).",
+        );
+        let breakers = gauge(
+            &registry,
+            "tollgate_store_breakers",
+            "Circuit breakers in front of the store (one per Redis server or slot group).",
+        );
+        let breakers_open = gauge(
+            &registry,
+            "tollgate_store_breakers_open",
+            "Circuit breakers open: calls refused, or one probe let through.",
+        );
+        let memory_keys = gauge(
+            &registry,
+            "tollgate_memory_store_keys",
+            "Keys the memory store holds in this process (expired ones until swept).",
+        );
+        let memory_evictions = counter(
+            &registry,
+            "tollgate_memory_store_evictions_total",
+            "Live keys the memory store dropped to stay within its cap.",
+        );
+        let reloads = counter_vec(
+            &registry,
+            "tollgate_reloads_total",
+            "Policy reloads, by outcome (ok: swapped in; error: refused, the old plan serves).",
+            &["outcome"],
+        );
+        let active_bans = gauge(
+            &registry,
+            "tollgate_active_bans",
+            "Runtime denylist entries (bans) in force on this node.",
+        );
+        let plan = prometheus::IntGaugeVec::new(
+            Opts::new("tollgate_plan_info", "The plan serving (1), by version."),
+            &["version"],
+        )
+        .expect("a valid metric");
+        registry
+            .register(Box::new(plan.clone()))
+            .expect("registered once");
+        let admitted = ["allow", "warn", "delay"].map(|o| requests.with_label_values(&[o, ""]));
+        Metrics {
+            registry,
+            decisions,
+            per_limit: ArcSwap::from_pointee(CountersByLimit::default()),
+            requests,
+            admitted,
+            decision_seconds,
+            store_seconds,
+            store_errors,
+            breakers,
+            breakers_open,
+            memory_keys,
+            memory_evictions,
+            reloads,
+            active_bans,
+            plan,
+        }
+    }
+
+    /// The counters of `limit`, resolved on first use (copy on write: a plan has few
+    /// limits, requests read without locking).
+    fn add_limit(&self, limit: &Limit) -> Arc<LimitCounters> {
+        let counters: Arc<LimitCounters> = Arc::new(Outcome::ALL.map(|o| {
+            self.decisions
+                .with_label_values(&[&limit.namespace, &limit.name, o.as_str()])
+        }));
+        self.per_limit.rcu(|map| {
+            let mut map = CountersByLimit::clone(map);
+            map.insert(Arc::clone(&limit.name), Arc::clone(&counters));
+            map
+        });
+        counters
+    }
+
+    /// Records what each applied limit did.
+    pub fn record_limits(&self, reports: &[LimitReport], applied: &[&Limit]) {
+        let known = self.per_limit.load();
+        for (report, limit) in reports.iter().zip(applied) {
+            let outcome = Outcome::of(report, limit) as usize;
+            match known.get(&*limit.name) {
+                Some(counters) => counters[outcome].inc(),
+                None => self.add_limit(limit)[outcome].inc(),
+            }
+        }
+    }
+
+    /// Records one request's action and how long deciding it took.
+    pub fn record_request(&self, action: &Action, took: Duration) {
+        match action {
+            Action::Allow => self.admitted[0].inc(),
+            Action::Warn => self.admitted[1].inc(),
+            Action::Delay(_) => self.admitted[2].inc(),
+            refused => {
+                let (outcome, rule) = request_outcome(refused);
+                self.requests.with_label_values(&[outcome, rule]).inc();
+            }
+        }
+        self.decision_seconds.observe(took.as_secs_f64());
+    }
+
+    /// Records one counting call to the store.
+    pub fn record_store_call(&self, took: Duration, failed: bool) {
+        self.store_seconds.observe(took.as_secs_f64());
+        if failed {
+            self.store_errors.inc();
+        }
+    }
+
+    /// Brings what is kept elsewhere up to date, then renders every family in Prometheus's
+    /// text format.
+    pub fn render(&self, scrape: &Scrape<'_>) -> String {
+        self.breakers.set(gauge_value(scrape.store.breakers));
+        self.breakers_open
+            .set(gauge_value(scrape.store.breakers_open));
+        self.memory_keys
+            .set(gauge_value(scrape.store.keys.unwrap_or_default()));
+        catch_up(&self.memory_evictions, scrape.evictions);
+        if let Some((ok, error)) = scrape.reloads {
+            catch_up(&self.reloads.with_label_values(&["ok"]), ok);
+            catch_up(&self.reloads.with_label_values(&["error"]), error);
+        }
+        self.active_bans.set(gauge_value(scrape.active_bans));
+        self.plan.reset();
+        self.plan.with_label_values(&[scrape.plan_version]).set(1);
+        TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_default()
+    }
+}
+
+/// What a scrape reads from the engine, the store and the reloader.
+#[derive(Debug)]
+pub struct Scrape<'a> {
+    /// The store's health.
+    pub store: StoreHealth,
+    /// Memory-store evictions so far.
+    pub evictions: u64,
+    /// Reloads so far: swapped in, refused (`None`: no reloader).
+    pub reloads: Option<(u64, u64)>,
+    /// Runtime bans in force.
+    pub active_bans: usize,
+    /// The plan serving.
+    pub plan_version: &'a str,
+}
+
+/// Raises `counter` to `total`, a count kept elsewhere that only grows.
+fn catch_up(counter: &IntCounter, total: u64) {
+    let current = counter.get();
+    if total > current {
+        counter.inc_by(total - current);
+    }
+}
+
+fn gauge_value(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// The content type of [`Metrics::render`]'s output.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
