@@ -106,6 +106,10 @@ pub struct Settings {
     /// Serve `/metrics` on the main listener too, without a token (it is always on the
     /// admin listener, behind the admin token).
     pub metrics_on_main: bool,
+    /// ClickHouse's HTTP URL, for decisions and analytics (`None`: no export).
+    pub clickhouse_url: Option<String>,
+    /// The ClickHouse database Tollgate's tables live in.
+    pub clickhouse_database: String,
 }
 
 pub use crate::identity::{JwtKey, JwtSettings};
@@ -146,6 +150,8 @@ struct Raw {
     cedar_cache_ttl_ms: Option<u64>,
     cedar_cache_size: Option<usize>,
     metrics_on_main: Option<BoolText>,
+    clickhouse_url: Option<String>,
+    clickhouse_database: Option<String>,
 }
 
 /// A yes/no setting: a boolean in the file, `true` or `false` in a variable or a flag.
@@ -200,6 +206,8 @@ const KEYS: &[&str] = &[
     "cedar_cache_ttl_ms",
     "cedar_cache_size",
     "metrics_on_main",
+    "clickhouse_url",
+    "clickhouse_database",
 ];
 
 /// Settings whose values are numbers.
@@ -340,6 +348,8 @@ impl Settings {
             cedar_cache_ttl_ms: 1_000,
             cedar_cache_size: 100_000,
             metrics_on_main: false,
+            clickhouse_url: None,
+            clickhouse_database: "tollgate".to_owned(),
         }
     }
 
@@ -377,6 +387,28 @@ impl Settings {
             BOOLEANS,
             self.metrics_on_main,
         );
+        if let Some(url) = raw.clickhouse_url.take() {
+            if url.starts_with("http://") || url.starts_with("https://") {
+                self.clickhouse_url = Some(url);
+            } else {
+                p.add(
+                    "clickhouse_url",
+                    "ClickHouse's HTTP interface: a URL like `http://127.0.0.1:8123`".to_owned(),
+                );
+            }
+        }
+        if let Some(db) = raw.clickhouse_database.take() {
+            let plain = db.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+                && db.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if plain && db.len() <= 64 {
+                self.clickhouse_database = db;
+            } else {
+                p.add(
+                    "clickhouse_database",
+                    format!("`{db}` is not a database name (letters, digits and `_`)"),
+                );
+            }
+        }
 
         if let Some(policies) = raw.policies.take() {
             self.policies = PathBuf::from(policies);
@@ -755,6 +787,8 @@ impl<'f> Sources<'f> {
             cedar_cache_ttl_ms,
             cedar_cache_size,
             metrics_on_main,
+            clickhouse_url,
+            clickhouse_database,
         )
     }
 

@@ -300,11 +300,11 @@ fn describe_quota(q: &Quota) -> String {
 fn human(d: Duration) -> String {
     let ms = d.as_millis();
     match ms {
-        _ if ms % 86_400_000 == 0 => format!("{}d", ms / 86_400_000),
-        _ if ms % 3_600_000 == 0 => format!("{}h", ms / 3_600_000),
-        _ if ms % 60_000 == 0 => format!("{}min", ms / 60_000),
-        _ if ms % 1_000 == 0 => format!("{}s", ms / 1_000),
-        _ if d.as_micros() % 1_000 == 0 => format!("{ms}ms"),
+        _ if ms.is_multiple_of(86_400_000) => format!("{}d", ms / 86_400_000),
+        _ if ms.is_multiple_of(3_600_000) => format!("{}h", ms / 3_600_000),
+        _ if ms.is_multiple_of(60_000) => format!("{}min", ms / 60_000),
+        _ if ms.is_multiple_of(1_000) => format!("{}s", ms / 1_000),
+        _ if d.as_micros().is_multiple_of(1_000) => format!("{ms}ms"),
         _ => format!("{}µs", d.as_micros()),
     }
 }

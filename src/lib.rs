@@ -22,6 +22,7 @@
 //! # });
 //! ```
 
+pub mod analytics;
 pub mod authz;
 pub mod clock;
 pub mod config;

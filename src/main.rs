@@ -90,6 +90,28 @@ enum Command {
         #[command(subcommand)]
         action: AdminAction,
     },
+    /// Decisions in ClickHouse: the schema (address and database from the same settings as
+    /// `serve`: `TOLLGATE_CLICKHOUSE_URL`, `TOLLGATE_CLICKHOUSE_DATABASE`, `--config`).
+    Analytics {
+        /// ClickHouse's HTTP URL [default: clickhouse_url from the settings].
+        #[arg(long, global = true)]
+        url: Option<String>,
+        /// The database [default: clickhouse_database, `tollgate`].
+        #[arg(long, global = true)]
+        database: Option<String>,
+        /// Settings file (TOML), as for `serve`.
+        #[arg(long, global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        action: AnalyticsAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum AnalyticsAction {
+    /// Create the database, the events table and its rollups, or bring them up to date
+    /// (idempotent; migrations the server is too old for stay pending).
+    Migrate,
 }
 
 #[derive(Subcommand)]
@@ -264,6 +286,81 @@ fn main() -> ExitCode {
             config,
             action,
         } => admin(url, token, config, action),
+        Command::Analytics {
+            url,
+            database,
+            config,
+            action: AnalyticsAction::Migrate,
+        } => analytics_migrate(url, database, config),
+    }
+}
+
+/// `tollgate analytics migrate`.
+fn analytics_migrate(
+    url: Option<String>,
+    database: Option<String>,
+    config: Option<PathBuf>,
+) -> ExitCode {
+    let settings = Settings::load(&Flags {
+        config,
+        ..Flags::default()
+    });
+    let (url, database) = match (url, settings) {
+        (Some(url), settings) => {
+            let db = database
+                .or_else(|| settings.ok().map(|s| s.clickhouse_database))
+                .unwrap_or_else(|| "tollgate".to_owned());
+            (url, db)
+        }
+        (None, Ok(s)) => match s.clickhouse_url {
+            Some(url) => (url, database.unwrap_or(s.clickhouse_database)),
+            None => {
+                eprintln!("error: no ClickHouse: set TOLLGATE_CLICKHOUSE_URL, or pass --url");
+                return ExitCode::from(2);
+            }
+        },
+        (None, Err(e)) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let steps = runtime.block_on(async {
+        let client = tollgate::analytics::client(&url)
+            .await
+            .map_err(|e| format!("ClickHouse does not answer: {e}"))?;
+        tollgate::analytics::migrate(&client, &database)
+            .await
+            .map_err(|e| e.to_string())
+    });
+    match steps {
+        Ok(steps) => {
+            use tollgate::analytics::Step;
+            for step in steps {
+                match step {
+                    Step::Applied(v) => println!("migration {v}: applied"),
+                    Step::AlreadyApplied(v) => println!("migration {v}: already applied"),
+                    Step::NeedsNewerServer { version, needs } => println!(
+                        "migration {version}: pending (needs ClickHouse {}.{} or newer)",
+                        needs.0, needs.1
+                    ),
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -203,13 +203,14 @@ impl MemoryStore {
                     e.state = Some(state);
                     e.expires_at = expires_at;
                 });
-            } else if !allowed && op.enforce {
-                if let Some(ban) = op.ban {
-                    let until = now.saturating_add(ban).as_micros();
-                    self.upsert(map, op.key, t, |e| e.banned_until = until);
-                    // The rejection that starts a ban announces it.
-                    result.announce_ban(ban);
-                }
+            } else if !allowed
+                && op.enforce
+                && let Some(ban) = op.ban
+            {
+                let until = now.saturating_add(ban).as_micros();
+                self.upsert(map, op.key, t, |e| e.banned_until = until);
+                // The rejection that starts a ban announces it.
+                result.announce_ban(ban);
             }
         }
         if !admitted {

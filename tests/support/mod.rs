@@ -11,6 +11,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
+pub mod clickhouse;
 pub mod nginx;
 pub mod process;
 pub mod redis;
