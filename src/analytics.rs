@@ -10,6 +10,8 @@
 
 use clickhouse::Client;
 
+pub mod export;
+
 /// One schema change.
 #[derive(Debug, Clone, Copy)]
 pub struct Migration {

@@ -210,6 +210,8 @@ pub struct Engine<S, C = SystemClock> {
     metrics: Option<Arc<Metrics>>,
     /// A failing store is logged once per burst, not once per request.
     store_warnings: crate::telemetry::Burst,
+    /// Where decisions go for analytics, and this node's name in them (`None`: nowhere).
+    exporter: Option<(crate::analytics::export::Exporter, Arc<str>)>,
 }
 
 impl<S: std::fmt::Debug, C: std::fmt::Debug> std::fmt::Debug for Engine<S, C> {
@@ -249,6 +251,7 @@ impl<S: Store, C: Clock> Engine<S, C> {
             runtime_len: AtomicU64::new(0),
             metrics: None,
             store_warnings: crate::telemetry::Burst::new(crate::telemetry::BURST_WINDOW),
+            exporter: None,
         }
     }
 
@@ -256,6 +259,34 @@ impl<S: Store, C: Clock> Engine<S, C> {
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
         self.metrics = Some(metrics);
         self
+    }
+
+    /// Sends every decision [`Engine::export`]ed to `exporter`, as node `node`.
+    pub fn with_exporter(
+        mut self,
+        exporter: crate::analytics::export::Exporter,
+        node: impl Into<Arc<str>>,
+    ) -> Self {
+        self.exporter = Some((exporter, node.into()));
+        self
+    }
+
+    /// Queues `verdict` for analytics (without waiting), when an exporter is set: the
+    /// adapters call this once per decided request, with its id.
+    pub fn export(&self, verdict: &Verdict, request: &RequestCtx, request_id: &str) {
+        if let Some((exporter, node)) = &self.exporter {
+            let rows = crate::analytics::export::rows(
+                verdict,
+                request,
+                request_id,
+                node,
+                &self.hasher,
+                self.clock.now(),
+            );
+            for row in rows {
+                exporter.send(row);
+            }
+        }
     }
 
     /// The metrics decisions are counted in, if any.

@@ -179,6 +179,7 @@ where
                 Some(names) => layer.engine.decide_only(&ctx, names).await,
                 None => layer.engine.decide(&ctx).await,
             };
+            layer.engine.export(&verdict, &ctx, &request_id);
             // The headers go back to the request the application sees.
             *request.headers_mut() = ctx.headers;
             let mut verdict = verdict;

@@ -135,3 +135,97 @@ fn tollgate_analytics_migrate_from_the_command_line() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("not a database name"));
 }
+
+/// Traffic through the layer lands in ClickHouse: one row per limit decision, with the
+/// request id, the key's hash (never the token), the outcome, the counter; rollups agree.
+#[test]
+fn decisions_through_the_layer_land_in_clickhouse() {
+    use std::sync::Arc;
+    use tollgate::analytics::export::{ExportSettings, Exporter};
+    use tower::ServiceExt;
+    const TOKEN: &str = "sk-export-test-token-42";
+    let Some(server) = support::clickhouse::ClickHouse::start() else {
+        return;
+    };
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+    let rt = runtime();
+    rt.block_on(async {
+        let client = tollgate::analytics::client(&server.url()).await.unwrap();
+        migrate(&client, "tollgate").await.unwrap();
+        let exporter = Exporter::start(
+            client,
+            ExportSettings {
+                batch_rows: 5,
+                ..ExportSettings::default()
+            },
+        );
+        let plan = tollgate::compile(&tollgate::PolicySet::from_sources([(
+            "shop.rl",
+            r#"namespace "shop";
+limit api { match { route ANY "/api/**"; } key api_token; algorithm fixed_window; rate 10/min; }
+"#,
+        )]))
+        .unwrap();
+        let engine = Arc::new(
+            tollgate::Engine::new(plan, tollgate::store::MemoryStore::new())
+                .with_exporter(exporter.clone(), "node-a"),
+        );
+        let app = axum::Router::new().fallback(|| async { "ok" }).layer(
+            tollgate::RateLimitLayer::new(engine).with_options(tollgate::middleware::HttpOptions {
+                identifier: tollgate::identity::Identifier::new()
+                    .with_api_key_header(http::HeaderName::from_static("x-api-key")),
+                ..Default::default()
+            }),
+        );
+        for n in 0..12 {
+            let request = http::Request::builder()
+                .uri("/api/orders")
+                .header("x-api-key", TOKEN)
+                .header("x-request-id", format!("req-{n}"))
+                .body(axum::body::Body::empty())
+                .unwrap();
+            app.clone().oneshot(request).await.unwrap();
+        }
+        exporter.flush().await;
+        let stats = exporter.stats();
+        assert_eq!(stats.sent.load(std::sync::atomic::Ordering::Relaxed), 12);
+        assert_eq!(stats.dropped.load(std::sync::atomic::Ordering::Relaxed), 0);
+    });
+    let by_decision = server
+        .query(
+            "SELECT decision, count() FROM tollgate.decisions GROUP BY decision ORDER BY decision",
+        )
+        .unwrap();
+    assert_eq!(by_decision, "allow\t7\nnear_limit\t3\nreject\t2\n");
+    let row = server
+        .query(
+            "SELECT node, namespace, limit_name, algorithm, key_kind, length(key_hash), status, \
+             quota, remaining, route, method FROM tollgate.decisions WHERE request_id = 'req-11'",
+        )
+        .unwrap();
+    assert_eq!(
+        row,
+        "node-a\tshop\tapi\tfixed_window\ttoken\t24\t429\t10\t0\t/api/orders\tGET\n"
+    );
+    let everything = server
+        .query("SELECT * FROM tollgate.decisions FORMAT TSV")
+        .unwrap();
+    assert!(!everything.contains(TOKEN), "no token in any column");
+    assert_eq!(
+        server
+            .query("SELECT uniqExact(batch_id) FROM tollgate.decisions")
+            .unwrap()
+            .trim(),
+        "3",
+        "batches of at most 5 rows"
+    );
+    assert_eq!(
+        server
+            .query(
+                "SELECT sum(requests) FROM tollgate.decisions_per_minute WHERE decision = 'reject'"
+            )
+            .unwrap()
+            .trim(),
+        "2"
+    );
+}

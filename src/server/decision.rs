@@ -75,6 +75,7 @@ pub(super) async fn check<S: Store, C: Clock>(
     };
     let verdict = app.engine.decide(&ctx).await;
     crate::telemetry::log_verdict(&verdict, &request_id, app.engine.key_hasher());
+    app.engine.export(&verdict, &ctx, &request_id);
     let headers = response::rate_limit_headers(&verdict, app.options.headers);
     let problem = response::problem(&verdict, Some(&request_id));
     let headline = verdict.headline();

@@ -74,5 +74,6 @@ pub(super) async fn forward_auth<S: Store, C: Clock>(
     };
     set_request_id(response.headers_mut(), &request_id);
     crate::telemetry::log_verdict(&verdict, &request_id, app.engine.key_hasher());
+    app.engine.export(&verdict, &ctx, &request_id);
     response
 }

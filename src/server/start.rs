@@ -68,13 +68,34 @@ pub async fn build(settings: &Settings) -> Result<Arc<AppState<AnyStore>>, Serve
         "policies loaded"
     );
     let nodes = NonZeroU64::new(settings.expected_nodes).unwrap_or(NonZeroU64::MIN);
-    let engine = Arc::new(
-        Engine::new(plan, store)
-            .with_key_hasher(hasher)
-            .with_local_share(nodes)
-            .with_local_max_keys(settings.memory_max_keys)
-            .with_metrics(Arc::new(crate::metrics::Metrics::new())),
-    );
+    let mut engine = Engine::new(plan, store)
+        .with_key_hasher(hasher)
+        .with_local_share(nodes)
+        .with_local_max_keys(settings.memory_max_keys)
+        .with_metrics(Arc::new(crate::metrics::Metrics::new()));
+    if let Some(url) = &settings.clickhouse_url {
+        let client = match crate::analytics::client(url).await {
+            Ok(client) => client,
+            Err(e) => {
+                // The exporter retries until ClickHouse answers; requests never wait for it.
+                tracing::warn!(error = %e, "ClickHouse does not answer yet; decisions wait in the export queue");
+                clickhouse::Client::default()
+                    .with_url(url)
+                    .with_validation(false)
+            }
+        };
+        let exporter = crate::analytics::export::Exporter::start(
+            client,
+            crate::analytics::export::ExportSettings {
+                database: settings.clickhouse_database.clone(),
+                ..Default::default()
+            },
+        );
+        let node = std::env::var("HOSTNAME").unwrap_or_else(|_| "tollgate".to_owned());
+        engine = engine.with_exporter(exporter, node);
+        tracing::info!(database = %settings.clickhouse_database, "decisions exported to ClickHouse");
+    }
+    let engine = Arc::new(engine);
     Ok(Arc::new(AppState {
         engine,
         options: HttpOptions {
