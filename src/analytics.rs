@@ -184,16 +184,17 @@ pub async fn migrate(client: &Client, database: &str) -> Result<Vec<Step>, Migra
             });
             continue;
         }
+        let failed = |source| MigrateError::Statement {
+            version: m.version,
+            name: m.name,
+            source,
+        };
         for statement in m.statements {
             client
                 .query(&sql(statement))
                 .execute()
                 .await
-                .map_err(|source| MigrateError::Statement {
-                    version: m.version,
-                    name: m.name,
-                    source,
-                })?;
+                .map_err(failed)?;
         }
         client
             .query(&sql(
@@ -204,11 +205,7 @@ pub async fn migrate(client: &Client, database: &str) -> Result<Vec<Step>, Migra
             .bind(m.name)
             .execute()
             .await
-            .map_err(|source| MigrateError::Statement {
-                version: m.version,
-                name: m.name,
-                source,
-            })?;
+            .map_err(failed)?;
         steps.push(Step::Applied(m.version));
     }
     Ok(steps)

@@ -6,12 +6,7 @@ mod support;
 
 use tollgate::analytics::{MIGRATIONS, Step, migrate};
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
+use support::runtime;
 
 #[test]
 fn migrations_create_the_schema_once_and_wait_for_newer_servers() {

@@ -56,12 +56,7 @@ fn captured(f: impl FnOnce()) -> Vec<serde_json::Value> {
         .collect()
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
+use support::runtime;
 
 #[test]
 fn a_refusal_is_one_line_with_its_fields_and_no_secret() {

@@ -18,6 +18,14 @@ pub mod redis;
 pub mod serving;
 pub mod tls;
 
+/// A current-thread runtime with timers and I/O, for tests that drive async code by hand.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime")
+}
+
 /// An identifier that believes HS256 tokens signed with `secret`, the user in `sub`.
 pub fn jwt_identifier(secret: &[u8]) -> tollgate::identity::Identifier {
     tollgate::identity::Identifier::new()
