@@ -647,7 +647,7 @@ impl CedarSet {
             })
             .take(MAX_REQUEST_PARENTS)
             .collect();
-        parents.sort_by_key(ToString::to_string);
+        parents.sort();
         parents.dedup();
         Principal { uid, parents }
     }

@@ -167,28 +167,10 @@ enum AdminAction {
     Lists,
     /// Refuse an address, a network or a client (403) on every node: for a time, or until
     /// `unlist`.
-    Ban {
-        #[command(flatten)]
-        target: EntryTarget,
-        /// For how many seconds [default: until removed].
-        #[arg(long = "for")]
-        for_seconds: Option<u64>,
-        /// Why, shown to refused clients.
-        #[arg(long)]
-        reason: Option<String>,
-    },
+    Ban(NewEntry),
     /// Count nothing for an address, a network or a client on every node (authorization
     /// still applies).
-    Allow {
-        #[command(flatten)]
-        target: EntryTarget,
-        /// For how many seconds [default: until removed].
-        #[arg(long = "for")]
-        for_seconds: Option<u64>,
-        /// Why.
-        #[arg(long)]
-        reason: Option<String>,
-    },
+    Allow(NewEntry),
     /// Remove a runtime entry.
     Unlist {
         /// `denylist` (a ban) or `safelist`.
@@ -197,6 +179,19 @@ enum AdminAction {
         #[command(flatten)]
         target: EntryTarget,
     },
+}
+
+/// A runtime entry to add: what it holds for, for how long, why.
+#[derive(Debug, clap::Args)]
+struct NewEntry {
+    #[command(flatten)]
+    target: EntryTarget,
+    /// For how many seconds [default: until removed].
+    #[arg(long = "for")]
+    for_seconds: Option<u64>,
+    /// Why (a ban's reason is shown to the clients it refuses).
+    #[arg(long)]
+    reason: Option<String>,
 }
 
 /// What a runtime entry holds for: one of these.
@@ -454,18 +449,18 @@ fn admin(
         AdminAction::Key { key } => (Method::GET, format!("/admin/key?key={}", encode(key)), None),
         AdminAction::Diagnostics => (Method::GET, "/admin/diagnostics".to_owned(), None),
         AdminAction::Lists => (Method::GET, "/admin/lists".to_owned(), None),
-        AdminAction::Ban {
+        AdminAction::Ban(NewEntry {
             target,
             for_seconds,
             reason,
-        }
-        | AdminAction::Allow {
+        })
+        | AdminAction::Allow(NewEntry {
             target,
             for_seconds,
             reason,
-        } => {
+        }) => {
             let list = match action {
-                AdminAction::Ban { .. } => "denylist",
+                AdminAction::Ban(_) => "denylist",
                 _ => "safelist",
             };
             let mut entry = serde_json::json!({ "list": list });

@@ -70,6 +70,13 @@ pub const BURST_WINDOW: std::time::Duration = std::time::Duration::from_secs(10)
 /// hash of the counter key: no client, user or token appears) and `reason`.
 pub fn log_verdict(verdict: &crate::Verdict, request_id: &str, hasher: &crate::plan::KeyHasher) {
     use crate::engine::Action;
+    // Most requests are allowed, and allows log at debug: no hashing when nobody listens.
+    let quiet = matches!(verdict.action, Action::Allow | Action::Bypass { .. })
+        && !tracing::enabled!(tracing::Level::DEBUG)
+        && verdict.shadow_rejections().next().is_none();
+    if quiet {
+        return;
+    }
     let headline = verdict.headline();
     let key = headline.map(|r| r.key.as_str()).unwrap_or_default();
     let parts = crate::plan::key::CounterKey::parse(key);
