@@ -11,6 +11,7 @@
 use clickhouse::Client;
 
 pub mod export;
+pub mod spool;
 
 /// One schema change.
 #[derive(Debug, Clone, Copy)]

@@ -110,6 +110,18 @@ pub struct Settings {
     pub clickhouse_url: Option<String>,
     /// The ClickHouse database Tollgate's tables live in.
     pub clickhouse_database: String,
+    /// Where decisions wait on disk while ClickHouse is down (`None`: in memory only).
+    pub clickhouse_spool_dir: Option<PathBuf>,
+    /// The most the spool holds, in MiB; past that, decisions are dropped and counted.
+    pub clickhouse_spool_max_mb: u64,
+    /// The share of admitted requests exported, in `(0, 1]`; refusals always are.
+    pub clickhouse_sample_allows: f64,
+    /// The request header whose value is each row's tenant.
+    pub clickhouse_tenant_header: Option<HeaderName>,
+    /// Client addresses are exported cut to their /24 or /48 network.
+    pub clickhouse_truncate_ip: bool,
+    /// `tollgate serve` runs the migrations before it exports.
+    pub clickhouse_migrate: bool,
 }
 
 pub use crate::identity::{JwtKey, JwtSettings};
@@ -152,6 +164,29 @@ struct Raw {
     metrics_on_main: Option<BoolText>,
     clickhouse_url: Option<String>,
     clickhouse_database: Option<String>,
+    clickhouse_spool_dir: Option<String>,
+    clickhouse_spool_max_mb: Option<u64>,
+    clickhouse_sample_allows: Option<NumberText>,
+    clickhouse_tenant_header: Option<String>,
+    clickhouse_truncate_ip: Option<BoolText>,
+    clickhouse_migrate: Option<BoolText>,
+}
+
+/// A fractional setting: a number in the file, text in a variable or a flag.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+enum NumberText {
+    Number(f64),
+    Text(String),
+}
+
+impl NumberText {
+    fn value(&self) -> Option<f64> {
+        match self {
+            NumberText::Number(n) => Some(*n),
+            NumberText::Text(t) => t.trim().parse().ok(),
+        }
+    }
 }
 
 /// A yes/no setting: a boolean in the file, `true` or `false` in a variable or a flag.
@@ -208,6 +243,12 @@ const KEYS: &[&str] = &[
     "metrics_on_main",
     "clickhouse_url",
     "clickhouse_database",
+    "clickhouse_spool_dir",
+    "clickhouse_spool_max_mb",
+    "clickhouse_sample_allows",
+    "clickhouse_tenant_header",
+    "clickhouse_truncate_ip",
+    "clickhouse_migrate",
 ];
 
 /// Settings whose values are numbers.
@@ -221,6 +262,7 @@ const NUMERIC: &[&str] = &[
     "max_body_bytes",
     "cedar_cache_ttl_ms",
     "cedar_cache_size",
+    "clickhouse_spool_max_mb",
 ];
 
 /// A list given either as a list or as one comma-separated string (as variables are).
@@ -350,6 +392,12 @@ impl Settings {
             metrics_on_main: false,
             clickhouse_url: None,
             clickhouse_database: "tollgate".to_owned(),
+            clickhouse_spool_dir: None,
+            clickhouse_spool_max_mb: 1024,
+            clickhouse_sample_allows: 1.0,
+            clickhouse_tenant_header: None,
+            clickhouse_truncate_ip: false,
+            clickhouse_migrate: false,
         }
     }
 
@@ -408,6 +456,40 @@ impl Settings {
                     format!("`{db}` is not a database name (letters, digits and `_`)"),
                 );
             }
+        }
+
+        if let Some(dir) = raw.clickhouse_spool_dir.take() {
+            self.clickhouse_spool_dir = Some(PathBuf::from(dir));
+        }
+        self.clickhouse_spool_max_mb = raw
+            .clickhouse_spool_max_mb
+            .take()
+            .unwrap_or(self.clickhouse_spool_max_mb);
+        if self.clickhouse_spool_max_mb == 0 {
+            p.add("clickhouse_spool_max_mb", "must be at least 1".to_owned());
+        }
+        if let Some(rate) = raw.clickhouse_sample_allows.take() {
+            match rate.value() {
+                Some(r) if r > 0.0 && r <= 1.0 => self.clickhouse_sample_allows = r,
+                _ => p.add(
+                    "clickhouse_sample_allows",
+                    "a share of admitted requests above 0 and at most 1, like `0.1`".to_owned(),
+                ),
+            }
+        }
+        for (key, value, field) in [
+            (
+                "clickhouse_truncate_ip",
+                raw.clickhouse_truncate_ip.take(),
+                &mut self.clickhouse_truncate_ip,
+            ),
+            (
+                "clickhouse_migrate",
+                raw.clickhouse_migrate.take(),
+                &mut self.clickhouse_migrate,
+            ),
+        ] {
+            *field = keyword(p, key, value.map(BoolText::into_text), BOOLEANS, *field);
         }
 
         if let Some(policies) = raw.policies.take() {
@@ -586,6 +668,10 @@ impl Settings {
                 .ok()
         };
         self.user_header = header("user_header", raw.user_header.take());
+        self.clickhouse_tenant_header = header(
+            "clickhouse_tenant_header",
+            raw.clickhouse_tenant_header.take(),
+        );
         if let Some(name) = header("api_key_header", raw.api_key_header.take()) {
             self.api_key_header = name;
         }
@@ -789,6 +875,12 @@ impl<'f> Sources<'f> {
             metrics_on_main,
             clickhouse_url,
             clickhouse_database,
+            clickhouse_spool_dir,
+            clickhouse_spool_max_mb,
+            clickhouse_sample_allows,
+            clickhouse_tenant_header,
+            clickhouse_truncate_ip,
+            clickhouse_migrate,
         )
     }
 

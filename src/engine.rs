@@ -132,6 +132,8 @@ pub struct LimitReport {
     pub banned: bool,
     /// How the decision was reached.
     pub counted: Counted,
+    /// The units this request asked of the limit (0 when nothing was counted).
+    pub cost: u64,
 }
 
 /// A concurrency lease held by an admitted request, to give back when it ends.
@@ -156,6 +158,8 @@ pub struct Verdict {
     pub skipped: Vec<SkippedLimit>,
     /// The plan version that decided.
     pub plan_version: Arc<str>,
+    /// How long deciding took.
+    pub elapsed: Duration,
 }
 
 impl Verdict {
@@ -271,22 +275,40 @@ impl<S: Store, C: Clock> Engine<S, C> {
         self
     }
 
-    /// Queues `verdict` for analytics (without waiting), when an exporter is set: the
-    /// adapters call this once per decided request, with its id.
-    pub fn export(&self, verdict: &Verdict, request: &RequestCtx, request_id: &str) {
-        if let Some((exporter, node)) = &self.exporter {
-            let rows = crate::analytics::export::rows(
-                verdict,
-                request,
+    /// The analytics rows of `verdict`, when an exporter is set and the request is not
+    /// sampled out: the adapters call this once per decided request, with its id, and send
+    /// the rows (without waiting) once they know the response's status.
+    pub fn export(
+        &self,
+        verdict: &Verdict,
+        request: &RequestCtx,
+        request_id: &str,
+    ) -> Option<crate::analytics::export::PendingRows> {
+        let (exporter, node) = self.exporter.as_ref()?;
+        let rows = crate::analytics::export::rows(
+            verdict,
+            request,
+            &crate::analytics::export::RowContext {
                 request_id,
                 node,
-                &self.hasher,
-                self.clock.now(),
-            );
-            for row in rows {
-                exporter.send(row);
+                hasher: &self.hasher,
+                now: self.clock.now(),
+                shape: exporter.shape(),
+            },
+        );
+        match rows {
+            Some(rows) => Some(exporter.pending(rows)),
+            None => {
+                let sampled_out = &exporter.stats().sampled_out;
+                sampled_out.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                None
             }
         }
+    }
+
+    /// Where decisions are exported, if anywhere.
+    pub fn exporter(&self) -> Option<&crate::analytics::export::Exporter> {
+        self.exporter.as_ref().map(|(e, _)| e)
     }
 
     /// The metrics decisions are counted in, if any.
@@ -420,8 +442,9 @@ impl<S: Store, C: Clock> Engine<S, C> {
             amount,
         };
         let verdict = |action: Action, reports, leases, skipped| {
+            let elapsed = self.clock.now().saturating_since(now);
             if let Some(metrics) = &self.metrics {
-                metrics.record_request(&action, self.clock.now().saturating_since(now));
+                metrics.record_request(&action, elapsed);
             }
             Verdict {
                 action,
@@ -429,6 +452,7 @@ impl<S: Store, C: Clock> Engine<S, C> {
                 leases,
                 skipped,
                 plan_version: Arc::clone(&plan.version),
+                elapsed,
             }
         };
         if let Some(action) = self.runtime_action(&plan, request, now) {
@@ -748,7 +772,7 @@ fn charge<'p>(
             "shadow: Cedar denies this request's authorization"
         );
     }
-    let (algorithm, policy, counted, allowed) = match charge {
+    let (algorithm, policy, counted, allowed, cost) = match charge {
         Charge::Count { quota, cost } => {
             pending.push(Pending {
                 slot: reports.len(),
@@ -757,10 +781,10 @@ fn charge<'p>(
                 enforce: limit.mode == Mode::Enforce,
                 ban: limit.on_exceed.ban,
             });
-            (quota.algorithm(), quota.policy(), Counted::Store, true)
+            (quota.algorithm(), quota.policy(), Counted::Store, true, cost)
         }
-        Charge::Blocked => ("blocked", (0, 0), Counted::Blocked, false),
-        Charge::Refused => ("refused", (0, 0), Counted::Refused, false),
+        Charge::Blocked => ("blocked", (0, 0), Counted::Blocked, false, 0),
+        Charge::Refused => ("refused", (0, 0), Counted::Refused, false, 0),
     };
     reports.push(LimitReport {
         limit: Arc::clone(&limit.name),
@@ -778,6 +802,7 @@ fn charge<'p>(
         },
         banned: false,
         counted,
+        cost,
     });
     applied.push(limit);
     !allowed && limit.mode == Mode::Enforce

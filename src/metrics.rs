@@ -134,6 +134,73 @@ pub struct Metrics {
     reloads: IntCounterVec,
     active_bans: IntGauge,
     plan: prometheus::IntGaugeVec,
+    export: ExportFamilies,
+}
+
+/// The exporter's families (zero when nothing is exported).
+struct ExportFamilies {
+    queued: IntGauge,
+    spool_rows: IntGauge,
+    sent: IntCounter,
+    spooled: IntCounter,
+    dropped: IntCounter,
+    failures: IntCounter,
+    sampled_out: IntCounter,
+}
+
+impl ExportFamilies {
+    fn new(registry: &Registry) -> ExportFamilies {
+        ExportFamilies {
+            queued: gauge(
+                registry,
+                "tollgate_export_queue_rows",
+                "Decision rows waiting in memory to be exported to ClickHouse.",
+            ),
+            spool_rows: gauge(
+                registry,
+                "tollgate_export_spool_rows",
+                "Decision rows waiting in the on-disk spool for ClickHouse to answer.",
+            ),
+            sent: counter(
+                registry,
+                "tollgate_export_rows_sent_total",
+                "Decision rows inserted into ClickHouse.",
+            ),
+            spooled: counter(
+                registry,
+                "tollgate_export_rows_spooled_total",
+                "Decision rows written to the spool because ClickHouse did not take them.",
+            ),
+            dropped: counter(
+                registry,
+                "tollgate_export_rows_dropped_total",
+                "Decision rows lost: the queue or the spool was full, or a spool file unreadable.",
+            ),
+            failures: counter(
+                registry,
+                "tollgate_export_insert_failures_total",
+                "Inserts into ClickHouse that failed (their rows spooled or retried).",
+            ),
+            sampled_out: counter(
+                registry,
+                "tollgate_export_sampled_out_total",
+                "Admitted requests not exported because of clickhouse_sample_allows.",
+            ),
+        }
+    }
+
+    fn update(&self, stats: &crate::analytics::export::ExportStats) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.queued
+            .set(i64::try_from(stats.queued.load(Relaxed)).unwrap_or(i64::MAX));
+        self.spool_rows
+            .set(i64::try_from(stats.spool_rows.load(Relaxed)).unwrap_or(i64::MAX));
+        catch_up(&self.sent, stats.sent.load(Relaxed));
+        catch_up(&self.spooled, stats.spooled.load(Relaxed));
+        catch_up(&self.dropped, stats.dropped.load(Relaxed));
+        catch_up(&self.failures, stats.failures.load(Relaxed));
+        catch_up(&self.sampled_out, stats.sampled_out.load(Relaxed));
+    }
 }
 
 impl std::fmt::Debug for Metrics {
@@ -253,6 +320,7 @@ impl Metrics {
         registry
             .register(Box::new(plan.clone()))
             .expect("registered once");
+        let export = ExportFamilies::new(&registry);
         let admitted = ["allow", "warn", "delay"].map(|o| requests.with_label_values(&[o, ""]));
         Metrics {
             registry,
@@ -270,6 +338,7 @@ impl Metrics {
             reloads,
             active_bans,
             plan,
+            export,
         }
     }
 
@@ -336,6 +405,9 @@ impl Metrics {
             catch_up(&self.reloads.with_label_values(&["error"]), error);
         }
         self.active_bans.set(gauge_value(scrape.active_bans));
+        if let Some(stats) = scrape.export {
+            self.export.update(stats);
+        }
         self.plan.reset();
         self.plan.with_label_values(&[scrape.plan_version]).set(1);
         TextEncoder::new()
@@ -357,6 +429,8 @@ pub struct Scrape<'a> {
     pub active_bans: usize,
     /// The plan serving.
     pub plan_version: &'a str,
+    /// What the ClickHouse exporter did (`None`: no export).
+    pub export: Option<&'a crate::analytics::export::ExportStats>,
 }
 
 /// Raises `counter` to `total`, a count kept elsewhere that only grows.

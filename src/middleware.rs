@@ -179,7 +179,7 @@ where
                 Some(names) => layer.engine.decide_only(&ctx, names).await,
                 None => layer.engine.decide(&ctx).await,
             };
-            layer.engine.export(&verdict, &ctx, &request_id);
+            let export = layer.engine.export(&verdict, &ctx, &request_id);
             // The headers go back to the request the application sees.
             *request.headers_mut() = ctx.headers;
             let mut verdict = verdict;
@@ -191,6 +191,9 @@ where
             });
             crate::telemetry::log_verdict(&verdict, &request_id, layer.engine.key_hasher());
             if let Some(problem) = response::problem(&verdict, Some(&request_id)) {
+                if let Some(rows) = export {
+                    rows.send();
+                }
                 let refuse = if grpc { grpc_refusal } else { refusal };
                 return Ok(refuse(
                     &verdict,
@@ -208,8 +211,14 @@ where
                     .headers_mut()
                     .insert(X_REQUEST_ID.clone(), id.clone());
             }
-            let response = inner.call(request).await?;
-            let (mut parts, body) = response.into_parts();
+            let response = inner.call(request).await;
+            if let Some(rows) = export {
+                match &response {
+                    Ok(response) => rows.send_with_status(response.status().as_u16()),
+                    Err(_) => rows.send(),
+                }
+            }
+            let (mut parts, body) = response?.into_parts();
             response::write_rate_limit_headers(&verdict, layer.options.headers, &mut parts.headers);
             if let Some(id) = id {
                 parts.headers.insert(X_REQUEST_ID.clone(), id);

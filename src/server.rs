@@ -136,6 +136,7 @@ pub fn metrics_response<S: Store, C: Clock>(
         reloads,
         active_bans,
         plan_version: plan.version(),
+        export: engine.exporter().map(|e| e.stats()),
     });
     (
         [(http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
@@ -169,6 +170,12 @@ pub enum ServeError {
     /// The JWT key is unusable.
     #[error(transparent)]
     Jwt(#[from] JwtKeyError),
+    /// Decisions cannot be exported as configured.
+    #[error(transparent)]
+    Export(#[from] crate::analytics::export::SpoolError),
+    /// `clickhouse_migrate` is set and the migrations failed.
+    #[error("ClickHouse migrations failed: {0}")]
+    Migrate(#[from] crate::analytics::MigrateError),
     /// Serving failed.
     #[error("the server failed: {0}")]
     Io(#[from] std::io::Error),

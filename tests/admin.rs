@@ -817,6 +817,11 @@ fn metrics_follow_traffic_reloads_and_bans() {
         "tollgate_store_errors_total",
         "tollgate_active_bans",
         "tollgate_plan_info",
+        "tollgate_export_queue_rows",
+        "tollgate_export_spool_rows",
+        "tollgate_export_rows_sent_total",
+        "tollgate_export_rows_spooled_total",
+        "tollgate_export_rows_dropped_total",
     ] {
         assert!(
             before.samples.iter().any(|s| s.metric == family),

@@ -153,7 +153,8 @@ fn decisions_through_the_layer_land_in_clickhouse() {
                 batch_rows: 5,
                 ..ExportSettings::default()
             },
-        );
+        )
+        .unwrap();
         let plan = tollgate::compile(&tollgate::PolicySet::from_sources([(
             "shop.rl",
             r#"namespace "shop";
@@ -165,7 +166,7 @@ limit api { match { route ANY "/api/**"; } key api_token; algorithm fixed_window
             tollgate::Engine::new(plan, tollgate::store::MemoryStore::new())
                 .with_exporter(exporter.clone(), "node-a"),
         );
-        let app = axum::Router::new().fallback(|| async { "ok" }).layer(
+        let app = axum::Router::new().fallback(|| async { (http::StatusCode::CREATED, "ok") }).layer(
             tollgate::RateLimitLayer::new(engine).with_options(tollgate::middleware::HttpOptions {
                 identifier: tollgate::identity::Identifier::new()
                     .with_api_key_header(http::HeaderName::from_static("x-api-key")),
@@ -202,6 +203,18 @@ limit api { match { route ANY "/api/**"; } key api_token; algorithm fixed_window
         row,
         "node-a\tshop\tapi\tfixed_window\ttoken\t24\t429\t10\t0\t/api/orders\tGET\n"
     );
+    // An admitted request's row has the application's status, its cost and what was used.
+    let admitted = server
+        .query(
+            "SELECT status, cost, used, sample_rate FROM tollgate.decisions \
+             WHERE request_id = 'req-3'",
+        )
+        .unwrap();
+    assert_eq!(admitted, "201\t1\t4\t1\n");
+    let latency = server
+        .query("SELECT max(latency_us) > 0 FROM tollgate.decisions")
+        .unwrap();
+    assert_eq!(latency.trim(), "1", "the decision's latency is recorded");
     let everything = server
         .query("SELECT * FROM tollgate.decisions FORMAT TSV")
         .unwrap();
@@ -222,5 +235,208 @@ limit api { match { route ANY "/api/**"; } key api_token; algorithm fixed_window
             .unwrap()
             .trim(),
         "2"
+    );
+}
+
+/// The app the export tests send traffic through: `quota` requests a minute per API key,
+/// answering 201.
+fn exported_app(
+    exporter: &tollgate::analytics::export::Exporter,
+    quota: u64,
+) -> axum::Router {
+    let plan = tollgate::compile(&tollgate::PolicySet::from_sources([(
+        "shop.rl",
+        format!(
+            r#"namespace "shop";
+limit api {{ match {{ route ANY "/api/**"; }} key api_token; algorithm fixed_window; rate {quota}/min; }}
+"#
+        ),
+    )]))
+    .unwrap();
+    let engine = std::sync::Arc::new(
+        tollgate::Engine::new(plan, tollgate::store::MemoryStore::new())
+            .with_exporter(exporter.clone(), "node-a"),
+    );
+    axum::Router::new()
+        .fallback(|| async { (http::StatusCode::CREATED, "ok") })
+        .layer(
+            tollgate::RateLimitLayer::new(engine).with_options(tollgate::middleware::HttpOptions {
+                identifier: tollgate::identity::Identifier::new()
+                    .with_api_key_header(http::HeaderName::from_static("x-api-key")),
+                ..Default::default()
+            }),
+        )
+}
+
+/// Sends `count` requests with ids `{prefix}-0`…; returns how many were admitted.
+async fn traffic(app: &axum::Router, prefix: &str, count: usize) -> usize {
+    use tower::ServiceExt;
+    let mut admitted = 0;
+    for n in 0..count {
+        let request = http::Request::builder()
+            .uri("/api/orders")
+            .header("x-api-key", "sk-spool-test")
+            .header("x-tenant", "acme")
+            .header("x-request-id", format!("{prefix}-{n}"))
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let response = app.clone().oneshot(request).await.unwrap();
+        admitted += usize::from(response.status() == http::StatusCode::CREATED);
+    }
+    admitted
+}
+
+fn load(counter: &std::sync::atomic::AtomicU64) -> u64 {
+    counter.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// ClickHouse killed while traffic flows: requests are answered as before, batches go to
+/// the spool, a new process delivers what an old one spooled, and once ClickHouse is back
+/// every row is in exactly once.
+#[test]
+fn a_clickhouse_outage_is_spooled_and_delivered_exactly_once() {
+    use tollgate::analytics::export::{ExportSettings, Exporter};
+    use tollgate::analytics::spool::SpoolSettings;
+    let Some(mut server) = support::clickhouse::ClickHouse::start() else {
+        return;
+    };
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+    let spool = tempfile::tempdir().unwrap();
+    let settings = ExportSettings {
+        batch_rows: 50,
+        spool: Some(SpoolSettings {
+            dir: spool.path().join("spool"),
+            max_bytes: 64 << 20,
+        }),
+        ..ExportSettings::default()
+    };
+    let rt = runtime();
+    let client = rt.block_on(async {
+        let client = tollgate::analytics::client(&server.url()).await.unwrap();
+        migrate(&client, "tollgate").await.unwrap();
+        client
+    });
+    rt.block_on(async {
+        let exporter = Exporter::start(client.clone(), settings.clone()).unwrap();
+        let app = exported_app(&exporter, 100_000);
+        assert_eq!(traffic(&app, "before", 100).await, 100);
+        exporter.flush().await;
+        assert_eq!(load(&exporter.stats().sent), 100);
+    });
+    server.kill();
+    rt.block_on(async {
+        let exporter = Exporter::start(client.clone(), settings.clone()).unwrap();
+        let app = exported_app(&exporter, 100_000);
+        // Every request is still answered: the request path never waits for ClickHouse.
+        assert_eq!(traffic(&app, "during", 300).await, 300);
+        exporter.flush().await;
+        let stats = exporter.stats();
+        assert_eq!(load(&stats.sent), 0);
+        assert_eq!(load(&stats.spooled), 300);
+        assert_eq!(load(&stats.spool_rows), 300);
+        assert_eq!(load(&stats.dropped), 0);
+        assert!(load(&stats.failures) >= 1);
+        // Prometheus sees it.
+        let text = tollgate::metrics::Metrics::new().render(&tollgate::metrics::Scrape {
+            store: tollgate::store::Store::health(&tollgate::store::MemoryStore::new()),
+            evictions: 0,
+            reloads: None,
+            active_bans: 0,
+            plan_version: "v",
+            export: Some(stats),
+        });
+        for line in [
+            "tollgate_export_rows_spooled_total 300",
+            "tollgate_export_spool_rows 300",
+            "tollgate_export_rows_sent_total 0",
+            "tollgate_export_rows_dropped_total 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+        // The process stops with its spool full of rows.
+    });
+    let files = std::fs::read_dir(spool.path().join("spool")).unwrap().count();
+    assert_eq!(files, 6, "300 rows in batches of 50");
+    rt.block_on(async {
+        // Another process, still without ClickHouse, adds to what the first one left.
+        let exporter = Exporter::start(client.clone(), settings.clone()).unwrap();
+        assert_eq!(load(&exporter.stats().spool_rows), 300);
+        let app = exported_app(&exporter, 100_000);
+        assert_eq!(traffic(&app, "after", 100).await, 100);
+        exporter.flush().await;
+        assert_eq!(load(&exporter.stats().spool_rows), 400);
+    });
+    server.restart();
+    rt.block_on(async {
+        let exporter = Exporter::start(client.clone(), settings.clone()).unwrap();
+        // The spool is delivered on the exporter's next round; a flush starts one.
+        exporter.flush().await;
+        let stats = exporter.stats();
+        assert_eq!(load(&stats.spool_rows), 0);
+        assert_eq!(load(&stats.sent), 400);
+        assert_eq!(load(&stats.dropped), 0);
+    });
+    let counts = server
+        .query(
+            "SELECT count(), uniqExact(request_id), uniqExact(batch_id) FROM tollgate.decisions",
+        )
+        .unwrap();
+    assert_eq!(counts, "500\t500\t10\n", "every row once, in its batch");
+    let spooled = server
+        .query("SELECT count() FROM tollgate.decisions WHERE request_id LIKE 'during-%'")
+        .unwrap();
+    assert_eq!(spooled.trim(), "300");
+    assert_eq!(
+        std::fs::read_dir(spool.path().join("spool")).unwrap().count(),
+        0,
+        "the spool is empty once delivered"
+    );
+}
+
+/// Admitted requests are sampled at the configured rate, stored with each row; refusals
+/// are all exported; the tenant comes from the configured header.
+#[test]
+fn admissions_are_sampled_and_refusals_are_not() {
+    use tollgate::analytics::export::{ExportSettings, Exporter};
+    let Some(server) = support::clickhouse::ClickHouse::start() else {
+        return;
+    };
+    let rt = runtime();
+    let (sampled_out, admitted) = rt.block_on(async {
+        let client = tollgate::analytics::client(&server.url()).await.unwrap();
+        migrate(&client, "tollgate").await.unwrap();
+        let exporter = Exporter::start(
+            client,
+            ExportSettings {
+                sample_allows: 0.25,
+                tenant_header: Some(http::HeaderName::from_static("x-tenant")),
+                ..ExportSettings::default()
+            },
+        )
+        .unwrap();
+        let app = exported_app(&exporter, 200);
+        let admitted = traffic(&app, "r", 500).await;
+        exporter.flush().await;
+        (load(&exporter.stats().sampled_out), admitted)
+    });
+    assert_eq!(admitted, 200);
+    let by_decision = server
+        .query(
+            "SELECT decision IN ('allow', 'near_limit') AS admitted, count(), min(sample_rate), \
+             max(sample_rate), min(tenant) FROM tollgate.decisions GROUP BY admitted \
+             ORDER BY admitted",
+        )
+        .unwrap();
+    let lines: Vec<Vec<&str>> = by_decision
+        .lines()
+        .map(|l| l.split('\t').collect())
+        .collect();
+    assert_eq!(lines[0], ["0", "300", "1", "1", "acme"], "every refusal");
+    assert_eq!(&lines[1][2..], ["0.25", "0.25", "acme"]);
+    let exported_admissions: u64 = lines[1][1].parse().unwrap();
+    assert_eq!(exported_admissions + sampled_out, 200);
+    assert!(
+        (10..=100).contains(&exported_admissions),
+        "about a quarter of 200 admissions: {exported_admissions}"
     );
 }

@@ -75,7 +75,9 @@ pub(super) async fn check<S: Store, C: Clock>(
     };
     let verdict = app.engine.decide(&ctx).await;
     crate::telemetry::log_verdict(&verdict, &request_id, app.engine.key_hasher());
-    app.engine.export(&verdict, &ctx, &request_id);
+    if let Some(rows) = app.engine.export(&verdict, &ctx, &request_id) {
+        rows.send();
+    }
     let headers = response::rate_limit_headers(&verdict, app.options.headers);
     let problem = response::problem(&verdict, Some(&request_id));
     let headline = verdict.headline();

@@ -74,6 +74,8 @@ pub(super) async fn forward_auth<S: Store, C: Clock>(
     };
     set_request_id(response.headers_mut(), &request_id);
     crate::telemetry::log_verdict(&verdict, &request_id, app.engine.key_hasher());
-    app.engine.export(&verdict, &ctx, &request_id);
+    if let Some(rows) = app.engine.export(&verdict, &ctx, &request_id) {
+        rows.send();
+    }
     response
 }

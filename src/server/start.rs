@@ -84,13 +84,12 @@ pub async fn build(settings: &Settings) -> Result<Arc<AppState<AnyStore>>, Serve
                     .with_validation(false)
             }
         };
-        let exporter = crate::analytics::export::Exporter::start(
-            client,
-            crate::analytics::export::ExportSettings {
-                database: settings.clickhouse_database.clone(),
-                ..Default::default()
-            },
-        );
+        if settings.clickhouse_migrate {
+            for step in crate::analytics::migrate(&client, &settings.clickhouse_database).await? {
+                tracing::info!(?step, "ClickHouse migration");
+            }
+        }
+        let exporter = crate::analytics::export::Exporter::start(client, export_settings(settings))?;
         let node = std::env::var("HOSTNAME").unwrap_or_else(|_| "tollgate".to_owned());
         engine = engine.with_exporter(exporter, node);
         tracing::info!(database = %settings.clickhouse_database, "decisions exported to ClickHouse");
@@ -109,6 +108,23 @@ pub async fn build(settings: &Settings) -> Result<Arc<AppState<AnyStore>>, Serve
         upstream: settings.upstream.clone().map(Upstream::new),
         metrics_on_main: settings.metrics_on_main,
     }))
+}
+
+/// How decisions are exported, from the settings.
+fn export_settings(settings: &Settings) -> crate::analytics::export::ExportSettings {
+    crate::analytics::export::ExportSettings {
+        database: settings.clickhouse_database.clone(),
+        spool: settings.clickhouse_spool_dir.as_ref().map(|dir| {
+            crate::analytics::spool::SpoolSettings {
+                dir: dir.clone(),
+                max_bytes: settings.clickhouse_spool_max_mb.saturating_mul(1 << 20),
+            }
+        }),
+        sample_allows: settings.clickhouse_sample_allows,
+        tenant_header: settings.clickhouse_tenant_header.clone(),
+        truncate_ip: settings.clickhouse_truncate_ip,
+        ..Default::default()
+    }
 }
 
 /// How clients are identified, from the settings (the library's `Identifier` knows nothing

@@ -12,6 +12,7 @@ pub struct ClickHouse {
     pub http_port: u16,
     child: Child,
     dir: tempfile::TempDir,
+    binary: PathBuf,
 }
 
 const PACKAGED: &str = "/etc/clickhouse-server";
@@ -73,27 +74,44 @@ impl ClickHouse {
         std::fs::create_dir_all(root.join("log")).unwrap();
         let config_file = root.join("config.xml");
         std::fs::write(&config_file, config).unwrap();
-        let child = super::process::spawn(
-            Command::new(binary)
-                .arg(format!("--config-file={}", config_file.display()))
-                .current_dir(root)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null()),
-        )
-        .expect("clickhouse-server starts");
+        let child = Self::spawn(binary, root);
         let mut server = ClickHouse {
             http_port,
             child,
             dir,
+            binary: binary.to_owned(),
         };
+        server.wait_ready().then_some(server)
+    }
+
+    fn spawn(binary: &std::path::Path, root: &std::path::Path) -> Child {
+        super::process::spawn(
+            Command::new(binary)
+                .arg(format!("--config-file={}", root.join("config.xml").display()))
+                .current_dir(root)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )
+        .expect("clickhouse-server starts")
+    }
+
+    /// Starts it again after [`ClickHouse::kill`], on the same ports and data.
+    pub fn restart(&mut self) {
+        self.child = Self::spawn(&self.binary, self.dir.path());
+        assert!(self.wait_ready(), "clickhouse-server restarts on its port");
+    }
+
+    /// Waits until it answers (`false`: it exited, its port was taken).
+    fn wait_ready(&mut self) -> bool {
+        let server = self;
         // Up to 30 s: a start-up wait on a loaded machine, not a timing test.
         for _ in 0..1500 {
             if server.query("SELECT 1").is_ok_and(|r| r.trim() == "1") {
-                return Some(server);
+                return true;
             }
             if let Ok(Some(_)) = server.child.try_wait() {
                 // A port was taken between the probe and the bind: another try.
-                return None;
+                return false;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
