@@ -96,6 +96,31 @@ pub const MIGRATIONS: &[Migration] = &[
             "ALTER TABLE {db}.decisions MODIFY COLUMN route LowCardinality(String)",
         ],
     },
+    Migration {
+        version: 4,
+        name: "anomalies, and the flags decisions carry",
+        needs: (18, 16),
+        statements: &[
+            "CREATE TABLE IF NOT EXISTS {db}.anomalies (
+                ts DateTime,
+                node String,
+                plan_version String,
+                namespace String,
+                anomaly String,
+                key_kind String,
+                key_hash String,
+                client_ip String,
+                observed UInt64,
+                threshold Float64,
+                window_s UInt32,
+                ban_s UInt32,
+                flag_s UInt32,
+                tarpit_ms UInt32,
+                alerts Array(String)
+            ) ENGINE = MergeTree PARTITION BY toYYYYMMDD(ts) ORDER BY (namespace, anomaly, ts)",
+            "ALTER TABLE {db}.decisions ADD COLUMN flags Array(String)",
+        ],
+    },
 ];
 
 /// The table that records which migrations ran.

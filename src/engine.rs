@@ -59,6 +59,8 @@ pub enum Action {
         list: Arc<str>,
         /// The list's reason.
         reason: Option<Arc<str>>,
+        /// When the refusal ends (a ban), if it does.
+        retry_after: Option<Duration>,
     },
     /// A limit that applies requires Cedar's permit (`authorize action "…"`) and Cedar does
     /// not give it: refused with 403, nothing counted.
@@ -160,6 +162,8 @@ pub struct Verdict {
     pub plan_version: Arc<str>,
     /// How long deciding took.
     pub elapsed: Duration,
+    /// The flags (runtime flag entries, set by anomalies) the client carries.
+    pub flags: Vec<Arc<str>>,
 }
 
 impl Verdict {
@@ -216,6 +220,8 @@ pub struct Engine<S, C = SystemClock> {
     store_warnings: crate::telemetry::Burst,
     /// Where decisions go for analytics, and this node's name in them (`None`: nowhere).
     exporter: Option<(crate::analytics::export::Exporter, Arc<str>)>,
+    /// The anomaly detectors that count in this node's memory.
+    anomalies: crate::anomaly::LocalDetectors,
 }
 
 impl<S: std::fmt::Debug, C: std::fmt::Debug> std::fmt::Debug for Engine<S, C> {
@@ -256,6 +262,7 @@ impl<S: Store, C: Clock> Engine<S, C> {
             metrics: None,
             store_warnings: crate::telemetry::Burst::new(crate::telemetry::BURST_WINDOW),
             exporter: None,
+            anomalies: crate::anomaly::LocalDetectors::default(),
         }
     }
 
@@ -391,6 +398,37 @@ impl<S: Store, C: Clock> Engine<S, C> {
         self.plan.load_full()
     }
 
+    /// The plan serving, without touching its reference count unless kept.
+    pub(crate) fn plan_guard(&self) -> arc_swap::Guard<Arc<Plan>> {
+        self.plan.load()
+    }
+
+    /// The per-node state of the `rate` and `distinct` anomaly detectors.
+    pub(crate) fn local_detectors(&self) -> &crate::anomaly::LocalDetectors {
+        &self.anomalies
+    }
+
+    /// Logs a store failure outside a decision (anomalies), once per burst.
+    pub(crate) fn warn_store(&self, error: &StoreError, what: &str) {
+        if let Some(suppressed) = self.store_warnings.admit(self.clock.now()) {
+            tracing::warn!(%error, suppressed, "counter store failed while counting {what}");
+        }
+    }
+
+    /// Queues `detection` for analytics, when an exporter is set.
+    pub(crate) fn export_anomaly(
+        &self,
+        detection: &crate::anomaly::Detection,
+        key_hash: &str,
+        now: Timestamp,
+    ) {
+        if let Some((exporter, node)) = &self.exporter {
+            exporter.send_anomaly(crate::analytics::export::anomaly_row(
+                detection, node, key_hash, now,
+            ));
+        }
+    }
+
     /// Replaces the plan; requests already being decided finish with the old one.
     pub fn swap_plan(&self, plan: Plan) -> Arc<Plan> {
         self.plan.swap(Arc::new(plan))
@@ -441,7 +479,8 @@ impl<S: Store, C: Clock> Engine<S, C> {
             counts,
             amount,
         };
-        let verdict = |action: Action, reports, leases, skipped| {
+        let verdict = |action: Action, reports: Vec<LimitReport>, leases, skipped| {
+            let (action, flags) = self.runtime_marks(request, &reports, action, now);
             let elapsed = self.clock.now().saturating_since(now);
             if let Some(metrics) = &self.metrics {
                 metrics.record_request(&action, elapsed);
@@ -453,6 +492,7 @@ impl<S: Store, C: Clock> Engine<S, C> {
                 skipped,
                 plan_version: Arc::clone(&plan.version),
                 elapsed,
+                flags,
             }
         };
         if let Some(action) = self.runtime_action(&plan, request, now) {
@@ -479,6 +519,7 @@ impl<S: Store, C: Clock> Engine<S, C> {
                     status: deny.status,
                     list: Arc::clone(&deny.list.name),
                     reason: deny.reason.clone(),
+                    retry_after: None,
                 };
                 return verdict(action, Vec::new(), Vec::new(), Vec::new());
             }
@@ -546,7 +587,7 @@ impl<S: Store, C: Clock> Engine<S, C> {
             })
         };
         if let Some(entry) = find(RuntimeList::Denylist) {
-            return Some(runtime_forbid(entry));
+            return Some(runtime_forbid(entry, now));
         }
         find(RuntimeList::Safelist)?;
         Some(
@@ -561,6 +602,36 @@ impl<S: Store, C: Clock> Engine<S, C> {
                 },
             },
         )
+    }
+
+    /// What the runtime flags and tarpits say of a request decided `action`: its flags, and
+    /// an admitted request held as long as the longest tarpit that holds for it.
+    fn runtime_marks(
+        &self,
+        request: &RequestCtx,
+        reports: &[LimitReport],
+        action: Action,
+        now: Timestamp,
+    ) -> (Action, Vec<Arc<str>>) {
+        if self.runtime_len.load(Ordering::Relaxed) == 0 {
+            return (action, Vec::new());
+        }
+        let lists = self.runtime.load();
+        if !lists.has_marks() {
+            return (action, Vec::new());
+        }
+        let identity = identity_clients(request, &self.hasher);
+        let keys = reports
+            .iter()
+            .filter_map(|r| CounterKey::parse(&r.key).map(|k| k.client));
+        let clients = identity.iter().map(String::as_str).chain(keys);
+        let (flags, hold) = lists.marks(request.client_ip, clients, now);
+        let action = match (action, hold) {
+            (Action::Allow | Action::Warn, Some(hold)) => Action::Delay(hold),
+            (Action::Delay(d), Some(hold)) => Action::Delay(d.max(hold)),
+            (action, _) => action,
+        };
+        (action, flags)
     }
 
     /// What the runtime lists' client entries say of the keys of the limits selected for a
@@ -581,7 +652,7 @@ impl<S: Store, C: Clock> Engine<S, C> {
             })
         };
         if let Some(entry) = find(RuntimeList::Denylist) {
-            return Some(runtime_forbid(entry));
+            return Some(runtime_forbid(entry, now));
         }
         find(RuntimeList::Safelist).map(|_| Action::Bypass {
             list: Arc::from(RUNTIME_SAFELIST),
@@ -819,11 +890,14 @@ struct Pending {
 }
 
 /// The refusal a runtime denylist entry gives.
-fn runtime_forbid(entry: &RuntimeEntry) -> Action {
+fn runtime_forbid(entry: &RuntimeEntry, now: Timestamp) -> Action {
     Action::Forbid {
         status: StatusCode::FORBIDDEN,
         list: Arc::from(RUNTIME_DENYLIST),
         reason: entry.reason.as_deref().map(Arc::from),
+        retry_after: entry
+            .until
+            .map(|until| Duration::from_micros(until.saturating_sub(now.as_micros()))),
     }
 }
 

@@ -23,6 +23,7 @@
 //! ```
 
 pub mod analytics;
+pub mod anomaly;
 pub mod authz;
 pub mod clock;
 pub mod config;

@@ -135,6 +135,7 @@ pub struct Metrics {
     active_bans: IntGauge,
     plan: prometheus::IntGaugeVec,
     export: ExportFamilies,
+    anomalies: IntCounterVec,
 }
 
 /// The exporter's families (zero when nothing is exported).
@@ -321,6 +322,12 @@ impl Metrics {
             .register(Box::new(plan.clone()))
             .expect("registered once");
         let export = ExportFamilies::new(&registry);
+        let anomalies = counter_vec(
+            &registry,
+            "tollgate_anomalies_total",
+            "Anomalies detected and acted on by this node, by anomaly block.",
+            &["namespace", "anomaly"],
+        );
         let admitted = ["allow", "warn", "delay"].map(|o| requests.with_label_values(&[o, ""]));
         Metrics {
             registry,
@@ -339,7 +346,15 @@ impl Metrics {
             active_bans,
             plan,
             export,
+            anomalies,
         }
+    }
+
+    /// Records one anomaly detected (and acted on) by this node.
+    pub fn record_anomaly(&self, namespace: &str, anomaly: &str) {
+        self.anomalies
+            .with_label_values(&[namespace, anomaly])
+            .inc();
     }
 
     /// The counters of `limit`, resolved on first use (copy on write: a plan has few

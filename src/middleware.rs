@@ -20,6 +20,7 @@ use tower::{Layer, Service};
 
 pub use self::body::LeaseGuard;
 use crate::clock::{Clock, SystemClock};
+use crate::anomaly::Watch;
 use crate::engine::{Action, Engine};
 use crate::identity::Identifier;
 use crate::request::{PathError, RequestCtx, X_REQUEST_ID};
@@ -180,6 +181,12 @@ where
                 None => layer.engine.decide(&ctx).await,
             };
             let export = layer.engine.export(&verdict, &ctx, &request_id);
+            // Refusals by a list or a ban are not the client's pattern: not watched.
+            let watch = if matches!(verdict.action, Action::Forbid { .. }) {
+                None
+            } else {
+                layer.engine.watch(&ctx)
+            };
             // The headers go back to the request the application sees.
             *request.headers_mut() = ctx.headers;
             let mut verdict = verdict;
@@ -194,6 +201,7 @@ where
                 if let Some(rows) = export {
                     rows.send();
                 }
+                observe(&layer.engine, watch, problem.status);
                 let refuse = if grpc { grpc_refusal } else { refusal };
                 return Ok(refuse(
                     &verdict,
@@ -212,12 +220,11 @@ where
                     .insert(X_REQUEST_ID.clone(), id.clone());
             }
             let response = inner.call(request).await;
+            let status = response.as_ref().map_or(500, |r| r.status().as_u16());
             if let Some(rows) = export {
-                match &response {
-                    Ok(response) => rows.send_with_status(response.status().as_u16()),
-                    Err(_) => rows.send(),
-                }
+                rows.send_with_status(status);
             }
+            observe(&layer.engine, watch, status);
             let (mut parts, body) = response?.into_parts();
             response::write_rate_limit_headers(&verdict, layer.options.headers, &mut parts.headers);
             if let Some(id) = id {
@@ -229,6 +236,17 @@ where
             };
             Ok(Response::from_parts(parts, body))
         })
+    }
+}
+
+/// Counts a watched request's response for the anomalies, in the background: the response
+/// does not wait for the store.
+fn observe<S: Store, C: Clock>(engine: &Arc<Engine<S, C>>, watch: Option<Watch>, status: u16) {
+    if let Some(watch) = watch {
+        let engine = Arc::clone(engine);
+        tokio::spawn(async move {
+            engine.observe(watch, status).await;
+        });
     }
 }
 

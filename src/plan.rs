@@ -309,7 +309,8 @@ pub struct DenyRule {
     pub reason: Option<Arc<str>>,
 }
 
-/// An anomaly detector: counts matching responses per key and acts past a threshold.
+/// An anomaly detector: watches the responses to matching requests per key, and acts on a
+/// key whose pattern crosses its threshold.
 #[derive(Debug)]
 pub struct Anomaly {
     /// Its name.
@@ -320,16 +321,74 @@ pub struct Anomaly {
     pub condition: Condition,
     /// What it counts by.
     pub key: KeySpec,
-    /// The response statuses counted.
+    /// The response statuses counted (empty: every response).
     pub statuses: Vec<u16>,
-    /// How many counted responses trigger it.
-    pub threshold: u64,
-    /// Within how long.
-    pub window: Duration,
-    /// How long the key is banned when triggered.
+    /// The pattern it detects.
+    pub detector: Detector,
+    /// What it does when it detects it.
+    pub actions: AnomalyActions,
+}
+
+impl Anomaly {
+    /// Whether a response with `status` is counted.
+    pub fn counts(&self, status: u16) -> bool {
+        self.statuses.is_empty() || self.statuses.contains(&status)
+    }
+}
+
+/// The pattern an anomaly detects, per key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Detector {
+    /// `detect N in W`: N counted responses within any window W (counted in the store, so
+    /// across every node).
+    Count {
+        /// N.
+        threshold: u64,
+        /// W.
+        window: Duration,
+    },
+    /// `detect rate > K x baseline over W`: a window's count above K times the key's moving
+    /// average of earlier windows (at least one a window), counted on each node.
+    Rate {
+        /// K.
+        factor: u64,
+        /// W.
+        window: Duration,
+    },
+    /// `detect distinct header("X") > N in W`: more than N distinct values within a
+    /// window, counted on each node.
+    Distinct {
+        /// Where the value is read.
+        source: ValueFrom,
+        /// N.
+        threshold: u64,
+        /// W.
+        window: Duration,
+    },
+}
+
+impl Detector {
+    /// The window it counts in.
+    pub fn window(&self) -> Duration {
+        match self {
+            Detector::Count { window, .. }
+            | Detector::Rate { window, .. }
+            | Detector::Distinct { window, .. } => *window,
+        }
+    }
+}
+
+/// What an anomaly does to a key it detects.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AnomalyActions {
+    /// `ban D`: refused (403, `Retry-After`) that long, on every node.
     pub ban: Option<Duration>,
-    /// Alert channels told when triggered.
+    /// `alert "channel"`: a log line and an anomaly row per channel.
     pub alerts: Vec<Arc<str>>,
+    /// `flag for D`: the key's decisions carry the anomaly's name that long.
+    pub flag: Option<Duration>,
+    /// `tarpit H for D`: each of the key's requests is held H, for D.
+    pub tarpit: Option<(Duration, Duration)>,
 }
 
 /// A tier table: how a request's tier is found, and the tiers.

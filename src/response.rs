@@ -276,6 +276,7 @@ pub fn problem(verdict: &Verdict, request_id: Option<&str>) -> Option<Problem> {
             status,
             list,
             reason,
+            retry_after,
         } => {
             let mut p = Problem::new(
                 "urn:tollgate:problem:forbidden",
@@ -287,6 +288,7 @@ pub fn problem(verdict: &Verdict, request_id: Option<&str>) -> Option<Problem> {
             );
             p.policy = Some(list.to_string());
             p.reason = reason.as_deref().map(str::to_owned);
+            p.retry_after = retry_after.map(|w| ceil_secs(w).max(1));
             p
         }
         Action::Unauthorized {

@@ -45,7 +45,7 @@ mod start;
 
 pub use self::admin::{AdminState, admin_router};
 pub use self::admin_client::{AdminClient, AdminError, AdminReply};
-use self::decision::{check, release};
+use self::decision::{check, release, report};
 use self::forward_auth::forward_auth;
 use self::health::{not_found, ready, set_request_id};
 pub use self::start::{build, identifier, load_plan, redis_options};
@@ -98,6 +98,7 @@ pub fn router<S: Store, C: Clock>(state: Arc<AppState<S, C>>) -> Router {
     };
     own.route("/v1/check", post(check::<S, C>))
         .route("/v1/release", post(release::<S, C>))
+        .route("/v1/report", post(report::<S, C>))
         .route(
             "/v1/auth",
             on(

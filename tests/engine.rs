@@ -140,10 +140,12 @@ async fn safelist_bypasses_and_denylist_forbids() {
             status,
             list,
             reason,
+            retry_after,
         } => {
             assert_eq!(status, StatusCode::FORBIDDEN);
             assert_eq!(&*list, "scanners");
             assert_eq!(reason.as_deref(), Some("no scanners"));
+            assert_eq!(retry_after, None, "a policy's denylist does not end");
         }
         other => panic!("expected forbid, got {other:?}"),
     }

@@ -278,7 +278,41 @@ fn the_decision_api_accepts_exactly_what_the_spec_allows() {
     let server = server();
     let check_schema = schema("CheckRequest");
     let release_schema = schema("ReleaseRequest");
+    let report_schema = schema("ReportRequest");
     let bodies: &[(&str, &str)] = &[
+        (
+            "/v1/report",
+            r#"{"request": {"method": "POST", "path": "/login"}, "status": 401}"#,
+        ),
+        (
+            "/v1/report",
+            r#"{"request": {"method": "POST", "path": "/login", "client_ip": "203.0.113.9"}, "status": 599}"#,
+        ),
+        (
+            "/v1/report",
+            r#"{"request": {"method": "POST", "path": "/login"}, "status": 600}"#,
+        ),
+        (
+            "/v1/report",
+            r#"{"request": {"method": "POST", "path": "/login"}, "status": 99}"#,
+        ),
+        (
+            "/v1/report",
+            r#"{"request": {"method": "POST", "path": "/login"}}"#,
+        ),
+        ("/v1/report", r#"{"status": 401}"#),
+        (
+            "/v1/report",
+            r#"{"request": {"method": "POST", "path": "/login", "x": 1}, "status": 401}"#,
+        ),
+        (
+            "/v1/report",
+            r#"{"request": {"method": "POST", "path": "/login"}, "status": 401, "x": 1}"#,
+        ),
+        (
+            "/v1/report",
+            r#"{"request": {"method": "POST", "path": "/a%00"}, "status": 401}"#,
+        ),
         ("/v1/check", r#"{"method": "GET", "path": "/x"}"#),
         (
             "/v1/check",
@@ -382,10 +416,10 @@ fn the_decision_api_accepts_exactly_what_the_spec_allows() {
     ];
     for (endpoint, body) in bodies {
         let value: Value = serde_json::from_str(body).unwrap();
-        let validator = if *endpoint == "/v1/check" {
-            &check_schema
-        } else {
-            &release_schema
+        let (validator, answer) = match *endpoint {
+            "/v1/check" => (&check_schema, "CheckResponse"),
+            "/v1/report" => (&report_schema, "ReportResponse"),
+            _ => (&release_schema, ""),
         };
         let valid = validator.is_valid(&value);
         let reply = server.send("POST", endpoint, &[], body.as_bytes());
@@ -398,7 +432,7 @@ fn the_decision_api_accepts_exactly_what_the_spec_allows() {
             reply.text()
         );
         match reply.status {
-            200 => assert_conforms(&reply, "CheckResponse"),
+            200 => assert_conforms(&reply, answer),
             204 => assert!(reply.body.is_empty()),
             _ => assert_conforms(&reply, "Problem"),
         }

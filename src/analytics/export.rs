@@ -71,6 +71,44 @@ pub struct DecisionRow {
     pub request_id: String,
     /// The batch it was inserted in (set by the exporter).
     pub batch_id: String,
+    /// The flags (anomalies' `flag`) the client carried.
+    #[serde(default)]
+    pub flags: Vec<String>,
+}
+
+/// One row of `anomalies`: a detection acted on.
+#[derive(Debug, Clone, Default, PartialEq, clickhouse::Row, serde::Serialize, serde::Deserialize)]
+pub struct AnomalyRow {
+    /// Seconds since the epoch.
+    pub ts: u32,
+    /// The node that acted.
+    pub node: String,
+    /// The plan's version.
+    pub plan_version: String,
+    /// The anomaly block's namespace.
+    pub namespace: String,
+    /// The anomaly block.
+    pub anomaly: String,
+    /// What its key counts by (`ip`, `user`, …).
+    pub key_kind: String,
+    /// The counter key's keyed hash.
+    pub key_hash: String,
+    /// The client's address.
+    pub client_ip: String,
+    /// What was seen in the window (responses, distinct values).
+    pub observed: u64,
+    /// What it was compared with.
+    pub threshold: f64,
+    /// The detector's window, in seconds.
+    pub window_s: u32,
+    /// The ban imposed, in seconds (0: none).
+    pub ban_s: u32,
+    /// How long the key is flagged, in seconds (0: not).
+    pub flag_s: u32,
+    /// The tarpit's hold, in milliseconds (0: none).
+    pub tarpit_ms: u32,
+    /// The alert channels told.
+    pub alerts: Vec<String>,
 }
 
 /// The `decision` column's values (`Enum8`).
@@ -158,8 +196,13 @@ pub struct ExportStats {
 
 enum Item {
     Row(Box<DecisionRow>),
+    Anomaly(Box<AnomalyRow>),
     Flush(oneshot::Sender<()>),
 }
+
+/// Anomaly rows kept while ClickHouse does not take them (they are rare; past this, the
+/// oldest are dropped and counted).
+const ANOMALIES_KEPT: usize = 10_000;
 
 /// The handle decisions are sent through (cheap to clone).
 #[derive(Clone)]
@@ -223,6 +266,7 @@ impl Exporter {
             spool,
             backoff: MIN_BACKOFF,
             retry_at: None,
+            anomalies: Vec::new(),
         };
         tokio::spawn(batcher.run(settings, rx));
         Ok(Exporter { tx, stats, shape })
@@ -237,6 +281,13 @@ impl Exporter {
             Err(_) => {
                 self.stats.dropped.fetch_add(1, Ordering::Relaxed);
             }
+        }
+    }
+
+    /// Queues an anomaly row without waiting (a full queue drops it, counted).
+    pub fn send_anomaly(&self, row: AnomalyRow) {
+        if self.tx.try_send(Item::Anomaly(Box::new(row))).is_err() {
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -271,6 +322,8 @@ struct Batcher {
     backoff: Duration,
     /// Runs out when the spool may be tried again (`None`: now).
     retry_at: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// Anomaly rows not inserted yet.
+    anomalies: Vec<AnomalyRow>,
 }
 
 impl Batcher {
@@ -289,11 +342,13 @@ impl Batcher {
                             self.stats.queued.fetch_sub(1, Ordering::Relaxed);
                             batch.push(*row);
                         }
+                        Some(Item::Anomaly(row)) => self.keep_anomaly(*row),
                         Some(Item::Flush(done)) => flushes.push(done),
                         None => {
                             if !batch.is_empty() {
                                 self.deliver(&mut batch, true).await;
                             }
+                            self.insert_anomalies().await;
                             return;
                         }
                     },
@@ -307,8 +362,43 @@ impl Batcher {
             if !batch.is_empty() {
                 self.deliver(&mut batch, false).await;
             }
+            self.insert_anomalies().await;
             for done in flushes.drain(..) {
                 let _ = done.send(());
+            }
+        }
+    }
+
+    fn keep_anomaly(&mut self, row: AnomalyRow) {
+        if self.anomalies.len() >= ANOMALIES_KEPT {
+            self.anomalies.remove(0);
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        self.anomalies.push(row);
+    }
+
+    /// Inserts the anomaly rows waiting; kept for the next round when ClickHouse fails.
+    async fn insert_anomalies(&mut self) {
+        if self.anomalies.is_empty() {
+            return;
+        }
+        let result = async {
+            let mut insert = self.client.insert::<AnomalyRow>(ANOMALIES).await?;
+            for row in &self.anomalies {
+                insert.write(row).await?;
+            }
+            insert.end().await
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                let n = self.anomalies.len() as u64;
+                self.stats.sent.fetch_add(n, Ordering::Relaxed);
+                self.anomalies.clear();
+            }
+            Err(e) => {
+                self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, rows = self.anomalies.len(), "exporting anomalies to ClickHouse failed; kept for the next round");
             }
         }
     }
@@ -442,6 +532,48 @@ async fn try_insert(
 
 /// The table decisions go to, in the client's database.
 const TABLE: &str = "decisions";
+/// The table anomalies go to.
+const ANOMALIES: &str = "anomalies";
+
+/// The row of an anomaly detected on `node`.
+pub fn anomaly_row(
+    d: &crate::anomaly::Detection,
+    node: &str,
+    key_hash: &str,
+    now: crate::Timestamp,
+) -> AnomalyRow {
+    let secs = |d: Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
+    let client = crate::plan::key::CounterKey::parse(&d.key).map_or("", |p| p.client);
+    AnomalyRow {
+        ts: u32::try_from(now.as_micros() / 1_000_000).unwrap_or(u32::MAX),
+        node: node.to_owned(),
+        plan_version: d.plan_version.to_string(),
+        namespace: d.namespace.to_string(),
+        anomaly: d.anomaly.to_string(),
+        key_kind: key_kind(client),
+        key_hash: key_hash.to_owned(),
+        client_ip: d.client_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+        observed: d.observed,
+        threshold: d.threshold,
+        window_s: secs(d.window),
+        ban_s: d.actions.ban.map_or(0, secs),
+        flag_s: d.actions.flag.map_or(0, secs),
+        tarpit_ms: d
+            .actions
+            .tarpit
+            .map_or(0, |(h, _)| u32::try_from(h.as_millis()).unwrap_or(u32::MAX)),
+        alerts: d.actions.alerts.iter().map(|a| a.to_string()).collect(),
+    }
+}
+
+/// What a key's client part counts by: its parts' labels (`ip`, `user+h.x-tenant`).
+fn key_kind(client: &str) -> String {
+    client
+        .split('+')
+        .map(|part| part.split(':').next().unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join("+")
+}
 
 /// Whether rows of batch `id` are in the table (`None`: ClickHouse did not say).
 async fn already_in(client: &Client, id: &str) -> Option<bool> {
@@ -563,6 +695,7 @@ pub fn rows(
         latency_us: u32::try_from(verdict.elapsed.as_micros()).unwrap_or(u32::MAX),
         sample_rate: sample_rate as f32,
         request_id: cx.request_id.to_owned(),
+        flags: verdict.flags.iter().map(|f| f.to_string()).collect(),
         ..DecisionRow::default()
     };
     let decided_by = |decision: Decision, name: &str, policies: &[Arc<str>]| DecisionRow {
@@ -611,11 +744,7 @@ pub fn rows(
                 algorithm: r.algorithm.to_owned(),
                 decision: decision as i8,
                 tier: r.tier.as_deref().unwrap_or_default().to_owned(),
-                key_kind: client
-                    .split('+')
-                    .map(|part| part.split(':').next().unwrap_or_default())
-                    .collect::<Vec<_>>()
-                    .join("+"),
+                key_kind: key_kind(client),
                 key_hash: cx.hasher.hash(&r.key),
                 cost: r.cost,
                 used: r.decision.limit.saturating_sub(r.decision.remaining),

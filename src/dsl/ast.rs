@@ -474,17 +474,38 @@ pub enum AnomalyStmt {
     Key(KeyExpr),
     /// `count when status in [401, 403];`
     Count(Spanned<Vec<Spanned<u64>>>),
-    /// `detect 10 in 5min;`
-    Detect {
-        /// How many counted responses.
+    /// `detect …;`
+    Detect(Spanned<Detect>),
+    /// `then ban 15min, alert "security";`
+    Then(Spanned<Vec<ThenAction>>),
+}
+
+/// What an anomaly detects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Detect {
+    /// `detect 10 in 5min`: that many counted responses within the window.
+    Count {
+        /// How many.
         count: Spanned<u64>,
         /// Within how long.
         window: Spanned<DurationLit>,
-        /// The whole statement.
-        span: Span,
     },
-    /// `then ban 15min, alert "security";`
-    Then(Spanned<Vec<ThenAction>>),
+    /// `detect rate > 10x baseline over 1min`: a window's count above the key's average.
+    Rate {
+        /// How many times the baseline.
+        factor: Spanned<u64>,
+        /// The window counts are compared over.
+        window: Spanned<DurationLit>,
+    },
+    /// `detect distinct header("X-User") > 20 in 10min`: more distinct values than that.
+    Distinct {
+        /// Where the value comes from.
+        source: ValueSource,
+        /// How many distinct values are allowed.
+        count: Spanned<u64>,
+        /// Within how long.
+        window: Spanned<DurationLit>,
+    },
 }
 
 /// What happens when an anomaly is detected.
@@ -494,4 +515,13 @@ pub enum ThenAction {
     Ban(Spanned<DurationLit>),
     /// `alert "channel"`
     Alert(Spanned<String>),
+    /// `flag` or `flag for 1h`
+    Flag(Spanned<Option<Spanned<DurationLit>>>),
+    /// `tarpit 2s` or `tarpit 2s for 10min`
+    Tarpit {
+        /// How long each request is held.
+        delay: Spanned<DurationLit>,
+        /// For how long (`None`: the default).
+        lasting: Option<Spanned<DurationLit>>,
+    },
 }

@@ -906,31 +906,52 @@ impl Builder<'_> {
                         pspan,
                     )),
                     Rule::detect_stmt => {
-                        let mut parts = part.into_inner();
-                        let count = self.number(next(&mut parts));
-                        let window = self.duration(next(&mut parts));
-                        AnomalyStmt::Detect {
-                            count,
-                            window,
-                            span: pspan,
-                        }
+                        let detect = next(&mut part.into_inner());
+                        let rule = detect.as_rule();
+                        let mut parts = detect.into_inner();
+                        let detect = match rule {
+                            Rule::detect_rate => Detect::Rate {
+                                factor: self.number(next(&mut parts)),
+                                window: self.duration(next(&mut parts)),
+                            },
+                            Rule::detect_distinct => Detect::Distinct {
+                                source: self.value_source(next(&mut parts)),
+                                count: self.number(next(&mut parts)),
+                                window: self.duration(next(&mut parts)),
+                            },
+                            _ => Detect::Count {
+                                count: self.number(next(&mut parts)),
+                                window: self.duration(next(&mut parts)),
+                            },
+                        };
+                        AnomalyStmt::Detect(Spanned::new(detect, pspan))
                     }
                     _ => AnomalyStmt::Then(Spanned::new(
-                        part.into_inner()
-                            .map(|a| {
-                                if a.as_rule() == Rule::ban {
-                                    ThenAction::Ban(self.duration(next(&mut a.into_inner())))
-                                } else {
-                                    ThenAction::Alert(self.string(next(&mut a.into_inner())))
-                                }
-                            })
-                            .collect(),
+                        part.into_inner().map(|a| self.then_action(a)).collect(),
                         pspan,
                     )),
                 }
             })
             .collect();
         AnomalyBlock { name, stmts, span }
+    }
+
+    fn then_action(&mut self, action: P<'_>) -> ThenAction {
+        let span = self.span(&action);
+        let rule = action.as_rule();
+        let mut parts = action.into_inner();
+        match rule {
+            Rule::ban => ThenAction::Ban(self.duration(next(&mut parts))),
+            Rule::flag => ThenAction::Flag(Spanned::new(
+                parts.next().map(|d| self.duration(d)),
+                span,
+            )),
+            Rule::tarpit => ThenAction::Tarpit {
+                delay: self.duration(next(&mut parts)),
+                lasting: parts.next().map(|d| self.duration(d)),
+            },
+            _ => ThenAction::Alert(self.string(next(&mut parts))),
+        }
     }
 }
 

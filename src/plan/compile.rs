@@ -15,7 +15,8 @@ use super::ipset::IpSet;
 use super::key::{KeyPart, KeySource, KeySpec, is_secret_header};
 use super::route::{PatternId, RouteIndex, Template};
 use super::{
-    Anomaly, Authorize, CedarImport, Cost, Counts, DenyRule, Limit, LimitRate, ListRule,
+    Anomaly, AnomalyActions, Authorize, CedarImport, Cost, Counts, DenyRule, Detector, Limit,
+    LimitRate, ListRule,
     MissingKey, Mode, OnExceed, Pick, Plan, SoftAction, SoftStep, StoreErrorMode, TierSource,
     TierTable, TierValue,
 };

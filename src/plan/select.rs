@@ -423,3 +423,58 @@ fn cedar_tier(
     };
     chosen.unwrap_or(table.default)
 }
+
+/// One anomaly watching a request: what its response is counted under.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Watched {
+    /// The anomaly's index in the plan.
+    pub anomaly: usize,
+    /// The counter key (`{namespace}:{client}:anomaly.{name}`), secrets hashed.
+    pub key: String,
+    /// For `detect distinct`: the request's value, hashed (`None` for other detectors).
+    pub value: Option<String>,
+}
+
+/// The anomalies whose conditions `request` meets and that have a key for it (and, for
+/// `detect distinct`, a value): nothing at all for a plan without anomalies.
+pub fn watching(
+    plan: &Plan,
+    request: &RequestCtx,
+    hasher: &KeyHasher,
+    now: Timestamp,
+) -> SmallVec<[Watched; 1]> {
+    if plan.anomalies.is_empty() {
+        return SmallVec::new();
+    }
+    with_env(plan, request, hasher, now, |env| {
+        plan.anomalies
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| a.condition.eval(env))
+            .filter_map(|(i, a)| {
+                let route = a
+                    .condition
+                    .matched_route(env)
+                    .map(|p| &**plan.routes.template(p));
+                let value = match &a.detector {
+                    super::Detector::Distinct { source, .. } => {
+                        Some(hasher.hash(source.read(request)?))
+                    }
+                    _ => None,
+                };
+                let name = format!("{ANOMALY_PREFIX}{}", a.name);
+                let key = CounterKey::build(&a.namespace, &name, |out| {
+                    a.key.write(request, route, hasher, out)
+                })?;
+                Some(Watched {
+                    anomaly: i,
+                    key: key.into(),
+                    value,
+                })
+            })
+            .collect()
+    })
+}
+
+/// What an anomaly's counter keys have in place of a limit's name, before its own name.
+pub const ANOMALY_PREFIX: &str = "anomaly.";

@@ -406,6 +406,8 @@ struct NewEntry {
     for_seconds: Option<u64>,
     #[serde(default)]
     reason: Option<String>,
+    #[serde(default)]
+    delay_ms: Option<u64>,
 }
 
 /// What an entry holds for, as operators write it: exactly one of an address or network
@@ -508,6 +510,15 @@ async fn add_entry<S: Store, C: Clock>(
         );
         return problem_response(p, &request_id);
     }
+    let tarpit = input.list == RuntimeList::Tarpit;
+    if tarpit != input.delay_ms.is_some() || input.delay_ms.is_some_and(|d| d == 0 || d > 30_000)
+    {
+        let mut p = Problem::bad_request(
+            "`delay_ms` (1 to 30000) is required for a tarpit and refused for the other lists",
+        );
+        p.field = Some("delay_ms".to_owned());
+        return problem_response(p, &request_id);
+    }
     let now = state.engine.now();
     let entry = RuntimeEntry {
         list: input.list,
@@ -516,6 +527,7 @@ async fn add_entry<S: Store, C: Clock>(
             .for_seconds
             .map(|s| now.saturating_add(Duration::from_secs(s)).as_micros()),
         reason: input.reason,
+        delay_ms: input.delay_ms,
     };
     match state.engine.put_runtime_entry(&entry).await {
         Ok(()) => {

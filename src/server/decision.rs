@@ -128,6 +128,86 @@ pub(super) async fn release<S: Store, C: Clock>(
     }
 }
 
+/// `POST /v1/report` input: a request as `/v1/check` describes it, and its status.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ReportRequest {
+    request: CheckRequest,
+    status: u16,
+}
+
+/// `POST /v1/report` output.
+#[derive(Debug, Serialize)]
+struct ReportResponse {
+    watched: usize,
+    detected: Vec<DetectionOut>,
+    request_id: String,
+}
+
+/// One anomaly detected, as `/v1/report` shows it.
+#[derive(Debug, Serialize)]
+struct DetectionOut {
+    anomaly: String,
+    observed: u64,
+    threshold: f64,
+    window_seconds: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ban_seconds: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    flag_seconds: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tarpit_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    alerts: Vec<String>,
+}
+
+pub(super) async fn report<S: Store, C: Clock>(
+    State(app): State<Arc<AppState<S, C>>>,
+    request: Request,
+) -> Response {
+    let request_id = crate::request::request_id(request.headers());
+    let input: ReportRequest = match read_json(request, app.max_body_bytes).await {
+        Ok(input) => input,
+        Err(problem) => return problem_response(*problem, &request_id),
+    };
+    if !(100..=599).contains(&input.status) {
+        let problem = field_problem("status", "an HTTP status, 100 to 599".into());
+        return problem_response(*problem, &request_id);
+    }
+    let ctx = match check_ctx(input.request, &app.options.identifier) {
+        Ok(ctx) => ctx,
+        Err(problem) => return problem_response(*problem, &request_id),
+    };
+    let (watched, detected) = match app.engine.watch(&ctx) {
+        Some(watch) => (
+            watch.len(),
+            app.engine.observe(watch, input.status).await,
+        ),
+        None => (0, Vec::new()),
+    };
+    let detected = detected
+        .into_iter()
+        .map(|d| DetectionOut {
+            anomaly: d.anomaly.to_string(),
+            observed: d.observed,
+            threshold: d.threshold,
+            window_seconds: d.window.as_secs(),
+            ban_seconds: d.actions.ban.map(|b| b.as_secs()),
+            flag_seconds: d.actions.flag.map(|f| f.as_secs()),
+            tarpit_ms: d.actions.tarpit.map(|(h, _)| h.as_millis() as u64),
+            alerts: d.actions.alerts.iter().map(|a| a.to_string()).collect(),
+        })
+        .collect();
+    let mut response = axum::Json(ReportResponse {
+        watched,
+        detected,
+        request_id: request_id.clone(),
+    })
+    .into_response();
+    set_request_id(response.headers_mut(), &request_id);
+    response
+}
+
 pub(super) fn action_name(action: &Action) -> &'static str {
     match action {
         Action::Allow => "allow",

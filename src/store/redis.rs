@@ -767,29 +767,33 @@ impl Store for RedisStore {
         &self,
         now: Timestamp,
     ) -> Result<Vec<crate::store::runtime::RuntimeEntry>, StoreError> {
-        use crate::store::runtime::{RUNTIME_KEY, RuntimeEntry};
-        let fields: std::collections::HashMap<String, String> = self
-            .call(async |c| redis::cmd("HGETALL").arg(RUNTIME_KEY).query_async(c).await)
-            .await?;
+        use crate::store::runtime::{MARKS_KEY, RUNTIME_KEY, RuntimeEntry};
         let mut live = Vec::new();
-        let mut ended = Vec::new();
-        for (field, value) in fields {
-            match serde_json::from_str::<RuntimeEntry>(&value) {
-                Ok(entry) if entry.live(now) => live.push(entry),
-                // Ended, or written by something else: dropped.
-                _ => ended.push(field),
-            }
-        }
-        if !ended.is_empty() {
-            let _: usize = self
-                .call(async |c| {
-                    redis::cmd("HDEL")
-                        .arg(RUNTIME_KEY)
-                        .arg(&ended)
-                        .query_async(c)
-                        .await
-                })
+        for key in [RUNTIME_KEY, MARKS_KEY] {
+            let fields: std::collections::HashMap<String, String> = self
+                .call(async |c| redis::cmd("HGETALL").arg(key).query_async(c).await)
                 .await?;
+            let mut ended = Vec::new();
+            for (field, value) in fields {
+                match serde_json::from_str::<RuntimeEntry>(&value) {
+                    Ok(entry) if entry.live(now) && entry.list.store_key() == key => {
+                        live.push(entry);
+                    }
+                    // Ended, or written by something else: dropped.
+                    _ => ended.push(field),
+                }
+            }
+            if !ended.is_empty() {
+                let _: usize = self
+                    .call(async |c| {
+                        redis::cmd("HDEL")
+                            .arg(key)
+                            .arg(&ended)
+                            .query_async(c)
+                            .await
+                    })
+                    .await?;
+            }
         }
         live.sort_by_key(RuntimeEntry::field);
         Ok(live)
@@ -804,7 +808,7 @@ impl Store for RedisStore {
         let _: usize = self
             .call(async |c| {
                 redis::cmd("HSET")
-                    .arg(crate::store::runtime::RUNTIME_KEY)
+                    .arg(entry.list.store_key())
                     .arg(&field)
                     .arg(&value)
                     .query_async(c)
@@ -823,7 +827,7 @@ impl Store for RedisStore {
         let removed: usize = self
             .call(async |c| {
                 redis::cmd("HDEL")
-                    .arg(crate::store::runtime::RUNTIME_KEY)
+                    .arg(list.store_key())
                     .arg(&field)
                     .query_async(c)
                     .await

@@ -16,9 +16,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::Timestamp;
 
-/// The Redis hash holding every entry: not a counter key (no braces), so no counter
-/// selector of the admin API ever reaches it.
+/// The Redis hash holding every safelist and denylist entry: not a counter key (no braces),
+/// so no counter selector of the admin API ever reaches it.
 pub const RUNTIME_KEY: &str = "tollgate:runtime-lists";
+
+/// The Redis hash holding flags and tarpits: apart from the lists, because nodes of earlier
+/// versions drop entries of lists they do not know from the lists' hash.
+pub const MARKS_KEY: &str = "tollgate:runtime-marks";
 
 /// The longest client an entry may name (counter keys hash longer values).
 pub const MAX_CLIENT_LEN: usize = 512;
@@ -31,6 +35,32 @@ pub enum RuntimeList {
     Safelist,
     /// Refused with 403.
     Denylist,
+    /// Decisions carry the entry's reason (exported and logged): `flag` of an anomaly.
+    Flag,
+    /// Each request is held `delay_ms` before it goes on: `tarpit` of an anomaly.
+    Tarpit,
+}
+
+impl RuntimeList {
+    /// Its name, as in store fields and the admin API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuntimeList::Safelist => "safelist",
+            RuntimeList::Denylist => "denylist",
+            RuntimeList::Flag => "flag",
+            RuntimeList::Tarpit => "tarpit",
+        }
+    }
+
+    /// Whether it marks requests (flag, tarpit) rather than deciding them.
+    pub fn is_mark(self) -> bool {
+        matches!(self, RuntimeList::Flag | RuntimeList::Tarpit)
+    }
+
+    /// The Redis hash its entries live in.
+    pub fn store_key(self) -> &'static str {
+        if self.is_mark() { MARKS_KEY } else { RUNTIME_KEY }
+    }
 }
 
 /// What an entry holds for.
@@ -63,9 +93,12 @@ pub struct RuntimeEntry {
     /// When it ends, in microseconds since the epoch (`None`: until removed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub until: Option<u64>,
-    /// Why, as shown to refused clients and operators.
+    /// Why, as shown to refused clients and operators (for a flag: what decisions carry).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// How long a tarpit holds each request, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay_ms: Option<u64>,
 }
 
 impl RuntimeEntry {
@@ -83,11 +116,7 @@ impl RuntimeEntry {
 /// The store field of `target` on `list` (`denylist|203.0.113.0/24`,
 /// `denylist|client=user:alice`).
 pub fn field(list: RuntimeList, target: &Target) -> String {
-    let list = match list {
-        RuntimeList::Safelist => "safelist",
-        RuntimeList::Denylist => "denylist",
-    };
-    format!("{list}|{target}")
+    format!("{}|{target}", list.as_str())
 }
 
 /// The entries a node applies, as last read from the store.
@@ -95,6 +124,7 @@ pub fn field(list: RuntimeList, target: &Target) -> String {
 pub struct RuntimeLists {
     entries: Arc<[RuntimeEntry]>,
     clients: bool,
+    marks: bool,
 }
 
 impl RuntimeLists {
@@ -103,9 +133,11 @@ impl RuntimeLists {
         let clients = entries
             .iter()
             .any(|e| matches!(e.target, Target::Client(_)));
+        let marks = entries.iter().any(|e| e.list.is_mark());
         RuntimeLists {
             entries: entries.into(),
             clients,
+            marks,
         }
     }
 
@@ -117,6 +149,54 @@ impl RuntimeLists {
     /// Whether any entry names a client (else no key needs checking).
     pub fn has_clients(&self) -> bool {
         self.clients
+    }
+
+    /// Whether any entry is a flag or a tarpit.
+    pub fn has_marks(&self) -> bool {
+        self.marks
+    }
+
+    /// The live flags and tarpits that hold for a request from `ip` whose identity or keys
+    /// name `clients`: the flags' reasons, and the longest hold.
+    pub fn marks<'c>(
+        &self,
+        ip: Option<std::net::IpAddr>,
+        clients: impl Iterator<Item = &'c str> + Clone,
+        now: Timestamp,
+    ) -> (Vec<Arc<str>>, Option<std::time::Duration>) {
+        let mut flags = Vec::new();
+        let mut hold = None;
+        if !self.marks {
+            return (flags, hold);
+        }
+        let ip = ip.map(|ip| match ip {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+            v4 => v4,
+        });
+        for e in self.entries.iter().filter(|e| e.list.is_mark() && e.live(now)) {
+            let holds = match &e.target {
+                Target::Net(net) => ip.is_some_and(|ip| net.contains(&ip)),
+                Target::Client(c) => clients
+                    .clone()
+                    .any(|client| client == c || client.split('+').any(|part| part == c)),
+            };
+            if !holds {
+                continue;
+            }
+            match e.list {
+                RuntimeList::Flag => {
+                    let label: Arc<str> = Arc::from(e.reason.as_deref().unwrap_or("flagged"));
+                    if !flags.contains(&label) {
+                        flags.push(label);
+                    }
+                }
+                _ => {
+                    let d = std::time::Duration::from_millis(e.delay_ms.unwrap_or(0));
+                    hold = hold.max(Some(d));
+                }
+            }
+        }
+        (flags, hold)
     }
 
     /// The live entry of `list` that holds `ip`, the narrowest first.
@@ -172,6 +252,7 @@ mod tests {
             target: Target::Net(net.parse().unwrap()),
             until,
             reason: Some(reason.to_owned()),
+            delay_ms: None,
         }
     }
 
@@ -220,6 +301,7 @@ mod tests {
             target: Target::Client(c.to_owned()),
             until,
             reason: None,
+            delay_ms: None,
         };
         let lists = RuntimeLists::new(vec![
             client(RuntimeList::Denylist, "user:alice", None),

@@ -95,13 +95,9 @@ impl<'a> Compiler<'a> {
                     statuses = Some(c);
                     ("count", c.span)
                 }
-                ast::AnomalyStmt::Detect {
-                    count,
-                    window,
-                    span,
-                } => {
-                    detect = Some((count, window));
-                    ("detect", *span)
+                ast::AnomalyStmt::Detect(d) => {
+                    detect = Some(d);
+                    ("detect", d.span)
                 }
                 ast::AnomalyStmt::Then(t) => {
                     then = Some(t);
@@ -109,13 +105,12 @@ impl<'a> Compiler<'a> {
                 }
             };
             if seen.insert(name, span).is_some() {
-                self.error_help(
-                    f,
-                    span,
-                    format!("`{name}` is set twice"),
-                    "set again here",
-                    "keep one",
-                );
+                let help = if name == "detect" {
+                    "one pattern per anomaly: write another `anomaly` block for the other"
+                } else {
+                    "keep one"
+                };
+                self.error_help(f, span, format!("`{name}` is set twice"), "set again here", help);
                 ok = false;
             }
         }
@@ -126,56 +121,26 @@ impl<'a> Compiler<'a> {
             }),
         };
         let mut status_codes = Vec::new();
-        match statuses {
-            Some(list) => {
-                for s in &list.node {
-                    match u16::try_from(s.node)
-                        .ok()
-                        .filter(|s| (100..=599).contains(s))
-                    {
-                        Some(code) => status_codes.push(code),
-                        None => {
-                            self.error_help(
-                                f,
-                                s.span,
-                                format!("`{}` is not an HTTP status", s.node),
-                                "not a status",
-                                "statuses are between 100 and 599",
-                            );
-                            ok = false;
-                        }
-                    }
-                }
-            }
-            None => {
-                self.error_help(
-                    f,
-                    block.name.span,
-                    format!("anomaly `{}` does not say what to count", block.name.node),
-                    "no `count`",
-                    "add `count when status in [401, 403];`",
-                );
-                ok = false;
-            }
-        }
-        let (threshold, window) = match detect {
-            Some((count, window)) => {
-                if count.node == 0 {
+        for s in statuses.iter().flat_map(|list| &list.node) {
+            match u16::try_from(s.node)
+                .ok()
+                .filter(|s| (100..=599).contains(s))
+            {
+                Some(code) => status_codes.push(code),
+                None => {
                     self.error_help(
                         f,
-                        count.span,
-                        "a threshold is at least 1",
-                        "zero",
-                        "write how many counted responses trigger it, such as `detect 10 in 5min;`",
+                        s.span,
+                        format!("`{}` is not an HTTP status", s.node),
+                        "not a status",
+                        "statuses are between 100 and 599",
                     );
                     ok = false;
                 }
-                let w = self.duration_micros(f, window, "window");
-                if w.is_none() {
-                    ok = false;
-                }
-                (count.node, Duration::from_micros(w.unwrap_or(1)))
             }
+        }
+        let detector = match detect {
+            Some(d) => self.detector(f, d),
             None => {
                 self.error_help(
                     f,
@@ -184,34 +149,11 @@ impl<'a> Compiler<'a> {
                     "no `detect`",
                     "add `detect 10 in 5min;`",
                 );
-                ok = false;
-                (1, Duration::from_secs(1))
+                None
             }
         };
-        let mut ban = None;
-        let mut alerts = Vec::new();
-        match then {
-            Some(actions) => {
-                for action in &actions.node {
-                    match action {
-                        ast::ThenAction::Ban(d) => match self.duration_micros(f, d, "ban") {
-                            Some(m) if m <= MAX_BAN => ban = Some(Duration::from_micros(m)),
-                            Some(_) => {
-                                self.error_help(
-                                    f,
-                                    d.span,
-                                    "a ban lasts at most 30 days",
-                                    "too long",
-                                    "for longer, put the client on a denylist",
-                                );
-                                ok = false;
-                            }
-                            None => ok = false,
-                        },
-                        ast::ThenAction::Alert(a) => alerts.push(Arc::from(a.node.as_str())),
-                    }
-                }
-            }
+        let actions = match then {
+            Some(actions) => self.anomaly_actions(f, actions),
             None => {
                 self.error_help(
                     f,
@@ -220,25 +162,169 @@ impl<'a> Compiler<'a> {
                     "no `then`",
                     "add `then ban 15min;` or `then alert \"security\";`",
                 );
-                ok = false;
+                None
             }
-        }
+        };
         let condition = match conditions.len() {
             0 => Condition::Always,
             1 => conditions.remove(0),
             _ => Condition::All(conditions),
         };
-        let key = key?;
+        let (key, detector, actions) = (key?, detector?, actions?);
         ok.then(|| Anomaly {
             name: Arc::from(block.name.node.as_str()),
             namespace: Arc::clone(namespace),
             condition,
             key,
             statuses: status_codes,
-            threshold,
-            window,
-            ban,
-            alerts,
+            detector,
+            actions,
         })
     }
+
+    fn detector(&mut self, f: usize, detect: &Spanned<ast::Detect>) -> Option<Detector> {
+        let at_least = |this: &mut Self, n: &Spanned<u64>, least: u64, what: &str, help: &str| {
+            if n.node < least {
+                this.error_help(f, n.span, format!("{what} is at least {least}"), "too small", help);
+                false
+            } else {
+                true
+            }
+        };
+        let window = |this: &mut Self, w: &Spanned<ast::DurationLit>| {
+            match this.duration_micros(f, w, "window")? {
+                m if m <= DAY => Some(Duration::from_micros(m)),
+                _ => {
+                    this.error_help(
+                        f,
+                        w.span,
+                        "an anomaly's window is at most a day",
+                        "too long",
+                        "patterns slower than that are for analytics queries",
+                    );
+                    None
+                }
+            }
+        };
+        match &detect.node {
+            ast::Detect::Count { count, window: w } => {
+                let fine = at_least(
+                    self,
+                    count,
+                    1,
+                    "a threshold",
+                    "write how many counted responses trigger it, such as `detect 10 in 5min;`",
+                );
+                let window = window(self, w)?;
+                fine.then_some(Detector::Count {
+                    threshold: count.node,
+                    window,
+                })
+            }
+            ast::Detect::Rate { factor, window: w } => {
+                let fine = at_least(
+                    self,
+                    factor,
+                    2,
+                    "a rate's factor",
+                    "a burst is a multiple of the usual rate, such as `rate > 10x baseline`",
+                );
+                let window = window(self, w)?;
+                fine.then_some(Detector::Rate {
+                    factor: factor.node,
+                    window,
+                })
+            }
+            ast::Detect::Distinct {
+                source,
+                count,
+                window: w,
+            } => {
+                let fine = at_least(
+                    self,
+                    count,
+                    1,
+                    "a distinct count",
+                    "write how many different values are normal, such as `> 20`",
+                );
+                let source = self.value_from(f, source);
+                let window = window(self, w)?;
+                Some(Detector::Distinct {
+                    source: source?,
+                    threshold: count.node,
+                    window,
+                })
+                .filter(|_| fine)
+            }
+        }
+    }
+
+    fn anomaly_actions(
+        &mut self,
+        f: usize,
+        actions: &Spanned<Vec<ast::ThenAction>>,
+    ) -> Option<AnomalyActions> {
+        let mut out = AnomalyActions::default();
+        let mut ok = true;
+        let lasting = |this: &mut Self, d: &Spanned<ast::DurationLit>, what: &str| {
+            match this.duration_micros(f, d, what)? {
+                m if m <= MAX_BAN => Some(Duration::from_micros(m)),
+                _ => {
+                    this.error_help(
+                        f,
+                        d.span,
+                        format!("a {what} lasts at most 30 days"),
+                        "too long",
+                        "for longer, put the client on a list",
+                    );
+                    None
+                }
+            }
+        };
+        for action in &actions.node {
+            match action {
+                ast::ThenAction::Ban(d) => match lasting(self, d, "ban") {
+                    Some(d) => out.ban = Some(d),
+                    None => ok = false,
+                },
+                ast::ThenAction::Alert(a) => out.alerts.push(Arc::from(a.node.as_str())),
+                ast::ThenAction::Flag(d) => {
+                    match d.node.as_ref().map(|d| lasting(self, d, "flag")) {
+                        None => out.flag = Some(DEFAULT_MARK),
+                        Some(Some(d)) => out.flag = Some(d),
+                        Some(None) => ok = false,
+                    }
+                }
+                ast::ThenAction::Tarpit { delay, lasting: l } => {
+                    let held = match self.duration_micros(f, delay, "delay")? {
+                        m if m > 0 && m <= MAX_TARPIT => Some(Duration::from_micros(m)),
+                        _ => {
+                            self.error_help(
+                                f,
+                                delay.span,
+                                "a tarpit holds each request between 1ms and 30s",
+                                "out of range",
+                                "longer holds tie up connections: ban instead",
+                            );
+                            None
+                        }
+                    };
+                    let l = match l {
+                        Some(l) => lasting(self, l, "tarpit"),
+                        None => Some(DEFAULT_MARK),
+                    };
+                    match (held, l) {
+                        (Some(h), Some(l)) => out.tarpit = Some((h, l)),
+                        _ => ok = false,
+                    }
+                }
+            }
+        }
+        ok.then_some(out)
+    }
 }
+
+/// How long a `flag` or a `tarpit` lasts when the policy does not say.
+const DEFAULT_MARK: Duration = Duration::from_secs(3600);
+/// The longest a tarpit holds one request, in microseconds.
+const MAX_TARPIT: u64 = 30_000_000;
