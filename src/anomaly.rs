@@ -166,10 +166,10 @@ impl LocalDetectors {
             let closed = *count as f64;
             let empty = i32::try_from(w - *at - 1).unwrap_or(i32::MAX);
             let decayed = |avg: f64| avg * (1.0 - ALPHA).powi(empty);
-            *baseline = Some(decayed(baseline.map_or(closed, |b| b * (1.0 - ALPHA) + closed * ALPHA)));
+            *baseline = Some(decayed(baseline.map_or(closed, |b| ewma(b, closed))));
             let mut all = lock(&self.baselines);
             let global = all.entry(Arc::clone(&anomaly.name)).or_insert(closed);
-            *global = *global * (1.0 - ALPHA) + closed * ALPHA;
+            *global = ewma(*global, closed);
             *at = w;
             *count = 0;
         }
@@ -228,6 +228,11 @@ impl LocalDetectors {
             }
         }
     }
+}
+
+/// A moving average moved towards `value` (exactly `value` when they are equal).
+fn ewma(average: f64, value: f64) -> f64 {
+    average + ALPHA * (value - average)
 }
 
 /// The aligned window `now` falls in.

@@ -102,6 +102,10 @@ pub fn write_rate_limit_headers(
         Action::Reject {
             retry_after: Some(wait),
             ..
+        }
+        | Action::Forbid {
+            retry_after: Some(wait),
+            ..
         } => {
             headers.insert(http::header::RETRY_AFTER, num(ceil_secs(*wait).max(1)));
         }

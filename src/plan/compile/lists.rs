@@ -247,6 +247,17 @@ impl<'a> Compiler<'a> {
                     "a distinct count",
                     "write how many different values are normal, such as `> 20`",
                 );
+                let fine = fine
+                    && (count.node <= MAX_DISTINCT || {
+                        self.error_help(
+                            f,
+                            count.span,
+                            format!("a distinct count is at most {MAX_DISTINCT}"),
+                            "too large",
+                            "each key keeps its values until the window ends: keep it small",
+                        );
+                        false
+                    });
                 let source = self.value_from(f, source);
                 let window = window(self, w)?;
                 Some(Detector::Distinct {
@@ -326,5 +337,7 @@ impl<'a> Compiler<'a> {
 
 /// How long a `flag` or a `tarpit` lasts when the policy does not say.
 const DEFAULT_MARK: Duration = Duration::from_secs(3600);
+/// The most distinct values a `detect distinct` counts to (each key keeps them).
+const MAX_DISTINCT: u64 = 1_000;
 /// The longest a tarpit holds one request, in microseconds.
 const MAX_TARPIT: u64 = 30_000_000;
