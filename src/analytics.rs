@@ -11,6 +11,7 @@
 use clickhouse::Client;
 
 pub mod export;
+pub mod report;
 pub mod spool;
 
 /// One schema change.
@@ -166,7 +167,9 @@ pub enum MigrateError {
 }
 
 /// Whether `name` is a plain identifier (it is written into statements).
-fn plain(name: &str) -> bool {
+/// Whether `name` can be a database name as written in SQL without quoting (letters,
+/// digits, `_`; what settings and flags accept).
+pub fn plain_database(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
@@ -183,7 +186,7 @@ pub async fn server_version(client: &Client) -> Result<(u32, u32), clickhouse::e
 /// Creates `database` and brings its schema up to date; idempotent (run it on every start
 /// if you like). Migrations a server is too old for are left pending.
 pub async fn migrate(client: &Client, database: &str) -> Result<Vec<Step>, MigrateError> {
-    if !plain(database) {
+    if !plain_database(database) {
         return Err(MigrateError::Database(database.to_owned()));
     }
     let sql = |s: &str| s.replace("{db}", database);
@@ -259,9 +262,9 @@ mod tests {
             assert_eq!(m.version as usize, i + 1);
             assert!(m.statements.iter().all(|s| s.contains("{db}.")));
         }
-        assert!(plain("tollgate") && plain("_t1"));
+        assert!(plain_database("tollgate") && plain_database("_t1"));
         for bad in ["", "1db", "db; DROP TABLE x", "a-b", "a.b"] {
-            assert!(!plain(bad), "{bad}");
+            assert!(!plain_database(bad), "{bad}");
         }
     }
 }

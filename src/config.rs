@@ -446,9 +446,7 @@ impl Settings {
             }
         }
         if let Some(db) = raw.clickhouse_database.take() {
-            let plain = db.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
-                && db.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-            if plain && db.len() <= 64 {
+            if crate::analytics::plain_database(&db) {
                 self.clickhouse_database = db;
             } else {
                 p.add(

@@ -112,6 +112,77 @@ enum AnalyticsAction {
     /// Create the database, the events table and its rollups, or bring them up to date
     /// (idempotent; migrations the server is too old for stay pending).
     Migrate,
+    /// The keys, limits, routes or tenants with the most decisions of a kind.
+    Top {
+        /// What to rank: key, limit, route, tenant.
+        #[arg(long, default_value = "key", value_parser = parse_top_by)]
+        by: tollgate::analytics::report::TopBy,
+        /// Which decisions: reject, forbid, allow, near_limit… or `any`.
+        #[arg(long, default_value = "reject", value_parser = parse_decision)]
+        decision: String,
+        /// How far back: `1h`, `30min`, `1d`.
+        #[arg(long, default_value = "1h", value_parser = parse_since)]
+        since: std::time::Duration,
+        /// How many lines.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+        rows: u64,
+        /// JSON lines for scripts instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Admitted and refused decisions over time, with a bar per step (at most 60 steps).
+    Timeline {
+        /// One limit (its name); all by default.
+        #[arg(long)]
+        limit: Option<String>,
+        /// How far back: `1h`, `1d`, `7d`.
+        #[arg(long, default_value = "1d", value_parser = parse_since)]
+        since: std::time::Duration,
+        /// JSON lines for scripts instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The anomalies detected, latest first.
+    Anomalies {
+        /// How far back: `1h`, `1d`.
+        #[arg(long, default_value = "1d", value_parser = parse_since)]
+        since: std::time::Duration,
+        /// How many lines.
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+        rows: u64,
+        /// JSON lines for scripts instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_top_by(text: &str) -> Result<tollgate::analytics::report::TopBy, String> {
+    use tollgate::analytics::report::TopBy;
+    TopBy::NAMES
+        .iter()
+        .find(|(name, _)| *name == text)
+        .map(|(_, by)| *by)
+        .ok_or_else(|| {
+            let names: Vec<_> = TopBy::NAMES.iter().map(|(n, _)| *n).collect();
+            format!("one of {}", names.join(", "))
+        })
+}
+
+fn parse_decision(text: &str) -> Result<String, String> {
+    let known = tollgate::analytics::report::DECISIONS;
+    if text == "any" || known.contains(&text) {
+        Ok(text.to_owned())
+    } else {
+        Err(format!("`any` or one of {}", known.join(", ")))
+    }
+}
+
+fn parse_since(text: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|e| format!("{e} (write `1h`, `30min`, `7d`)"))?;
+    if d < std::time::Duration::from_secs(60) || d > std::time::Duration::from_secs(400 * 86_400) {
+        return Err("between 1 minute and 400 days".to_owned());
+    }
+    Ok(d)
 }
 
 #[derive(Subcommand)]
@@ -285,16 +356,17 @@ fn main() -> ExitCode {
             url,
             database,
             config,
-            action: AnalyticsAction::Migrate,
-        } => analytics_migrate(url, database, config),
+            action,
+        } => analytics(url, database, config, action),
     }
 }
 
-/// `tollgate analytics migrate`.
-fn analytics_migrate(
+/// `tollgate analytics …`.
+fn analytics(
     url: Option<String>,
     database: Option<String>,
     config: Option<PathBuf>,
+    action: AnalyticsAction,
 ) -> ExitCode {
     let settings = Settings::load(&Flags {
         config,
@@ -329,27 +401,18 @@ fn analytics_migrate(
             return ExitCode::FAILURE;
         }
     };
-    let steps = runtime.block_on(async {
+    let result = runtime.block_on(async {
         let client = tollgate::analytics::client(&url)
             .await
             .map_err(|e| format!("ClickHouse does not answer: {e}"))?;
-        tollgate::analytics::migrate(&client, &database)
-            .await
-            .map_err(|e| e.to_string())
+        match action {
+            AnalyticsAction::Migrate => analytics_migrate(&client, &database).await,
+            query => analytics_query(&client, &database, query).await,
+        }
     });
-    match steps {
-        Ok(steps) => {
-            use tollgate::analytics::Step;
-            for step in steps {
-                match step {
-                    Step::Applied(v) => println!("migration {v}: applied"),
-                    Step::AlreadyApplied(v) => println!("migration {v}: already applied"),
-                    Step::NeedsNewerServer { version, needs } => println!(
-                        "migration {version}: pending (needs ClickHouse {}.{} or newer)",
-                        needs.0, needs.1
-                    ),
-                }
-            }
+    match result {
+        Ok(text) => {
+            print!("{text}");
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -357,6 +420,76 @@ fn analytics_migrate(
             ExitCode::FAILURE
         }
     }
+}
+
+/// `tollgate analytics top|timeline|anomalies`: a table, or JSON lines.
+async fn analytics_query(
+    client: &clickhouse::Client,
+    database: &str,
+    action: AnalyticsAction,
+) -> Result<String, String> {
+    use tollgate::analytics::report;
+    if !tollgate::analytics::plain_database(database) {
+        return Err(format!("`{database}` is not a database name (letters, digits and `_`)"));
+    }
+    fn lines<T: serde::Serialize>(rows: &[T]) -> String {
+        rows.iter()
+            .filter_map(|r| serde_json::to_string(r).ok())
+            .map(|l| l + "\n")
+            .collect()
+    }
+    let failed = |e: clickhouse::error::Error| format!("the query failed: {e}");
+    match action {
+        AnalyticsAction::Top {
+            by,
+            decision,
+            since,
+            rows,
+            json,
+        } => {
+            let decision = (decision != "any").then_some(decision.as_str());
+            let found: Vec<report::TopRow> = report::top(database, by, decision, since, rows)
+                .fetch(client)
+                .await
+                .map_err(failed)?;
+            Ok(if json { lines(&found) } else { report::render_top(&found, by) })
+        }
+        AnalyticsAction::Timeline { limit, since, json } => {
+            let q = report::timeline(database, limit.as_deref(), since, report::step_for(since));
+            let found: Vec<report::TimelineRow> = q.fetch(client).await.map_err(failed)?;
+            Ok(if json { lines(&found) } else { report::render_timeline(&found) })
+        }
+        AnalyticsAction::Anomalies { since, rows, json } => {
+            let found: Vec<report::AnomalyLine> = report::anomalies(database, since, rows)
+                .fetch(client)
+                .await
+                .map_err(failed)?;
+            Ok(if json { lines(&found) } else { report::render_anomalies(&found) })
+        }
+        AnalyticsAction::Migrate => Ok(String::new()),
+    }
+}
+
+/// `tollgate analytics migrate`.
+async fn analytics_migrate(client: &clickhouse::Client, database: &str) -> Result<String, String> {
+    use std::fmt::Write as _;
+    use tollgate::analytics::Step;
+    let steps = tollgate::analytics::migrate(client, database)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = String::new();
+    for step in steps {
+        let _ = match step {
+            Step::Applied(v) => writeln!(out, "migration {v}: applied"),
+            Step::AlreadyApplied(v) => writeln!(out, "migration {v}: already applied"),
+            Step::NeedsNewerServer { version, needs } => writeln!(
+                out,
+                "migration {version}: pending (needs ClickHouse {}.{} or newer)",
+                needs.0, needs.1
+            ),
+        };
+    }
+    Ok(out)
 }
 
 /// `tollgate admin …`: one call to the admin API; the answer as JSON (explain: as text).
