@@ -18,12 +18,24 @@ missing=()
 for entry in "${REQUIRED[@]}"; do
   command -v "${entry%%:*}" >/dev/null 2>&1 || missing+=("${entry#*:}")
 done
+# `python3 -m venv` (for the chdb-core wheel below) needs Debian's python3-venv.
+python3 -c "import ensurepip" >/dev/null 2>&1 || missing+=("python3-venv")
 if ((${#missing[@]})); then
   echo "installing: ${missing[*]}"
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
+fi
+
+# Current ClickHouse in process (the chdb-core wheel, about 17 s to install): tests/analytics.rs
+# runs the schema and every query there too, not only on Debian's 18.16.
+CHDB_VENV=target/chdb-venv
+if ! "$CHDB_VENV/bin/python" -c "import chdb" >/dev/null 2>&1; then
+  echo "installing chdb-core into $CHDB_VENV"
+  mkdir -p target
+  python3 -m venv "$CHDB_VENV"
+  "$CHDB_VENV/bin/pip" install -q chdb-core
 fi
 
 # Every feature on (the `tonic` feature has its own test, tests/grpc.rs), so that the

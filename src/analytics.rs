@@ -124,6 +124,56 @@ pub const MIGRATIONS: &[Migration] = &[
     },
 ];
 
+/// Every statement Tollgate sends to ClickHouse besides its inserts, for `database`, with
+/// sample values and a name: what the tests run on current ClickHouse (chdb) too. In
+/// order: the database, the migrations' bookkeeping, every migration (whatever server it
+/// needs), the exporter's batch lookup, and every query of `tollgate analytics`.
+pub fn every_statement(database: &str) -> Vec<(String, String)> {
+    let sql = |s: &str| s.replace("{db}", database);
+    let mut out = vec![
+        (
+            "create database".to_owned(),
+            format!("CREATE DATABASE IF NOT EXISTS {database}"),
+        ),
+        ("migrations table".to_owned(), sql(VERSIONS)),
+        ("migrations applied".to_owned(), sql(APPLIED)),
+        ("server version".to_owned(), VERSION.to_owned()),
+    ];
+    for m in MIGRATIONS {
+        for (i, statement) in m.statements.iter().enumerate() {
+            out.push((
+                format!("migration {} ({})", m.version, i + 1),
+                sql(statement),
+            ));
+        }
+        let record = report::Query {
+            sql: sql(RECORD),
+            params: vec![
+                report::Param::Number(u64::from(m.version)),
+                report::Param::Text(m.name.to_owned()),
+            ],
+        };
+        out.push((
+            format!("migration {} recorded", m.version),
+            record.literal(),
+        ));
+    }
+    let lookup = report::Query {
+        sql: export::BATCH_LOOKUP.replace("FROM decisions", &format!("FROM {database}.decisions")),
+        params: vec![report::Param::Text("0123456789abcdef".to_owned())],
+    };
+    out.push(("batch lookup".to_owned(), lookup.literal()));
+    for (i, q) in report::all(database).iter().enumerate() {
+        out.push((format!("analytics query {i}"), q.literal()));
+    }
+    out
+}
+
+const APPLIED: &str = "SELECT version FROM {db}.tollgate_migrations";
+const VERSION: &str = "SELECT version()";
+const RECORD: &str = "INSERT INTO {db}.tollgate_migrations (version, name, applied_at) \
+                      SELECT ?, ?, now()";
+
 /// The table that records which migrations ran.
 const VERSIONS: &str = "CREATE TABLE IF NOT EXISTS {db}.tollgate_migrations
     (version UInt32, name String, applied_at DateTime)
@@ -178,7 +228,7 @@ pub fn plain_database(name: &str) -> bool {
 
 /// The server's version as (major, minor).
 pub async fn server_version(client: &Client) -> Result<(u32, u32), clickhouse::error::Error> {
-    let text: String = client.query("SELECT version()").fetch_one().await?;
+    let text: String = client.query(VERSION).fetch_one().await?;
     let mut parts = text.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
     Ok((parts.next().unwrap_or(0), parts.next().unwrap_or(0)))
 }
@@ -195,10 +245,7 @@ pub async fn migrate(client: &Client, database: &str) -> Result<Vec<Step>, Migra
         .execute()
         .await?;
     client.query(&sql(VERSIONS)).execute().await?;
-    let applied: Vec<u32> = client
-        .query(&sql("SELECT version FROM {db}.tollgate_migrations"))
-        .fetch_all()
-        .await?;
+    let applied: Vec<u32> = client.query(&sql(APPLIED)).fetch_all().await?;
     let version = server_version(client).await?;
     let mut steps = Vec::new();
     for m in MIGRATIONS {
@@ -226,10 +273,7 @@ pub async fn migrate(client: &Client, database: &str) -> Result<Vec<Step>, Migra
                 .map_err(failed)?;
         }
         client
-            .query(&sql(
-                "INSERT INTO {db}.tollgate_migrations (version, name, applied_at) \
-                 SELECT ?, ?, now()",
-            ))
+            .query(&sql(RECORD))
             .bind(m.version)
             .bind(m.name)
             .execute()

@@ -249,8 +249,7 @@ impl<S: Store, C: Clock> Engine<S, C> {
         if plan.anomalies().is_empty() {
             return None;
         }
-        let watched =
-            crate::plan::select::watching(&plan, request, self.key_hasher(), self.now());
+        let watched = crate::plan::select::watching(&plan, request, self.key_hasher(), self.now());
         (!watched.is_empty()).then(|| Watch {
             plan: arc_swap::Guard::into_inner(plan),
             watched,
@@ -274,10 +273,9 @@ impl<S: Store, C: Clock> Engine<S, C> {
                 Detector::Count { threshold, window } => {
                     self.count_in_store(&w.key, *threshold, *window, now).await
                 }
-                Detector::Rate { factor, window } => {
-                    self.local_detectors()
-                        .rate(anomaly, &w.key, *factor, *window, now)
-                }
+                Detector::Rate { factor, window } => self
+                    .local_detectors()
+                    .rate(anomaly, &w.key, *factor, *window, now),
                 Detector::Distinct {
                     threshold, window, ..
                 } => {
@@ -484,7 +482,11 @@ mod tests {
             }
         }
         assert_eq!(detected.first(), Some(&(50, (51, 50.0))));
-        assert_eq!(detected.len(), 10, "every response past the threshold is over it");
+        assert_eq!(
+            detected.len(),
+            10,
+            "every response past the threshold is over it"
+        );
     }
 
     #[test]

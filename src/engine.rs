@@ -852,7 +852,13 @@ fn charge<'p>(
                 enforce: limit.mode == Mode::Enforce,
                 ban: limit.on_exceed.ban,
             });
-            (quota.algorithm(), quota.policy(), Counted::Store, true, cost)
+            (
+                quota.algorithm(),
+                quota.policy(),
+                Counted::Store,
+                true,
+                cost,
+            )
         }
         Charge::Blocked => ("blocked", (0, 0), Counted::Blocked, false, 0),
         Charge::Refused => ("refused", (0, 0), Counted::Refused, false, 0),

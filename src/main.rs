@@ -178,7 +178,8 @@ fn parse_decision(text: &str) -> Result<String, String> {
 }
 
 fn parse_since(text: &str) -> Result<std::time::Duration, String> {
-    let d = humantime::parse_duration(text).map_err(|e| format!("{e} (write `1h`, `30min`, `7d`)"))?;
+    let d =
+        humantime::parse_duration(text).map_err(|e| format!("{e} (write `1h`, `30min`, `7d`)"))?;
     if d < std::time::Duration::from_secs(60) || d > std::time::Duration::from_secs(400 * 86_400) {
         return Err("between 1 minute and 400 days".to_owned());
     }
@@ -430,7 +431,9 @@ async fn analytics_query(
 ) -> Result<String, String> {
     use tollgate::analytics::report;
     if !tollgate::analytics::plain_database(database) {
-        return Err(format!("`{database}` is not a database name (letters, digits and `_`)"));
+        return Err(format!(
+            "`{database}` is not a database name (letters, digits and `_`)"
+        ));
     }
     fn lines<T: serde::Serialize>(rows: &[T]) -> String {
         rows.iter()
@@ -452,19 +455,31 @@ async fn analytics_query(
                 .fetch(client)
                 .await
                 .map_err(failed)?;
-            Ok(if json { lines(&found) } else { report::render_top(&found, by) })
+            Ok(if json {
+                lines(&found)
+            } else {
+                report::render_top(&found, by)
+            })
         }
         AnalyticsAction::Timeline { limit, since, json } => {
             let q = report::timeline(database, limit.as_deref(), since, report::step_for(since));
             let found: Vec<report::TimelineRow> = q.fetch(client).await.map_err(failed)?;
-            Ok(if json { lines(&found) } else { report::render_timeline(&found) })
+            Ok(if json {
+                lines(&found)
+            } else {
+                report::render_timeline(&found)
+            })
         }
         AnalyticsAction::Anomalies { since, rows, json } => {
             let found: Vec<report::AnomalyLine> = report::anomalies(database, since, rows)
                 .fetch(client)
                 .await
                 .map_err(failed)?;
-            Ok(if json { lines(&found) } else { report::render_anomalies(&found) })
+            Ok(if json {
+                lines(&found)
+            } else {
+                report::render_anomalies(&found)
+            })
         }
         AnalyticsAction::Migrate => Ok(String::new()),
     }

@@ -19,8 +19,8 @@ use http::{HeaderValue, Request, Response};
 use tower::{Layer, Service};
 
 pub use self::body::LeaseGuard;
-use crate::clock::{Clock, SystemClock};
 use crate::anomaly::Watch;
+use crate::clock::{Clock, SystemClock};
 use crate::engine::{Action, Engine};
 use crate::identity::Identifier;
 use crate::request::{PathError, RequestCtx, X_REQUEST_ID};

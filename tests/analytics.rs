@@ -176,13 +176,17 @@ limit api { match { route ANY "/api/**"; } key api_token; algorithm fixed_window
             tollgate::Engine::new(plan, tollgate::store::MemoryStore::new())
                 .with_exporter(exporter.clone(), "node-a"),
         );
-        let app = axum::Router::new().fallback(|| async { (http::StatusCode::CREATED, "ok") }).layer(
-            tollgate::RateLimitLayer::new(engine).with_options(tollgate::middleware::HttpOptions {
-                identifier: tollgate::identity::Identifier::new()
-                    .with_api_key_header(http::HeaderName::from_static("x-api-key")),
-                ..Default::default()
-            }),
-        );
+        let app = axum::Router::new()
+            .fallback(|| async { (http::StatusCode::CREATED, "ok") })
+            .layer(
+                tollgate::RateLimitLayer::new(engine).with_options(
+                    tollgate::middleware::HttpOptions {
+                        identifier: tollgate::identity::Identifier::new()
+                            .with_api_key_header(http::HeaderName::from_static("x-api-key")),
+                        ..Default::default()
+                    },
+                ),
+            );
         for n in 0..12 {
             let request = http::Request::builder()
                 .uri("/api/orders")
@@ -250,10 +254,7 @@ limit api { match { route ANY "/api/**"; } key api_token; algorithm fixed_window
 
 /// The app the export tests send traffic through: `quota` requests a minute per API key,
 /// answering 201.
-fn exported_app(
-    exporter: &tollgate::analytics::export::Exporter,
-    quota: u64,
-) -> axum::Router {
+fn exported_app(exporter: &tollgate::analytics::export::Exporter, quota: u64) -> axum::Router {
     let plan = tollgate::compile(&tollgate::PolicySet::from_sources([(
         "shop.rl",
         format!(
@@ -365,7 +366,9 @@ fn a_clickhouse_outage_is_spooled_and_delivered_exactly_once() {
         }
         // The process stops with its spool full of rows.
     });
-    let files = std::fs::read_dir(spool.path().join("spool")).unwrap().count();
+    let files = std::fs::read_dir(spool.path().join("spool"))
+        .unwrap()
+        .count();
     assert_eq!(files, 6, "300 rows in batches of 50");
     rt.block_on(async {
         // Another process, still without ClickHouse, adds to what the first one left.
@@ -387,9 +390,7 @@ fn a_clickhouse_outage_is_spooled_and_delivered_exactly_once() {
         assert_eq!(load(&stats.dropped), 0);
     });
     let counts = server
-        .query(
-            "SELECT count(), uniqExact(request_id), uniqExact(batch_id) FROM tollgate.decisions",
-        )
+        .query("SELECT count(), uniqExact(request_id), uniqExact(batch_id) FROM tollgate.decisions")
         .unwrap();
     assert_eq!(counts, "500\t500\t10\n", "every row once, in its batch");
     let spooled = server
@@ -397,7 +398,9 @@ fn a_clickhouse_outage_is_spooled_and_delivered_exactly_once() {
         .unwrap();
     assert_eq!(spooled.trim(), "300");
     assert_eq!(
-        std::fs::read_dir(spool.path().join("spool")).unwrap().count(),
+        std::fs::read_dir(spool.path().join("spool"))
+            .unwrap()
+            .count(),
         0,
         "the spool is empty once delivered"
     );
@@ -501,7 +504,11 @@ anomaly brute {
         for n in 0..5 {
             a.push(attempt("203.0.113.5", n, 401).await);
         }
-        assert_eq!(a, [401, 401, 401, 403, 403], "banned after the third failure");
+        assert_eq!(
+            a,
+            [401, 401, 401, 403, 403],
+            "banned after the third failure"
+        );
         let mut b = Vec::new();
         for n in 0..7 {
             b.push(attempt("198.51.100.8", n, 200).await);
@@ -531,18 +538,42 @@ anomaly brute {
             .collect()
     };
 
-    let top = json(run(&["top", "--by", "key", "--decision", "reject", "--json"]));
+    let top = json(run(&[
+        "top",
+        "--by",
+        "key",
+        "--decision",
+        "reject",
+        "--json",
+    ]));
     assert_eq!(top.len(), 1, "{top:?}");
     assert!(top[0]["item"].as_str().unwrap().starts_with("ip:"));
-    assert_eq!((top[0]["requests"].as_u64(), top[0]["keys"].as_u64()), (Some(2), Some(1)));
-    let limits = json(run(&["top", "--by", "limit", "--decision", "any", "--json"]));
+    assert_eq!(
+        (top[0]["requests"].as_u64(), top[0]["keys"].as_u64()),
+        (Some(2), Some(1))
+    );
+    let limits = json(run(&[
+        "top",
+        "--by",
+        "limit",
+        "--decision",
+        "any",
+        "--json",
+    ]));
     assert_eq!(limits[0]["item"], "shop/login");
     assert_eq!(limits[0]["requests"], 10, "3 + 7 decisions of the limit");
     let table = run(&["top", "--by", "route", "--decision", "reject"]);
     assert!(table.contains("POST /login"), "{table}");
 
-    let steps = json(run(&["timeline", "--limit", "login", "--since", "1h", "--json"]));
-    let sum = |field: &str| steps.iter().map(|s| s[field].as_u64().unwrap()).sum::<u64>();
+    let steps = json(run(&[
+        "timeline", "--limit", "login", "--since", "1h", "--json",
+    ]));
+    let sum = |field: &str| {
+        steps
+            .iter()
+            .map(|s| s[field].as_u64().unwrap())
+            .sum::<u64>()
+    };
     assert_eq!((sum("admitted"), sum("refused")), (8, 2));
     let chart = run(&["timeline", "--limit", "login", "--since", "1h"]);
     assert!(chart.contains('█') && chart.contains('▒'), "{chart}");
@@ -551,7 +582,13 @@ anomaly brute {
     assert_eq!(anomalies.len(), 1, "{anomalies:?}");
     let a = &anomalies[0];
     assert_eq!(
-        (&a["anomaly"], &a["namespace"], &a["client_ip"], &a["observed"], &a["ban_s"]),
+        (
+            &a["anomaly"],
+            &a["namespace"],
+            &a["client_ip"],
+            &a["observed"],
+            &a["ban_s"]
+        ),
         (
             &serde_json::json!("brute"),
             &serde_json::json!("shop"),
@@ -562,9 +599,233 @@ anomaly brute {
     );
     assert_eq!(a["alerts"], serde_json::json!(["security"]));
     let listed = run(&["anomalies"]);
-    assert!(listed.contains("shop/brute") && listed.contains("10m"), "{listed}");
+    assert!(
+        listed.contains("shop/brute") && listed.contains("10m"),
+        "{listed}"
+    );
     let flagged = server
         .query("SELECT count() FROM tollgate.decisions WHERE has(flags, 'anomaly brute')")
         .unwrap();
-    assert_eq!(flagged.trim(), "2", "the two refusals after the ban carry the flag");
+    assert_eq!(
+        flagged.trim(),
+        "2",
+        "the two refusals after the ban carry the flag"
+    );
+}
+
+/// The Python of a virtual environment with the `chdb-core` wheel (current ClickHouse in
+/// process): `TOLLGATE_CHDB_PYTHON`, else `target/chdb-venv` (scripts/test.sh makes it).
+fn chdb_python() -> Option<std::path::PathBuf> {
+    let python = std::env::var_os("TOLLGATE_CHDB_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/chdb-venv/bin/python")
+        });
+    let works = std::process::Command::new(&python)
+        .args(["-c", "import chdb"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if works {
+        Some(python)
+    } else {
+        support::require("the chdb-core wheel (target/chdb-venv)");
+        None
+    }
+}
+
+/// The dashboard's ClickHouse queries, with Grafana's macros and variables filled in for
+/// the day around `at` (seconds); and the metric names its Prometheus queries read.
+fn dashboard_queries(at: u64) -> (Vec<(String, String)>, Vec<String>) {
+    let text = std::fs::read_to_string("examples/grafana/tollgate.json").unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let time_filter = regex::Regex::new(r"\$__timeFilter\((\w+)\)").unwrap();
+    let metric = regex::Regex::new(r"tollgate_[a-z_]+").unwrap();
+    let (mut sql, mut metrics) = (Vec::new(), Vec::new());
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let name = format!("dashboard: {}", panel["title"].as_str().unwrap());
+            if let Some(raw) = target["rawSql"].as_str() {
+                let filled = time_filter.replace_all(raw, |c: &regex::Captures<'_>| {
+                    format!(
+                        "{0} >= toDateTime({1}) AND {0} <= toDateTime({2})",
+                        &c[1],
+                        at - 86_400,
+                        at + 86_400
+                    )
+                });
+                let filled = filled.replace("${database}", "tollgate");
+                assert!(
+                    !filled.contains('$'),
+                    "{name}: an unknown macro in {filled}"
+                );
+                sql.push((name, filled));
+            } else {
+                let expr = target["expr"].as_str().expect("a Prometheus query");
+                metrics.extend(metric.find_iter(expr).map(|m| m.as_str().to_owned()));
+            }
+        }
+    }
+    (sql, metrics)
+}
+
+/// The same sample rows in both servers: decisions in two minutes and an anomaly, at `at`.
+fn sample_rows(at: u64) -> Vec<String> {
+    let t = |s: u64| format!("toDateTime({s})");
+    vec![
+        format!(
+            "INSERT INTO tollgate.decisions (ts, namespace, limit_name, decision, key_kind, \
+             key_hash, method, route, tenant, sample_rate, latency_us) VALUES \
+             ({}, 'shop', 'login', 'reject', 'ip', 'h1', 'POST', '/login', 'acme', 1, 40), \
+             ({}, 'shop', 'login', 'reject', 'ip', 'h1', 'POST', '/login', 'acme', 1, 35), \
+             ({}, 'shop', 'login', 'allow', 'ip', 'h2', 'POST', '/login', 'beta', 0.5, 20), \
+             ({}, 'shop', 'api', 'forbid', 'user', 'h3', 'GET', '/api/{{id}}', '', 1, 0)",
+            t(at),
+            t(at + 1),
+            t(at + 61),
+            t(at + 62)
+        ),
+        format!(
+            "INSERT INTO tollgate.anomalies (ts, namespace, anomaly, key_kind, key_hash, \
+             client_ip, observed, threshold, window_s, ban_s, alerts) VALUES \
+             ({}, 'shop', 'brute', 'ip', 'h1', '203.0.113.5', 10, 10, 300, 900, ['security'])",
+            t(at + 2)
+        ),
+    ]
+}
+
+/// Current ClickHouse (26.x, through chdb) runs every migration — those 18.16 leaves pending
+/// too — every statement Tollgate sends and every query of the CLI and the dashboard; the
+/// CLI's queries answer there exactly as on 18.16. The dashboard's Prometheus queries read
+/// only families `/metrics` has.
+#[test]
+fn current_clickhouse_runs_the_schema_and_every_query_as_18_16_does() {
+    use tollgate::clock::Clock as _;
+    let Some(python) = chdb_python() else {
+        return;
+    };
+    let Some(server) = support::clickhouse::ClickHouse::start() else {
+        return;
+    };
+    let now = tollgate::clock::SystemClock.now().as_micros() / 1_000_000;
+    let at = now / 60 * 60 - 120;
+    let statements = tollgate::analytics::every_statement("tollgate");
+    let (dashboard, metrics) = dashboard_queries(at);
+    let samples = sample_rows(at);
+    let mut all: Vec<(String, String)> = statements.clone();
+    all.extend(
+        samples
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (format!("sample rows {i}"), s.clone())),
+    );
+    let queries: Vec<(String, String)> = statements
+        .iter()
+        .filter(|(name, _)| name.starts_with("analytics query"))
+        .map(|(name, sql)| (format!("{name} on samples"), sql.clone()))
+        .collect();
+    all.extend(queries.iter().cloned());
+    all.extend(dashboard.iter().cloned());
+    let input = tempfile::NamedTempFile::new().unwrap();
+    let list: Vec<serde_json::Value> = all
+        .iter()
+        .map(|(name, sql)| serde_json::json!({ "name": name, "sql": sql }))
+        .collect();
+    std::fs::write(input.path(), serde_json::to_vec(&list).unwrap()).unwrap();
+    let out = std::process::Command::new(&python)
+        .arg("scripts/chdb-check.py")
+        .arg(input.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let version = report["version"].as_str().unwrap();
+    assert!(
+        version.split('.').next().unwrap().parse::<u32>().unwrap() >= 23,
+        "current ClickHouse, not {version}"
+    );
+    let results = &report["results"];
+    let failed: Vec<String> = all
+        .iter()
+        .filter_map(|(name, sql)| {
+            results[name]["error"]
+                .as_str()
+                .map(|e| format!("{name}: {e}\n  {sql}"))
+        })
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "on ClickHouse {version}:\n{}",
+        failed.join("\n")
+    );
+
+    // The same answers on 18.16 (its pending migrations aside).
+    let rt = runtime();
+    rt.block_on(async {
+        let client = tollgate::analytics::client(&server.url()).await.unwrap();
+        migrate(&client, "tollgate").await.unwrap();
+    });
+    for sample in &samples {
+        server.query(sample).unwrap();
+    }
+    let mut answered = 0;
+    for (name, sql) in &queries {
+        let old = server
+            .query(sql)
+            .unwrap_or_else(|e| panic!("{name} on 18.16: {e}"));
+        let new = results[name]["ok"].as_str().unwrap();
+        assert_eq!(old, new, "{name}: 18.16 and {version} disagree\n  {sql}");
+        answered += usize::from(!old.is_empty());
+    }
+    assert!(
+        answered >= queries.len() - 2,
+        "the samples feed the queries"
+    );
+    for (name, sql) in &dashboard {
+        server
+            .query(sql)
+            .unwrap_or_else(|e| panic!("{name} on 18.16: {e}\n  {sql}"));
+    }
+
+    // Labelled families show once they have a series: one decision and one anomaly.
+    let metrics_of = std::sync::Arc::new(tollgate::metrics::Metrics::new());
+    let plan = tollgate::compile(&tollgate::PolicySet::from_sources([(
+        "m.rl",
+        r#"namespace "m";
+limit api { match { route ANY "/**"; } key ip; rate 10/min; }
+anomaly any { detect 1 in 1min; then alert "ops"; }
+"#,
+    )]))
+    .unwrap();
+    let engine = tollgate::Engine::new(plan, tollgate::store::MemoryStore::new())
+        .with_metrics(std::sync::Arc::clone(&metrics_of));
+    rt.block_on(async {
+        let request = tollgate::RequestCtx::new(http::Method::GET, "/x")
+            .with_client_ip("192.0.2.1".parse().unwrap());
+        engine.decide(&request).await;
+        let watch = engine.watch(&request).unwrap();
+        assert_eq!(engine.observe(watch, 200).await.len(), 1);
+    });
+    let exported = metrics_of.render(&tollgate::metrics::Scrape {
+        store: tollgate::store::Store::health(&tollgate::store::MemoryStore::new()),
+        evictions: 0,
+        reloads: Some((0, 0)),
+        active_bans: 0,
+        plan_version: "v",
+        export: None,
+    });
+    assert!(!metrics.is_empty());
+    for name in metrics {
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(&name);
+        assert!(
+            exported.contains(&format!("# TYPE {family} ")),
+            "the dashboard reads {name}, which /metrics does not export"
+        );
+    }
 }

@@ -12,8 +12,8 @@ use std::time::Duration;
 use http::{Method, StatusCode};
 use tollgate::clock::ManualClock;
 use tollgate::engine::Action;
-use tollgate::store::runtime::{RuntimeList, Target};
 use tollgate::store::redis::RedisStore;
+use tollgate::store::runtime::{RuntimeList, Target};
 use tollgate::store::{MemoryStore, Store};
 use tollgate::{Engine, RequestCtx, Timestamp};
 
@@ -46,7 +46,9 @@ async fn report<S: Store>(
     request: &RequestCtx,
     status: u16,
 ) -> Vec<tollgate::anomaly::Detection> {
-    let watch = engine.watch(request).expect("the anomaly watches the request");
+    let watch = engine
+        .watch(request)
+        .expect("the anomaly watches the request");
     engine.observe(watch, status).await
 }
 
@@ -92,7 +94,10 @@ async fn brute_force_is_banned_then_lifted<S: Store>(store: S) {
     let problem = tollgate::response::problem(&banned, None).unwrap();
     assert_eq!((problem.status, problem.retry_after), (403, Some(900)));
     let page_banned = engine.decide(&page).await;
-    assert!(is_banned(&page_banned.action).is_some(), "the whole address is banned");
+    assert!(
+        is_banned(&page_banned.action).is_some(),
+        "the whole address is banned"
+    );
     let neighbour = login("203.0.113.10");
     assert!(engine.decide(&neighbour).await.is_allowed());
     let entries = engine.runtime_lists();
@@ -107,7 +112,10 @@ async fn brute_force_is_banned_then_lifted<S: Store>(store: S) {
     let late = engine.decide(&attacker).await;
     assert_eq!(is_banned(&late.action), Some(Duration::from_secs(1)));
     clock.advance(Duration::from_secs(1));
-    assert!(engine.decide(&attacker).await.is_allowed(), "the ban lifted");
+    assert!(
+        engine.decide(&attacker).await.is_allowed(),
+        "the ban lifted"
+    );
 }
 
 #[tokio::test]
@@ -199,7 +207,9 @@ anomaly burst {
     let request =
         RequestCtx::new(Method::GET, "/api/items").with_client_ip("192.0.2.1".parse().unwrap());
     let mut per_minute = Vec::new();
-    for n in [5, 5, 5, 5, 5, 5, 100, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 200] {
+    for n in [
+        5, 5, 5, 5, 5, 5, 100, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 200,
+    ] {
         let mut detected = 0;
         for _ in 0..n {
             detected += report(&engine, &request, 200).await.len();
@@ -209,7 +219,9 @@ anomaly burst {
     }
     assert_eq!(
         per_minute,
-        [0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]
+        [
+            0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1
+        ]
     );
 }
 

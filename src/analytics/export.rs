@@ -17,7 +17,9 @@ use super::spool::{Spool, SpoolSettings};
 
 /// One row of `decisions` (see the migrations in [`super::MIGRATIONS`]); field names are the
 /// columns.
-#[derive(Debug, Clone, Default, PartialEq, clickhouse::Row, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Default, PartialEq, clickhouse::Row, serde::Serialize, serde::Deserialize,
+)]
 pub struct DecisionRow {
     /// Seconds since the epoch.
     pub ts: u32,
@@ -77,7 +79,9 @@ pub struct DecisionRow {
 }
 
 /// One row of `anomalies`: a detection acted on.
-#[derive(Debug, Clone, Default, PartialEq, clickhouse::Row, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Default, PartialEq, clickhouse::Row, serde::Serialize, serde::Deserialize,
+)]
 pub struct AnomalyRow {
     /// Seconds since the epoch.
     pub ts: u32,
@@ -477,7 +481,9 @@ impl Batcher {
                     }
                 }
                 Err(corrupt) => {
-                    self.stats.dropped.fetch_add(corrupt.rows, Ordering::Relaxed);
+                    self.stats
+                        .dropped
+                        .fetch_add(corrupt.rows, Ordering::Relaxed);
                     tracing::warn!(
                         path = %corrupt.path.display(),
                         rows = corrupt.rows,
@@ -575,14 +581,12 @@ fn key_kind(client: &str) -> String {
         .join("+")
 }
 
+/// How a retry finds out whether a batch went in (in the client's database).
+pub const BATCH_LOOKUP: &str = "SELECT count() FROM decisions WHERE batch_id = ?";
+
 /// Whether rows of batch `id` are in the table (`None`: ClickHouse did not say).
 async fn already_in(client: &Client, id: &str) -> Option<bool> {
-    let n: u64 = client
-        .query("SELECT count() FROM decisions WHERE batch_id = ?")
-        .bind(id)
-        .fetch_one()
-        .await
-        .ok()?;
+    let n: u64 = client.query(BATCH_LOOKUP).bind(id).fetch_one().await.ok()?;
     Some(n > 0)
 }
 

@@ -155,13 +155,7 @@ pub struct TopRow {
 
 /// The `rows` most frequent `by` among the decisions of kind `decision` (`None`: all) in
 /// the last `since`.
-pub fn top(
-    database: &str,
-    by: TopBy,
-    decision: Option<&str>,
-    since: Duration,
-    rows: u64,
-) -> Query {
+pub fn top(database: &str, by: TopBy, decision: Option<&str>, since: Duration, rows: u64) -> Query {
     let filter = if decision.is_some() {
         " AND decision = ?"
     } else {
@@ -347,7 +341,14 @@ pub fn render_anomalies(rows: &[AnomalyLine]) -> String {
         return "no anomalies in that period\n".to_owned();
     }
     let mut t = table(&[
-        "at (UTC)", "anomaly", "key", "address", "seen", "threshold", "ban", "alerts",
+        "at (UTC)",
+        "anomaly",
+        "key",
+        "address",
+        "seen",
+        "threshold",
+        "ban",
+        "alerts",
     ]);
     for r in rows {
         t.add_row(vec![
@@ -406,7 +407,10 @@ mod tests {
                 refused: 0,
             },
         ]);
-        assert!(text.contains(&format!("{}{}", "█".repeat(30), "▒".repeat(10))), "{text}");
+        assert!(
+            text.contains(&format!("{}{}", "█".repeat(30), "▒".repeat(10))),
+            "{text}"
+        );
         assert!(text.contains(&"█".repeat(20)), "{text}");
         assert!(text.contains("1970-01-01 00:01"), "{text}");
     }

@@ -198,7 +198,12 @@ mod tests {
         };
         let mut spool = Spool::open(settings.clone()).unwrap();
         for n in 0..12 {
-            assert!(spool.push(&[row(&format!("r{n}")), row("x")]).await.unwrap());
+            assert!(
+                spool
+                    .push(&[row(&format!("r{n}")), row("x")])
+                    .await
+                    .unwrap()
+            );
         }
         assert_eq!(spool.rows(), 24);
         // A crash while writing leaves a partial file: not delivered, removed.

@@ -942,10 +942,9 @@ impl Builder<'_> {
         let mut parts = action.into_inner();
         match rule {
             Rule::ban => ThenAction::Ban(self.duration(next(&mut parts))),
-            Rule::flag => ThenAction::Flag(Spanned::new(
-                parts.next().map(|d| self.duration(d)),
-                span,
-            )),
+            Rule::flag => {
+                ThenAction::Flag(Spanned::new(parts.next().map(|d| self.duration(d)), span))
+            }
             Rule::tarpit => ThenAction::Tarpit {
                 delay: self.duration(next(&mut parts)),
                 lasting: parts.next().map(|d| self.duration(d)),

@@ -511,8 +511,7 @@ async fn add_entry<S: Store, C: Clock>(
         return problem_response(p, &request_id);
     }
     let tarpit = input.list == RuntimeList::Tarpit;
-    if tarpit != input.delay_ms.is_some() || input.delay_ms.is_some_and(|d| d == 0 || d > 30_000)
-    {
+    if tarpit != input.delay_ms.is_some() || input.delay_ms.is_some_and(|d| d == 0 || d > 30_000) {
         let mut p = Problem::bad_request(
             "`delay_ms` (1 to 30000) is required for a tarpit and refused for the other lists",
         );

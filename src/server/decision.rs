@@ -179,10 +179,7 @@ pub(super) async fn report<S: Store, C: Clock>(
         Err(problem) => return problem_response(*problem, &request_id),
     };
     let (watched, detected) = match app.engine.watch(&ctx) {
-        Some(watch) => (
-            watch.len(),
-            app.engine.observe(watch, input.status).await,
-        ),
+        Some(watch) => (watch.len(), app.engine.observe(watch, input.status).await),
         None => (0, Vec::new()),
     };
     let detected = detected

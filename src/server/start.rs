@@ -89,7 +89,8 @@ pub async fn build(settings: &Settings) -> Result<Arc<AppState<AnyStore>>, Serve
                 tracing::info!(?step, "ClickHouse migration");
             }
         }
-        let exporter = crate::analytics::export::Exporter::start(client, export_settings(settings))?;
+        let exporter =
+            crate::analytics::export::Exporter::start(client, export_settings(settings))?;
         let node = std::env::var("HOSTNAME").unwrap_or_else(|_| "tollgate".to_owned());
         engine = engine.with_exporter(exporter, node);
         tracing::info!(database = %settings.clickhouse_database, "decisions exported to ClickHouse");

@@ -785,13 +785,7 @@ impl Store for RedisStore {
             }
             if !ended.is_empty() {
                 let _: usize = self
-                    .call(async |c| {
-                        redis::cmd("HDEL")
-                            .arg(key)
-                            .arg(&ended)
-                            .query_async(c)
-                            .await
-                    })
+                    .call(async |c| redis::cmd("HDEL").arg(key).arg(&ended).query_async(c).await)
                     .await?;
             }
         }

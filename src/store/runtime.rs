@@ -59,7 +59,11 @@ impl RuntimeList {
 
     /// The Redis hash its entries live in.
     pub fn store_key(self) -> &'static str {
-        if self.is_mark() { MARKS_KEY } else { RUNTIME_KEY }
+        if self.is_mark() {
+            MARKS_KEY
+        } else {
+            RUNTIME_KEY
+        }
     }
 }
 
@@ -173,7 +177,11 @@ impl RuntimeLists {
             std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
             v4 => v4,
         });
-        for e in self.entries.iter().filter(|e| e.list.is_mark() && e.live(now)) {
+        for e in self
+            .entries
+            .iter()
+            .filter(|e| e.list.is_mark() && e.live(now))
+        {
             let holds = match &e.target {
                 Target::Net(net) => ip.is_some_and(|ip| net.contains(&ip)),
                 Target::Client(c) => clients

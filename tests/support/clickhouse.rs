@@ -87,7 +87,10 @@ impl ClickHouse {
     fn spawn(binary: &std::path::Path, root: &std::path::Path) -> Child {
         super::process::spawn(
             Command::new(binary)
-                .arg(format!("--config-file={}", root.join("config.xml").display()))
+                .arg(format!(
+                    "--config-file={}",
+                    root.join("config.xml").display()
+                ))
                 .current_dir(root)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null()),

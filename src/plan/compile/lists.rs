@@ -110,7 +110,13 @@ impl<'a> Compiler<'a> {
                 } else {
                     "keep one"
                 };
-                self.error_help(f, span, format!("`{name}` is set twice"), "set again here", help);
+                self.error_help(
+                    f,
+                    span,
+                    format!("`{name}` is set twice"),
+                    "set again here",
+                    help,
+                );
                 ok = false;
             }
         }
@@ -185,25 +191,31 @@ impl<'a> Compiler<'a> {
     fn detector(&mut self, f: usize, detect: &Spanned<ast::Detect>) -> Option<Detector> {
         let at_least = |this: &mut Self, n: &Spanned<u64>, least: u64, what: &str, help: &str| {
             if n.node < least {
-                this.error_help(f, n.span, format!("{what} is at least {least}"), "too small", help);
+                this.error_help(
+                    f,
+                    n.span,
+                    format!("{what} is at least {least}"),
+                    "too small",
+                    help,
+                );
                 false
             } else {
                 true
             }
         };
-        let window = |this: &mut Self, w: &Spanned<ast::DurationLit>| {
-            match this.duration_micros(f, w, "window")? {
-                m if m <= DAY => Some(Duration::from_micros(m)),
-                _ => {
-                    this.error_help(
-                        f,
-                        w.span,
-                        "an anomaly's window is at most a day",
-                        "too long",
-                        "patterns slower than that are for analytics queries",
-                    );
-                    None
-                }
+        let window = |this: &mut Self, w: &Spanned<ast::DurationLit>| match this
+            .duration_micros(f, w, "window")?
+        {
+            m if m <= DAY => Some(Duration::from_micros(m)),
+            _ => {
+                this.error_help(
+                    f,
+                    w.span,
+                    "an anomaly's window is at most a day",
+                    "too long",
+                    "patterns slower than that are for analytics queries",
+                );
+                None
             }
         };
         match &detect.node {
@@ -277,19 +289,19 @@ impl<'a> Compiler<'a> {
     ) -> Option<AnomalyActions> {
         let mut out = AnomalyActions::default();
         let mut ok = true;
-        let lasting = |this: &mut Self, d: &Spanned<ast::DurationLit>, what: &str| {
-            match this.duration_micros(f, d, what)? {
-                m if m <= MAX_BAN => Some(Duration::from_micros(m)),
-                _ => {
-                    this.error_help(
-                        f,
-                        d.span,
-                        format!("a {what} lasts at most 30 days"),
-                        "too long",
-                        "for longer, put the client on a list",
-                    );
-                    None
-                }
+        let lasting = |this: &mut Self, d: &Spanned<ast::DurationLit>, what: &str| match this
+            .duration_micros(f, d, what)?
+        {
+            m if m <= MAX_BAN => Some(Duration::from_micros(m)),
+            _ => {
+                this.error_help(
+                    f,
+                    d.span,
+                    format!("a {what} lasts at most 30 days"),
+                    "too long",
+                    "for longer, put the client on a list",
+                );
+                None
             }
         };
         for action in &actions.node {
