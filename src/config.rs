@@ -421,12 +421,17 @@ impl Settings {
         );
 
         self.env = keyword(p, "env", raw.env.take(), ENVIRONMENTS, self.env);
+        // JSON for log collectors in production, readable lines in development, unless set.
+        let by_env = match self.env {
+            Environment::Prod => LogFormat::Json,
+            Environment::Dev => self.log_format,
+        };
         self.log_format = keyword(
             p,
             "log_format",
             raw.log_format.take(),
             LOG_FORMATS,
-            self.log_format,
+            by_env,
         );
         self.metrics_on_main = keyword(
             p,

@@ -96,6 +96,12 @@ impl Outcome {
 pub const NEAR_LIMIT_PERCENT: u64 = 80;
 
 /// The request-level outcome of an action, and the rule (list or limit) it names.
+/// The name of what was done with a request, as `tollgate_requests_total{outcome}` and the
+/// request's span show it.
+pub fn request_outcome_name(action: &Action) -> &'static str {
+    request_outcome(action).0
+}
+
 fn request_outcome(action: &Action) -> (&'static str, &str) {
     match action {
         Action::Allow => ("allow", ""),

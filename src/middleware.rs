@@ -176,10 +176,12 @@ where
                 Ok(ctx) => ctx,
                 Err(error) => return Ok(bad_path(&error, &request_id)),
             };
+            let span = crate::telemetry::request_span(&request_id, &ctx.method);
             let verdict = match &layer.only {
                 Some(names) => layer.engine.decide_only(&ctx, names).await,
                 None => layer.engine.decide(&ctx).await,
             };
+            crate::telemetry::record_verdict(&span, &verdict, &ctx, layer.engine.key_hasher());
             let export = layer.engine.export(&verdict, &ctx, &request_id);
             // Refusals by a list or a ban are not the client's pattern: not watched.
             let watch = if matches!(verdict.action, Action::Forbid { .. }) {
@@ -196,7 +198,9 @@ where
                     std::mem::take(&mut verdict.leases),
                 )
             });
-            crate::telemetry::log_verdict(&verdict, &request_id, layer.engine.key_hasher());
+            span.in_scope(|| {
+                crate::telemetry::log_verdict(&verdict, &request_id, layer.engine.key_hasher());
+            });
             if let Some(problem) = response::problem(&verdict, Some(&request_id)) {
                 if let Some(rows) = export {
                     rows.send();
@@ -219,7 +223,7 @@ where
                     .headers_mut()
                     .insert(X_REQUEST_ID.clone(), id.clone());
             }
-            let response = inner.call(request).await;
+            let response = tracing::Instrument::instrument(inner.call(request), span).await;
             let status = response.as_ref().map_or(500, |r| r.status().as_u16());
             if let Some(rows) = export {
                 rows.send_with_status(status);

@@ -61,6 +61,50 @@ impl Burst {
     }
 }
 
+/// The span a request is handled in (the layer's): what the application logs while
+/// handling the request carries the request id and, once decided, the decision, namespace,
+/// limit, tier and hashed key. Disabled, and free, when nothing listens at `info`.
+pub fn request_span(request_id: &str, method: &http::Method) -> tracing::Span {
+    use tracing::field::Empty;
+    tracing::info_span!(
+        "request",
+        request_id,
+        method = method.as_str(),
+        route = Empty,
+        decision = Empty,
+        namespace = Empty,
+        limit = Empty,
+        tier = Empty,
+        key_hash = Empty,
+    )
+}
+
+/// Records `verdict` in `span` (see [`request_span`]).
+pub fn record_verdict(
+    span: &tracing::Span,
+    verdict: &crate::Verdict,
+    request: &crate::RequestCtx,
+    hasher: &crate::plan::KeyHasher,
+) {
+    if span.is_disabled() {
+        return;
+    }
+    if let Some(route) = &request.route_template {
+        span.record("route", route.as_str());
+    }
+    span.record("decision", crate::metrics::request_outcome_name(&verdict.action));
+    if let Some(headline) = verdict.headline() {
+        if let Some(parts) = crate::plan::key::CounterKey::parse(&headline.key) {
+            span.record("namespace", parts.namespace);
+        }
+        span.record("limit", &*headline.limit);
+        if let Some(tier) = &headline.tier {
+            span.record("tier", &**tier);
+        }
+        span.record("key_hash", hasher.hash(&headline.key).as_str());
+    }
+}
+
 /// How long a burst of the same warning is logged once.
 pub const BURST_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
 

@@ -328,3 +328,80 @@ fn metrics_on_main_is_a_yes_or_no() {
         "{wrong}"
     );
 }
+
+#[test]
+fn logs_are_json_in_production_unless_set() {
+    use tollgate::config::LogFormat;
+    let prod = [
+        ("TOLLGATE_ENV", "prod"),
+        ("TOLLGATE_REDIS_URL", "redis://127.0.0.1:6379"),
+        ("TOLLGATE_KEY_SECRET", "0123456789abcdef0123"),
+        ("TOLLGATE_ADMIN_TOKEN", "12345678901234567890"),
+    ];
+    let s = Settings::load_from(&Flags::default(), vars(&prod)).unwrap();
+    assert_eq!(s.log_format, LogFormat::Json);
+    let mut pretty = prod.to_vec();
+    pretty.push(("TOLLGATE_LOG_FORMAT", "pretty"));
+    let s = Settings::load_from(&Flags::default(), vars(&pretty)).unwrap();
+    assert_eq!(s.log_format, LogFormat::Pretty);
+    let dev = Settings::load_from(&Flags::default(), vars(&[])).unwrap();
+    assert_eq!(dev.log_format, LogFormat::Pretty);
+}
+
+#[test]
+fn export_settings_are_read_and_checked() {
+    let s = Settings::load_from(
+        &Flags::default(),
+        vars(&[
+            ("TOLLGATE_CLICKHOUSE_URL", "http://127.0.0.1:8123"),
+            ("TOLLGATE_CLICKHOUSE_SAMPLE_ALLOWS", "0.1"),
+            ("TOLLGATE_CLICKHOUSE_SPOOL_DIR", "/var/lib/tollgate/spool"),
+            ("TOLLGATE_CLICKHOUSE_SPOOL_MAX_MB", "64"),
+            ("TOLLGATE_CLICKHOUSE_TENANT_HEADER", "X-Tenant"),
+            ("TOLLGATE_CLICKHOUSE_TRUNCATE_IP", "true"),
+            ("TOLLGATE_CLICKHOUSE_MIGRATE", "true"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(s.clickhouse_sample_allows, 0.1);
+    assert_eq!(
+        s.clickhouse_spool_dir,
+        Some(PathBuf::from("/var/lib/tollgate/spool"))
+    );
+    assert_eq!(s.clickhouse_spool_max_mb, 64);
+    assert_eq!(s.clickhouse_tenant_header.unwrap().as_str(), "x-tenant");
+    assert!(s.clickhouse_truncate_ip && s.clickhouse_migrate);
+
+    let file_rate = file("sample", "clickhouse_sample_allows = 0.25\n");
+    let s = Settings::load_from(
+        &Flags {
+            config: Some(file_rate),
+            ..Flags::default()
+        },
+        vars(&[]),
+    )
+    .unwrap();
+    assert_eq!(s.clickhouse_sample_allows, 0.25);
+
+    let error = Settings::load_from(
+        &Flags::default(),
+        vars(&[
+            ("TOLLGATE_CLICKHOUSE_SAMPLE_ALLOWS", "0"),
+            ("TOLLGATE_CLICKHOUSE_SPOOL_MAX_MB", "0"),
+            ("TOLLGATE_CLICKHOUSE_TENANT_HEADER", "bad header"),
+            ("TOLLGATE_CLICKHOUSE_TRUNCATE_IP", "maybe"),
+        ]),
+    )
+    .unwrap_err();
+    let mut keys: Vec<&str> = error.0.iter().map(|p| p.key.as_str()).collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [
+            "clickhouse_sample_allows",
+            "clickhouse_spool_max_mb",
+            "clickhouse_tenant_header",
+            "clickhouse_truncate_ip"
+        ]
+    );
+}

@@ -172,3 +172,44 @@ fn a_failing_store_warns_once_per_burst() {
     let held_back = second[0]["suppressed"].as_u64().unwrap();
     assert!((1..50).contains(&held_back), "{held_back}");
 }
+
+/// What the application logs while handling a request carries the request's span: its id,
+/// the decision, namespace, limit and hashed key (never the token).
+#[test]
+fn the_applications_lines_carry_the_requests_span() {
+    let plan = compile(&PolicySet::from_sources([("shop.rl", POLICY)])).unwrap();
+    let engine = Arc::new(Engine::new(plan, MemoryStore::new()));
+    let app = axum::Router::new()
+        .fallback(|| async {
+            tracing::info!("handling the order");
+            "ok"
+        })
+        .layer(RateLimitLayer::new(engine).with_options(HttpOptions {
+            identifier: tollgate::identity::Identifier::new()
+                .with_api_key_header(HeaderName::from_static("x-api-key")),
+            ..HttpOptions::default()
+        }));
+    let lines = captured(|| {
+        runtime().block_on(async {
+            let request = http::Request::builder()
+                .uri("/api/orders")
+                .header("x-api-key", TOKEN)
+                .header("x-request-id", "req-span")
+                .body(Body::empty())
+                .unwrap();
+            app.oneshot(request).await.unwrap();
+        });
+    });
+    let line = lines
+        .iter()
+        .find(|l| l["message"] == "handling the order")
+        .expect("the application's line");
+    let span = &line["span"];
+    assert_eq!(span["name"], "request");
+    assert_eq!(span["request_id"], "req-span");
+    assert_eq!(span["decision"], "allow");
+    assert_eq!(span["namespace"], "shop");
+    assert_eq!(span["limit"], "per_token");
+    assert_eq!(span["key_hash"].as_str().map(str::len), Some(24));
+    assert!(!line.to_string().contains(TOKEN));
+}
