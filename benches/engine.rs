@@ -57,6 +57,42 @@ fn decide(c: &mut Criterion) {
         b.iter(|| rt.block_on(counted.decide(&req)))
     });
 
+    // The same, each decision then exported (three rows): what the request path pays, the
+    // rows being made and inserted by the exporter's task on another thread, into a
+    // stand-in ClickHouse that takes every insert.
+    let background = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let exporter = {
+        let _inside = background.enter();
+        let sink = background.block_on(insert_sink());
+        tollgate::analytics::export::Exporter::start(
+            clickhouse::Client::default()
+                .with_url(format!("http://{sink}"))
+                .with_validation(false),
+            tollgate::analytics::export::ExportSettings::default(),
+        )
+        .unwrap()
+    };
+    let exporting = engine(THREE_LIMITS).with_exporter(exporter.clone(), "bench");
+    group.bench_function("three_limits_allowed_exporting", |b| {
+        b.iter(|| {
+            let verdict = rt.block_on(exporting.decide(&req));
+            if let Some(rows) = exporting.export(&verdict, &req, "req-1") {
+                rows.send_with_status(200);
+            }
+            verdict
+        })
+    });
+    background.block_on(exporter.flush());
+    // At this rate (three rows a microsecond and a half) the exporter's one thread cannot
+    // keep up, and the queue drops what does not fit: see what it
+    // sustains (`examples/export_throughput.rs`). The figure above is the request path's cost either way.
+    let sent = exporter.stats().sent.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(sent >= 3, "rows went out");
+
     let reject = engine(ALWAYS_OVER);
     rt.block_on(reject.decide(&req));
     assert!(!rt.block_on(reject.decide(&req)).is_allowed());
@@ -198,6 +234,18 @@ fn memory_cap(c: &mut Criterion) {
         });
     }
     group.finish();
+}
+
+/// A stand-in ClickHouse: answers 200 to every request, reading the body (the insert).
+async fn insert_sink() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().fallback(|body: axum::body::Bytes| async move {
+        std::hint::black_box(body.len());
+        ""
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
 }
 
 /// `rt.block_on(f)` reads like a runtime, but polls once.

@@ -3,7 +3,10 @@
     reason = "criterion_group! and criterion_main! generate undocumented items"
 )]
 //! The tower layer's own cost: one request through an axum router, bare and behind
-//! `RateLimitLayer` (three limits matching, never reached), with no network in between.
+//! `RateLimitLayer` (three limits matching, never reached), with no network in between; and
+//! with every decision exported (three rows a request) to a stand-in ClickHouse that takes
+//! every insert, its batching and inserting done on another thread (as on a server's other
+//! core): what the request path pays is the difference.
 //!
 //! `cargo bench --bench layer`. Figures in `docs/performance.md`.
 
@@ -36,7 +39,10 @@ fn request() -> Request<Body> {
 }
 
 fn layer(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread()
+    // Requests run on this thread (`block_on`); the exporter's task and the stand-in
+    // ClickHouse on the runtime's one worker, as they would on another core of a server.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()
         .unwrap();
@@ -48,8 +54,31 @@ fn layer(c: &mut Criterion) {
         tollgate::store::MemoryStore::new(),
     ));
     let limited = hello.clone().layer(tollgate::RateLimitLayer::new(engine));
+    let sink = rt.block_on(insert_sink());
+    let exporter = rt.block_on(async {
+        tollgate::analytics::export::Exporter::start(
+            clickhouse::Client::default()
+                .with_url(format!("http://{sink}"))
+                .with_validation(false),
+            tollgate::analytics::export::ExportSettings::default(),
+        )
+        .unwrap()
+    });
+    let plan =
+        tollgate::compile(&tollgate::PolicySet::from_sources([("bench.rl", POLICY)])).unwrap();
+    let exporting = Arc::new(
+        tollgate::Engine::new(plan, tollgate::store::MemoryStore::new())
+            .with_exporter(exporter.clone(), "bench"),
+    );
+    let exported = hello
+        .clone()
+        .layer(tollgate::RateLimitLayer::new(exporting));
     let mut group = c.benchmark_group("router");
-    for (name, app) in [("bare", hello), ("rate_limit_layer", limited)] {
+    for (name, app) in [
+        ("bare", hello),
+        ("rate_limit_layer", limited),
+        ("rate_limit_layer_exporting", exported),
+    ] {
         let mut service = app.into_service::<Body>();
         let response = rt.block_on(service.ready()).unwrap().call(request());
         assert_eq!(rt.block_on(response).unwrap().status(), 200);
@@ -68,6 +97,24 @@ fn layer(c: &mut Criterion) {
         });
     }
     group.finish();
+    rt.block_on(exporter.flush());
+    let stats = exporter.stats();
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    // Every row went out: the figure is the whole export's, not a queue dropping rows.
+    assert_eq!(load(&stats.dropped), 0, "rows dropped");
+    assert!(load(&stats.sent) >= 3, "rows sent");
+}
+
+/// A stand-in ClickHouse: answers 200 to every request, reading the body (the insert).
+async fn insert_sink() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = Router::new().fallback(|body: axum::body::Bytes| async move {
+        std::hint::black_box(body.len());
+        ""
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
 }
 
 criterion_group!(benches, layer);

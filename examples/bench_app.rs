@@ -10,6 +10,10 @@
 //! `tollgate-redis-exceeded`, the same with a limit every request exceeds (the local deny
 //! cache answers); `tollgate-redis-one`, Tollgate with the stand-in's one fixed window.
 //!
+//! `tollgate-export`: `tollgate` with every decision exported to the ClickHouse at
+//! `BENCH_CLICKHOUSE_URL` (migrated first), or, without it, to an in-process stand-in that
+//! takes every insert (what Tollgate itself pays).
+//!
 //! `cargo run --release --example bench_app -- MODE PORT`.
 
 use std::net::SocketAddr;
@@ -41,9 +45,21 @@ fn tollgate_layer<S: tollgate::store::Store>(
     policy: &str,
     store: S,
 ) -> tollgate::RateLimitLayer<S> {
+    tollgate_layer_with(policy, store, None)
+}
+
+fn tollgate_layer_with<S: tollgate::store::Store>(
+    policy: &str,
+    store: S,
+    exporter: Option<tollgate::analytics::export::Exporter>,
+) -> tollgate::RateLimitLayer<S> {
     let plan = tollgate::compile(&tollgate::PolicySet::from_sources([("bench.rl", policy)]))
         .expect("valid policy");
-    let engine = Arc::new(tollgate::Engine::new(plan, store));
+    let mut engine = tollgate::Engine::new(plan, store);
+    if let Some(exporter) = exporter {
+        engine = engine.with_exporter(exporter, "bench");
+    }
+    let engine = Arc::new(engine);
     // `BENCH_HEADERS=none` sends no rate-limit headers (as tower_governor by default).
     let send = std::env::var("BENCH_HEADERS").map_or(true, |v| v != "none");
     let options = tollgate::middleware::HttpOptions {
@@ -60,6 +76,35 @@ async fn redis_store() -> tollgate::store::redis::RedisStore {
     tollgate::store::redis::RedisStore::connect(&redis_url(), std::time::Duration::from_secs(1))
         .await
         .expect("Redis answers")
+}
+
+/// An exporter to `BENCH_CLICKHOUSE_URL`, or to a stand-in that takes every insert.
+async fn exporter() -> tollgate::analytics::export::Exporter {
+    let client = match std::env::var("BENCH_CLICKHOUSE_URL") {
+        Ok(url) => {
+            let client = tollgate::analytics::client(&url)
+                .await
+                .expect("ClickHouse answers");
+            tollgate::analytics::migrate(&client, "tollgate")
+                .await
+                .expect("migrations run");
+            client
+        }
+        Err(_) => {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let sink = Router::new().fallback(|body: axum::body::Bytes| async move {
+                std::hint::black_box(body.len());
+                ""
+            });
+            tokio::spawn(async move { axum::serve(listener, sink).await });
+            clickhouse::Client::default()
+                .with_url(format!("http://{addr}"))
+                .with_validation(false)
+        }
+    };
+    tollgate::analytics::export::Exporter::start(client, Default::default())
+        .expect("no spool to open")
 }
 
 /// One `EVALSHA` per request, keyed by client address and second.
@@ -102,6 +147,11 @@ async fn main() {
             hello.layer(tower_governor::GovernorLayer::new(Arc::new(config)))
         }
         "tollgate" => hello.layer(tollgate_layer(POLICY, tollgate::store::MemoryStore::new())),
+        "tollgate-export" => hello.layer(tollgate_layer_with(
+            POLICY,
+            tollgate::store::MemoryStore::new(),
+            Some(exporter().await),
+        )),
         "tollgate-redis" => hello.layer(tollgate_layer(POLICY, redis_store().await)),
         "tollgate-redis-exceeded" => hello.layer(tollgate_layer(EXCEEDED, redis_store().await)),
         "tollgate-redis-one" => hello.layer(tollgate_layer(ONE_LIMIT, redis_store().await)),
@@ -117,7 +167,7 @@ async fn main() {
         }
         other => {
             eprintln!(
-                "unknown mode `{other}`: bare, governor, tollgate, standin, tollgate-redis, tollgate-redis-exceeded or tollgate-redis-one"
+                "unknown mode `{other}`: bare, governor, tollgate, tollgate-export, standin, tollgate-redis, tollgate-redis-exceeded or tollgate-redis-one"
             );
             std::process::exit(2);
         }

@@ -5,6 +5,8 @@
 # docs/performance.md. Traffic goes to 127.0.0.1 only; each run is bounded in time.
 #
 #   scripts/bench-http.sh [SECONDS] [CONNECTIONS]
+#   MODES="tollgate tollgate-export" scripts/bench-http.sh   # export on vs off
+#     (BENCH_CLICKHOUSE_URL=http://127.0.0.1:8123 for a real ClickHouse; else a stand-in)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-10}
@@ -24,7 +26,7 @@ port=$((20000 + RANDOM % 20000))
 rounds=${ROUNDS:-3}
 declare -A all
 for round in $(seq "$rounds"); do
-  for mode in bare governor tollgate; do
+  for mode in ${MODES:-bare governor tollgate}; do
     "$bin" "$mode" "$port" & pid=$!
     for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.05; done
     out=$(wrk -t2 -c"$connections" -d"${seconds}s" --latency "http://127.0.0.1:$port/api/v1/items/42")
@@ -38,9 +40,9 @@ for round in $(seq "$rounds"); do
   done
 done
 median() { tr ' ' '\n' <<<"$1" | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-b=$(median "${all[bare]}"); g=$(median "${all[governor]}"); t=$(median "${all[tollgate]}")
-printf 'median    bare %s   governor %s   tollgate %s req/s\n' "$b" "$g" "$t"
-awk -v b="$b" -v g="$g" -v t="$t" 'BEGIN {
-  printf "tollgate / bare     = %.2f (target >= 0.90)\n", t / b
-  printf "tollgate / governor = %.2f (target >= 1.00)\n", t / g
-}'
+for mode in "${!all[@]}"; do printf 'median    %-16s %s req/s\n' "$mode" "$(median "${all[$mode]}")"; done
+ratio() { [ -n "${all[$1]:-}" ] && [ -n "${all[$2]:-}" ] &&
+  awk -v a="$(median "${all[$1]}")" -v b="$(median "${all[$2]}")" -v l="$3" 'BEGIN { printf "%s = %.2f\n", l, a / b }'; }
+ratio tollgate bare "tollgate / bare     (target >= 0.90)" || true
+ratio tollgate governor "tollgate / governor (target >= 1.00)" || true
+ratio tollgate-export tollgate "export on / off     (target >= 0.95)" || true

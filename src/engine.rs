@@ -290,12 +290,12 @@ impl<S: Store, C: Clock> Engine<S, C> {
         verdict: &Verdict,
         request: &RequestCtx,
         request_id: &str,
-    ) -> Option<crate::analytics::export::PendingRows> {
+    ) -> Option<crate::analytics::export::PendingExport> {
         let (exporter, node) = self.exporter.as_ref()?;
-        let rows = crate::analytics::export::rows(
+        let event = crate::analytics::export::event(
             verdict,
             request,
-            &crate::analytics::export::RowContext {
+            &crate::analytics::export::EventContext {
                 request_id,
                 node,
                 hasher: &self.hasher,
@@ -303,8 +303,8 @@ impl<S: Store, C: Clock> Engine<S, C> {
                 shape: exporter.shape(),
             },
         );
-        match rows {
-            Some(rows) => Some(exporter.pending(rows)),
+        match event {
+            Some(event) => Some(exporter.pending(event)),
             None => {
                 let sampled_out = &exporter.stats().sampled_out;
                 sampled_out.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -173,7 +173,7 @@ pub enum ServeError {
     Jwt(#[from] JwtKeyError),
     /// Decisions cannot be exported as configured.
     #[error(transparent)]
-    Export(#[from] crate::analytics::export::SpoolError),
+    Export(#[from] crate::analytics::export::ExportError),
     /// `clickhouse_migrate` is set and the migrations failed.
     #[error("ClickHouse migrations failed: {0}")]
     Migrate(#[from] crate::analytics::MigrateError),

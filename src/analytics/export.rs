@@ -24,31 +24,31 @@ pub struct DecisionRow {
     /// Seconds since the epoch.
     pub ts: u32,
     /// The node that decided.
-    pub node: String,
+    pub node: Arc<str>,
     /// The plan's version.
-    pub plan_version: String,
+    pub plan_version: Arc<str>,
     /// The policy file's namespace.
     pub namespace: String,
     /// The limit (or list) that decided.
-    pub limit_name: String,
+    pub limit_name: Arc<str>,
     /// The limit's algorithm.
-    pub algorithm: String,
+    pub algorithm: std::borrow::Cow<'static, str>,
     /// The `decision` enum's value (see [`Decision`]).
     pub decision: i8,
     /// The tier, for tiered limits.
-    pub tier: String,
+    pub tier: Arc<str>,
     /// The tenant, when known.
-    pub tenant: String,
+    pub tenant: Arc<str>,
     /// What the key counts by (`ip`, `user`, `token`, …).
     pub key_kind: String,
     /// The counter key's keyed hash.
     pub key_hash: String,
     /// The client's address.
-    pub client_ip: String,
+    pub client_ip: Arc<str>,
     /// The request's method.
-    pub method: String,
+    pub method: Arc<str>,
     /// The route template (else the path).
-    pub route: String,
+    pub route: Arc<str>,
     /// The status Tollgate answered (200 when it let the request through).
     pub status: u16,
     /// Units charged.
@@ -64,18 +64,18 @@ pub struct DecisionRow {
     /// The decision's own latency, in microseconds (0: not measured).
     pub latency_us: u32,
     /// Cedar's determining policies.
-    pub policies: Vec<String>,
+    pub policies: Vec<Arc<str>>,
     /// 1 in shadow mode.
     pub shadow: u8,
     /// The share of such decisions exported (allows may be sampled).
     pub sample_rate: f32,
     /// The request's id.
-    pub request_id: String,
+    pub request_id: Arc<str>,
     /// The batch it was inserted in (set by the exporter).
-    pub batch_id: String,
+    pub batch_id: Arc<str>,
     /// The flags (anomalies' `flag`) the client carried.
     #[serde(default)]
-    pub flags: Vec<String>,
+    pub flags: Vec<Arc<str>>,
 }
 
 /// One row of `anomalies`: a detection acted on.
@@ -188,7 +188,7 @@ pub struct ExportStats {
     pub dropped: AtomicU64,
     /// Inserts that failed (each retried).
     pub failures: AtomicU64,
-    /// Rows waiting in the queue.
+    /// Requests (and rows) waiting in the queue.
     pub queued: AtomicU64,
     /// Rows written to the spool, in all.
     pub spooled: AtomicU64,
@@ -200,6 +200,7 @@ pub struct ExportStats {
 
 enum Item {
     Row(Box<DecisionRow>),
+    Event(Box<DecisionEvent>),
     Anomaly(Box<AnomalyRow>),
     Flush(oneshot::Sender<()>),
 }
@@ -237,18 +238,26 @@ impl std::fmt::Debug for Exporter {
 
 /// Why the exporter cannot start.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot open the export spool at `{dir}`: {source}")]
-pub struct SpoolError {
-    dir: std::path::PathBuf,
-    source: std::io::Error,
+pub enum ExportError {
+    /// The spool's directory cannot be used.
+    #[error("cannot open the export spool at `{dir}`: {source}")]
+    Spool {
+        /// The directory.
+        dir: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The exporter's thread cannot start.
+    #[error("cannot start the exporter's thread: {0}")]
+    Thread(std::io::Error),
 }
 
 impl Exporter {
-    /// Starts the batching task on the current runtime; what a spool left by an earlier
+    /// Starts the batching task on a thread of its own; what a spool left by an earlier
     /// process holds is delivered first.
-    pub fn start(client: Client, settings: ExportSettings) -> Result<Exporter, SpoolError> {
+    pub fn start(client: Client, settings: ExportSettings) -> Result<Exporter, ExportError> {
         let spool = match &settings.spool {
-            Some(s) => Some(Spool::open(s.clone()).map_err(|source| SpoolError {
+            Some(s) => Some(Spool::open(s.clone()).map_err(|source| ExportError::Spool {
                 dir: s.dir.clone(),
                 source,
             })?),
@@ -272,18 +281,38 @@ impl Exporter {
             retry_at: None,
             anomalies: Vec::new(),
         };
-        tokio::spawn(batcher.run(settings, rx));
+        // Its own thread and runtime: making, serializing and compressing a batch of 10,000
+        // rows takes milliseconds, which must not hold up the requests sharing a worker.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(ExportError::Thread)?;
+        std::thread::Builder::new()
+            .name("tollgate-export".to_owned())
+            .spawn(move || runtime.block_on(batcher.run(settings, rx)))
+            .map_err(ExportError::Thread)?;
         Ok(Exporter { tx, stats, shape })
     }
 
     /// Queues `row` without waiting; a full queue drops it (counted in `dropped`).
     pub fn send(&self, row: DecisionRow) {
-        match self.tx.try_send(Item::Row(Box::new(row))) {
+        self.queue(Item::Row(Box::new(row)), 1);
+    }
+
+    /// Queues a request's decision without waiting; its rows are made by the exporter's
+    /// task. A full queue drops them (counted in `dropped`).
+    fn send_event(&self, event: Box<DecisionEvent>) {
+        let rows = event.rows_len();
+        self.queue(Item::Event(event), rows);
+    }
+
+    fn queue(&self, item: Item, rows: u64) {
+        match self.tx.try_send(item) {
             Ok(()) => {
                 self.stats.queued.fetch_add(1, Ordering::Relaxed);
             }
             Err(_) => {
-                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                self.stats.dropped.fetch_add(rows, Ordering::Relaxed);
             }
         }
     }
@@ -315,6 +344,8 @@ impl Exporter {
     }
 }
 
+/// How often the exporter's task looks at its queue.
+const TICK: Duration = Duration::from_millis(10);
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
@@ -331,45 +362,65 @@ struct Batcher {
 }
 
 impl Batcher {
+    /// Drains the queue every [`TICK`] rather than waiting on it: a request that queues a
+    /// decision never has to wake this task (a cross-thread wake-up per request would cost
+    /// the request path more than the rest of the export).
     async fn run(mut self, settings: ExportSettings, mut rx: mpsc::Receiver<Item>) {
-        let mut batch: Vec<DecisionRow> = Vec::with_capacity(settings.batch_rows.min(10_000));
+        use futures_util::FutureExt as _;
+        // Room for a last decision's rows past the batch size, so the batch never grows.
+        let mut batch: Vec<DecisionRow> =
+            Vec::with_capacity(settings.batch_rows.min(10_000) + 64);
         let mut flushes = Vec::new();
+        let mut tick = tokio::time::interval(TICK.min(settings.flush_every));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Tokio's timer (paused in tests), not a wall clock.
+        let mut deadline = Box::pin(tokio::time::sleep(settings.flush_every));
         loop {
-            // Tokio's timer (paused in tests), not a wall clock.
-            let deadline = tokio::time::sleep(settings.flush_every);
-            tokio::pin!(deadline);
-            // Fill the batch until it is full, the time is up, or someone asks for a flush.
-            while batch.len() < settings.batch_rows && flushes.is_empty() {
-                tokio::select! {
-                    item = rx.recv() => match item {
-                        Some(Item::Row(row)) => {
-                            self.stats.queued.fetch_sub(1, Ordering::Relaxed);
-                            batch.push(*row);
-                        }
-                        Some(Item::Anomaly(row)) => self.keep_anomaly(*row),
-                        Some(Item::Flush(done)) => flushes.push(done),
-                        None => {
-                            if !batch.is_empty() {
-                                self.deliver(&mut batch, true).await;
-                            }
-                            self.insert_anomalies().await;
-                            return;
-                        }
-                    },
-                    () = &mut deadline => break,
+            tick.tick().await;
+            let mut closed = false;
+            loop {
+                match rx.try_recv() {
+                    Ok(Item::Row(row)) => {
+                        self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+                        batch.push(*row);
+                    }
+                    Ok(Item::Event(event)) => {
+                        self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+                        event.into_rows(&mut batch);
+                    }
+                    Ok(Item::Anomaly(row)) => self.keep_anomaly(*row),
+                    Ok(Item::Flush(done)) => flushes.push(done),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        closed = true;
+                        break;
+                    }
                 }
+                if batch.len() >= settings.batch_rows {
+                    self.deliver(&mut batch, false).await;
+                }
+            }
+            let due = deadline.as_mut().now_or_never().is_some();
+            if !(due || closed || !flushes.is_empty()) {
+                continue;
             }
             if !flushes.is_empty() {
                 self.retry_at = None;
             }
-            self.drain_spool().await;
+            if !closed {
+                self.drain_spool().await;
+            }
             if !batch.is_empty() {
-                self.deliver(&mut batch, false).await;
+                self.deliver(&mut batch, closed).await;
             }
             self.insert_anomalies().await;
             for done in flushes.drain(..) {
                 let _ = done.send(());
             }
+            if closed {
+                return;
+            }
+            deadline = Box::pin(tokio::time::sleep(settings.flush_every));
         }
     }
 
@@ -412,9 +463,9 @@ impl Batcher {
     /// with back-off until it is in (`last`: the process is stopping, so it is given up
     /// after the back-off runs out once).
     async fn deliver(&mut self, batch: &mut Vec<DecisionRow>, last: bool) {
-        let id = format!("{:032x}", rand::random::<u128>());
+        let id: Arc<str> = Arc::from(format!("{:032x}", rand::random::<u128>()));
         for row in batch.iter_mut() {
-            row.batch_id.clone_from(&id);
+            row.batch_id = Arc::clone(&id);
         }
         let rows = batch.len() as u64;
         if let Some(spool) = &mut self.spool {
@@ -502,7 +553,7 @@ impl Batcher {
     /// One insert of `batch` (whose rows carry their batch id); `retry`: look the id up
     /// first, so that a batch that went in without its answer arriving is not repeated.
     async fn insert(&self, batch: &[DecisionRow], retry: bool) -> bool {
-        let id = batch.first().map_or("", |r| r.batch_id.as_str());
+        let id = batch.first().map_or("", |r| &*r.batch_id);
         if retry && already_in(&self.client, id).await == Some(true) {
             self.stats
                 .sent
@@ -590,49 +641,157 @@ async fn already_in(client: &Client, id: &str) -> Option<bool> {
     Some(n > 0)
 }
 
-/// Rows made for one request, sent once the response's status is known.
+/// A request's decision, waiting for the response's status before it is queued.
 #[derive(Debug)]
-#[must_use = "the rows are exported by `send` or `send_with_status`"]
-pub struct PendingRows {
+#[must_use = "the decision is exported by `send` or `send_with_status`"]
+pub struct PendingExport {
     exporter: Exporter,
-    rows: Vec<DecisionRow>,
+    event: Box<DecisionEvent>,
 }
 
-impl PendingRows {
-    /// Queues the rows with the status Tollgate answered.
+impl PendingExport {
+    /// Queues it with the status Tollgate answered.
     pub fn send(self) {
-        for row in self.rows {
-            self.exporter.send(row);
-        }
+        self.exporter.send_event(self.event);
     }
 
-    /// Queues the rows with `status`: what the application or upstream answered.
+    /// Queues it with `status`: what the application or upstream answered.
     pub fn send_with_status(mut self, status: u16) {
-        for row in &mut self.rows {
-            row.status = status;
-        }
+        self.event.status = status;
         self.send();
     }
 }
 
-impl Exporter {
-    /// `rows`, to send once the status is known.
-    pub fn pending(&self, rows: Vec<DecisionRow>) -> PendingRows {
-        PendingRows {
-            exporter: self.clone(),
-            rows,
+/// What a decision's rows need, gathered on the request path without formatting or hashing
+/// (shared names, the counter keys): the rows are made by the exporter's task.
+#[derive(Debug)]
+pub struct DecisionEvent {
+    ts: u32,
+    node: Arc<str>,
+    plan_version: Arc<str>,
+    tenant: String,
+    client_ip: Option<std::net::IpAddr>,
+    truncate_ip: bool,
+    method: http::Method,
+    route: String,
+    status: u16,
+    delay_ms: u32,
+    latency_us: u32,
+    sample_rate: f32,
+    request_id: String,
+    flags: Vec<Arc<str>>,
+    hasher: crate::plan::KeyHasher,
+    outcome: Outcome,
+}
+
+/// What decided a request.
+#[derive(Debug)]
+enum Outcome {
+    /// A list or Cedar, without counting: one row.
+    DecidedBy {
+        decision: Decision,
+        name: Arc<str>,
+        policies: Vec<Arc<str>>,
+    },
+    /// Limits: a row each.
+    Limits(smallvec::SmallVec<[LimitEvent; 3]>),
+}
+
+/// One limit's part of a decision.
+#[derive(Debug)]
+struct LimitEvent {
+    key: String,
+    limit: Arc<str>,
+    algorithm: &'static str,
+    decision: Decision,
+    tier: Option<Arc<str>>,
+    cost: u64,
+    quota: u64,
+    remaining: u64,
+    shadow: bool,
+}
+
+impl DecisionEvent {
+    fn rows_len(&self) -> u64 {
+        match &self.outcome {
+            Outcome::DecidedBy { .. } => 1,
+            Outcome::Limits(limits) => limits.len() as u64,
+        }
+    }
+
+    /// Its rows, added to `batch`.
+    pub fn into_rows(self, batch: &mut Vec<DecisionRow>) {
+        let base = DecisionRow {
+            ts: self.ts,
+            node: self.node,
+            plan_version: self.plan_version,
+            tenant: Arc::from(self.tenant),
+            client_ip: self
+                .client_ip
+                .map_or_else(Arc::default, |ip| Arc::from(client_ip(ip, self.truncate_ip))),
+            method: Arc::from(self.method.as_str()),
+            route: Arc::from(self.route),
+            status: self.status,
+            delay_ms: self.delay_ms,
+            latency_us: self.latency_us,
+            sample_rate: self.sample_rate,
+            request_id: Arc::from(self.request_id),
+            flags: self.flags,
+            ..DecisionRow::default()
+        };
+        match self.outcome {
+            Outcome::DecidedBy {
+                decision,
+                name,
+                policies,
+            } => batch.push(DecisionRow {
+                decision: decision as i8,
+                limit_name: name,
+                policies,
+                ..base
+            }),
+            Outcome::Limits(limits) => {
+                for l in limits {
+                    let parts = crate::plan::key::CounterKey::parse(&l.key);
+                    batch.push(DecisionRow {
+                        namespace: parts.map(|p| p.namespace.to_owned()).unwrap_or_default(),
+                        limit_name: l.limit,
+                        algorithm: std::borrow::Cow::Borrowed(l.algorithm),
+                        decision: l.decision as i8,
+                        tier: l.tier.unwrap_or_default(),
+                        key_kind: key_kind(parts.map_or("", |p| p.client)),
+                        key_hash: self.hasher.hash(&l.key),
+                        cost: l.cost,
+                        used: l.quota.saturating_sub(l.remaining),
+                        quota: l.quota,
+                        remaining: l.remaining,
+                        shadow: u8::from(l.shadow),
+                        ..base.clone()
+                    });
+                }
+            }
         }
     }
 }
 
-/// What a row says besides the decision.
+impl Exporter {
+    /// `event`, to send once the status is known.
+    pub fn pending(&self, event: DecisionEvent) -> PendingExport {
+        PendingExport {
+            exporter: self.clone(),
+            event: Box::new(event),
+        }
+    }
+}
+
+/// What a decision's event says besides the decision.
 #[derive(Debug)]
-pub struct RowContext<'a> {
+pub struct EventContext<'a> {
     /// The request's id.
     pub request_id: &'a str,
     /// This Tollgate's name.
-    pub node: &'a str,
-    /// Hashes counter keys.
+    pub node: &'a Arc<str>,
+    /// Hashes counter keys (in the exporter's task).
     pub hasher: &'a crate::plan::KeyHasher,
     /// The decision's time.
     pub now: crate::Timestamp,
@@ -651,14 +810,14 @@ fn always_exported(verdict: &crate::Verdict) -> bool {
             .any(|r| !r.decision.allowed || matches!(r.counted, Counted::Skipped | Counted::Local))
 }
 
-/// The rows a decision becomes: one per limit that applied (its outcome, counter and tier),
-/// or one for the list or Cedar answer that decided without counting; `None` when the
-/// request is sampled out. Their status is what Tollgate answered.
-pub fn rows(
+/// A decision's event: one row per limit that applied (its outcome, counter and tier), or
+/// one for the list or Cedar answer that decided without counting; `None` when the request
+/// is sampled out. Its status is what Tollgate answered.
+pub fn event(
     verdict: &crate::Verdict,
     request: &crate::RequestCtx,
-    cx: &RowContext<'_>,
-) -> Option<Vec<DecisionRow>> {
+    cx: &EventContext<'_>,
+) -> Option<DecisionEvent> {
     use crate::engine::{Action, Counted};
     let sample_rate = if always_exported(verdict) {
         1.0
@@ -668,30 +827,90 @@ pub fn rows(
     if sample_rate < 1.0 && rand::random::<f64>() >= sample_rate {
         return None;
     }
-    let status = crate::response::problem(verdict, None).map_or(200, |p| p.status);
-    let tenant = cx
-        .shape
-        .tenant_header
-        .as_ref()
-        .and_then(|h| request.headers.get(h))
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.chars().take(64).collect())
-        .unwrap_or_default();
-    let base = DecisionRow {
+    let outcome = match &verdict.action {
+        Action::Bypass { list } => Outcome::DecidedBy {
+            decision: Decision::Bypass,
+            name: Arc::clone(list),
+            policies: Vec::new(),
+        },
+        Action::Forbid { list, .. } => Outcome::DecidedBy {
+            decision: Decision::Forbid,
+            name: Arc::clone(list),
+            policies: Vec::new(),
+        },
+        Action::Unauthorized {
+            limit, policies, ..
+        } => Outcome::DecidedBy {
+            decision: Decision::Unauthorized,
+            name: Arc::clone(limit),
+            policies: policies.clone(),
+        },
+        _ => {
+            let headline = verdict.headline().map(|r| &*r.limit);
+            Outcome::Limits(
+                verdict
+                    .reports
+                    .iter()
+                    .map(|r| {
+                        let shadow = r.mode == crate::plan::Mode::Shadow;
+                        let decision = if matches!(r.counted, Counted::Skipped | Counted::Local) {
+                            Decision::StoreError
+                        } else if !r.decision.allowed {
+                            if shadow {
+                                Decision::ShadowReject
+                            } else {
+                                Decision::Reject
+                            }
+                        } else if headline == Some(&*r.limit)
+                            && matches!(verdict.action, Action::Warn)
+                        {
+                            Decision::Warn
+                        } else if headline == Some(&*r.limit)
+                            && matches!(verdict.action, Action::Delay(_))
+                        {
+                            Decision::Delay
+                        } else if r.decision.used_percent() >= crate::metrics::NEAR_LIMIT_PERCENT
+                        {
+                            Decision::NearLimit
+                        } else {
+                            Decision::Allow
+                        };
+                        LimitEvent {
+                            key: r.key.clone(),
+                            limit: Arc::clone(&r.limit),
+                            algorithm: r.algorithm,
+                            decision,
+                            tier: r.tier.clone(),
+                            cost: r.cost,
+                            quota: r.decision.limit,
+                            remaining: r.decision.remaining,
+                            shadow,
+                        }
+                    })
+                    .collect(),
+            )
+        }
+    };
+    Some(DecisionEvent {
         ts: u32::try_from(cx.now.as_micros() / 1_000_000).unwrap_or(u32::MAX),
-        node: cx.node.to_owned(),
-        plan_version: verdict.plan_version.to_string(),
-        tenant,
-        client_ip: request
-            .client_ip
-            .map(|ip| client_ip(ip, cx.shape.truncate_ip))
+        node: Arc::clone(cx.node),
+        plan_version: Arc::clone(&verdict.plan_version),
+        tenant: cx
+            .shape
+            .tenant_header
+            .as_ref()
+            .and_then(|h| request.headers.get(h))
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.chars().take(64).collect())
             .unwrap_or_default(),
-        method: request.method.as_str().to_owned(),
+        client_ip: request.client_ip,
+        truncate_ip: cx.shape.truncate_ip,
+        method: request.method.clone(),
         route: request
             .route_template
             .clone()
             .unwrap_or_else(|| request.path.clone()),
-        status,
+        status: crate::response::problem(verdict, None).map_or(200, |p| p.status),
         delay_ms: match verdict.action {
             Action::Delay(d) => u32::try_from(d.as_millis()).unwrap_or(u32::MAX),
             _ => 0,
@@ -699,67 +918,10 @@ pub fn rows(
         latency_us: u32::try_from(verdict.elapsed.as_micros()).unwrap_or(u32::MAX),
         sample_rate: sample_rate as f32,
         request_id: cx.request_id.to_owned(),
-        flags: verdict.flags.iter().map(|f| f.to_string()).collect(),
-        ..DecisionRow::default()
-    };
-    let decided_by = |decision: Decision, name: &str, policies: &[Arc<str>]| DecisionRow {
-        decision: decision as i8,
-        limit_name: name.to_owned(),
-        policies: policies.iter().map(|p| p.to_string()).collect(),
-        ..base.clone()
-    };
-    match &verdict.action {
-        Action::Bypass { list } => return Some(vec![decided_by(Decision::Bypass, list, &[])]),
-        Action::Forbid { list, .. } => {
-            return Some(vec![decided_by(Decision::Forbid, list, &[])]);
-        }
-        Action::Unauthorized {
-            limit, policies, ..
-        } => return Some(vec![decided_by(Decision::Unauthorized, limit, policies)]),
-        _ => {}
-    }
-    let headline = verdict.headline().map(|r| &*r.limit);
-    let rows = verdict
-        .reports
-        .iter()
-        .map(|r| {
-            let parts = crate::plan::key::CounterKey::parse(&r.key);
-            let decision = if matches!(r.counted, Counted::Skipped | Counted::Local) {
-                Decision::StoreError
-            } else if !r.decision.allowed {
-                if r.mode == crate::plan::Mode::Shadow {
-                    Decision::ShadowReject
-                } else {
-                    Decision::Reject
-                }
-            } else if headline == Some(&*r.limit) && matches!(verdict.action, Action::Warn) {
-                Decision::Warn
-            } else if headline == Some(&*r.limit) && matches!(verdict.action, Action::Delay(_)) {
-                Decision::Delay
-            } else if r.decision.used_percent() >= crate::metrics::NEAR_LIMIT_PERCENT {
-                Decision::NearLimit
-            } else {
-                Decision::Allow
-            };
-            let client = parts.map(|p| p.client).unwrap_or_default();
-            DecisionRow {
-                namespace: parts.map(|p| p.namespace.to_owned()).unwrap_or_default(),
-                limit_name: r.limit.to_string(),
-                algorithm: r.algorithm.to_owned(),
-                decision: decision as i8,
-                tier: r.tier.as_deref().unwrap_or_default().to_owned(),
-                key_kind: key_kind(client),
-                key_hash: cx.hasher.hash(&r.key),
-                cost: r.cost,
-                used: r.decision.limit.saturating_sub(r.decision.remaining),
-                quota: r.decision.limit,
-                remaining: r.decision.remaining,
-                shadow: u8::from(r.mode == crate::plan::Mode::Shadow),
-                ..base.clone()
-            }
-        })
-        .collect();
-    Some(rows)
+        flags: verdict.flags.clone(),
+        hasher: cx.hasher.clone(),
+        outcome,
+    })
 }
 
 /// `ip` as a row shows it: whole, or cut to its /24 or /48 network.

@@ -184,7 +184,7 @@ mod tests {
 
     fn row(id: &str) -> DecisionRow {
         DecisionRow {
-            request_id: id.to_owned(),
+            request_id: id.into(),
             ..DecisionRow::default()
         }
     }
@@ -213,7 +213,7 @@ mod tests {
         assert_eq!(spool.rows(), 24);
         for n in 0..12 {
             let batch = spool.front().await.unwrap().unwrap();
-            assert_eq!(batch[0].request_id, format!("r{n}"));
+            assert_eq!(&*batch[0].request_id, format!("r{n}"));
             spool.pop_front().await.unwrap();
         }
         assert!(spool.is_empty());

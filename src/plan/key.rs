@@ -235,11 +235,7 @@ impl KeyHasher {
     /// The hash of `value`: 24 hex digits (96 bits).
     pub fn hash(&self, value: &str) -> String {
         let digest = blake3::keyed_hash(&self.key, value.as_bytes());
-        let mut out = String::with_capacity(24);
-        for byte in &digest.as_bytes()[..12] {
-            let _ = write!(out, "{byte:02x}");
-        }
-        out
+        digest.to_hex()[..24].to_owned()
     }
 }
 

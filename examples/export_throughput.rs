@@ -1,0 +1,96 @@
+//! How many decision rows a second the exporter sustains: decisions of three rows (the
+//! `three_limits.rl` benchmark policy) queued as fast as the queue takes them, timed until
+//! the last is inserted.
+//!
+//! ```sh
+//! cargo run --release --example export_throughput                           # a stand-in that takes every insert
+//! cargo run --release --example export_throughput -- http://127.0.0.1:8123  # a real ClickHouse (migrated here)
+//! ```
+//!
+//! Figures in `docs/performance.md`.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tollgate::analytics::export::{ExportSettings, Exporter};
+
+/// The allocator of the `tollgate` binary.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const DECISIONS: usize = 200_000;
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 1)]
+async fn main() {
+    let url = match std::env::args().nth(1) {
+        Some(url) => url,
+        None => format!("http://{}", sink().await),
+    };
+    let client = tollgate::analytics::client(&url)
+        .await
+        .unwrap_or_else(|_| {
+            clickhouse::Client::default()
+                .with_url(&url)
+                .with_validation(false)
+        });
+    if std::env::args().nth(1).is_some() {
+        tollgate::analytics::migrate(&client, "tollgate")
+            .await
+            .expect("migrations run");
+    }
+    let exporter = Exporter::start(
+        client,
+        ExportSettings {
+            queue_rows: DECISIONS + 1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let policy = include_str!("../benches/three_limits.rl");
+    let plan = tollgate::compile(&tollgate::PolicySet::from_sources([("bench.rl", policy)]))
+        .expect("the benchmark policy compiles");
+    let engine = Arc::new(
+        tollgate::Engine::new(plan, tollgate::store::MemoryStore::new())
+            .with_exporter(exporter.clone(), "bench"),
+    );
+    let request = tollgate::RequestCtx::new(http::Method::GET, "/api/v1/items/42")
+        .with_client_ip("203.0.113.9".parse().unwrap())
+        .try_header("X-Client-Id", "client-7")
+        .unwrap();
+    let verdict = engine.decide(&request).await;
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "a throughput figure is wall time"
+    )]
+    let start = std::time::Instant::now();
+    for n in 0..DECISIONS {
+        if let Some(rows) = engine.export(&verdict, &request, &format!("req-{n}")) {
+            rows.send_with_status(200);
+        }
+    }
+    let queued = start.elapsed();
+    exporter.flush().await;
+    let took = start.elapsed();
+    let stats = exporter.stats();
+    let sent = stats.sent.load(Ordering::Relaxed);
+    println!(
+        "{sent} rows in {:.2} s: {:.0} rows/s (queued in {:.3} s; dropped {}, failed inserts {})",
+        took.as_secs_f64(),
+        sent as f64 / took.as_secs_f64(),
+        queued.as_secs_f64(),
+        stats.dropped.load(Ordering::Relaxed),
+        stats.failures.load(Ordering::Relaxed),
+    );
+}
+
+/// A stand-in ClickHouse: answers 200 to every request, reading the body (the insert).
+async fn sink() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().fallback(|body: axum::body::Bytes| async move {
+        std::hint::black_box(body.len());
+        ""
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
