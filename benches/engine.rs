@@ -90,7 +90,10 @@ fn decide(c: &mut Criterion) {
     // At this rate (three rows a microsecond and a half) the exporter's one thread cannot
     // keep up, and the queue drops what does not fit: see what it
     // sustains (`examples/export_throughput.rs`). The figure above is the request path's cost either way.
-    let sent = exporter.stats().sent.load(std::sync::atomic::Ordering::Relaxed);
+    let sent = exporter
+        .stats()
+        .sent
+        .load(std::sync::atomic::Ordering::Relaxed);
     assert!(sent >= 3, "rows went out");
 
     let reject = engine(ALWAYS_OVER);

@@ -26,13 +26,11 @@ async fn main() {
         Some(url) => url,
         None => format!("http://{}", sink().await),
     };
-    let client = tollgate::analytics::client(&url)
-        .await
-        .unwrap_or_else(|_| {
-            clickhouse::Client::default()
-                .with_url(&url)
-                .with_validation(false)
-        });
+    let client = tollgate::analytics::client(&url).await.unwrap_or_else(|_| {
+        clickhouse::Client::default()
+            .with_url(&url)
+            .with_validation(false)
+    });
     if std::env::args().nth(1).is_some() {
         tollgate::analytics::migrate(&client, "tollgate")
             .await

@@ -27,3 +27,13 @@ anomaly login_bruteforce {
   detect 10 in 5min;
   then ban 15min, alert "security";
 }
+
+// One address trying many user names (credential stuffing): slowed down and flagged, not
+// banned (a shared address, a NAT, should not lock everyone out).
+anomaly credential_stuffing {
+  match { route POST "/auth/login"; }
+  key ip;
+  count when status in [401];
+  detect distinct header("X-Login-User") trusted > 20 in 10min;
+  then tarpit 2s for 30min, flag for 1h, alert "security";
+}

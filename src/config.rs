@@ -426,13 +426,7 @@ impl Settings {
             Environment::Prod => LogFormat::Json,
             Environment::Dev => self.log_format,
         };
-        self.log_format = keyword(
-            p,
-            "log_format",
-            raw.log_format.take(),
-            LOG_FORMATS,
-            by_env,
-        );
+        self.log_format = keyword(p, "log_format", raw.log_format.take(), LOG_FORMATS, by_env);
         self.metrics_on_main = keyword(
             p,
             "metrics_on_main",

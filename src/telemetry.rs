@@ -92,7 +92,10 @@ pub fn record_verdict(
     if let Some(route) = &request.route_template {
         span.record("route", route.as_str());
     }
-    span.record("decision", crate::metrics::request_outcome_name(&verdict.action));
+    span.record(
+        "decision",
+        crate::metrics::request_outcome_name(&verdict.action),
+    );
     if let Some(headline) = verdict.headline() {
         if let Some(parts) = crate::plan::key::CounterKey::parse(&headline.key) {
             span.record("namespace", parts.namespace);

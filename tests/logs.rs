@@ -184,11 +184,13 @@ fn the_applications_lines_carry_the_requests_span() {
             tracing::info!("handling the order");
             "ok"
         })
-        .layer(RateLimitLayer::new(engine).with_options(HttpOptions {
-            identifier: tollgate::identity::Identifier::new()
-                .with_api_key_header(HeaderName::from_static("x-api-key")),
-            ..HttpOptions::default()
-        }));
+        .layer(
+            RateLimitLayer::new(engine).with_options(HttpOptions {
+                identifier: tollgate::identity::Identifier::new()
+                    .with_api_key_header(HeaderName::from_static("x-api-key")),
+                ..HttpOptions::default()
+            }),
+        );
     let lines = captured(|| {
         runtime().block_on(async {
             let request = http::Request::builder()

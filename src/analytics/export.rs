@@ -368,8 +368,7 @@ impl Batcher {
     async fn run(mut self, settings: ExportSettings, mut rx: mpsc::Receiver<Item>) {
         use futures_util::FutureExt as _;
         // Room for a last decision's rows past the batch size, so the batch never grows.
-        let mut batch: Vec<DecisionRow> =
-            Vec::with_capacity(settings.batch_rows.min(10_000) + 64);
+        let mut batch: Vec<DecisionRow> = Vec::with_capacity(settings.batch_rows.min(10_000) + 64);
         let mut flushes = Vec::new();
         let mut tick = tokio::time::interval(TICK.min(settings.flush_every));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -686,6 +685,10 @@ pub struct DecisionEvent {
 
 /// What decided a request.
 #[derive(Debug)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "the event is boxed whole; the limits stay inline, saving an allocation a request"
+)]
 enum Outcome {
     /// A list or Cedar, without counting: one row.
     DecidedBy {
@@ -726,9 +729,9 @@ impl DecisionEvent {
             node: self.node,
             plan_version: self.plan_version,
             tenant: Arc::from(self.tenant),
-            client_ip: self
-                .client_ip
-                .map_or_else(Arc::default, |ip| Arc::from(client_ip(ip, self.truncate_ip))),
+            client_ip: self.client_ip.map_or_else(Arc::default, |ip| {
+                Arc::from(client_ip(ip, self.truncate_ip))
+            }),
             method: Arc::from(self.method.as_str()),
             route: Arc::from(self.route),
             status: self.status,
@@ -869,8 +872,7 @@ pub fn event(
                             && matches!(verdict.action, Action::Delay(_))
                         {
                             Decision::Delay
-                        } else if r.decision.used_percent() >= crate::metrics::NEAR_LIMIT_PERCENT
-                        {
+                        } else if r.decision.used_percent() >= crate::metrics::NEAR_LIMIT_PERCENT {
                             Decision::NearLimit
                         } else {
                             Decision::Allow
