@@ -10,6 +10,8 @@
 
 #[path = "support/ready.rs"]
 mod ready;
+#[path = "support/sink.rs"]
+mod sink;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use http::Method;
@@ -67,11 +69,9 @@ fn decide(c: &mut Criterion) {
         .unwrap();
     let exporter = {
         let _inside = background.enter();
-        let sink = background.block_on(insert_sink());
+        let sink = background.block_on(sink::insert_sink());
         tollgate::analytics::export::Exporter::start(
-            clickhouse::Client::default()
-                .with_url(format!("http://{sink}"))
-                .with_validation(false),
+            sink::sink_client(sink),
             tollgate::analytics::export::ExportSettings::default(),
         )
         .unwrap()
@@ -237,18 +237,6 @@ fn memory_cap(c: &mut Criterion) {
         });
     }
     group.finish();
-}
-
-/// A stand-in ClickHouse: answers 200 to every request, reading the body (the insert).
-async fn insert_sink() -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = axum::Router::new().fallback(|body: axum::body::Bytes| async move {
-        std::hint::black_box(body.len());
-        ""
-    });
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    addr
 }
 
 /// `rt.block_on(f)` reads like a runtime, but polls once.

@@ -10,6 +10,9 @@
 //!
 //! `cargo bench --bench layer`. Figures in `docs/performance.md`.
 
+#[path = "support/sink.rs"]
+mod sink;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -54,12 +57,10 @@ fn layer(c: &mut Criterion) {
         tollgate::store::MemoryStore::new(),
     ));
     let limited = hello.clone().layer(tollgate::RateLimitLayer::new(engine));
-    let sink = rt.block_on(insert_sink());
+    let sink = rt.block_on(sink::insert_sink());
     let exporter = rt.block_on(async {
         tollgate::analytics::export::Exporter::start(
-            clickhouse::Client::default()
-                .with_url(format!("http://{sink}"))
-                .with_validation(false),
+            sink::sink_client(sink),
             tollgate::analytics::export::ExportSettings::default(),
         )
         .unwrap()
@@ -103,18 +104,6 @@ fn layer(c: &mut Criterion) {
     // Every row went out: the figure is the whole export's, not a queue dropping rows.
     assert_eq!(load(&stats.dropped), 0, "rows dropped");
     assert!(load(&stats.sent) >= 3, "rows sent");
-}
-
-/// A stand-in ClickHouse: answers 200 to every request, reading the body (the insert).
-async fn insert_sink() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = Router::new().fallback(|body: axum::body::Bytes| async move {
-        std::hint::black_box(body.len());
-        ""
-    });
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    addr
 }
 
 criterion_group!(benches, layer);

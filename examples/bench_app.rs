@@ -16,6 +16,9 @@
 //!
 //! `cargo run --release --example bench_app -- MODE PORT`.
 
+#[path = "../benches/support/sink.rs"]
+mod sink;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -90,18 +93,7 @@ async fn exporter() -> tollgate::analytics::export::Exporter {
                 .expect("migrations run");
             client
         }
-        Err(_) => {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            let sink = Router::new().fallback(|body: axum::body::Bytes| async move {
-                std::hint::black_box(body.len());
-                ""
-            });
-            tokio::spawn(async move { axum::serve(listener, sink).await });
-            clickhouse::Client::default()
-                .with_url(format!("http://{addr}"))
-                .with_validation(false)
-        }
+        Err(_) => sink::sink_client(sink::insert_sink().await),
     };
     tollgate::analytics::export::Exporter::start(client, Default::default())
         .expect("no spool to open")

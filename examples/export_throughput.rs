@@ -9,6 +9,9 @@
 //!
 //! Figures in `docs/performance.md`.
 
+#[path = "../benches/support/sink.rs"]
+mod sink;
+
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -22,20 +25,18 @@ const DECISIONS: usize = 200_000;
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 1)]
 async fn main() {
-    let url = match std::env::args().nth(1) {
-        Some(url) => url,
-        None => format!("http://{}", sink().await),
+    let client = match std::env::args().nth(1) {
+        Some(url) => {
+            let client = tollgate::analytics::client(&url)
+                .await
+                .expect("ClickHouse answers");
+            tollgate::analytics::migrate(&client, "tollgate")
+                .await
+                .expect("migrations run");
+            client
+        }
+        None => sink::sink_client(sink::insert_sink().await),
     };
-    let client = tollgate::analytics::client(&url).await.unwrap_or_else(|_| {
-        clickhouse::Client::default()
-            .with_url(&url)
-            .with_validation(false)
-    });
-    if std::env::args().nth(1).is_some() {
-        tollgate::analytics::migrate(&client, "tollgate")
-            .await
-            .expect("migrations run");
-    }
     let exporter = Exporter::start(
         client,
         ExportSettings {
@@ -79,16 +80,4 @@ async fn main() {
         stats.dropped.load(Ordering::Relaxed),
         stats.failures.load(Ordering::Relaxed),
     );
-}
-
-/// A stand-in ClickHouse: answers 200 to every request, reading the body (the insert).
-async fn sink() -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = axum::Router::new().fallback(|body: axum::body::Bytes| async move {
-        std::hint::black_box(body.len());
-        ""
-    });
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    addr
 }

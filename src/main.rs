@@ -471,10 +471,11 @@ async fn analytics_query(
             })
         }
         AnalyticsAction::Anomalies { since, rows, json } => {
-            let found: Vec<report::AnomalyLine> = report::anomalies(database, since, rows)
-                .fetch(client)
-                .await
-                .map_err(failed)?;
+            let found: Vec<tollgate::analytics::export::AnomalyRow> =
+                report::anomalies(database, since, rows)
+                    .fetch(client)
+                    .await
+                    .map_err(failed)?;
             Ok(if json {
                 lines(&found)
             } else {

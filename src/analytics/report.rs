@@ -218,38 +218,13 @@ pub fn step_for(since: Duration) -> Duration {
     Duration::from_secs(minutes.div_ceil(60).max(1) * 60)
 }
 
-/// One anomaly of `anomalies`.
-#[derive(Debug, Clone, PartialEq, clickhouse::Row, Serialize, Deserialize)]
-pub struct AnomalyLine {
-    /// When, in seconds since the epoch.
-    pub at: u32,
-    /// The anomaly block's namespace.
-    pub namespace: String,
-    /// The anomaly block.
-    pub anomaly: String,
-    /// What the key counts by.
-    pub key_kind: String,
-    /// The key's hash.
-    pub key_hash: String,
-    /// The client's address.
-    pub client_ip: String,
-    /// What was seen.
-    pub observed: u64,
-    /// What it was compared with.
-    pub threshold: f64,
-    /// The ban, in seconds (0: none).
-    pub ban_s: u32,
-    /// The alert channels.
-    pub alerts: Vec<String>,
-}
-
 /// The latest `rows` anomalies of the last `since`.
 pub fn anomalies(database: &str, since: Duration, rows: u64) -> Query {
     Query::new(
         database,
-        "SELECT toUInt32(ts) AS at, namespace, anomaly, key_kind, key_hash, client_ip, \
-         observed, threshold, ban_s, alerts FROM {db}.anomalies WHERE ts >= now() - ? \
-         ORDER BY ts DESC, anomaly LIMIT ?",
+        "SELECT ts, node, plan_version, namespace, anomaly, key_kind, key_hash, client_ip, \
+         observed, threshold, window_s, ban_s, flag_s, tarpit_ms, alerts \
+         FROM {db}.anomalies WHERE ts >= now() - ? ORDER BY ts DESC, anomaly LIMIT ?",
     )
     .number(since.as_secs())
     .number(rows)
@@ -336,7 +311,7 @@ pub fn render_timeline(rows: &[TimelineRow]) -> String {
 }
 
 /// `anomalies` as a table.
-pub fn render_anomalies(rows: &[AnomalyLine]) -> String {
+pub fn render_anomalies(rows: &[super::export::AnomalyRow]) -> String {
     if rows.is_empty() {
         return "no anomalies in that period\n".to_owned();
     }
@@ -352,7 +327,7 @@ pub fn render_anomalies(rows: &[AnomalyLine]) -> String {
     ]);
     for r in rows {
         t.add_row(vec![
-            time(r.at),
+            time(r.ts),
             format!("{}/{}", r.namespace, r.anomaly),
             format!("{}:{}", r.key_kind, r.key_hash),
             r.client_ip.clone(),
