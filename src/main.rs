@@ -245,7 +245,7 @@ enum AdminAction {
     Allow(NewEntry),
     /// Remove a runtime entry.
     Unlist {
-        /// `denylist` (a ban) or `safelist`.
+        /// `denylist` (a ban), `safelist`, `flag` or `tarpit`.
         #[arg(long, default_value = "denylist")]
         list: String,
         #[command(flatten)]

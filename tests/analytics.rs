@@ -829,3 +829,76 @@ anomaly any { detect 1 in 1min; then alert "ops"; }
         );
     }
 }
+
+/// `tollgate serve` with the ClickHouse settings: it migrates on start-up
+/// (`clickhouse_migrate`), exports what `/v1/check` decides under its host name, and the
+/// anomaly `/v1/report` detects lands in `anomalies`.
+#[test]
+fn tollgate_serve_migrates_and_exports_decisions_and_anomalies() {
+    let Some(server) = support::clickhouse::ClickHouse::start() else {
+        return;
+    };
+    let spool = tempfile::tempdir().unwrap();
+    let url = server.url();
+    let spool_dir = spool.path().display().to_string();
+    let tollgate = support::serving::Serving::start(&[
+        ("TOLLGATE_CLICKHOUSE_URL", &url),
+        ("TOLLGATE_CLICKHOUSE_MIGRATE", "true"),
+        ("TOLLGATE_CLICKHOUSE_SPOOL_DIR", &spool_dir),
+        ("HOSTNAME", "node-x"),
+    ]);
+    let check = serde_json::json!({
+        "method": "POST", "path": "/auth/login", "client_ip": "198.51.100.30"
+    });
+    for _ in 0..6 {
+        support::check(tollgate.addr, &check);
+    }
+    let report = serde_json::json!({ "request": check, "status": 401 });
+    let mut detected = Vec::new();
+    for _ in 0..10 {
+        let reply = support::send(
+            tollgate.addr,
+            "POST",
+            "/v1/report",
+            &[],
+            report.to_string().as_bytes(),
+        );
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        detected.extend(reply.json()["detected"].as_array().unwrap().clone());
+    }
+    assert_eq!(detected.len(), 1, "{detected:?}");
+    assert_eq!(detected[0]["anomaly"], "login_bruteforce");
+    // Rows go out within a second or so: wait for them (an external process, not a timing
+    // test), up to 30 s.
+    let mut rows = String::new();
+    for _ in 0..300 {
+        rows = server
+            .query(
+                "SELECT node, decision, count() FROM tollgate.decisions \
+                 GROUP BY node, decision ORDER BY decision",
+            )
+            .unwrap_or_default();
+        let anomalies = server
+            .query("SELECT count() FROM tollgate.anomalies")
+            .unwrap_or_default();
+        if rows
+            .lines()
+            .map(|l| l.rsplit('\t').next().unwrap().parse::<u64>().unwrap_or(0))
+            .sum::<u64>()
+            == 6
+            && anomalies.trim() == "1"
+        {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(
+        rows, "node-x\tallow\t3\nnode-x\tnear_limit\t2\nnode-x\treject\t1\n",
+        "one limit (login, 5 a minute): three below 80 %, two at or above, then a rejection"
+    );
+    let anomaly = server
+        .query("SELECT node, anomaly, observed, ban_s, alerts FROM tollgate.anomalies")
+        .unwrap();
+    assert_eq!(anomaly, "node-x\tlogin_bruteforce\t10\t900\t['security']\n");
+    drop(tollgate);
+}

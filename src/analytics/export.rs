@@ -280,6 +280,7 @@ impl Exporter {
             backoff: MIN_BACKOFF,
             retry_at: None,
             anomalies: Vec::new(),
+            warnings: crate::telemetry::Burst::new(crate::telemetry::BURST_WINDOW),
         };
         // Its own thread and runtime: making, serializing and compressing a batch of 10,000
         // rows takes milliseconds, which must not hold up the requests sharing a worker.
@@ -359,6 +360,8 @@ struct Batcher {
     retry_at: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     /// Anomaly rows not inserted yet.
     anomalies: Vec<AnomalyRow>,
+    /// Failures are logged once per burst, with how many lines were held back.
+    warnings: crate::telemetry::Burst,
 }
 
 impl Batcher {
@@ -423,6 +426,12 @@ impl Batcher {
         }
     }
 
+    /// Whether a warning may be logged now (`Some`: how many were held back).
+    fn burst(&self) -> Option<u64> {
+        use crate::clock::Clock as _;
+        self.warnings.admit(crate::clock::SystemClock.now())
+    }
+
     fn keep_anomaly(&mut self, row: AnomalyRow) {
         if self.anomalies.len() >= ANOMALIES_KEPT {
             self.anomalies.remove(0);
@@ -452,7 +461,9 @@ impl Batcher {
             }
             Err(e) => {
                 self.stats.failures.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %e, rows = self.anomalies.len(), "exporting anomalies to ClickHouse failed; kept for the next round");
+                if let Some(suppressed) = self.burst() {
+                    tracing::warn!(error = %e, rows = self.anomalies.len(), suppressed, "exporting anomalies to ClickHouse failed; kept for the next round");
+                }
             }
         }
     }
@@ -478,11 +489,19 @@ impl Batcher {
                     }
                     Ok(false) => {
                         self.stats.dropped.fetch_add(rows, Ordering::Relaxed);
-                        tracing::warn!(rows, "the export spool is full: decisions dropped");
+                        if let Some(suppressed) = self.burst() {
+                            tracing::warn!(
+                                rows,
+                                suppressed,
+                                "the export spool is full: decisions dropped"
+                            );
+                        }
                     }
                     Err(e) => {
                         self.stats.dropped.fetch_add(rows, Ordering::Relaxed);
-                        tracing::warn!(error = %e, rows, "cannot write to the export spool: decisions dropped");
+                        if let Some(suppressed) = self.burst() {
+                            tracing::warn!(error = %e, rows, suppressed, "cannot write to the export spool: decisions dropped");
+                        }
                     }
                 }
             }
@@ -568,7 +587,9 @@ impl Batcher {
             }
             Err(e) => {
                 self.stats.failures.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %e, rows = batch.len(), "exporting decisions to ClickHouse failed");
+                if let Some(suppressed) = self.burst() {
+                    tracing::warn!(error = %e, rows = batch.len(), suppressed, "exporting decisions to ClickHouse failed (`suppressed`: failures not logged since the last line)");
+                }
                 false
             }
         }
