@@ -93,7 +93,7 @@ async fn exporter() -> tollgate::analytics::export::Exporter {
                 .expect("migrations run");
             client
         }
-        Err(_) => sink::sink_client(sink::insert_sink().await),
+        Err(_) => sink::sink_client(sink::insert_sink_apart()),
     };
     tollgate::analytics::export::Exporter::start(client, Default::default())
         .expect("no spool to open")

@@ -14,6 +14,24 @@ pub(crate) async fn insert_sink() -> std::net::SocketAddr {
     addr
 }
 
+/// The stand-in on a thread and runtime of its own, as a ClickHouse elsewhere would be: its
+/// work never holds up the workers of the app measured.
+#[allow(dead_code, reason = "not every benchmark or example uses it")]
+pub(crate) fn insert_sink_apart() -> std::net::SocketAddr {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            tx.send(insert_sink().await).unwrap();
+            std::future::pending::<()>().await;
+        });
+    });
+    rx.recv().unwrap()
+}
+
 /// A client for the stand-in at `addr`.
 pub(crate) fn sink_client(addr: std::net::SocketAddr) -> clickhouse::Client {
     clickhouse::Client::default()
