@@ -12,7 +12,7 @@
 //!
 //! `tollgate-export`: `tollgate` with every decision exported to the ClickHouse at
 //! `BENCH_CLICKHOUSE_URL` (migrated first), or, without it, to an in-process stand-in that
-//! takes every insert (what Tollgate itself pays).
+//! takes every insert (what Tollgate itself pays); `BENCH_SAMPLE_ALLOWS` samples admissions.
 //!
 //! `cargo run --release --example bench_app -- MODE PORT`.
 
@@ -95,8 +95,16 @@ async fn exporter() -> tollgate::analytics::export::Exporter {
         }
         Err(_) => sink::sink_client(sink::insert_sink_apart()),
     };
-    tollgate::analytics::export::Exporter::start(client, Default::default())
-        .expect("no spool to open")
+    // `BENCH_SAMPLE_ALLOWS=0.1` exports a tenth of the admitted requests.
+    let sample_allows = std::env::var("BENCH_SAMPLE_ALLOWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1.0);
+    let settings = tollgate::analytics::export::ExportSettings {
+        sample_allows,
+        ..Default::default()
+    };
+    tollgate::analytics::export::Exporter::start(client, settings).expect("no spool to open")
 }
 
 /// One `EVALSHA` per request, keyed by client address and second.
