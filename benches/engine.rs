@@ -77,6 +77,11 @@ fn decide(c: &mut Criterion) {
         .unwrap()
     };
     let exporting = engine(THREE_LIMITS).with_exporter(exporter.clone(), "bench");
+    // One decision before the measurement (which a filter may skip): its rows go out.
+    let first = rt.block_on(exporting.decide(&req));
+    if let Some(rows) = exporting.export(&first, &req, "req-0") {
+        rows.send_with_status(200);
+    }
     group.bench_function("three_limits_allowed_exporting", |b| {
         b.iter(|| {
             let verdict = rt.block_on(exporting.decide(&req));
@@ -109,6 +114,35 @@ fn decide(c: &mut Criterion) {
     group.bench_function("no_limit_applies", |b| {
         b.iter(|| rt.block_on(none.decide(&miss)))
     });
+    group.finish();
+}
+
+/// One request that 1, 3 or 10 limits apply to (fixed windows on `/api/**`, each its own
+/// counter), in a plan of 10 limits: how a decision grows with the limits it counts.
+fn limits_per_request(c: &mut Criterion) {
+    let rt = Rt;
+    let mut group = c.benchmark_group("limits_per_request");
+    for n in [1usize, 3, 10] {
+        let policy: String = (0..10)
+            .map(|i| {
+                let route = if i < n { "/api/**" } else { "/other/**" };
+                format!(
+                    "limit l{i} {{ match {{ route ANY \"{route}\"; }} key ip; \
+                     algorithm fixed_window; rate 1_000_000_000/s; }}\n"
+                )
+            })
+            .collect();
+        let engine = engine(&policy);
+        let request = request();
+        let v = rt.block_on(engine.decide(&request));
+        assert!(
+            v.is_allowed() && v.reports.len() == n,
+            "{n} limits apply: {v:?}"
+        );
+        group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
+            b.iter(|| rt.block_on(engine.decide(&request)))
+        });
+    }
     group.finish();
 }
 
@@ -248,5 +282,12 @@ impl Rt {
     }
 }
 
-criterion_group!(benches, decide, routes, ip_lists, memory_cap);
+criterion_group!(
+    benches,
+    decide,
+    limits_per_request,
+    routes,
+    ip_lists,
+    memory_cap
+);
 criterion_main!(benches);

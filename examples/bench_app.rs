@@ -8,7 +8,8 @@
 //! with one `EVALSHA` of a fixed-window script per request (what a minimal Redis limiter
 //! does); `tollgate-redis`, Tollgate on the Redis store with the same three limits;
 //! `tollgate-redis-exceeded`, the same with a limit every request exceeds (the local deny
-//! cache answers); `tollgate-redis-one`, Tollgate with the stand-in's one fixed window.
+//! cache answers); `tollgate-redis-one`, Tollgate with the stand-in's one fixed window;
+//! `tollgate-redis-ten`, ten limits matching.
 //!
 //! `tollgate-export`: `tollgate` with every decision exported to the ClickHouse at
 //! `BENCH_CLICKHOUSE_URL` (migrated first), or, without it, to an in-process stand-in that
@@ -32,6 +33,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const POLICY: &str = include_str!("../benches/three_limits.rl");
 const EXCEEDED: &str = include_str!("../benches/exceeded.rl");
 const ONE_LIMIT: &str = include_str!("../benches/one_limit.rl");
+const TEN_LIMITS: &str = include_str!("../benches/ten_limits.rl");
 
 /// The stand-in's script: a fixed window of 1,000,000,000 per second per client.
 const STANDIN: &str = r"
@@ -155,6 +157,7 @@ async fn main() {
         "tollgate-redis" => hello.layer(tollgate_layer(POLICY, redis_store().await)),
         "tollgate-redis-exceeded" => hello.layer(tollgate_layer(EXCEEDED, redis_store().await)),
         "tollgate-redis-one" => hello.layer(tollgate_layer(ONE_LIMIT, redis_store().await)),
+        "tollgate-redis-ten" => hello.layer(tollgate_layer(TEN_LIMITS, redis_store().await)),
         "standin" => {
             let client = redis::Client::open(redis_url()).expect("a Redis URL");
             let connection = client
@@ -167,7 +170,7 @@ async fn main() {
         }
         other => {
             eprintln!(
-                "unknown mode `{other}`: bare, governor, tollgate, tollgate-export, standin, tollgate-redis, tollgate-redis-exceeded or tollgate-redis-one"
+                "unknown mode `{other}`: bare, governor, tollgate, tollgate-export, standin, tollgate-redis, tollgate-redis-exceeded, tollgate-redis-one or tollgate-redis-ten"
             );
             std::process::exit(2);
         }

@@ -13,6 +13,8 @@
 # after) and the ratios to record in docs/performance.md. Traffic goes to 127.0.0.1 only.
 #
 #   scripts/bench-redis.sh [SECONDS] [CONNECTIONS]
+#   MODES="tollgate-redis-one tollgate-redis tollgate-redis-ten" scripts/bench-redis.sh   # 1, 3, 10 limits
+#     (with MODES, the rounds' lines only: the ceiling and the summary need the default modes)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-10}
@@ -42,7 +44,7 @@ evalsha() { redis-cli -p "$rport" INFO commandstats | awk -F'[=,:]' '/^cmdstat_e
 rounds=${ROUNDS:-3}
 declare -A all
 for round in $(seq "$rounds"); do
-  for mode in bare standin tollgate-redis tollgate-redis-exceeded tollgate-redis-one; do
+  for mode in ${MODES:-bare standin tollgate-redis tollgate-redis-exceeded tollgate-redis-one}; do
     redis-cli -p "$rport" FLUSHALL >/dev/null
     "$bin" "$mode" "$port" & pid=$!
     for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.05; done
@@ -64,6 +66,9 @@ for round in $(seq "$rounds"); do
       "$round" "$mode" "$r" "$p50" "$p99" "${non2xx:-0}" "$trips" "$redis_us"
   done
 done
+
+# Chosen modes: their rounds are the figures.
+[ -z "${MODES:-}" ] || exit 0
 
 # (d) The ceiling: the stand-in's script straight from redis-benchmark, same concurrency.
 sha=$(redis-cli -p "$rport" SCRIPT LOAD "local c = redis.call('INCR', KEYS[1])
