@@ -219,13 +219,13 @@ impl LocalDetectors {
     }
 
     fn state(&self, key: &str, new: impl FnOnce() -> Local) -> Arc<Mutex<Local>> {
-        match self.keys.get(key) {
-            Some(state) => state,
-            None => {
-                let state = Arc::new(Mutex::new(new()));
-                self.keys.insert(key.to_owned(), Arc::clone(&state));
-                state
-            }
+        // One state per key even when two responses of a new key race.
+        let made = self.keys.get_or_insert_with(key, || {
+            Ok::<_, std::convert::Infallible>(Arc::new(Mutex::new(new())))
+        });
+        match made {
+            Ok(state) => state,
+            Err(never) => match never {},
         }
     }
 }
