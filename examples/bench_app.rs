@@ -86,15 +86,7 @@ async fn redis_store() -> tollgate::store::redis::RedisStore {
 /// An exporter to `BENCH_CLICKHOUSE_URL`, or to a stand-in that takes every insert.
 async fn exporter() -> tollgate::analytics::export::Exporter {
     let client = match std::env::var("BENCH_CLICKHOUSE_URL") {
-        Ok(url) => {
-            let client = tollgate::analytics::client(&url)
-                .await
-                .expect("ClickHouse answers");
-            tollgate::analytics::migrate(&client, "tollgate")
-                .await
-                .expect("migrations run");
-            client
-        }
+        Ok(url) => sink::migrated_client(&url).await,
         Err(_) => sink::sink_client(sink::insert_sink_apart()),
     };
     // `BENCH_SAMPLE_ALLOWS=0.1` exports a tenth of the admitted requests.

@@ -26,15 +26,7 @@ const DECISIONS: usize = 200_000;
 #[tokio::main(flavor = "multi_thread", worker_threads = 1)]
 async fn main() {
     let client = match std::env::args().nth(1) {
-        Some(url) => {
-            let client = tollgate::analytics::client(&url)
-                .await
-                .expect("ClickHouse answers");
-            tollgate::analytics::migrate(&client, "tollgate")
-                .await
-                .expect("migrations run");
-            client
-        }
+        Some(url) => sink::migrated_client(&url).await,
         None => sink::sink_client(sink::insert_sink().await),
     };
     let exporter = Exporter::start(

@@ -450,6 +450,7 @@ mod tests {
     fn anomaly() -> Anomaly {
         Anomaly {
             name: Arc::from("burst"),
+            counter: Arc::from("anomaly.burst"),
             namespace: Arc::from("ns"),
             condition: crate::plan::Condition::Always,
             key: crate::plan::key::KeySpec { parts: Vec::new() },

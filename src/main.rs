@@ -392,24 +392,15 @@ fn analytics(
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match cli_runtime() {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let result = runtime.block_on(async {
         let client = tollgate::analytics::client(&url)
             .await
             .map_err(|e| format!("ClickHouse does not answer: {e}"))?;
-        match action {
-            AnalyticsAction::Migrate => analytics_migrate(&client, &database).await,
-            query => analytics_query(&client, &database, query).await,
-        }
+        analytics_run(&client, &database, action).await
     });
     match result {
         Ok(text) => {
@@ -423,8 +414,20 @@ fn analytics(
     }
 }
 
-/// `tollgate analytics top|timeline|anomalies`: a table, or JSON lines.
-async fn analytics_query(
+/// The runtime a CLI command's calls run on, or the exit code after saying why not.
+fn cli_runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("error: cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        })
+}
+
+/// `tollgate analytics …` once connected: what `migrate` did, or the query's answer as a
+/// table or JSON lines.
+async fn analytics_run(
     client: &clickhouse::Client,
     database: &str,
     action: AnalyticsAction,
@@ -443,6 +446,7 @@ async fn analytics_query(
     }
     let failed = |e: clickhouse::error::Error| format!("the query failed: {e}");
     match action {
+        AnalyticsAction::Migrate => analytics_migrate(client, database).await,
         AnalyticsAction::Top {
             by,
             decision,
@@ -482,7 +486,6 @@ async fn analytics_query(
                 report::render_anomalies(&found)
             })
         }
-        AnalyticsAction::Migrate => Ok(String::new()),
     }
 }
 
@@ -647,15 +650,9 @@ fn admin(
             (Method::DELETE, q, None)
         }
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match cli_runtime() {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     match runtime.block_on(client.call(method, &path, body)) {
         Ok(reply) if (200..300).contains(&reply.status) => {

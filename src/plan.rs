@@ -315,6 +315,8 @@ pub struct DenyRule {
 pub struct Anomaly {
     /// Its name.
     pub name: Arc<str>,
+    /// What its counter keys have in place of a limit's name: `anomaly.<name>`.
+    pub counter: Arc<str>,
     /// The namespace its counters live in.
     pub namespace: Arc<str>,
     /// Which requests it watches.

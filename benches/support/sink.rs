@@ -38,3 +38,15 @@ pub(crate) fn sink_client(addr: std::net::SocketAddr) -> clickhouse::Client {
         .with_url(format!("http://{addr}"))
         .with_validation(false)
 }
+
+/// A client for the ClickHouse at `url`, its schema migrated into `tollgate`.
+#[allow(dead_code, reason = "not every benchmark or example uses it")]
+pub(crate) async fn migrated_client(url: &str) -> clickhouse::Client {
+    let client = tollgate::analytics::client(url)
+        .await
+        .expect("ClickHouse answers");
+    tollgate::analytics::migrate(&client, "tollgate")
+        .await
+        .expect("migrations run");
+    client
+}

@@ -199,7 +199,6 @@ pub struct ExportStats {
 }
 
 enum Item {
-    Row(Box<DecisionRow>),
     Event(Box<DecisionEvent>),
     Anomaly(Box<AnomalyRow>),
     Flush(oneshot::Sender<()>),
@@ -295,11 +294,6 @@ impl Exporter {
         Ok(Exporter { tx, stats, shape })
     }
 
-    /// Queues `row` without waiting; a full queue drops it (counted in `dropped`).
-    pub fn send(&self, row: DecisionRow) {
-        self.queue(Item::Row(Box::new(row)), 1);
-    }
-
     /// Queues a request's decision without waiting; its rows are made by the exporter's
     /// task. A full queue drops them (counted in `dropped`).
     fn send_event(&self, event: Box<DecisionEvent>) {
@@ -382,10 +376,6 @@ impl Batcher {
             let mut closed = false;
             loop {
                 match rx.try_recv() {
-                    Ok(Item::Row(row)) => {
-                        self.stats.queued.fetch_sub(1, Ordering::Relaxed);
-                        batch.push(*row);
-                    }
                     Ok(Item::Event(event)) => {
                         self.stats.queued.fetch_sub(1, Ordering::Relaxed);
                         event.into_rows(&mut batch);

@@ -462,8 +462,7 @@ pub fn watching(
                     }
                     _ => None,
                 };
-                let name = format!("{ANOMALY_PREFIX}{}", a.name);
-                let key = CounterKey::build(&a.namespace, &name, |out| {
+                let key = CounterKey::build(&a.namespace, &a.counter, |out| {
                     a.key.write(request, route, hasher, out)
                 })?;
                 Some(Watched {

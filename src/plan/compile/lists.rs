@@ -179,6 +179,11 @@ impl<'a> Compiler<'a> {
         let (key, detector, actions) = (key?, detector?, actions?);
         ok.then(|| Anomaly {
             name: Arc::from(block.name.node.as_str()),
+            counter: Arc::from(format!(
+                "{}{}",
+                crate::plan::select::ANOMALY_PREFIX,
+                block.name.node
+            )),
             namespace: Arc::clone(namespace),
             condition,
             key,
