@@ -911,3 +911,94 @@ fn metrics_follow_traffic_reloads_and_bans() {
         1.0
     );
 }
+
+/// Flags and tarpits added by hand (as anomalies add them): a tarpitted address is held
+/// `delay_ms`, a flagged one carries the reason, both are listed and removed like bans;
+/// a body the spec refuses is refused. On Redis they live in their own hash.
+fn marks_on<S: Store>(store: impl AsyncFnOnce() -> S) {
+    let dir = policy_dir();
+    let (app, engine) = admin(dir.path(), store);
+    let schema = support::schema_in(SPEC, "NewEntry");
+    for bad in [
+        json!({ "list": "tarpit", "net": "192.0.2.7" }),
+        json!({ "list": "tarpit", "net": "192.0.2.7", "delay_ms": 0 }),
+        json!({ "list": "tarpit", "net": "192.0.2.7", "delay_ms": 30_001 }),
+        json!({ "list": "denylist", "net": "192.0.2.7", "delay_ms": 100 }),
+        json!({ "list": "flag", "net": "192.0.2.7", "delay_ms": 100 }),
+    ] {
+        assert!(!schema.is_valid(&bad), "the spec refuses {bad}");
+        let reply = call(&app, "POST", "/admin/lists", bad.to_string().as_bytes());
+        assert_eq!(reply.status, 400, "{bad}: {}", reply.text());
+        support::assert_conforms_to(SPEC, &reply, "Problem");
+    }
+    for good in [
+        json!({ "list": "tarpit", "net": "192.0.2.7", "delay_ms": 1500, "for_seconds": 600 }),
+        json!({ "list": "flag", "net": "192.0.2.0/24", "reason": "watched" }),
+    ] {
+        assert!(schema.is_valid(&good), "the spec accepts {good}");
+        let reply = call(&app, "POST", "/admin/lists", good.to_string().as_bytes());
+        assert_eq!(reply.status, 201, "{good}: {}", reply.text());
+        support::assert_conforms_to(SPEC, &reply, "RuntimeEntry");
+    }
+    let ask = |ip: &str| {
+        let request = RequestCtx::new(Method::GET, "/api/x").with_client_ip(ip.parse().unwrap());
+        app.block_on(engine.decide(&request))
+    };
+    let held = ask("192.0.2.7");
+    assert_eq!(
+        held.action,
+        tollgate::engine::Action::Delay(std::time::Duration::from_millis(1500))
+    );
+    assert_eq!(held.flags, [Arc::<str>::from("watched")]);
+    let neighbour = ask("192.0.2.8");
+    assert_eq!(neighbour.action, tollgate::engine::Action::Allow);
+    assert_eq!(neighbour.flags.len(), 1, "the flag holds for the /24");
+    let listed = call(&app, "GET", "/admin/lists", b"");
+    let lists: Vec<String> = listed.json()["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["list"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(lists, ["flag", "tarpit"]);
+    let removed = call(
+        &app,
+        "DELETE",
+        "/admin/lists?list=tarpit&net=192.0.2.7",
+        b"",
+    );
+    assert_eq!(removed.json()["removed"], true);
+    assert_eq!(ask("192.0.2.7").action, tollgate::engine::Action::Allow);
+}
+
+#[test]
+fn flags_and_tarpits_through_the_admin_api_on_memory() {
+    marks_on(async || MemoryStore::new());
+}
+
+#[test]
+fn flags_and_tarpits_through_the_admin_api_on_redis() {
+    let Some(redis) = support::redis::Redis::start() else {
+        return;
+    };
+    let url = redis.url();
+    marks_on(async move || {
+        RedisStore::connect(&url, std::time::Duration::from_secs(2))
+            .await
+            .expect("the store connects")
+    });
+    // Apart from the lists' hash, which earlier nodes prune of lists they do not know.
+    let hashes = std::process::Command::new("redis-cli")
+        .args([
+            "-p",
+            &redis.addr.port().to_string(),
+            "HKEYS",
+            "tollgate:runtime-marks",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&hashes.stdout).trim(),
+        "flag|192.0.2.0/24"
+    );
+}
