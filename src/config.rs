@@ -68,6 +68,8 @@ pub struct Settings {
     pub expected_nodes: u64,
     /// Keys whose rejections are remembered locally (0: no deny cache).
     pub deny_cache_keys: usize,
+    /// The most requests decided in one Redis call (1: no batching).
+    pub redis_batch_max: usize,
     /// Keys the memory store holds (the store itself in dev, the `local` fallback with
     /// Redis) before it evicts.
     pub memory_max_keys: usize,
@@ -140,6 +142,7 @@ struct Raw {
     store_clock: Option<String>,
     expected_nodes: Option<u64>,
     deny_cache_keys: Option<usize>,
+    redis_batch_max: Option<u64>,
     memory_max_keys: Option<usize>,
     breaker_failures: Option<u32>,
     breaker_max_backoff_ms: Option<u64>,
@@ -219,6 +222,7 @@ const KEYS: &[&str] = &[
     "store_clock",
     "expected_nodes",
     "deny_cache_keys",
+    "redis_batch_max",
     "memory_max_keys",
     "breaker_failures",
     "breaker_max_backoff_ms",
@@ -256,6 +260,7 @@ const NUMERIC: &[&str] = &[
     "store_timeout_ms",
     "expected_nodes",
     "deny_cache_keys",
+    "redis_batch_max",
     "memory_max_keys",
     "breaker_failures",
     "breaker_max_backoff_ms",
@@ -372,6 +377,7 @@ impl Settings {
             store_clock: StoreClock::Local,
             expected_nodes: 1,
             deny_cache_keys: 100_000,
+            redis_batch_max: 64,
             memory_max_keys: crate::store::memory::DEFAULT_MAX_KEYS,
             breaker_failures: 3,
             breaker_max_backoff_ms: 1_000,
@@ -610,6 +616,14 @@ impl Settings {
             1..=10_000,
             &mut self.expected_nodes,
         );
+        let mut batch_max = self.redis_batch_max as u64;
+        number(
+            "redis_batch_max",
+            raw.redis_batch_max.take(),
+            1..=1_000,
+            &mut batch_max,
+        );
+        self.redis_batch_max = usize::try_from(batch_max).unwrap_or(1);
         number(
             "breaker_max_backoff_ms",
             raw.breaker_max_backoff_ms.take(),
@@ -848,6 +862,7 @@ impl<'f> Sources<'f> {
             store_clock,
             expected_nodes,
             deny_cache_keys,
+            redis_batch_max,
             memory_max_keys,
             breaker_failures,
             breaker_max_backoff_ms,

@@ -69,7 +69,7 @@ pub struct BatchResult {
 }
 
 /// A store failed to answer.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The store did not answer in time.
     #[error("the counter store did not answer within {0:?}")]

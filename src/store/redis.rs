@@ -19,11 +19,12 @@
 //!   answered without a round trip.
 
 mod admin;
+mod batcher;
 mod breaker;
 mod cluster;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -32,6 +33,8 @@ use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Script, Value};
 use smallvec::SmallVec;
+
+use batcher::{Batcher, Encoded, Link};
 
 pub use breaker::BreakerSettings;
 use breaker::{Breaker, Permit};
@@ -65,6 +68,10 @@ pub struct RedisOptions {
     pub deny_cache: Option<usize>,
     /// Certificates for `rediss://` URLs (`None`: the system's roots, no client certificate).
     pub tls: Option<RedisTls>,
+    /// The most requests decided in one call (default 64): requests that arrive while a call
+    /// to their server (Cluster: their slot) is in flight wait for it and go out together in
+    /// the next one. 1: every request is its own call, sent at once.
+    pub batch_max: usize,
 }
 
 /// Certificates for TLS to Redis, in PEM.
@@ -192,6 +199,7 @@ impl Default for RedisOptions {
             breaker: BreakerSettings::default(),
             deny_cache: Some(100_000),
             tls: None,
+            batch_max: 64,
         }
     }
 }
@@ -328,18 +336,28 @@ fn target(url: &str) -> Result<Target, StoreError> {
 
 /// A [`Store`] on one Redis server or a Redis Cluster.
 pub struct RedisStore {
-    /// Swapped whole when TLS certificates rotate.
-    connection: ArcSwap<Connection>,
+    /// The connection (swapped whole when TLS certificates rotate), the batch script and the
+    /// call counters, shared with the dispatchers.
+    link: Arc<Link>,
     /// Where it connects (with any password: never shown).
     url: String,
-    batch: Script,
     undo: Script,
     options: RedisOptions,
     breakers: Box<[Breaker]>,
+    batchers: Batchers,
     deny: Option<DenyCache>,
-    round_trips: AtomicU64,
     cached: AtomicU64,
     tls_rotations: AtomicU64,
+}
+
+/// Where a request's batch call is queued.
+enum Batchers {
+    /// Batching off: every request is its own call.
+    Off,
+    /// One dispatcher for the server.
+    Single(Batcher),
+    /// One dispatcher per Cluster slot, started when the slot is first used.
+    Cluster(Box<[OnceLock<Batcher>]>),
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -374,25 +392,41 @@ impl RedisStore {
     /// checks that the server answers, all within `options.connect_timeout`.
     pub async fn connect_with(url: &str, options: RedisOptions) -> Result<Self, StoreError> {
         let connection = open(url, &options, options.tls.as_ref()).await?;
-        let breakers = match connection {
-            Connection::Single(_) => 1,
-            Connection::Cluster(_) => CLUSTER_SLOTS / SLOTS_PER_BREAKER,
+        let cluster = matches!(connection, Connection::Cluster(_));
+        let breakers = if cluster {
+            CLUSTER_SLOTS / SLOTS_PER_BREAKER
+        } else {
+            1
+        };
+        let link = Arc::new(Link {
+            connection: ArcSwap::from_pointee(connection),
+            batch: Script::new(BATCH),
+            timeout: options.timeout,
+            server_time: options.server_time,
+            calls: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+        });
+        let batchers = match (options.batch_max > 1, cluster) {
+            (false, _) => Batchers::Off,
+            (true, false) => Batchers::Single(Batcher::start(Arc::clone(&link), options.batch_max)),
+            (true, true) => {
+                Batchers::Cluster((0..CLUSTER_SLOTS).map(|_| OnceLock::new()).collect())
+            }
         };
         let store = RedisStore {
-            connection: ArcSwap::from_pointee(connection),
+            link,
             url: url.to_owned(),
-            batch: Script::new(BATCH),
             undo: Script::new(UNDO),
             breakers: (0..breakers)
                 .map(|_| Breaker::new(options.breaker))
                 .collect(),
+            batchers,
             deny: options.deny_cache.map(DenyCache::new),
             options,
-            round_trips: AtomicU64::new(0),
             cached: AtomicU64::new(0),
             tls_rotations: AtomicU64::new(0),
         };
-        store.ready(&store.connection.load()).await?;
+        store.ready(&store.link.connection.load()).await?;
         Ok(store)
     }
 
@@ -402,7 +436,7 @@ impl RedisStore {
         let wait = self.options.connect_timeout;
         tokio::time::timeout(wait, async {
             let mut c = connection.clone();
-            self.batch.prepare_invoke().load_async(&mut c).await?;
+            self.link.batch.prepare_invoke().load_async(&mut c).await?;
             self.undo.prepare_invoke().load_async(&mut c).await?;
             redis::cmd("PING").query_async::<String>(&mut c).await
         })
@@ -423,7 +457,7 @@ impl RedisStore {
         }
         let connection = open(&self.url, &self.options, Some(tls)).await?;
         self.ready(&connection).await?;
-        self.connection.store(Arc::new(connection));
+        self.link.connection.store(Arc::new(connection));
         self.tls_rotations.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -433,15 +467,9 @@ impl RedisStore {
         self.tls_rotations.load(Ordering::Relaxed)
     }
 
-    /// Uses `timeout` for every call from now on.
-    pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.options.timeout = timeout;
-        self
-    }
-
     /// Whether this store is on a Redis Cluster.
     pub fn is_cluster(&self) -> bool {
-        matches!(**self.connection.load(), Connection::Cluster(_))
+        matches!(**self.link.connection.load(), Connection::Cluster(_))
     }
 
     /// The options in force.
@@ -449,9 +477,16 @@ impl RedisStore {
         &self.options
     }
 
-    /// Batch script calls sent to Redis so far (one per request, one per Cluster slot group).
+    /// Batch script calls sent to Redis so far (each decides one request, or one Cluster
+    /// slot group of a request, or a batch of them).
     pub fn round_trips(&self) -> u64 {
-        self.round_trips.load(Ordering::Relaxed)
+        self.link.calls.load(Ordering::Relaxed)
+    }
+
+    /// Requests (Cluster: slot groups of requests) those calls decided: divided by
+    /// [`RedisStore::round_trips`], the mean batch size.
+    pub fn batched_requests(&self) -> u64 {
+        self.link.requests.load(Ordering::Relaxed)
     }
 
     /// Requests answered from the local deny cache, without a round trip.
@@ -473,11 +508,7 @@ impl RedisStore {
         &self,
         f: impl AsyncFnOnce(&mut Connection) -> redis::RedisResult<T>,
     ) -> Result<T, StoreError> {
-        let mut connection = (**self.connection.load()).clone();
-        tokio::time::timeout(self.options.timeout, f(&mut connection))
-            .await
-            .map_err(|_| StoreError::Timeout(self.options.timeout))?
-            .map_err(backend)
+        self.link.call(f).await
     }
 
     /// Appends the undo script's first two arguments: `now` (or `T`, for Redis's own clock) and
@@ -505,64 +536,35 @@ impl RedisStore {
             Permit::Probe => true,
             Permit::Call => false,
         };
-        // `EVALSHA sha numkeys keys… args…`, built in one buffer, with only the keys and
-        // arguments each operation needs (see batch.lua).
-        let keys = group.len() + group.iter().filter(|&&i| ops[i].ban.is_some()).count();
-        let key_bytes: usize = group.iter().map(|&i| ops[i].key.len() + 4).sum();
-        let mut cmd =
-            Cmd::with_capacity(6 + 3 * group.len(), 96 + 2 * key_bytes + 80 * group.len());
-        cmd.arg("EVALSHA").arg(self.batch.get_hash()).arg(keys);
-        let mut ban_key = String::with_capacity(64);
-        for &i in group {
-            cmd.arg(ops[i].key);
-            if ops[i].ban.is_some() {
-                ban_key.clear();
-                ban_key.push_str(ops[i].key);
-                ban_key.push_str(":ban");
-                cmd.arg(&ban_key);
+        let request = Encoded::new(ops, group, now);
+        let answer = match &self.batchers {
+            Batchers::Off => self.link.run(&[&request]).await.map(|mut a| a.remove(0)),
+            Batchers::Single(batcher) => self.queued(batcher.submit(request)).await,
+            Batchers::Cluster(slots) => {
+                let batcher = slots[usize::from(slot)]
+                    .get_or_init(|| Batcher::start(Arc::clone(&self.link), self.options.batch_max));
+                self.queued(batcher.submit(request)).await
             }
-        }
-        // The numbers, packed (see batch.lua): now (negative: Redis's clock) and the count,
-        // then six per operation.
-        let mut numbers = Packed::with_operations(group.len());
-        numbers.push(if self.options.server_time {
-            -1.0
-        } else {
-            exact(now.as_micros())
-        });
-        numbers.push(exact(group.len() as u64));
-        for &i in group {
-            let op = &ops[i];
-            let [algorithm, p1, p2, p3] = params(&op.quota, now);
-            let code = algorithm + 10 * u64::from(op.enforce) + 20 * u64::from(op.ban.is_some());
-            let ban = op
-                .ban
-                .map_or(0, |b| u64::try_from(b.as_micros()).unwrap_or(u64::MAX));
-            for n in [code, op.cost, ban, p1, p2, p3] {
-                numbers.push(exact(n));
-            }
-        }
-        cmd.arg(numbers.as_bytes());
-        for &i in group {
-            cmd.arg(ops[i].cost);
-        }
-        for &i in group {
-            if matches!(ops[i].quota, Quota::Concurrency(_)) {
-                cmd.arg(ops[i].lease.0);
-            }
-        }
-        self.round_trips.fetch_add(1, Ordering::Relaxed);
+        };
         // After a connection loss the failed call left a fresh connection attempt, which the
         // next call (the probe, once the breaker is open) makes.
-        let result = self
-            .call(async |c| eval::<Vec<i64>>(c, &self.batch, &cmd).await)
-            .await
-            .and_then(|reply| parse(&reply, ops, group, now));
+        let result = answer.and_then(|reply| parse(&reply, ops, group, now));
         match &result {
             Ok(_) => breaker.success(probe),
             Err(_) => breaker.failure(now, probe),
         }
         result
+    }
+
+    /// Waits for a queued request's answer, within the timeout (the wait in the queue
+    /// included).
+    async fn queued(
+        &self,
+        answer: impl Future<Output = Result<Vec<i64>, StoreError>>,
+    ) -> Result<Vec<i64>, StoreError> {
+        tokio::time::timeout(self.options.timeout, answer)
+            .await
+            .map_err(|_| StoreError::Timeout(self.options.timeout))?
     }
 
     /// A rejection remembered for one of `ops`, as the batch result it stands for.
@@ -657,30 +659,6 @@ async fn eval<T: redis::FromRedisValue>(
         }
         other => other,
     }
-}
-
-/// Numbers for the batch script, as little-endian doubles that its `struct.unpack` reads
-/// without parsing text.
-struct Packed(Vec<u8>);
-
-impl Packed {
-    fn with_operations(n: usize) -> Self {
-        Packed(Vec::with_capacity(8 * (2 + 6 * n)))
-    }
-
-    fn push(&mut self, n: f64) {
-        self.0.extend_from_slice(&n.to_le_bytes());
-    }
-
-    fn as_bytes(&self) -> &[u8] {
-        &self.0
-    }
-}
-
-/// `n` as a double: exact below 2^53, which every count, quota and time in microseconds is
-/// (the compiler keeps products below it); larger ones, never sent, would be rounded.
-fn exact(n: u64) -> f64 {
-    n as f64
 }
 
 /// The script's algorithm code and three parameters for a quota.

@@ -137,7 +137,7 @@ impl RedisStore {
     async fn scan(&self, selector: KeySelector<'_>) -> Result<Vec<String>, StoreError> {
         let pattern = selector.pattern();
         let mut found = Vec::new();
-        let connection = self.connection.load_full();
+        let connection = self.link.connection.load_full();
         for node in self.masters().await? {
             let mut cursor = 0u64;
             loop {

@@ -1,22 +1,26 @@
--- One request's operations, decided together and consumed all-or-nothing: the same
--- arithmetic as src/limiter/*.rs, in integers (microseconds, counts) that a Lua number
--- (a double) holds exactly below 2^53; the compiler keeps every product below that.
+-- Requests, each its own list of operations, decided in the order given: each request's
+-- operations are decided together and consumed all-or-nothing, and the next request sees what
+-- the previous ones consumed — exactly as if each had been its own call. The arithmetic is
+-- src/limiter/*.rs's, in integers (microseconds, counts) that a Lua number (a double) holds
+-- exactly below 2^53; the compiler keeps every product below that.
 --
--- KEYS: per operation, its state key, then its ban key (same hash tag) if it bans.
+-- KEYS: per request, per operation, its state key, then its ban key (same hash tag) if it bans.
 -- ARGV[1]: the numbers, packed as little-endian doubles (exact for these whole numbers below
 -- 2^53) and read with `struct.unpack`: Lua's `tonumber` is C's `strtod`, which cost more than
--- the rest of a small operation. First now (µs since the epoch; negative: read Redis's own
--- clock with TIME, for nodes that must share one) and the number of operations, then six
--- per operation: code (algorithm + 10 if enforced + 20 if it bans), cost, ban (µs), and the
--- algorithm's parameters: 1 fixed window (limit, window), 2 calendar (limit, start, end),
--- 3 sliding window (limit, window), 4 token bucket (capacity, count, period), 5 GCRA
--- (capacity, emission interval), 6 concurrency (max, lease); unused ones are 0.
--- ARGV[1 + i]: operation i's cost as text (written as it is, never formatted here); then
--- the lease id of each concurrency operation, in order.
--- Returns: admitted (0/1), then 6 per operation: allowed, limit, remaining, reset (µs),
--- retry after (µs, -1 = never), banned (0/1); or, when every operation was allowed (the
--- common case), 1 and then only remaining and reset per operation: the caller knows the
--- rest, and parsing the reply is most of what a call costs the caller.
+-- the rest of a small operation. First the clock (1: read Redis's own with TIME, for nodes
+-- that must share one; 0: each request's own) and the number of requests; then per request
+-- its now (µs since the epoch) and number of operations, then six per operation: code
+-- (algorithm + 10 if enforced + 20 if it bans), cost, ban (µs), and the algorithm's
+-- parameters: 1 fixed window (limit, window), 2 calendar (limit, start, end), 3 sliding window
+-- (limit, window), 4 token bucket (capacity, count, period), 5 GCRA (capacity, emission
+-- interval), 6 concurrency (max, lease); unused ones are 0.
+-- ARGV[2…]: per request, each operation's cost as text (written as it is, never formatted
+-- here), then the lease id of each of its concurrency operations, in order.
+-- Returns, per request: the length of its answer, then the answer: admitted (0/1), then 6 per
+-- operation: allowed, limit, remaining, reset (µs), retry after (µs, -1 = never), banned (0/1);
+-- or, when every operation was allowed (the common case), 1 and then only remaining and reset
+-- per operation: the caller knows the rest, and parsing the reply is most of what a call
+-- costs the caller.
 --
 -- Cost on Redis's side matters (it is single-threaded and shared by every node): every number
 -- handed to redis.call is formatted to text, which costs about as much as a command, so the
@@ -25,15 +29,21 @@
 -- would end before the bucket is full again (the TAT is past), and then to an eighth past
 -- that moment, so that steady traffic re-expires a key at most every eighth of its refill
 -- time and an idle key lives at most 1/8 longer than its state matters (a full bucket or a
--- past TAT is the same as no key); a limit without a ban never reads its ban key. The algorithms return their
--- decision and the write to make as plain values (no table or closure per operation), kept
--- in two flat arrays until every operation is decided.
+-- past TAT is the same as no key); a limit without a ban never reads its ban key. The
+-- algorithms return their decision and the write to make as plain values (no table or closure
+-- per operation), kept in two flat arrays until every operation of the request is decided.
 
-local now, n = struct.unpack('<dd', ARGV[1])
-if now < 0 then
+local pos = 1
+local clock, requests
+clock, requests, pos = struct.unpack('<dd', ARGV[1], pos)
+if clock == 1 then
   local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  clock = tonumber(t[1]) * 1000000 + tonumber(t[2])
+else
+  clock = nil
 end
+-- The request being decided's time, read by the algorithms.
+local now = 0
 
 local function fdiv(a, b) return (a - a % b) / b end
 -- Numbers handed to Redis as text: Lua's default "%.14g" would round timestamps. Every number
@@ -172,120 +182,137 @@ local function keep(key, need, life)
   end
 end
 
--- The tables are built at their size for up to four operations: growing a Lua table step by
--- step costs more than the rest of this loop. The answers end at the first nil, which is
--- written after the last operation's numbers.
-local out = {1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
-local writes = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
--- Per operation: where its state key and ban key (0: none) are in KEYS, its cost, where its
--- lease id is in ARGV, its ban, and whether it is enforced.
+-- Per operation of the request being decided: where its state key and ban key (0: none) are
+-- in KEYS, its cost, where its cost and lease id are in ARGV, its ban, and whether it is
+-- enforced; and the write to make. Reused from request to request.
 local at = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
-local admitted = true
-local pos, k, lease_at = 17, 1, n + 2
-for i = 1, n do
-  local code, cost, ban, p1, p2, p3
-  code, cost, ban, p1, p2, p3, pos = struct.unpack('<dddddd', ARGV[1], pos)
-  local algo, enforce, bans = code % 10, code % 20 >= 10, code >= 20
-  local key_at, ban_key, lease = k, 0, 0
-  local key = KEYS[k]
-  k = k + 1
-  if bans then
-    ban_key = k
-    k = k + 1
-  end
-  if algo == 6 then
-    lease = lease_at
-    lease_at = lease_at + 1
-  end
-  local c = (i - 1) * 6
-  at[c + 1], at[c + 2], at[c + 3], at[c + 4], at[c + 5], at[c + 6] =
-    key_at, ban_key, cost, lease, ban, enforce
-  local banned_until = 0
-  if bans then banned_until = tonumber(redis.call('GET', KEYS[ban_key])) or 0 end
-  local ok, limit, remaining, reset, retry, kind, wa, wb, wc
-  local banned = 0
-  if banned_until > now then
-    ok, limit, remaining, reset, retry = 0, p1, 0, banned_until - now, banned_until - now
-    kind, wa, wb, wc = 0, 0, 0, 0
-    banned = 1
-  elseif algo == 1 then
-    local start = now - now % p2
-    ok, limit, remaining, reset, retry, kind, wa, wb, wc = window(key, p1, start, start + p2, cost)
-  elseif algo == 2 then
-    ok, limit, remaining, reset, retry, kind, wa, wb, wc = window(key, p1, p2, p3, cost)
-  elseif algo == 3 then
-    ok, limit, remaining, reset, retry, kind, wa, wb, wc = sliding(key, p1, p2, cost)
-  elseif algo == 4 then
-    ok, limit, remaining, reset, retry, kind, wa, wb, wc = bucket(key, p1, p2, p3, cost)
-  elseif algo == 5 then
-    ok, limit, remaining, reset, retry, kind, wa, wb, wc = gcra(key, p1, p2, cost)
-  else
-    ok, limit, remaining, reset, retry, kind, wa, wb, wc = concurrency(key, p1, p2)
-  end
-  local b = 1 + (i - 1) * 6
-  out[b + 1], out[b + 2], out[b + 3], out[b + 4], out[b + 5], out[b + 6] =
-    ok, limit, remaining, reset, retry, banned
-  local w = (i - 1) * 4
-  writes[w + 1], writes[w + 2], writes[w + 3], writes[w + 4] = kind, wa, wb, wc
-  if ok == 0 and enforce then admitted = false end
-end
+local writes = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
+-- Every request's answer, one after the other; built at its size for one request of up to
+-- four operations (growing a Lua table step by step costs more than a small request). The
+-- reply ends at the first nil, which is written after the last answer.
+local out = {0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
+local top = 0
+local k, a = 1, 2
 
-if not admitted then out[1] = 0 end
-for i = 1, n do
-  local b = 1 + (i - 1) * 6
-  local c = (i - 1) * 6
-  local w = (i - 1) * 4
-  local key = KEYS[at[c + 1]]
-  local cost = ARGV[1 + i]
-  local ok = out[b + 1]
-  if out[b + 6] == 1 then
-    -- Banned: nothing to write.
-  elseif admitted and ok == 1 then
-    local kind, wa, wb, wc = writes[w + 1], writes[w + 2], writes[w + 3], writes[w + 4]
-    if kind == 1 then
-      redis.call('HINCRBY', key, 'c', cost)
-    elseif kind == 2 then
-      redis.call('HSET', key, 's', int(wa), 'c', cost)
-      redis.call('PEXPIRE', key, int(cdiv(wb - now, 1000) + 1))
-    elseif kind == 3 then
-      redis.call('HSET', key, 's', int(wa), 'p', int(wb), 'c', cost)
-      redis.call('PEXPIRE', key, int(cdiv(wc - now, 1000) + 1))
-    elseif kind == 4 then
-      redis.call('HSET', key, 'l', int(wa), 'u', int(now))
-      keep(key, wb, wc)
-    elseif kind == 5 then
-      redis.call('HSET', key, 't', int(wa))
-      keep(key, wb, wc)
-    elseif kind == 6 then
-      redis.call('ZADD', key, int(wa), ARGV[at[c + 4]])
-      redis.call('PEXPIRE', key, int(cdiv(wb - now, 1000) + 1))
-    end
-  else
-    if ok == 0 and at[c + 6] and at[c + 2] ~= 0 then
-      local ban = at[c + 5]
-      redis.call('SET', KEYS[at[c + 2]], int(now + ban), 'PX', int(cdiv(ban, 1000) + 1))
-      -- The rejection that starts a ban announces it.
-      if out[b + 4] < ban then out[b + 4] = ban end
-      if out[b + 5] < ban then out[b + 5] = ban end
-      out[b + 6] = 1
-    end
-    if ok == 1 then
-      -- Nothing was consumed: what is left is what was left before.
-      local r = out[b + 3] + at[c + 3]
-      if r > out[b + 2] then r = out[b + 2] end
-      out[b + 3] = r
-    end
-  end
-end
-out[6 * n + 2] = nil
-if admitted then
-  local short = {1, 0, 0, 0, 0, 0, 0, 0, 0}
+for _ = 1, requests do
+  local n
+  now, n, pos = struct.unpack('<dd', ARGV[1], pos)
+  if clock then now = clock end
+  -- This request's answer: its length at `top + 1`, admitted at `base`, then its operations.
+  local base = top + 2
+  local admitted = true
+  local lease_at = a + n
   for i = 1, n do
-    local b = 1 + (i - 1) * 6
-    if out[b + 1] ~= 1 or out[b + 6] == 1 then return out end
-    short[2 * i], short[2 * i + 1] = out[b + 3], out[b + 4]
+    local code, cost, ban, p1, p2, p3
+    code, cost, ban, p1, p2, p3, pos = struct.unpack('<dddddd', ARGV[1], pos)
+    local algo, enforce, bans = code % 10, code % 20 >= 10, code >= 20
+    local key_at, ban_key, lease = k, 0, 0
+    local key = KEYS[k]
+    k = k + 1
+    if bans then
+      ban_key = k
+      k = k + 1
+    end
+    if algo == 6 then
+      lease = lease_at
+      lease_at = lease_at + 1
+    end
+    local c = (i - 1) * 7
+    at[c + 1], at[c + 2], at[c + 3], at[c + 4], at[c + 5], at[c + 6], at[c + 7] =
+      key_at, ban_key, cost, lease, ban, enforce, a + i - 1
+    local banned_until = 0
+    if bans then banned_until = tonumber(redis.call('GET', KEYS[ban_key])) or 0 end
+    local ok, limit, remaining, reset, retry, kind, wa, wb, wc
+    local banned = 0
+    if banned_until > now then
+      ok, limit, remaining, reset, retry = 0, p1, 0, banned_until - now, banned_until - now
+      kind, wa, wb, wc = 0, 0, 0, 0
+      banned = 1
+    elseif algo == 1 then
+      local start = now - now % p2
+      ok, limit, remaining, reset, retry, kind, wa, wb, wc = window(key, p1, start, start + p2, cost)
+    elseif algo == 2 then
+      ok, limit, remaining, reset, retry, kind, wa, wb, wc = window(key, p1, p2, p3, cost)
+    elseif algo == 3 then
+      ok, limit, remaining, reset, retry, kind, wa, wb, wc = sliding(key, p1, p2, cost)
+    elseif algo == 4 then
+      ok, limit, remaining, reset, retry, kind, wa, wb, wc = bucket(key, p1, p2, p3, cost)
+    elseif algo == 5 then
+      ok, limit, remaining, reset, retry, kind, wa, wb, wc = gcra(key, p1, p2, cost)
+    else
+      ok, limit, remaining, reset, retry, kind, wa, wb, wc = concurrency(key, p1, p2)
+    end
+    local b = base + (i - 1) * 6
+    out[b + 1], out[b + 2], out[b + 3], out[b + 4], out[b + 5], out[b + 6] =
+      ok, limit, remaining, reset, retry, banned
+    local w = (i - 1) * 4
+    writes[w + 1], writes[w + 2], writes[w + 3], writes[w + 4] = kind, wa, wb, wc
+    if ok == 0 and enforce then admitted = false end
   end
-  short[2 * n + 2] = nil
-  return short
+  a = lease_at
+
+  if admitted then out[base] = 1 else out[base] = 0 end
+  local short = admitted
+  for i = 1, n do
+    local b = base + (i - 1) * 6
+    local c = (i - 1) * 7
+    local w = (i - 1) * 4
+    local key = KEYS[at[c + 1]]
+    local cost = ARGV[at[c + 7]]
+    local ok = out[b + 1]
+    if out[b + 6] == 1 then
+      -- Banned: nothing to write.
+      short = false
+    elseif admitted and ok == 1 then
+      local kind, wa, wb, wc = writes[w + 1], writes[w + 2], writes[w + 3], writes[w + 4]
+      if kind == 1 then
+        redis.call('HINCRBY', key, 'c', cost)
+      elseif kind == 2 then
+        redis.call('HSET', key, 's', int(wa), 'c', cost)
+        redis.call('PEXPIRE', key, int(cdiv(wb - now, 1000) + 1))
+      elseif kind == 3 then
+        redis.call('HSET', key, 's', int(wa), 'p', int(wb), 'c', cost)
+        redis.call('PEXPIRE', key, int(cdiv(wc - now, 1000) + 1))
+      elseif kind == 4 then
+        redis.call('HSET', key, 'l', int(wa), 'u', int(now))
+        keep(key, wb, wc)
+      elseif kind == 5 then
+        redis.call('HSET', key, 't', int(wa))
+        keep(key, wb, wc)
+      elseif kind == 6 then
+        redis.call('ZADD', key, int(wa), ARGV[at[c + 4]])
+        redis.call('PEXPIRE', key, int(cdiv(wb - now, 1000) + 1))
+      end
+    else
+      short = false
+      if ok == 0 and at[c + 6] and at[c + 2] ~= 0 then
+        local ban = at[c + 5]
+        redis.call('SET', KEYS[at[c + 2]], int(now + ban), 'PX', int(cdiv(ban, 1000) + 1))
+        -- The rejection that starts a ban announces it.
+        if out[b + 4] < ban then out[b + 4] = ban end
+        if out[b + 5] < ban then out[b + 5] = ban end
+        out[b + 6] = 1
+      end
+      if ok == 1 then
+        -- Nothing was consumed: what is left is what was left before.
+        local r = out[b + 3] + at[c + 3]
+        if r > out[b + 2] then r = out[b + 2] end
+        out[b + 3] = r
+      end
+    end
+  end
+  local length = 1 + 6 * n
+  if short then
+    -- Every operation allowed and consumed: remaining and reset each, moved down in place
+    -- (each pair lands at or below where it was read).
+    for i = 1, n do
+      local b = base + (i - 1) * 6
+      out[base + 2 * i - 1], out[base + 2 * i] = out[b + 3], out[b + 4]
+    end
+    length = 1 + 2 * n
+  end
+  out[top + 1] = length
+  top = top + 1 + length
 end
+out[top + 1] = nil
 return out

@@ -1,0 +1,261 @@
+//! Natural batching: many requests decided in one call of `batch.lua`.
+//!
+//! Each Redis server (each Cluster slot: a script's keys must share one) has one dispatcher
+//! task and at most one batch call in flight. A request that finds the dispatcher idle goes
+//! out at once, alone; requests that arrive while a call is in flight queue, and when it
+//! returns, everything queued (up to `redis_batch_max`) goes out in one call. The script
+//! decides them in arrival order, each all-or-nothing, each seeing what the ones before it
+//! consumed — the same answers as one call per request, for a fraction of Redis's time.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use redis::{Cmd, Script};
+use smallvec::SmallVec;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Connection, backend, eval, params};
+use crate::clock::Timestamp;
+use crate::limiter::Quota;
+use crate::store::{Op, StoreError};
+
+/// What every dispatcher of a store shares: the connection (swapped when TLS certificates
+/// rotate), the script and the counters.
+pub(super) struct Link {
+    pub(super) connection: ArcSwap<Connection>,
+    pub(super) batch: Script,
+    pub(super) timeout: Duration,
+    /// Redis's clock instead of each request's.
+    pub(super) server_time: bool,
+    /// Batch calls sent.
+    pub(super) calls: AtomicU64,
+    /// Requests those calls decided.
+    pub(super) requests: AtomicU64,
+}
+
+impl Link {
+    /// Runs `f` on a connection within the timeout.
+    pub(super) async fn call<T>(
+        &self,
+        f: impl AsyncFnOnce(&mut Connection) -> redis::RedisResult<T>,
+    ) -> Result<T, StoreError> {
+        let mut connection = (**self.connection.load()).clone();
+        tokio::time::timeout(self.timeout, f(&mut connection))
+            .await
+            .map_err(|_| StoreError::Timeout(self.timeout))?
+            .map_err(backend)
+    }
+
+    /// One call of the batch script for `requests`: the answer of each, in order.
+    pub(super) async fn run(&self, requests: &[&Encoded]) -> Result<Vec<Vec<i64>>, StoreError> {
+        let ops: usize = requests.iter().map(|r| r.ops).sum();
+        let keys: usize = requests.iter().map(|r| r.key_ends.len()).sum();
+        let key_bytes: usize = requests.iter().map(|r| r.keys.len()).sum();
+        let mut cmd = Cmd::with_capacity(4 + keys + 2 * ops, 96 + key_bytes + 60 * ops);
+        cmd.arg("EVALSHA").arg(self.batch.get_hash()).arg(keys);
+        for request in requests {
+            let mut start = 0;
+            for &end in &request.key_ends {
+                cmd.arg(&request.keys[start..end]);
+                start = end;
+            }
+        }
+        let mut numbers =
+            Vec::with_capacity(16 + requests.iter().map(|r| r.numbers.len()).sum::<usize>());
+        numbers.extend_from_slice(&f64::from(u8::from(self.server_time)).to_le_bytes());
+        numbers.extend_from_slice(&exact(requests.len() as u64).to_le_bytes());
+        for request in requests {
+            numbers.extend_from_slice(&request.numbers);
+        }
+        cmd.arg(numbers);
+        for request in requests {
+            for &n in &request.texts {
+                cmd.arg(n);
+            }
+        }
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.requests
+            .fetch_add(requests.len() as u64, Ordering::Relaxed);
+        let reply = self
+            .call(async |c| {
+                // When connecting was refused, the command never went out, and the connection
+                // has started a fresh attempt at once: send it once more on that one, so that
+                // a server back from a restart answers the first call (the breaker's probe).
+                match eval::<Vec<i64>>(c, &self.batch, &cmd).await {
+                    Err(e) if e.is_connection_refusal() => {
+                        eval::<Vec<i64>>(c, &self.batch, &cmd).await
+                    }
+                    other => other,
+                }
+            })
+            .await?;
+        split(&reply, requests.len())
+    }
+}
+
+/// Cuts the script's reply into one answer per request (each preceded by its length).
+fn split(reply: &[i64], requests: usize) -> Result<Vec<Vec<i64>>, StoreError> {
+    let mut answers = Vec::with_capacity(requests);
+    let mut rest = reply;
+    for _ in 0..requests {
+        let (&length, tail) = rest.split_first().ok_or_else(short_reply)?;
+        let length = usize::try_from(length).map_err(|_| short_reply())?;
+        if tail.len() < length {
+            return Err(short_reply());
+        }
+        let (answer, tail) = tail.split_at(length);
+        answers.push(answer.to_vec());
+        rest = tail;
+    }
+    if !rest.is_empty() {
+        return Err(short_reply());
+    }
+    Ok(answers)
+}
+
+fn short_reply() -> StoreError {
+    StoreError::Backend("the batch script's reply does not match the requests sent".to_owned())
+}
+
+/// `n` as a double: exact below 2^53, which every count, quota and time in microseconds is
+/// (the compiler keeps products below it); larger ones, never sent, would be rounded.
+pub(super) fn exact(n: u64) -> f64 {
+    n as f64
+}
+
+/// One request's part of a batch call, owned so that it can wait in a queue: its keys, its
+/// packed numbers and its text arguments (see `batch.lua`).
+pub(super) struct Encoded {
+    ops: usize,
+    /// Every key, one after the other; `key_ends` says where each ends.
+    keys: Vec<u8>,
+    key_ends: SmallVec<[usize; 8]>,
+    numbers: Vec<u8>,
+    /// Each operation's cost, then each concurrency operation's lease id.
+    texts: SmallVec<[u64; 8]>,
+}
+
+impl Encoded {
+    /// The operations `group` of `ops`, decided at `now`.
+    pub(super) fn new(ops: &[Op<'_>], group: &[usize], now: Timestamp) -> Self {
+        let key_bytes: usize = group.iter().map(|&i| ops[i].key.len() + 4).sum();
+        let mut keys = Vec::with_capacity(2 * key_bytes);
+        let mut key_ends = SmallVec::new();
+        for &i in group {
+            keys.extend_from_slice(ops[i].key.as_bytes());
+            key_ends.push(keys.len());
+            if ops[i].ban.is_some() {
+                keys.extend_from_slice(ops[i].key.as_bytes());
+                keys.extend_from_slice(b":ban");
+                key_ends.push(keys.len());
+            }
+        }
+        let mut numbers = Vec::with_capacity(8 * (2 + 6 * group.len()));
+        let mut push = |n: u64| numbers.extend_from_slice(&exact(n).to_le_bytes());
+        push(now.as_micros());
+        push(group.len() as u64);
+        for &i in group {
+            let op = &ops[i];
+            let [algorithm, p1, p2, p3] = params(&op.quota, now);
+            let code = algorithm + 10 * u64::from(op.enforce) + 20 * u64::from(op.ban.is_some());
+            let ban = op
+                .ban
+                .map_or(0, |b| u64::try_from(b.as_micros()).unwrap_or(u64::MAX));
+            for n in [code, op.cost, ban, p1, p2, p3] {
+                push(n);
+            }
+        }
+        let mut texts: SmallVec<[u64; 8]> = group.iter().map(|&i| ops[i].cost).collect();
+        texts.extend(
+            group
+                .iter()
+                .filter(|&&i| matches!(ops[i].quota, Quota::Concurrency(_)))
+                .map(|&i| ops[i].lease.0),
+        );
+        Encoded {
+            ops: group.len(),
+            keys,
+            key_ends,
+            numbers,
+            texts,
+        }
+    }
+}
+
+/// A request waiting for its batch, and where its answer goes.
+struct Job {
+    request: Encoded,
+    answer: oneshot::Sender<Result<Vec<i64>, StoreError>>,
+}
+
+/// The queue of one server's (or Cluster slot's) dispatcher.
+#[derive(Clone)]
+pub(super) struct Batcher {
+    queue: mpsc::UnboundedSender<Job>,
+}
+
+impl Batcher {
+    /// Starts a dispatcher on the current tokio runtime that sends up to `max` requests per
+    /// call over `link`. It ends when the last `Batcher` for it is dropped.
+    pub(super) fn start(link: Arc<Link>, max: usize) -> Self {
+        let (queue, jobs) = mpsc::unbounded_channel();
+        tokio::spawn(dispatch(link, jobs, max.max(1)));
+        Batcher { queue }
+    }
+
+    /// Sends `request` with the next call, and waits for its answer.
+    pub(super) async fn submit(&self, request: Encoded) -> Result<Vec<i64>, StoreError> {
+        let (answer, answered) = oneshot::channel();
+        self.queue
+            .send(Job { request, answer })
+            .map_err(|_| stopped())?;
+        answered.await.map_err(|_| stopped())?
+    }
+}
+
+fn stopped() -> StoreError {
+    StoreError::Backend("the Redis dispatcher stopped (its runtime shut down)".to_owned())
+}
+
+/// One dispatcher: waits for a request, takes every one queued behind it (up to `max`),
+/// decides them in one call and hands each its answer; then again.
+async fn dispatch(link: Arc<Link>, mut queue: mpsc::UnboundedReceiver<Job>, max: usize) {
+    let mut jobs: Vec<Job> = Vec::with_capacity(max);
+    while queue.recv_many(&mut jobs, max).await > 0 {
+        let requests: SmallVec<[&Encoded; 16]> = jobs.iter().map(|j| &j.request).collect();
+        let answers = link.run(&requests).await;
+        drop(requests);
+        match answers {
+            Ok(answers) => {
+                for (job, answer) in jobs.drain(..).zip(answers) {
+                    // A caller that gave up (timed out, or its client left) no longer listens.
+                    let _ = job.answer.send(Ok(answer));
+                }
+            }
+            Err(error) => {
+                for job in jobs.drain(..) {
+                    let _ = job.answer.send(Err(error.clone()));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split;
+
+    #[test]
+    fn a_reply_is_cut_at_each_answers_length() {
+        assert_eq!(
+            split(&[3, 1, 5, 9, 1, 0], 2).unwrap(),
+            vec![vec![1, 5, 9], vec![0]]
+        );
+        assert!(split(&[3, 1, 5], 1).is_err(), "shorter than it says");
+        assert!(split(&[1, 1, 9], 1).is_err(), "longer than the requests");
+        assert!(split(&[1, 1], 2).is_err(), "an answer missing");
+        assert!(split(&[-1], 1).is_err());
+    }
+}
