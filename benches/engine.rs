@@ -233,6 +233,7 @@ fn memory_cap(c: &mut Criterion) {
             enforce: true,
             ban: None,
             lease: LeaseId(0),
+            sync: None,
         };
         store.apply_now(&[op], now);
     };

@@ -440,6 +440,7 @@ fn one(key: &str, quota: Quota) -> Op<'_> {
         enforce: true,
         ban: None,
         lease: LeaseId(0),
+        sync: None,
     }
 }
 

@@ -851,6 +851,7 @@ fn charge<'p>(
                 cost,
                 enforce: limit.mode == Mode::Enforce,
                 ban: limit.on_exceed.ban,
+                sync: limit.sync,
             });
             (
                 quota.algorithm(),
@@ -893,6 +894,7 @@ struct Pending {
     cost: u64,
     enforce: bool,
     ban: Option<Duration>,
+    sync: Option<Duration>,
 }
 
 /// The refusal a runtime denylist entry gives.
@@ -934,6 +936,7 @@ fn ops<'a>(
             enforce: p.enforce,
             ban: p.ban,
             lease,
+            sync: p.sync,
         })
         .collect()
 }

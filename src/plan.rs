@@ -148,6 +148,9 @@ pub struct Limit {
     pub counts: Counts,
     /// The Cedar permit a request needs (`authorize action "…"`), if any.
     pub authorize: Option<Authorize>,
+    /// Local-first (`sync every …`): each node decides from its own count and the last
+    /// global one, and sends its counts to the store once per this interval.
+    pub sync: Option<Duration>,
 }
 
 /// `authorize action "read";`: Cedar must permit the action, or the request is refused.

@@ -34,6 +34,10 @@ pub struct Op<'a> {
     pub ban: Option<Duration>,
     /// The request's lease, for concurrency limits.
     pub lease: LeaseId,
+    /// Local-first (`sync every`): a shared store may decide it from this node's count plus
+    /// the last global count it read, and send the counts once per this interval. Stores
+    /// that are local anyway (memory) decide it exactly.
+    pub sync: Option<Duration>,
 }
 
 /// What the store decided for one operation.

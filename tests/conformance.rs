@@ -128,6 +128,7 @@ async fn every_algorithm(redis: &RedisStore) {
                 enforce: true,
                 ban: None,
                 lease: LeaseId(i),
+                sync: None,
             };
             let m = apply(&memory, &[op], now).await;
             let r = apply(redis, &[op], now).await;
@@ -178,6 +179,7 @@ async fn every_algorithm_in_one_batch(redis: &RedisStore) {
                 enforce: q != 5,
                 ban: (q == 1 || q == 4).then(|| Duration::from_micros(1 + steps.next(900_000))),
                 lease: LeaseId(i),
+                sync: None,
             })
             .collect();
         let m = apply(&memory, &ops, now).await;
@@ -221,6 +223,7 @@ async fn batches_and_bans(redis: &RedisStore, large_key: &str) {
                 enforce: true,
                 ban,
                 lease: LeaseId(1),
+                sync: None,
             },
             Op {
                 key: large_key,
@@ -229,6 +232,7 @@ async fn batches_and_bans(redis: &RedisStore, large_key: &str) {
                 enforce: true,
                 ban: None,
                 lease: LeaseId(1),
+                sync: None,
             },
             Op {
                 key: "b:{c}:shadow",
@@ -237,6 +241,7 @@ async fn batches_and_bans(redis: &RedisStore, large_key: &str) {
                 enforce: false,
                 ban: None,
                 lease: LeaseId(1),
+                sync: None,
             },
         ]
     };

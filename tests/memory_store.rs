@@ -25,6 +25,7 @@ fn op(key: &str, quota: Quota) -> Op<'_> {
         enforce: true,
         ban: None,
         lease: LeaseId(0),
+        sync: None,
     }
 }
 

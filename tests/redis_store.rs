@@ -120,11 +120,30 @@ async fn sixty_four_tasks_on_two_engines_admit_exactly_the_quota() {
     let Some(server) = Redis::start() else {
         return;
     };
-    let (engines, _clock) = two_engines(&server.url()).await;
-    // 640 attempts at one instant for each quota of 300: exactly 300 get in, no more, no less.
+    admit_exactly_the_quota(&server.url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sixty_four_tasks_on_two_engines_admit_exactly_the_quota_on_a_cluster() {
+    let Some(cluster) = Cluster::start(3, 0) else {
+        return;
+    };
+    admit_exactly_the_quota(&cluster.url()).await;
+}
+
+/// 640 attempts at one instant for each quota of 300: exactly 300 get in, no more, no less,
+/// with requests batched (each engine's store batches what queues behind its call).
+async fn admit_exactly_the_quota(url: &str) {
+    let (engines, _clock) = two_engines(url).await;
     for path in ["/fixed", "/bucket", "/gcra", "/inflight"] {
         assert_eq!(hammer(&engines, path, 10).await, 300, "{path}");
     }
+    let calls: u64 = engines.iter().map(|e| e.store().round_trips()).sum();
+    let requests: u64 = engines.iter().map(|e| e.store().batched_requests()).sum();
+    assert!(
+        requests > calls,
+        "{requests} requests in {calls} calls: no batch was ever formed"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -217,6 +236,7 @@ async fn the_deny_cache_answers_a_flood_without_round_trips() {
         enforce: true,
         ban: None,
         lease: LeaseId(1),
+        sync: None,
     };
     let t0 = Timestamp::from_secs(START);
     for _ in 0..5 {
@@ -275,6 +295,7 @@ async fn the_deny_cache_never_hides_what_might_fit() {
         enforce,
         ban: None,
         lease: LeaseId(1),
+        sync: None,
     };
     let t0 = Timestamp::from_secs(START);
     assert!(redis.apply(&[op(3, true)], t0).await.unwrap().admitted);
@@ -319,6 +340,7 @@ async fn admin_operations<S: Store>(store: &S) {
             enforce: true,
             ban: Some(Duration::from_secs(60)),
             lease: LeaseId(1),
+            sync: None,
         };
         assert!(store.apply(&[op], now).await.unwrap().admitted);
     }
@@ -401,6 +423,7 @@ async fn the_server_time_option_counts_on_redis_s_clock() {
         enforce: true,
         ban: None,
         lease: LeaseId(1),
+        sync: None,
     };
     // The engine's clock is years behind; the window must still be Redis's current one.
     let stale = Timestamp::from_secs(START);

@@ -189,6 +189,8 @@ pub enum Setting {
     Counts(Ident),
     /// `authorize action "read";`
     Authorize(Spanned<String>),
+    /// `sync every 50ms;`
+    Sync(Spanned<DurationLit>),
 }
 
 /// A time unit as written.

@@ -320,6 +320,7 @@ fn describe(rule: Rule) -> &'static str {
         Rule::algorithm_stmt => "`algorithm`",
         Rule::rate_stmt => "`rate`",
         Rule::lease_stmt => "`lease`",
+        Rule::sync_stmt => "`sync every`",
         Rule::cost_stmt | Rule::cost_header => "`cost`",
         Rule::soft_stmt => "`soft`",
         Rule::soft_warn => "`warn`",
@@ -638,6 +639,7 @@ impl Builder<'_> {
             Rule::algorithm_stmt => Setting::Algorithm(self.ident(next(&mut inner))),
             Rule::rate_stmt => Setting::Rate(self.rate_value(next(&mut inner))),
             Rule::lease_stmt => Setting::Lease(self.duration(next(&mut inner))),
+            Rule::sync_stmt => Setting::Sync(self.duration(next(&mut inner))),
             Rule::cost_stmt => {
                 let part = next(&mut inner);
                 let cost = if part.as_rule() == Rule::number {

@@ -200,6 +200,11 @@ struct Settings<'a> {
     priority: Option<&'a Spanned<i64>>,
     counts: Option<&'a ast::Ident>,
     authorize: Option<&'a Spanned<String>>,
+    sync: Option<&'a Spanned<ast::DurationLit>>,
+    /// Whether `sync every` was written in `defaults` (it is set per limit).
+    sync_in_defaults: bool,
+    /// Whether `on_store_error` was written in the limit itself.
+    on_store_error_explicit: bool,
 }
 
 struct Compiler<'a> {

@@ -22,6 +22,7 @@ mod admin;
 mod batcher;
 mod breaker;
 mod cluster;
+mod local;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -35,6 +36,7 @@ use redis::{Cmd, Pipeline, RedisFuture, Script, Value};
 use smallvec::SmallVec;
 
 use batcher::{Batcher, Encoded, Link};
+use local::{LocalFirst, LocalOp};
 
 pub use breaker::BreakerSettings;
 use breaker::{Breaker, Permit};
@@ -345,6 +347,8 @@ pub struct RedisStore {
     options: RedisOptions,
     breakers: Box<[Breaker]>,
     batchers: Batchers,
+    /// Local-first limits' counts (`sync every`).
+    local: Arc<LocalFirst>,
     deny: Option<DenyCache>,
     cached: AtomicU64,
     tls_rotations: AtomicU64,
@@ -421,6 +425,7 @@ impl RedisStore {
                 .map(|_| Breaker::new(options.breaker))
                 .collect(),
             batchers,
+            local: Arc::new(LocalFirst::new()),
             deny: options.deny_cache.map(DenyCache::new),
             options,
             cached: AtomicU64::new(0),
@@ -487,6 +492,22 @@ impl RedisStore {
     /// [`RedisStore::round_trips`], the mean batch size.
     pub fn batched_requests(&self) -> u64 {
         self.link.requests.load(Ordering::Relaxed)
+    }
+
+    /// Local-first sync calls made so far, and how many of them failed.
+    pub fn sync_calls(&self) -> (u64, u64) {
+        self.local.calls()
+    }
+
+    /// Keys of local-first limits this node decides.
+    pub fn local_first_keys(&self) -> usize {
+        self.local.keys()
+    }
+
+    /// Sends the local-first counts of every key used since its last sync and reads the
+    /// totals back, now — what the background sync does every interval.
+    pub async fn sync_now(&self) -> Result<(), StoreError> {
+        self.local.sync_now(&self.link, self.is_cluster()).await
     }
 
     /// Requests answered from the local deny cache, without a round trip.
@@ -676,8 +697,99 @@ fn params(quota: &Quota, now: Timestamp) -> [u64; 4] {
     }
 }
 
-impl Store for RedisStore {
-    async fn apply(&self, ops: &[Op<'_>], now: Timestamp) -> Result<BatchResult, StoreError> {
+impl RedisStore {
+    /// A request with local-first operations: those decided here (all or nothing), then the
+    /// others in Redis; when Redis rejects or fails, what was counted here is given back.
+    async fn apply_local_first(
+        &self,
+        ops: &[Op<'_>],
+        now: Timestamp,
+    ) -> Result<BatchResult, StoreError> {
+        if self.local.degraded() {
+            return Err(StoreError::Backend(
+                "local-first counts are not reaching Redis (the last syncs failed)".to_owned(),
+            ));
+        }
+        self.local.start(&self.link, self.is_cluster());
+        let (local_at, local_ops): (SmallVec<[usize; 4]>, SmallVec<[LocalOp<'_>; 4]>) = ops
+            .iter()
+            .enumerate()
+            .filter_map(|(i, op)| {
+                let every = op.sync?;
+                Some((
+                    i,
+                    LocalOp {
+                        key: op.key,
+                        quota: op.quota,
+                        cost: op.cost,
+                        enforce: op.enforce,
+                        every,
+                    },
+                ))
+            })
+            .unzip();
+        let mut local_results = vec![None; local_ops.len()];
+        let mut overflow = vec![false; local_ops.len()];
+        let (admitted, taken) =
+            self.local
+                .decide(&local_ops, now, &mut local_results, &mut overflow);
+        let mut exact_at: SmallVec<[usize; 4]> =
+            (0..ops.len()).filter(|&i| ops[i].sync.is_none()).collect();
+        exact_at.extend(
+            local_at
+                .iter()
+                .zip(&overflow)
+                .filter(|(_, o)| **o)
+                .map(|(&i, _)| i),
+        );
+        let mut results: Vec<Option<OpResult>> = vec![None; ops.len()];
+        let mut admitted_all = admitted;
+        if !admitted {
+            for &i in &exact_at {
+                results[i] = Some(local::not_asked(&ops[i].quota));
+            }
+        } else if !exact_at.is_empty() {
+            let exact_ops: SmallVec<[Op<'_>; 4]> = exact_at
+                .iter()
+                .map(|&i| Op {
+                    sync: None,
+                    ..ops[i]
+                })
+                .collect();
+            match self.apply_exact(&exact_ops, now).await {
+                Err(error) => {
+                    self.local.give_back(&local_ops, taken, &mut local_results);
+                    return Err(error);
+                }
+                Ok(answer) => {
+                    if !answer.admitted {
+                        self.local.give_back(&local_ops, taken, &mut local_results);
+                        admitted_all = false;
+                    }
+                    for (&i, r) in exact_at.iter().zip(answer.results) {
+                        results[i] = Some(r);
+                    }
+                }
+            }
+        }
+        for (&i, r) in local_at.iter().zip(local_results) {
+            if let Some(r) = r {
+                results[i] = Some(r);
+            }
+        }
+        let results = results
+            .into_iter()
+            .zip(ops)
+            .map(|(r, op)| r.unwrap_or_else(|| local::not_asked(&op.quota)))
+            .collect();
+        Ok(BatchResult {
+            admitted: admitted_all,
+            results,
+        })
+    }
+
+    /// A request decided in Redis (or by the deny cache).
+    async fn apply_exact(&self, ops: &[Op<'_>], now: Timestamp) -> Result<BatchResult, StoreError> {
         if let Some(result) = self.cached(ops, now) {
             return Ok(result);
         }
@@ -689,6 +801,16 @@ impl Store for RedisStore {
         };
         self.remember(ops, &result, now);
         Ok(result)
+    }
+}
+
+impl Store for RedisStore {
+    async fn apply(&self, ops: &[Op<'_>], now: Timestamp) -> Result<BatchResult, StoreError> {
+        if ops.iter().any(|op| op.sync.is_some()) {
+            self.apply_local_first(ops, now).await
+        } else {
+            self.apply_exact(ops, now).await
+        }
     }
 
     async fn release(&self, key: &str, lease: LeaseId, now: Timestamp) -> Result<(), StoreError> {

@@ -70,6 +70,13 @@ impl<'a> Compiler<'a> {
             );
             ok = false;
         }
+        let sync = self.sync(f, &settings, algorithm, on_exceed.as_ref(), &mut ok);
+        // A local-first limit never fails open: without the store it counts its node's share
+        // (`local`), unless it says `deny`.
+        let on_store_error = match (sync, on_store_error) {
+            (Some(_), Some(StoreErrorMode::Allow)) => Some(StoreErrorMode::Local),
+            (_, mode) => mode,
+        };
         let priority = self.priority(f, settings.priority);
         let authorize = match settings.authorize {
             Some(action) => self.authorize(f, action),
@@ -91,6 +98,7 @@ impl<'a> Compiler<'a> {
             priority: priority?,
             counts: counts?,
             authorize: authorize?,
+            sync,
         })
         .filter(|_| ok)
     }
@@ -172,6 +180,92 @@ impl<'a> Compiler<'a> {
             }
             _ => Some(implied.unwrap_or(Algorithm::SlidingWindow)),
         }
+    }
+
+    /// `sync every …`: the interval of a local-first limit, checked against the rest of it.
+    fn sync(
+        &mut self,
+        f: usize,
+        settings: &Settings<'a>,
+        algorithm: Option<Algorithm>,
+        on_exceed: Option<&OnExceed>,
+        ok: &mut bool,
+    ) -> Option<Duration> {
+        let every = settings.sync?;
+        let mut fail = |this: &mut Self, label: &str, message: String, help: &str| {
+            this.error_help(f, every.span, message, label, help);
+            *ok = false;
+        };
+        if settings.sync_in_defaults {
+            fail(
+                self,
+                "in `defaults`",
+                "`sync every` is set in each limit, not in `defaults`".to_owned(),
+                "local-first trades exactness for speed: choose it limit by limit",
+            );
+            return None;
+        }
+        if let Some(a) = algorithm.filter(|a| {
+            !matches!(
+                a,
+                Algorithm::FixedWindow | Algorithm::SlidingWindow | Algorithm::Calendar
+            )
+        }) {
+            fail(
+                self,
+                "not a counting algorithm",
+                format!(
+                    "`sync every` needs a window that counts, not `{}`",
+                    a.name()
+                ),
+                "local-first applies to `fixed_window`, `sliding_window` and calendar quotas                  (`/day`, `/month`): their counts add up across nodes",
+            );
+        }
+        if settings.on_store_error_explicit
+            && settings
+                .on_store_error
+                .is_some_and(|m| lookup(STORE_ERROR_MODES, &m.node) == Some(StoreErrorMode::Allow))
+        {
+            fail(
+                self,
+                "with `on_store_error allow`",
+                "a local-first limit does not fail open".to_owned(),
+                "without the store, each node counts its share of the quota (`on_store_error                  local`, the default here) or refuses (`on_store_error deny`)",
+            );
+        }
+        let micros = self.duration_micros(f, every, "sync every")?;
+        if !(10_000..=60_000_000).contains(&micros) || micros % 10_000 != 0 {
+            fail(
+                self,
+                "out of range",
+                "a sync interval is a multiple of 10ms from 10ms to 60s".to_owned(),
+                "50ms to 1s is typical: the longer, the more a node may admit past the quota",
+            );
+            return None;
+        }
+        let warn = |this: &mut Self, label: &str, message: &str, help: &str| {
+            let warning = PolicyError::new(&this.files[f].source, every.span, message, label)
+                .with_help(help)
+                .warning();
+            this.warnings.push(warning);
+        };
+        if on_exceed.is_some_and(|e| e.ban.is_some()) {
+            warn(
+                self,
+                "with a ban",
+                "a local-first limit's bans start only when this node sees the quota spent",
+                "a node may admit past the quota for up to one interval before the ban;                  keep limits that ban (logins, abuse) exact",
+            );
+        }
+        if algorithm == Some(Algorithm::Calendar) {
+            warn(
+                self,
+                "a calendar quota",
+                "a local-first calendar quota may be exceeded by what the nodes admit in one                  interval",
+                "quotas that are billed or promised (per day, per month) are usually kept exact",
+            );
+        }
+        Some(Duration::from_micros(micros))
     }
 
     /// How long a concurrency slot is held when its end is never reported.
@@ -291,6 +385,7 @@ impl<'a> Compiler<'a> {
             }
             ast::Setting::OnStoreError(m) => {
                 settings.on_store_error = Some(m);
+                settings.on_store_error_explicit = explicit;
                 ("on_store_error", m.span)
             }
             ast::Setting::OnMissingKey(m) => {
@@ -308,6 +403,11 @@ impl<'a> Compiler<'a> {
             ast::Setting::Authorize(a) => {
                 settings.authorize = Some(a);
                 ("authorize", a.span)
+            }
+            ast::Setting::Sync(d) => {
+                settings.sync = Some(d);
+                settings.sync_in_defaults = !explicit;
+                ("sync", d.span)
             }
         };
         if let Some(first) = seen.insert(name, span) {

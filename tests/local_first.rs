@@ -1,0 +1,320 @@
+//! Local-first limits (`sync every`) on real servers: two nodes on one Redis stay within the
+//! stated over-admission bound and Redis's count is exact; a request is all-or-nothing across
+//! local-first and exact limits; with Redis down each node falls back to its share, never to
+//! unlimited; the background sync sends counts on its own; `tollgate check` warns where
+//! local-first should not be used.
+
+mod support;
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::Method;
+use support::redis::{Cluster, Redis};
+use tollgate::clock::Clock;
+use tollgate::engine::Counted;
+use tollgate::limiter::State;
+use tollgate::store::Store;
+use tollgate::store::redis::{BreakerSettings, RedisOptions, RedisStore};
+use tollgate::{Action, Engine, ManualClock, PolicySet, RequestCtx, Timestamp, compile};
+
+/// A minute boundary, so that windows start aligned.
+const START: u64 = 1_700_006_400;
+
+const POLICY: &str = r#"
+limit fast { match { route ANY "/fast"; } key global; algorithm fixed_window; rate 300/min; sync every 50ms; }
+limit slide { match { route ANY "/slide"; } key global; algorithm sliding_window; rate 300/min; sync every 50ms; }
+limit strict { match { route ANY "/both"; } key global; algorithm fixed_window; rate 5/min; }
+limit loose { match { route ANY "/both"; } key global; algorithm fixed_window; rate 100/min; sync every 50ms; }
+limit closed { match { route ANY "/closed"; } key global; algorithm fixed_window; rate 100/min; sync every 50ms; on_store_error deny; }
+"#;
+
+fn plan() -> tollgate::Plan {
+    compile(&PolicySet::from_sources([("lf.rl", POLICY)]))
+        .unwrap_or_else(|e| panic!("{}", e.render_plain(100)))
+}
+
+fn get(path: &str) -> RequestCtx {
+    RequestCtx::new(Method::GET, path).with_client_ip("198.51.100.7".parse().unwrap())
+}
+
+async fn store(url: &str) -> RedisStore {
+    RedisStore::connect_with(
+        url,
+        RedisOptions {
+            timeout: Duration::from_millis(500),
+            connect_timeout: Duration::from_secs(5),
+            deny_cache: None,
+            breaker: BreakerSettings {
+                failures: 3,
+                min_backoff: Duration::from_millis(100),
+                max_backoff: Duration::from_secs(1),
+            },
+            ..RedisOptions::default()
+        },
+    )
+    .await
+    .expect("the store connects")
+}
+
+type Node = Engine<RedisStore, ManualClock>;
+
+/// Two nodes on one Redis, one clock, and the same key hashing; two nodes share a quota.
+async fn two_nodes(url: &str) -> (Arc<[Node; 2]>, ManualClock) {
+    let clock = ManualClock::new(Timestamp::from_secs(START));
+    let hasher = tollgate::plan::KeyHasher::new([7; 32]);
+    let a = Engine::with_clock(plan(), store(url).await, clock.clone())
+        .with_key_hasher(hasher.clone())
+        .with_local_share(std::num::NonZeroU64::new(2).unwrap());
+    let b = Engine::with_clock(plan(), store(url).await, clock.clone())
+        .with_key_hasher(hasher)
+        .with_local_share(std::num::NonZeroU64::new(2).unwrap());
+    (Arc::new([a, b]), clock)
+}
+
+/// 64 tasks, half on each node, one request each to `path` at once; how many got in.
+async fn round(nodes: &Arc<[Node; 2]>, path: &'static str) -> usize {
+    let tasks: Vec<_> = (0..64)
+        .map(|t| {
+            let nodes = Arc::clone(nodes);
+            tokio::spawn(async move {
+                let v = nodes[t % 2].decide(&get(path)).await;
+                let limit = path.trim_start_matches('/');
+                assert_eq!(v.reports[0].counted, Counted::Store, "{limit}: {v:?}");
+                usize::from(v.is_allowed())
+            })
+        })
+        .collect();
+    let mut admitted = 0;
+    for t in tasks {
+        admitted += t.await.expect("a task ends");
+    }
+    admitted
+}
+
+/// The count Redis holds for `limit`'s global key at `now`.
+async fn stored(node: &Node, limit: &str, now: Timestamp) -> u64 {
+    let key = format!("lf:{{global}}:{limit}");
+    match node
+        .store()
+        .inspect(&key, now)
+        .await
+        .expect("inspect")
+        .state
+    {
+        Some(State::Window(w)) => w.count,
+        Some(State::Sliding(s)) => s.current,
+        None => 0,
+        Some(other) => panic!("{other:?}"),
+    }
+}
+
+/// Rounds of 64 requests at once, the nodes syncing after each round (one after the
+/// other): each node's view misses at most the other's last round (32 requests), so the
+/// window admits between its quota and quota + 32; Redis's count is what was admitted.
+async fn within_the_bound(url: &str) {
+    let (nodes, clock) = two_nodes(url).await;
+    for path in ["/fast", "/slide"] {
+        let mut admitted = 0;
+        for _ in 0..20 {
+            admitted += round(&nodes, path).await;
+            for node in nodes.iter() {
+                node.store()
+                    .sync_now()
+                    .await
+                    .expect("the counts reach Redis");
+            }
+        }
+        assert!(
+            (300..=300 + 32).contains(&admitted),
+            "{path}: {admitted} admitted for a quota of 300, two nodes, 32 per node per sync"
+        );
+        let limit = path.trim_start_matches('/');
+        let count = stored(&nodes[0], limit, clock.now()).await;
+        assert_eq!(count, admitted as u64, "{path}: Redis's count");
+    }
+    for node in nodes.iter() {
+        assert_eq!(
+            node.store().round_trips(),
+            0,
+            "local-first requests never wait for a Redis call"
+        );
+        let (calls, failed) = node.store().sync_calls();
+        assert!(calls >= 40 && failed == 0, "{calls} syncs, {failed} failed");
+        assert_eq!(node.store().local_first_keys(), 2);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_nodes_on_one_server_stay_within_the_stated_bound() {
+    let Some(server) = Redis::start() else {
+        return;
+    };
+    within_the_bound(&server.url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_nodes_on_a_cluster_stay_within_the_stated_bound() {
+    let Some(cluster) = Cluster::start(3, 0) else {
+        return;
+    };
+    within_the_bound(&cluster.url()).await;
+}
+
+/// One request, two limits: `strict` is exact (5/min), `loose` local-first. Once `strict`
+/// rejects, `loose` gives back what it counted: Redis ends with 5 in both.
+#[tokio::test]
+async fn a_request_is_all_or_nothing_across_exact_and_local_first_limits() {
+    let Some(server) = Redis::start() else {
+        return;
+    };
+    let (nodes, clock) = two_nodes(&server.url()).await;
+    let node = &nodes[0];
+    let mut allowed = 0;
+    for _ in 0..8 {
+        let v = node.decide(&get("/both")).await;
+        allowed += usize::from(v.is_allowed());
+        if !v.is_allowed() {
+            let loose = v.reports.iter().find(|r| &*r.limit == "loose").unwrap();
+            assert_eq!(loose.decision.remaining, 95, "nothing consumed: {v:?}");
+        }
+    }
+    assert_eq!(allowed, 5);
+    node.store().sync_now().await.unwrap();
+    for limit in ["strict", "loose"] {
+        assert_eq!(stored(node, limit, clock.now()).await, 5, "{limit}");
+    }
+}
+
+/// With Redis gone, syncs fail; after two, local-first limits follow `on_store_error`:
+/// `local` (their default) counts this node's share — 300 / 2 nodes — and no more; `deny`
+/// refuses. When Redis is back, the next sync brings them back to Redis.
+#[tokio::test]
+async fn with_redis_down_each_node_falls_back_to_its_share() {
+    let Some(mut server) = Redis::start() else {
+        return;
+    };
+    let port = server.addr.port();
+    let (nodes, _clock) = two_nodes(&server.url()).await;
+    let node = &nodes[0];
+    assert!(node.decide(&get("/fast")).await.is_allowed());
+    assert!(node.decide(&get("/closed")).await.is_allowed());
+    node.store().sync_now().await.unwrap();
+
+    server.kill();
+    assert!(
+        node.decide(&get("/fast")).await.is_allowed(),
+        "one sync failing is tolerated"
+    );
+    for _ in 0..2 {
+        assert!(node.store().sync_now().await.is_err());
+    }
+    let mut admitted = 0;
+    for _ in 0..400 {
+        let v = node.decide(&get("/fast")).await;
+        assert_eq!(v.reports[0].counted, Counted::Local, "{v:?}");
+        admitted += usize::from(v.is_allowed());
+    }
+    assert_eq!(admitted, 150, "this node's share of 300, never unlimited");
+    let v = node.decide(&get("/closed")).await;
+    assert!(
+        matches!(&v.action, Action::Unavailable { limit } if &**limit == "closed"),
+        "{v:?}"
+    );
+
+    let _server = Redis::start_on(port, &[]).expect("redis restarts");
+    let mut recovered = false;
+    for _ in 0..3 {
+        recovered |= node.store().sync_now().await.is_ok();
+    }
+    assert!(recovered, "a sync reaches Redis again");
+    let v = node.decide(&get("/fast")).await;
+    assert_eq!(v.reports[0].counted, Counted::Store, "{v:?}");
+}
+
+/// Without `sync_now`, the background task sends the counts every interval: node A's
+/// admissions reach Redis, then node B's view.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_background_sync_sends_counts_every_interval() {
+    let Some(server) = Redis::start() else {
+        return;
+    };
+    let (nodes, clock) = two_nodes(&server.url()).await;
+    for _ in 0..10 {
+        assert!(nodes[0].decide(&get("/fast")).await.is_allowed());
+    }
+    let key = "lf:{global}:fast";
+    let mut seen = 0;
+    for _ in 0..200 {
+        let state = nodes[1].store().inspect(key, clock.now()).await.unwrap();
+        if let Some(State::Window(w)) = state.state {
+            seen = w.count;
+        }
+        if seen == 10 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(seen, 10, "node A's counts reach Redis on their own");
+    // Node B learns the total from its own sync once it uses the key: after its n-th
+    // request, 300 − 10 − n are left.
+    let mut mine = 0;
+    let mut remaining = 0;
+    for _ in 0..200 {
+        let v = nodes[1].decide(&get("/fast")).await;
+        mine += 1;
+        remaining = v.reports[0].decision.remaining;
+        if remaining == 300 - 10 - mine {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        remaining,
+        300 - 10 - mine,
+        "node B sees node A's 10 besides its own {mine}"
+    );
+}
+
+#[test]
+fn check_warns_about_bans_and_calendar_quotas_that_are_local_first() {
+    let source = r#"
+limit login { match { route POST "/login"; } key ip; algorithm fixed_window; rate 10/min; on_exceed reject 429 ban 15min; sync every 50ms; }
+limit monthly { match { route ANY "/api/**"; } key ip; rate 100000/month; sync every 1s; }
+limit fine { match { route ANY "/x"; } key ip; algorithm fixed_window; rate 10/min; sync every 100ms; }
+"#;
+    let plan = compile(&PolicySet::from_sources([("w.rl", source)])).unwrap();
+    let warnings: Vec<String> = plan
+        .warnings()
+        .iter()
+        .map(|w| w.render_plain(100))
+        .collect();
+    assert_eq!(warnings.len(), 2, "{warnings:#?}");
+    assert!(
+        warnings[0].contains("bans start only when"),
+        "{}",
+        warnings[0]
+    );
+    assert!(warnings[1].contains("calendar quota"), "{}", warnings[1]);
+    let fine = plan.limits().iter().find(|l| &*l.name == "fine").unwrap();
+    assert_eq!(fine.sync, Some(Duration::from_millis(100)));
+    assert_eq!(
+        fine.on_store_error,
+        tollgate::plan::StoreErrorMode::Local,
+        "a local-first limit never fails open"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("w.rl"), source).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["check", dir.path().to_str().unwrap()])
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let printed =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(printed.contains("2 warnings"), "{printed}");
+    assert!(printed.contains("w.rl:2:"), "{printed}");
+}
