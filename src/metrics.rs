@@ -137,11 +137,63 @@ pub struct Metrics {
     breakers_open: IntGauge,
     memory_keys: IntGauge,
     memory_evictions: IntCounter,
+    redis: RedisFamilies,
     reloads: IntCounterVec,
     active_bans: IntGauge,
     plan: prometheus::IntGaugeVec,
     export: ExportFamilies,
     anomalies: IntCounterVec,
+}
+
+/// The Redis store's families (zero with the memory store).
+struct RedisFamilies {
+    calls: IntCounter,
+    batched: IntCounter,
+    syncs_ok: IntCounter,
+    syncs_failed: IntCounter,
+    local_first_keys: IntGauge,
+}
+
+impl RedisFamilies {
+    fn new(registry: &Registry) -> RedisFamilies {
+        let syncs = counter_vec(
+            registry,
+            "tollgate_redis_syncs_total",
+            "Local-first sync calls (counts sent, totals read back), by outcome (ok, error).",
+            &["outcome"],
+        );
+        RedisFamilies {
+            calls: counter(
+                registry,
+                "tollgate_redis_calls_total",
+                "Batch script calls to Redis (each decides one request or a batch of them).",
+            ),
+            batched: counter(
+                registry,
+                "tollgate_redis_batched_requests_total",
+                "Requests decided by those calls: divided by the calls, the mean batch size.",
+            ),
+            syncs_ok: syncs.with_label_values(&["ok"]),
+            syncs_failed: syncs.with_label_values(&["error"]),
+            local_first_keys: gauge(
+                registry,
+                "tollgate_local_first_keys",
+                "Keys of local-first limits (sync every) this node decides.",
+            ),
+        }
+    }
+
+    fn update(&self, calls: &crate::store::RedisCalls) {
+        catch_up(&self.calls, calls.calls);
+        catch_up(&self.batched, calls.batched_requests);
+        catch_up(
+            &self.syncs_ok,
+            calls.syncs.saturating_sub(calls.sync_failures),
+        );
+        catch_up(&self.syncs_failed, calls.sync_failures);
+        self.local_first_keys
+            .set(gauge_value(calls.local_first_keys));
+    }
 }
 
 /// The exporter's families (zero when nothing is exported).
@@ -308,6 +360,7 @@ impl Metrics {
             "tollgate_memory_store_evictions_total",
             "Live keys the memory store dropped to stay within its cap.",
         );
+        let redis = RedisFamilies::new(&registry);
         let reloads = counter_vec(
             &registry,
             "tollgate_reloads_total",
@@ -348,6 +401,7 @@ impl Metrics {
             breakers_open,
             memory_keys,
             memory_evictions,
+            redis,
             reloads,
             active_bans,
             plan,
@@ -421,6 +475,9 @@ impl Metrics {
         self.memory_keys
             .set(gauge_value(scrape.store.keys.unwrap_or_default()));
         catch_up(&self.memory_evictions, scrape.evictions);
+        if let Some(calls) = &scrape.store.redis {
+            self.redis.update(calls);
+        }
         if let Some((ok, error)) = scrape.reloads {
             catch_up(&self.reloads.with_label_values(&["ok"]), ok);
             catch_up(&self.reloads.with_label_values(&["error"]), error);

@@ -343,6 +343,24 @@ pub struct StoreHealth {
     /// Times new TLS certificates were put in use (Redis over TLS).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_rotations: Option<u64>,
+    /// Redis: what the batch calls and local-first syncs did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis: Option<RedisCalls>,
+}
+
+/// What a Redis store's calls did since it started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct RedisCalls {
+    /// Batch script calls (each decides one request, or one Cluster slot group of one).
+    pub calls: u64,
+    /// Requests those calls decided: divided by `calls`, the mean batch size.
+    pub batched_requests: u64,
+    /// Local-first sync calls, and how many failed.
+    pub syncs: u64,
+    /// Of those, the ones that failed.
+    pub sync_failures: u64,
+    /// Keys of local-first limits this node decides.
+    pub local_first_keys: usize,
 }
 
 impl Default for StoreHealth {
@@ -354,6 +372,7 @@ impl Default for StoreHealth {
             breakers: 0,
             breakers_open: 0,
             tls_rotations: None,
+            redis: None,
         }
     }
 }

@@ -708,13 +708,31 @@ fn diagnostics_show_the_memory_store_and_the_breaker() {
             .await
             .expect("the store connects")
     });
-    let healthy = call(&app, "GET", "/admin/diagnostics", b"").json();
+    let request = RequestCtx::new(Method::GET, "/api/x").with_client_ip([198, 51, 100, 1].into());
+    for _ in 0..3 {
+        assert!(app.block_on(engine.decide(&request)).is_allowed());
+    }
+    let healthy = call(&app, "GET", "/admin/diagnostics", b"");
+    support::assert_conforms_to(SPEC, &healthy, "Diagnostics");
+    let healthy = healthy.json();
+    assert_eq!(healthy["store"]["redis"]["calls"], 3, "{healthy}");
+    assert_eq!(
+        healthy["store"]["redis"]["batched_requests"], 3,
+        "{healthy}"
+    );
+    let text = call(&app, "GET", "/metrics", b"").text();
+    for line in [
+        "tollgate_redis_calls_total 3",
+        "tollgate_redis_batched_requests_total 3",
+        r#"tollgate_redis_syncs_total{outcome="error"} 0"#,
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+    }
     assert_eq!(healthy["store"]["kind"], "redis");
     assert_eq!(healthy["store"]["breakers"], 1);
     assert_eq!(healthy["store"]["breakers_open"], 0);
     assert!(healthy["store"].get("keys").is_none());
     redis.kill();
-    let request = RequestCtx::new(Method::GET, "/api/x").with_client_ip([198, 51, 100, 1].into());
     for _ in 0..10 {
         app.block_on(engine.decide(&request));
     }
@@ -814,6 +832,9 @@ fn metrics_follow_traffic_reloads_and_bans() {
         "tollgate_store_breakers_open",
         "tollgate_memory_store_keys",
         "tollgate_memory_store_evictions_total",
+        "tollgate_redis_calls_total",
+        "tollgate_redis_batched_requests_total",
+        "tollgate_local_first_keys",
         "tollgate_store_errors_total",
         "tollgate_active_bans",
         "tollgate_plan_info",

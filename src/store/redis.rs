@@ -847,6 +847,13 @@ impl Store for RedisStore {
             breakers: self.breakers.len(),
             breakers_open: self.breakers.iter().filter(|b| b.is_open()).count(),
             tls_rotations: self.url.starts_with("rediss").then(|| self.tls_rotations()),
+            redis: Some(super::RedisCalls {
+                calls: self.round_trips(),
+                batched_requests: self.batched_requests(),
+                syncs: self.sync_calls().0,
+                sync_failures: self.sync_calls().1,
+                local_first_keys: self.local_first_keys(),
+            }),
             ..super::StoreHealth::default()
         }
     }
