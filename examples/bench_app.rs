@@ -9,7 +9,10 @@
 //! does); `tollgate-redis`, Tollgate on the Redis store with the same three limits;
 //! `tollgate-redis-exceeded`, the same with a limit every request exceeds (the local deny
 //! cache answers); `tollgate-redis-one`, Tollgate with the stand-in's one fixed window;
-//! `tollgate-redis-ten`, ten limits matching.
+//! `tollgate-redis-ten`, ten limits matching; `tollgate-redis-unbatched`, `tollgate-redis`
+//! with every request its own call (`redis_batch_max = 1`); `tollgate-redis-local`, three
+//! local-first limits (`benches/three_limits_local.rl`), and `tollgate-local-memory`, the same
+//! policy on the memory store (like for like).
 //!
 //! `tollgate-export`: `tollgate` with every decision exported to the ClickHouse at
 //! `BENCH_CLICKHOUSE_URL` (migrated first), or, without it, to an in-process stand-in that
@@ -34,6 +37,7 @@ const POLICY: &str = include_str!("../benches/three_limits.rl");
 const EXCEEDED: &str = include_str!("../benches/exceeded.rl");
 const ONE_LIMIT: &str = include_str!("../benches/one_limit.rl");
 const TEN_LIMITS: &str = include_str!("../benches/ten_limits.rl");
+const LOCAL_FIRST: &str = include_str!("../benches/three_limits_local.rl");
 
 /// The stand-in's script: a fixed window of 1,000,000,000 per second per client.
 const STANDIN: &str = r"
@@ -78,7 +82,18 @@ fn tollgate_layer_with<S: tollgate::store::Store>(
 }
 
 async fn redis_store() -> tollgate::store::redis::RedisStore {
-    tollgate::store::redis::RedisStore::connect(&redis_url(), std::time::Duration::from_secs(1))
+    redis_store_with(tollgate::store::redis::RedisOptions::default().batch_max).await
+}
+
+/// The Redis store with at most `batch_max` requests per call (1: no batching).
+async fn redis_store_with(batch_max: usize) -> tollgate::store::redis::RedisStore {
+    let options = tollgate::store::redis::RedisOptions {
+        timeout: std::time::Duration::from_secs(1),
+        connect_timeout: std::time::Duration::from_secs(1),
+        batch_max,
+        ..Default::default()
+    };
+    tollgate::store::redis::RedisStore::connect_with(&redis_url(), options)
         .await
         .expect("Redis answers")
 }
@@ -150,6 +165,14 @@ async fn main() {
         "tollgate-redis-exceeded" => hello.layer(tollgate_layer(EXCEEDED, redis_store().await)),
         "tollgate-redis-one" => hello.layer(tollgate_layer(ONE_LIMIT, redis_store().await)),
         "tollgate-redis-ten" => hello.layer(tollgate_layer(TEN_LIMITS, redis_store().await)),
+        "tollgate-redis-unbatched" => {
+            hello.layer(tollgate_layer(POLICY, redis_store_with(1).await))
+        }
+        "tollgate-redis-local" => hello.layer(tollgate_layer(LOCAL_FIRST, redis_store().await)),
+        "tollgate-local-memory" => hello.layer(tollgate_layer(
+            LOCAL_FIRST,
+            tollgate::store::MemoryStore::new(),
+        )),
         "standin" => {
             let client = redis::Client::open(redis_url()).expect("a Redis URL");
             let connection = client
@@ -162,7 +185,7 @@ async fn main() {
         }
         other => {
             eprintln!(
-                "unknown mode `{other}`: bare, governor, tollgate, tollgate-export, standin, tollgate-redis, tollgate-redis-exceeded, tollgate-redis-one or tollgate-redis-ten"
+                "unknown mode `{other}`: bare, governor, tollgate, tollgate-export, standin, tollgate-redis, tollgate-redis-exceeded, tollgate-redis-one, tollgate-redis-ten, tollgate-redis-unbatched, tollgate-redis-local or tollgate-local-memory"
             );
             std::process::exit(2);
         }

@@ -2,15 +2,20 @@
 # Redis-backed HTTP load, in one go on this machine against one local redis-server:
 #   (a) standin: a minimal axum app doing one EVALSHA of a fixed-window script per request,
 #   (b) tollgate-redis: Tollgate's RateLimitLayer on the Redis store, three limits matching
-#       every request, never reached,
+#       every request, never reached (exact, requests batched per call),
 #   (c) tollgate-redis-exceeded: the same with a limit every request exceeds (the local deny
 #       cache answers),
 #   (b1) tollgate-redis-one: Tollgate with the stand-in's one fixed window per client, for a
 #       like-for-like comparison,
 #   (d) redis-benchmark running the stand-in's script directly: the ceiling,
 #   and the bare axum hello (no limiter, no Redis): the ceiling of any HTTP figure here.
-# Prints requests/s, p50/p99, Redis round trips per request (INFO commandstats before and
-# after) and the ratios to record in docs/performance.md. Traffic goes to 127.0.0.1 only.
+# Other modes (MODES=…): tollgate-redis-unbatched (one call per request), tollgate-redis-ten
+# (ten limits), tollgate-redis-local (three local-first limits), tollgate-local-memory (the
+# same policy on the memory store), tollgate (the memory store, three limits).
+# Prints requests/s, p50/p99, EVALSHA calls per request, the mean batch size (requests per
+# call), and Redis's own time per request (INFO commandstats before and after: every script
+# call, syncs included, divided by the requests served) — what one Redis core can serve is
+# 1 / that. Traffic goes to 127.0.0.1 only.
 #
 #   scripts/bench-redis.sh [SECONDS] [CONNECTIONS]
 #   MODES="tollgate-redis-one tollgate-redis tollgate-redis-ten" scripts/bench-redis.sh   # 1, 3, 10 limits
@@ -58,12 +63,13 @@ for round in $(seq "$rounds"); do
     p99=$(awk '$1=="99%" {print $2}' <<<"$out")
     non2xx=$(awk '/Non-2xx/ {print $NF}' <<<"$out")
     trips=$(awk -v a="$after" -v b="$before" -v n="$total" 'BEGIN {printf "%.4f", (a - b) / n}')
-    # Redis's own time per call: what one Redis core can serve, whatever the app's speed.
-    redis_us=$(awk -v a="$after" -v b="$before" -v u="$after_us" -v v="$before_us" \
-      'BEGIN {if (a > b) printf "%.1f", (u - v) / (a - b); else printf "-"}')
+    batch=$(awk -v a="$after" -v b="$before" -v n="$total" 'BEGIN {if (a > b) printf "%.1f", n / (a - b); else printf "-"}')
+    # Redis's own time per request: what one Redis core can serve, whatever the app's speed.
+    redis_us=$(awk -v n="$total" -v u="$after_us" -v v="$before_us" \
+      'BEGIN {printf "%.2f", (u - v) / n}')
     all[$mode]="${all[$mode]:-} $r"
-    printf 'round %d  %-24s %10s req/s   p50 %-8s p99 %-8s non-2xx %-8s EVALSHA/request %s  Redis µs/call %s\n' \
-      "$round" "$mode" "$r" "$p50" "$p99" "${non2xx:-0}" "$trips" "$redis_us"
+    printf 'round %d  %-24s %10s req/s   p50 %-8s p99 %-8s non-2xx %-6s calls/request %s  batch %s  Redis µs/request %s\n' \
+      "$round" "$mode" "$r" "$p50" "$p99" "${non2xx:-0}" "$trips" "$batch" "$redis_us"
   done
 done
 

@@ -4,34 +4,36 @@
 -- src/limiter/*.rs's, in integers (microseconds, counts) that a Lua number (a double) holds
 -- exactly below 2^53; the compiler keeps every product below that.
 --
--- KEYS: per request, per operation, its state key, then its ban key (same hash tag) if it bans.
+-- KEYS: every key the requests use, once each (state keys, and ban keys `{key}:ban`).
 -- ARGV[1]: the numbers, packed as little-endian doubles (exact for these whole numbers below
 -- 2^53) and read with `struct.unpack`: Lua's `tonumber` is C's `strtod`, which cost more than
 -- the rest of a small operation. First the clock (1: read Redis's own with TIME, for nodes
 -- that must share one; 0: each request's own) and the number of requests; then per request
--- its now (µs since the epoch) and number of operations, then six per operation: code
--- (algorithm + 10 if enforced + 20 if it bans), cost, ban (µs), and the algorithm's
--- parameters: 1 fixed window (limit, window), 2 calendar (limit, start, end), 3 sliding window
--- (limit, window), 4 token bucket (capacity, count, period), 5 GCRA (capacity, emission
--- interval), 6 concurrency (max, lease); unused ones are 0.
--- ARGV[2…]: per request, each operation's cost as text (written as it is, never formatted
--- here), then the lease id of each of its concurrency operations, in order.
+-- its now (µs since the epoch) and number of operations, then nine per operation: code
+-- (algorithm + 10 if enforced + 20 if it bans), cost, ban (µs), the algorithm's parameters
+-- (1 fixed window: limit, window; 2 calendar: limit, start, end; 3 sliding window: limit,
+-- window; 4 token bucket: capacity, count, period; 5 GCRA: capacity, emission interval;
+-- 6 concurrency: max, lease; unused ones are 0), where its state key and its ban key (0:
+-- none) are in KEYS, and where its lease id is in ARGV (concurrency; else 0).
+-- ARGV[2…]: the lease ids, as text.
 -- Returns, per request: the length of its answer, then the answer: admitted (0/1), then 6 per
 -- operation: allowed, limit, remaining, reset (µs), retry after (µs, -1 = never), banned (0/1);
 -- or, when every operation was allowed (the common case), 1 and then only remaining and reset
 -- per operation: the caller knows the rest, and parsing the reply is most of what a call
 -- costs the caller.
 --
--- Cost on Redis's side matters (it is single-threaded and shared by every node): every number
--- handed to redis.call is formatted to text, which costs about as much as a command, so the
--- common paths avoid it. A count in the same window is an HINCRBY by the cost as it arrived
--- (ARGV text), with no new expiry; a bucket or GCRA key's expiry is only pushed out when it
--- would end before the bucket is full again (the TAT is past), and then to an eighth past
--- that moment, so that steady traffic re-expires a key at most every eighth of its refill
--- time and an idle key lives at most 1/8 longer than its state matters (a full bucket or a
--- past TAT is the same as no key); a limit without a ban never reads its ban key. The
--- algorithms return their decision and the write to make as plain values (no table or closure
--- per operation), kept in two flat arrays until every operation of the request is decided.
+-- Cost on Redis's side matters (it is single-threaded and shared by every node), and most of
+-- it is per redis.call and per number formatted to text. So a key's hash is read once per
+-- call (the fields its algorithm uses: `s` window start, `c` count, `p` the previous
+-- window's count; `l`/`u` a bucket's level and update time; `t` a GCRA TAT), the requests
+-- read and update that copy, and each key changed is written once at the end (one command,
+-- and its expiry when it changes): a hot key — a global limit, a busy client — costs two
+-- commands per call however many of the call's requests count in it. A bucket or GCRA key's expiry is only
+-- pushed out when it would end before the bucket is full again (the TAT is past), and then
+-- to an eighth past that moment, so that steady traffic re-expires a key at most every eighth
+-- of its refill time and an idle key lives at most 1/8 longer than its state matters (a full
+-- bucket or a past TAT is the same as no key). Concurrency leases (a sorted set) and bans are
+-- written as they happen.
 
 local pos = 1
 local clock, requests
@@ -52,17 +54,47 @@ local function fdiv(a, b) return (a - a % b) / b end
 local function int(x) return string.format('%d', x) end
 local function cdiv(a, b) return fdiv(a + b - 1, b) end
 
--- Each algorithm returns: allowed (0/1), limit, remaining, reset, retry after (-1 = never),
--- then the write to make if the batch is admitted: kind and up to three numbers.
--- Kinds: 0 none; 1 count in the same window (HINCRBY); 2 a new window (start, end);
--- 3 a new sliding window (start, previous count, expiry); 4 a bucket (level, µs to full,
--- life); 5 a GCRA TAT (tat, µs ahead, life); 6 a lease (expiry, the last lease's expiry).
+-- Each key's fields as read, then updated by the requests: [1] s, [2] c, [3] p, [4] l, [5] u,
+-- [6] t, each group read when an algorithm first needs it ([14] windows, [15] a bucket, [16]
+-- a GCRA); what to write at the end: [7] s and c, [8] p, [17] only what was added to c, [9] l
+-- and u, [10] t; its expiry: [11] 0 none, 1 PEXPIRE [12] ms, 2 keep at least [12] µs and else
+-- extend to [13] µs; and [18] whether it is in `changed`.
+local keys = {}
+local changed = {}
+local function load(k, algo)
+  local st = keys[k]
+  if st == nil then
+    st = {nil, 0, 0, nil, nil, nil, false, false, false, false, 0, 0, 0, false, false, false, 0, false}
+    keys[k] = st
+  end
+  if algo <= 3 then
+    if not st[14] then
+      local v = redis.call('HMGET', KEYS[k], 's', 'c', 'p')
+      st[1], st[2], st[3], st[14] = tonumber(v[1]), tonumber(v[2]) or 0, tonumber(v[3]) or 0, true
+    end
+  elseif algo == 4 then
+    if not st[15] then
+      local v = redis.call('HMGET', KEYS[k], 'l', 'u')
+      st[4], st[5], st[15] = tonumber(v[1]), tonumber(v[2]), true
+    end
+  elseif not st[16] then
+    st[6], st[16] = tonumber(redis.call('HGET', KEYS[k], 't')), true
+  end
+  return st
+end
+-- Ban keys' ends (µs; 0: none), read once per call.
+local bans = {}
 
-local function window(key, limit, start, stop, cost)
-  local s = redis.call('HMGET', key, 's', 'c')
+-- Each algorithm returns: allowed (0/1), limit, remaining, reset, retry after (-1 = never),
+-- then the change to make if the request is admitted: kind and up to three numbers.
+-- Kinds: 0 none; 1 count in the same window; 2 a new window (start, end); 3 a new sliding
+-- window (start, previous count, expiry); 4 a bucket (level, µs to full, life); 5 a GCRA TAT
+-- (tat, µs ahead, life); 6 a lease (expiry, the last lease's expiry).
+
+local function window(st, limit, start, stop, cost)
   local count = 0
-  local same = tonumber(s[1]) == start
-  if same then count = tonumber(s[2]) or 0 end
+  local same = st[1] == start
+  if same then count = st[2] end
   local total = count + cost
   if total <= limit then
     if same then return 1, limit, limit - total, stop - now, -1, 1, 0, 0, 0 end
@@ -81,16 +113,15 @@ local function earliest(w, room, count)
   return w - keep
 end
 
-local function sliding(key, limit, w, cost)
+local function sliding(st, limit, w, cost)
   local start = now - now % w
   local stop = start + w
-  local s = redis.call('HMGET', key, 's', 'p', 'c')
-  local sstart = tonumber(s[1])
+  local sstart = st[1]
   local prev, cur = 0, 0
   if sstart == start then
-    prev, cur = tonumber(s[2]) or 0, tonumber(s[3]) or 0
+    prev, cur = st[3], st[2]
   elseif sstart ~= nil and sstart + w == start then
-    prev = tonumber(s[3]) or 0
+    prev = st[2]
   end
   local estimate = cdiv(prev * (stop - now), w) + cur
   if estimate + cost <= limit then
@@ -119,13 +150,12 @@ local function sliding(key, limit, w, cost)
   return 0, limit, remaining, whole, retry, 0, 0, 0, 0
 end
 
-local function bucket(key, capacity, count, period, cost)
+local function bucket(st, capacity, count, period, cost)
   local full = capacity * period
-  local s = redis.call('HMGET', key, 'l', 'u')
   local level = full
-  if s[1] then
-    level = tonumber(s[1])
-    local elapsed = now - tonumber(s[2])
+  if st[4] then
+    level = st[4]
+    local elapsed = now - (st[5] or now)
     if elapsed < 0 then elapsed = 0 end
     -- Refill without overflowing: past the time to fill, the bucket is full.
     if elapsed >= cdiv(full - level, count) then
@@ -145,9 +175,9 @@ local function bucket(key, capacity, count, period, cost)
   return 0, capacity, fdiv(level, period), cdiv(full - level, count), retry, 0, 0, 0, 0
 end
 
-local function gcra(key, capacity, t, cost)
+local function gcra(st, capacity, t, cost)
   local tolerance = capacity * t
-  local tat = tonumber(redis.call('HGET', key, 't')) or now
+  local tat = st[6] or now
   if tat < now then tat = now end
   local new_tat = tat + cost * t
   if new_tat - now <= tolerance then
@@ -174,17 +204,25 @@ local function concurrency(key, max, lease)
   return 0, max, 0, last - now, first - now, 0, 0, 0, 0
 end
 
--- Keeps `key` at least `need` µs from now, extending it to `life` µs when it would end
--- sooner.
-local function keep(key, need, life)
-  if redis.call('PTTL', key) * 1000 < need then
-    redis.call('PEXPIRE', key, int(cdiv(life, 1000) + 1))
+-- Marks `st` (KEYS[k]) to be written at the end.
+local function touch(k, st)
+  if not st[18] then
+    st[18] = true
+    changed[#changed + 1] = k
   end
+end
+-- Its expiry: exactly `ms` from now (a new window), unless one is already set.
+local function expire_in(st, ms)
+  st[11], st[12] = 1, ms
+end
+-- Or at least `need` µs from now, extended to `life` µs when it would end sooner.
+local function keep(st, need, life)
+  if st[11] ~= 1 then st[11], st[12], st[13] = 2, need, life end
 end
 
 -- Per operation of the request being decided: where its state key and ban key (0: none) are
--- in KEYS, its cost, where its cost and lease id are in ARGV, its ban, and whether it is
--- enforced; and the write to make. Reused from request to request.
+-- in KEYS, its cost, where its lease id is in ARGV, its ban, whether it is enforced, and its
+-- state; and the change to make. Reused from request to request.
 local at = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
 local writes = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
 -- Every request's answer, one after the other; built at its size for one request of up to
@@ -192,7 +230,6 @@ local writes = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
 -- reply ends at the first nil, which is written after the last answer.
 local out = {0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
 local top = 0
-local k, a = 1, 2
 
 for _ = 1, requests do
   local n
@@ -201,47 +238,46 @@ for _ = 1, requests do
   -- This request's answer: its length at `top + 1`, admitted at `base`, then its operations.
   local base = top + 2
   local admitted = true
-  local lease_at = a + n
   for i = 1, n do
-    local code, cost, ban, p1, p2, p3
-    code, cost, ban, p1, p2, p3, pos = struct.unpack('<dddddd', ARGV[1], pos)
-    local algo, enforce, bans = code % 10, code % 20 >= 10, code >= 20
-    local key_at, ban_key, lease = k, 0, 0
-    local key = KEYS[k]
-    k = k + 1
-    if bans then
-      ban_key = k
-      k = k + 1
-    end
-    if algo == 6 then
-      lease = lease_at
-      lease_at = lease_at + 1
-    end
+    local code, cost, ban, p1, p2, p3, key_at, ban_at, lease_at
+    code, cost, ban, p1, p2, p3, key_at, ban_at, lease_at, pos =
+      struct.unpack('<ddddddddd', ARGV[1], pos)
+    local algo, enforce = code % 10, code % 20 >= 10
     local c = (i - 1) * 7
-    at[c + 1], at[c + 2], at[c + 3], at[c + 4], at[c + 5], at[c + 6], at[c + 7] =
-      key_at, ban_key, cost, lease, ban, enforce, a + i - 1
     local banned_until = 0
-    if bans then banned_until = tonumber(redis.call('GET', KEYS[ban_key])) or 0 end
+    if ban_at > 0 then
+      banned_until = bans[ban_at]
+      if banned_until == nil then
+        banned_until = tonumber(redis.call('GET', KEYS[ban_at])) or 0
+        bans[ban_at] = banned_until
+      end
+    end
+    local st = false
     local ok, limit, remaining, reset, retry, kind, wa, wb, wc
     local banned = 0
     if banned_until > now then
       ok, limit, remaining, reset, retry = 0, p1, 0, banned_until - now, banned_until - now
       kind, wa, wb, wc = 0, 0, 0, 0
       banned = 1
-    elseif algo == 1 then
-      local start = now - now % p2
-      ok, limit, remaining, reset, retry, kind, wa, wb, wc = window(key, p1, start, start + p2, cost)
-    elseif algo == 2 then
-      ok, limit, remaining, reset, retry, kind, wa, wb, wc = window(key, p1, p2, p3, cost)
-    elseif algo == 3 then
-      ok, limit, remaining, reset, retry, kind, wa, wb, wc = sliding(key, p1, p2, cost)
-    elseif algo == 4 then
-      ok, limit, remaining, reset, retry, kind, wa, wb, wc = bucket(key, p1, p2, p3, cost)
-    elseif algo == 5 then
-      ok, limit, remaining, reset, retry, kind, wa, wb, wc = gcra(key, p1, p2, cost)
+    elseif algo == 6 then
+      ok, limit, remaining, reset, retry, kind, wa, wb, wc = concurrency(KEYS[key_at], p1, p2)
     else
-      ok, limit, remaining, reset, retry, kind, wa, wb, wc = concurrency(key, p1, p2)
+      st = load(key_at, algo)
+      if algo == 1 then
+        local start = now - now % p2
+        ok, limit, remaining, reset, retry, kind, wa, wb, wc = window(st, p1, start, start + p2, cost)
+      elseif algo == 2 then
+        ok, limit, remaining, reset, retry, kind, wa, wb, wc = window(st, p1, p2, p3, cost)
+      elseif algo == 3 then
+        ok, limit, remaining, reset, retry, kind, wa, wb, wc = sliding(st, p1, p2, cost)
+      elseif algo == 4 then
+        ok, limit, remaining, reset, retry, kind, wa, wb, wc = bucket(st, p1, p2, p3, cost)
+      else
+        ok, limit, remaining, reset, retry, kind, wa, wb, wc = gcra(st, p1, p2, cost)
+      end
     end
+    at[c + 1], at[c + 2], at[c + 3], at[c + 4], at[c + 5], at[c + 6], at[c + 7] =
+      key_at, ban_at, cost, lease_at, ban, enforce, st
     local b = base + (i - 1) * 6
     out[b + 1], out[b + 2], out[b + 3], out[b + 4], out[b + 5], out[b + 6] =
       ok, limit, remaining, reset, retry, banned
@@ -249,7 +285,6 @@ for _ = 1, requests do
     writes[w + 1], writes[w + 2], writes[w + 3], writes[w + 4] = kind, wa, wb, wc
     if ok == 0 and enforce then admitted = false end
   end
-  a = lease_at
 
   if admitted then out[base] = 1 else out[base] = 0 end
   local short = admitted
@@ -257,29 +292,34 @@ for _ = 1, requests do
     local b = base + (i - 1) * 6
     local c = (i - 1) * 7
     local w = (i - 1) * 4
-    local key = KEYS[at[c + 1]]
-    local cost = ARGV[at[c + 7]]
     local ok = out[b + 1]
     if out[b + 6] == 1 then
       -- Banned: nothing to write.
       short = false
     elseif admitted and ok == 1 then
       local kind, wa, wb, wc = writes[w + 1], writes[w + 2], writes[w + 3], writes[w + 4]
+      local st, cost = at[c + 7], at[c + 3]
       if kind == 1 then
-        redis.call('HINCRBY', key, 'c', cost)
+        touch(at[c + 1], st)
+        st[2], st[17] = st[2] + cost, st[17] + cost
       elseif kind == 2 then
-        redis.call('HSET', key, 's', int(wa), 'c', cost)
-        redis.call('PEXPIRE', key, int(cdiv(wb - now, 1000) + 1))
+        touch(at[c + 1], st)
+        st[1], st[2], st[7] = wa, cost, true
+        expire_in(st, cdiv(wb - now, 1000) + 1)
       elseif kind == 3 then
-        redis.call('HSET', key, 's', int(wa), 'p', int(wb), 'c', cost)
-        redis.call('PEXPIRE', key, int(cdiv(wc - now, 1000) + 1))
+        touch(at[c + 1], st)
+        st[1], st[3], st[2], st[7], st[8] = wa, wb, cost, true, true
+        expire_in(st, cdiv(wc - now, 1000) + 1)
       elseif kind == 4 then
-        redis.call('HSET', key, 'l', int(wa), 'u', int(now))
-        keep(key, wb, wc)
+        touch(at[c + 1], st)
+        st[4], st[5], st[9] = wa, now, true
+        keep(st, wb, wc)
       elseif kind == 5 then
-        redis.call('HSET', key, 't', int(wa))
-        keep(key, wb, wc)
+        touch(at[c + 1], st)
+        st[6], st[10] = wa, true
+        keep(st, wb, wc)
       elseif kind == 6 then
+        local key = KEYS[at[c + 1]]
         redis.call('ZADD', key, int(wa), ARGV[at[c + 4]])
         redis.call('PEXPIRE', key, int(cdiv(wb - now, 1000) + 1))
       end
@@ -288,6 +328,7 @@ for _ = 1, requests do
       if ok == 0 and at[c + 6] and at[c + 2] ~= 0 then
         local ban = at[c + 5]
         redis.call('SET', KEYS[at[c + 2]], int(now + ban), 'PX', int(cdiv(ban, 1000) + 1))
+        bans[at[c + 2]] = now + ban
         -- The rejection that starts a ban announces it.
         if out[b + 4] < ban then out[b + 4] = ban end
         if out[b + 5] < ban then out[b + 5] = ban end
@@ -314,5 +355,27 @@ for _ = 1, requests do
   out[top + 1] = length
   top = top + 1 + length
 end
+
+-- Each key changed, written once: a new window whole, a count in the same window by what was
+-- added (HINCRBY: other fields untouched), a bucket's or TAT's fields.
+for i = 1, #changed do
+  local k = changed[i]
+  local st, key = keys[k], KEYS[k]
+  if st[8] then
+    redis.call('HSET', key, 's', int(st[1]), 'p', int(st[3]), 'c', int(st[2]))
+  elseif st[7] then
+    redis.call('HSET', key, 's', int(st[1]), 'c', int(st[2]))
+  elseif st[17] ~= 0 then
+    redis.call('HINCRBY', key, 'c', int(st[17]))
+  end
+  if st[9] then redis.call('HSET', key, 'l', int(st[4]), 'u', int(st[5])) end
+  if st[10] then redis.call('HSET', key, 't', int(st[6])) end
+  if st[11] == 1 then
+    redis.call('PEXPIRE', key, int(st[12]))
+  elseif st[11] == 2 and redis.call('PTTL', key) * 1000 < st[12] then
+    redis.call('PEXPIRE', key, int(cdiv(st[13], 1000) + 1))
+  end
+end
+
 out[top + 1] = nil
 return out

@@ -7,6 +7,7 @@
 //! decides them in arrival order, each all-or-nothing, each seeing what the ones before it
 //! consumed — the same answers as one call per request, for a fraction of Redis's time.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -48,32 +49,49 @@ impl Link {
             .map_err(backend)
     }
 
-    /// One call of the batch script for `requests`: the answer of each, in order.
+    /// One call of the batch script for `requests`: the answer of each, in order. Keys are
+    /// sent once per call, however many requests use them.
     pub(super) async fn run(&self, requests: &[&Encoded]) -> Result<Vec<Vec<i64>>, StoreError> {
-        let ops: usize = requests.iter().map(|r| r.ops).sum();
-        let keys: usize = requests.iter().map(|r| r.key_ends.len()).sum();
-        let key_bytes: usize = requests.iter().map(|r| r.keys.len()).sum();
-        let mut cmd = Cmd::with_capacity(4 + keys + 2 * ops, 96 + key_bytes + 60 * ops);
-        cmd.arg("EVALSHA").arg(self.batch.get_hash()).arg(keys);
+        let ops: usize = requests.iter().map(|r| r.ops.len()).sum();
+        let mut keys = KeyTable::default();
+        let mut numbers = Vec::with_capacity(8 * (2 + 2 * requests.len() + 9 * ops));
+        let mut push = |n: f64| numbers.extend_from_slice(&n.to_le_bytes());
+        push(f64::from(u8::from(self.server_time)));
+        push(exact(requests.len() as u64));
+        let mut leases: SmallVec<[u64; 4]> = SmallVec::new();
         for request in requests {
-            let mut start = 0;
-            for &end in &request.key_ends {
-                cmd.arg(&request.keys[start..end]);
-                start = end;
+            push(exact(request.now));
+            push(exact(request.ops.len() as u64));
+            for op in &request.ops {
+                for n in op.numbers {
+                    push(exact(n));
+                }
+                push(keys.position(request.key(op.key)));
+                push(op.ban_key.map_or(0.0, |k| keys.position(request.key(k))));
+                match op.lease {
+                    Some(lease) => {
+                        leases.push(lease);
+                        push(exact(1 + leases.len() as u64));
+                    }
+                    None => push(0.0),
+                }
             }
         }
-        let mut numbers =
-            Vec::with_capacity(16 + requests.iter().map(|r| r.numbers.len()).sum::<usize>());
-        numbers.extend_from_slice(&f64::from(u8::from(self.server_time)).to_le_bytes());
-        numbers.extend_from_slice(&exact(requests.len() as u64).to_le_bytes());
-        for request in requests {
-            numbers.extend_from_slice(&request.numbers);
+        let keys = keys.keys;
+        let key_bytes: usize = keys.iter().map(|k| k.len()).sum();
+        let mut cmd = Cmd::with_capacity(
+            4 + keys.len() + leases.len(),
+            96 + key_bytes + numbers.len(),
+        );
+        cmd.arg("EVALSHA")
+            .arg(self.batch.get_hash())
+            .arg(keys.len());
+        for key in &keys {
+            cmd.arg(*key);
         }
         cmd.arg(numbers);
-        for request in requests {
-            for &n in &request.texts {
-                cmd.arg(n);
-            }
+        for lease in &leases {
+            cmd.arg(*lease);
         }
         self.calls.fetch_add(1, Ordering::Relaxed);
         self.requests
@@ -92,6 +110,24 @@ impl Link {
             })
             .await?;
         split(&reply, requests.len())
+    }
+}
+
+/// The keys of a call, each once, and where each is in `KEYS` (from 1).
+#[derive(Default)]
+struct KeyTable<'a> {
+    index: HashMap<&'a [u8], u32, foldhash::fast::RandomState>,
+    keys: SmallVec<[&'a [u8]; 16]>,
+}
+
+impl<'a> KeyTable<'a> {
+    fn position(&mut self, key: &'a [u8]) -> f64 {
+        let next = u32::try_from(self.keys.len() + 1).unwrap_or(u32::MAX);
+        let keys = &mut self.keys;
+        f64::from(*self.index.entry(key).or_insert_with(|| {
+            keys.push(key);
+            next
+        }))
     }
 }
 
@@ -125,16 +161,23 @@ pub(super) fn exact(n: u64) -> f64 {
     n as f64
 }
 
-/// One request's part of a batch call, owned so that it can wait in a queue: its keys, its
-/// packed numbers and its text arguments (see `batch.lua`).
+/// One request's part of a batch call, owned so that it can wait in a queue: its keys and,
+/// per operation, what `batch.lua` reads.
 pub(super) struct Encoded {
-    ops: usize,
+    now: u64,
     /// Every key, one after the other; `key_ends` says where each ends.
     keys: Vec<u8>,
     key_ends: SmallVec<[usize; 8]>,
-    numbers: Vec<u8>,
-    /// Each operation's cost, then each concurrency operation's lease id.
-    texts: SmallVec<[u64; 8]>,
+    ops: SmallVec<[EncodedOp; 4]>,
+}
+
+/// One operation: code, cost, ban and the algorithm's three parameters; its state key and
+/// ban key (indexes into the request's keys); its lease id (concurrency).
+struct EncodedOp {
+    numbers: [u64; 6],
+    key: usize,
+    ban_key: Option<usize>,
+    lease: Option<u64>,
 }
 
 impl Encoded {
@@ -142,45 +185,43 @@ impl Encoded {
     pub(super) fn new(ops: &[Op<'_>], group: &[usize], now: Timestamp) -> Self {
         let key_bytes: usize = group.iter().map(|&i| ops[i].key.len() + 4).sum();
         let mut keys = Vec::with_capacity(2 * key_bytes);
-        let mut key_ends = SmallVec::new();
-        for &i in group {
-            keys.extend_from_slice(ops[i].key.as_bytes());
-            key_ends.push(keys.len());
-            if ops[i].ban.is_some() {
-                keys.extend_from_slice(ops[i].key.as_bytes());
-                keys.extend_from_slice(b":ban");
-                key_ends.push(keys.len());
-            }
-        }
-        let mut numbers = Vec::with_capacity(8 * (2 + 6 * group.len()));
-        let mut push = |n: u64| numbers.extend_from_slice(&exact(n).to_le_bytes());
-        push(now.as_micros());
-        push(group.len() as u64);
+        let mut key_ends: SmallVec<[usize; 8]> = SmallVec::new();
+        let mut encoded = SmallVec::new();
         for &i in group {
             let op = &ops[i];
+            keys.extend_from_slice(op.key.as_bytes());
+            key_ends.push(keys.len());
+            let key = key_ends.len() - 1;
+            let ban_key = op.ban.map(|_| {
+                keys.extend_from_slice(op.key.as_bytes());
+                keys.extend_from_slice(b":ban");
+                key_ends.push(keys.len());
+                key_ends.len() - 1
+            });
             let [algorithm, p1, p2, p3] = params(&op.quota, now);
             let code = algorithm + 10 * u64::from(op.enforce) + 20 * u64::from(op.ban.is_some());
             let ban = op
                 .ban
                 .map_or(0, |b| u64::try_from(b.as_micros()).unwrap_or(u64::MAX));
-            for n in [code, op.cost, ban, p1, p2, p3] {
-                push(n);
-            }
+            encoded.push(EncodedOp {
+                numbers: [code, op.cost, ban, p1, p2, p3],
+                key,
+                ban_key,
+                lease: matches!(op.quota, Quota::Concurrency(_)).then_some(op.lease.0),
+            });
         }
-        let mut texts: SmallVec<[u64; 8]> = group.iter().map(|&i| ops[i].cost).collect();
-        texts.extend(
-            group
-                .iter()
-                .filter(|&&i| matches!(ops[i].quota, Quota::Concurrency(_)))
-                .map(|&i| ops[i].lease.0),
-        );
         Encoded {
-            ops: group.len(),
+            now: now.as_micros(),
             keys,
             key_ends,
-            numbers,
-            texts,
+            ops: encoded,
         }
+    }
+
+    /// Key `i` of the request.
+    fn key(&self, i: usize) -> &[u8] {
+        let start = if i == 0 { 0 } else { self.key_ends[i - 1] };
+        &self.keys[start..self.key_ends[i]]
     }
 }
 
