@@ -71,12 +71,19 @@ fn tollgate_layer_with<S: tollgate::store::Store>(
     let engine = Arc::new(engine);
     // `BENCH_HEADERS=none` sends no rate-limit headers (as tower_governor by default).
     let send = std::env::var("BENCH_HEADERS").map_or(true, |v| v != "none");
+    // `BENCH_TRUST_LOCAL=1` believes headers from 127.0.0.1 (a trusted proxy): keys may
+    // then come from `X-Client-Id` (`CLIENTS=N scripts/bench-redis.sh`).
+    let mut identifier = tollgate::identity::Identifier::new();
+    if std::env::var("BENCH_TRUST_LOCAL").is_ok_and(|v| v == "1") {
+        identifier =
+            identifier.with_trusted_proxies(vec!["127.0.0.0/8".parse().expect("a network")]);
+    }
     let options = tollgate::middleware::HttpOptions {
         headers: tollgate::response::HeaderFamilies {
             legacy: send,
             ietf: send,
         },
-        ..Default::default()
+        identifier,
     };
     tollgate::RateLimitLayer::new(engine).with_options(options)
 }

@@ -19,6 +19,7 @@
 #
 #   scripts/bench-redis.sh [SECONDS] [CONNECTIONS]
 #   MODES="tollgate-redis-one tollgate-redis tollgate-redis-ten" scripts/bench-redis.sh   # 1, 3, 10 limits
+#   CLIENTS=10000 scripts/bench-redis.sh   # requests spread over 10,000 clients (X-Client-Id)
 #     (with MODES, the rounds' lines only: the ceiling and the summary need the default modes)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,6 +43,8 @@ redis_pid=$!
 trap 'kill $redis_pid 2>/dev/null; rm -rf "$dir"' EXIT
 for _ in $(seq 100); do redis-cli -p "$rport" PING >/dev/null 2>&1 && break; sleep 0.05; done
 export BENCH_REDIS_URL="redis://127.0.0.1:$rport"
+# With CLIENTS, the app believes X-Client-Id from 127.0.0.1 (as from a trusted proxy).
+[ -z "${CLIENTS:-}" ] || export BENCH_TRUST_LOCAL=1
 
 # EVALSHA calls so far (one per round trip) and the microseconds Redis spent in them.
 evalsha() { redis-cli -p "$rport" INFO commandstats | awk -F'[=,:]' '/^cmdstat_evalsha:/ {print $3, $5}'; }
@@ -54,7 +57,8 @@ for round in $(seq "$rounds"); do
     "$bin" "$mode" "$port" & pid=$!
     for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.05; done
     read -r before before_us <<<"$(evalsha)"; before=${before:-0}; before_us=${before_us:-0}
-    out=$(wrk -t2 -c"$connections" -d"${seconds}s" --latency "http://127.0.0.1:$port/api/v1/items/42")
+    # CLIENTS=N: each request names one of N clients (X-Client-Id), so keys differ.
+    out=$(wrk -t2 -c"$connections" -d"${seconds}s" --latency ${CLIENTS:+-s scripts/wrk-clients.lua} "http://127.0.0.1:$port/api/v1/items/42")
     read -r after after_us <<<"$(evalsha)"; after=${after:-0}; after_us=${after_us:-0}
     kill "$pid"; wait "$pid" 2>/dev/null || true
     r=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
