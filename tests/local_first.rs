@@ -28,6 +28,7 @@ limit slide { match { route ANY "/slide"; } key global; algorithm sliding_window
 limit strict { match { route ANY "/both"; } key global; algorithm fixed_window; rate 5/min; }
 limit loose { match { route ANY "/both"; } key global; algorithm fixed_window; rate 100/min; sync every 50ms; }
 limit closed { match { route ANY "/closed"; } key global; algorithm fixed_window; rate 100/min; sync every 50ms; on_store_error deny; }
+limit banning { match { route ANY "/ban"; } key global; algorithm fixed_window; rate 3/min; on_exceed reject 429 ban 10min; sync every 50ms; }
 "#;
 
 fn plan() -> tollgate::Plan {
@@ -185,6 +186,62 @@ async fn a_request_is_all_or_nothing_across_exact_and_local_first_limits() {
     for limit in ["strict", "loose"] {
         assert_eq!(stored(node, limit, clock.now()).await, 5, "{limit}");
     }
+}
+
+/// A local-first limit that bans: the node that sees the quota spent bans at once; the ban
+/// goes to Redis with its next sync, and another node refuses from its own next sync on.
+#[tokio::test]
+async fn a_ban_starts_on_one_node_and_reaches_the_others_with_their_sync() {
+    let Some(server) = Redis::start() else {
+        return;
+    };
+    let (nodes, clock) = two_nodes(&server.url()).await;
+    let [a, b] = &*nodes;
+    for _ in 0..3 {
+        assert!(a.decide(&get("/ban")).await.is_allowed());
+    }
+    let v = a.decide(&get("/ban")).await;
+    assert!(v.reports[0].banned, "{v:?}");
+    assert_eq!(
+        v.reports[0].decision.retry_after,
+        Some(Duration::from_secs(600)),
+        "the rejection that starts the ban announces it"
+    );
+    // Node A keeps refusing, without Redis.
+    clock.advance(Duration::from_secs(61));
+    assert!(a.decide(&get("/ban")).await.reports[0].banned);
+
+    a.store().sync_now().await.unwrap();
+    let banned = a
+        .store()
+        .inspect("lf:{global}:banning", clock.now())
+        .await
+        .unwrap()
+        .banned_until;
+    assert_eq!(
+        banned,
+        Some(Timestamp::from_secs(START + 600)),
+        "the ban is in Redis, for every node"
+    );
+    // Node B had not used the key: its first request is decided before it learns of the
+    // ban (one interval late, as documented); from its sync on, it refuses.
+    assert!(b.decide(&get("/ban")).await.is_allowed());
+    b.store().sync_now().await.unwrap();
+    let v = b.decide(&get("/ban")).await;
+    assert!(v.reports[0].banned && !v.is_allowed(), "{v:?}");
+    assert_eq!(
+        v.reports[0].decision.retry_after,
+        Some(Duration::from_secs(600 - 61))
+    );
+    // An admin reset forgets the key here and in Redis (other nodes keep what they know
+    // until it ends, as with the deny cache).
+    b.store()
+        .reset(tollgate::store::KeySelector::Key("lf:{global}:banning"))
+        .await
+        .unwrap();
+    assert!(b.decide(&get("/ban")).await.is_allowed(), "reset lifts it");
+    clock.advance(Duration::from_secs(600));
+    assert!(a.decide(&get("/ban")).await.is_allowed(), "the ban ends");
 }
 
 /// With Redis gone, syncs fail; after two, local-first limits follow `on_store_error`:

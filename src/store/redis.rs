@@ -659,10 +659,13 @@ impl RedisStore {
         }
     }
 
+    /// Forgets what this node remembers of the selected keys: cached rejections, and
+    /// local-first counts and bans.
     fn forget(&self, selector: KeySelector<'_>) {
         if let Some(deny) = &self.deny {
             deny.forget_matching(|k| selector.matches(k));
         }
+        self.local.forget(|k| selector.matches(k));
     }
 }
 
@@ -723,6 +726,7 @@ impl RedisStore {
                         quota: op.quota,
                         cost: op.cost,
                         enforce: op.enforce,
+                        ban: op.ban,
                         every,
                     },
                 ))

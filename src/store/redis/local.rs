@@ -77,6 +77,12 @@ struct Entry {
     touched: bool,
     /// The latest time it was decided at.
     seen: u64,
+    /// The limit bans (`on_exceed … ban`): its ban key is read and written with each sync.
+    bans: bool,
+    /// Refused until then (µs; 0: not banned), as this node last knew it.
+    banned_until: u64,
+    /// A ban this node started, to send with the next sync (µs; 0: none).
+    ban_to_send: u64,
 }
 
 impl Entry {
@@ -163,6 +169,7 @@ pub(super) struct LocalOp<'a> {
     pub(super) quota: Quota,
     pub(super) cost: u64,
     pub(super) enforce: bool,
+    pub(super) ban: Option<Duration>,
     pub(super) every: Duration,
 }
 
@@ -196,6 +203,12 @@ impl LocalFirst {
             self.calls.load(Ordering::Relaxed),
             self.failed.load(Ordering::Relaxed),
         )
+    }
+
+    /// Forgets the keys `selected` says (an admin reset): their counts start again from
+    /// what Redis holds, with nothing of this node's waiting to be sent.
+    pub(super) fn forget(&self, selected: impl Fn(&str) -> bool) {
+        self.entries.lock().by_key.retain(|k, _| !selected(k));
     }
 
     /// Keys decided locally.
@@ -248,6 +261,9 @@ impl LocalFirst {
                         stale: None,
                         touched: true,
                         seen: now.as_micros(),
+                        bans: op.ban.is_some(),
+                        banned_until: 0,
+                        ban_to_send: 0,
                     },
                 );
             }
@@ -261,16 +277,42 @@ impl LocalFirst {
             }
             entry.roll(start, sliding);
             entry.touched = true;
+            entry.bans = op.ban.is_some();
             entry.seen = entry.seen.max(now.as_micros());
+            let t = now.as_micros();
+            if entry.banned_until > t {
+                let wait = Duration::from_micros(entry.banned_until - t);
+                results[i] = Some(OpResult {
+                    decision: Decision {
+                        allowed: false,
+                        limit: op.quota.policy().0,
+                        remaining: 0,
+                        reset: wait,
+                        retry_after: Some(wait),
+                    },
+                    banned: true,
+                });
+                admitted &= !op.enforce;
+                continue;
+            }
             let outcome = decide(&op.quota, Some(&entry.state()), now, op.cost, LeaseId(0));
             let allowed = outcome.decision.allowed;
-            if !allowed && op.enforce {
-                admitted = false;
-            }
-            results[i] = Some(OpResult {
+            let mut result = OpResult {
                 decision: outcome.decision,
                 banned: false,
-            });
+            };
+            if !allowed && op.enforce {
+                admitted = false;
+                if let Some(ban) = op.ban {
+                    // The rejection that starts a ban announces it; the other nodes learn
+                    // it with this node's next sync, and from Redis with theirs.
+                    let until = now.saturating_add(ban).as_micros();
+                    entry.banned_until = until;
+                    entry.ban_to_send = until;
+                    result.announce_ban(ban);
+                }
+            }
+            results[i] = Some(result);
             outcomes.push((i, start, allowed));
         }
         let mut taken = Taken {
@@ -354,14 +396,21 @@ impl LocalFirst {
             entries.by_key.retain(|_, e| {
                 let (_, end, sliding) = Entry::window(&e.quota, Timestamp::from_micros(e.start));
                 let matters_until = end.saturating_add(sliding.unwrap_or(0));
-                let idle = e.pending == 0 && e.sending == 0 && e.stale.is_none();
+                let idle = e.pending == 0
+                    && e.sending == 0
+                    && e.stale.is_none()
+                    && e.ban_to_send == 0
+                    && e.banned_until <= latest;
                 !(idle && matters_until <= latest)
             });
             let intervals: BTreeSet<u64> = entries.by_key.values().map(|e| e.every).collect();
             entries.intervals = intervals;
             for (key, e) in entries.by_key.iter_mut() {
                 let due = tick.is_none_or(|t| t % e.every == 0);
-                if !due || !(e.touched || e.pending != 0 || e.stale.is_some() || degraded) {
+                let ban_due = e.ban_to_send != 0;
+                if !due
+                    || !(e.touched || e.pending != 0 || e.stale.is_some() || degraded || ban_due)
+                {
                     continue;
                 }
                 let (start, end, sliding) =
@@ -382,6 +431,7 @@ impl LocalFirst {
                         ],
                         increment: stale,
                         seen: e.seen,
+                        ban: None,
                         main: false,
                     });
                 }
@@ -394,6 +444,7 @@ impl LocalFirst {
                     numbers: [kind, start, span],
                     increment: e.sending,
                     seen: e.seen,
+                    ban: e.bans.then_some(std::mem::take(&mut e.ban_to_send)),
                     main: true,
                 });
             }
@@ -412,13 +463,14 @@ impl LocalFirst {
         match answers {
             Ok(totals) => {
                 self.failures.store(0, Ordering::Relaxed);
-                for (item, (previous, current)) in items.iter().zip(totals) {
+                for (item, (previous, current, banned_until)) in items.iter().zip(totals) {
                     let Some(e) = entries.by_key.get_mut(&item.key) else {
                         continue;
                     };
                     if !item.main {
                         continue;
                     }
+                    e.banned_until = e.banned_until.max(banned_until);
                     if e.sending_start == item.numbers[1] {
                         e.sending = 0;
                     }
@@ -447,6 +499,9 @@ impl LocalFirst {
                     if e.sending_start == item.numbers[1] {
                         e.sending = 0;
                     }
+                    if let Some(until) = item.ban.filter(|&u| u != 0) {
+                        e.ban_to_send = e.ban_to_send.max(until);
+                    }
                     if e.start == item.numbers[1] {
                         e.pending += item.increment;
                     } else if e.stale.is_none() {
@@ -460,13 +515,13 @@ impl LocalFirst {
     }
 
     /// The sync calls for `items` (one per slot on a Cluster, at once): each item's previous
-    /// and current count.
+    /// and current count, and the end of its ban (0: none).
     async fn send(
         &self,
         link: &Link,
         cluster: bool,
         items: &[Item],
-    ) -> Result<Vec<(u64, u64)>, StoreError> {
+    ) -> Result<Vec<(u64, u64, u64)>, StoreError> {
         let mut groups: Vec<(u16, Vec<usize>)> = Vec::new();
         for (i, item) in items.iter().enumerate() {
             let s = if cluster { slot(&item.key) } else { 0 };
@@ -477,13 +532,15 @@ impl LocalFirst {
         }
         let calls = groups.iter().map(|(_, members)| {
             let mut cmd = Cmd::new();
-            cmd.arg("EVALSHA")
-                .arg(self.sync.get_hash())
-                .arg(members.len());
+            let keys = members.len() + members.iter().filter(|&&i| items[i].ban.is_some()).count();
+            cmd.arg("EVALSHA").arg(self.sync.get_hash()).arg(keys);
             for &i in members {
                 cmd.arg(&*items[i].key);
+                if items[i].ban.is_some() {
+                    cmd.arg(format!("{}:ban", items[i].key));
+                }
             }
-            let mut numbers = Vec::with_capacity(8 * (1 + 5 * members.len()));
+            let mut numbers = Vec::with_capacity(8 * (1 + 6 * members.len()));
             numbers.extend_from_slice(&exact(members.len() as u64).to_le_bytes());
             for &i in members {
                 let item = &items[i];
@@ -492,12 +549,14 @@ impl LocalFirst {
                 }
                 numbers.extend_from_slice(&(item.increment as f64).to_le_bytes());
                 numbers.extend_from_slice(&exact(item.seen).to_le_bytes());
+                let ban = item.ban.map_or(-1.0, exact);
+                numbers.extend_from_slice(&ban.to_le_bytes());
             }
             cmd.arg(numbers);
             self.calls.fetch_add(1, Ordering::Relaxed);
             async move {
                 let reply: Vec<i64> = link.call(async |c| eval(c, &self.sync, &cmd).await).await?;
-                if reply.len() != 2 * members.len() {
+                if reply.len() != 3 * members.len() {
                     return Err(StoreError::Backend(format!(
                         "the sync script answered {} numbers for {} keys",
                         reply.len(),
@@ -508,12 +567,12 @@ impl LocalFirst {
             }
         });
         let replies = futures_util::future::join_all(calls).await;
-        let mut totals = vec![(0, 0); items.len()];
+        let mut totals = vec![(0, 0, 0); items.len()];
         for ((_, members), reply) in groups.iter().zip(replies) {
             let reply = reply?;
-            for (&i, pair) in members.iter().zip(reply.chunks_exact(2)) {
+            for (&i, three) in members.iter().zip(reply.chunks_exact(3)) {
                 let count = |v: i64| u64::try_from(v).unwrap_or(0);
-                totals[i] = (count(pair[0]), count(pair[1]));
+                totals[i] = (count(three[0]), count(three[1]), count(three[2]));
             }
         }
         Ok(totals)
@@ -527,6 +586,8 @@ struct Item {
     numbers: [u64; 3],
     increment: i64,
     seen: u64,
+    /// The limit bans: read its ban key, and set it until this (µs; 0: only read).
+    ban: Option<u64>,
     /// The key's current window (not counts of an earlier one sent late).
     main: bool,
 }

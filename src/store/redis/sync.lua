@@ -4,13 +4,15 @@
 -- `p`, the window before), so exact and local-first nodes count together and a limit can move
 -- from one mode to the other without losing its counts.
 --
--- KEYS[i]: item i's state key.
--- ARGV[1]: the numbers, packed as little-endian doubles: the number of items, then five per
+-- KEYS: per item, its state key, then its ban key (`{key}:ban`) when the limit bans.
+-- ARGV[1]: the numbers, packed as little-endian doubles: the number of items, then six per
 -- item: kind (1 a fixed window or calendar period, 3 a sliding window), the window's start
 -- (µs), its end (fixed) or length (sliding), the increment (may be negative: a request the
--- node counted and then gave back), and the node's time (µs) for the key's expiry.
--- Returns, per item: the previous window's count (sliding; else 0) and the current
--- window's count, as stored after the increment.
+-- node counted and then gave back), the node's time (µs) for the key's expiry, and its ban
+-- (-1: the limit does not ban; 0: read the ban key; else a ban this node started, until then
+-- in µs, written unless a later one is there).
+-- Returns, per item: the previous window's count (sliding; else 0), the current window's
+-- count as stored after the increment, and the end of the key's ban (µs; 0: none).
 
 local n, pos = struct.unpack('<d', ARGV[1])
 local out = {}
@@ -19,10 +21,22 @@ local function expire(key, stop, now)
   redis.call('PEXPIRE', key, int((stop - now - (stop - now) % 1000) / 1000 + 2))
 end
 
+local k = 1
 for i = 1, n do
-  local kind, start, span, inc, now
-  kind, start, span, inc, now, pos = struct.unpack('<ddddd', ARGV[1], pos)
-  local key = KEYS[i]
+  local kind, start, span, inc, now, ban
+  kind, start, span, inc, now, ban, pos = struct.unpack('<dddddd', ARGV[1], pos)
+  local key = KEYS[k]
+  k = k + 1
+  local banned_until = 0
+  if ban >= 0 then
+    local ban_key = KEYS[k]
+    k = k + 1
+    banned_until = tonumber(redis.call('GET', ban_key)) or 0
+    if ban > banned_until and ban > now then
+      redis.call('SET', ban_key, int(ban), 'PX', int((ban - now - (ban - now) % 1000) / 1000 + 1))
+      banned_until = ban
+    end
+  end
   local prev, cur = 0, 0
   if kind == 1 then
     local s = redis.call('HMGET', key, 's', 'c')
@@ -54,6 +68,6 @@ for i = 1, n do
     end
   end
   if cur < 0 then cur = 0 end
-  out[2 * i - 1], out[2 * i] = prev, cur
+  out[3 * i - 2], out[3 * i - 1], out[3 * i] = prev, cur, banned_until
 end
 return out
