@@ -7,7 +7,6 @@
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use parking_lot::MutexGuard;
 use smallvec::SmallVec;
 
 use super::runtime::{RuntimeEntry, RuntimeList};
@@ -143,22 +142,13 @@ impl MemoryStore {
     /// The batch, decided and applied under the locks of the shards it touches.
     pub fn apply_now(&self, ops: &[Op<'_>], now: Timestamp) -> BatchResult {
         let t = now.as_micros();
-        let shard_ids: SmallVec<[usize; 4]> =
-            ops.iter().map(|op| self.shards.index(op.key)).collect();
-        let mut order = shard_ids.clone();
-        order.sort_unstable();
-        order.dedup();
-        let mut guards: SmallVec<[MutexGuard<'_, Shard>; 4]> =
-            order.iter().map(|&s| self.shards.lock(s)).collect();
-        let slot = |shard: usize| order.binary_search(&shard).unwrap_or(0);
+        let mut locked = self.shards.lock_keys(ops.iter().map(|op| op.key));
 
         let mut outcomes: SmallVec<[_; 4]> = SmallVec::with_capacity(ops.len());
         let mut results = Vec::with_capacity(ops.len());
         let mut admitted = true;
-        for (op, &shard) in ops.iter().zip(&shard_ids) {
-            let entry = guards[slot(shard)]
-                .get(op.key)
-                .filter(|e| e.live_until() > t);
+        for (i, op) in ops.iter().enumerate() {
+            let entry = locked.map(i).get(op.key).filter(|e| e.live_until() > t);
             let banned_until = entry.map_or(0, |e| e.banned_until);
             if banned_until > t {
                 let decision = Decision {
@@ -186,17 +176,14 @@ impl MemoryStore {
             outcomes.push(Some((outcome.state, outcome.expires_at)));
         }
 
-        for (((op, &shard), outcome), result) in ops
-            .iter()
-            .zip(&shard_ids)
-            .zip(outcomes)
-            .zip(results.iter_mut())
+        for (i, ((op, outcome), result)) in
+            ops.iter().zip(outcomes).zip(results.iter_mut()).enumerate()
         {
             let Some((state, expires_at)) = outcome else {
                 continue;
             };
             let allowed = result.decision.allowed;
-            let map = &mut *guards[slot(shard)];
+            let map = locked.map(i);
             if admitted && allowed {
                 let expires_at = expires_at.as_micros();
                 self.upsert(map, op.key, t, |e| {

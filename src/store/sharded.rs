@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use foldhash::fast::RandomState;
 use indexmap::IndexMap;
 use parking_lot::{Mutex, MutexGuard};
+use smallvec::SmallVec;
 
 use super::hash_tag;
 
@@ -31,6 +32,26 @@ pub(crate) enum Evicted {
     Expired,
     /// A live entry: its state is lost.
     Live,
+}
+
+/// The shards one request's keys live in, locked.
+pub(crate) struct Locked<'a, V> {
+    /// Each key's shard.
+    shard_of: SmallVec<[usize; 4]>,
+    /// The shards, each once, in index order; `guards[i]` locks `order[i]`.
+    order: SmallVec<[usize; 4]>,
+    guards: SmallVec<[MutexGuard<'a, Shard<V>>; 4]>,
+}
+
+impl<V> Locked<'_, V> {
+    /// The locked shard of the request's key `i`.
+    pub(crate) fn map(&mut self, i: usize) -> &mut Shard<V> {
+        let slot = self
+            .order
+            .binary_search(&self.shard_of[i])
+            .unwrap_or_default();
+        &mut self.guards[slot]
+    }
 }
 
 /// Keys spread over `N` locked shards by their `{client}` hash tag (as Redis Cluster spreads
@@ -69,6 +90,26 @@ impl<V> Sharded<V> {
     /// Locks `key`'s shard.
     pub(crate) fn lock_key(&self, key: &str) -> MutexGuard<'_, Shard<V>> {
         self.lock(self.index(key))
+    }
+
+    /// Locks the shards of `keys` for one request: each shard once, in index order, so that
+    /// two requests never wait on each other in a cycle.
+    pub(crate) fn lock_keys<'k>(&self, keys: impl Iterator<Item = &'k str>) -> Locked<'_, V> {
+        let shard_of: SmallVec<[usize; 4]> = keys.map(|k| self.index(k)).collect();
+        let mut order = shard_of.clone();
+        order.sort_unstable();
+        order.dedup();
+        let guards = order.iter().map(|&s| self.lock(s)).collect();
+        Locked {
+            shard_of,
+            order,
+            guards,
+        }
+    }
+
+    /// The number of shards.
+    pub(crate) fn shard_count(&self) -> usize {
+        self.shards.len()
     }
 
     /// The most keys all shards hold.

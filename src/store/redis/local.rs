@@ -11,7 +11,7 @@
 //! local-first limit then counts its node's share of the quota (`local`) or refuses
 //! (`deny`), never unlimited.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
@@ -24,18 +24,24 @@ use super::batcher::{Link, exact};
 use super::{cluster::slot, eval};
 use crate::clock::Timestamp;
 use crate::limiter::{Decision, LeaseId, Quota, SlidingState, State, WindowState, decide};
+use crate::store::sharded::Sharded;
 use crate::store::{OpResult, StoreError};
 
 /// The scheduler's resolution: intervals are multiples of it.
 pub(super) const TICK: Duration = Duration::from_millis(10);
 /// Keys decided locally at most; past that, new keys are decided exactly (in Redis).
 const MAX_KEYS: usize = 100_000;
+/// Shards of the keys.
+const SHARDS: usize = 16;
 /// Consecutive failed syncs after which local-first requests get a store error.
 const DEGRADED_AFTER: u32 = 2;
 
 /// The local-first state of one store.
 pub(super) struct LocalFirst {
-    entries: Mutex<Entries>,
+    /// Keys by shard (a client's keys share one), so that a sync holds each lock briefly.
+    entries: Sharded<Entry>,
+    /// The intervals in use, in ticks.
+    intervals: Mutex<BTreeSet<u64>>,
     sync: Script,
     /// Consecutive syncs that failed.
     failures: AtomicU32,
@@ -47,13 +53,6 @@ pub(super) struct LocalFirst {
     /// One sync at a time (the background task, or [`LocalFirst::sync_now`]).
     syncing: tokio::sync::Mutex<()>,
     task: OnceLock<()>,
-}
-
-#[derive(Default)]
-struct Entries {
-    by_key: HashMap<Box<str>, Entry, foldhash::fast::RandomState>,
-    /// The intervals in use, in ticks.
-    intervals: BTreeSet<u64>,
 }
 
 /// One key's local view.
@@ -148,6 +147,30 @@ impl Entry {
         .unwrap_or(0)
     }
 
+    /// Takes back what a failed sync sent, to send it with the next one.
+    fn restore(&mut self, item: &Item) {
+        let start = item.numbers[1];
+        if !item.main {
+            let (stale_start, n) = self.stale.get_or_insert((start, 0));
+            if *stale_start == start {
+                *n += item.increment;
+            }
+            return;
+        }
+        if self.sending_start == start {
+            self.sending = 0;
+        }
+        if let Some(until) = item.ban.filter(|&u| u != 0) {
+            self.ban_to_send = self.ban_to_send.max(until);
+        }
+        if self.start == start {
+            self.pending += item.increment;
+        } else if self.stale.is_none() {
+            self.stale = Some((start, item.increment));
+        }
+        self.touched = true;
+    }
+
     fn state(&self) -> State {
         match self.quota {
             Quota::SlidingWindow(_) => State::Sliding(SlidingState {
@@ -181,7 +204,8 @@ pub(super) struct Taken {
 impl LocalFirst {
     pub(super) fn new() -> Self {
         LocalFirst {
-            entries: Mutex::new(Entries::default()),
+            entries: Sharded::new(SHARDS, MAX_KEYS),
+            intervals: Mutex::new(BTreeSet::new()),
             sync: Script::new(include_str!("sync.lua")),
             failures: AtomicU32::new(0),
             calls: AtomicU64::new(0),
@@ -208,12 +232,12 @@ impl LocalFirst {
     /// Forgets the keys `selected` says (an admin reset): their counts start again from
     /// what Redis holds, with nothing of this node's waiting to be sent.
     pub(super) fn forget(&self, selected: impl Fn(&str) -> bool) {
-        self.entries.lock().by_key.retain(|k, _| !selected(k));
+        self.entries.retain(|k, _| !selected(k));
     }
 
     /// Keys decided locally.
     pub(super) fn keys(&self) -> usize {
-        self.entries.lock().by_key.len()
+        self.entries.len()
     }
 
     /// Starts the background sync on the current runtime, once.
@@ -235,19 +259,21 @@ impl LocalFirst {
         exact: &mut [bool],
     ) -> (bool, Taken) {
         self.latest.fetch_max(now.as_micros(), Ordering::Relaxed);
-        let mut entries = self.entries.lock();
+        let mut locked = self.entries.lock_keys(ops.iter().map(|op| op.key));
         let mut admitted = true;
         let mut outcomes: SmallVec<[(usize, u64, bool); 4]> = SmallVec::new();
         for (i, op) in ops.iter().enumerate() {
             let (start, _, sliding) = Entry::window(&op.quota, now);
             let every = ticks(op.every);
-            if !entries.by_key.contains_key(op.key) {
-                if entries.by_key.len() >= MAX_KEYS {
+            let map = locked.map(i);
+            if !map.contains_key(op.key) {
+                if self.entries.len() >= MAX_KEYS {
                     exact[i] = true;
                     continue;
                 }
-                entries.intervals.insert(every);
-                entries.by_key.insert(
+                self.intervals.lock().insert(every);
+                self.entries.added(1);
+                map.insert(
                     op.key.into(),
                     Entry {
                         quota: op.quota,
@@ -267,7 +293,7 @@ impl LocalFirst {
                     },
                 );
             }
-            let Some(entry) = entries.by_key.get_mut(op.key) else {
+            let Some(entry) = map.get_mut(op.key) else {
                 continue;
             };
             if entry.quota != op.quota {
@@ -324,7 +350,7 @@ impl LocalFirst {
                 if !allowed {
                     continue;
                 }
-                if let Some(entry) = entries.by_key.get_mut(op.key) {
+                if let Some(entry) = locked.map(i).get_mut(op.key) {
                     let cost = i64::try_from(op.cost).unwrap_or(i64::MAX);
                     entry.pending = entry.pending.saturating_add(cost);
                     taken.counted.push((i, start, cost));
@@ -350,9 +376,8 @@ impl LocalFirst {
         taken: Taken,
         results: &mut [Option<OpResult>],
     ) {
-        let mut entries = self.entries.lock();
         for (i, start, cost) in taken.counted {
-            if let Some(entry) = entries.by_key.get_mut(ops[i].key) {
+            if let Some(entry) = self.entries.lock_key(ops[i].key).get_mut(ops[i].key) {
                 if entry.start == start {
                     entry.pending -= cost;
                 } else if let Some((stale_start, stale)) = entry.stale.as_mut()
@@ -386,14 +411,16 @@ impl LocalFirst {
         let latest = self.latest.load(Ordering::Relaxed);
         // What to send: (key, kind, start, end or length, increment, time, is the main item).
         let mut items: Vec<Item> = Vec::new();
+        if let Some(tick) = tick
+            && !self.intervals.lock().iter().any(|&every| tick % every == 0)
         {
-            let mut entries = self.entries.lock();
-            if let Some(tick) = tick
-                && !entries.intervals.iter().any(|&every| tick % every == 0)
-            {
-                return Ok(());
-            }
-            entries.by_key.retain(|_, e| {
+            return Ok(());
+        }
+        let mut intervals = BTreeSet::new();
+        // Shard by shard, each lock held while its keys are read.
+        for shard in 0..self.entries.shard_count() {
+            let mut map = self.entries.lock(shard);
+            self.entries.retain_in(&mut map, |_, e| {
                 let (_, end, sliding) = Entry::window(&e.quota, Timestamp::from_micros(e.start));
                 let matters_until = end.saturating_add(sliding.unwrap_or(0));
                 let idle = e.pending == 0
@@ -403,9 +430,8 @@ impl LocalFirst {
                     && e.banned_until <= latest;
                 !(idle && matters_until <= latest)
             });
-            let intervals: BTreeSet<u64> = entries.by_key.values().map(|e| e.every).collect();
-            entries.intervals = intervals;
-            for (key, e) in entries.by_key.iter_mut() {
+            for (key, e) in map.iter_mut() {
+                intervals.insert(e.every);
                 let due = tick.is_none_or(|t| t % e.every == 0);
                 let ban_due = e.ban_to_send != 0;
                 if !due
@@ -424,6 +450,7 @@ impl LocalFirst {
                         Entry::window(&e.quota, Timestamp::from_micros(stale_start));
                     items.push(Item {
                         key: key.clone(),
+                        shard,
                         numbers: [
                             kind,
                             stale_start,
@@ -441,6 +468,7 @@ impl LocalFirst {
                 e.touched = false;
                 items.push(Item {
                     key: key.clone(),
+                    shard,
                     numbers: [kind, start, span],
                     increment: e.sending,
                     seen: e.seen,
@@ -449,6 +477,7 @@ impl LocalFirst {
                 });
             }
         }
+        *self.intervals.lock() = intervals;
         if items.is_empty() {
             if degraded {
                 // Nothing to send, but the store must be seen answering again.
@@ -459,24 +488,28 @@ impl LocalFirst {
             return Ok(());
         }
         let answers = self.send(link, cluster, &items).await;
-        let mut entries = self.entries.lock();
+        // The items come shard by shard: each shard is locked once, for its own items.
+        let groups = items.chunk_by(|a, b| a.shard == b.shard);
         match answers {
             Ok(totals) => {
                 self.failures.store(0, Ordering::Relaxed);
-                for (item, (previous, current, banned_until)) in items.iter().zip(totals) {
-                    let Some(e) = entries.by_key.get_mut(&item.key) else {
-                        continue;
-                    };
-                    if !item.main {
-                        continue;
-                    }
-                    e.banned_until = e.banned_until.max(banned_until);
-                    if e.sending_start == item.numbers[1] {
-                        e.sending = 0;
-                    }
-                    if e.start == item.numbers[1] {
-                        e.previous = previous;
-                        e.current = current;
+                let mut totals = totals.into_iter();
+                for group in groups {
+                    let mut map = self.entries.lock(group[0].shard);
+                    for (item, (previous, current, banned_until)) in
+                        group.iter().zip(totals.by_ref())
+                    {
+                        let Some(e) = map.get_mut(&item.key).filter(|_| item.main) else {
+                            continue;
+                        };
+                        e.banned_until = e.banned_until.max(banned_until);
+                        if e.sending_start == item.numbers[1] {
+                            e.sending = 0;
+                        }
+                        if e.start == item.numbers[1] {
+                            e.previous = previous;
+                            e.current = current;
+                        }
                     }
                 }
                 Ok(())
@@ -485,29 +518,13 @@ impl LocalFirst {
                 self.failures.fetch_add(1, Ordering::Relaxed);
                 self.failed.fetch_add(1, Ordering::Relaxed);
                 // Sent again with the next sync.
-                for item in &items {
-                    let Some(e) = entries.by_key.get_mut(&item.key) else {
-                        continue;
-                    };
-                    if !item.main {
-                        let (start, n) = e.stale.get_or_insert((item.numbers[1], 0));
-                        if *start == item.numbers[1] {
-                            *n += item.increment;
+                for group in groups {
+                    let mut map = self.entries.lock(group[0].shard);
+                    for item in group {
+                        if let Some(e) = map.get_mut(&item.key) {
+                            e.restore(item);
                         }
-                        continue;
                     }
-                    if e.sending_start == item.numbers[1] {
-                        e.sending = 0;
-                    }
-                    if let Some(until) = item.ban.filter(|&u| u != 0) {
-                        e.ban_to_send = e.ban_to_send.max(until);
-                    }
-                    if e.start == item.numbers[1] {
-                        e.pending += item.increment;
-                    } else if e.stale.is_none() {
-                        e.stale = Some((item.numbers[1], item.increment));
-                    }
-                    e.touched = true;
                 }
                 Err(error)
             }
@@ -582,6 +599,8 @@ impl LocalFirst {
 /// One key's part of a sync call.
 struct Item {
     key: Box<str>,
+    /// The shard its entry is in.
+    shard: usize,
     /// Kind, window start, and end (fixed) or length (sliding).
     numbers: [u64; 3],
     increment: i64,
