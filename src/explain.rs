@@ -230,7 +230,14 @@ pub fn explain(plan: &Plan, request: &RequestCtx, hasher: &KeyHasher) -> Explana
                 why,
                 key,
                 tier,
-                rate: describe_value(value),
+                rate: match limit.sync {
+                    Some(every) => format!(
+                        "{}, local-first (synced every {})",
+                        describe_value(value),
+                        human(every)
+                    ),
+                    None => describe_value(value),
+                },
                 authorization,
             }
         })

@@ -163,10 +163,12 @@ fn store_settings_are_read_and_checked() {
             ("TOLLGATE_MEMORY_MAX_KEYS", "5000"),
             ("TOLLGATE_BREAKER_FAILURES", "5"),
             ("TOLLGATE_BREAKER_MAX_BACKOFF_MS", "2000"),
+            ("TOLLGATE_REDIS_BATCH_MAX", "8"),
         ]),
     )
     .unwrap();
     assert_eq!(s.store_clock, StoreClock::Redis);
+    assert_eq!(tollgate::server::redis_options(&s).batch_max, 8);
     assert_eq!(
         (s.expected_nodes, s.deny_cache_keys, s.breaker_failures),
         (4, 0, 5)
@@ -185,6 +187,7 @@ fn store_settings_are_read_and_checked() {
         "the deny cache is on by default"
     );
     assert_eq!(options.timeout.as_millis(), 50);
+    assert_eq!(options.batch_max, 64, "batching is on by default");
 
     let error = Settings::load_from(
         &Flags::default(),
@@ -195,6 +198,7 @@ fn store_settings_are_read_and_checked() {
             ("TOLLGATE_BREAKER_FAILURES", "0"),
             ("TOLLGATE_BREAKER_MAX_BACKOFF_MS", "soon"),
             ("TOLLGATE_MEMORY_MAX_KEYS", "10"),
+            ("TOLLGATE_REDIS_BATCH_MAX", "0"),
         ]),
     )
     .unwrap_err();
@@ -206,6 +210,7 @@ fn store_settings_are_read_and_checked() {
         "breaker_failures",
         "breaker_max_backoff_ms",
         "memory_max_keys",
+        "redis_batch_max",
     ] {
         assert!(keys.contains(&key), "{key} not in {keys:?}");
     }

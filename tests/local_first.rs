@@ -361,6 +361,16 @@ limit fine { match { route ANY "/x"; } key ip; algorithm fixed_window; rate 10/m
         tollgate::plan::StoreErrorMode::Local,
         "a local-first limit never fails open"
     );
+    let explained = tollgate::explain::explain(
+        &plan,
+        &RequestCtx::new(Method::GET, "/x").with_client_ip("198.51.100.7".parse().unwrap()),
+        &tollgate::plan::KeyHasher::new([7; 32]),
+    )
+    .to_string();
+    assert!(
+        explained.contains("fine: 10 per 1min (fixed_window), local-first (synced every 100ms)"),
+        "{explained}"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("w.rl"), source).unwrap();
