@@ -51,6 +51,22 @@ pub struct OpResult {
 }
 
 impl OpResult {
+    /// What is reported for an operation a rejected request did not ask the store about:
+    /// whole, as a rejected request consumes nothing.
+    pub(crate) fn not_asked(quota: &Quota) -> Self {
+        let limit = quota.policy().0;
+        OpResult {
+            decision: Decision {
+                allowed: true,
+                limit,
+                remaining: limit,
+                reset: Duration::ZERO,
+                retry_after: None,
+            },
+            banned: false,
+        }
+    }
+
     /// Marks the rejection that starts a ban of length `ban`: the client is told to wait for
     /// the ban, not for the window, and the quota is not whole before the ban ends.
     pub(crate) fn announce_ban(&mut self, ban: std::time::Duration) {

@@ -125,13 +125,17 @@ async fn check_case(
         answers.push(task.await.expect("the task ends").expect("Redis answers"));
     }
     let touches = |r: &Request, k: usize| r.keys & (1 << k) != 0;
-    for (k, key) in keys.iter().enumerate() {
-        let admitted: u64 = requests
+    // What the admitted requests spent in key `k`.
+    let spent = |k: usize| -> u64 {
+        requests
             .iter()
             .zip(&answers)
             .filter(|(r, a)| a.admitted && touches(r, k))
             .map(|(r, _)| r.cost)
-            .sum();
+            .sum()
+    };
+    for (k, key) in keys.iter().enumerate() {
+        let admitted = spent(k);
         prop_assert!(admitted <= limit, "{key}: {admitted} admitted of {limit}");
         // Every admitted request saw what the ones before it consumed: the quota left after
         // each is different (costs are positive), and the last one leaves what the total
@@ -162,15 +166,7 @@ async fn check_case(
         // not fit when it was decided does not fit in the final count either.
         for (r, a) in requests.iter().zip(&answers) {
             if !a.admitted {
-                let full = (0..3).any(|j| {
-                    let used: u64 = requests
-                        .iter()
-                        .zip(&answers)
-                        .filter(|(o, b)| b.admitted && touches(o, j))
-                        .map(|(o, _)| o.cost)
-                        .sum();
-                    touches(r, j) && used + r.cost > limit
-                });
+                let full = (0..3).any(|j| touches(r, j) && spent(j) + r.cost > limit);
                 prop_assert!(full, "{:?} was rejected with room in every key", r);
             }
         }

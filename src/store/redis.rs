@@ -615,18 +615,7 @@ impl RedisStore {
                         banned: denied.banned,
                     }
                 } else {
-                    // Not asked: reported whole, as a rejected request consumes nothing.
-                    let limit = op.quota.policy().0;
-                    OpResult {
-                        decision: Decision {
-                            allowed: true,
-                            limit,
-                            remaining: limit,
-                            reset: Duration::ZERO,
-                            retry_after: None,
-                        },
-                        banned: false,
-                    }
+                    OpResult::not_asked(&op.quota)
                 }
             })
             .collect();
@@ -750,7 +739,7 @@ impl RedisStore {
         let mut admitted_all = admitted;
         if !admitted {
             for &i in &exact_at {
-                results[i] = Some(local::not_asked(&ops[i].quota));
+                results[i] = Some(OpResult::not_asked(&ops[i].quota));
             }
         } else if !exact_at.is_empty() {
             let exact_ops: SmallVec<[Op<'_>; 4]> = exact_at
@@ -784,7 +773,7 @@ impl RedisStore {
         let results = results
             .into_iter()
             .zip(ops)
-            .map(|(r, op)| r.unwrap_or_else(|| local::not_asked(&op.quota)))
+            .map(|(r, op)| r.unwrap_or_else(|| OpResult::not_asked(&op.quota)))
             .collect();
         Ok(BatchResult {
             admitted: admitted_all,

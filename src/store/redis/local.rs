@@ -635,21 +635,6 @@ async fn run(local: Weak<LocalFirst>, link: Arc<Link>, cluster: bool) {
     }
 }
 
-/// The result reported for an operation a rejected request did not ask about.
-pub(super) fn not_asked(quota: &Quota) -> OpResult {
-    let limit = quota.policy().0;
-    OpResult {
-        decision: Decision {
-            allowed: true,
-            limit,
-            remaining: limit,
-            reset: Duration::ZERO,
-            retry_after: None,
-        },
-        banned: false,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
