@@ -33,6 +33,9 @@ pub(super) const TICK: Duration = Duration::from_millis(10);
 const MAX_KEYS: usize = 100_000;
 /// Shards of the keys.
 const SHARDS: usize = 16;
+/// The most keys one sync call sends (a call of 256 keys keeps Redis about a quarter of a
+/// millisecond).
+const SYNC_CHUNK: usize = 256;
 /// Consecutive failed syncs after which local-first requests get a store error.
 const DEGRADED_AFTER: u32 = 2;
 
@@ -539,15 +542,18 @@ impl LocalFirst {
         cluster: bool,
         items: &[Item],
     ) -> Result<Vec<(u64, u64, u64)>, StoreError> {
-        let mut groups: Vec<(u16, Vec<usize>)> = Vec::new();
+        let mut by_slot: std::collections::BTreeMap<u16, Vec<usize>> = Default::default();
         for (i, item) in items.iter().enumerate() {
             let s = if cluster { slot(&item.key) } else { 0 };
-            match groups.iter_mut().find(|(g, _)| *g == s) {
-                Some((_, members)) => members.push(i),
-                None => groups.push((s, vec![i])),
-            }
+            by_slot.entry(s).or_default().push(i);
         }
-        let calls = groups.iter().map(|(_, members)| {
+        // At most SYNC_CHUNK keys a call: Redis runs one script at a time, and other
+        // clients' commands wait for the whole of it.
+        let groups: Vec<&[usize]> = by_slot
+            .values()
+            .flat_map(|members| members.chunks(SYNC_CHUNK))
+            .collect();
+        let calls = groups.iter().map(|&members| {
             let mut cmd = Cmd::new();
             let keys = members.len() + members.iter().filter(|&&i| items[i].ban.is_some()).count();
             cmd.arg("EVALSHA").arg(self.sync.get_hash()).arg(keys);
@@ -585,7 +591,7 @@ impl LocalFirst {
         });
         let replies = futures_util::future::join_all(calls).await;
         let mut totals = vec![(0, 0, 0); items.len()];
-        for ((_, members), reply) in groups.iter().zip(replies) {
+        for (&members, reply) in groups.iter().zip(replies) {
             let reply = reply?;
             for (&i, three) in members.iter().zip(reply.chunks_exact(3)) {
                 let count = |v: i64| u64::try_from(v).unwrap_or(0);
