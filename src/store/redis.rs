@@ -1,5 +1,8 @@
-//! The Redis store: one `EVALSHA` per request runs `redis/batch.lua`, which decides every
-//! operation with the memory store's arithmetic and consumes all of them or none.
+//! The Redis store: `redis/batch.lua` decides every operation of a request with the memory
+//! store's arithmetic and consumes all of them or none; requests queued behind the call in
+//! flight to their server (Cluster: slot) share the next call (`batcher`), each decided as
+//! if alone. Local-first operations (`sync every`) are decided in this process and their
+//! counts synced per interval (`local`, `redis/sync.lua`).
 //!
 //! - `now` comes from the engine's clock, so that tests are deterministic; with
 //!   [`RedisOptions::server_time`] the script reads Redis's `TIME` instead, for nodes whose
