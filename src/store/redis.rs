@@ -724,8 +724,9 @@ impl RedisStore {
                 ))
             })
             .unzip();
-        let mut local_results = vec![None; local_ops.len()];
-        let mut overflow = vec![false; local_ops.len()];
+        let mut local_results: SmallVec<[Option<OpResult>; 4]> =
+            smallvec::smallvec![None; local_ops.len()];
+        let mut overflow: SmallVec<[bool; 4]> = smallvec::smallvec![false; local_ops.len()];
         let (admitted, taken) =
             self.local
                 .decide(&local_ops, now, &mut local_results, &mut overflow);

@@ -113,14 +113,7 @@ impl Entry {
         if self.start == start {
             return;
         }
-        let ours = self.pending
-            + if self.sending_start == self.start {
-                self.sending
-            } else {
-                0
-            };
-        let known =
-            u64::try_from(i64::try_from(self.current).unwrap_or(i64::MAX) + ours).unwrap_or(0);
+        let known = self.known();
         self.previous = match sliding {
             Some(w) if self.start + w == start => known,
             _ => 0,
@@ -250,10 +243,10 @@ impl LocalFirst {
         });
     }
 
-    /// Decides `ops` at `now`, all or nothing: `None` when the request is admitted (each
-    /// result is filled, and what was counted is in the returned [`Taken`]), or when one of
-    /// them is over its quota, nothing counted. Keys past the cap are left out: `exact[i]` is
-    /// set and the caller decides them in Redis.
+    /// Decides `ops` at `now`, all or nothing, filling `results`: whether the request is
+    /// admitted, and what was counted (to give back if another part of the request is
+    /// rejected); when one of them is over its quota, nothing is counted. Keys past the cap
+    /// are left out: `exact[i]` is set and the caller decides them in Redis.
     pub(super) fn decide(
         &self,
         ops: &[LocalOp<'_>],
