@@ -244,6 +244,169 @@ async fn a_ban_starts_on_one_node_and_reaches_the_others_with_their_sync() {
     assert!(a.decide(&get("/ban")).await.is_allowed(), "the ban ends");
 }
 
+/// Admits `n` requests to `path` on `node`, asserting each is admitted.
+async fn admit(node: &Node, path: &str, n: usize) {
+    for i in 0..n {
+        let v = node.decide(&get(path)).await;
+        assert!(v.is_allowed(), "{path}: request {i} of {n}: {v:?}");
+    }
+}
+
+/// Admits requests to `path` on `node` until the first refusal; how many got in.
+async fn admitted_until_refused(node: &Node, path: &str) -> u64 {
+    let mut admitted = 0;
+    while node.decide(&get(path)).await.is_allowed() {
+        admitted += 1;
+        assert!(admitted <= 1_000, "{path} never refuses");
+    }
+    admitted
+}
+
+/// Redis stalls (`SIGSTOP`) while a sync is in flight: the node times out, but the call
+/// runs when Redis goes on, and the node sends its counts again. Syncs are idempotent —
+/// each node writes its whole count, not a delta — so Redis's count is exactly what was
+/// admitted, stalls or not, twice in a row, with a second node counting too; and the node
+/// then admits exactly up to its quota (with the bug this found, 100 admitted and a stall
+/// of 300 ms left Redis at 211 and the node refusing 111 early).
+#[tokio::test]
+async fn a_sync_that_timed_out_but_ran_later_counts_once() {
+    let Some(server) = Redis::start() else {
+        return;
+    };
+    let (nodes, clock) = two_nodes(&server.url()).await;
+    let [a, b] = &*nodes;
+    for path in ["/fast", "/slide"] {
+        let limit = path.trim_start_matches('/');
+        admit(a, path, 100).await;
+        a.store().sync_now().await.expect("the counts reach Redis");
+        for stalls in 1..=2 {
+            // On tokio's paused clock the sync's timeout ends it as soon as Redis is silent;
+            // the counts admitted meanwhile make sure there is something to send.
+            tokio::time::pause();
+            server.pause(true);
+            admit(a, path, 17).await;
+            for _ in 0..stalls {
+                assert!(
+                    a.store().sync_now().await.is_err(),
+                    "{path}: a stalled Redis times the sync out"
+                );
+            }
+            server.pause(false);
+            tokio::time::resume();
+            a.store().sync_now().await.expect("the counts reach Redis");
+        }
+        admit(b, path, 10).await;
+        b.store()
+            .sync_now()
+            .await
+            .expect("node B's counts reach Redis");
+        let admitted = 100 + 2 * 17 + 10;
+        assert_eq!(
+            stored(a, limit, clock.now()).await,
+            admitted,
+            "{path}: Redis counts each admission once"
+        );
+        // Node A reads the total with the sync after its next request: it then takes the
+        // rest of the quota, and no more.
+        admit(a, path, 1).await;
+        a.store().sync_now().await.unwrap();
+        assert_eq!(
+            admitted_until_refused(a, path).await,
+            300 - admitted - 1,
+            "{path}: node A admits up to the quota"
+        );
+        a.store().sync_now().await.unwrap();
+        assert_eq!(stored(a, limit, clock.now()).await, 300, "{path}");
+    }
+}
+
+/// Sent again and again, a node's counts stay what it admitted: after a request given back
+/// (another limit of the request refused it) and after an admin reset, which keeps only what
+/// the node admitted since.
+#[tokio::test]
+async fn give_backs_and_resets_stay_exact_across_repeated_syncs() {
+    let Some(server) = Redis::start() else {
+        return;
+    };
+    let (nodes, clock) = two_nodes(&server.url()).await;
+    let node = &nodes[0];
+    // `loose` is local-first, `strict` exact (5/min): the 6th request counts in `loose`,
+    // then gives it back when `strict` refuses.
+    admit(node, "/both", 5).await;
+    node.store().sync_now().await.unwrap();
+    assert!(!node.decide(&get("/both")).await.is_allowed());
+    for _ in 0..3 {
+        node.store().sync_now().await.unwrap();
+        assert_eq!(stored(node, "loose", clock.now()).await, 5);
+    }
+    admit(node, "/fast", 40).await;
+    node.store().sync_now().await.unwrap();
+    nodes[1]
+        .store()
+        .reset(tollgate::store::KeySelector::Key("lf:{global}:fast"))
+        .await
+        .unwrap();
+    admit(node, "/fast", 3).await;
+    for _ in 0..3 {
+        node.store().sync_now().await.unwrap();
+        assert_eq!(
+            stored(node, "fast", clock.now()).await,
+            3,
+            "after a reset, only what was admitted since counts"
+        );
+    }
+}
+
+/// Each node keeps its count in fields of its own in the key; the fields of nodes that are
+/// gone (a restart is a new node) are removed once a key holds many, so a key used for days
+/// across deployments does not grow.
+#[tokio::test]
+async fn fields_of_nodes_gone_are_pruned() {
+    let Some(server) = Redis::start() else {
+        return;
+    };
+    let clock = ManualClock::new(Timestamp::from_secs(START));
+    let hasher = tollgate::plan::KeyHasher::new([7; 32]);
+    let key = "lf:{global}:fast";
+    let fields = || -> u64 { server.cli(&["HLEN", key]).trim().parse().unwrap() };
+    for _ in 0..40 {
+        let node = Engine::with_clock(plan(), store(&server.url()).await, clock.clone())
+            .with_key_hasher(hasher.clone());
+        admit(&node, "/fast", 1).await;
+        node.store().sync_now().await.unwrap();
+    }
+    assert_eq!(fields(), 2 + 40, "`s`, `c`, and one field per node");
+    clock.advance(Duration::from_secs(60));
+    let node = Engine::with_clock(plan(), store(&server.url()).await, clock.clone())
+        .with_key_hasher(hasher);
+    admit(&node, "/fast", 1).await;
+    node.store().sync_now().await.unwrap();
+    assert_eq!(fields(), 43, "below the threshold, nothing is pruned");
+    for _ in 0..30 {
+        admit(&node, "/fast", 1).await;
+        node.store().sync_now().await.unwrap();
+    }
+    // A new node's first write in the window, past 64 fields, prunes the windows gone.
+    let mut added = 0;
+    while fields() <= 64 {
+        let other = Engine::with_clock(plan(), store(&server.url()).await, clock.clone())
+            .with_key_hasher(tollgate::plan::KeyHasher::new([7; 32]));
+        admit(&other, "/fast", 1).await;
+        other.store().sync_now().await.unwrap();
+        added += 1;
+    }
+    let last = Engine::with_clock(plan(), store(&server.url()).await, clock.clone())
+        .with_key_hasher(tollgate::plan::KeyHasher::new([7; 32]));
+    admit(&last, "/fast", 1).await;
+    last.store().sync_now().await.unwrap();
+    assert_eq!(
+        fields(),
+        2 + 1 + added + 1,
+        "only this window's nodes keep their fields"
+    );
+    assert_eq!(stored(&last, "fast", clock.now()).await, 31 + added + 1);
+}
+
 /// With Redis gone, syncs fail; after two, local-first limits follow `on_store_error`:
 /// `local` (their default) counts this node's share — 300 / 2 nodes — and no more; `deny`
 /// refuses. When Redis is back, the next sync brings them back to Redis.

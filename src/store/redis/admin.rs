@@ -28,9 +28,22 @@ impl RedisStore {
             .await?;
         let state = match kind.as_str() {
             "hash" => {
-                let fields: std::collections::HashMap<String, u64> = self
-                    .call(async |c| redis::cmd("HGETALL").arg(key).query_async(c).await)
+                // The algorithms' fields only: a local-first node's own fields hold its
+                // component in binary.
+                let values: Vec<Option<u64>> = self
+                    .call(async |c| {
+                        redis::cmd("HMGET")
+                            .arg(key)
+                            .arg(&HASH_FIELDS)
+                            .query_async(c)
+                            .await
+                    })
                     .await?;
+                let fields = HASH_FIELDS
+                    .iter()
+                    .zip(values)
+                    .filter_map(|(name, v)| Some(((*name).to_owned(), v?)))
+                    .collect();
                 hash_state(&fields)
             }
             "zset" => {
@@ -173,6 +186,9 @@ impl RedisStore {
         Ok(found)
     }
 }
+
+/// The fields the algorithms write in a hash key (`batch.lua`, `sync.lua`).
+const HASH_FIELDS: [&str; 6] = ["s", "c", "p", "t", "l", "u"];
 
 /// A hash key's state, by the fields its algorithm writes.
 fn hash_state(f: &std::collections::HashMap<String, u64>) -> Option<State> {

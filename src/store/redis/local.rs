@@ -3,6 +3,10 @@
 //! once per interval for every key of the node, in one call (`sync.lua`; one per slot on a
 //! Cluster).
 //!
+//! A sync writes each key's *component* — everything this node admitted in the window —
+//! rather than a delta, in a field of the node's own (`sync.lua`): a call that timed out here
+//! but ran when Redis went on, sent again, counts once.
+//!
 //! What a node does not see is what the other nodes admitted since they last sent their
 //! counts and it last read them: at most about one interval of their admissions each, so a
 //! window admits at most the quota plus `(nodes − 1) × rate per node × interval` (see
@@ -53,6 +57,12 @@ pub(super) struct LocalFirst {
     failed: AtomicU64,
     /// The latest time a request was decided at: the sync's clock for expiring entries.
     latest: AtomicU64,
+    /// This node's name in the keys it writes (its components' fields): random, so that a
+    /// restarted process is a new node.
+    node: Box<str>,
+    /// The last sync's number: a key keeps the highest it has seen per node and ignores
+    /// older calls that reach Redis late.
+    sequence: AtomicU64,
     /// One sync at a time (the background task, or [`LocalFirst::sync_now`]).
     syncing: tokio::sync::Mutex<()>,
     task: OnceLock<()>,
@@ -63,18 +73,16 @@ struct Entry {
     quota: Quota,
     /// The sync interval, in ticks.
     every: u64,
-    /// Start of the window the counts below are for.
-    start: u64,
-    /// The global counts last read: the window before (sliding) and this one.
+    /// This node's part of the window the key is in.
+    current: Part,
+    /// The global count of that window last read (every node, this one's `current.acked`
+    /// included).
+    total: u64,
+    /// The global count of the window before, for a sliding window: last read, or what this
+    /// node knew of it when the window rolled.
     previous: u64,
-    current: u64,
-    /// Admitted here and not yet sent (negative: given back after it was sent).
-    pending: i64,
-    /// Sent in the sync in flight, for the window `sending_start`.
-    sending: i64,
-    sending_start: u64,
-    /// Counts of an earlier window not yet sent, with that window's start.
-    stale: Option<(u64, i64)>,
+    /// This node's part of the window before, while Redis has not confirmed all of it.
+    late: Option<Part>,
     /// Used since its last sync.
     touched: bool,
     /// The latest time it was decided at.
@@ -85,6 +93,33 @@ struct Entry {
     banned_until: u64,
     /// A ban this node started, to send with the next sync (µs; 0: none).
     ban_to_send: u64,
+}
+
+/// This node's part of one window's count: its component, sent whole with every sync so that
+/// a sync that ran twice counts once (`sync.lua`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Part {
+    /// The window's start (µs).
+    start: u64,
+    /// Admitted here in the window, less what was given back.
+    mine: u64,
+    /// The component Redis last confirmed holding (and counted in the totals read).
+    acked: u64,
+    /// Which of the node's two fields in the key holds it (alternates by window).
+    slot: u8,
+}
+
+impl Part {
+    /// What Redis does not hold of this node's count yet (negative: given back since).
+    fn unconfirmed(&self) -> i64 {
+        let signed = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        signed(self.mine).saturating_sub(signed(self.acked))
+    }
+}
+
+/// `total` plus `change`, at least zero.
+fn plus(total: u64, change: i64) -> u64 {
+    total.saturating_add_signed(change)
 }
 
 impl Entry {
@@ -108,78 +143,99 @@ impl Entry {
         }
     }
 
-    /// Moves the entry to the window starting at `start`, keeping unsent counts to send.
+    /// Moves the entry to the window starting at `start`; this node's part of the window it
+    /// leaves is kept while Redis has not confirmed it.
     fn roll(&mut self, start: u64, sliding: Option<u64>) {
-        if self.start == start {
+        if self.current.start == start {
             return;
         }
-        let known = self.known();
+        let left = self.current;
         self.previous = match sliding {
-            Some(w) if self.start + w == start => known,
+            Some(w) if left.start + w == start => self.total,
             _ => 0,
         };
-        if self.pending != 0 {
-            self.stale = Some((self.start, self.pending));
-        }
-        self.current = 0;
-        self.pending = 0;
-        self.start = start;
+        self.late = (left.unconfirmed() != 0).then_some(left);
+        self.current = Part {
+            start,
+            mine: 0,
+            acked: 0,
+            slot: 1 - left.slot,
+        };
+        self.total = 0;
     }
 
     /// This window's count as this node knows it: the global count read, plus what it
     /// admitted since.
     fn known(&self) -> u64 {
-        let sending = if self.sending_start == self.start {
-            self.sending
-        } else {
-            0
-        };
-        let ours = self.pending + sending;
-        u64::try_from(
-            i64::try_from(self.current)
-                .unwrap_or(i64::MAX)
-                .saturating_add(ours),
-        )
-        .unwrap_or(0)
+        plus(self.total, self.current.unconfirmed())
     }
 
-    /// Takes back what a failed sync sent, to send it with the next one.
-    fn restore(&mut self, item: &Item) {
-        let start = item.numbers[1];
-        if !item.main {
-            let (stale_start, n) = self.stale.get_or_insert((start, 0));
-            if *stale_start == start {
-                *n += item.increment;
+    /// The window before's count as this node knows it (sliding windows).
+    fn known_before(&self, window: u64) -> u64 {
+        match self.late {
+            Some(late) if late.start + window == self.current.start => {
+                plus(self.previous, late.unconfirmed())
             }
-            return;
+            _ => self.previous,
         }
-        if self.sending_start == start {
-            self.sending = 0;
-        }
-        if let Some(until) = item.ban.filter(|&u| u != 0) {
-            self.ban_to_send = self.ban_to_send.max(until);
-        }
-        if self.start == start {
-            self.pending += item.increment;
-        } else if self.stale.is_none() {
-            self.stale = Some((start, item.increment));
-        }
-        self.touched = true;
+    }
+
+    /// Whether Redis holds everything this node counted.
+    fn confirmed(&self) -> bool {
+        self.current.unconfirmed() == 0 && self.late.is_none()
     }
 
     fn state(&self) -> State {
         match self.quota {
-            Quota::SlidingWindow(_) => State::Sliding(SlidingState {
-                start: self.start,
-                previous: self.previous,
+            Quota::SlidingWindow(q) => State::Sliding(SlidingState {
+                start: self.current.start,
+                previous: self.known_before(q.window.get()),
                 current: self.known(),
             }),
             _ => State::Window(WindowState {
-                start: self.start,
+                start: self.current.start,
                 count: self.known(),
             }),
         }
     }
+
+    /// Takes in the answer to `item`: what Redis holds of this node's part, and the totals.
+    fn confirm(&mut self, item: &Item, answer: Answer) {
+        self.banned_until = self.banned_until.max(answer.banned_until);
+        let start = item.numbers[1];
+        if self.current.start == start {
+            self.current.acked = answer.applied;
+            if item.main {
+                self.total = answer.current;
+                self.previous = answer.previous;
+            }
+            return;
+        }
+        // The window rolled while the sync was in flight: the answer is about the window
+        // before now.
+        if item.main
+            && let Quota::SlidingWindow(q) = self.quota
+            && start + q.window.get() == self.current.start
+        {
+            self.previous = answer.current;
+        }
+        if let Some(late) = self.late.as_mut().filter(|l| l.start == start) {
+            late.acked = answer.applied;
+            if late.unconfirmed() == 0 {
+                self.late = None;
+            }
+        }
+    }
+}
+
+/// What a sync answers for one item.
+#[derive(Debug, Clone, Copy, Default)]
+struct Answer {
+    previous: u64,
+    current: u64,
+    banned_until: u64,
+    /// The node's component Redis holds now.
+    applied: u64,
 }
 
 /// A local-first operation of a request.
@@ -194,7 +250,7 @@ pub(super) struct LocalOp<'a> {
 
 /// What a request counted locally, to give back if another part of it is rejected.
 pub(super) struct Taken {
-    counted: SmallVec<[(usize, u64, i64); 4]>,
+    counted: SmallVec<[(usize, u64, u64); 4]>,
 }
 
 impl LocalFirst {
@@ -207,6 +263,8 @@ impl LocalFirst {
             calls: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             latest: AtomicU64::new(0),
+            node: format!("{:016x}", rand::random::<u64>()).into(),
+            sequence: AtomicU64::new(0),
             syncing: tokio::sync::Mutex::new(()),
             task: OnceLock::new(),
         }
@@ -274,13 +332,15 @@ impl LocalFirst {
                     Entry {
                         quota: op.quota,
                         every,
-                        start,
+                        current: Part {
+                            start,
+                            mine: 0,
+                            acked: 0,
+                            slot: 0,
+                        },
+                        total: 0,
                         previous: 0,
-                        current: 0,
-                        pending: 0,
-                        sending: 0,
-                        sending_start: 0,
-                        stale: None,
+                        late: None,
                         touched: true,
                         seen: now.as_micros(),
                         bans: op.ban.is_some(),
@@ -347,9 +407,8 @@ impl LocalFirst {
                     continue;
                 }
                 if let Some(entry) = locked.map(i).get_mut(op.key) {
-                    let cost = i64::try_from(op.cost).unwrap_or(i64::MAX);
-                    entry.pending = entry.pending.saturating_add(cost);
-                    taken.counted.push((i, start, cost));
+                    entry.current.mine = entry.current.mine.saturating_add(op.cost);
+                    taken.counted.push((i, start, op.cost));
                 }
             }
         } else {
@@ -374,12 +433,10 @@ impl LocalFirst {
     ) {
         for (i, start, cost) in taken.counted {
             if let Some(entry) = self.entries.lock_key(ops[i].key).get_mut(ops[i].key) {
-                if entry.start == start {
-                    entry.pending -= cost;
-                } else if let Some((stale_start, stale)) = entry.stale.as_mut()
-                    && *stale_start == start
-                {
-                    *stale -= cost;
+                if entry.current.start == start {
+                    entry.current.mine = entry.current.mine.saturating_sub(cost);
+                } else if let Some(late) = entry.late.as_mut().filter(|l| l.start == start) {
+                    late.mine = late.mine.saturating_sub(cost);
                 }
             }
             if let Some(r) = results[i].as_mut() {
@@ -403,77 +460,13 @@ impl LocalFirst {
         tick: Option<u64>,
     ) -> Result<(), StoreError> {
         let _one = self.syncing.lock().await;
-        let degraded = self.degraded();
-        let latest = self.latest.load(Ordering::Relaxed);
-        // What to send: (key, kind, start, end or length, increment, time, is the main item).
-        let mut items: Vec<Item> = Vec::new();
         if let Some(tick) = tick
             && !self.intervals.lock().iter().any(|&every| tick % every == 0)
         {
             return Ok(());
         }
-        let mut intervals = BTreeSet::new();
-        // Shard by shard, each lock held while its keys are read.
-        for shard in 0..self.entries.shard_count() {
-            let mut map = self.entries.lock(shard);
-            self.entries.retain_in(&mut map, |_, e| {
-                let (_, end, sliding) = Entry::window(&e.quota, Timestamp::from_micros(e.start));
-                let matters_until = end.saturating_add(sliding.unwrap_or(0));
-                let idle = e.pending == 0
-                    && e.sending == 0
-                    && e.stale.is_none()
-                    && e.ban_to_send == 0
-                    && e.banned_until <= latest;
-                !(idle && matters_until <= latest)
-            });
-            for (key, e) in map.iter_mut() {
-                intervals.insert(e.every);
-                let due = tick.is_none_or(|t| t % e.every == 0);
-                let ban_due = e.ban_to_send != 0;
-                if !due
-                    || !(e.touched || e.pending != 0 || e.stale.is_some() || degraded || ban_due)
-                {
-                    continue;
-                }
-                let (start, end, sliding) =
-                    Entry::window(&e.quota, Timestamp::from_micros(e.start));
-                let (kind, span) = match sliding {
-                    Some(w) => (3, w),
-                    None => (1, end),
-                };
-                if let Some((stale_start, stale)) = e.stale.take() {
-                    let (_, stale_end, _) =
-                        Entry::window(&e.quota, Timestamp::from_micros(stale_start));
-                    items.push(Item {
-                        key: key.clone(),
-                        shard,
-                        numbers: [
-                            kind,
-                            stale_start,
-                            if sliding.is_some() { span } else { stale_end },
-                        ],
-                        increment: stale,
-                        seen: e.seen,
-                        ban: None,
-                        main: false,
-                    });
-                }
-                e.sending = e.pending;
-                e.sending_start = start;
-                e.pending = 0;
-                e.touched = false;
-                items.push(Item {
-                    key: key.clone(),
-                    shard,
-                    numbers: [kind, start, span],
-                    increment: e.sending,
-                    seen: e.seen,
-                    ban: e.bans.then_some(std::mem::take(&mut e.ban_to_send)),
-                    main: true,
-                });
-            }
-        }
-        *self.intervals.lock() = intervals;
+        let degraded = self.degraded();
+        let items = self.collect(tick, degraded);
         if items.is_empty() {
             if degraded {
                 // Nothing to send, but the store must be seen answering again.
@@ -483,28 +476,19 @@ impl LocalFirst {
             }
             return Ok(());
         }
-        let answers = self.send(link, cluster, &items).await;
+        let sequence = self.sequence.fetch_add(1, Ordering::Relaxed) + 1;
+        let answers = self.send(link, cluster, &items, sequence).await;
         // The items come shard by shard: each shard is locked once, for its own items.
         let groups = items.chunk_by(|a, b| a.shard == b.shard);
         match answers {
-            Ok(totals) => {
+            Ok(answers) => {
                 self.failures.store(0, Ordering::Relaxed);
-                let mut totals = totals.into_iter();
+                let mut answers = answers.into_iter();
                 for group in groups {
                     let mut map = self.entries.lock(group[0].shard);
-                    for (item, (previous, current, banned_until)) in
-                        group.iter().zip(totals.by_ref())
-                    {
-                        let Some(e) = map.get_mut(&item.key).filter(|_| item.main) else {
-                            continue;
-                        };
-                        e.banned_until = e.banned_until.max(banned_until);
-                        if e.sending_start == item.numbers[1] {
-                            e.sending = 0;
-                        }
-                        if e.start == item.numbers[1] {
-                            e.previous = previous;
-                            e.current = current;
+                    for (item, answer) in group.iter().zip(answers.by_ref()) {
+                        if let Some(e) = map.get_mut(&item.key) {
+                            e.confirm(item, answer);
                         }
                     }
                 }
@@ -513,12 +497,16 @@ impl LocalFirst {
             Err(error) => {
                 self.failures.fetch_add(1, Ordering::Relaxed);
                 self.failed.fetch_add(1, Ordering::Relaxed);
-                // Sent again with the next sync.
+                // The components go whole with the next sync (whether or not this one ran);
+                // only a ban to announce and the need to read the totals are kept.
                 for group in groups {
                     let mut map = self.entries.lock(group[0].shard);
-                    for item in group {
+                    for item in group.iter().filter(|i| i.main) {
                         if let Some(e) = map.get_mut(&item.key) {
-                            e.restore(item);
+                            e.touched = true;
+                            if let Some(until) = item.ban.filter(|&u| u != 0) {
+                                e.ban_to_send = e.ban_to_send.max(until);
+                            }
                         }
                     }
                 }
@@ -527,14 +515,68 @@ impl LocalFirst {
         }
     }
 
-    /// The sync calls for `items` (one per slot on a Cluster, at once): each item's previous
-    /// and current count, and the end of its ban (0: none).
+    /// What a sync sends, shard by shard (each lock held while its keys are read): the keys
+    /// whose interval is due at `tick` (`None`: all) and that changed or are in use, every
+    /// one when `degraded`. Idle keys whose window has passed are dropped.
+    fn collect(&self, tick: Option<u64>, degraded: bool) -> Vec<Item> {
+        let latest = self.latest.load(Ordering::Relaxed);
+        let mut items: Vec<Item> = Vec::new();
+        let mut intervals = BTreeSet::new();
+        for shard in 0..self.entries.shard_count() {
+            let mut map = self.entries.lock(shard);
+            self.entries.retain_in(&mut map, |_, e| {
+                let (_, end, sliding) =
+                    Entry::window(&e.quota, Timestamp::from_micros(e.current.start));
+                let matters_until = end.saturating_add(sliding.unwrap_or(0));
+                let idle = e.confirmed() && e.ban_to_send == 0 && e.banned_until <= latest;
+                !(idle && matters_until <= latest)
+            });
+            for (key, e) in map.iter_mut() {
+                intervals.insert(e.every);
+                let due = tick.is_none_or(|t| t % e.every == 0);
+                let changed = e.touched || !e.confirmed() || e.ban_to_send != 0;
+                if !due || !(changed || degraded) {
+                    continue;
+                }
+                let numbers = |start: u64| {
+                    let (_, end, sliding) = Entry::window(&e.quota, Timestamp::from_micros(start));
+                    match sliding {
+                        Some(w) => [3, start, w],
+                        None => [1, start, end],
+                    }
+                };
+                let item = |part: Part, main: bool, ban: Option<u64>| Item {
+                    key: key.clone(),
+                    shard,
+                    numbers: numbers(part.start),
+                    part,
+                    seen: e.seen,
+                    ban,
+                    main,
+                };
+                // Counts of the window before go first: the current window's answer then
+                // reads them in its `p`.
+                if let Some(late) = e.late {
+                    items.push(item(late, false, None));
+                }
+                let ban = e.bans.then(|| std::mem::take(&mut e.ban_to_send));
+                items.push(item(e.current, true, ban));
+                e.touched = false;
+            }
+        }
+        *self.intervals.lock() = intervals;
+        items
+    }
+
+    /// The sync calls for `items` (one per slot on a Cluster, at once), numbered `sequence`:
+    /// each item's answer.
     async fn send(
         &self,
         link: &Link,
         cluster: bool,
         items: &[Item],
-    ) -> Result<Vec<(u64, u64, u64)>, StoreError> {
+        sequence: u64,
+    ) -> Result<Vec<Answer>, StoreError> {
         let mut by_slot: std::collections::BTreeMap<u16, Vec<usize>> = Default::default();
         for (i, item) in items.iter().enumerate() {
             let s = if cluster { slot(&item.key) } else { 0 };
@@ -556,23 +598,26 @@ impl LocalFirst {
                     cmd.arg(format!("{}:ban", items[i].key));
                 }
             }
-            let mut numbers = Vec::with_capacity(8 * (1 + 6 * members.len()));
-            numbers.extend_from_slice(&exact(members.len() as u64).to_le_bytes());
+            let mut numbers = Vec::with_capacity(8 * (2 + 8 * members.len()));
+            let mut push = |n: f64| numbers.extend_from_slice(&n.to_le_bytes());
+            push(exact(members.len() as u64));
+            push(exact(sequence));
             for &i in members {
                 let item = &items[i];
                 for n in item.numbers {
-                    numbers.extend_from_slice(&exact(n).to_le_bytes());
+                    push(exact(n));
                 }
-                numbers.extend_from_slice(&(item.increment as f64).to_le_bytes());
-                numbers.extend_from_slice(&exact(item.seen).to_le_bytes());
-                let ban = item.ban.map_or(-1.0, exact);
-                numbers.extend_from_slice(&ban.to_le_bytes());
+                push(exact(item.part.mine));
+                push(exact(item.part.acked));
+                push(f64::from(item.part.slot));
+                push(exact(item.seen));
+                push(item.ban.map_or(-1.0, exact));
             }
-            cmd.arg(numbers);
+            cmd.arg(numbers).arg(&*self.node);
             self.calls.fetch_add(1, Ordering::Relaxed);
             async move {
                 let reply: Vec<i64> = link.call(async |c| eval(c, &self.sync, &cmd).await).await?;
-                if reply.len() != 3 * members.len() {
+                if reply.len() != 4 * members.len() {
                     return Err(StoreError::Backend(format!(
                         "the sync script answered {} numbers for {} keys",
                         reply.len(),
@@ -583,15 +628,20 @@ impl LocalFirst {
             }
         });
         let replies = futures_util::future::join_all(calls).await;
-        let mut totals = vec![(0, 0, 0); items.len()];
+        let mut answers = vec![Answer::default(); items.len()];
         for (&members, reply) in groups.iter().zip(replies) {
             let reply = reply?;
-            for (&i, three) in members.iter().zip(reply.chunks_exact(3)) {
+            for (&i, four) in members.iter().zip(reply.chunks_exact(4)) {
                 let count = |v: i64| u64::try_from(v).unwrap_or(0);
-                totals[i] = (count(three[0]), count(three[1]), count(three[2]));
+                answers[i] = Answer {
+                    previous: count(four[0]),
+                    current: count(four[1]),
+                    banned_until: count(four[2]),
+                    applied: count(four[3]),
+                };
             }
         }
-        Ok(totals)
+        Ok(answers)
     }
 }
 
@@ -602,11 +652,12 @@ struct Item {
     shard: usize,
     /// Kind, window start, and end (fixed) or length (sliding).
     numbers: [u64; 3],
-    increment: i64,
+    /// This node's part of that window.
+    part: Part,
     seen: u64,
     /// The limit bans: read its ban key, and set it until this (µs; 0: only read).
     ban: Option<u64>,
-    /// The key's current window (not counts of an earlier one sent late).
+    /// The key's current window (not counts of the window before, sent late).
     main: bool,
 }
 
@@ -637,6 +688,85 @@ async fn run(local: Weak<LocalFirst>, link: Arc<Link>, cluster: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn entry(quota: Quota, start: u64) -> Entry {
+        Entry {
+            quota,
+            every: 5,
+            current: Part {
+                start,
+                mine: 0,
+                acked: 0,
+                slot: 0,
+            },
+            total: 0,
+            previous: 0,
+            late: None,
+            touched: false,
+            seen: 0,
+            bans: false,
+            banned_until: 0,
+            ban_to_send: 0,
+        }
+    }
+
+    fn item(part: Part, main: bool) -> Item {
+        Item {
+            key: "k".into(),
+            shard: 0,
+            numbers: [3, part.start, 60_000_000],
+            part,
+            seen: 0,
+            ban: None,
+            main,
+        }
+    }
+
+    /// A sliding window rolls while a sync of the window it leaves is in flight: the answer
+    /// confirms the node's part of that window and becomes the window before's count.
+    #[test]
+    fn an_answer_for_the_window_left_counts_as_the_window_before() {
+        let minute = 60_000_000;
+        let quota = Quota::SlidingWindow(crate::limiter::WindowQuota {
+            limit: std::num::NonZeroU64::new(100).unwrap(),
+            window: std::num::NonZeroU64::new(minute).unwrap(),
+        });
+        let mut e = entry(quota, 0);
+        e.current.mine = 10;
+        let sent = item(e.current, true);
+        e.current.mine = 12;
+        e.roll(minute, Some(minute));
+        assert_eq!(e.current.slot, 1, "the next window has the other field");
+        assert_eq!(e.known_before(minute), 12, "nothing confirmed yet");
+        e.confirm(
+            &sent,
+            Answer {
+                previous: 0,
+                current: 30,
+                banned_until: 0,
+                applied: 10,
+            },
+        );
+        // Other nodes' 20 and this node's 10 in Redis, and 2 this node has not sent.
+        assert_eq!(e.known_before(minute), 32);
+        let late = e.late.expect("2 still to send");
+        assert_eq!((late.mine, late.acked), (12, 10));
+        e.confirm(
+            &item(late, false),
+            Answer {
+                previous: 0,
+                current: 0,
+                banned_until: 0,
+                applied: 12,
+            },
+        );
+        assert!(e.late.is_none(), "confirmed whole");
+        assert_eq!(
+            e.known_before(minute),
+            30,
+            "until the totals are read again"
+        );
+    }
 
     #[test]
     fn intervals_are_whole_ticks() {
