@@ -1106,13 +1106,8 @@ fn line_of(text: &str, key: &str) -> usize {
 }
 
 fn suggest_key(key: &str) -> String {
-    let close = KEYS
-        .iter()
-        .map(|k| (strsim::jaro_winkler(key, k), *k))
-        .filter(|(s, _)| *s > 0.8)
-        .max_by(|a, b| a.0.total_cmp(&b.0));
-    match close {
-        Some((_, k)) => format!("unknown setting; did you mean `{k}`?"),
+    match crate::diagnostic::did_you_mean(key, KEYS) {
+        Some(help) => format!("unknown setting; {help}"),
         None => "unknown setting".to_owned(),
     }
 }

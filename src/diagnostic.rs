@@ -6,6 +6,22 @@ use std::sync::Arc;
 use miette::{Diagnostic, GraphicalReportHandler, GraphicalTheme, NamedSource, SourceSpan};
 use thiserror::Error;
 
+/// "did you mean `x`?" when one of the `known` names is close to `name`: similar by
+/// Jaro-Winkler, or one edit away (a letter added, missing, changed or two swapped), which
+/// catches the typos of short words (`mni` for `min`) that Jaro-Winkler scores low.
+pub fn did_you_mean(name: &str, known: &[&str]) -> Option<String> {
+    known
+        .iter()
+        .filter(|k| **k != name)
+        .map(|k| {
+            let edits = strsim::osa_distance(name, k);
+            (edits, strsim::jaro_winkler(name, k), *k)
+        })
+        .filter(|&(edits, score, k)| score > 0.8 || (edits == 1 && name.len() > 1 && k.len() > 1))
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|(_, _, k)| format!("did you mean `{k}`?"))
+}
+
 /// A byte range in one source file.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct Span {

@@ -32,6 +32,7 @@ pub mod dsl;
 pub mod engine;
 pub mod explain;
 pub mod identity;
+pub mod json;
 pub mod limiter;
 pub mod metrics;
 pub mod middleware;

@@ -98,6 +98,8 @@ fn every_route_needs_the_whole_token() {
             Some(format!("Bearer {}", &TOKEN[..TOKEN.len() - 1])),
             Some(format!("Bearer {TOKEN}x")),
             Some(format!("Basic {TOKEN}")),
+            Some(format!("Bearer{TOKEN}")),
+            Some(format!("Bearer  {TOKEN} x")),
         ] {
             let headers: Vec<(&str, &str)> =
                 auth.iter().map(|a| ("Authorization", a.as_str())).collect();
@@ -106,6 +108,44 @@ fn every_route_needs_the_whole_token() {
             assert_eq!(reply.header("www-authenticate"), Some("Bearer"));
             support::assert_conforms_to(SPEC, &reply, "Problem");
         }
+    }
+}
+
+/// The scheme is case-insensitive (RFC 9110 §11.1); two `Authorization` headers are
+/// refused whatever they hold, never one of them chosen.
+#[test]
+fn the_bearer_scheme_in_any_case_and_one_authorization_header() {
+    let dir = policy_dir();
+    let (app, _) = admin(dir.path(), async || MemoryStore::new());
+    for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+        for spaces in [" ", "   "] {
+            let auth = format!("{scheme}{spaces}{TOKEN}");
+            let reply = app.send("GET", "/admin/plan", &[("Authorization", &auth)], b"");
+            assert_eq!(reply.status, 200, "{auth}");
+        }
+    }
+    let right = format!("Bearer {TOKEN}");
+    for pair in [
+        [right.as_str(), "Bearer wrong"],
+        ["Bearer wrong", right.as_str()],
+        [right.as_str(), right.as_str()],
+    ] {
+        let reply = app.send(
+            "GET",
+            "/admin/plan",
+            &[("Authorization", pair[0]), ("Authorization", pair[1])],
+            b"",
+        );
+        assert_eq!(reply.status, 401, "{pair:?}");
+        assert!(
+            reply.json()["detail"]
+                .as_str()
+                .unwrap()
+                .contains("more than one `Authorization` header"),
+            "{}",
+            reply.text()
+        );
+        support::assert_conforms_to(SPEC, &reply, "Problem");
     }
 }
 

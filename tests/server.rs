@@ -364,6 +364,59 @@ fn the_decision_api_accepts_exactly_what_the_spec_allows() {
             r#"{"method": "GET", "path": "/x", "cost": -3}"#,
         ),
         ("/v1/check", r#"{"method": "GET", "path": "/x", "cost": 7}"#),
+        // JSON Schema's integers: 2.0 and 1e2 are integers; null and 2.5 are not.
+        (
+            "/v1/check",
+            r#"{"method": "GET", "path": "/x", "cost": 2.0}"#,
+        ),
+        (
+            "/v1/check",
+            r#"{"method": "GET", "path": "/x", "cost": 1e2}"#,
+        ),
+        (
+            "/v1/check",
+            r#"{"method": "GET", "path": "/x", "cost": 2.5}"#,
+        ),
+        (
+            "/v1/check",
+            r#"{"method": "GET", "path": "/x", "cost": null}"#,
+        ),
+        (
+            "/v1/check",
+            r#"{"method": "GET", "path": "/x", "cost": 9007199254740991}"#,
+        ),
+        (
+            "/v1/check",
+            r#"{"method": "GET", "path": "/x", "cost": 9007199254740992}"#,
+        ),
+        (
+            "/v1/check",
+            r#"{"method": "GET", "path": "/x", "host": null}"#,
+        ),
+        (
+            "/v1/report",
+            r#"{"request": {"method": "POST", "path": "/login"}, "status": 401.0}"#,
+        ),
+        (
+            "/v1/report",
+            r#"{"request": {"method": "POST", "path": "/login"}, "status": 401.5}"#,
+        ),
+        (
+            "/v1/report",
+            r#"{"request": {"method": "POST", "path": "/login", "cost": null}, "status": 401}"#,
+        ),
+        (
+            "/v1/release",
+            r#"{"leases": [{"key": "k", "id": 2.0, "local": false}]}"#,
+        ),
+        (
+            "/v1/release",
+            r#"{"leases": [{"key": "k", "id": 1.5, "local": false}]}"#,
+        ),
+        (
+            "/v1/release",
+            r#"{"leases": [{"key": "k", "id": 9007199254740992, "local": false}]}"#,
+        ),
         (
             "/v1/check",
             r#"{"method": "GET", "path": "/x", "headers": {"X-A": "b"}}"#,
@@ -435,6 +488,38 @@ fn the_decision_api_accepts_exactly_what_the_spec_allows() {
             200 => assert_conforms(&reply, answer),
             204 => assert!(reply.body.is_empty()),
             _ => assert_conforms(&reply, "Problem"),
+        }
+    }
+}
+
+/// Forward-auth accepts exactly the forwarded URIs the spec's `RequestTarget` allows (an
+/// absent header is `/`).
+#[test]
+fn forward_auth_accepts_exactly_the_forwarded_uris_the_spec_allows() {
+    let server = server();
+    let target = schema("RequestTarget");
+    for uri in [
+        "",
+        "/",
+        "/x?q=%2F",
+        "x",
+        "//x",
+        "/a%2Fb",
+        "/a%",
+        "/caf%C3%A9",
+        "/a\\b",
+    ] {
+        for header in ["X-Forwarded-Uri", "X-Original-URI"] {
+            let valid = target.is_valid(&Value::String(uri.to_owned()));
+            let reply = server.send("GET", "/v1/auth", &[(header, uri)], b"");
+            assert_eq!(
+                reply.status != 400,
+                valid,
+                "{header}: `{uri}`: the spec says {}, the server answered {} {}",
+                if valid { "valid" } else { "invalid" },
+                reply.status,
+                reply.text()
+            );
         }
     }
 }

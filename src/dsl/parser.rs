@@ -162,10 +162,14 @@ fn resume_point(text: &str, after: usize) -> Option<usize> {
     let mut offset = text[after..].find('\n')? + after + 1;
     loop {
         let line = &text[offset..];
-        let starts_item = ITEM_KEYWORDS.iter().any(|kw| {
-            line.strip_prefix(kw)
-                .is_some_and(|rest| !rest.starts_with(|c: char| c.is_alphanumeric() || c == '_'))
-        });
+        // A line that starts with an item's keyword, or a word close to one (a misspelt
+        // item is reported, not skipped with the broken one before it).
+        let word = &line[..line
+            .find(|c: char| !(c.is_alphanumeric() || c == '_'))
+            .unwrap_or(line.len())];
+        let starts_item = !word.is_empty()
+            && (ITEM_KEYWORDS.contains(&word)
+                || crate::diagnostic::did_you_mean(word, ITEM_KEYWORDS).is_some());
         if starts_item {
             return Some(offset);
         }
@@ -213,6 +217,17 @@ fn syntax_error(
     words.retain(|w| !w.is_empty());
     words.sort_unstable();
     words.dedup();
+    // A statement's first word is also a literal pest expected: `sync` beside `sync every`;
+    // and a time's units are in its description: `min` beside "a rate like `100/min`".
+    let described = words.clone();
+    let wants_time = described.iter().any(|w| is_time(w));
+    words.retain(|w| {
+        let Some(word) = w.strip_suffix('`') else {
+            return true;
+        };
+        let unit = wants_time && UNIT_WORDS.contains(&word.trim_start_matches('`'));
+        !unit && !described.iter().any(|s| s.starts_with(&format!("{word} ")))
+    });
     let expected = join_alternatives(&words);
     let start = base + at;
     let (found, len) = found_token(text, start);
@@ -231,7 +246,7 @@ fn syntax_error(
     } else {
         "unexpected here".to_owned()
     };
-    let error = PolicyError::new(file, span, message, label).with_help(hint(&expected, &found));
+    let error = PolicyError::new(file, span, message, label).with_help(hint(&words, &found));
     (error, start)
 }
 
@@ -250,10 +265,69 @@ fn found_token(text: &str, pos: usize) -> (String, usize) {
     (format!("`{}`", &rest[..len]), len)
 }
 
-fn hint(expected: &str, found: &str) -> String {
-    if expected.contains("rate") || expected.contains("duration") {
-        "time units are `ms`, `s`, `min`, `h`, `day`, `week` and `month`".to_owned()
-    } else if expected.contains("`;`") {
+/// Units a misspelt one is compared with (the grammar's `unit` also takes plurals and one
+/// letter abbreviations).
+const UNITS: &[&str] = &[
+    "ms", "s", "sec", "second", "min", "minute", "h", "hour", "day", "week", "month",
+];
+
+/// Every spelling of a unit the grammar's `unit` takes.
+const UNIT_WORDS: &[&str] = &[
+    "milliseconds",
+    "millisecond",
+    "minutes",
+    "minute",
+    "months",
+    "month",
+    "seconds",
+    "second",
+    "hours",
+    "hour",
+    "weeks",
+    "week",
+    "days",
+    "day",
+    "min",
+    "sec",
+    "ms",
+    "s",
+    "m",
+    "h",
+    "d",
+    "w",
+];
+
+/// Whether an expected word describes a time: a rate, a duration or a unit.
+fn is_time(word: &str) -> bool {
+    ["a rate like", "a duration like", "a time unit"]
+        .iter()
+        .any(|p| word.starts_with(p))
+}
+
+/// The help for a syntax error: "did you mean …?" when the token found is close to a keyword
+/// expected there, the time units where a rate or a duration was expected, and otherwise what
+/// applies to the token (a missing `;`, a missing `}`).
+fn hint(expected: &[String], found: &str) -> String {
+    let token = found
+        .strip_prefix('`')
+        .and_then(|f| f.strip_suffix('`'))
+        .filter(|t| t.chars().all(|c| c.is_alphanumeric() || c == '_'));
+    let keywords: Vec<&str> = expected
+        .iter()
+        .filter_map(|w| w.strip_prefix('`')?.strip_suffix('`'))
+        .filter(|k| k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+        .collect();
+    if let Some(help) = token.and_then(|t| crate::diagnostic::did_you_mean(t, &keywords)) {
+        return help;
+    }
+    if expected.iter().any(|w| is_time(w)) {
+        let units = "time units are `ms`, `s`, `min`, `h`, `day`, `week` and `month`";
+        return match token.and_then(|t| crate::diagnostic::did_you_mean(t, UNITS)) {
+            Some(close) => format!("{close} {units}"),
+            None => units.to_owned(),
+        };
+    }
+    if expected.iter().any(|w| w == "`;`") {
         "every statement ends with `;`".to_owned()
     } else if found == "the end of the file" {
         "a block may be missing its closing `}`".to_owned()
@@ -277,7 +351,7 @@ fn describe(rule: Rule) -> &'static str {
         Rule::ident | Rule::builtin_or_name => "a name",
         Rule::number | Rule::signed => "a number",
         Rule::string | Rule::string_inner => "a string",
-        Rule::unit => "a time unit (`ms`, `s`, `min`, `h`, `day`, `month`)",
+        Rule::unit => "a time unit (`ms`, `s`, `min`, `h`, `day`, `week`, `month`)",
         Rule::duration => "a duration like `30s`",
         Rule::percent => "a percentage like `80%`",
         Rule::cidr | Rule::cidr_item => "an address or network like `10.0.0.0/8`",

@@ -16,10 +16,16 @@ pub struct ConcurrencyQuota {
 }
 
 /// Identifies one request's lease so that it can be released.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 pub struct LeaseId(pub u64);
+
+/// A lease id in JSON (`/v1/release`): an integer below 2^53, as every id the engine hands
+/// out is, written with or without a fractional part of zero.
+impl<'de> serde::Deserialize<'de> for LeaseId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        crate::json::integer(d, crate::json::MAX_SAFE_INTEGER).map(LeaseId)
+    }
+}
 
 /// The leases held on one key.
 #[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]

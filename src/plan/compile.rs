@@ -606,15 +606,7 @@ impl<'a> Compiler<'a> {
     }
 }
 
-/// "did you mean `x`?" when a known name is close.
-fn suggest(name: &str, known: &[&str]) -> Option<String> {
-    known
-        .iter()
-        .map(|k| (strsim::jaro_winkler(name, k), *k))
-        .filter(|(score, _)| *score > 0.8)
-        .max_by(|a, b| a.0.total_cmp(&b.0))
-        .map(|(_, k)| format!("did you mean `{k}`?"))
-}
+use crate::diagnostic::did_you_mean as suggest;
 
 /// The plan's version: a hash of every source file and imported Cedar file.
 fn version_hash(files: &[ParsedFile], imports: &[CedarImport]) -> Arc<str> {

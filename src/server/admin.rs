@@ -70,15 +70,13 @@ async fn authorized<S: Store, C: Clock>(
     request: Request,
     next: Next,
 ) -> Response {
-    let presented = request
-        .headers()
-        .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if bool::from(presented.as_bytes().ct_eq(state.token.as_bytes())) {
-        return next.run(request).await;
-    }
+    let detail = match bearer_token(request.headers()) {
+        Ok(presented) if bool::from(presented.as_bytes().ct_eq(state.token.as_bytes())) => {
+            return next.run(request).await;
+        }
+        Ok(_) => "the admin API needs `Authorization: Bearer <admin_token>`".to_owned(),
+        Err(detail) => detail,
+    };
     let request_id = crate::request::request_id(request.headers());
     tracing::warn!(request_id, path = %request.uri().path(), "admin request without the admin token");
     let mut response = problem_response(
@@ -86,7 +84,7 @@ async fn authorized<S: Store, C: Clock>(
             "urn:tollgate:problem:unauthenticated",
             "Unauthorized",
             StatusCode::UNAUTHORIZED,
-            "the admin API needs `Authorization: Bearer <admin_token>`".to_owned(),
+            detail,
         ),
         &request_id,
     );
@@ -95,6 +93,24 @@ async fn authorized<S: Store, C: Clock>(
         HeaderValue::from_static("Bearer"),
     );
     response
+}
+
+/// The token of the request's one `Authorization: Bearer` header: the scheme in any case
+/// (RFC 9110 §11.1), then one or more spaces. Empty when there is none or another scheme;
+/// an error when the request carries several `Authorization` headers (never choose one).
+fn bearer_token(headers: &http::HeaderMap) -> Result<&str, String> {
+    let mut all = headers.get_all(http::header::AUTHORIZATION).iter();
+    let Some(value) = all.next() else {
+        return Ok("");
+    };
+    if all.next().is_some() {
+        return Err("the request has more than one `Authorization` header: send one".to_owned());
+    }
+    let value = value.to_str().unwrap_or("");
+    Ok(value
+        .split_once(' ')
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map_or("", |(_, token)| token.trim_start_matches(' ')))
 }
 
 #[derive(Serialize)]

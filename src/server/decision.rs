@@ -9,13 +9,13 @@ use super::*;
 pub(super) struct CheckRequest {
     method: String,
     path: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "some_string")]
     host: Option<String>,
     #[serde(default)]
     headers: BTreeMap<String, String>,
     #[serde(default)]
     client_ip: Option<IpAddr>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::json::some_safe_integer")]
     cost: Option<u64>,
     /// The caller says the described headers were set by a trusted component (its gateway),
     /// not by the client: header-derived identities and tiers then count.
@@ -133,7 +133,14 @@ pub(super) async fn release<S: Store, C: Clock>(
 #[serde(deny_unknown_fields)]
 pub(super) struct ReportRequest {
     request: CheckRequest,
+    #[serde(deserialize_with = "crate::json::u16_integer")]
     status: u16,
+}
+
+/// An optional string field: absent is `None`; `null` is refused, as the spec's `type:
+/// string` says.
+fn some_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    String::deserialize(d).map(Some)
 }
 
 /// `POST /v1/report` output.
