@@ -16,6 +16,7 @@ mod sink;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use http::Method;
 use ready::ready;
+use tollgate::pipeline::Pipeline;
 use tollgate::store::MemoryStore;
 use tollgate::{Engine, PolicySet, RequestCtx, compile};
 
@@ -28,6 +29,25 @@ limit tiny { match { route ANY "/api/**"; } key ip; algorithm fixed_window; rate
 fn engine(policy: &str) -> Engine<MemoryStore> {
     let plan = compile(&PolicySet::from_sources([("bench.rl", policy)])).expect("valid policy");
     Engine::new(plan, MemoryStore::new())
+}
+
+/// A pipeline around an engine for `policy`, with `observers` attached.
+fn pipeline(
+    policy: &str,
+    observers: Vec<std::sync::Arc<dyn tollgate::pipeline::Observer>>,
+) -> std::sync::Arc<Pipeline<MemoryStore>> {
+    let mut pipeline = Pipeline::new(std::sync::Arc::new(engine(policy)));
+    for observer in observers {
+        pipeline = pipeline.observe(observer);
+    }
+    std::sync::Arc::new(pipeline)
+}
+
+/// One request through `pipeline`'s two phases: admitted, then completed with 200.
+fn admit(rt: &Rt, pipeline: &std::sync::Arc<Pipeline<MemoryStore>>, req: &RequestCtx) {
+    let admission = rt.block_on(pipeline.admit(req, "req-1".to_owned(), None));
+    assert!(admission.verdict.is_allowed());
+    admission.complete(200);
 }
 
 fn request() -> RequestCtx {
@@ -52,11 +72,18 @@ fn decide(c: &mut Criterion) {
         b.iter(|| rt.block_on(allow.decide(&req)))
     });
 
+    // The same through the pipeline, without observers: the admission and completion
+    // phases' own cost (span, refusal, completion).
+    let bare = pipeline(THREE_LIMITS, Vec::new());
+    group.bench_function("three_limits_allowed_pipeline", |b| {
+        b.iter(|| admit(&rt, &bare, &req))
+    });
+
     // The same with every decision counted for Prometheus (what `tollgate serve` does).
-    let counted =
-        engine(THREE_LIMITS).with_metrics(std::sync::Arc::new(tollgate::metrics::Metrics::new()));
+    let metrics = std::sync::Arc::new(tollgate::metrics::Metrics::new());
+    let counted = pipeline(THREE_LIMITS, vec![metrics]);
     group.bench_function("three_limits_allowed_with_metrics", |b| {
-        b.iter(|| rt.block_on(counted.decide(&req)))
+        b.iter(|| admit(&rt, &counted, &req))
     });
 
     // The same, each decision then exported (three rows): what the request path pays, the
@@ -76,20 +103,20 @@ fn decide(c: &mut Criterion) {
         )
         .unwrap()
     };
-    let exporting = engine(THREE_LIMITS).with_exporter(exporter.clone(), "bench");
+    let exporting = pipeline(
+        THREE_LIMITS,
+        vec![std::sync::Arc::new(
+            tollgate::analytics::export::Exporting::new(
+                exporter.clone(),
+                "bench",
+                tollgate::plan::KeyHasher::random(),
+            ),
+        )],
+    );
     // One decision before the measurement (which a filter may skip): its rows go out.
-    let first = rt.block_on(exporting.decide(&req));
-    if let Some(rows) = exporting.export(&first, &req, "req-0") {
-        rows.send_with_status(200);
-    }
+    admit(&rt, &exporting, &req);
     group.bench_function("three_limits_allowed_exporting", |b| {
-        b.iter(|| {
-            let verdict = rt.block_on(exporting.decide(&req));
-            if let Some(rows) = exporting.export(&verdict, &req, "req-1") {
-                rows.send_with_status(200);
-            }
-            verdict
-        })
+        b.iter(|| admit(&rt, &exporting, &req))
     });
     background.block_on(exporter.flush());
     // At this rate (three rows a microsecond and a half) the exporter's one thread cannot

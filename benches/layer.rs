@@ -67,13 +67,21 @@ fn layer(c: &mut Criterion) {
     });
     let plan =
         tollgate::compile(&tollgate::PolicySet::from_sources([("bench.rl", POLICY)])).unwrap();
-    let exporting = Arc::new(
-        tollgate::Engine::new(plan, tollgate::store::MemoryStore::new())
-            .with_exporter(exporter.clone(), "bench"),
+    let engine = Arc::new(tollgate::Engine::new(
+        plan,
+        tollgate::store::MemoryStore::new(),
+    ));
+    let exporting = tollgate::analytics::export::Exporting::new(
+        exporter.clone(),
+        "bench",
+        engine.key_hasher().clone(),
     );
+    let observers = tollgate::observers::Observers::new(&engine, None, Some(exporting));
     let exported = hello
         .clone()
-        .layer(tollgate::RateLimitLayer::new(exporting));
+        .layer(tollgate::RateLimitLayer::from_pipeline(Arc::new(
+            observers.pipeline(engine),
+        )));
     let mut group = c.benchmark_group("router");
     for (name, app) in [
         ("bare", hello),

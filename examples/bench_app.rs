@@ -50,25 +50,26 @@ fn redis_url() -> String {
     std::env::var("BENCH_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
-fn tollgate_layer<S: tollgate::store::Store>(
+fn tollgate_layer<S: tollgate::store::ServedStore>(
     policy: &str,
     store: S,
 ) -> tollgate::RateLimitLayer<S> {
     tollgate_layer_with(policy, store, None)
 }
 
-fn tollgate_layer_with<S: tollgate::store::Store>(
+fn tollgate_layer_with<S: tollgate::store::ServedStore>(
     policy: &str,
     store: S,
     exporter: Option<tollgate::analytics::export::Exporter>,
 ) -> tollgate::RateLimitLayer<S> {
     let plan = tollgate::compile(&tollgate::PolicySet::from_sources([("bench.rl", policy)]))
         .expect("valid policy");
-    let mut engine = tollgate::Engine::new(plan, store);
-    if let Some(exporter) = exporter {
-        engine = engine.with_exporter(exporter, "bench");
-    }
-    let engine = Arc::new(engine);
+    let engine = Arc::new(tollgate::Engine::new(plan, store));
+    let exporting = exporter.map(|exporter| {
+        tollgate::analytics::export::Exporting::new(exporter, "bench", engine.key_hasher().clone())
+    });
+    let observers = tollgate::observers::Observers::new(&engine, None, exporting);
+    let pipeline = Arc::new(observers.pipeline(engine));
     // `BENCH_HEADERS=none` sends no rate-limit headers (as tower_governor by default).
     let send = std::env::var("BENCH_HEADERS").map_or(true, |v| v != "none");
     // `BENCH_TRUST_LOCAL=1` believes headers from 127.0.0.1 (a trusted proxy): keys may
@@ -85,7 +86,7 @@ fn tollgate_layer_with<S: tollgate::store::Store>(
         },
         identifier,
     };
-    tollgate::RateLimitLayer::new(engine).with_options(options)
+    tollgate::RateLimitLayer::from_pipeline(pipeline).with_options(options)
 }
 
 async fn redis_store() -> tollgate::store::redis::RedisStore {

@@ -40,9 +40,14 @@ async fn main() {
     let policy = include_str!("../benches/three_limits.rl");
     let plan = tollgate::compile(&tollgate::PolicySet::from_sources([("bench.rl", policy)]))
         .expect("the benchmark policy compiles");
-    let engine = Arc::new(
-        tollgate::Engine::new(plan, tollgate::store::MemoryStore::new())
-            .with_exporter(exporter.clone(), "bench"),
+    let engine = Arc::new(tollgate::Engine::new(
+        plan,
+        tollgate::store::MemoryStore::new(),
+    ));
+    let exporting = tollgate::analytics::export::Exporting::new(
+        exporter.clone(),
+        "bench",
+        engine.key_hasher().clone(),
     );
     let request = tollgate::RequestCtx::new(http::Method::GET, "/api/v1/items/42")
         .with_client_ip("203.0.113.9".parse().unwrap())
@@ -54,9 +59,22 @@ async fn main() {
         reason = "a throughput figure is wall time"
     )]
     let start = std::time::Instant::now();
+    use tollgate::pipeline::{Admitted, Done, Ended, Observer};
+    let done = Done {
+        status: 200,
+        latency: std::time::Duration::ZERO,
+        ended: Ended::Answered,
+    };
     for n in 0..DECISIONS {
-        if let Some(rows) = engine.export(&verdict, &request, &format!("req-{n}")) {
-            rows.send_with_status(200);
+        let admitted = Admitted {
+            verdict: &verdict,
+            request: &request,
+            request_id: &format!("req-{n}"),
+            status: 200,
+            now: engine.now(),
+        };
+        if let Some(rows) = exporting.admitted(&admitted) {
+            rows.completed(&done);
         }
     }
     let queued = start.elapsed();

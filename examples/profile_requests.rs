@@ -42,7 +42,7 @@ fn request() -> Request<Body> {
     r
 }
 
-fn layered<S: tollgate::store::Store>(hello: Router, store: S) -> Router {
+fn layered<S: tollgate::store::ServedStore>(hello: Router, store: S) -> Router {
     let plan = tollgate::compile(&tollgate::PolicySet::from_sources([("bench.rl", POLICY)]))
         .expect("a valid policy");
     hello.layer(tollgate::RateLimitLayer::new(Arc::new(

@@ -12,6 +12,7 @@ use clickhouse::Client;
 
 pub mod export;
 pub mod report;
+pub mod rows;
 pub mod spool;
 
 /// One schema change.

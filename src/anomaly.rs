@@ -1,10 +1,11 @@
-//! Anomaly detection: the plan's `anomaly` blocks, run on responses.
+//! Anomaly detection: the plan's `anomaly` blocks, run on responses, as an observer of the
+//! request pipeline ([`Anomalies`]).
 //!
-//! A request is *watched* before it goes on ([`Engine::watch`]): each anomaly whose `match`
+//! A request is *watched* at admission ([`Anomalies::watch`]): each anomaly whose `match`
 //! it meets gets its counter key (and, for `detect distinct`, the hashed value). Once the
-//! response's status is known ([`Engine::observe`]: the layer and the reverse proxy do it
-//! themselves; `/v1/report` lets an application report it), each counted response feeds its
-//! anomaly's detector:
+//! response's status is known (the pipeline's completion, for the layer and the proxy;
+//! `/v1/report` lets an application report it, [`Anomalies::report`]), each counted
+//! response feeds its anomaly's detector:
 //!
 //! - `detect N in W` counts in the store (a sliding window of N): every node sees one count;
 //!   the N-th response within W detects.
@@ -15,26 +16,32 @@
 //! A detection is acted on once per key and window across every node (a one-per-window
 //! counter in the store decides which node acts): `ban` and `flag`/`tarpit` become runtime
 //! entries in the store (every node applies them; they show in, and are lifted through, the
-//! admin API), `alert` logs a warning per channel, and every detection is exported to
-//! ClickHouse's `anomalies` table and counted in Prometheus.
+//! admin API), `alert` logs a warning per channel, and every detection goes to the
+//! [`DetectionSink`]s attached (Prometheus, ClickHouse's `anomalies` table).
 
-use std::collections::{HashMap, HashSet};
+mod local;
+
 use std::net::IpAddr;
 use std::num::NonZeroU64;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use smallvec::SmallVec;
 
+use self::local::LocalDetectors;
 use crate::clock::{Clock, Timestamp};
 use crate::engine::Engine;
 use crate::limiter::{LeaseId, Quota, WindowQuota};
-use crate::plan::key::CounterKey;
+use crate::pipeline::{Admitted, CLIENT_CLOSED, Completion, DetectionSink, Done, Observer};
+use crate::plan::key::FIRED_SUFFIX;
 use crate::plan::select::Watched;
-use crate::plan::{Anomaly, AnomalyActions, Detector, Plan};
+use crate::plan::{Detector, Plan};
 use crate::request::RequestCtx;
 use crate::store::runtime::{RuntimeEntry, RuntimeList, Target};
-use crate::store::{Op, Store};
+use crate::store::{Op, RuntimeStore, Store};
+use crate::telemetry::{BURST_WINDOW, Burst};
+use crate::verdict::Action;
+pub use crate::verdict::Detection;
 
 /// What a request's response will be counted under: the anomalies watching it.
 #[derive(Debug)]
@@ -50,206 +57,65 @@ impl Watch {
         self.watched.len()
     }
 
-    /// Whether none does (never, for a watch [`Engine::watch`] returns).
+    /// Whether none does (never, for a watch [`Anomalies::watch`] returns).
     pub fn is_empty(&self) -> bool {
         self.watched.is_empty()
     }
 }
 
-/// One anomaly detected on one key.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Detection {
-    /// The anomaly.
-    pub anomaly: Arc<str>,
-    /// Its namespace.
-    pub namespace: Arc<str>,
-    /// The counter key (secrets hashed); its client part is what was acted on.
-    pub key: String,
-    /// The client's address, when known.
-    pub client_ip: Option<IpAddr>,
-    /// What was seen: responses counted, or distinct values, in the window.
-    pub observed: u64,
-    /// What it was compared with (N, or K times the baseline).
-    pub threshold: f64,
-    /// The detector's window.
-    pub window: Duration,
-    /// What was done.
-    pub actions: AnomalyActions,
-    /// The plan's version.
-    pub plan_version: Arc<str>,
+/// The anomaly detectors of an engine's plan, and where their detections go.
+pub struct Anomalies<S, C> {
+    inner: Arc<Inner<S, C>>,
 }
 
-/// Keys whose rate or distinct values a node keeps in memory.
-const LOCAL_KEYS: usize = 100_000;
-/// The weight of the newest window in a key's moving average.
-const ALPHA: f64 = 0.3;
-
-/// The per-node state of the `rate` and `distinct` detectors.
-pub(crate) struct LocalDetectors {
-    keys: quick_cache::sync::Cache<String, Arc<Mutex<Local>>>,
-    /// Per anomaly, the moving average of every key's closed windows: the baseline of keys
-    /// without their own history.
-    baselines: Mutex<HashMap<Arc<str>, f64>>,
+struct Inner<S, C> {
+    engine: Arc<Engine<S, C>>,
+    local: LocalDetectors,
+    sinks: Vec<Arc<dyn DetectionSink>>,
+    store_failures: Burst,
 }
 
-impl Default for LocalDetectors {
-    fn default() -> Self {
-        LocalDetectors {
-            keys: quick_cache::sync::Cache::new(LOCAL_KEYS),
-            baselines: Mutex::new(HashMap::new()),
+impl<S, C> Clone for Anomalies<S, C> {
+    fn clone(&self) -> Self {
+        Anomalies {
+            inner: Arc::clone(&self.inner),
         }
     }
 }
 
-impl std::fmt::Debug for LocalDetectors {
+impl<S, C> std::fmt::Debug for Anomalies<S, C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LocalDetectors")
-            .field("keys", &self.keys.len())
-            .finish()
+        f.debug_struct("Anomalies")
+            .field("local", &self.inner.local)
+            .field("sinks", &self.inner.sinks.len())
+            .finish_non_exhaustive()
     }
 }
 
-/// One key's state.
-#[derive(Debug)]
-enum Local {
-    Rate {
-        window: u64,
-        count: u64,
-        /// The key's moving average of its closed windows (`None`: none closed yet).
-        baseline: Option<f64>,
-    },
-    Distinct {
-        window: u64,
-        values: HashSet<String>,
-    },
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-impl LocalDetectors {
-    /// Counts one response for a `rate` detector; what it saw and its threshold when the
-    /// key's window count is now above it.
-    fn rate(
-        &self,
-        anomaly: &Anomaly,
-        key: &str,
-        factor: u64,
-        window: Duration,
-        now: Timestamp,
-    ) -> Option<(u64, f64)> {
-        let w = window_index(window, now);
-        let state = self.state(key, || Local::Rate {
-            window: w,
-            count: 0,
-            baseline: None,
-        });
-        let mut state = lock(&state);
-        let Local::Rate {
-            window: at,
-            count,
-            baseline,
-        } = &mut *state
-        else {
-            // The plan changed this anomaly's detector: start again.
-            *state = Local::Rate {
-                window: w,
-                count: 0,
-                baseline: None,
-            };
-            return None;
-        };
-        if *at < w {
-            // The key's last window closed: it joins the key's and the anomaly's averages;
-            // the empty windows since weigh the key's average down.
-            let closed = *count as f64;
-            let empty = i32::try_from(w - *at - 1).unwrap_or(i32::MAX);
-            let decayed = |avg: f64| avg * (1.0 - ALPHA).powi(empty);
-            *baseline = Some(decayed(baseline.map_or(closed, |b| ewma(b, closed))));
-            let mut all = lock(&self.baselines);
-            let global = all.entry(Arc::clone(&anomaly.name)).or_insert(closed);
-            *global = ewma(*global, closed);
-            *at = w;
-            *count = 0;
-        }
-        *count += 1;
-        let reference = match baseline {
-            Some(b) => *b,
-            None => lock(&self.baselines)
-                .get(&anomaly.name)
-                .copied()
-                .unwrap_or(0.0),
-        };
-        let threshold = factor as f64 * reference.max(1.0);
-        (*count as f64 > threshold).then_some((*count, threshold))
-    }
-
-    /// Adds one response's value for a `distinct` detector; how many distinct values the
-    /// window holds when that is now above the threshold.
-    fn distinct(
-        &self,
-        key: &str,
-        value: &str,
-        threshold: u64,
-        window: Duration,
-        now: Timestamp,
-    ) -> Option<u64> {
-        let w = window_index(window, now);
-        let state = self.state(key, || Local::Distinct {
-            window: w,
-            values: HashSet::new(),
-        });
-        let mut state = lock(&state);
-        if !matches!(&*state, Local::Distinct { window, .. } if *window == w) {
-            *state = Local::Distinct {
-                window: w,
-                values: HashSet::new(),
-            };
-        }
-        let Local::Distinct { values, .. } = &mut *state else {
-            return None;
-        };
-        // Bounded: past the threshold, more values change nothing.
-        if values.len() as u64 <= threshold {
-            values.insert(value.to_owned());
-        }
-        let seen = values.len() as u64;
-        (seen > threshold).then_some(seen)
-    }
-
-    fn state(&self, key: &str, new: impl FnOnce() -> Local) -> Arc<Mutex<Local>> {
-        // One state per key even when two responses of a new key race.
-        let made = self.keys.get_or_insert_with(key, || {
-            Ok::<_, std::convert::Infallible>(Arc::new(Mutex::new(new())))
-        });
-        match made {
-            Ok(state) => state,
-            Err(never) => match never {},
+impl<S: Store + RuntimeStore, C: Clock> Anomalies<S, C> {
+    /// The detectors of `engine`'s plan (as it is when each request is watched), whose
+    /// detections go to `sinks`.
+    pub fn new(engine: Arc<Engine<S, C>>, sinks: Vec<Arc<dyn DetectionSink>>) -> Self {
+        Anomalies {
+            inner: Arc::new(Inner {
+                engine,
+                local: LocalDetectors::default(),
+                sinks,
+                store_failures: Burst::new(BURST_WINDOW),
+            }),
         }
     }
-}
 
-/// A moving average moved towards `value` (exactly `value` when they are equal).
-fn ewma(average: f64, value: f64) -> f64 {
-    average + ALPHA * (value - average)
-}
-
-/// The aligned window `now` falls in.
-fn window_index(window: Duration, now: Timestamp) -> u64 {
-    let w = u64::try_from(window.as_micros()).unwrap_or(u64::MAX).max(1);
-    now.as_micros() / w
-}
-
-impl<S: Store, C: Clock> Engine<S, C> {
-    /// The anomalies watching `request`, to [`Engine::observe`] its response with (`None`:
-    /// no anomaly watches it, the usual case, decided without allocating).
+    /// The anomalies watching `request`, to [`Anomalies::observe`] its response with
+    /// (`None`: no anomaly watches it, the usual case, decided without allocating).
     pub fn watch(&self, request: &RequestCtx) -> Option<Watch> {
-        let plan = self.plan_guard();
+        let engine = &self.inner.engine;
+        let plan = engine.plan_guard();
         if plan.anomalies().is_empty() {
             return None;
         }
-        let watched = crate::plan::select::watching(&plan, request, self.key_hasher(), self.now());
+        let watched =
+            crate::plan::select::watching(&plan, request, engine.key_hasher(), engine.now());
         (!watched.is_empty()).then(|| Watch {
             plan: arc_swap::Guard::into_inner(plan),
             watched,
@@ -260,7 +126,59 @@ impl<S: Store, C: Clock> Engine<S, C> {
     /// Counts the response to a watched request (its `status`), and acts on what is
     /// detected. Returns the detections acted on (by this node).
     pub async fn observe(&self, watch: Watch, status: u16) -> Vec<Detection> {
-        let now = self.now();
+        self.inner.observe(watch, status).await
+    }
+
+    /// `/v1/report`: the response `status` of a request decided before (by `/v1/check`):
+    /// how many anomalies watch it, and what they detected.
+    pub async fn report(&self, request: &RequestCtx, status: u16) -> (usize, Vec<Detection>) {
+        match self.watch(request) {
+            Some(watch) => (watch.len(), self.observe(watch, status).await),
+            None => (0, Vec::new()),
+        }
+    }
+}
+
+/// Watches every admitted request but those a list or a ban refused (not the client's
+/// pattern), and counts its response when it ends.
+impl<S: Store + RuntimeStore, C: Clock> Observer for Anomalies<S, C> {
+    fn admitted(&self, admitted: &Admitted<'_>) -> Option<Box<dyn Completion>> {
+        if matches!(admitted.verdict.action, Action::Forbid { .. }) {
+            return None;
+        }
+        let watch = self.watch(admitted.request)?;
+        Some(Box::new(Watching {
+            anomalies: self.clone(),
+            watch,
+        }))
+    }
+}
+
+/// A watched request waiting for its response.
+struct Watching<S, C> {
+    anomalies: Anomalies<S, C>,
+    watch: Watch,
+}
+
+impl<S: Store + RuntimeStore, C: Clock> Completion for Watching<S, C> {
+    fn completed(self: Box<Self>, done: &Done) {
+        // A request that ended before any answer has no response to count.
+        if done.status == CLIENT_CLOSED {
+            return;
+        }
+        let status = done.status;
+        // Counting may need the store: in the background, the response does not wait.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                self.anomalies.observe(self.watch, status).await;
+            });
+        }
+    }
+}
+
+impl<S: Store + RuntimeStore, C: Clock> Inner<S, C> {
+    async fn observe(&self, watch: Watch, status: u16) -> Vec<Detection> {
+        let now = self.engine.now();
         let mut detections = Vec::new();
         for w in &watch.watched {
             let Some(anomaly) = watch.plan.anomalies().get(w.anomaly) else {
@@ -273,14 +191,14 @@ impl<S: Store, C: Clock> Engine<S, C> {
                 Detector::Count { threshold, window } => {
                     self.count_in_store(&w.key, *threshold, *window, now).await
                 }
-                Detector::Rate { factor, window } => self
-                    .local_detectors()
-                    .rate(anomaly, &w.key, *factor, *window, now),
+                Detector::Rate { factor, window } => {
+                    self.local.rate(anomaly, &w.key, *factor, *window, now)
+                }
                 Detector::Distinct {
                     threshold, window, ..
                 } => {
                     let value = w.value.as_deref().unwrap_or_default();
-                    self.local_detectors()
+                    self.local
                         .distinct(&w.key, value, *threshold, *window, now)
                         .map(|seen| (seen, *threshold as f64))
                 }
@@ -302,8 +220,9 @@ impl<S: Store, C: Clock> Engine<S, C> {
                 window,
                 actions: anomaly.actions.clone(),
                 plan_version: Arc::from(watch.plan.version()),
+                at: now,
             };
-            self.act(&detection, now).await;
+            self.act(&detection).await;
             detections.push(detection);
         }
         detections
@@ -322,15 +241,14 @@ impl<S: Store, C: Clock> Engine<S, C> {
             limit: NonZeroU64::new(threshold)?,
             window: micros(window),
         });
-        let op = one(key, quota);
-        match self.store().apply(&[op], now).await {
+        match self.engine.store().apply(&[one(key, quota)], now).await {
             Ok(result) => {
                 let r = result.results.first()?;
                 (result.admitted && r.decision.remaining == 0)
                     .then_some((threshold, threshold as f64))
             }
             Err(e) => {
-                self.warn_store(&e, "an anomaly's count");
+                self.warn_store(&e, "an anomaly's count", now);
                 None
             }
         }
@@ -339,52 +257,38 @@ impl<S: Store, C: Clock> Engine<S, C> {
     /// Whether this is the key's first detection in its window, on any node (when the store
     /// cannot say: yes, so that nothing detected goes unreported).
     async fn first_in_window(&self, key: &str, window: Duration, now: Timestamp) -> bool {
-        let fired = format!("{key}.fired");
+        let fired = format!("{key}{FIRED_SUFFIX}");
         let quota = Quota::FixedWindow(WindowQuota {
             limit: NonZeroU64::MIN,
             window: micros(window),
         });
-        match self.store().apply(&[one(&fired, quota)], now).await {
+        match self.engine.store().apply(&[one(&fired, quota)], now).await {
             Ok(result) => result.admitted,
             Err(e) => {
-                self.warn_store(&e, "an anomaly's once-per-window check");
+                self.warn_store(&e, "an anomaly's once-per-window check", now);
                 true
             }
         }
     }
 
-    /// Bans, flags, tarpits, alerts, logs, exports and counts `detection`.
-    async fn act(&self, d: &Detection, now: Timestamp) {
-        let target = CounterKey::parse(&d.key).map(|parts| target_of(parts.client));
-        let key_hash = self.key_hasher().hash(&d.key);
-        let reason = format!("anomaly {}", d.anomaly);
-        let mut entries = Vec::new();
-        if let Some(target) = &target {
-            let entry = |list, lasting: Duration, delay_ms| RuntimeEntry {
-                list,
-                target: target.clone(),
-                until: Some(now.saturating_add(lasting).as_micros()),
-                reason: Some(reason.clone()),
-                delay_ms,
-            };
-            if let Some(ban) = d.actions.ban {
-                entries.push(entry(RuntimeList::Denylist, ban, None));
-            }
-            if let Some(flag) = d.actions.flag {
-                entries.push(entry(RuntimeList::Flag, flag, None));
-            }
-            if let Some((hold, lasting)) = d.actions.tarpit {
-                let ms = u64::try_from(hold.as_millis()).unwrap_or(u64::MAX).max(1);
-                entries.push(entry(RuntimeList::Tarpit, lasting, Some(ms)));
-            }
+    /// Logs a store failure once per burst.
+    fn warn_store(&self, error: &crate::store::StoreError, what: &str, now: Timestamp) {
+        if let Some(suppressed) = self.store_failures.admit(now) {
+            tracing::warn!(%error, suppressed, "counter store failed while counting {what}");
         }
+    }
+
+    /// Bans, flags, tarpits, alerts and logs `detection`, and hands it to the sinks.
+    async fn act(&self, d: &Detection) {
+        let key_hash = self.engine.key_hasher().hash(&d.key);
+        let entries = entries(d);
         for entry in &entries {
-            if let Err(e) = self.store().put_runtime_entry(entry).await {
+            if let Err(e) = self.engine.store().put_runtime_entry(entry).await {
                 tracing::warn!(error = %e, anomaly = %d.anomaly, list = entry.list.as_str(), "cannot store an anomaly's action");
             }
         }
         if !entries.is_empty()
-            && let Err(e) = self.refresh_runtime_lists().await
+            && let Err(e) = self.engine.refresh_runtime_lists().await
         {
             tracing::warn!(error = %e, "cannot read the runtime lists back after an anomaly");
         }
@@ -409,11 +313,36 @@ impl<S: Store, C: Clock> Engine<S, C> {
                 "alert: anomaly detected"
             );
         }
-        if let Some(metrics) = self.metrics() {
-            metrics.record_anomaly(&d.namespace, &d.anomaly);
+        for sink in &self.sinks {
+            sink.detected(d, &key_hash);
         }
-        self.export_anomaly(d, &key_hash, now);
     }
+}
+
+/// The runtime entries a detection's actions make: a denylist entry for a ban, a flag, a
+/// tarpit, on the key's client (its network for an address).
+fn entries(d: &Detection) -> Vec<RuntimeEntry> {
+    let target = target_of(d.key.client());
+    let reason = format!("anomaly {}", d.anomaly);
+    let entry = |list, lasting: Duration, delay_ms| RuntimeEntry {
+        list,
+        target: target.clone(),
+        until: Some(d.at.saturating_add(lasting).as_micros()),
+        reason: Some(reason.clone()),
+        delay_ms,
+    };
+    let mut entries = Vec::new();
+    if let Some(ban) = d.actions.ban {
+        entries.push(entry(RuntimeList::Denylist, ban, None));
+    }
+    if let Some(flag) = d.actions.flag {
+        entries.push(entry(RuntimeList::Flag, flag, None));
+    }
+    if let Some((hold, lasting)) = d.actions.tarpit {
+        let ms = u64::try_from(hold.as_millis()).unwrap_or(u64::MAX).max(1);
+        entries.push(entry(RuntimeList::Tarpit, lasting, Some(ms)));
+    }
+    entries
 }
 
 /// The runtime entry target of a key's client part: its network for `ip:…`, else the
@@ -441,85 +370,5 @@ fn one(key: &str, quota: Quota) -> Op<'_> {
         ban: None,
         lease: LeaseId(0),
         sync: None,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn anomaly() -> Anomaly {
-        Anomaly {
-            name: Arc::from("burst"),
-            counter: Arc::from("anomaly.burst"),
-            namespace: Arc::from("ns"),
-            condition: crate::plan::Condition::Always,
-            key: crate::plan::key::KeySpec { parts: Vec::new() },
-            statuses: Vec::new(),
-            detector: Detector::Rate {
-                factor: 10,
-                window: Duration::from_secs(60),
-            },
-            actions: AnomalyActions::default(),
-        }
-    }
-
-    #[test]
-    fn a_rate_ten_times_the_keys_average_detects_in_every_burst_window() {
-        let local = LocalDetectors::default();
-        let a = anomaly();
-        let minute = Duration::from_secs(60);
-        let at = |m: u64, s: u64| Timestamp::from_micros((m * 60 + s) * 1_000_000);
-        let mut detected = Vec::new();
-        // Five a minute for ten minutes: the average is five.
-        for m in 0..10 {
-            for s in 0..5 {
-                assert_eq!(local.rate(&a, "k", 10, minute, at(m, s)), None);
-            }
-        }
-        // Then 60 in minute 10: the 51st is more than ten times five.
-        for s in 0..60 {
-            if let Some(hit) = local.rate(&a, "k", 10, minute, at(10, s % 60)) {
-                detected.push((s, hit));
-            }
-        }
-        assert_eq!(detected.first(), Some(&(50, (51, 50.0))));
-        assert_eq!(
-            detected.len(),
-            10,
-            "every response past the threshold is over it"
-        );
-    }
-
-    #[test]
-    fn a_new_key_is_judged_against_the_anomalys_average() {
-        let local = LocalDetectors::default();
-        let a = anomaly();
-        let minute = Duration::from_secs(60);
-        let at = |m: u64| Timestamp::from_micros(m * 60 * 1_000_000);
-        for m in 0..5 {
-            for _ in 0..3 {
-                local.rate(&a, "old", 10, minute, at(m));
-            }
-        }
-        // The old key's closed windows average 3: a new key needs more than 30.
-        let hits: Vec<_> = (0..31)
-            .filter_map(|_| local.rate(&a, "new", 10, minute, at(5)))
-            .collect();
-        assert_eq!(hits, [(31, 30.0)]);
-    }
-
-    #[test]
-    fn distinct_values_past_the_threshold_detect_and_the_window_resets() {
-        let local = LocalDetectors::default();
-        let w = Duration::from_secs(600);
-        let t0 = Timestamp::from_micros(0);
-        for n in 0..3 {
-            assert_eq!(local.distinct("k", &format!("u{n}"), 3, w, t0), None);
-        }
-        assert_eq!(local.distinct("k", "u0", 3, w, t0), None, "a value again");
-        assert_eq!(local.distinct("k", "u3", 3, w, t0), Some(4));
-        let later = Timestamp::from_micros(600_000_000);
-        assert_eq!(local.distinct("k", "u4", 3, w, later), None);
     }
 }

@@ -30,8 +30,8 @@ use cedar_policy::{
 };
 
 use crate::diagnostic::{PolicyError, SourceFile, Span};
-use crate::plan::{KeyHasher, ValueFrom};
 use crate::request::RequestCtx;
+use crate::request::{KeyHasher, ValueFrom};
 
 mod cache;
 

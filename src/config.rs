@@ -2,6 +2,7 @@
 //! then flags, each overriding the one before. Every invalid value is reported at once,
 //! naming where it came from, and the server does not start.
 
+pub use crate::telemetry::LogFormat;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -20,17 +21,6 @@ pub enum Environment {
     Dev,
     /// Production: a shared store and a key secret are required.
     Prod,
-}
-
-/// How logs are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines.
-    #[default]
-    Pretty,
-    /// One JSON object per line.
-    Json,
 }
 
 /// Whose clock the Redis store counts with.

@@ -475,7 +475,7 @@ async fn analytics_run(
             })
         }
         AnalyticsAction::Anomalies { since, rows, json } => {
-            let found: Vec<tollgate::analytics::export::AnomalyRow> =
+            let found: Vec<tollgate::analytics::rows::AnomalyRow> =
                 report::anomalies(database, since, rows)
                     .fetch(client)
                     .await

@@ -3,11 +3,9 @@
 //! (namespaces, limits, lists) or from fixed sets (outcomes), never from clients, so the
 //! number of series stays bounded.
 //!
-//! The engine records into a [`Metrics`] it is given ([`Engine::with_metrics`]); values kept
-//! elsewhere (breakers, memory keys, reloads, bans) are read when the registry is scraped
-//! ([`Metrics::render`]).
-//!
-//! [`Engine::with_metrics`]: crate::Engine::with_metrics
+//! [`Metrics`] is an observer of the request pipeline (`crate::pipeline`): it counts each
+//! decision as it is admitted, and each anomaly acted on. Values kept elsewhere (breakers,
+//! memory keys, reloads, bans) are read when the registry is scraped ([`Metrics::render`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,107 +16,15 @@ use prometheus::{
     Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
 
-use crate::engine::{Action, Counted, LimitReport};
-use crate::plan::{Limit, Mode, SoftAction};
+use crate::pipeline::{Admitted, Completion, DetectionSink, Observer};
 use crate::store::StoreHealth;
-
-/// What one limit did to one request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// Admitted, well below the limit.
-    Allow,
-    /// Admitted, with 80 % or more of the limit used.
-    NearLimit,
-    /// Admitted past a soft `warn` threshold.
-    Warn,
-    /// Admitted past a soft `delay` threshold.
-    Delay,
-    /// Refused.
-    Reject,
-    /// Over the limit in shadow mode: reported, not refused.
-    ShadowReject,
-    /// The store failed; the limit's `on_store_error` decided.
-    StoreError,
-}
-
-impl Outcome {
-    const ALL: [Outcome; 7] = [
-        Outcome::Allow,
-        Outcome::NearLimit,
-        Outcome::Warn,
-        Outcome::Delay,
-        Outcome::Reject,
-        Outcome::ShadowReject,
-        Outcome::StoreError,
-    ];
-
-    /// The label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Allow => "allow",
-            Outcome::NearLimit => "near_limit",
-            Outcome::Warn => "warn",
-            Outcome::Delay => "delay",
-            Outcome::Reject => "reject",
-            Outcome::ShadowReject => "shadow_reject",
-            Outcome::StoreError => "store_error",
-        }
-    }
-
-    /// What `report` says `limit` did.
-    pub fn of(report: &LimitReport, limit: &Limit) -> Outcome {
-        if matches!(report.counted, Counted::Skipped | Counted::Local) {
-            return Outcome::StoreError;
-        }
-        if !report.decision.allowed {
-            return if report.mode == Mode::Shadow {
-                Outcome::ShadowReject
-            } else {
-                Outcome::Reject
-            };
-        }
-        let used = report.decision.used_percent();
-        let soft = limit
-            .soft
-            .iter()
-            .rev()
-            .find(|s| used >= u64::from(s.at_percent));
-        match soft.map(|s| s.action) {
-            Some(SoftAction::Delay(_)) => Outcome::Delay,
-            Some(SoftAction::Warn) => Outcome::Warn,
-            None if used >= NEAR_LIMIT_PERCENT => Outcome::NearLimit,
-            None => Outcome::Allow,
-        }
-    }
-}
-
-/// From this share of a limit used, an admitted request is `near_limit`.
-pub const NEAR_LIMIT_PERCENT: u64 = 80;
-
-/// The request-level outcome of an action, and the rule (list or limit) it names.
-/// The name of what was done with a request, as `tollgate_requests_total{outcome}` and the
-/// request's span show it.
-pub fn request_outcome_name(action: &Action) -> &'static str {
-    request_outcome(action).0
-}
-
-fn request_outcome(action: &Action) -> (&'static str, &str) {
-    match action {
-        Action::Allow => ("allow", ""),
-        Action::Warn => ("warn", ""),
-        Action::Delay(_) => ("delay", ""),
-        Action::Bypass { list } => ("bypass", list),
-        Action::Reject { limit, .. } => ("reject", limit),
-        Action::Forbid { list, .. } => ("forbid", list),
-        Action::Unauthorized { limit, .. } => ("unauthorized", limit),
-        Action::Unavailable { limit } => ("store_error", limit),
-    }
-}
+use crate::verdict::{Action, Detection, LimitReport, Outcome, Verdict};
 
 /// The counters of one limit, one per outcome (in [`Outcome::ALL`]'s order), resolved once.
 type LimitCounters = [IntCounter; Outcome::ALL.len()];
 
-type CountersByLimit = HashMap<Arc<str>, Arc<LimitCounters>, foldhash::fast::RandomState>;
+type CountersByLimit =
+    HashMap<Arc<str>, (Arc<str>, Arc<LimitCounters>), foldhash::fast::RandomState>;
 
 /// Every metric Tollgate exports, in one registry.
 pub struct Metrics {
@@ -417,29 +323,39 @@ impl Metrics {
             .inc();
     }
 
-    /// The counters of `limit`, resolved on first use (copy on write: a plan has few
-    /// limits, requests read without locking).
-    fn add_limit(&self, limit: &Limit) -> Arc<LimitCounters> {
+    /// The counters of the limit `report` is about, resolved on first use (copy on write:
+    /// a plan has few limits, requests read without locking).
+    fn add_limit(&self, report: &LimitReport) -> Arc<LimitCounters> {
+        let namespace = report.key.namespace();
         let counters: Arc<LimitCounters> = Arc::new(Outcome::ALL.map(|o| {
             self.decisions
-                .with_label_values(&[&limit.namespace, &limit.name, o.as_str()])
+                .with_label_values(&[namespace, &report.limit, o.as_str()])
         }));
         self.per_limit.rcu(|map| {
             let mut map = CountersByLimit::clone(map);
-            map.insert(Arc::clone(&limit.name), Arc::clone(&counters));
+            map.insert(
+                Arc::clone(&report.limit),
+                (Arc::from(namespace), Arc::clone(&counters)),
+            );
             map
         });
         counters
     }
 
-    /// Records what each applied limit did.
-    pub fn record_limits(&self, reports: &[LimitReport], applied: &[&Limit]) {
+    /// Records what each limit that applied did.
+    pub fn record_limits(&self, reports: &[LimitReport]) {
+        if reports.is_empty() {
+            return;
+        }
         let known = self.per_limit.load();
-        for (report, limit) in reports.iter().zip(applied) {
-            let outcome = Outcome::of(report, limit) as usize;
-            match known.get(&*limit.name) {
-                Some(counters) => counters[outcome].inc(),
-                None => self.add_limit(limit)[outcome].inc(),
+        for report in reports {
+            let outcome = report.outcome as usize;
+            let found = known
+                .get(&*report.limit)
+                .filter(|(namespace, _)| **namespace == *report.key.namespace());
+            match found {
+                Some((_, counters)) => counters[outcome].inc(),
+                None => self.add_limit(report)[outcome].inc(),
             }
         }
     }
@@ -451,7 +367,7 @@ impl Metrics {
             Action::Warn => self.admitted[1].inc(),
             Action::Delay(_) => self.admitted[2].inc(),
             refused => {
-                let (outcome, rule) = request_outcome(refused);
+                let (outcome, rule) = refused.outcome();
                 self.requests.with_label_values(&[outcome, rule]).inc();
             }
         }
@@ -463,6 +379,15 @@ impl Metrics {
         self.store_seconds.observe(took.as_secs_f64());
         if failed {
             self.store_errors.inc();
+        }
+    }
+
+    /// Records everything `verdict` says: the request, each limit, the store call.
+    pub fn record(&self, verdict: &Verdict) {
+        self.record_request(&verdict.action, verdict.elapsed);
+        self.record_limits(&verdict.reports);
+        if let Some(call) = &verdict.store_call {
+            self.record_store_call(call.took, call.error.is_some());
         }
     }
 
@@ -491,6 +416,21 @@ impl Metrics {
         TextEncoder::new()
             .encode_to_string(&self.registry.gather())
             .unwrap_or_default()
+    }
+}
+
+/// Counts every decision as the pipeline admits it.
+impl Observer for Metrics {
+    fn admitted(&self, admitted: &Admitted<'_>) -> Option<Box<dyn Completion>> {
+        self.record(admitted.verdict);
+        None
+    }
+}
+
+/// Counts every anomaly this node acts on.
+impl DetectionSink for Metrics {
+    fn detected(&self, detection: &Detection, _key_hash: &str) {
+        self.record_anomaly(&detection.namespace, &detection.anomaly);
     }
 }
 

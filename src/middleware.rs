@@ -7,8 +7,6 @@
 //! warning header or hold the request (on tokio's timer). Concurrency leases are given back
 //! when the response body ends, or when the request or the body is dropped.
 
-mod body;
-
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -18,14 +16,13 @@ use axum::body::Body;
 use http::{HeaderValue, Request, Response};
 use tower::{Layer, Service};
 
-pub use self::body::LeaseGuard;
-use crate::anomaly::Watch;
 use crate::clock::{Clock, SystemClock};
-use crate::engine::{Action, Engine};
+use crate::engine::Engine;
 use crate::identity::Identifier;
+use crate::pipeline::Pipeline;
 use crate::request::{PathError, RequestCtx, X_REQUEST_ID};
 use crate::response::{self, HeaderFamilies, grpc_refusal, refusal};
-use crate::store::Store;
+use crate::store::{RuntimeStore, Store};
 
 /// How the middleware reads requests and writes responses.
 #[derive(Debug, Clone, Default)]
@@ -38,17 +35,19 @@ pub struct HttpOptions {
 
 /// Builds [`RateLimit`] services around inner services.
 pub struct RateLimitLayer<S, C = SystemClock> {
-    engine: Arc<Engine<S, C>>,
+    pipeline: Arc<Pipeline<S, C>>,
     options: Arc<HttpOptions>,
     only: Option<Arc<[Arc<str>]>>,
+    keep_context: bool,
 }
 
 impl<S, C> Clone for RateLimitLayer<S, C> {
     fn clone(&self) -> Self {
         RateLimitLayer {
-            engine: Arc::clone(&self.engine),
+            pipeline: Arc::clone(&self.pipeline),
             options: Arc::clone(&self.options),
             only: self.only.clone(),
+            keep_context: self.keep_context,
         }
     }
 }
@@ -62,14 +61,32 @@ impl<S, C> std::fmt::Debug for RateLimitLayer<S, C> {
     }
 }
 
-impl<S: Store, C: Clock> RateLimitLayer<S, C> {
-    /// A layer deciding with `engine`, with default options (no trusted proxies, both header
-    /// families).
+/// The pipeline a layer built from an engine alone uses: decisions logged, and the plan's
+/// anomalies detected (their actions taken; nothing counted for Prometheus or exported —
+/// build the pipeline with [`Observers`](crate::observers::Observers) for those, and use
+/// [`RateLimitLayer::from_pipeline`]).
+pub fn default_pipeline<S: Store + RuntimeStore, C: Clock>(
+    engine: Arc<Engine<S, C>>,
+) -> Pipeline<S, C> {
+    crate::observers::Observers::new(&engine, None, None).pipeline(engine)
+}
+
+impl<S: Store + RuntimeStore, C: Clock> RateLimitLayer<S, C> {
+    /// A layer deciding with `engine` through [`default_pipeline`], with default options (no
+    /// trusted proxies, both header families).
     pub fn new(engine: Arc<Engine<S, C>>) -> Self {
+        Self::from_pipeline(Arc::new(default_pipeline(engine)))
+    }
+}
+
+impl<S: Store, C: Clock> RateLimitLayer<S, C> {
+    /// A layer deciding through `pipeline` (its engine and observers), with default options.
+    pub fn from_pipeline(pipeline: Arc<Pipeline<S, C>>) -> Self {
         RateLimitLayer {
-            engine,
+            pipeline,
             options: Arc::new(HttpOptions::default()),
             only: None,
+            keep_context: false,
         }
     }
 
@@ -89,7 +106,22 @@ impl<S: Store, C: Clock> RateLimitLayer<S, C> {
         self.only = Some(limits.into_iter().map(Into::into).collect());
         self
     }
+
+    /// Leaves the request's context, as the layer read it, in the request's extensions for
+    /// the inner service (a [`LayerContext`]), so that it need not read the request again: what
+    /// the proxy does for WebSocket messages and streamed bytes. Its headers are in the
+    /// request.
+    pub fn keep_context(mut self) -> Self {
+        self.keep_context = true;
+        self
+    }
 }
+
+/// The request's context as the layer read it (identity established), left in the
+/// request's extensions by [`RateLimitLayer::keep_context`]. Its `headers` are empty: they
+/// are the request's.
+#[derive(Debug, Clone)]
+pub struct LayerContext(pub RequestCtx);
 
 /// A layer for one route that applies the limit named `name` in the policies, whatever its
 /// `match` block says — the declarative per-route helper:
@@ -103,7 +135,10 @@ impl<S: Store, C: Clock> RateLimitLayer<S, C> {
 ///     .route_layer(tollgate::middleware::limit(&engine, "login"));
 /// # }
 /// ```
-pub fn limit<S: Store, C: Clock>(engine: &Arc<Engine<S, C>>, name: &str) -> RateLimitLayer<S, C> {
+pub fn limit<S: Store + RuntimeStore, C: Clock>(
+    engine: &Arc<Engine<S, C>>,
+    name: &str,
+) -> RateLimitLayer<S, C> {
     RateLimitLayer::new(Arc::clone(engine)).only([name])
 }
 
@@ -172,85 +207,48 @@ where
         Box::pin(async move {
             let request_id = crate::request::request_id(request.headers());
             let grpc = is_grpc(request.headers());
-            let ctx = match request_ctx(&mut request, &layer.options.identifier) {
+            let mut ctx = match request_ctx(&mut request, &layer.options.identifier) {
                 Ok(ctx) => ctx,
                 Err(error) => return Ok(bad_path(&error, &request_id)),
             };
-            let span = crate::telemetry::request_span(&request_id, &ctx.method);
-            let verdict = match &layer.only {
-                Some(names) => layer.engine.decide_only(&ctx, names).await,
-                None => layer.engine.decide(&ctx).await,
-            };
-            crate::telemetry::record_verdict(&span, &verdict, &ctx, layer.engine.key_hasher());
-            let export = layer.engine.export(&verdict, &ctx, &request_id);
-            // Refusals by a list or a ban are not the client's pattern: not watched.
-            let watch = if matches!(verdict.action, Action::Forbid { .. }) {
-                None
-            } else {
-                layer.engine.watch(&ctx)
-            };
+            let only = layer.only.as_deref();
+            let admission = layer.pipeline.admit(&ctx, request_id, only).await;
             // The headers go back to the request the application sees.
-            *request.headers_mut() = ctx.headers;
-            let mut verdict = verdict;
-            let guard = (!verdict.leases.is_empty()).then(|| {
-                LeaseGuard::new(
-                    Arc::clone(&layer.engine),
-                    std::mem::take(&mut verdict.leases),
-                )
-            });
-            span.in_scope(|| {
-                crate::telemetry::log_verdict(&verdict, &request_id, layer.engine.key_hasher());
-            });
-            if let Some(problem) = response::problem(&verdict, Some(&request_id)) {
-                if let Some(rows) = export {
-                    rows.send();
-                }
-                observe(&layer.engine, watch, problem.status);
+            *request.headers_mut() = std::mem::take(&mut ctx.headers);
+            let headers = layer.options.headers;
+            if let Some(problem) = &admission.problem {
                 let refuse = if grpc { grpc_refusal } else { refusal };
-                return Ok(refuse(
-                    &verdict,
-                    &problem,
-                    layer.options.headers,
-                    &request_id,
-                ));
+                let response = refuse(&admission.verdict, problem, headers, admission.request_id());
+                let status = problem.status;
+                admission.complete(status);
+                return Ok(response);
             }
-            if let Action::Delay(wait) = verdict.action {
-                tokio::time::sleep(wait).await;
-            }
-            let id = HeaderValue::from_str(&request_id).ok();
+            admission.hold().await;
+            let id = HeaderValue::from_str(admission.request_id()).ok();
             if let Some(id) = &id {
                 request
                     .headers_mut()
                     .insert(X_REQUEST_ID.clone(), id.clone());
             }
-            let response = tracing::Instrument::instrument(inner.call(request), span).await;
-            let status = response.as_ref().map_or(500, |r| r.status().as_u16());
-            if let Some(rows) = export {
-                rows.send_with_status(status);
+            if layer.keep_context {
+                request.extensions_mut().insert(LayerContext(ctx));
             }
-            observe(&layer.engine, watch, status);
-            let (mut parts, body) = response?.into_parts();
-            response::write_rate_limit_headers(&verdict, layer.options.headers, &mut parts.headers);
+            let span = admission.span().clone();
+            let response = tracing::Instrument::instrument(inner.call(request), span).await;
+            let (mut parts, body) = match response {
+                Ok(response) => response.into_parts(),
+                Err(error) => {
+                    admission.complete(500);
+                    return Err(error);
+                }
+            };
+            response::write_rate_limit_headers(&admission.verdict, headers, &mut parts.headers);
             if let Some(id) = id {
                 parts.headers.insert(X_REQUEST_ID.clone(), id);
             }
-            let body = match guard {
-                Some(guard) => guard.wrap(body),
-                None => Body::new(body),
-            };
+            let body = admission.complete_after(parts.status.as_u16(), body);
             Ok(Response::from_parts(parts, body))
         })
-    }
-}
-
-/// Counts a watched request's response for the anomalies, in the background: the response
-/// does not wait for the store.
-fn observe<S: Store, C: Clock>(engine: &Arc<Engine<S, C>>, watch: Option<Watch>, status: u16) {
-    if let Some(watch) = watch {
-        let engine = Arc::clone(engine);
-        tokio::spawn(async move {
-            engine.observe(watch, status).await;
-        });
     }
 }
 

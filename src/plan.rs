@@ -22,12 +22,15 @@ pub use self::key::{KeyHasher, KeySpec};
 pub use self::route::{RouteIndex, RouteMatches};
 use crate::diagnostic::PolicyError;
 use crate::limiter::Quota;
+pub use crate::request::ValueFrom;
 
 /// A compiled, validated set of policies.
 #[derive(Debug)]
 pub struct Plan {
     pub(crate) version: Arc<str>,
     pub(crate) limits: Vec<Limit>,
+    /// Whether a limit `counts bytes` (the proxy then paces streamed bodies).
+    pub(crate) counts_bytes: bool,
     pub(crate) routes: RouteIndex,
     pub(crate) safelists: Vec<ListRule>,
     pub(crate) denylists: Vec<DenyRule>,
@@ -45,6 +48,11 @@ impl Plan {
     /// The content hash of the sources this plan was compiled from.
     pub fn version(&self) -> &str {
         &self.version
+    }
+
+    /// Whether a limit `counts bytes`: streamed response bodies are then paced.
+    pub fn counts_bytes(&self) -> bool {
+        self.counts_bytes
     }
 
     /// The limits, highest priority first (then by name).
@@ -413,34 +421,6 @@ impl TierTable {
     /// The index of the tier named `name`.
     pub fn tier_index(&self, name: &str) -> Option<usize> {
         self.tiers.iter().position(|t| t.eq_ignore_ascii_case(name))
-    }
-}
-
-/// A request value read by name: a header (believed from trusted proxies unless `trusted`)
-/// or a claim of the verified token.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ValueFrom {
-    /// A request header.
-    Header {
-        /// The header.
-        name: http::HeaderName,
-        /// Believed from any client.
-        trusted: bool,
-    },
-    /// A claim (a JSON array of strings is read as its items joined by commas).
-    Claim(Arc<str>),
-}
-
-impl ValueFrom {
-    /// The request's value, if it has one that is believed.
-    pub fn read<'r>(&self, request: &'r crate::request::RequestCtx) -> Option<&'r str> {
-        match self {
-            ValueFrom::Header { name, trusted } if *trusted || request.headers_trusted => {
-                request.header(name)
-            }
-            ValueFrom::Header { .. } => None,
-            ValueFrom::Claim(claim) => request.claims.get(&**claim).map(String::as_str),
-        }
     }
 }
 

@@ -18,7 +18,7 @@ use tokio_tungstenite::tungstenite;
 
 use crate::clock::Clock;
 use crate::engine::{Action, Engine};
-use crate::identity::Identifier;
+use crate::middleware::LayerContext;
 use crate::plan::Counts;
 use crate::request::RequestCtx;
 use crate::store::Store;
@@ -163,46 +163,32 @@ pub struct ProxyState<S, C> {
     pub upstream: Upstream,
     /// The engine deciding messages and bytes.
     pub engine: Arc<Engine<S, C>>,
-    /// How clients are identified.
-    pub identifier: Identifier,
 }
 
 static CONNECTIONS: AtomicU64 = AtomicU64::new(1);
 
-/// The axum handler: forwards whatever reaches it (the request-phase limits have already
-/// been applied by the layer around it).
+/// The axum handler: forwards whatever reaches it. The request-phase limits have already
+/// been applied by the [`RateLimitLayer`](crate::RateLimitLayer) around it, which left its
+/// context in the request (`keep_context`): WebSocket messages and streamed bytes are
+/// decided with that context, not by reading the request again.
 pub async fn handler<S: Store, C: Clock>(
     State(state): State<Arc<ProxyState<S, C>>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    request: Request,
+    mut request: Request,
 ) -> Response {
     let is_websocket = request
         .headers()
         .get(http::header::UPGRADE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
-    let paced = state
-        .engine
-        .plan()
-        .limits()
-        .iter()
-        .any(|l| l.counts == Counts::Bytes);
-    if !is_websocket && !paced {
+    let kept = request.extensions_mut().remove::<LayerContext>();
+    let paced = state.engine.plan_guard().counts_bytes();
+    let Some(LayerContext(mut ctx)) = kept.filter(|_| is_websocket || paced) else {
         // Nothing to count past the request itself, which the layer already decided.
         return state.upstream.forward(peer, request).await;
-    }
-    // The stream's own view of the request, for message and byte limits.
-    let mut request = request;
-    let mut ctx = match crate::middleware::request_ctx(&mut request, &state.identifier) {
-        Ok(ctx) => ctx,
-        Err(error) => {
-            return crate::middleware::bad_path(
-                &error,
-                &crate::request::request_id(request.headers()),
-            );
-        }
     };
-    *request.headers_mut() = ctx.headers.clone();
+    // The stream's own view of the request: the layer's, with the headers it gave back.
+    ctx.headers = request.headers().clone();
     ctx.connection_id = Some(CONNECTIONS.fetch_add(1, Ordering::Relaxed));
     if is_websocket {
         return websocket(state, ctx, request).await;
@@ -216,12 +202,7 @@ pub async fn handler<S: Store, C: Clock>(
 /// chunk over a limit waits (on tokio's timer) until it fits. Without such limits, the body
 /// as it is.
 pub fn pace<S: Store, C: Clock>(engine: Arc<Engine<S, C>>, ctx: RequestCtx, body: Body) -> Body {
-    if !engine
-        .plan()
-        .limits()
-        .iter()
-        .any(|l| l.counts == Counts::Bytes)
-    {
+    if !engine.plan_guard().counts_bytes() {
         return body;
     }
     let ctx = Arc::new(ctx);

@@ -2,6 +2,7 @@
 
 mod incoming;
 pub mod path;
+mod value;
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -11,6 +12,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method};
 
 pub use self::incoming::{X_REQUEST_ID, request_id};
 pub use self::path::PathError;
+pub use self::value::{KeyHasher, ValueFrom};
 
 /// One request as the engine sees it: method, path, host, headers, client address, and the
 /// identities that the middleware established (user, token, claims).

@@ -21,24 +21,28 @@ use axum::routing::{get, on, post};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use serde::{Deserialize, Serialize};
 
+use crate::analytics::export::Exporting;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Environment, Settings, StoreClock};
 use crate::diagnostic::PolicyErrors;
 use crate::engine::{Action, Engine, Lease, SkippedLimit};
 use crate::identity::{Identifier, JwtKeyError};
 use crate::middleware::{HttpOptions, RateLimitLayer};
+pub use crate::observers::Observers;
+use crate::pipeline::Pipeline;
 use crate::plan::KeyHasher;
 use crate::proxy::Upstream;
 use crate::request::RequestCtx;
 use crate::request::X_REQUEST_ID;
 use crate::response::{self, Problem, problem_response};
 use crate::store::redis::{BreakerSettings, RedisOptions, RedisStore};
-use crate::store::{AnyStore, MemoryStore, Store};
+use crate::store::{AnyStore, MemoryStore, ServedStore, Store};
 use crate::{PolicySet, compile};
 
 mod admin;
 mod admin_client;
 mod decision;
+mod extract;
 mod forward_auth;
 mod health;
 mod start;
@@ -58,8 +62,10 @@ pub static X_TOLLGATE_POLICY: HeaderName = HeaderName::from_static("x-tollgate-p
 
 /// What the handlers share.
 pub struct AppState<S, C = SystemClock> {
-    /// The engine.
-    pub engine: Arc<Engine<S, C>>,
+    /// The pipeline every request goes through (its engine decides).
+    pub pipeline: Arc<Pipeline<S, C>>,
+    /// Its observers.
+    pub observers: Observers<S, C>,
     /// Identity and header options.
     pub options: HttpOptions,
     /// Largest request body accepted, in bytes.
@@ -70,19 +76,51 @@ pub struct AppState<S, C = SystemClock> {
     pub metrics_on_main: bool,
 }
 
+impl<S: ServedStore, C: Clock> AppState<S, C> {
+    /// The state of a server deciding with `engine` through `observers`' pipeline, reading
+    /// requests with `options`; bodies up to 64 KiB, no upstream, `/metrics` on the admin
+    /// listener only.
+    pub fn new(
+        engine: Arc<Engine<S, C>>,
+        observers: Observers<S, C>,
+        options: HttpOptions,
+    ) -> Self {
+        AppState {
+            pipeline: Arc::new(observers.pipeline(engine)),
+            observers,
+            options,
+            max_body_bytes: 64 * 1024,
+            upstream: None,
+            metrics_on_main: false,
+        }
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &Arc<Engine<S, C>> {
+        self.pipeline.engine()
+    }
+}
+
+impl<S, C> extract::BodyLimit for AppState<S, C> {
+    fn max_body_bytes(&self) -> usize {
+        self.max_body_bytes
+    }
+}
+
 /// The server's routes around `state`.
-pub fn router<S: Store, C: Clock>(state: Arc<AppState<S, C>>) -> Router {
+pub fn router<S: ServedStore, C: Clock>(state: Arc<AppState<S, C>>) -> Router {
     let fallback = match &state.upstream {
         // Everything that is not Tollgate's own goes on to the application, rate-limited.
         Some(upstream) => Router::new()
             .fallback(crate::proxy::handler::<S, C>)
             .with_state(Arc::new(crate::proxy::ProxyState {
                 upstream: upstream.clone(),
-                engine: Arc::clone(&state.engine),
-                identifier: state.options.identifier.clone(),
+                engine: Arc::clone(state.engine()),
             }))
             .layer(
-                RateLimitLayer::new(Arc::clone(&state.engine)).with_options(state.options.clone()),
+                RateLimitLayer::from_pipeline(Arc::clone(&state.pipeline))
+                    .with_options(state.options.clone())
+                    .keep_context(),
             ),
         None => Router::new().fallback(not_found),
     };
@@ -90,7 +128,7 @@ pub fn router<S: Store, C: Clock>(state: Arc<AppState<S, C>>) -> Router {
         Router::new().route(
             "/metrics",
             get(|State(state): State<Arc<AppState<S, C>>>| async move {
-                metrics_response(&state.engine, None)
+                metrics_response(state.engine(), &state.observers, None)
             }),
         )
     } else {
@@ -114,13 +152,14 @@ pub fn router<S: Store, C: Clock>(state: Arc<AppState<S, C>>) -> Router {
         .fallback_service(fallback)
 }
 
-/// `GET /metrics`: every family in Prometheus's text format (404 when the engine counts
-/// nothing). `reloads`: the reloader's counts, when there is one.
-pub fn metrics_response<S: Store, C: Clock>(
+/// `GET /metrics`: every family in Prometheus's text format (404 when nothing is counted).
+/// `reloads`: the reloader's counts, when there is one.
+pub fn metrics_response<S: ServedStore, C: Clock>(
     engine: &Engine<S, C>,
+    observers: &Observers<S, C>,
     reloads: Option<(u64, u64)>,
 ) -> Response {
-    let Some(metrics) = engine.metrics() else {
+    let Some(metrics) = &observers.metrics else {
         return (StatusCode::NOT_FOUND, "metrics are off").into_response();
     };
     let now = engine.now();
@@ -137,7 +176,7 @@ pub fn metrics_response<S: Store, C: Clock>(
         reloads,
         active_bans,
         plan_version: plan.version(),
-        export: engine.exporter().map(|e| e.stats()),
+        export: observers.exporting.as_ref().map(|e| e.exporter().stats()),
     });
     (
         [(http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
@@ -183,7 +222,7 @@ pub enum ServeError {
 }
 
 /// Runs the server on `listener` until `shutdown` completes.
-pub async fn run<S: Store>(
+pub async fn run<S: ServedStore>(
     state: Arc<AppState<S>>,
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -192,7 +231,7 @@ pub async fn run<S: Store>(
     // Evictions (live keys dropped at the memory cap) are reported once per sweep, with how
     // many: state was lost, and the cap may be too small.
     let sweeper = {
-        let engine = Arc::clone(&state.engine);
+        let engine = Arc::clone(state.engine());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(30));
             let mut evictions = engine.evictions();
@@ -216,7 +255,7 @@ pub async fn run<S: Store>(
     // Runtime list entries (bans, safelisted addresses) are shared through the store: every
     // node reads them back each second. A failing store keeps the last ones read.
     let refresher = {
-        let engine = Arc::clone(&state.engine);
+        let engine = Arc::clone(state.engine());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             let mut failing = false;
@@ -292,13 +331,13 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let state = build(settings).await?;
-    let reloader = crate::reload::Reloader::new(Arc::clone(&state.engine), {
+    let reloader = crate::reload::Reloader::new(Arc::clone(state.engine()), {
         let settings = settings.clone();
         move || load_plan(&settings)
     });
     // The policy files and the Cedar files they import, wherever those are.
     let mut watched = vec![settings.policies.clone()];
-    for import in state.engine.plan().cedar_imports() {
+    for import in state.engine().plan().cedar_imports() {
         watched.push(import.policies.clone());
         watched.extend(import.schema.iter().chain(import.entities.iter()).cloned());
     }
@@ -308,7 +347,7 @@ pub async fn serve(
         .ok();
     let _tls_watch = settings.redis_tls_files.clone().and_then(|files| {
         let in_use = settings.redis_tls.clone();
-        watch_redis_tls(Arc::clone(&state.engine), files, in_use, crate::reload::DEFAULT_DEBOUNCE)
+        watch_redis_tls(Arc::clone(state.engine()), files, in_use, crate::reload::DEFAULT_DEBOUNCE)
             .map_err(|e| tracing::warn!(error = %e, "the Redis TLS files are not watched: rotating them needs a restart"))
             .ok()
     });
@@ -323,7 +362,8 @@ pub async fn serve(
     let admin = match &settings.admin_token {
         Some(token) => {
             let admin = Arc::new(AdminState {
-                engine: Arc::clone(&state.engine),
+                engine: Arc::clone(state.engine()),
+                observers: state.observers.clone(),
                 identifier: state.options.identifier.clone(),
                 reloader: reloader.clone(),
                 token: token.clone(),

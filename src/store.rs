@@ -179,7 +179,8 @@ fn glob_escape(s: &str) -> String {
     out
 }
 
-/// Where counters live.
+/// Where counters live: what the engine needs to decide — counting one request's
+/// operations atomically, giving leases back, and the store's health.
 pub trait Store: Send + Sync + 'static {
     /// Decides and, when admitted, consumes every operation of one request, atomically.
     fn apply(
@@ -219,27 +220,11 @@ pub trait Store: Send + Sync + 'static {
         lease: LeaseId,
         now: Timestamp,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
 
-    /// The state of one key at `now`, without touching it.
-    fn inspect(
-        &self,
-        key: &str,
-        now: Timestamp,
-    ) -> impl Future<Output = Result<KeyState, StoreError>> + Send;
-
-    /// Forgets the selected keys (counters and bans); returns how many keys were removed.
-    fn reset(
-        &self,
-        selector: KeySelector<'_>,
-    ) -> impl Future<Output = Result<usize, StoreError>> + Send;
-
-    /// Counts the selected state keys that are live at `now` (ban keys are not counted).
-    fn count(
-        &self,
-        selector: KeySelector<'_>,
-        now: Timestamp,
-    ) -> impl Future<Output = Result<usize, StoreError>> + Send;
-
+/// The runtime lists every node applies (safelist, denylist, flags, tarpits), kept in the
+/// store: read back by every node, changed by the admin API and by anomalies.
+pub trait RuntimeStore: Send + Sync + 'static {
     /// The runtime list entries live at `now` (ended ones are dropped).
     fn runtime_entries(
         &self,
@@ -259,6 +244,35 @@ pub trait Store: Send + Sync + 'static {
         target: &runtime::Target,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 }
+
+/// What operators do to keys through the admin API: look at one, count and reset them.
+pub trait AdminStore: Send + Sync + 'static {
+    /// The state of one key at `now`, without touching it.
+    fn inspect(
+        &self,
+        key: &str,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<KeyState, StoreError>> + Send;
+
+    /// Forgets the selected keys (counters and bans); returns how many keys were removed.
+    fn reset(
+        &self,
+        selector: KeySelector<'_>,
+    ) -> impl Future<Output = Result<usize, StoreError>> + Send;
+
+    /// Counts the selected state keys that are live at `now` (ban keys are not counted).
+    fn count(
+        &self,
+        selector: KeySelector<'_>,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<usize, StoreError>> + Send;
+}
+
+/// A store that does all three (the memory store, Redis, [`AnyStore`]): what the server
+/// runs on.
+pub trait ServedStore: Store + RuntimeStore + AdminStore {}
+
+impl<S: Store + RuntimeStore + AdminStore> ServedStore for S {}
 
 /// A store shared by several engines (nodes of one process, tests) is a store.
 impl<S: Store> Store for std::sync::Arc<S> {
@@ -294,7 +308,33 @@ impl<S: Store> Store for std::sync::Arc<S> {
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
         (**self).release(key, lease, now)
     }
+}
 
+impl<S: RuntimeStore> RuntimeStore for std::sync::Arc<S> {
+    fn runtime_entries(
+        &self,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<Vec<runtime::RuntimeEntry>, StoreError>> + Send {
+        (**self).runtime_entries(now)
+    }
+
+    fn put_runtime_entry(
+        &self,
+        entry: &runtime::RuntimeEntry,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        (**self).put_runtime_entry(entry)
+    }
+
+    fn remove_runtime_entry(
+        &self,
+        list: runtime::RuntimeList,
+        target: &runtime::Target,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        (**self).remove_runtime_entry(list, target)
+    }
+}
+
+impl<S: AdminStore> AdminStore for std::sync::Arc<S> {
     fn inspect(
         &self,
         key: &str,
@@ -316,28 +356,6 @@ impl<S: Store> Store for std::sync::Arc<S> {
         now: Timestamp,
     ) -> impl Future<Output = Result<usize, StoreError>> + Send {
         (**self).count(selector, now)
-    }
-
-    fn runtime_entries(
-        &self,
-        now: Timestamp,
-    ) -> impl Future<Output = Result<Vec<runtime::RuntimeEntry>, StoreError>> + Send {
-        (**self).runtime_entries(now)
-    }
-
-    fn put_runtime_entry(
-        &self,
-        entry: &runtime::RuntimeEntry,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send {
-        (**self).put_runtime_entry(entry)
-    }
-
-    fn remove_runtime_entry(
-        &self,
-        list: runtime::RuntimeList,
-        target: &runtime::Target,
-    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
-        (**self).remove_runtime_entry(list, target)
     }
 }
 
@@ -416,34 +434,6 @@ impl AnyStore {
 }
 
 impl Store for AnyStore {
-    async fn runtime_entries(
-        &self,
-        now: Timestamp,
-    ) -> Result<Vec<runtime::RuntimeEntry>, StoreError> {
-        match self {
-            AnyStore::Memory(m) => m.runtime_entries(now).await,
-            AnyStore::Redis(r) => r.runtime_entries(now).await,
-        }
-    }
-
-    async fn put_runtime_entry(&self, entry: &runtime::RuntimeEntry) -> Result<(), StoreError> {
-        match self {
-            AnyStore::Memory(m) => m.put_runtime_entry(entry).await,
-            AnyStore::Redis(r) => r.put_runtime_entry(entry).await,
-        }
-    }
-
-    async fn remove_runtime_entry(
-        &self,
-        list: runtime::RuntimeList,
-        target: &runtime::Target,
-    ) -> Result<bool, StoreError> {
-        match self {
-            AnyStore::Memory(m) => m.remove_runtime_entry(list, target).await,
-            AnyStore::Redis(r) => r.remove_runtime_entry(list, target).await,
-        }
-    }
-
     async fn apply(&self, ops: &[Op<'_>], now: Timestamp) -> Result<BatchResult, StoreError> {
         match self {
             AnyStore::Memory(m) => m.apply(ops, now).await,
@@ -485,7 +475,39 @@ impl Store for AnyStore {
             AnyStore::Redis(r) => r.release(key, lease, now).await,
         }
     }
+}
 
+impl RuntimeStore for AnyStore {
+    async fn runtime_entries(
+        &self,
+        now: Timestamp,
+    ) -> Result<Vec<runtime::RuntimeEntry>, StoreError> {
+        match self {
+            AnyStore::Memory(m) => m.runtime_entries(now).await,
+            AnyStore::Redis(r) => r.runtime_entries(now).await,
+        }
+    }
+
+    async fn put_runtime_entry(&self, entry: &runtime::RuntimeEntry) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Memory(m) => m.put_runtime_entry(entry).await,
+            AnyStore::Redis(r) => r.put_runtime_entry(entry).await,
+        }
+    }
+
+    async fn remove_runtime_entry(
+        &self,
+        list: runtime::RuntimeList,
+        target: &runtime::Target,
+    ) -> Result<bool, StoreError> {
+        match self {
+            AnyStore::Memory(m) => m.remove_runtime_entry(list, target).await,
+            AnyStore::Redis(r) => r.remove_runtime_entry(list, target).await,
+        }
+    }
+}
+
+impl AdminStore for AnyStore {
     async fn inspect(&self, key: &str, now: Timestamp) -> Result<KeyState, StoreError> {
         match self {
             AnyStore::Memory(m) => m.inspect(key, now).await,

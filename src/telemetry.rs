@@ -1,9 +1,26 @@
 //! Logging: `tracing` to standard error, human-readable or JSON, filtered by `RUST_LOG`
-//! (default `info`).
+//! (default `info`); the [`Logs`] observer writes one line per decision worth one.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use tracing_subscriber::EnvFilter;
 
-use crate::config::LogFormat;
+use crate::clock::Timestamp;
+use crate::pipeline::{Admitted, Completion, Observer};
+use crate::request::KeyHasher;
+use crate::verdict::{Action, Verdict};
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Pretty,
+    /// One JSON object per line.
+    Json,
+}
 
 /// Installs the global subscriber; a second call does nothing.
 pub fn init(format: LogFormat) {
@@ -23,24 +40,23 @@ pub fn init(format: LogFormat) {
 pub struct Burst {
     window_micros: u64,
     /// When the next line may go out, in microseconds since the epoch.
-    next: std::sync::atomic::AtomicU64,
-    suppressed: std::sync::atomic::AtomicU64,
+    next: AtomicU64,
+    suppressed: AtomicU64,
 }
 
 impl Burst {
     /// One line per `window`.
-    pub fn new(window: std::time::Duration) -> Self {
+    pub fn new(window: Duration) -> Self {
         Burst {
             window_micros: u64::try_from(window.as_micros()).unwrap_or(u64::MAX),
-            next: std::sync::atomic::AtomicU64::new(0),
-            suppressed: std::sync::atomic::AtomicU64::new(0),
+            next: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
         }
     }
 
     /// `Some(n)`: log now, mentioning the `n` lines held back since the last one; `None`:
     /// hold this one back.
-    pub fn admit(&self, now: crate::Timestamp) -> Option<u64> {
-        use std::sync::atomic::Ordering;
+    pub fn admit(&self, now: Timestamp) -> Option<u64> {
         let now = now.as_micros();
         let next = self.next.load(Ordering::Relaxed);
         if now >= next
@@ -61,62 +77,53 @@ impl Burst {
     }
 }
 
-/// The span a request is handled in (the layer's): what the application logs while
-/// handling the request carries the request id and, once decided, the decision, namespace,
-/// limit, tier and hashed key. Disabled, and free, when nothing listens at `info`.
-pub fn request_span(request_id: &str, method: &http::Method) -> tracing::Span {
-    use tracing::field::Empty;
-    tracing::info_span!(
-        "request",
-        request_id,
-        method = method.as_str(),
-        route = Empty,
-        decision = Empty,
-        namespace = Empty,
-        limit = Empty,
-        tier = Empty,
-        key_hash = Empty,
-    )
-}
-
-/// Records `verdict` in `span` (see [`request_span`]).
-pub fn record_verdict(
-    span: &tracing::Span,
-    verdict: &crate::Verdict,
-    request: &crate::RequestCtx,
-    hasher: &crate::plan::KeyHasher,
-) {
-    if span.is_disabled() {
-        return;
-    }
-    if let Some(route) = &request.route_template {
-        span.record("route", route.as_str());
-    }
-    span.record(
-        "decision",
-        crate::metrics::request_outcome_name(&verdict.action),
-    );
-    if let Some(headline) = verdict.headline() {
-        if let Some(parts) = crate::plan::key::CounterKey::parse(&headline.key) {
-            span.record("namespace", parts.namespace);
-        }
-        span.record("limit", &*headline.limit);
-        if let Some(tier) = &headline.tier {
-            span.record("tier", &**tier);
-        }
-        span.record("key_hash", hasher.hash(&headline.key).as_str());
-    }
-}
-
 /// How long a burst of the same warning is logged once.
-pub const BURST_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
+pub const BURST_WINDOW: Duration = Duration::from_secs(10);
+
+/// The decision log: one line per decision worth a line (see [`log_verdict`]), and a
+/// warning when the store fails, once per burst.
+#[derive(Debug)]
+pub struct Logs {
+    hasher: KeyHasher,
+    store_failures: Burst,
+}
+
+impl Logs {
+    /// Logs decisions, hashing their keys with `hasher` (the engine's).
+    pub fn new(hasher: KeyHasher) -> Self {
+        Logs {
+            hasher,
+            store_failures: Burst::new(BURST_WINDOW),
+        }
+    }
+}
+
+impl Observer for Logs {
+    fn admitted(&self, admitted: &Admitted<'_>) -> Option<Box<dyn Completion>> {
+        let verdict = admitted.verdict;
+        if let Some(failure) = verdict.store_call.as_ref().and_then(|c| c.error.as_ref()) {
+            if failure.circuit_open {
+                // The breaker logged when it opened; once per request would flood.
+                tracing::debug!(error = %failure.message, "applying each limit's on_store_error");
+            } else if let Some(suppressed) = self.store_failures.admit(admitted.now) {
+                tracing::warn!(
+                    error = %failure.message,
+                    suppressed,
+                    "counter store failed; applying each limit's on_store_error (`suppressed`: \
+                     failures not logged since the last line)"
+                );
+            }
+        }
+        log_verdict(verdict, admitted.request_id, &self.hasher);
+        None
+    }
+}
 
 /// One line per decision worth a line: refusals (`reject`, `forbid`, `unauthorized`,
 /// `store_error`), soft actions and shadow rejections at `info`, allows at `debug`. The
 /// fields: `request_id`, `decision`, `namespace`, `limit`, `tier`, `key_hash` (the keyed
 /// hash of the counter key: no client, user or token appears) and `reason`.
-pub fn log_verdict(verdict: &crate::Verdict, request_id: &str, hasher: &crate::plan::KeyHasher) {
-    use crate::engine::Action;
+pub fn log_verdict(verdict: &Verdict, request_id: &str, hasher: &KeyHasher) {
     // Most requests are allowed, and allows log at debug: no hashing when nobody listens.
     let quiet = matches!(verdict.action, Action::Allow | Action::Bypass { .. })
         && !tracing::enabled!(tracing::Level::DEBUG)
@@ -125,15 +132,10 @@ pub fn log_verdict(verdict: &crate::Verdict, request_id: &str, hasher: &crate::p
         return;
     }
     let headline = verdict.headline();
-    let key = headline.map(|r| r.key.as_str()).unwrap_or_default();
-    let parts = crate::plan::key::CounterKey::parse(key);
-    let namespace = parts.map(|p| p.namespace).unwrap_or_default();
-    let key_hash = if key.is_empty() {
-        String::new()
-    } else {
-        hasher.hash(key)
-    };
+    let namespace = headline.map(|r| r.key.namespace()).unwrap_or_default();
+    let key_hash = headline.map(|r| hasher.hash(&r.key)).unwrap_or_default();
     let tier = headline.and_then(|r| r.tier.as_deref()).unwrap_or_default();
+    let limit = headline.map(|r| &*r.limit).unwrap_or_default();
     let version = &*verdict.plan_version;
     match &verdict.action {
         Action::Reject { limit, reason, .. } => tracing::info!(
@@ -156,13 +158,9 @@ pub fn log_verdict(verdict: &crate::Verdict, request_id: &str, hasher: &crate::p
         ),
         Action::Warn | Action::Delay(_) => tracing::info!(
             request_id,
-            decision = if matches!(verdict.action, Action::Warn) {
-                "warn"
-            } else {
-                "delay"
-            },
+            decision = verdict.action.outcome().0,
             namespace,
-            limit = headline.map(|r| &*r.limit).unwrap_or_default(),
+            limit,
             tier,
             key_hash,
             used_percent = headline
@@ -177,7 +175,7 @@ pub fn log_verdict(verdict: &crate::Verdict, request_id: &str, hasher: &crate::p
             request_id,
             decision = "allow",
             namespace,
-            limit = headline.map(|r| &*r.limit).unwrap_or_default(),
+            limit,
             tier,
             key_hash,
             "allowed"

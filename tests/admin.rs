@@ -11,10 +11,12 @@ use std::sync::Arc;
 use http::Method;
 use serde_json::json;
 use support::{InProcess, Reply};
+use tollgate::pipeline::Pipeline;
 use tollgate::reload::Reloader;
+use tollgate::server::Observers;
 use tollgate::server::{AdminState, admin_router};
 use tollgate::store::redis::RedisStore;
-use tollgate::store::{MemoryStore, Store};
+use tollgate::store::{MemoryStore, ServedStore};
 use tollgate::{Engine, PolicySet, RequestCtx, compile};
 
 const SPEC: &str = "docs/admin-openapi.yaml";
@@ -41,29 +43,52 @@ fn load(
 }
 
 /// The admin API over `store`, with the engine to make traffic.
-fn admin<S: Store>(dir: &Path, store: impl AsyncFnOnce() -> S) -> (InProcess, Arc<Engine<S>>) {
-    let engine_slot = Arc::new(std::sync::Mutex::new(None));
-    let slot = Arc::clone(&engine_slot);
+fn admin<S: ServedStore>(
+    dir: &Path,
+    store: impl AsyncFnOnce() -> S,
+) -> (InProcess, Arc<Engine<S>>) {
+    let (app, pipeline) = admin_with_pipeline(dir, store);
+    (app, Arc::clone(pipeline.engine()))
+}
+
+/// The admin API over `store`, with the pipeline (metrics attached) to make traffic.
+fn admin_with_pipeline<S: ServedStore>(
+    dir: &Path,
+    store: impl AsyncFnOnce() -> S,
+) -> (InProcess, Arc<Pipeline<S>>) {
+    let slot = Arc::new(std::sync::Mutex::new(None));
+    let kept = Arc::clone(&slot);
     let load = load(dir);
     let app = InProcess::build(async move || {
         let plan = load().unwrap();
         let metrics = Arc::new(tollgate::metrics::Metrics::new());
-        let engine = Arc::new(Engine::new(plan, store().await).with_metrics(metrics));
-        *slot.lock().unwrap() = Some(Arc::clone(&engine));
+        let engine = Arc::new(Engine::new(plan, store().await));
+        let observers = Observers::new(&engine, Some(metrics), None);
+        *kept.lock().unwrap() = Some(Arc::new(observers.pipeline(Arc::clone(&engine))));
         let reloader = Reloader::new(Arc::clone(&engine), load);
         admin_router(Arc::new(AdminState {
             engine,
+            observers,
             identifier: tollgate::identity::Identifier::new(),
             reloader,
             token: TOKEN.to_owned(),
         }))
     });
-    let engine = engine_slot
-        .lock()
-        .unwrap()
-        .take()
-        .expect("the engine was built");
-    (app, engine)
+    let pipeline = slot.lock().unwrap().take().expect("the pipeline was built");
+    (app, pipeline)
+}
+
+/// One request through `pipeline`'s two phases, as the server's adapters do; its verdict.
+fn through<S: ServedStore>(
+    app: &InProcess,
+    pipeline: &Arc<Pipeline<S>>,
+    request: &RequestCtx,
+) -> tollgate::Verdict {
+    let admission = app.block_on(pipeline.admit(request, "req".to_owned(), None));
+    let verdict = admission.verdict.clone();
+    let status = admission.status();
+    admission.complete(status);
+    verdict
 }
 
 fn call(app: &InProcess, method: &str, path: &str, body: &[u8]) -> Reply {
@@ -228,7 +253,7 @@ fn explain_says_what_tollgate_explain_says() {
 }
 
 /// Counts, states and resets, by every selector, against `store`.
-fn keys_on<S: Store>(store: impl AsyncFnOnce() -> S) {
+fn keys_on<S: ServedStore>(store: impl AsyncFnOnce() -> S) {
     let dir = policy_dir();
     let (app, engine) = admin(dir.path(), store);
     // Three clients use the API, one of them logs in too.
@@ -469,7 +494,7 @@ fn the_admin_command_calls_a_running_server() {
 /// Runtime lists on `store`, shared by two engines (two nodes): a ban added through one
 /// node's admin API refuses the address on the other once it has read the lists back; a
 /// safelisted address is not counted; entries end and can be removed.
-fn runtime_lists_on<S: Store + Clone>(store: impl AsyncFnOnce() -> S) {
+fn runtime_lists_on<S: ServedStore + Clone>(store: impl AsyncFnOnce() -> S) {
     let dir = policy_dir();
     let (app, engine) = admin(dir.path(), store);
     let other = Engine::new(load(dir.path())().unwrap(), engine.store().clone());
@@ -561,7 +586,7 @@ fn runtime_lists_on<S: Store + Clone>(store: impl AsyncFnOnce() -> S) {
 /// Client entries on `store`: a user, a token (given raw, kept hashed) and one part of a
 /// composite key are refused on every node; a safelisted client is not counted; a key's
 /// address part is taken as a network; entries are removed the way they were added.
-fn runtime_client_entries_on<S: Store + Clone>(store: impl AsyncFnOnce() -> S) {
+fn runtime_client_entries_on<S: ServedStore + Clone>(store: impl AsyncFnOnce() -> S) {
     const TOKEN_SENT: &str = "sk-live-client-entry-token-4711";
     let dir = policy_dir();
     let (app, engine) = admin(dir.path(), store);
@@ -743,14 +768,14 @@ fn diagnostics_show_the_memory_store_and_the_breaker() {
         return;
     };
     let url = redis.url();
-    let (app, engine) = admin(dir.path(), async move || {
+    let (app, pipeline) = admin_with_pipeline(dir.path(), async move || {
         RedisStore::connect(&url, std::time::Duration::from_millis(200))
             .await
             .expect("the store connects")
     });
     let request = RequestCtx::new(Method::GET, "/api/x").with_client_ip([198, 51, 100, 1].into());
     for _ in 0..3 {
-        assert!(app.block_on(engine.decide(&request)).is_allowed());
+        assert!(through(&app, &pipeline, &request).is_allowed());
     }
     let healthy = call(&app, "GET", "/admin/diagnostics", b"");
     support::assert_conforms_to(SPEC, &healthy, "Diagnostics");
@@ -774,7 +799,7 @@ fn diagnostics_show_the_memory_store_and_the_breaker() {
     assert!(healthy["store"].get("keys").is_none());
     redis.kill();
     for _ in 0..10 {
-        app.block_on(engine.decide(&request));
+        through(&app, &pipeline, &request);
     }
     let down = call(&app, "GET", "/admin/diagnostics", b"");
     support::assert_conforms_to(SPEC, &down, "Diagnostics");
@@ -806,16 +831,12 @@ fn metrics_on_the_main_listener_when_asked() {
     for on in [true, false] {
         let app = InProcess::build(async move || {
             let plan = compile(&PolicySet::from_sources([("shop.rl", POLICY)])).unwrap();
-            let engine = Arc::new(
-                Engine::new(plan, MemoryStore::new())
-                    .with_metrics(Arc::new(tollgate::metrics::Metrics::new())),
-            );
+            let engine = Arc::new(Engine::new(plan, MemoryStore::new()));
+            let metrics = Arc::new(tollgate::metrics::Metrics::new());
+            let observers = Observers::new(&engine, Some(metrics), None);
             tollgate::server::router(Arc::new(tollgate::server::AppState {
-                engine,
-                options: Default::default(),
-                max_body_bytes: 64 * 1024,
-                upstream: None,
                 metrics_on_main: on,
+                ..tollgate::server::AppState::new(engine, observers, Default::default())
             }))
         });
         let reply = app.send("GET", "/metrics", &[], b"");
@@ -835,7 +856,8 @@ fn metrics_on_the_main_listener_when_asked() {
 #[test]
 fn metrics_follow_traffic_reloads_and_bans() {
     let dir = policy_dir();
-    let (app, engine) = admin(dir.path(), async || MemoryStore::new());
+    let (app, pipeline) = admin_with_pipeline(dir.path(), async || MemoryStore::new());
+    let engine = pipeline.engine();
     let scrape = || {
         let reply = call(&app, "GET", "/metrics", b"");
         assert_eq!(reply.status, 200);
@@ -893,7 +915,7 @@ fn metrics_follow_traffic_reloads_and_bans() {
     // `api` allows 10/min per address: 12 requests from one client, 1 from another.
     let ask = |ip: &str| {
         let request = RequestCtx::new(Method::GET, "/api/x").with_client_ip(ip.parse().unwrap());
-        app.block_on(engine.decide(&request))
+        through(&app, &pipeline, &request)
     };
     for _ in 0..12 {
         ask("198.51.100.23");
@@ -976,7 +998,7 @@ fn metrics_follow_traffic_reloads_and_bans() {
 /// Flags and tarpits added by hand (as anomalies add them): a tarpitted address is held
 /// `delay_ms`, a flagged one carries the reason, both are listed and removed like bans;
 /// a body the spec refuses is refused. On Redis they live in their own hash.
-fn marks_on<S: Store>(store: impl AsyncFnOnce() -> S) {
+fn marks_on<S: ServedStore>(store: impl AsyncFnOnce() -> S) {
     let dir = policy_dir();
     let (app, engine) = admin(dir.path(), store);
     let schema = support::schema_in(SPEC, "NewEntry");

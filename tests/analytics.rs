@@ -145,7 +145,6 @@ fn tollgate_analytics_migrate_from_the_command_line() {
 /// request id, the key's hash (never the token), the outcome, the counter; rollups agree.
 #[test]
 fn decisions_through_the_layer_land_in_clickhouse() {
-    use std::sync::Arc;
     use tollgate::analytics::export::{ExportSettings, Exporter};
     use tower::ServiceExt;
     const TOKEN: &str = "sk-export-test-token-42";
@@ -172,14 +171,11 @@ limit api { match { route ANY "/api/**"; } key api_token; algorithm fixed_window
 "#,
         )]))
         .unwrap();
-        let engine = Arc::new(
-            tollgate::Engine::new(plan, tollgate::store::MemoryStore::new())
-                .with_exporter(exporter.clone(), "node-a"),
-        );
+        let engine = tollgate::Engine::new(plan, tollgate::store::MemoryStore::new());
         let app = axum::Router::new()
             .fallback(|| async { (http::StatusCode::CREATED, "ok") })
             .layer(
-                tollgate::RateLimitLayer::new(engine).with_options(
+                exporting_layer(engine, &exporter).with_options(
                     tollgate::middleware::HttpOptions {
                         identifier: tollgate::identity::Identifier::new()
                             .with_api_key_header(http::HeaderName::from_static("x-api-key")),
@@ -252,6 +248,22 @@ limit api { match { route ANY "/api/**"; } key api_token; algorithm fixed_window
     );
 }
 
+/// A layer deciding with `engine`, its decisions exported through `exporter` as `node-a`.
+fn exporting_layer(
+    engine: tollgate::Engine<tollgate::store::MemoryStore>,
+    exporter: &tollgate::analytics::export::Exporter,
+) -> tollgate::RateLimitLayer<tollgate::store::MemoryStore> {
+    use std::sync::Arc;
+    let engine = Arc::new(engine);
+    let exporting = tollgate::analytics::export::Exporting::new(
+        exporter.clone(),
+        "node-a",
+        engine.key_hasher().clone(),
+    );
+    let observers = tollgate::observers::Observers::new(&engine, None, Some(exporting));
+    tollgate::RateLimitLayer::from_pipeline(Arc::new(observers.pipeline(engine)))
+}
+
 /// The app the export tests send traffic through: `quota` requests a minute per API key,
 /// answering 201.
 fn exported_app(exporter: &tollgate::analytics::export::Exporter, quota: u64) -> axum::Router {
@@ -264,14 +276,11 @@ limit api {{ match {{ route ANY "/api/**"; }} key api_token; algorithm fixed_win
         ),
     )]))
     .unwrap();
-    let engine = std::sync::Arc::new(
-        tollgate::Engine::new(plan, tollgate::store::MemoryStore::new())
-            .with_exporter(exporter.clone(), "node-a"),
-    );
+    let engine = tollgate::Engine::new(plan, tollgate::store::MemoryStore::new());
     axum::Router::new()
         .fallback(|| async { (http::StatusCode::CREATED, "ok") })
         .layer(
-            tollgate::RateLimitLayer::new(engine).with_options(tollgate::middleware::HttpOptions {
+            exporting_layer(engine, exporter).with_options(tollgate::middleware::HttpOptions {
                 identifier: tollgate::identity::Identifier::new()
                     .with_api_key_header(http::HeaderName::from_static("x-api-key")),
                 ..Default::default()
@@ -482,21 +491,37 @@ anomaly brute {
 "#,
         )]))
         .unwrap();
-        let engine = tollgate::Engine::new(plan, tollgate::store::MemoryStore::new())
-            .with_exporter(exporter.clone(), "node-a");
-        // What an adapter does: decide, export with the status, count the status.
+        let engine = std::sync::Arc::new(tollgate::Engine::new(
+            plan,
+            tollgate::store::MemoryStore::new(),
+        ));
+        let exporting = tollgate::analytics::export::Exporting::new(
+            exporter.clone(),
+            "node-a",
+            engine.key_hasher().clone(),
+        );
+        let anomalies = tollgate::anomaly::Anomalies::new(
+            std::sync::Arc::clone(&engine),
+            vec![std::sync::Arc::new(exporting.clone())],
+        );
+        let pipeline = std::sync::Arc::new(
+            tollgate::pipeline::Pipeline::new(std::sync::Arc::clone(&engine))
+                .observe(std::sync::Arc::new(exporting)),
+        );
+        // What the decision API does: admit, complete with the status, and the status
+        // reported (`/v1/report`) to the anomalies.
         let attempt = async |ip: &str, n: usize, status: u16| {
             let request = tollgate::RequestCtx::new(http::Method::POST, "/login")
                 .with_client_ip(ip.parse().unwrap());
-            let verdict = engine.decide(&request).await;
-            let status = tollgate::response::problem(&verdict, None).map_or(status, |p| p.status);
-            if let Some(rows) = engine.export(&verdict, &request, &format!("{ip}-{n}")) {
-                rows.send_with_status(status);
-            }
-            if !matches!(verdict.action, tollgate::engine::Action::Forbid { .. })
-                && let Some(watch) = engine.watch(&request)
-            {
-                engine.observe(watch, status).await;
+            let admission = pipeline.admit(&request, format!("{ip}-{n}"), None).await;
+            let status = admission.problem.as_ref().map_or(status, |p| p.status);
+            let forbidden = matches!(
+                admission.verdict.action,
+                tollgate::engine::Action::Forbid { .. }
+            );
+            admission.complete(status);
+            if !forbidden {
+                anomalies.report(&request, status).await;
             }
             status
         };
@@ -800,14 +825,25 @@ anomaly any { detect 1 in 1min; then alert "ops"; }
 "#,
     )]))
     .unwrap();
-    let engine = tollgate::Engine::new(plan, tollgate::store::MemoryStore::new())
-        .with_metrics(std::sync::Arc::clone(&metrics_of));
+    let engine = std::sync::Arc::new(tollgate::Engine::new(
+        plan,
+        tollgate::store::MemoryStore::new(),
+    ));
+    let anomalies = tollgate::anomaly::Anomalies::new(
+        std::sync::Arc::clone(&engine),
+        vec![std::sync::Arc::clone(&metrics_of) as _],
+    );
+    let pipeline = std::sync::Arc::new(
+        tollgate::pipeline::Pipeline::new(std::sync::Arc::clone(&engine))
+            .observe(std::sync::Arc::clone(&metrics_of) as _),
+    );
     rt.block_on(async {
         let request = tollgate::RequestCtx::new(http::Method::GET, "/x")
             .with_client_ip("192.0.2.1".parse().unwrap());
-        engine.decide(&request).await;
-        let watch = engine.watch(&request).unwrap();
-        assert_eq!(engine.observe(watch, 200).await.len(), 1);
+        let admission = pipeline.admit(&request, "req-m".to_owned(), None).await;
+        admission.complete(200);
+        let watch = anomalies.watch(&request).unwrap();
+        assert_eq!(anomalies.observe(watch, 200).await.len(), 1);
     });
     let exported = metrics_of.render(&tollgate::metrics::Scrape {
         store: tollgate::store::Store::health(&tollgate::store::MemoryStore::new()),

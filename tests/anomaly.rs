@@ -10,11 +10,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Method, StatusCode};
+use tollgate::anomaly::Anomalies;
 use tollgate::clock::ManualClock;
 use tollgate::engine::Action;
 use tollgate::store::redis::RedisStore;
 use tollgate::store::runtime::{RuntimeList, Target};
-use tollgate::store::{MemoryStore, Store};
+use tollgate::store::{MemoryStore, ServedStore};
 use tollgate::{Engine, RequestCtx, Timestamp};
 
 const BRUTE_FORCE: &str = r#"namespace "auth";
@@ -41,15 +42,26 @@ fn window_start() -> Timestamp {
     Timestamp::from_micros(1_800_000_000 / 300 * 300 * 1_000_000)
 }
 
-async fn report<S: Store>(
-    engine: &Engine<S, ManualClock>,
+type Detecting<S> = Anomalies<S, ManualClock>;
+
+/// `engine`, shared, and the detectors of its plan.
+fn detecting<S: ServedStore>(
+    engine: Engine<S, ManualClock>,
+) -> (Arc<Engine<S, ManualClock>>, Detecting<S>) {
+    let engine = Arc::new(engine);
+    let anomalies = Anomalies::new(Arc::clone(&engine), Vec::new());
+    (engine, anomalies)
+}
+
+async fn report<S: ServedStore>(
+    anomalies: &Detecting<S>,
     request: &RequestCtx,
     status: u16,
 ) -> Vec<tollgate::anomaly::Detection> {
-    let watch = engine
+    let watch = anomalies
         .watch(request)
         .expect("the anomaly watches the request");
-    engine.observe(watch, status).await
+    anomalies.observe(watch, status).await
 }
 
 fn is_banned(action: &Action) -> Option<Duration> {
@@ -69,21 +81,22 @@ fn is_banned(action: &Action) -> Option<Duration> {
 
 /// Ten failed logins within five minutes ban the address for fifteen minutes (refused with
 /// 403 and `Retry-After`), listed among the runtime entries; then the ban lifts.
-async fn brute_force_is_banned_then_lifted<S: Store>(store: S) {
+async fn brute_force_is_banned_then_lifted<S: ServedStore>(store: S) {
     let clock = ManualClock::new(window_start());
-    let engine = Engine::with_clock(plan(BRUTE_FORCE), store, clock.clone());
+    let (engine, anomalies) =
+        detecting(Engine::with_clock(plan(BRUTE_FORCE), store, clock.clone()));
     let attacker = login("203.0.113.9");
     for n in 0..9 {
         assert!(engine.decide(&attacker).await.is_allowed(), "attempt {n}");
-        assert_eq!(report(&engine, &attacker, 401).await, [], "attempt {n}");
+        assert_eq!(report(&anomalies, &attacker, 401).await, [], "attempt {n}");
         clock.advance(Duration::from_secs(20));
     }
     // Successes are not counted; other routes are not watched.
-    assert_eq!(report(&engine, &attacker, 200).await, []);
+    assert_eq!(report(&anomalies, &attacker, 200).await, []);
     let page = RequestCtx::new(Method::GET, "/home").with_client_ip("203.0.113.9".parse().unwrap());
-    assert!(engine.watch(&page).is_none());
+    assert!(anomalies.watch(&page).is_none());
 
-    let detected = report(&engine, &attacker, 401).await;
+    let detected = report(&anomalies, &attacker, 401).await;
     assert_eq!(detected.len(), 1, "the tenth failure within 5 minutes");
     assert_eq!(&*detected[0].anomaly, "login_bruteforce");
     assert_eq!(detected[0].observed, 10);
@@ -164,18 +177,30 @@ fn a_ban_set_by_one_engine_is_enforced_by_another_on_the_same_redis() {
                 .await
                 .unwrap()
         };
-        let a = Engine::with_clock(plan(BRUTE_FORCE), connect().await, clock.clone());
-        let b = Engine::with_clock(plan(BRUTE_FORCE), connect().await, clock.clone());
+        let (a, a_detecting) = detecting(Engine::with_clock(
+            plan(BRUTE_FORCE),
+            connect().await,
+            clock.clone(),
+        ));
+        let (b, b_detecting) = detecting(Engine::with_clock(
+            plan(BRUTE_FORCE),
+            connect().await,
+            clock.clone(),
+        ));
         let attacker = login("198.51.100.7");
         let mut detected = Vec::new();
         for n in 0..10 {
-            let engine = if n % 2 == 0 { &a } else { &b };
-            detected.extend(report(engine, &attacker, 403).await);
+            let anomalies = if n % 2 == 0 {
+                &a_detecting
+            } else {
+                &b_detecting
+            };
+            detected.extend(report(anomalies, &attacker, 403).await);
         }
         assert_eq!(detected.len(), 1, "five failures on each engine make ten");
         b.refresh_runtime_lists().await.unwrap();
         a.refresh_runtime_lists().await.unwrap();
-        for engine in [&a, &b] {
+        for engine in [&*a, &*b] {
             let v = engine.decide(&attacker).await;
             assert!(is_banned(&v.action).is_some(), "{:?}", v.action);
         }
@@ -203,7 +228,11 @@ anomaly burst {
 }
 "#;
     let clock = ManualClock::new(Timestamp::from_micros(1_800_000_000 / 60 * 60 * 1_000_000));
-    let engine = Engine::with_clock(plan(policy), MemoryStore::new(), clock.clone());
+    let (_engine, anomalies) = detecting(Engine::with_clock(
+        plan(policy),
+        MemoryStore::new(),
+        clock.clone(),
+    ));
     let request =
         RequestCtx::new(Method::GET, "/api/items").with_client_ip("192.0.2.1".parse().unwrap());
     let mut per_minute = Vec::new();
@@ -212,7 +241,7 @@ anomaly burst {
     ] {
         let mut detected = 0;
         for _ in 0..n {
-            detected += report(&engine, &request, 200).await.len();
+            detected += report(&anomalies, &request, 200).await.len();
         }
         per_minute.push(detected);
         clock.advance(Duration::from_secs(60));
@@ -240,7 +269,11 @@ anomaly stuffing {
 }
 "#;
     let clock = ManualClock::new(window_start());
-    let engine = Engine::with_clock(plan(policy), MemoryStore::new(), clock.clone());
+    let (engine, anomalies) = detecting(Engine::with_clock(
+        plan(policy),
+        MemoryStore::new(),
+        clock.clone(),
+    ));
     let attempt = |ip: &str, user: &str| {
         login(ip).with_header(
             http::HeaderName::from_static("x-login-user"),
@@ -248,9 +281,12 @@ anomaly stuffing {
         )
     };
     for user in ["a", "b", "c", "a", "b", "d", "e"] {
-        assert_eq!(report(&engine, &attempt("192.0.2.50", user), 401).await, []);
+        assert_eq!(
+            report(&anomalies, &attempt("192.0.2.50", user), 401).await,
+            []
+        );
     }
-    let detected = report(&engine, &attempt("192.0.2.50", "f"), 401).await;
+    let detected = report(&anomalies, &attempt("192.0.2.50", "f"), 401).await;
     assert_eq!(detected.len(), 1);
     assert_eq!(detected[0].observed, 6);
     let v = engine.decide(&attempt("192.0.2.50", "g")).await;

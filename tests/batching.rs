@@ -14,7 +14,7 @@ use support::redis::{Cluster, Redis};
 use tollgate::Timestamp;
 use tollgate::limiter::{BucketQuota, LeaseId, Quota, State, WindowQuota};
 use tollgate::store::redis::{RedisOptions, RedisStore};
-use tollgate::store::{Op, Store};
+use tollgate::store::{AdminStore, Op, Store};
 
 /// A minute boundary, so that windows start aligned.
 const START: u64 = 1_700_006_400;

@@ -13,7 +13,7 @@ use tollgate::limiter::{
     BucketQuota, CalendarPeriod, ConcurrencyQuota, LeaseId, Quota, WindowQuota,
 };
 use tollgate::store::redis::{RedisOptions, RedisStore};
-use tollgate::store::{BatchResult, KeySelector, MemoryStore, Op, Store};
+use tollgate::store::{AdminStore, BatchResult, KeySelector, MemoryStore, Op, ServedStore, Store};
 
 const T0: u64 = 1_700_006_400_000_000;
 
@@ -56,7 +56,7 @@ impl Steps {
     }
 }
 
-async fn apply<S: Store>(store: &S, ops: &[Op<'_>], now: u64) -> BatchResult {
+async fn apply<S: ServedStore>(store: &S, ops: &[Op<'_>], now: u64) -> BatchResult {
     store
         .apply(ops, Timestamp::from_micros(now))
         .await

@@ -87,7 +87,7 @@ async fn explain_lists_exactly_the_limits_the_engine_counts() {
             let mut counted: Vec<(String, String)> = verdict
                 .reports
                 .iter()
-                .map(|r| (r.limit.to_string(), r.key.clone()))
+                .map(|r| (r.limit.to_string(), r.key.to_string()))
                 .collect();
             explained.sort();
             counted.sort();

@@ -15,7 +15,7 @@ use support::redis::{Cluster, Redis};
 use tollgate::clock::Clock;
 use tollgate::engine::Counted;
 use tollgate::limiter::State;
-use tollgate::store::Store;
+use tollgate::store::AdminStore;
 use tollgate::store::redis::{BreakerSettings, RedisOptions, RedisStore};
 use tollgate::{Action, Engine, ManualClock, PolicySet, RequestCtx, Timestamp, compile};
 

@@ -13,7 +13,7 @@ use tollgate::clock::{Clock, SystemClock};
 use tollgate::engine::Counted;
 use tollgate::limiter::{LeaseId, Quota, State, WindowQuota};
 use tollgate::store::redis::{BreakerSettings, RedisOptions, RedisStore};
-use tollgate::store::{KeySelector, MemoryStore, Op, Store, StoreError};
+use tollgate::store::{AdminStore, KeySelector, MemoryStore, Op, ServedStore, Store, StoreError};
 use tollgate::{
     Action, Engine, ManualClock, PolicySet, RequestCtx, Timestamp, TokioClock, compile,
 };
@@ -319,7 +319,7 @@ async fn the_deny_cache_never_hides_what_might_fit() {
 // ---------------------------------------------------------------------------------------
 // Admin operations, alike on memory, one server and a Cluster
 
-async fn admin_operations<S: Store>(store: &S) {
+async fn admin_operations<S: ServedStore>(store: &S) {
     let quota = Quota::FixedWindow(WindowQuota {
         limit: std::num::NonZeroU64::new(10).unwrap(),
         window: std::num::NonZeroU64::new(60_000_000).unwrap(),
@@ -482,7 +482,7 @@ fn fail_fast() -> RedisOptions {
 /// tokio's clock. Callers pause that clock first: a request waiting on a silent Redis is then
 /// ended by its timeout alone, at 50 ms of tokio time (plus the timer's 1 ms resolution),
 /// however busy the machine is.
-async fn timed<S: Store, C: Clock>(engine: &Engine<S, C>, path: &str) -> tollgate::Verdict {
+async fn timed<S: ServedStore, C: Clock>(engine: &Engine<S, C>, path: &str) -> tollgate::Verdict {
     let tokio_clock = TokioClock::starting_at(Timestamp::from_secs(START));
     let started = tokio_clock.now();
     let verdict = engine.decide(&get(path)).await;
@@ -495,7 +495,7 @@ async fn timed<S: Store, C: Clock>(engine: &Engine<S, C>, path: &str) -> tollgat
 }
 
 /// Every limit follows its `on_store_error` while the store fails.
-async fn follows_fail_modes<S: Store, C: Clock>(engine: &Engine<S, C>) {
+async fn follows_fail_modes<S: ServedStore, C: Clock>(engine: &Engine<S, C>) {
     let v = timed(engine, "/open").await;
     assert_eq!(v.action, Action::Allow);
     assert_eq!(counted(&v, "open"), Counted::Skipped);

@@ -1,5 +1,6 @@
-//! Decisions to ClickHouse without holding up a request: each decision becomes a row on a
-//! bounded queue ([`Exporter::send`] never waits; a full queue drops the row and counts it),
+//! Decisions to ClickHouse without holding up a request: [`Exporting`], an observer of the
+//! request pipeline, makes each decision an event at admission and queues it on a bounded
+//! queue when the request ends (never waiting; a full queue drops its rows and counts them),
 //! and one task inserts them in batches, by size or by time, retrying a failed batch without
 //! ever inserting it twice (each batch carries an id, looked up before a retry). While
 //! ClickHouse is down, batches wait in a bounded on-disk [`Spool`] (when one is configured)
@@ -13,133 +14,11 @@ use std::time::Duration;
 use clickhouse::Client;
 use tokio::sync::{mpsc, oneshot};
 
+use super::rows::{AnomalyRow, DecisionEvent, DecisionRow, EventContext, RowShape, anomaly_row};
 use super::spool::{Spool, SpoolSettings};
-
-/// One row of `decisions` (see the migrations in [`super::MIGRATIONS`]); field names are the
-/// columns.
-#[derive(
-    Debug, Clone, Default, PartialEq, clickhouse::Row, serde::Serialize, serde::Deserialize,
-)]
-pub struct DecisionRow {
-    /// Seconds since the epoch.
-    pub ts: u32,
-    /// The node that decided.
-    pub node: Arc<str>,
-    /// The plan's version.
-    pub plan_version: Arc<str>,
-    /// The policy file's namespace.
-    pub namespace: String,
-    /// The limit (or list) that decided.
-    pub limit_name: Arc<str>,
-    /// The limit's algorithm.
-    pub algorithm: std::borrow::Cow<'static, str>,
-    /// The `decision` enum's value (see [`Decision`]).
-    pub decision: i8,
-    /// The tier, for tiered limits.
-    pub tier: Arc<str>,
-    /// The tenant, when known.
-    pub tenant: Arc<str>,
-    /// What the key counts by (`ip`, `user`, `token`, …).
-    pub key_kind: String,
-    /// The counter key's keyed hash.
-    pub key_hash: String,
-    /// The client's address.
-    pub client_ip: Arc<str>,
-    /// The request's method.
-    pub method: Arc<str>,
-    /// The route template (else the path).
-    pub route: Arc<str>,
-    /// The status Tollgate answered (200 when it let the request through).
-    pub status: u16,
-    /// Units charged.
-    pub cost: u64,
-    /// Units used after the decision.
-    pub used: u64,
-    /// The quota.
-    pub quota: u64,
-    /// Units left.
-    pub remaining: u64,
-    /// The delay imposed, in milliseconds.
-    pub delay_ms: u32,
-    /// The decision's own latency, in microseconds (0: not measured).
-    pub latency_us: u32,
-    /// Cedar's determining policies.
-    pub policies: Vec<Arc<str>>,
-    /// 1 in shadow mode.
-    pub shadow: u8,
-    /// The share of such decisions exported (allows may be sampled).
-    pub sample_rate: f32,
-    /// The request's id.
-    pub request_id: Arc<str>,
-    /// The batch it was inserted in (set by the exporter).
-    pub batch_id: Arc<str>,
-    /// The flags (anomalies' `flag`) the client carried.
-    #[serde(default)]
-    pub flags: Vec<Arc<str>>,
-}
-
-/// One row of `anomalies`: a detection acted on.
-#[derive(
-    Debug, Clone, Default, PartialEq, clickhouse::Row, serde::Serialize, serde::Deserialize,
-)]
-pub struct AnomalyRow {
-    /// Seconds since the epoch.
-    pub ts: u32,
-    /// The node that acted.
-    pub node: String,
-    /// The plan's version.
-    pub plan_version: String,
-    /// The anomaly block's namespace.
-    pub namespace: String,
-    /// The anomaly block.
-    pub anomaly: String,
-    /// What its key counts by (`ip`, `user`, …).
-    pub key_kind: String,
-    /// The counter key's keyed hash.
-    pub key_hash: String,
-    /// The client's address.
-    pub client_ip: String,
-    /// What was seen in the window (responses, distinct values).
-    pub observed: u64,
-    /// What it was compared with.
-    pub threshold: f64,
-    /// The detector's window, in seconds.
-    pub window_s: u32,
-    /// The ban imposed, in seconds (0: none).
-    pub ban_s: u32,
-    /// How long the key is flagged, in seconds (0: not).
-    pub flag_s: u32,
-    /// The tarpit's hold, in milliseconds (0: none).
-    pub tarpit_ms: u32,
-    /// The alert channels told.
-    pub alerts: Vec<String>,
-}
-
-/// The `decision` column's values (`Enum8`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(i8)]
-pub enum Decision {
-    /// Admitted.
-    Allow = 1,
-    /// Admitted, 80 % or more used.
-    NearLimit = 2,
-    /// Admitted past a soft `warn`.
-    Warn = 3,
-    /// Admitted past a soft `delay`.
-    Delay = 4,
-    /// Refused by a limit.
-    Reject = 5,
-    /// Over a limit in shadow mode.
-    ShadowReject = 6,
-    /// Refused by a denylist.
-    Forbid = 7,
-    /// Refused by Cedar.
-    Unauthorized = 8,
-    /// Passed by a safelist.
-    Bypass = 9,
-    /// The store failed.
-    StoreError = 10,
-}
+use crate::pipeline::{Admitted, Completion, DetectionSink, Done, Observer};
+use crate::request::KeyHasher;
+use crate::verdict::Detection;
 
 /// How the exporter batches and what it keeps.
 #[derive(Debug, Clone)]
@@ -214,17 +93,6 @@ pub struct Exporter {
     tx: mpsc::Sender<Item>,
     stats: Arc<ExportStats>,
     shape: Arc<RowShape>,
-}
-
-/// What [`rows`] needs from the settings.
-#[derive(Debug, Clone, Default)]
-pub struct RowShape {
-    /// See [`ExportSettings::sample_allows`].
-    pub sample_allows: f64,
-    /// See [`ExportSettings::tenant_header`].
-    pub tenant_header: Option<http::HeaderName>,
-    /// See [`ExportSettings::truncate_ip`].
-    pub truncate_ip: bool,
 }
 
 impl std::fmt::Debug for Exporter {
@@ -602,46 +470,6 @@ const TABLE: &str = "decisions";
 /// The table anomalies go to.
 const ANOMALIES: &str = "anomalies";
 
-/// The row of an anomaly detected on `node`.
-pub fn anomaly_row(
-    d: &crate::anomaly::Detection,
-    node: &str,
-    key_hash: &str,
-    now: crate::Timestamp,
-) -> AnomalyRow {
-    let secs = |d: Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
-    let client = crate::plan::key::CounterKey::parse(&d.key).map_or("", |p| p.client);
-    AnomalyRow {
-        ts: u32::try_from(now.as_micros() / 1_000_000).unwrap_or(u32::MAX),
-        node: node.to_owned(),
-        plan_version: d.plan_version.to_string(),
-        namespace: d.namespace.to_string(),
-        anomaly: d.anomaly.to_string(),
-        key_kind: key_kind(client),
-        key_hash: key_hash.to_owned(),
-        client_ip: d.client_ip.map(|ip| ip.to_string()).unwrap_or_default(),
-        observed: d.observed,
-        threshold: d.threshold,
-        window_s: secs(d.window),
-        ban_s: d.actions.ban.map_or(0, secs),
-        flag_s: d.actions.flag.map_or(0, secs),
-        tarpit_ms: d
-            .actions
-            .tarpit
-            .map_or(0, |(h, _)| u32::try_from(h.as_millis()).unwrap_or(u32::MAX)),
-        alerts: d.actions.alerts.iter().map(|a| a.to_string()).collect(),
-    }
-}
-
-/// What a key's client part counts by: its parts' labels (`ip`, `user+h.x-tenant`).
-fn key_kind(client: &str) -> String {
-    client
-        .split('+')
-        .map(|part| part.split(':').next().unwrap_or_default())
-        .collect::<Vec<_>>()
-        .join("+")
-}
-
 /// How a retry finds out whether a batch went in (in the client's database).
 pub const BATCH_LOOKUP: &str = "SELECT count() FROM decisions WHERE batch_id = ?";
 
@@ -651,320 +479,77 @@ async fn already_in(client: &Client, id: &str) -> Option<bool> {
     Some(n > 0)
 }
 
-/// A request's decision, waiting for the response's status before it is queued.
-#[derive(Debug)]
-#[must_use = "the decision is exported by `send` or `send_with_status`"]
-pub struct PendingExport {
+/// The pipeline's observer that exports every decision (and every anomaly detected) through
+/// an [`Exporter`], as node `node`.
+#[derive(Debug, Clone)]
+pub struct Exporting {
     exporter: Exporter,
-    event: Box<DecisionEvent>,
-}
-
-impl PendingExport {
-    /// Queues it with the status Tollgate answered.
-    pub fn send(self) {
-        self.exporter.send_event(self.event);
-    }
-
-    /// Queues it with `status`: what the application or upstream answered.
-    pub fn send_with_status(mut self, status: u16) {
-        self.event.status = status;
-        self.send();
-    }
-}
-
-/// What a decision's rows need, gathered on the request path without formatting or hashing
-/// (shared names, the counter keys): the rows are made by the exporter's task.
-#[derive(Debug)]
-pub struct DecisionEvent {
-    ts: u32,
     node: Arc<str>,
-    plan_version: Arc<str>,
-    tenant: String,
-    client_ip: Option<std::net::IpAddr>,
-    truncate_ip: bool,
-    method: http::Method,
-    route: String,
-    status: u16,
-    delay_ms: u32,
-    latency_us: u32,
-    sample_rate: f32,
-    request_id: String,
-    flags: Vec<Arc<str>>,
-    hasher: crate::plan::KeyHasher,
-    outcome: Outcome,
+    hasher: KeyHasher,
 }
 
-/// What decided a request.
-#[derive(Debug)]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "the event is boxed whole; the limits stay inline, saving an allocation a request"
-)]
-enum Outcome {
-    /// A list or Cedar, without counting: one row.
-    DecidedBy {
-        decision: Decision,
-        name: Arc<str>,
-        policies: Vec<Arc<str>>,
-    },
-    /// Limits: a row each.
-    Limits(smallvec::SmallVec<[LimitEvent; 3]>),
-}
-
-/// One limit's part of a decision.
-#[derive(Debug)]
-struct LimitEvent {
-    key: String,
-    limit: Arc<str>,
-    algorithm: &'static str,
-    decision: Decision,
-    tier: Option<Arc<str>>,
-    cost: u64,
-    quota: u64,
-    remaining: u64,
-    shadow: bool,
-}
-
-impl DecisionEvent {
-    fn rows_len(&self) -> u64 {
-        match &self.outcome {
-            Outcome::DecidedBy { .. } => 1,
-            Outcome::Limits(limits) => limits.len() as u64,
+impl Exporting {
+    /// Exports through `exporter` as node `node`, hashing keys with `hasher` (the engine's).
+    pub fn new(exporter: Exporter, node: impl Into<Arc<str>>, hasher: KeyHasher) -> Self {
+        Exporting {
+            exporter,
+            node: node.into(),
+            hasher,
         }
     }
 
-    /// Its rows, added to `batch`.
-    pub fn into_rows(self, batch: &mut Vec<DecisionRow>) {
-        let base = DecisionRow {
-            ts: self.ts,
-            node: self.node,
-            plan_version: self.plan_version,
-            tenant: Arc::from(self.tenant),
-            client_ip: self.client_ip.map_or_else(Arc::default, |ip| {
-                Arc::from(client_ip(ip, self.truncate_ip))
-            }),
-            method: Arc::from(self.method.as_str()),
-            route: Arc::from(self.route),
-            status: self.status,
-            delay_ms: self.delay_ms,
-            latency_us: self.latency_us,
-            sample_rate: self.sample_rate,
-            request_id: Arc::from(self.request_id),
-            flags: self.flags,
-            ..DecisionRow::default()
+    /// The exporter.
+    pub fn exporter(&self) -> &Exporter {
+        &self.exporter
+    }
+}
+
+/// At admission, the decision's event (nothing formatted or hashed: the exporter's task
+/// makes the rows); queued with the status the client got when the request ends.
+impl Observer for Exporting {
+    fn admitted(&self, admitted: &Admitted<'_>) -> Option<Box<dyn Completion>> {
+        let cx = EventContext {
+            request_id: admitted.request_id,
+            node: &self.node,
+            hasher: &self.hasher,
+            now: admitted.now,
+            shape: &self.exporter.shape,
+            status: admitted.status,
         };
-        match self.outcome {
-            Outcome::DecidedBy {
-                decision,
-                name,
-                policies,
-            } => batch.push(DecisionRow {
-                decision: decision as i8,
-                limit_name: name,
-                policies,
-                ..base
-            }),
-            Outcome::Limits(limits) => {
-                for l in limits {
-                    let parts = crate::plan::key::CounterKey::parse(&l.key);
-                    batch.push(DecisionRow {
-                        namespace: parts.map(|p| p.namespace.to_owned()).unwrap_or_default(),
-                        limit_name: l.limit,
-                        algorithm: std::borrow::Cow::Borrowed(l.algorithm),
-                        decision: l.decision as i8,
-                        tier: l.tier.unwrap_or_default(),
-                        key_kind: key_kind(parts.map_or("", |p| p.client)),
-                        key_hash: self.hasher.hash(&l.key),
-                        cost: l.cost,
-                        used: l.quota.saturating_sub(l.remaining),
-                        quota: l.quota,
-                        remaining: l.remaining,
-                        shadow: u8::from(l.shadow),
-                        ..base.clone()
-                    });
-                }
+        match super::rows::event(admitted.verdict, admitted.request, &cx) {
+            Some(event) => Some(Box::new(PendingExport {
+                exporter: self.exporter.clone(),
+                event: Box::new(event),
+            })),
+            None => {
+                self.exporter
+                    .stats
+                    .sampled_out
+                    .fetch_add(1, Ordering::Relaxed);
+                None
             }
         }
     }
 }
 
-impl Exporter {
-    /// `event`, to send once the status is known.
-    pub fn pending(&self, event: DecisionEvent) -> PendingExport {
-        PendingExport {
-            exporter: self.clone(),
-            event: Box::new(event),
-        }
+/// Each anomaly detected becomes a row of `anomalies`.
+impl DetectionSink for Exporting {
+    fn detected(&self, detection: &Detection, key_hash: &str) {
+        self.exporter
+            .send_anomaly(anomaly_row(detection, &self.node, key_hash));
     }
 }
 
-/// What a decision's event says besides the decision.
+/// A request's decision, waiting for the status the client got before it is queued.
 #[derive(Debug)]
-pub struct EventContext<'a> {
-    /// The request's id.
-    pub request_id: &'a str,
-    /// This Tollgate's name.
-    pub node: &'a Arc<str>,
-    /// Hashes counter keys (in the exporter's task).
-    pub hasher: &'a crate::plan::KeyHasher,
-    /// The decision's time.
-    pub now: crate::Timestamp,
-    /// Sampling, tenant, address truncation.
-    pub shape: &'a RowShape,
+struct PendingExport {
+    exporter: Exporter,
+    event: Box<DecisionEvent>,
 }
 
-/// Whether every row of `verdict` is exported whatever the sampling: anything but a plain
-/// admission (refusals, warnings, delays, shadow rejections, store errors).
-fn always_exported(verdict: &crate::Verdict) -> bool {
-    use crate::engine::{Action, Counted};
-    !matches!(verdict.action, Action::Allow | Action::Bypass { .. })
-        || verdict
-            .reports
-            .iter()
-            .any(|r| !r.decision.allowed || matches!(r.counted, Counted::Skipped | Counted::Local))
-}
-
-/// A decision's event: one row per limit that applied (its outcome, counter and tier), or
-/// one for the list or Cedar answer that decided without counting; `None` when the request
-/// is sampled out. Its status is what Tollgate answered.
-pub fn event(
-    verdict: &crate::Verdict,
-    request: &crate::RequestCtx,
-    cx: &EventContext<'_>,
-) -> Option<DecisionEvent> {
-    use crate::engine::{Action, Counted};
-    let sample_rate = if always_exported(verdict) {
-        1.0
-    } else {
-        cx.shape.sample_allows
-    };
-    if sample_rate < 1.0 && rand::random::<f64>() >= sample_rate {
-        return None;
-    }
-    let outcome = match &verdict.action {
-        Action::Bypass { list } => Outcome::DecidedBy {
-            decision: Decision::Bypass,
-            name: Arc::clone(list),
-            policies: Vec::new(),
-        },
-        Action::Forbid { list, .. } => Outcome::DecidedBy {
-            decision: Decision::Forbid,
-            name: Arc::clone(list),
-            policies: Vec::new(),
-        },
-        Action::Unauthorized {
-            limit, policies, ..
-        } => Outcome::DecidedBy {
-            decision: Decision::Unauthorized,
-            name: Arc::clone(limit),
-            policies: policies.clone(),
-        },
-        _ => {
-            let headline = verdict.headline().map(|r| &*r.limit);
-            Outcome::Limits(
-                verdict
-                    .reports
-                    .iter()
-                    .map(|r| {
-                        let shadow = r.mode == crate::plan::Mode::Shadow;
-                        let decision = if matches!(r.counted, Counted::Skipped | Counted::Local) {
-                            Decision::StoreError
-                        } else if !r.decision.allowed {
-                            if shadow {
-                                Decision::ShadowReject
-                            } else {
-                                Decision::Reject
-                            }
-                        } else if headline == Some(&*r.limit)
-                            && matches!(verdict.action, Action::Warn)
-                        {
-                            Decision::Warn
-                        } else if headline == Some(&*r.limit)
-                            && matches!(verdict.action, Action::Delay(_))
-                        {
-                            Decision::Delay
-                        } else if r.decision.used_percent() >= crate::metrics::NEAR_LIMIT_PERCENT {
-                            Decision::NearLimit
-                        } else {
-                            Decision::Allow
-                        };
-                        LimitEvent {
-                            key: r.key.clone(),
-                            limit: Arc::clone(&r.limit),
-                            algorithm: r.algorithm,
-                            decision,
-                            tier: r.tier.clone(),
-                            cost: r.cost,
-                            quota: r.decision.limit,
-                            remaining: r.decision.remaining,
-                            shadow,
-                        }
-                    })
-                    .collect(),
-            )
-        }
-    };
-    Some(DecisionEvent {
-        ts: u32::try_from(cx.now.as_micros() / 1_000_000).unwrap_or(u32::MAX),
-        node: Arc::clone(cx.node),
-        plan_version: Arc::clone(&verdict.plan_version),
-        tenant: cx
-            .shape
-            .tenant_header
-            .as_ref()
-            .and_then(|h| request.headers.get(h))
-            .and_then(|v| v.to_str().ok())
-            .map(|v| v.chars().take(64).collect())
-            .unwrap_or_default(),
-        client_ip: request.client_ip,
-        truncate_ip: cx.shape.truncate_ip,
-        method: request.method.clone(),
-        route: request
-            .route_template
-            .clone()
-            .unwrap_or_else(|| request.path.clone()),
-        status: crate::response::problem(verdict, None).map_or(200, |p| p.status),
-        delay_ms: match verdict.action {
-            Action::Delay(d) => u32::try_from(d.as_millis()).unwrap_or(u32::MAX),
-            _ => 0,
-        },
-        latency_us: u32::try_from(verdict.elapsed.as_micros()).unwrap_or(u32::MAX),
-        sample_rate: sample_rate as f32,
-        request_id: cx.request_id.to_owned(),
-        flags: verdict.flags.clone(),
-        hasher: cx.hasher.clone(),
-        outcome,
-    })
-}
-
-/// `ip` as a row shows it: whole, or cut to its /24 or /48 network.
-fn client_ip(ip: std::net::IpAddr, truncate: bool) -> String {
-    use std::net::IpAddr;
-    if !truncate {
-        return ip.to_string();
-    }
-    match ip {
-        IpAddr::V4(v4) => {
-            let [a, b, c, _] = v4.octets();
-            std::net::Ipv4Addr::new(a, b, c, 0).to_string()
-        }
-        IpAddr::V6(v6) => {
-            let s = v6.segments();
-            std::net::Ipv6Addr::new(s[0], s[1], s[2], 0, 0, 0, 0, 0).to_string()
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn truncated_addresses_keep_their_network_only() {
-        let ip = |s: &str| s.parse().unwrap();
-        assert_eq!(super::client_ip(ip("203.0.113.77"), true), "203.0.113.0");
-        assert_eq!(super::client_ip(ip("203.0.113.77"), false), "203.0.113.77");
-        assert_eq!(
-            super::client_ip(ip("2001:db8:1:2:3:4:5:6"), true),
-            "2001:db8:1::"
-        );
+impl Completion for PendingExport {
+    fn completed(mut self: Box<Self>, done: &Done) {
+        self.event.set_status(done.status);
+        self.exporter.send_event(self.event);
     }
 }

@@ -311,7 +311,7 @@ pub fn render_timeline(rows: &[TimelineRow]) -> String {
 }
 
 /// `anomalies` as a table.
-pub fn render_anomalies(rows: &[super::export::AnomalyRow]) -> String {
+pub fn render_anomalies(rows: &[super::rows::AnomalyRow]) -> String {
     if rows.is_empty() {
         return "no anomalies in that period\n".to_owned();
     }

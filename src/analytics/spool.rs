@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use super::export::DecisionRow;
+use super::rows::DecisionRow;
 
 /// Where batches wait, and how much room they may take.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -338,6 +338,7 @@ impl<'a> Compiler<'a> {
             .collect();
         Plan {
             version: version_hash(files, &declared.cedar_imports),
+            counts_bytes: limits.iter().any(|l| l.counts == Counts::Bytes),
             limits,
             routes,
             safelists,

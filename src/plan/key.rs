@@ -7,6 +7,7 @@ use std::sync::Arc;
 use http::HeaderName;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
+pub use crate::request::KeyHasher;
 use crate::request::RequestCtx;
 
 /// The client part of a counter key: parts joined by `+`, each `source:value`.
@@ -102,11 +103,16 @@ impl KeySource {
 }
 
 /// The name of one counter: `{namespace}:{client}:{limit}`, the client in braces so that a
-/// Redis Cluster keeps every counter of one client in one slot. Built in one place, shown
-/// as it is stored (`Display`), and read back by admin operations ([`CounterKey::parse`]).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(transparent)]
-pub struct CounterKey(String);
+/// Redis Cluster keeps every counter of one client in one slot. Built in one place, it keeps
+/// where its parts are: what needs the namespace or the client reads them from here, never by
+/// parsing the string again. Keys read back from a store are parsed with
+/// [`CounterKey::parse`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CounterKey {
+    key: String,
+    /// Where the client part starts and ends (between the braces).
+    client: (u32, u32),
+}
 
 /// The parts of a counter key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,6 +123,25 @@ pub struct CounterKeyParts<'a> {
     pub client: &'a str,
     /// The limit's name.
     pub limit: &'a str,
+}
+
+/// What follows a counter key in the name of its ban (`{key}:ban`: same slot, same client).
+pub const BAN_SUFFIX: &str = ":ban";
+
+/// What follows an anomaly's counter key in the name of its once-per-window mark.
+pub const FIRED_SUFFIX: &str = ".fired";
+
+/// The name of the ban of the counter `key`.
+pub fn ban_key(key: &str) -> String {
+    let mut ban = String::with_capacity(key.len() + BAN_SUFFIX.len());
+    ban.push_str(key);
+    ban.push_str(BAN_SUFFIX);
+    ban
+}
+
+/// Whether `key` names a ban (see [`ban_key`]).
+pub fn is_ban_key(key: &str) -> bool {
+    key.ends_with(BAN_SUFFIX)
 }
 
 impl CounterKey {
@@ -130,17 +155,23 @@ impl CounterKey {
         let mut key = String::with_capacity(namespace.len() + limit.len() + 48);
         key.push_str(namespace);
         key.push_str(":{");
+        let start = key.len();
         if !client(&mut key) {
             return None;
         }
+        let end = key.len();
         key.push_str("}:");
         key.push_str(limit);
-        Some(CounterKey(key))
+        let at = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        Some(CounterKey {
+            key,
+            client: (at(start), at(end)),
+        })
     }
 
-    /// Reads a stored key (or its `:ban` companion) back into its parts.
+    /// Reads a stored key (or its ban, see [`ban_key`]) back into its parts.
     pub fn parse(key: &str) -> Option<CounterKeyParts<'_>> {
-        let key = key.strip_suffix(":ban").unwrap_or(key);
+        let key = key.strip_suffix(BAN_SUFFIX).unwrap_or(key);
         let open = key.find(":{")?;
         let close = key.rfind("}:")?;
         (close > open).then(|| CounterKeyParts {
@@ -150,40 +181,71 @@ impl CounterKey {
         })
     }
 
+    /// The parts of this key.
+    pub fn parts(&self) -> CounterKeyParts<'_> {
+        let (start, end) = (self.client.0 as usize, self.client.1 as usize);
+        CounterKeyParts {
+            namespace: &self.key[..start.saturating_sub(2)],
+            client: &self.key[start..end],
+            limit: &self.key[(end + 2).min(self.key.len())..],
+        }
+    }
+
+    /// The policy file's namespace.
+    pub fn namespace(&self) -> &str {
+        self.parts().namespace
+    }
+
+    /// The client part (what the limit's key wrote, secrets hashed).
+    pub fn client(&self) -> &str {
+        self.parts().client
+    }
+
+    /// The name of this key's ban.
+    pub fn ban_key(&self) -> String {
+        ban_key(&self.key)
+    }
+
     /// The key as stored.
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.key
+    }
+}
+
+impl serde::Serialize for CounterKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.key)
     }
 }
 
 impl std::ops::Deref for CounterKey {
     type Target = str;
     fn deref(&self) -> &str {
-        &self.0
+        &self.key
     }
 }
 
 impl std::fmt::Display for CounterKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.key)
     }
 }
 
 impl PartialEq<str> for CounterKey {
     fn eq(&self, other: &str) -> bool {
-        self.0 == other
+        self.key == other
     }
 }
 
 impl PartialEq<&str> for CounterKey {
     fn eq(&self, other: &&str) -> bool {
-        self.0 == *other
+        self.key == *other
     }
 }
 
 impl From<CounterKey> for String {
     fn from(key: CounterKey) -> String {
-        key.0
+        key.key
     }
 }
 
@@ -197,46 +259,6 @@ pub(crate) fn is_secret_header(name: &HeaderName) -> bool {
         || n.contains("secret")
         || n.contains("api-key")
         || n.contains("apikey")
-}
-
-/// A keyed hash for secrets (BLAKE3 with a 32-byte key): tokens never appear in clear in a
-/// counter key, a log line or an event, and without the key they cannot be guessed back.
-#[derive(Clone)]
-pub struct KeyHasher {
-    key: [u8; 32],
-}
-
-impl std::fmt::Debug for KeyHasher {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("KeyHasher(..)")
-    }
-}
-
-impl KeyHasher {
-    /// A hasher with the given secret key.
-    pub fn new(key: [u8; 32]) -> Self {
-        KeyHasher { key }
-    }
-
-    /// A hasher whose key is derived from a secret phrase of any length.
-    pub fn from_secret(secret: &str) -> Self {
-        KeyHasher {
-            key: blake3::derive_key("tollgate 2026 key hashing", secret.as_bytes()),
-        }
-    }
-
-    /// A hasher with a random key: hashes agree only within this process.
-    pub fn random() -> Self {
-        KeyHasher {
-            key: rand::random(),
-        }
-    }
-
-    /// The hash of `value`: 24 hex digits (96 bits).
-    pub fn hash(&self, value: &str) -> String {
-        let digest = blake3::keyed_hash(&self.key, value.as_bytes());
-        digest.to_hex()[..24].to_owned()
-    }
 }
 
 /// Values longer than this are hashed, so that keys stay short.

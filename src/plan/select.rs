@@ -430,7 +430,7 @@ pub struct Watched {
     /// The anomaly's index in the plan.
     pub anomaly: usize,
     /// The counter key (`{namespace}:{client}:anomaly.{name}`), secrets hashed.
-    pub key: String,
+    pub key: CounterKey,
     /// For `detect distinct`: the request's value, hashed (`None` for other detectors).
     pub value: Option<String>,
 }
@@ -467,7 +467,7 @@ pub fn watching(
                 })?;
                 Some(Watched {
                     anomaly: i,
-                    key: key.into(),
+                    key,
                     value,
                 })
             })

@@ -16,11 +16,11 @@
 //!   every node through the store;
 //! - `GET /admin/diagnostics`: the store's health and latency, memory evictions, the build.
 
-use axum::extract::Query;
 use axum::middleware::Next;
 use subtle::ConstantTimeEq;
 
-use super::decision::{CheckRequest, check_ctx, read_json};
+use super::decision::{CheckRequest, check_ctx};
+use super::extract::{BodyLimit, JsonBody, QueryParams, Refused, RequestId};
 use super::*;
 use crate::plan::KeyHasher;
 use crate::plan::key::KeySource;
@@ -32,6 +32,8 @@ use crate::store::{KeySelector, StoreError};
 pub struct AdminState<S, C = SystemClock> {
     /// The engine whose plan and store are administered.
     pub engine: Arc<Engine<S, C>>,
+    /// The observers of its pipeline (`/metrics` reads them).
+    pub observers: Observers<S, C>,
     /// How requests are identified (for explain).
     pub identifier: Identifier,
     /// Reloads the plan.
@@ -40,8 +42,14 @@ pub struct AdminState<S, C = SystemClock> {
     pub token: String,
 }
 
+impl<S, C> BodyLimit for AdminState<S, C> {
+    fn max_body_bytes(&self) -> usize {
+        64 * 1024
+    }
+}
+
 /// The admin routes around `state`, behind the token check.
-pub fn admin_router<S: Store, C: Clock>(state: Arc<AdminState<S, C>>) -> Router {
+pub fn admin_router<S: ServedStore, C: Clock>(state: Arc<AdminState<S, C>>) -> Router {
     Router::new()
         .route("/admin/plan", get(plan::<S, C>))
         .route("/admin/reload", post(reload::<S, C>))
@@ -65,7 +73,7 @@ pub fn admin_router<S: Store, C: Clock>(state: Arc<AdminState<S, C>>) -> Router 
 }
 
 /// Lets through requests that carry the token; 401 for the others.
-async fn authorized<S: Store, C: Clock>(
+async fn authorized<S: ServedStore, C: Clock>(
     State(state): State<Arc<AdminState<S, C>>>,
     request: Request,
     next: Next,
@@ -133,7 +141,7 @@ struct LimitInfo {
     mode: &'static str,
 }
 
-async fn plan<S: Store, C: Clock>(State(state): State<Arc<AdminState<S, C>>>) -> Response {
+async fn plan<S: ServedStore, C: Clock>(State(state): State<Arc<AdminState<S, C>>>) -> Response {
     let plan = state.engine.plan();
     let status = state.reloader.status();
     let mut files: Vec<String> = plan
@@ -173,11 +181,10 @@ async fn plan<S: Store, C: Clock>(State(state): State<Arc<AdminState<S, C>>>) ->
     axum::Json(body).into_response()
 }
 
-async fn reload<S: Store, C: Clock>(
+async fn reload<S: ServedStore, C: Clock>(
     State(state): State<Arc<AdminState<S, C>>>,
-    headers: HeaderMap,
+    RequestId(request_id): RequestId,
 ) -> Response {
-    let request_id = crate::request::request_id(&headers);
     match state.reloader.reload(Trigger::Request).await {
         Ok(version) => {
             tracing::info!(request_id, plan = %version, "admin: policies reloaded");
@@ -195,26 +202,20 @@ async fn reload<S: Store, C: Clock>(
     }
 }
 
-async fn explain<S: Store, C: Clock>(
+async fn explain<S: ServedStore, C: Clock>(
     State(state): State<Arc<AdminState<S, C>>>,
-    request: Request,
-) -> Response {
-    let request_id = crate::request::request_id(request.headers());
-    let input: CheckRequest = match read_json(request, 64 * 1024).await {
-        Ok(input) => input,
-        Err(problem) => return problem_response(*problem, &request_id),
-    };
-    let ctx = match check_ctx(input, &state.identifier) {
-        Ok(ctx) => ctx,
-        Err(problem) => return problem_response(*problem, &request_id),
-    };
+    RequestId(request_id): RequestId,
+    JsonBody(input): JsonBody<CheckRequest>,
+) -> Result<Response, Refused> {
+    let ctx = check_ctx(input, &state.identifier)
+        .map_err(|problem| Refused::new(problem, &request_id))?;
     let plan = state.engine.plan();
     let explanation = crate::explain::explain(&plan, &ctx, state.engine.key_hasher());
-    axum::Json(serde_json::json!({
+    Ok(axum::Json(serde_json::json!({
         "plan_version": plan.version(),
         "explanation": explanation.to_string(),
     }))
-    .into_response()
+    .into_response())
 }
 
 /// Which keys a `/admin/keys` request is about: exactly one of these.
@@ -246,13 +247,8 @@ impl KeysTarget {
     }
 }
 
-/// The query's selector, or the 400 answer naming what is wrong.
-fn target(
-    selecting: Result<Query<Selecting>, axum::extract::rejection::QueryRejection>,
-    request_id: &str,
-) -> Result<KeysTarget, Box<Response>> {
-    let answer = |p: Problem| Box::new(problem_response(p, request_id));
-    let selecting = query(selecting).map_err(|p| answer(*p))?;
+/// The query's selector, or the problem naming what is wrong.
+fn target(selecting: Selecting, request_id: &str) -> Result<KeysTarget, Refused> {
     match selecting {
         Selecting {
             key: Some(k),
@@ -278,41 +274,34 @@ fn target(
             namespace: None,
             limit: Some(l),
         } => Ok(KeysTarget::Limit(l)),
-        _ => Err(answer(Problem::bad_request(
-            "name exactly one of `key`, `client`, `namespace` or `limit`",
-        ))),
+        _ => Err(Refused::new(
+            Box::new(Problem::bad_request(
+                "name exactly one of `key`, `client`, `namespace` or `limit`",
+            )),
+            request_id,
+        )),
     }
 }
 
-fn query<T: serde::de::DeserializeOwned>(
-    query: Result<Query<T>, axum::extract::rejection::QueryRejection>,
-) -> Result<T, Box<Problem>> {
-    query
-        .map(|Query(q)| q)
-        .map_err(|e| Box::new(Problem::bad_request(e.body_text())))
-}
-
-fn store_problem(error: &StoreError) -> Problem {
-    Problem::new(
+/// The refusal of a request the store could not serve.
+fn store_refusal(error: &StoreError, request_id: &str) -> Refused {
+    let problem = Problem::new(
         "urn:tollgate:problem:store-unavailable",
         "Service Unavailable",
         StatusCode::SERVICE_UNAVAILABLE,
         format!("the counter store failed: {error}"),
-    )
+    );
+    Refused::new(Box::new(problem), request_id)
 }
 
 /// `GET /admin/keys` counts the selected live counters; `DELETE` forgets them.
-async fn keys<S: Store, C: Clock>(
+async fn keys<S: ServedStore, C: Clock>(
     State(state): State<Arc<AdminState<S, C>>>,
     method: Method,
-    headers: HeaderMap,
-    selecting: Result<Query<Selecting>, axum::extract::rejection::QueryRejection>,
-) -> Response {
-    let request_id = crate::request::request_id(&headers);
-    let target = match target(selecting, &request_id) {
-        Ok(target) => target,
-        Err(answer) => return *answer,
-    };
+    RequestId(request_id): RequestId,
+    QueryParams(selecting): QueryParams<Selecting>,
+) -> Result<Response, Refused> {
+    let target = target(selecting, &request_id)?;
     let selector = target.selector();
     let store = state.engine.store();
     let answer = if method == Method::DELETE {
@@ -324,10 +313,9 @@ async fn keys<S: Store, C: Clock>(
         let live = store.count(selector, state.engine.now()).await;
         live.map(|live| serde_json::json!({ "live_keys": live }))
     };
-    match answer {
-        Ok(body) => axum::Json(body).into_response(),
-        Err(e) => problem_response(store_problem(&e), &request_id),
-    }
+    answer
+        .map(|body| axum::Json(body).into_response())
+        .map_err(|e| store_refusal(&e, &request_id))
 }
 
 #[derive(Debug, Deserialize)]
@@ -336,33 +324,28 @@ struct OneKey {
     key: String,
 }
 
-async fn inspect_key<S: Store, C: Clock>(
+async fn inspect_key<S: ServedStore, C: Clock>(
     State(state): State<Arc<AdminState<S, C>>>,
-    headers: HeaderMap,
-    one: Result<Query<OneKey>, axum::extract::rejection::QueryRejection>,
-) -> Response {
-    let request_id = crate::request::request_id(&headers);
-    let one = match query(one) {
-        Ok(one) => one,
-        Err(problem) => return problem_response(*problem, &request_id),
-    };
-    match state
+    RequestId(request_id): RequestId,
+    QueryParams(one): QueryParams<OneKey>,
+) -> Result<Response, Refused> {
+    let found = state
         .engine
         .store()
         .inspect(&one.key, state.engine.now())
         .await
-    {
-        Ok(found) => axum::Json(serde_json::json!({
-            "key": one.key,
-            "state": found.state,
-            "banned_until": found.banned_until.map(|t| t.as_micros()),
-        }))
-        .into_response(),
-        Err(e) => problem_response(store_problem(&e), &request_id),
-    }
+        .map_err(|e| store_refusal(&e, &request_id))?;
+    Ok(axum::Json(serde_json::json!({
+        "key": one.key,
+        "state": found.state,
+        "banned_until": found.banned_until.map(|t| t.as_micros()),
+    }))
+    .into_response())
 }
 
-async fn diagnostics<S: Store, C: Clock>(State(state): State<Arc<AdminState<S, C>>>) -> Response {
+async fn diagnostics<S: ServedStore, C: Clock>(
+    State(state): State<Arc<AdminState<S, C>>>,
+) -> Response {
     let clock = state.engine.clock();
     let started = clock.now();
     let ping = state.engine.store().ping().await;
@@ -387,24 +370,29 @@ async fn diagnostics<S: Store, C: Clock>(State(state): State<Arc<AdminState<S, C
 }
 
 /// `GET /metrics`: Prometheus's text format, reloads included.
-async fn metrics<S: Store, C: Clock>(State(state): State<Arc<AdminState<S, C>>>) -> Response {
+async fn metrics<S: ServedStore, C: Clock>(State(state): State<Arc<AdminState<S, C>>>) -> Response {
     let status = state.reloader.status();
-    super::metrics_response(&state.engine, Some((status.succeeded, status.failed)))
+    super::metrics_response(
+        &state.engine,
+        &state.observers,
+        Some((status.succeeded, status.failed)),
+    )
 }
 
 /// `GET /admin/lists`: the runtime entries in force on this node (read from the store).
-async fn lists<S: Store, C: Clock>(
+async fn lists<S: ServedStore, C: Clock>(
     State(state): State<Arc<AdminState<S, C>>>,
-    headers: HeaderMap,
-) -> Response {
-    let request_id = crate::request::request_id(&headers);
-    match state.engine.refresh_runtime_lists().await {
-        Ok(_) => axum::Json(serde_json::json!({
-            "entries": state.engine.runtime_lists().entries(),
-        }))
-        .into_response(),
-        Err(e) => problem_response(store_problem(&e), &request_id),
-    }
+    RequestId(request_id): RequestId,
+) -> Result<Response, Refused> {
+    state
+        .engine
+        .refresh_runtime_lists()
+        .await
+        .map_err(|e| store_refusal(&e, &request_id))?;
+    Ok(axum::Json(serde_json::json!({
+        "entries": state.engine.runtime_lists().entries(),
+    }))
+    .into_response())
 }
 
 /// `POST /admin/lists` input: an entry, its duration instead of its end.
@@ -499,41 +487,15 @@ fn network(text: &str) -> Result<ipnet::IpNet, Box<Problem>> {
         })
 }
 
-async fn add_entry<S: Store, C: Clock>(
+async fn add_entry<S: ServedStore, C: Clock>(
     State(state): State<Arc<AdminState<S, C>>>,
-    request: Request,
-) -> Response {
-    let request_id = crate::request::request_id(request.headers());
-    let input: NewEntry = match read_json(request, 64 * 1024).await {
-        Ok(input) => input,
-        Err(problem) => return problem_response(*problem, &request_id),
-    };
+    RequestId(request_id): RequestId,
+    JsonBody(input): JsonBody<NewEntry>,
+) -> Result<Response, Refused> {
+    let refused = |problem: Box<Problem>| Refused::new(problem, &request_id);
     let hasher = state.engine.key_hasher();
-    let target = match entry_target(&input.net, &input.client, &input.token, hasher) {
-        Ok(target) => target,
-        Err(problem) => return problem_response(*problem, &request_id),
-    };
-    if input.for_seconds == Some(0) || input.reason.as_ref().is_some_and(|r| r.len() > 500) {
-        let mut p =
-            Problem::bad_request("`for_seconds` is at least 1; a `reason` at most 500 bytes");
-        p.field = Some(
-            if input.for_seconds == Some(0) {
-                "for_seconds"
-            } else {
-                "reason"
-            }
-            .to_owned(),
-        );
-        return problem_response(p, &request_id);
-    }
-    let tarpit = input.list == RuntimeList::Tarpit;
-    if tarpit != input.delay_ms.is_some() || input.delay_ms.is_some_and(|d| d == 0 || d > 30_000) {
-        let mut p = Problem::bad_request(
-            "`delay_ms` (1 to 30000) is required for a tarpit and refused for the other lists",
-        );
-        p.field = Some("delay_ms".to_owned());
-        return problem_response(p, &request_id);
-    }
+    let target = entry_target(&input.net, &input.client, &input.token, hasher).map_err(refused)?;
+    check_entry(&input).map_err(refused)?;
     let now = state.engine.now();
     let entry = RuntimeEntry {
         list: input.list,
@@ -544,13 +506,37 @@ async fn add_entry<S: Store, C: Clock>(
         reason: input.reason,
         delay_ms: input.delay_ms,
     };
-    match state.engine.put_runtime_entry(&entry).await {
-        Ok(()) => {
-            tracing::info!(request_id, list = ?entry.list, target = %entry.target, until = ?entry.until, reason = ?entry.reason, "admin: runtime list entry added");
-            (StatusCode::CREATED, axum::Json(entry)).into_response()
-        }
-        Err(e) => problem_response(store_problem(&e), &request_id),
+    state
+        .engine
+        .put_runtime_entry(&entry)
+        .await
+        .map_err(|e| store_refusal(&e, &request_id))?;
+    tracing::info!(request_id, list = ?entry.list, target = %entry.target, until = ?entry.until, reason = ?entry.reason, "admin: runtime list entry added");
+    Ok((StatusCode::CREATED, axum::Json(entry)).into_response())
+}
+
+/// The problem with a new entry's duration, reason or tarpit delay, if any.
+fn check_entry(input: &NewEntry) -> Result<(), Box<Problem>> {
+    let problem = |field: &str, detail: &str| {
+        let mut p = Problem::bad_request(detail);
+        p.field = Some(field.to_owned());
+        Box::new(p)
+    };
+    let bounds = "`for_seconds` is at least 1; a `reason` at most 500 bytes";
+    if input.for_seconds == Some(0) {
+        return Err(problem("for_seconds", bounds));
     }
+    if input.reason.as_ref().is_some_and(|r| r.len() > 500) {
+        return Err(problem("reason", bounds));
+    }
+    let tarpit = input.list == RuntimeList::Tarpit;
+    if tarpit != input.delay_ms.is_some() || input.delay_ms.is_some_and(|d| d == 0 || d > 30_000) {
+        return Err(problem(
+            "delay_ms",
+            "`delay_ms` (1 to 30000) is required for a tarpit and refused for the other lists",
+        ));
+    }
+    Ok(())
 }
 
 #[derive(Debug, Deserialize)]
@@ -565,25 +551,18 @@ struct EntryAt {
     token: Option<String>,
 }
 
-async fn remove_entry<S: Store, C: Clock>(
+async fn remove_entry<S: ServedStore, C: Clock>(
     State(state): State<Arc<AdminState<S, C>>>,
-    headers: HeaderMap,
-    at: Result<Query<EntryAt>, axum::extract::rejection::QueryRejection>,
-) -> Response {
-    let request_id = crate::request::request_id(&headers);
-    let at = match query(at) {
-        Ok(at) => at,
-        Err(problem) => return problem_response(*problem, &request_id),
-    };
-    let target = match entry_target(&at.net, &at.client, &at.token, state.engine.key_hasher()) {
-        Ok(target) => target,
-        Err(problem) => return problem_response(*problem, &request_id),
-    };
-    match state.engine.remove_runtime_entry(at.list, &target).await {
-        Ok(removed) => {
-            tracing::info!(request_id, list = ?at.list, %target, removed, "admin: runtime list entry removed");
-            axum::Json(serde_json::json!({ "removed": removed })).into_response()
-        }
-        Err(e) => problem_response(store_problem(&e), &request_id),
-    }
+    RequestId(request_id): RequestId,
+    QueryParams(at): QueryParams<EntryAt>,
+) -> Result<Response, Refused> {
+    let target = entry_target(&at.net, &at.client, &at.token, state.engine.key_hasher())
+        .map_err(|problem| Refused::new(problem, &request_id))?;
+    let removed = state
+        .engine
+        .remove_runtime_entry(at.list, &target)
+        .await
+        .map_err(|e| store_refusal(&e, &request_id))?;
+    tracing::info!(request_id, list = ?at.list, %target, removed, "admin: runtime list entry removed");
+    Ok(axum::Json(serde_json::json!({ "removed": removed })).into_response())
 }

@@ -1,6 +1,8 @@
-//! The decision API: `POST /v1/check` and `POST /v1/release`, their request and
-//! response types, and reading a JSON body strictly.
+//! The decision API: `POST /v1/check` (the admission phase, decided through the pipeline),
+//! `POST /v1/report` (the completion an application reports: anomalies count it) and
+//! `POST /v1/release`, and their request and response types.
 
+use super::extract::{JsonBody, Refused, RequestId, field_problem};
 use super::*;
 
 /// `POST /v1/check` input.
@@ -62,70 +64,57 @@ pub(super) struct ReleaseRequest {
 
 pub(super) async fn check<S: Store, C: Clock>(
     State(app): State<Arc<AppState<S, C>>>,
-    request: Request,
-) -> Response {
-    let request_id = crate::request::request_id(request.headers());
-    let input: CheckRequest = match read_json(request, app.max_body_bytes).await {
-        Ok(input) => input,
-        Err(problem) => return problem_response(*problem, &request_id),
-    };
-    let ctx = match check_ctx(input, &app.options.identifier) {
-        Ok(ctx) => ctx,
-        Err(problem) => return problem_response(*problem, &request_id),
-    };
-    let verdict = app.engine.decide(&ctx).await;
-    crate::telemetry::log_verdict(&verdict, &request_id, app.engine.key_hasher());
-    if let Some(rows) = app.engine.export(&verdict, &ctx, &request_id) {
-        rows.send();
-    }
-    let headers = response::rate_limit_headers(&verdict, app.options.headers);
-    let problem = response::problem(&verdict, Some(&request_id));
+    RequestId(request_id): RequestId,
+    JsonBody(input): JsonBody<CheckRequest>,
+) -> Result<Response, Refused> {
+    let ctx = check_ctx(input, &app.options.identifier)
+        .map_err(|problem| Refused::new(problem, &request_id))?;
+    let admission = app.pipeline.admit(&ctx, request_id, None).await;
+    let verdict = &admission.verdict;
+    let problem = admission.problem.as_ref();
     let headline = verdict.headline();
+    let headers = response::rate_limit_headers(verdict, app.options.headers);
     let body = CheckResponse {
         allowed: verdict.is_allowed(),
         action: action_name(&verdict.action),
-        status: problem.as_ref().map_or(200, |p| p.status),
+        status: admission.status(),
         policy: problem
-            .as_ref()
             .and_then(|p| p.policy.clone())
             .or_else(|| headline.map(|h| h.limit.to_string())),
         limit: headline.map(|h| h.decision.limit),
         remaining: headline.map(|h| h.decision.remaining),
         reset: headline.map(|h| response::ceil_secs(h.decision.reset)),
-        retry_after: problem.as_ref().and_then(|p| p.retry_after),
+        retry_after: problem.and_then(|p| p.retry_after),
         delay_ms: match verdict.action {
             Action::Delay(d) => Some(d.as_millis() as u64),
             _ => None,
         },
-        reason: problem.as_ref().and_then(|p| p.reason.clone()),
-        determining_policies: problem
-            .as_ref()
-            .and_then(|p| p.determining_policies.clone()),
+        reason: problem.and_then(|p| p.reason.clone()),
+        determining_policies: problem.and_then(|p| p.determining_policies.clone()),
         headers: headers
             .iter()
             .filter_map(|(k, v)| Some((k.to_string(), v.to_str().ok()?.to_owned())))
             .collect(),
         leases: verdict.leases.clone(),
         skipped: verdict.skipped.clone(),
-        request_id: request_id.clone(),
+        request_id: admission.request_id().to_owned(),
     };
     let mut response = axum::Json(body).into_response();
-    set_request_id(response.headers_mut(), &request_id);
-    response
+    set_request_id(response.headers_mut(), admission.request_id());
+    // The caller holds the leases (`/v1/release`); the decision's own outcome is the answer.
+    let mut admission = admission;
+    admission.verdict.leases.clear();
+    let status = admission.status();
+    admission.complete(status);
+    Ok(response)
 }
 
 pub(super) async fn release<S: Store, C: Clock>(
     State(app): State<Arc<AppState<S, C>>>,
-    request: Request,
+    JsonBody(input): JsonBody<ReleaseRequest>,
 ) -> Response {
-    let request_id = crate::request::request_id(request.headers());
-    match read_json::<ReleaseRequest>(request, app.max_body_bytes).await {
-        Ok(input) => {
-            app.engine.release(&input.leases).await;
-            StatusCode::NO_CONTENT.into_response()
-        }
-        Err(problem) => problem_response(*problem, &request_id),
-    }
+    app.pipeline.engine().release(&input.leases).await;
+    StatusCode::NO_CONTENT.into_response()
 }
 
 /// `POST /v1/report` input: a request as `/v1/check` describes it, and its status.
@@ -168,27 +157,18 @@ struct DetectionOut {
     alerts: Vec<String>,
 }
 
-pub(super) async fn report<S: Store, C: Clock>(
+pub(super) async fn report<S: ServedStore, C: Clock>(
     State(app): State<Arc<AppState<S, C>>>,
-    request: Request,
-) -> Response {
-    let request_id = crate::request::request_id(request.headers());
-    let input: ReportRequest = match read_json(request, app.max_body_bytes).await {
-        Ok(input) => input,
-        Err(problem) => return problem_response(*problem, &request_id),
-    };
+    RequestId(request_id): RequestId,
+    JsonBody(input): JsonBody<ReportRequest>,
+) -> Result<Response, Refused> {
     if !(100..=599).contains(&input.status) {
         let problem = field_problem("status", "an HTTP status, 100 to 599".into());
-        return problem_response(*problem, &request_id);
+        return Err(Refused::new(problem, &request_id));
     }
-    let ctx = match check_ctx(input.request, &app.options.identifier) {
-        Ok(ctx) => ctx,
-        Err(problem) => return problem_response(*problem, &request_id),
-    };
-    let (watched, detected) = match app.engine.watch(&ctx) {
-        Some(watch) => (watch.len(), app.engine.observe(watch, input.status).await),
-        None => (0, Vec::new()),
-    };
+    let ctx = check_ctx(input.request, &app.options.identifier)
+        .map_err(|problem| Refused::new(problem, &request_id))?;
+    let (watched, detected) = app.observers.anomalies.report(&ctx, input.status).await;
     let detected = detected
         .into_iter()
         .map(|d| DetectionOut {
@@ -209,7 +189,7 @@ pub(super) async fn report<S: Store, C: Clock>(
     })
     .into_response();
     set_request_id(response.headers_mut(), &request_id);
-    response
+    Ok(response)
 }
 
 pub(super) fn action_name(action: &Action) -> &'static str {
@@ -223,52 +203,6 @@ pub(super) fn action_name(action: &Action) -> &'static str {
         Action::Unauthorized { .. } => "unauthorized",
         Action::Unavailable { .. } => "unavailable",
     }
-}
-
-/// The body as JSON of type `T`, or a problem naming what is wrong and where.
-pub(super) async fn read_json<T: serde::de::DeserializeOwned>(
-    request: Request,
-    limit: usize,
-) -> Result<T, Box<Problem>> {
-    let bytes = axum::body::to_bytes(request.into_body(), limit)
-        .await
-        .map_err(|_| {
-            Box::new(Problem::new(
-                "urn:tollgate:problem:too-large",
-                "Content Too Large",
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("the body is larger than {limit} bytes"),
-            ))
-        })?;
-    let mut de = serde_json::Deserializer::from_slice(&bytes);
-    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        let message = inner.to_string();
-        // serde_json appends "at line 1 column 7"; the field path says more.
-        let message = message
-            .rsplit_once(" at line ")
-            .map_or(message.as_str(), |(m, _)| m)
-            .to_owned();
-        let mut p = Problem::bad_request(if path == "." || inner.is_syntax() || inner.is_eof() {
-            format!("invalid JSON: {message}")
-        } else {
-            format!("invalid field `{path}`: {message}")
-        });
-        if path != "." {
-            p.field = Some(path);
-        }
-        Box::new(p)
-    })?;
-    // One JSON document: anything after it but whitespace is refused, not ignored.
-    de.end().map_err(|e| {
-        let message = e.to_string();
-        let message = message
-            .rsplit_once(" at line ")
-            .map_or(message.as_str(), |(m, _)| m);
-        Box::new(Problem::bad_request(format!("invalid JSON: {message}")))
-    })?;
-    Ok(value)
 }
 
 pub(super) fn check_ctx(
@@ -310,10 +244,4 @@ pub(super) fn check_ctx(
     }
     identifier.identify_vouched(&mut ctx);
     Ok(ctx)
-}
-
-pub(super) fn field_problem(field: &str, message: String) -> Box<Problem> {
-    let mut p = Problem::bad_request(format!("invalid field `{field}`: {message}"));
-    p.field = Some(field.to_owned());
-    Box::new(p)
 }

@@ -1,6 +1,7 @@
 //! Forward-auth (`GET|POST /v1/auth`) for Traefik `ForwardAuth` and nginx
 //! `auth_request`.
 
+use super::extract::RequestId;
 use super::*;
 
 /// Traefik sends `X-Forwarded-Method`, `-Uri`, `-Host`, `-For`; nginx `X-Original-URI` and
@@ -10,10 +11,10 @@ use super::*;
 pub(super) async fn forward_auth<S: Store, C: Clock>(
     State(app): State<Arc<AppState<S, C>>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    RequestId(request_id): RequestId,
     request: Request,
 ) -> Response {
     let headers = request.headers();
-    let request_id = crate::request::request_id(headers);
     let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let nginx = headers.contains_key("x-original-uri");
     let method = text("x-forwarded-method")
@@ -43,20 +44,26 @@ pub(super) async fn forward_auth<S: Store, C: Clock>(
         tracing::debug!(peer = %peer.ip(), "forward-auth from an untrusted peer: X-Forwarded-For ignored; add the proxy to trusted_proxies");
     }
     app.options.identifier.identify(&mut ctx, Some(peer.ip()));
-    let verdict = app.engine.decide(&ctx).await;
-    if let Action::Delay(wait) = verdict.action {
-        tokio::time::sleep(wait).await;
-    }
-    let mut response = match response::problem(&verdict, Some(&request_id)) {
+    let admission = app.pipeline.admit(&ctx, request_id, None).await;
+    admission.hold().await;
+    let headers_to_send = app.options.headers;
+    let mut response = match &admission.problem {
         None => {
             let mut r = StatusCode::OK.into_response();
-            r.headers_mut()
-                .extend(response::rate_limit_headers(&verdict, app.options.headers));
+            response::write_rate_limit_headers(
+                &admission.verdict,
+                headers_to_send,
+                r.headers_mut(),
+            );
             r
         }
         Some(problem) => {
-            let mut r =
-                crate::response::refusal(&verdict, &problem, app.options.headers, &request_id);
+            let mut r = crate::response::refusal(
+                &admission.verdict,
+                problem,
+                headers_to_send,
+                admission.request_id(),
+            );
             if let Some(policy) = problem
                 .policy
                 .as_deref()
@@ -72,10 +79,8 @@ pub(super) async fn forward_auth<S: Store, C: Clock>(
             r
         }
     };
-    set_request_id(response.headers_mut(), &request_id);
-    crate::telemetry::log_verdict(&verdict, &request_id, app.engine.key_hasher());
-    if let Some(rows) = app.engine.export(&verdict, &ctx, &request_id) {
-        rows.send();
-    }
+    set_request_id(response.headers_mut(), admission.request_id());
+    let status = admission.status();
+    admission.complete(status);
     response
 }

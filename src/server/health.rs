@@ -3,10 +3,11 @@
 use super::*;
 
 pub(super) async fn ready<S: Store, C: Clock>(State(app): State<Arc<AppState<S, C>>>) -> Response {
-    match app.engine.store().ping().await {
+    let engine = app.pipeline.engine();
+    match engine.store().ping().await {
         Ok(()) => (
             StatusCode::OK,
-            format!("ready: plan {}", app.engine.plan().version()),
+            format!("ready: plan {}", engine.plan().version()),
         )
             .into_response(),
         Err(e) => problem_response(

@@ -68,47 +68,59 @@ pub async fn build(settings: &Settings) -> Result<Arc<AppState<AnyStore>>, Serve
         "policies loaded"
     );
     let nodes = NonZeroU64::new(settings.expected_nodes).unwrap_or(NonZeroU64::MIN);
-    let mut engine = Engine::new(plan, store)
-        .with_key_hasher(hasher)
-        .with_local_share(nodes)
-        .with_local_max_keys(settings.memory_max_keys)
-        .with_metrics(Arc::new(crate::metrics::Metrics::new()));
-    if let Some(url) = &settings.clickhouse_url {
-        let client = match crate::analytics::client(url).await {
-            Ok(client) => client,
-            Err(e) => {
-                // The exporter retries until ClickHouse answers; requests never wait for it.
-                tracing::warn!(error = %e, "ClickHouse does not answer yet; decisions wait in the export queue");
-                clickhouse::Client::default()
-                    .with_url(url)
-                    .with_validation(false)
-            }
-        };
-        if settings.clickhouse_migrate {
-            for step in crate::analytics::migrate(&client, &settings.clickhouse_database).await? {
-                tracing::info!(?step, "ClickHouse migration");
-            }
-        }
-        let exporter =
-            crate::analytics::export::Exporter::start(client, export_settings(settings))?;
-        let node = std::env::var("HOSTNAME").unwrap_or_else(|_| "tollgate".to_owned());
-        engine = engine.with_exporter(exporter, node);
-        tracing::info!(database = %settings.clickhouse_database, "decisions exported to ClickHouse");
-    }
-    let engine = Arc::new(engine);
-    Ok(Arc::new(AppState {
-        engine,
-        options: HttpOptions {
-            identifier: identifier(settings)?,
-            headers: response::HeaderFamilies {
-                legacy: settings.legacy_headers,
-                ietf: settings.ietf_headers,
-            },
+    let engine = Arc::new(
+        Engine::new(plan, store)
+            .with_key_hasher(hasher)
+            .with_local_share(nodes)
+            .with_local_max_keys(settings.memory_max_keys),
+    );
+    let exporting = match &settings.clickhouse_url {
+        Some(url) => Some(exporting(settings, url, engine.key_hasher()).await?),
+        None => None,
+    };
+    let metrics = Some(Arc::new(crate::metrics::Metrics::new()));
+    let observers = Observers::new(&engine, metrics, exporting);
+    let options = HttpOptions {
+        identifier: identifier(settings)?,
+        headers: response::HeaderFamilies {
+            legacy: settings.legacy_headers,
+            ietf: settings.ietf_headers,
         },
+    };
+    Ok(Arc::new(AppState {
         max_body_bytes: settings.max_body_bytes,
         upstream: settings.upstream.clone().map(Upstream::new),
         metrics_on_main: settings.metrics_on_main,
+        ..AppState::new(engine, observers, options)
     }))
+}
+
+/// The ClickHouse export the settings ask for: the client (which retries until ClickHouse
+/// answers; requests never wait for it), the migrations when `clickhouse_migrate` is set,
+/// the exporter's thread.
+async fn exporting(
+    settings: &Settings,
+    url: &str,
+    hasher: &KeyHasher,
+) -> Result<Exporting, ServeError> {
+    let client = match crate::analytics::client(url).await {
+        Ok(client) => client,
+        Err(e) => {
+            tracing::warn!(error = %e, "ClickHouse does not answer yet; decisions wait in the export queue");
+            clickhouse::Client::default()
+                .with_url(url)
+                .with_validation(false)
+        }
+    };
+    if settings.clickhouse_migrate {
+        for step in crate::analytics::migrate(&client, &settings.clickhouse_database).await? {
+            tracing::info!(?step, "ClickHouse migration");
+        }
+    }
+    let exporter = crate::analytics::export::Exporter::start(client, export_settings(settings))?;
+    let node = std::env::var("HOSTNAME").unwrap_or_else(|_| "tollgate".to_owned());
+    tracing::info!(database = %settings.clickhouse_database, "decisions exported to ClickHouse");
+    Ok(Exporting::new(exporter, node, hasher.clone()))
 }
 
 /// How decisions are exported, from the settings.

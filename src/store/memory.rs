@@ -11,7 +11,9 @@ use smallvec::SmallVec;
 
 use super::runtime::{RuntimeEntry, RuntimeList};
 use super::sharded::{Evicted, Sharded};
-use super::{BatchResult, KeySelector, KeyState, Op, OpResult, Store, StoreError};
+use super::{
+    AdminStore, BatchResult, KeySelector, KeyState, Op, OpResult, RuntimeStore, Store, StoreError,
+};
 use crate::clock::Timestamp;
 use crate::limiter::{self, Decision, LeaseId, State, concurrency, us};
 
@@ -260,36 +262,6 @@ impl MemoryStore {
 }
 
 impl Store for MemoryStore {
-    async fn runtime_entries(&self, now: Timestamp) -> Result<Vec<RuntimeEntry>, StoreError> {
-        let mut entries = self
-            .runtime
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        entries.retain(|_, e| e.live(now));
-        Ok(entries.values().cloned().collect())
-    }
-
-    async fn put_runtime_entry(&self, entry: &RuntimeEntry) -> Result<(), StoreError> {
-        self.runtime
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(entry.field(), entry.clone());
-        Ok(())
-    }
-
-    async fn remove_runtime_entry(
-        &self,
-        list: RuntimeList,
-        target: &crate::store::runtime::Target,
-    ) -> Result<bool, StoreError> {
-        Ok(self
-            .runtime
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(&crate::store::runtime::field(list, target))
-            .is_some())
-    }
-
     fn sweep(&self, now: Timestamp) -> usize {
         self.purge_expired(now)
     }
@@ -324,7 +296,41 @@ impl Store for MemoryStore {
         self.release_now(key, lease, now);
         std::future::ready(Ok(()))
     }
+}
 
+impl RuntimeStore for MemoryStore {
+    async fn runtime_entries(&self, now: Timestamp) -> Result<Vec<RuntimeEntry>, StoreError> {
+        let mut entries = self
+            .runtime
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        entries.retain(|_, e| e.live(now));
+        Ok(entries.values().cloned().collect())
+    }
+
+    async fn put_runtime_entry(&self, entry: &RuntimeEntry) -> Result<(), StoreError> {
+        self.runtime
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(entry.field(), entry.clone());
+        Ok(())
+    }
+
+    async fn remove_runtime_entry(
+        &self,
+        list: RuntimeList,
+        target: &crate::store::runtime::Target,
+    ) -> Result<bool, StoreError> {
+        Ok(self
+            .runtime
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&crate::store::runtime::field(list, target))
+            .is_some())
+    }
+}
+
+impl AdminStore for MemoryStore {
     fn inspect(
         &self,
         key: &str,

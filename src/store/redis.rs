@@ -46,7 +46,9 @@ use breaker::{Breaker, Permit};
 pub use cluster::slot;
 
 use super::deny::{Denied, DenyCache};
-use super::{BatchResult, KeySelector, KeyState, Op, OpResult, Store, StoreError};
+use super::{
+    AdminStore, BatchResult, KeySelector, KeyState, Op, OpResult, RuntimeStore, Store, StoreError,
+};
 use crate::clock::Timestamp;
 use crate::limiter::{Decision, LeaseId, Quota, us};
 
@@ -854,19 +856,9 @@ impl Store for RedisStore {
             ..super::StoreHealth::default()
         }
     }
+}
 
-    async fn inspect(&self, key: &str, now: Timestamp) -> Result<KeyState, StoreError> {
-        self.inspect_key(key, now).await
-    }
-
-    async fn reset(&self, selector: KeySelector<'_>) -> Result<usize, StoreError> {
-        self.reset_selected(selector).await
-    }
-
-    async fn count(&self, selector: KeySelector<'_>, _now: Timestamp) -> Result<usize, StoreError> {
-        self.count_selected(selector).await
-    }
-
+impl RuntimeStore for RedisStore {
     async fn runtime_entries(
         &self,
         now: Timestamp,
@@ -932,6 +924,20 @@ impl Store for RedisStore {
             })
             .await?;
         Ok(removed > 0)
+    }
+}
+
+impl AdminStore for RedisStore {
+    async fn inspect(&self, key: &str, now: Timestamp) -> Result<KeyState, StoreError> {
+        self.inspect_key(key, now).await
+    }
+
+    async fn reset(&self, selector: KeySelector<'_>) -> Result<usize, StoreError> {
+        self.reset_selected(selector).await
+    }
+
+    async fn count(&self, selector: KeySelector<'_>, _now: Timestamp) -> Result<usize, StoreError> {
+        self.count_selected(selector).await
     }
 }
 

@@ -279,13 +279,11 @@ fn app_state(
         plan,
         tollgate::store::MemoryStore::new(),
     ));
+    let observers = tollgate::server::Observers::new(&engine, None, None);
     Arc::new(tollgate::server::AppState {
-        engine,
-        options,
-        max_body_bytes: 64 * 1024,
-        metrics_on_main: false,
         upstream: upstream
             .map(|a| tollgate::proxy::Upstream::new(format!("http://{a}").parse().unwrap())),
+        ..tollgate::server::AppState::new(engine, observers, options)
     })
 }
 

@@ -1,0 +1,237 @@
+//! One request pipeline in two phases, used by every adapter (the tower layer, `/v1/check`,
+//! forward-auth, the proxy behind the layer).
+//!
+//! **Admission** ([`Pipeline::admit`]): the engine's verdict, recorded in the request's span;
+//! the problem document when it refuses and the status Tollgate answers; then each
+//! [`Observer`] in the order it was attached (metrics, logs, exports, anomalies…) sees the
+//! decision and says what it must follow to the end. That order exists here once.
+//!
+//! **Completion** ([`Admission::complete`], [`Admission::complete_after`]): once the outcome
+//! is known — the status the client got and the latency, at the end of the response body for
+//! streams, or on drop when the client goes away — the concurrency leases are given back and
+//! each observer that asked is told.
+//!
+//! Observers live above this module and attach to it; it knows them only by their traits.
+
+mod finish;
+mod span;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use smallvec::SmallVec;
+
+pub use self::finish::{CLIENT_CLOSED, Finishing};
+pub use self::span::{record_verdict, request_span};
+use crate::clock::{Clock, SystemClock, Timestamp};
+use crate::engine::Engine;
+use crate::request::RequestCtx;
+use crate::response::Problem;
+use crate::store::Store;
+use crate::verdict::{Action, Detection, Verdict};
+
+/// Something that follows decisions: it sees each one at admission, and may ask to be told
+/// how the request ended. It runs on the request path: it must not block (queue, count,
+/// spawn).
+pub trait Observer: Send + Sync + 'static {
+    /// A request was decided; what to follow to the end, if anything.
+    fn admitted(&self, admitted: &Admitted<'_>) -> Option<Box<dyn Completion>>;
+}
+
+/// What an observer follows of one request, told once how it ended.
+pub trait Completion: Send + Sync + 'static {
+    /// The request ended.
+    fn completed(self: Box<Self>, done: &Done);
+}
+
+/// Where detected anomalies go (metrics, exports), besides the detector's own actions.
+pub trait DetectionSink: Send + Sync + 'static {
+    /// One anomaly detected and acted on by this node; `key_hash` is the keyed hash of its
+    /// counter key.
+    fn detected(&self, detection: &Detection, key_hash: &str);
+}
+
+/// A decided request, as observers see it at admission.
+#[derive(Debug)]
+pub struct Admitted<'a> {
+    /// The verdict.
+    pub verdict: &'a Verdict,
+    /// The request.
+    pub request: &'a RequestCtx,
+    /// Its id.
+    pub request_id: &'a str,
+    /// The status Tollgate answers: the refusal's, or 200 when the request goes on.
+    pub status: u16,
+    /// When it was decided.
+    pub now: Timestamp,
+}
+
+/// How a request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Done {
+    /// The status the client got: Tollgate's refusal, or what the application answered.
+    pub status: u16,
+    /// From admission to the end (of the response body, for streams).
+    pub latency: Duration,
+    /// How it ended.
+    pub ended: Ended,
+}
+
+/// How a request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Refused by Tollgate, or answered in full.
+    Answered,
+    /// The client went away (the request or its response body was dropped first).
+    ClientGone,
+}
+
+/// The engine and the observers attached to it.
+pub struct Pipeline<S, C = SystemClock> {
+    engine: Arc<Engine<S, C>>,
+    observers: Vec<Arc<dyn Observer>>,
+}
+
+impl<S, C> std::fmt::Debug for Pipeline<S, C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("observers", &self.observers.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Store, C: Clock> Pipeline<S, C> {
+    /// A pipeline around `engine`, with no observer.
+    pub fn new(engine: Arc<Engine<S, C>>) -> Self {
+        Pipeline {
+            engine,
+            observers: Vec::new(),
+        }
+    }
+
+    /// Attaches `observer`, after those attached before it.
+    pub fn observe(mut self, observer: Arc<dyn Observer>) -> Self {
+        self.observers.push(observer);
+        self
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &Arc<Engine<S, C>> {
+        &self.engine
+    }
+
+    /// The admission phase of `request` (id `request_id`): decided against every limit
+    /// whose `match` it meets, or only the limits named by `only`.
+    pub async fn admit(
+        self: &Arc<Self>,
+        request: &RequestCtx,
+        request_id: String,
+        only: Option<&[Arc<str>]>,
+    ) -> Admission<S, C> {
+        let started = self.engine.now();
+        let span = request_span(&request_id, &request.method);
+        let verdict = match only {
+            Some(names) => self.engine.decide_only(request, names).await,
+            None => self.engine.decide(request).await,
+        };
+        self.admitted(request, request_id, verdict, started, span)
+    }
+
+    /// What follows the verdict: the span, the refusal, the observers.
+    fn admitted(
+        self: &Arc<Self>,
+        request: &RequestCtx,
+        request_id: String,
+        verdict: Verdict,
+        started: Timestamp,
+        span: tracing::Span,
+    ) -> Admission<S, C> {
+        record_verdict(&span, &verdict, request, self.engine.key_hasher());
+        let problem = crate::response::problem(&verdict, Some(&request_id));
+        let status = problem.as_ref().map_or(200, |p| p.status);
+        let mut completions = SmallVec::new();
+        if !self.observers.is_empty() {
+            let admitted = Admitted {
+                verdict: &verdict,
+                request,
+                request_id: &request_id,
+                status,
+                now: started,
+            };
+            let _in_span = span.enter();
+            completions.extend(self.observers.iter().filter_map(|o| o.admitted(&admitted)));
+        }
+        Admission {
+            verdict,
+            problem,
+            request_id,
+            span,
+            finish: Finishing::new(Arc::clone(self), started, completions),
+        }
+    }
+}
+
+/// A decided request between its two phases. Dropped without [`Admission::complete`], it
+/// completes as a client gone away.
+#[derive(Debug)]
+pub struct Admission<S: Store, C: Clock> {
+    /// The verdict.
+    pub verdict: Verdict,
+    /// The refusal, when the request does not go on.
+    pub problem: Option<Problem>,
+    request_id: String,
+    span: tracing::Span,
+    finish: Finishing<S, C>,
+}
+
+impl<S: Store, C: Clock> Admission<S, C> {
+    /// The request's id.
+    pub fn request_id(&self) -> &str {
+        &self.request_id
+    }
+
+    /// The request's span: what is done for the request (the application, the upstream)
+    /// runs in it.
+    pub fn span(&self) -> &tracing::Span {
+        &self.span
+    }
+
+    /// The status Tollgate answers: the refusal's, or 200 when the request goes on.
+    pub fn status(&self) -> u16 {
+        self.problem.as_ref().map_or(200, |p| p.status)
+    }
+
+    /// Holds an admitted request as long as a soft `delay` (on tokio's timer).
+    pub async fn hold(&self) {
+        if let Action::Delay(wait) = self.verdict.action {
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// The completion phase, now: the client got `status`.
+    pub fn complete(mut self, status: u16) {
+        let leases = std::mem::take(&mut self.verdict.leases);
+        self.finish.done(status, Ended::Answered, leases);
+    }
+
+    /// The completion phase at the end of `body` (the application answered `status`): when
+    /// it ends, or as a client gone away when it is dropped first. Leases are held until
+    /// then.
+    pub fn complete_after<B>(mut self, status: u16, body: B) -> axum::body::Body
+    where
+        B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<axum::BoxError>,
+    {
+        let leases = std::mem::take(&mut self.verdict.leases);
+        self.finish.after(status, leases, body)
+    }
+}
+
+impl<S: Store, C: Clock> Drop for Admission<S, C> {
+    fn drop(&mut self) {
+        if !self.finish.is_done() {
+            let leases = std::mem::take(&mut self.verdict.leases);
+            self.finish.done(CLIENT_CLOSED, Ended::ClientGone, leases);
+        }
+    }
+}
