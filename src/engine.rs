@@ -21,11 +21,10 @@ use crate::plan::{Counts, KeyHasher, Limit, Mode, Plan, SoftAction};
 use crate::request::RequestCtx;
 use crate::store::runtime::RuntimeLists;
 use crate::store::{MemoryStore, Store, StoreError};
-pub use crate::verdict::{
-    Action, Counted, Lease, LimitReport, RUNTIME_DENYLIST, RUNTIME_SAFELIST, SKIPPED_NO_KEY,
-    SkippedLimit, Verdict,
+use crate::verdict::{
+    Action, Counted, Lease, LimitReport, Outcome, SKIPPED_NO_KEY, SkippedLimit, StoreCall, Verdict,
+    soft_step,
 };
-use crate::verdict::{Outcome, StoreCall, soft_step};
 
 /// The bits of a lease id chosen at random per engine: 32 to 52.
 const LEASE_BASE_BITS: u64 = ((1 << 53) - 1) & !0xFFFF_FFFF;

@@ -17,11 +17,12 @@ use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite;
 
 use crate::clock::Clock;
-use crate::engine::{Action, Engine};
+use crate::engine::Engine;
 use crate::middleware::LayerContext;
 use crate::plan::Counts;
 use crate::request::RequestCtx;
 use crate::store::Store;
+use crate::verdict::Action;
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};

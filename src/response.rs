@@ -9,8 +9,8 @@ use axum::body::Body;
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use serde::Serialize;
 
-use crate::engine::{Action, LimitReport, Verdict};
 use crate::request::X_REQUEST_ID;
+use crate::verdict::{Action, LimitReport, Verdict};
 
 /// `X-RateLimit-Limit`
 pub static X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");

@@ -25,7 +25,7 @@ use crate::analytics::export::Exporting;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Environment, Settings, StoreClock};
 use crate::diagnostic::PolicyErrors;
-use crate::engine::{Action, Engine, Lease, SkippedLimit};
+use crate::engine::Engine;
 use crate::identity::{Identifier, JwtKeyError};
 use crate::middleware::{HttpOptions, RateLimitLayer};
 pub use crate::observers::Observers;
@@ -37,6 +37,7 @@ use crate::request::X_REQUEST_ID;
 use crate::response::{self, Problem, problem_response};
 use crate::store::redis::{BreakerSettings, RedisOptions, RedisStore};
 use crate::store::{AnyStore, MemoryStore, ServedStore, Store};
+use crate::verdict::{Action, Lease, SkippedLimit};
 use crate::{PolicySet, compile};
 
 mod admin;

@@ -516,7 +516,7 @@ fn runtime_lists_on<S: ServedStore + Clone>(store: impl AsyncFnOnce() -> S) {
     // The node that took the change applies it at once; the other once it reads the lists.
     let refused = ask(&engine, "203.0.113.50");
     assert!(
-        matches!(&refused.action, tollgate::engine::Action::Forbid { list, reason, .. }
+        matches!(&refused.action, tollgate::verdict::Action::Forbid { list, reason, .. }
             if &**list == "runtime-denylist" && reason.as_deref() == Some("scraping")),
         "{:?}",
         refused.action
@@ -528,7 +528,7 @@ fn runtime_lists_on<S: ServedStore + Clone>(store: impl AsyncFnOnce() -> S) {
     let safe = ask(&other, "198.51.100.7");
     assert!(matches!(
         safe.action,
-        tollgate::engine::Action::Bypass { .. }
+        tollgate::verdict::Action::Bypass { .. }
     ));
     assert!(
         safe.reports.is_empty(),
@@ -620,7 +620,7 @@ fn runtime_client_entries_on<S: ServedStore + Clone>(store: impl AsyncFnOnce() -
             .try_header("X-Tenant", name)
             .unwrap()
     };
-    let forbidden = |v: &tollgate::engine::Verdict| matches!(&v.action, tollgate::engine::Action::Forbid { list, .. } if &**list == "runtime-denylist");
+    let forbidden = |v: &tollgate::verdict::Verdict| matches!(&v.action, tollgate::verdict::Action::Forbid { list, .. } if &**list == "runtime-denylist");
     let mallory = ask(api().with_user_id("mallory"));
     assert!(
         forbidden(&mallory),
@@ -639,7 +639,7 @@ fn runtime_client_entries_on<S: ServedStore + Clone>(store: impl AsyncFnOnce() -
     );
     let partner = ask(tenant("partner"));
     assert!(
-        matches!(partner.action, tollgate::engine::Action::Bypass { .. })
+        matches!(partner.action, tollgate::verdict::Action::Bypass { .. })
             && partner.reports.is_empty(),
         "a safelisted client is not counted: {partner:?}"
     );
@@ -1030,11 +1030,11 @@ fn marks_on<S: ServedStore>(store: impl AsyncFnOnce() -> S) {
     let held = ask("192.0.2.7");
     assert_eq!(
         held.action,
-        tollgate::engine::Action::Delay(std::time::Duration::from_millis(1500))
+        tollgate::verdict::Action::Delay(std::time::Duration::from_millis(1500))
     );
     assert_eq!(held.flags, [Arc::<str>::from("watched")]);
     let neighbour = ask("192.0.2.8");
-    assert_eq!(neighbour.action, tollgate::engine::Action::Allow);
+    assert_eq!(neighbour.action, tollgate::verdict::Action::Allow);
     assert_eq!(neighbour.flags.len(), 1, "the flag holds for the /24");
     let listed = call(&app, "GET", "/admin/lists", b"");
     let lists: Vec<String> = listed.json()["entries"]
@@ -1051,7 +1051,7 @@ fn marks_on<S: ServedStore>(store: impl AsyncFnOnce() -> S) {
         b"",
     );
     assert_eq!(removed.json()["removed"], true);
-    assert_eq!(ask("192.0.2.7").action, tollgate::engine::Action::Allow);
+    assert_eq!(ask("192.0.2.7").action, tollgate::verdict::Action::Allow);
 }
 
 #[test]

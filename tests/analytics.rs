@@ -517,7 +517,7 @@ anomaly brute {
             let status = admission.problem.as_ref().map_or(status, |p| p.status);
             let forbidden = matches!(
                 admission.verdict.action,
-                tollgate::engine::Action::Forbid { .. }
+                tollgate::verdict::Action::Forbid { .. }
             );
             admission.complete(status);
             if !forbidden {

@@ -12,10 +12,10 @@ use std::time::Duration;
 use http::{Method, StatusCode};
 use tollgate::anomaly::Anomalies;
 use tollgate::clock::ManualClock;
-use tollgate::engine::Action;
 use tollgate::store::redis::RedisStore;
 use tollgate::store::runtime::{RuntimeList, Target};
 use tollgate::store::{MemoryStore, ServedStore};
+use tollgate::verdict::Action;
 use tollgate::{Engine, RequestCtx, Timestamp};
 
 const BRUTE_FORCE: &str = r#"namespace "auth";

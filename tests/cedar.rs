@@ -10,9 +10,9 @@ use std::path::Path;
 
 use http::Method;
 use serde_json::json;
-use tollgate::engine::{Action, Verdict};
 use tollgate::store::redis::RedisStore;
 use tollgate::store::{MemoryStore, Store};
+use tollgate::verdict::{Action, Verdict};
 use tollgate::{Engine, PolicySet, RequestCtx, compile};
 
 const SCHEMA: &str = r#"
@@ -184,7 +184,7 @@ async fn cedar_uses_on<S: Store>(store: S) {
     }
 }
 
-fn report<'v>(verdict: &'v Verdict, limit: &str) -> &'v tollgate::engine::LimitReport {
+fn report<'v>(verdict: &'v Verdict, limit: &str) -> &'v tollgate::verdict::LimitReport {
     verdict
         .reports
         .iter()

@@ -13,10 +13,10 @@ use std::time::Duration;
 use http::Method;
 use support::redis::{Cluster, Redis};
 use tollgate::clock::Clock;
-use tollgate::engine::Counted;
 use tollgate::limiter::State;
 use tollgate::store::AdminStore;
 use tollgate::store::redis::{BreakerSettings, RedisOptions, RedisStore};
+use tollgate::verdict::Counted;
 use tollgate::{Action, Engine, ManualClock, PolicySet, RequestCtx, Timestamp, compile};
 
 /// A minute boundary, so that windows start aligned.

@@ -10,10 +10,10 @@ use std::time::Duration;
 use http::Method;
 use support::redis::{Cluster, Redis};
 use tollgate::clock::{Clock, SystemClock};
-use tollgate::engine::Counted;
 use tollgate::limiter::{LeaseId, Quota, State, WindowQuota};
 use tollgate::store::redis::{BreakerSettings, RedisOptions, RedisStore};
 use tollgate::store::{AdminStore, KeySelector, MemoryStore, Op, ServedStore, Store, StoreError};
+use tollgate::verdict::Counted;
 use tollgate::{
     Action, Engine, ManualClock, PolicySet, RequestCtx, Timestamp, TokioClock, compile,
 };

@@ -10,8 +10,8 @@ use std::time::Duration;
 use http::Method;
 use support::redis::{Cluster, Redis};
 use support::tls::Certs;
-use tollgate::engine::Counted;
 use tollgate::store::redis::{RedisOptions, RedisStore, RedisTls};
+use tollgate::verdict::Counted;
 use tollgate::{Engine, ManualClock, PolicySet, RequestCtx, Timestamp, compile};
 
 const POLICY: &str = r#"

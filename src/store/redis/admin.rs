@@ -1,5 +1,5 @@
 //! Admin operations on the Redis store: a key's state, resets and counts, found with `SCAN` on
-//! every master (never `KEYS`).
+//! every master (never `KEYS`); and the runtime lists, kept in two hashes.
 
 use redis::Value;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
@@ -9,7 +9,7 @@ use crate::clock::Timestamp;
 use crate::limiter::{
     ConcurrencyState, GcraState, LeaseId, SlidingState, State, TokenBucketState, WindowState,
 };
-use crate::store::{KeySelector, KeyState, StoreError};
+use crate::store::{AdminStore, KeySelector, KeyState, RuntimeStore, StoreError};
 
 impl RedisStore {
     /// The state and ban of `key` at `now`.
@@ -184,6 +184,89 @@ impl RedisStore {
         found.sort_unstable();
         found.dedup();
         Ok(found)
+    }
+}
+
+impl RuntimeStore for RedisStore {
+    async fn runtime_entries(
+        &self,
+        now: Timestamp,
+    ) -> Result<Vec<crate::store::runtime::RuntimeEntry>, StoreError> {
+        use crate::store::runtime::{MARKS_KEY, RUNTIME_KEY, RuntimeEntry};
+        let mut live = Vec::new();
+        for key in [RUNTIME_KEY, MARKS_KEY] {
+            let fields: std::collections::HashMap<String, String> = self
+                .call(async |c| redis::cmd("HGETALL").arg(key).query_async(c).await)
+                .await?;
+            let mut ended = Vec::new();
+            for (field, value) in fields {
+                match serde_json::from_str::<RuntimeEntry>(&value) {
+                    Ok(entry) if entry.live(now) && entry.list.store_key() == key => {
+                        live.push(entry);
+                    }
+                    // Ended, or written by something else: dropped.
+                    _ => ended.push(field),
+                }
+            }
+            if !ended.is_empty() {
+                let _: usize = self
+                    .call(async |c| redis::cmd("HDEL").arg(key).arg(&ended).query_async(c).await)
+                    .await?;
+            }
+        }
+        live.sort_by_key(RuntimeEntry::field);
+        Ok(live)
+    }
+
+    async fn put_runtime_entry(
+        &self,
+        entry: &crate::store::runtime::RuntimeEntry,
+    ) -> Result<(), StoreError> {
+        let value = serde_json::to_string(entry).map_err(|e| StoreError::Backend(e.to_string()))?;
+        let field = entry.field();
+        let _: usize = self
+            .call(async |c| {
+                redis::cmd("HSET")
+                    .arg(entry.list.store_key())
+                    .arg(&field)
+                    .arg(&value)
+                    .query_async(c)
+                    .await
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn remove_runtime_entry(
+        &self,
+        list: crate::store::runtime::RuntimeList,
+        target: &crate::store::runtime::Target,
+    ) -> Result<bool, StoreError> {
+        let field = crate::store::runtime::field(list, target);
+        let removed: usize = self
+            .call(async |c| {
+                redis::cmd("HDEL")
+                    .arg(list.store_key())
+                    .arg(&field)
+                    .query_async(c)
+                    .await
+            })
+            .await?;
+        Ok(removed > 0)
+    }
+}
+
+impl AdminStore for RedisStore {
+    async fn inspect(&self, key: &str, now: Timestamp) -> Result<KeyState, StoreError> {
+        self.inspect_key(key, now).await
+    }
+
+    async fn reset(&self, selector: KeySelector<'_>) -> Result<usize, StoreError> {
+        self.reset_selected(selector).await
+    }
+
+    async fn count(&self, selector: KeySelector<'_>, _now: Timestamp) -> Result<usize, StoreError> {
+        self.count_selected(selector).await
     }
 }
 

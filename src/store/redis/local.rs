@@ -24,11 +24,14 @@ use parking_lot::Mutex;
 use redis::{Cmd, Script};
 use smallvec::SmallVec;
 
+mod entry;
+
+use self::entry::{Answer, Entry, Part};
 use super::batcher::{Link, exact};
 use super::{cluster::slot, eval};
 use crate::clock::Timestamp;
-use crate::limiter::{Decision, LeaseId, Quota, SlidingState, State, WindowState, decide};
-use crate::store::sharded::Sharded;
+use crate::limiter::Quota;
+use crate::store::sharded::{Shard, Sharded};
 use crate::store::{OpResult, StoreError};
 
 /// The scheduler's resolution: intervals are multiples of it.
@@ -66,176 +69,6 @@ pub(super) struct LocalFirst {
     /// One sync at a time (the background task, or [`LocalFirst::sync_now`]).
     syncing: tokio::sync::Mutex<()>,
     task: OnceLock<()>,
-}
-
-/// One key's local view.
-struct Entry {
-    quota: Quota,
-    /// The sync interval, in ticks.
-    every: u64,
-    /// This node's part of the window the key is in.
-    current: Part,
-    /// The global count of that window last read (every node, this one's `current.acked`
-    /// included).
-    total: u64,
-    /// The global count of the window before, for a sliding window: last read, or what this
-    /// node knew of it when the window rolled.
-    previous: u64,
-    /// This node's part of the window before, while Redis has not confirmed all of it.
-    late: Option<Part>,
-    /// Used since its last sync.
-    touched: bool,
-    /// The latest time it was decided at.
-    seen: u64,
-    /// The limit bans (`on_exceed … ban`): its ban key is read and written with each sync.
-    bans: bool,
-    /// Refused until then (µs; 0: not banned), as this node last knew it.
-    banned_until: u64,
-    /// A ban this node started, to send with the next sync (µs; 0: none).
-    ban_to_send: u64,
-}
-
-/// This node's part of one window's count: its component, sent whole with every sync so that
-/// a sync that ran twice counts once (`sync.lua`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Part {
-    /// The window's start (µs).
-    start: u64,
-    /// Admitted here in the window, less what was given back.
-    mine: u64,
-    /// The component Redis last confirmed holding (and counted in the totals read).
-    acked: u64,
-    /// Which of the node's two fields in the key holds it (alternates by window).
-    slot: u8,
-}
-
-impl Part {
-    /// What Redis does not hold of this node's count yet (negative: given back since).
-    fn unconfirmed(&self) -> i64 {
-        let signed = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-        signed(self.mine).saturating_sub(signed(self.acked))
-    }
-}
-
-/// `total` plus `change`, at least zero.
-fn plus(total: u64, change: i64) -> u64 {
-    total.saturating_add_signed(change)
-}
-
-impl Entry {
-    /// The window containing `now` and, for a sliding window, its length.
-    fn window(quota: &Quota, now: Timestamp) -> (u64, u64, Option<u64>) {
-        match quota {
-            Quota::FixedWindow(q) => {
-                let (start, end) = q.bounds(now);
-                (start, end, None)
-            }
-            Quota::SlidingWindow(q) => {
-                let (start, end) = q.bounds(now);
-                (start, end, Some(q.window.get()))
-            }
-            Quota::Calendar { period, .. } => {
-                let (start, end) = period.bounds(now);
-                (start, end, None)
-            }
-            // The compiler allows local-first on counting windows only.
-            _ => (0, u64::MAX, None),
-        }
-    }
-
-    /// Moves the entry to the window starting at `start`; this node's part of the window it
-    /// leaves is kept while Redis has not confirmed it.
-    fn roll(&mut self, start: u64, sliding: Option<u64>) {
-        if self.current.start == start {
-            return;
-        }
-        let left = self.current;
-        self.previous = match sliding {
-            Some(w) if left.start + w == start => self.total,
-            _ => 0,
-        };
-        self.late = (left.unconfirmed() != 0).then_some(left);
-        self.current = Part {
-            start,
-            mine: 0,
-            acked: 0,
-            slot: 1 - left.slot,
-        };
-        self.total = 0;
-    }
-
-    /// This window's count as this node knows it: the global count read, plus what it
-    /// admitted since.
-    fn known(&self) -> u64 {
-        plus(self.total, self.current.unconfirmed())
-    }
-
-    /// The window before's count as this node knows it (sliding windows).
-    fn known_before(&self, window: u64) -> u64 {
-        match self.late {
-            Some(late) if late.start + window == self.current.start => {
-                plus(self.previous, late.unconfirmed())
-            }
-            _ => self.previous,
-        }
-    }
-
-    /// Whether Redis holds everything this node counted.
-    fn confirmed(&self) -> bool {
-        self.current.unconfirmed() == 0 && self.late.is_none()
-    }
-
-    fn state(&self) -> State {
-        match self.quota {
-            Quota::SlidingWindow(q) => State::Sliding(SlidingState {
-                start: self.current.start,
-                previous: self.known_before(q.window.get()),
-                current: self.known(),
-            }),
-            _ => State::Window(WindowState {
-                start: self.current.start,
-                count: self.known(),
-            }),
-        }
-    }
-
-    /// Takes in the answer to `item`: what Redis holds of this node's part, and the totals.
-    fn confirm(&mut self, item: &Item, answer: Answer) {
-        self.banned_until = self.banned_until.max(answer.banned_until);
-        let start = item.numbers[1];
-        if self.current.start == start {
-            self.current.acked = answer.applied;
-            if item.main {
-                self.total = answer.current;
-                self.previous = answer.previous;
-            }
-            return;
-        }
-        // The window rolled while the sync was in flight: the answer is about the window
-        // before now.
-        if item.main
-            && let Quota::SlidingWindow(q) = self.quota
-            && start + q.window.get() == self.current.start
-        {
-            self.previous = answer.current;
-        }
-        if let Some(late) = self.late.as_mut().filter(|l| l.start == start) {
-            late.acked = answer.applied;
-            if late.unconfirmed() == 0 {
-                self.late = None;
-            }
-        }
-    }
-}
-
-/// What a sync answers for one item.
-#[derive(Debug, Clone, Copy, Default)]
-struct Answer {
-    previous: u64,
-    current: u64,
-    banned_until: u64,
-    /// The node's component Redis holds now.
-    applied: u64,
 }
 
 /// A local-first operation of a request.
@@ -315,112 +148,59 @@ impl LocalFirst {
         self.latest.fetch_max(now.as_micros(), Ordering::Relaxed);
         let mut locked = self.entries.lock_keys(ops.iter().map(|op| op.key));
         let mut admitted = true;
-        let mut outcomes: SmallVec<[(usize, u64, bool); 4]> = SmallVec::new();
+        // The operations that fit, with their window.
+        let mut fitting: SmallVec<[(usize, u64); 4]> = SmallVec::new();
         for (i, op) in ops.iter().enumerate() {
-            let (start, _, sliding) = Entry::window(&op.quota, now);
-            let every = ticks(op.every);
-            let map = locked.map(i);
-            if !map.contains_key(op.key) {
-                if self.entries.len() >= MAX_KEYS {
-                    exact[i] = true;
-                    continue;
-                }
-                self.intervals.lock().insert(every);
-                self.entries.added(1);
-                map.insert(
-                    op.key.into(),
-                    Entry {
-                        quota: op.quota,
-                        every,
-                        current: Part {
-                            start,
-                            mine: 0,
-                            acked: 0,
-                            slot: 0,
-                        },
-                        total: 0,
-                        previous: 0,
-                        late: None,
-                        touched: true,
-                        seen: now.as_micros(),
-                        bans: op.ban.is_some(),
-                        banned_until: 0,
-                        ban_to_send: 0,
-                    },
-                );
-            }
-            let Some(entry) = map.get_mut(op.key) else {
+            let Some(entry) = self.entry(locked.map(i), op, now) else {
+                exact[i] = true;
                 continue;
             };
-            if entry.quota != op.quota {
-                // The policy changed: the counts stay, the quota and interval follow it.
-                entry.quota = op.quota;
-                entry.every = every;
-            }
-            entry.roll(start, sliding);
-            entry.touched = true;
-            entry.bans = op.ban.is_some();
-            entry.seen = entry.seen.max(now.as_micros());
-            let t = now.as_micros();
-            if entry.banned_until > t {
-                let wait = Duration::from_micros(entry.banned_until - t);
-                results[i] = Some(OpResult {
-                    decision: Decision {
-                        allowed: false,
-                        limit: op.quota.policy().0,
-                        remaining: 0,
-                        reset: wait,
-                        retry_after: Some(wait),
-                    },
-                    banned: true,
-                });
-                admitted &= !op.enforce;
-                continue;
-            }
-            let outcome = decide(&op.quota, Some(&entry.state()), now, op.cost, LeaseId(0));
-            let allowed = outcome.decision.allowed;
-            let mut result = OpResult {
-                decision: outcome.decision,
-                banned: false,
-            };
-            if !allowed && op.enforce {
-                admitted = false;
-                if let Some(ban) = op.ban {
-                    // The rejection that starts a ban announces it; the other nodes learn
-                    // it with this node's next sync, and from Redis with theirs.
-                    let until = now.saturating_add(ban).as_micros();
-                    entry.banned_until = until;
-                    entry.ban_to_send = until;
-                    result.announce_ban(ban);
-                }
-            }
+            let (result, allowed) = entry.decide(op, now);
+            admitted &= allowed || !op.enforce;
             results[i] = Some(result);
-            outcomes.push((i, start, allowed));
+            if allowed {
+                fitting.push((i, entry.current.start));
+            }
         }
         let mut taken = Taken {
             counted: SmallVec::new(),
         };
-        if admitted {
-            for &(i, start, allowed) in &outcomes {
-                let op = &ops[i];
-                if !allowed {
-                    continue;
-                }
+        for &(i, start) in &fitting {
+            let op = &ops[i];
+            if admitted {
                 if let Some(entry) = locked.map(i).get_mut(op.key) {
                     entry.current.mine = entry.current.mine.saturating_add(op.cost);
                     taken.counted.push((i, start, op.cost));
                 }
-            }
-        } else {
-            // Nothing counted: what is left is what was left before.
-            for &(i, _, allowed) in &outcomes {
-                if let Some(r) = results[i].as_mut().filter(|_| allowed) {
-                    let d = &mut r.decision;
-                    d.remaining = d.remaining.saturating_add(ops[i].cost).min(d.limit);
-                }
+            } else if let Some(r) = results[i].as_mut() {
+                // Nothing counted: what is left is what was left before.
+                let d = &mut r.decision;
+                d.remaining = d.remaining.saturating_add(op.cost).min(d.limit);
             }
         }
         (admitted, taken)
+    }
+
+    /// The entry of `op`'s key in its locked shard `map`, made if new, following the
+    /// policy and the window at `now`; `None` past the key cap (decided exactly).
+    fn entry<'m>(
+        &self,
+        map: &'m mut Shard<Entry>,
+        op: &LocalOp<'_>,
+        now: Timestamp,
+    ) -> Option<&'m mut Entry> {
+        if !map.contains_key(op.key) {
+            if self.entries.len() >= MAX_KEYS {
+                return None;
+            }
+            let entry = Entry::new(op, ticks(op.every), now);
+            self.intervals.lock().insert(entry.every);
+            self.entries.added(1);
+            map.insert(op.key.into(), entry);
+        }
+        let entry = map.get_mut(op.key)?;
+        entry.follow(op, ticks(op.every), now);
+        Some(entry)
     }
 
     /// Gives back what a request counted (another part of it was rejected, or failed), and
@@ -688,85 +468,6 @@ async fn run(local: Weak<LocalFirst>, link: Arc<Link>, cluster: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn entry(quota: Quota, start: u64) -> Entry {
-        Entry {
-            quota,
-            every: 5,
-            current: Part {
-                start,
-                mine: 0,
-                acked: 0,
-                slot: 0,
-            },
-            total: 0,
-            previous: 0,
-            late: None,
-            touched: false,
-            seen: 0,
-            bans: false,
-            banned_until: 0,
-            ban_to_send: 0,
-        }
-    }
-
-    fn item(part: Part, main: bool) -> Item {
-        Item {
-            key: "k".into(),
-            shard: 0,
-            numbers: [3, part.start, 60_000_000],
-            part,
-            seen: 0,
-            ban: None,
-            main,
-        }
-    }
-
-    /// A sliding window rolls while a sync of the window it leaves is in flight: the answer
-    /// confirms the node's part of that window and becomes the window before's count.
-    #[test]
-    fn an_answer_for_the_window_left_counts_as_the_window_before() {
-        let minute = 60_000_000;
-        let quota = Quota::SlidingWindow(crate::limiter::WindowQuota {
-            limit: std::num::NonZeroU64::new(100).unwrap(),
-            window: std::num::NonZeroU64::new(minute).unwrap(),
-        });
-        let mut e = entry(quota, 0);
-        e.current.mine = 10;
-        let sent = item(e.current, true);
-        e.current.mine = 12;
-        e.roll(minute, Some(minute));
-        assert_eq!(e.current.slot, 1, "the next window has the other field");
-        assert_eq!(e.known_before(minute), 12, "nothing confirmed yet");
-        e.confirm(
-            &sent,
-            Answer {
-                previous: 0,
-                current: 30,
-                banned_until: 0,
-                applied: 10,
-            },
-        );
-        // Other nodes' 20 and this node's 10 in Redis, and 2 this node has not sent.
-        assert_eq!(e.known_before(minute), 32);
-        let late = e.late.expect("2 still to send");
-        assert_eq!((late.mine, late.acked), (12, 10));
-        e.confirm(
-            &item(late, false),
-            Answer {
-                previous: 0,
-                current: 0,
-                banned_until: 0,
-                applied: 12,
-            },
-        );
-        assert!(e.late.is_none(), "confirmed whole");
-        assert_eq!(
-            e.known_before(minute),
-            30,
-            "until the totals are read again"
-        );
-    }
 
     #[test]
     fn intervals_are_whole_ticks() {
