@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use crate::clock::Timestamp;
 use crate::limiter::{Decision, LeaseId, Quota, State};
-use crate::plan::key::CounterKey;
+use crate::plan::key::{BAN_SUFFIX, CounterKey};
 
 pub use memory::MemoryStore;
 
@@ -132,7 +132,7 @@ impl KeySelector<'_> {
             return false;
         };
         match *self {
-            KeySelector::Key(k) => key.strip_suffix(":ban").unwrap_or(key) == k,
+            KeySelector::Key(k) => key.strip_suffix(BAN_SUFFIX).unwrap_or(key) == k,
             KeySelector::Client(c) => parts.client == c,
             KeySelector::Namespace(ns) => parts.namespace == ns,
             KeySelector::Limit(l) => parts.limit == l,

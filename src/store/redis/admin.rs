@@ -6,6 +6,7 @@ use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 
 use super::{Connection, RedisStore, backend};
 use crate::clock::Timestamp;
+use crate::plan::key::{ban_key, is_ban_key};
 use crate::limiter::{
     ConcurrencyState, GcraState, LeaseId, SlidingState, State, TokenBucketState, WindowState,
 };
@@ -18,7 +19,7 @@ impl RedisStore {
         key: &str,
         now: Timestamp,
     ) -> Result<KeyState, StoreError> {
-        let ban_key = format!("{key}:ban");
+        let ban_key = ban_key(key);
         let (kind, ban): (String, Option<u64>) = self
             .call(async |c| {
                 let kind = redis::cmd("TYPE").arg(key).query_async(c).await?;
@@ -81,7 +82,7 @@ impl RedisStore {
         selector: KeySelector<'_>,
     ) -> Result<usize, StoreError> {
         let keys = match selector {
-            KeySelector::Key(k) => vec![k.to_owned(), format!("{k}:ban")],
+            KeySelector::Key(k) => vec![k.to_owned(), ban_key(k)],
             _ => self.scan(selector).await?,
         };
         self.forget(selector);
@@ -108,7 +109,7 @@ impl RedisStore {
             .scan(selector)
             .await?
             .iter()
-            .filter(|k| !k.ends_with(":ban"))
+            .filter(|k| !is_ban_key(k))
             .count())
     }
 

@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{Connection, backend, eval, params};
 use crate::clock::Timestamp;
 use crate::limiter::Quota;
+use crate::plan::key::BAN_SUFFIX;
 use crate::store::{Op, StoreError};
 
 /// What every dispatcher of a store shares: the connection (swapped when TLS certificates
@@ -194,7 +195,7 @@ impl Encoded {
             let key = key_ends.len() - 1;
             let ban_key = op.ban.map(|_| {
                 keys.extend_from_slice(op.key.as_bytes());
-                keys.extend_from_slice(b":ban");
+                keys.extend_from_slice(BAN_SUFFIX.as_bytes());
                 key_ends.push(keys.len());
                 key_ends.len() - 1
             });

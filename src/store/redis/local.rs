@@ -31,6 +31,7 @@ use super::batcher::{Link, exact};
 use super::{cluster::slot, eval};
 use crate::clock::Timestamp;
 use crate::limiter::Quota;
+use crate::plan::key::ban_key;
 use crate::store::sharded::{Shard, Sharded};
 use crate::store::{OpResult, StoreError};
 
@@ -375,7 +376,7 @@ impl LocalFirst {
             for &i in members {
                 cmd.arg(&*items[i].key);
                 if items[i].ban.is_some() {
-                    cmd.arg(format!("{}:ban", items[i].key));
+                    cmd.arg(ban_key(&items[i].key));
                 }
             }
             let mut numbers = Vec::with_capacity(8 * (2 + 8 * members.len()));
