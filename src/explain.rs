@@ -6,14 +6,12 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::authz::Asking;
+use crate::clock::Timestamp;
 use crate::limiter::Quota;
-use crate::plan::ValueFrom;
-use crate::plan::condition::Env;
-use crate::plan::condition::describe;
-use crate::plan::select::{Scope, focus, resolve_tier, select_limits};
-use crate::plan::{Counts, KeyHasher, LimitRate, MissingKey, Mode, Plan, TierSource, TierValue};
-use crate::request::RequestCtx;
+use crate::plan::condition::{Env, describe};
+use crate::plan::select::{self, Scope, TierReason, choose_tier, focus, select_limits, with_env};
+use crate::plan::{Counts, KeyHasher, Limit, LimitRate, MissingKey, Mode, Plan, TierValue};
+use crate::request::{RequestCtx, ValueFrom};
 
 /// The explanation for one request.
 #[derive(Debug, Clone)]
@@ -54,17 +52,11 @@ pub struct LimitExplanation {
 
 /// Explains `request` against `plan`.
 pub fn explain(plan: &Plan, request: &RequestCtx, hasher: &KeyHasher) -> Explanation {
-    let routes = plan.routes.matches(&request.path);
-    let asking = Asking::new(&plan.cedar, hasher, 0);
-    let env = Env {
-        request,
-        routes: &routes,
-        index: &plan.routes,
-        cedar: &asking,
-    };
-    let mut applied = Vec::new();
-    let (skipped, unauthorized) =
-        match select_limits(plan, &env, hasher, Scope::REQUESTS, |s| applied.push(s)) {
+    // The engine's own selection stage, with no time (nothing is cached or counted).
+    with_env(plan, request, hasher, Timestamp::from_micros(0), |env| {
+        let mut applied = Vec::new();
+        let selection = select_limits(plan, env, hasher, Scope::REQUESTS, |s| applied.push(s));
+        let (skipped, unauthorized) = match selection {
             Ok(skipped) => (skipped, None),
             Err(denied) => {
                 let why = format!(
@@ -75,179 +67,198 @@ pub fn explain(plan: &Plan, request: &RequestCtx, hasher: &KeyHasher) -> Explana
                 (Vec::new(), Some((Arc::clone(&denied.limit.name), why)))
             }
         };
-    let on_list = |conditions: &[crate::plan::Condition]| {
-        conditions.iter().find_map(|c| c.explain(&env).ok())
+        let on_list = |conditions: &[crate::plan::Condition]| {
+            conditions.iter().find_map(|c| c.explain(env).ok())
+        };
+        let selected = Selected {
+            applied: &applied,
+            skipped: &skipped,
+            unauthorized: unauthorized.is_some(),
+        };
+        Explanation {
+            plan_version: Arc::clone(&plan.version),
+            safelisted: plan
+                .safelists
+                .iter()
+                .find_map(|l| on_list(&l.conditions).map(|why| (Arc::clone(&l.name), why))),
+            denylisted: plan.denylists.iter().find_map(|d| {
+                on_list(&d.list.conditions).map(|why| (Arc::clone(&d.list.name), why))
+            }),
+            limits: plan
+                .limits
+                .iter()
+                .map(|limit| explain_limit(plan, limit, env, &selected))
+                .collect(),
+            unauthorized,
+        }
+    })
+}
+
+/// What the selection stage said of the request.
+struct Selected<'s, 'p> {
+    applied: &'s [select::Selected<'p>],
+    skipped: &'s [&'p Limit],
+    unauthorized: bool,
+}
+
+/// One limit, in words.
+fn explain_limit(
+    plan: &Plan,
+    limit: &Limit,
+    env: &Env<'_>,
+    selected: &Selected<'_, '_>,
+) -> LimitExplanation {
+    focus(plan, limit, env);
+    let (tier, value) = match &limit.rate {
+        LimitRate::Fixed(v) => (None, *v),
+        LimitRate::Tiered {
+            table,
+            entry,
+            values,
+        } => {
+            let table = &plan.tiers[*table];
+            let choice = choose_tier(table, env);
+            let tier = format!(
+                "`{}` of `{}` ({}), entry `{entry}`",
+                table.tiers[choice.index],
+                table.name,
+                tier_words(&choice.reason, env)
+            );
+            (Some(tier), values[choice.index])
+        }
     };
-    let safelisted = plan
-        .safelists
+    let chosen = selected
+        .applied
         .iter()
-        .find_map(|l| on_list(&l.conditions).map(|why| (Arc::clone(&l.name), why)));
-    let denylisted = plan
-        .denylists
-        .iter()
-        .find_map(|d| on_list(&d.list.conditions).map(|why| (Arc::clone(&d.list.name), why)));
-    let limits = plan
-        .limits
-        .iter()
-        .map(|limit| {
-            focus(plan, limit, &env);
-            let authorization = limit.authorize.as_ref().map(|auth| {
-                let answer = env.cedar.answer(request, auth.cedar, &auth.action);
-                let verdict = if answer.allowed {
-                    "permits"
-                } else {
-                    "does not permit"
-                };
+        .find(|s| std::ptr::eq(s.limit, limit));
+    let (applies, why) = applies(limit, env, chosen, selected, value);
+    LimitExplanation {
+        name: Arc::clone(&limit.name),
+        mode: limit.mode,
+        applies,
+        why,
+        key: chosen.map(|s| s.key.to_string()),
+        tier,
+        rate: match limit.sync {
+            Some(every) => format!(
+                "{}, local-first (synced every {})",
+                describe_value(value),
+                human(every)
+            ),
+            None => describe_value(value),
+        },
+        authorization: limit.authorize.as_ref().map(|auth| {
+            let answer = env.cedar.answer(env.request, auth.cedar, &auth.action);
+            let verdict = if answer.allowed {
+                "permits"
+            } else {
+                "does not permit"
+            };
+            format!(
+                "Cedar {verdict} action `{}` for {} ({})",
+                auth.action,
+                env.cedar.principal(env.request, auth.cedar),
+                describe(&answer)
+            )
+        }),
+    }
+}
+
+/// Whether a limit applies, and why, from what the selection did with it.
+fn applies(
+    limit: &Limit,
+    env: &Env<'_>,
+    chosen: Option<&select::Selected<'_>>,
+    selected: &Selected<'_, '_>,
+    value: TierValue,
+) -> (bool, String) {
+    let missing = || limit.key.missing_part(env.request).unwrap_or_default();
+    match (chosen, limit.condition.explain(env)) {
+        (Some(s), Ok(why)) if s.key_missing => {
+            let then = match limit.on_missing_key {
+                MissingKey::Refuse => "so the request is refused (on_missing_key refuse)",
+                _ => "so it counts by client address (on_missing_key ip)",
+            };
+            let why = format!(
+                "{why}; its key has no value ({} is missing), {then}",
+                missing()
+            );
+            (true, why)
+        }
+        (Some(_), Ok(why) | Err(why)) => (true, why),
+        (None, Err(why)) => (false, why),
+        (None, Ok(_)) if limit.mode == Mode::Off => (false, "`mode off`".to_owned()),
+        (None, Ok(why)) if selected.unauthorized => (
+            false,
+            format!("{why}; not counted: the request is refused by authorization"),
+        ),
+        (None, Ok(_)) if selected.skipped.iter().any(|s| std::ptr::eq(*s, limit)) => (
+            false,
+            format!(
+                "its key has no value: {} is missing (on_missing_key skip)",
+                missing()
+            ),
+        ),
+        (None, Ok(_)) if value == TierValue::Unlimited => {
+            (false, "the tier is unlimited".to_owned())
+        }
+        (None, Ok(_)) => (
+            false,
+            format!(
+                "it counts {} (a stream's), not requests",
+                counts_name(limit.counts)
+            ),
+        ),
+    }
+}
+
+/// How the selection chose a tier, in words.
+fn tier_words(reason: &TierReason<'_>, env: &Env<'_>) -> String {
+    let source = |from: &ValueFrom| match from {
+        ValueFrom::Header { name, .. } => format!("header `{name}`"),
+        ValueFrom::Claim(c) => format!("claim `{c}`"),
+    };
+    match reason {
+        TierReason::Named(from) => format!("from {}", source(from)),
+        TierReason::NotATier(from, named) => format!(
+            "the default: {} names `{named}`, which is no tier of the table",
+            source(from)
+        ),
+        TierReason::NotBelieved(name) => format!(
+            "the default: header `{name}` is not believed from a client that is not a \
+             trusted proxy (add the proxy to trusted_proxies, or write \
+             `from header(\"{name}\") trusted`)"
+        ),
+        TierReason::Missing(from) => format!("the default: {} is missing", source(from)),
+        TierReason::Cedar {
+            annotation,
+            cedar,
+            action,
+            answer,
+        } => {
+            let values: Vec<&str> = env
+                .cedar
+                .set(*cedar)
+                .annotations(&answer.policies, annotation)
+                .collect();
+            if !answer.allowed {
                 format!(
-                    "Cedar {verdict} action `{}` for {} ({})",
-                    auth.action,
-                    env.cedar.principal(request, auth.cedar),
-                    describe(&answer)
+                    "the default: Cedar does not permit action `{action}` ({})",
+                    describe(answer)
                 )
-            });
-            let (tier, value) = match &limit.rate {
-                LimitRate::Fixed(v) => (None, *v),
-                LimitRate::Tiered {
-                    table,
-                    entry,
-                    values,
-                } => {
-                    let table = &plan.tiers[*table];
-                    let t = resolve_tier(table, &env);
-                    let how = match &table.source {
-                        TierSource::Request(ValueFrom::Header { name, trusted })
-                            if request.header(name).is_some()
-                                && (*trusted || request.headers_trusted) =>
-                        {
-                            format!("from header `{name}`")
-                        }
-                        TierSource::Request(ValueFrom::Header { name, .. })
-                            if request.header(name).is_some() =>
-                        {
-                            format!(
-                                "the default: header `{name}` is not believed from a client \
-                                 that is not a trusted proxy (add the proxy to \
-                                 trusted_proxies, or write `from header(\"{name}\") trusted`)"
-                            )
-                        }
-                        TierSource::Request(ValueFrom::Header { name, .. }) => {
-                            format!("the default: header `{name}` is missing")
-                        }
-                        TierSource::Request(ValueFrom::Claim(c))
-                            if request.claims.contains_key(&**c) =>
-                        {
-                            format!("from claim `{c}`")
-                        }
-                        TierSource::Request(ValueFrom::Claim(c)) => {
-                            format!("the default: claim `{c}` is missing")
-                        }
-                        TierSource::CedarAnnotation {
-                            annotation,
-                            cedar,
-                            action,
-                            ..
-                        } => {
-                            let answer = env.cedar.answer(request, *cedar, action);
-                            let values: Vec<&str> = env
-                                .cedar
-                                .set(*cedar)
-                                .annotations(&answer.policies, annotation)
-                                .collect();
-                            if !answer.allowed {
-                                format!(
-                                    "the default: Cedar does not permit action `{action}` ({})",
-                                    describe(&answer)
-                                )
-                            } else if values.is_empty() {
-                                format!(
-                                    "the default: no permitting policy has `@{annotation}` ({})",
-                                    describe(&answer)
-                                )
-                            } else {
-                                format!(
-                                    "from Cedar annotation `@{annotation}` ({}: {})",
-                                    describe(&answer),
-                                    values.join(", ")
-                                )
-                            }
-                        }
-                    };
-                    let tier = format!(
-                        "`{}` of `{}` ({how}), entry `{entry}`",
-                        table.tiers[t], table.name
-                    );
-                    (Some(tier), values[t])
-                }
-            };
-            // Whether it applies, and its key, come from the engine's own selection.
-            let selected = applied.iter().find(|s| std::ptr::eq(s.limit, limit));
-            let missing = || limit.key.missing_part(request).unwrap_or_default();
-            let (applies, why) = match (selected, limit.condition.explain(&env)) {
-                (Some(s), Ok(why)) if s.key_missing => {
-                    let then = match limit.on_missing_key {
-                        MissingKey::Refuse => "so the request is refused (on_missing_key refuse)",
-                        _ => "so it counts by client address (on_missing_key ip)",
-                    };
-                    (
-                        true,
-                        format!(
-                            "{why}; its key has no value ({} is missing), {then}",
-                            missing()
-                        ),
-                    )
-                }
-                (Some(_), Ok(why)) => (true, why),
-                (Some(_), Err(why)) => (true, why),
-                (None, Err(why)) => (false, why),
-                (None, Ok(_)) if limit.mode == Mode::Off => (false, "`mode off`".to_owned()),
-                (None, Ok(why)) if unauthorized.is_some() => (
-                    false,
-                    format!("{why}; not counted: the request is refused by authorization"),
-                ),
-                (None, Ok(_)) if skipped.iter().any(|s| std::ptr::eq(*s, limit)) => (
-                    false,
-                    format!(
-                        "its key has no value: {} is missing (on_missing_key skip)",
-                        missing()
-                    ),
-                ),
-                (None, Ok(_)) if value == TierValue::Unlimited => {
-                    (false, "the tier is unlimited".to_owned())
-                }
-                (None, Ok(_)) => (
-                    false,
-                    format!(
-                        "it counts {} (a stream's), not requests",
-                        counts_name(limit.counts)
-                    ),
-                ),
-            };
-            let key = selected.map(|s| s.key.to_string());
-            LimitExplanation {
-                name: Arc::clone(&limit.name),
-                mode: limit.mode,
-                applies,
-                why,
-                key,
-                tier,
-                rate: match limit.sync {
-                    Some(every) => format!(
-                        "{}, local-first (synced every {})",
-                        describe_value(value),
-                        human(every)
-                    ),
-                    None => describe_value(value),
-                },
-                authorization,
+            } else if values.is_empty() {
+                format!(
+                    "the default: no permitting policy has `@{annotation}` ({})",
+                    describe(answer)
+                )
+            } else {
+                format!(
+                    "from Cedar annotation `@{annotation}` ({}: {})",
+                    describe(answer),
+                    values.join(", ")
+                )
             }
-        })
-        .collect();
-    Explanation {
-        plan_version: Arc::clone(&plan.version),
-        safelisted,
-        denylisted,
-        unauthorized,
-        limits,
+        }
     }
 }
 

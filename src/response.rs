@@ -3,6 +3,7 @@
 //! by the middleware, the decision API and forward-auth, so that every way of running
 //! Tollgate answers alike.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -236,13 +237,6 @@ pub fn problem_response(
 
 /// The problem for a refused request, or `None` when the request goes on.
 pub fn problem(verdict: &Verdict, request_id: Option<&str>) -> Option<Problem> {
-    let figures = |p: &mut Problem, report: Option<&LimitReport>| {
-        if let Some(r) = report {
-            p.limit = Some(r.decision.limit);
-            p.remaining = Some(r.decision.remaining);
-            p.reset = Some(ceil_secs(r.decision.reset));
-        }
-    };
     let mut problem = match &verdict.action {
         Action::Allow | Action::Warn | Action::Delay(_) | Action::Bypass { .. } => return None,
         Action::Reject {
@@ -250,45 +244,21 @@ pub fn problem(verdict: &Verdict, request_id: Option<&str>) -> Option<Problem> {
             limit,
             reason,
             retry_after,
-        } => {
-            let report = verdict.headline();
-            let banned = report.is_some_and(|r| r.banned);
-            let detail = match (reason, retry_after) {
-                (Some(reason), _) => reason.to_string(),
-                (None, _) if banned => format!("temporarily banned by limit `{limit}`"),
-                (None, Some(wait)) => {
-                    format!(
-                        "limit `{limit}` exceeded; retry in {}s",
-                        ceil_secs(*wait).max(1)
-                    )
-                }
-                (None, None) => format!("limit `{limit}` refuses this request"),
-            };
-            let mut p = Problem::new(
-                "urn:tollgate:problem:rate-limited",
-                title(*status),
-                *status,
-                detail,
-            );
-            p.policy = Some(limit.to_string());
-            figures(&mut p, report);
-            p.retry_after = retry_after.map(|w| ceil_secs(w).max(1));
-            p.reason = reason.as_deref().map(str::to_owned);
-            p
-        }
+        } => rejected(verdict.headline(), *status, limit, reason, *retry_after),
         Action::Forbid {
             status,
             list,
             reason,
             retry_after,
         } => {
+            let detail = reason
+                .as_deref()
+                .map_or_else(|| format!("refused by `{list}`"), str::to_owned);
             let mut p = Problem::new(
                 "urn:tollgate:problem:forbidden",
                 title(*status),
                 *status,
-                reason
-                    .as_deref()
-                    .map_or_else(|| format!("refused by `{list}`"), str::to_owned),
+                detail,
             );
             p.policy = Some(list.to_string());
             p.reason = reason.as_deref().map(str::to_owned);
@@ -299,27 +269,7 @@ pub fn problem(verdict: &Verdict, request_id: Option<&str>) -> Option<Problem> {
             limit,
             action,
             policies,
-        } => {
-            let because = match policies.as_slice() {
-                [] => "no policy permits it".to_owned(),
-                ids => format!(
-                    "forbidden by {}",
-                    ids.iter()
-                        .map(|id| format!("`{id}`"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            };
-            let mut p = Problem::new(
-                "urn:tollgate:problem:unauthorized",
-                "Forbidden",
-                StatusCode::FORBIDDEN,
-                format!("limit `{limit}` requires Cedar's permit for action `{action}`: {because}"),
-            );
-            p.policy = Some(limit.to_string());
-            p.determining_policies = Some(policies.iter().map(|id| id.to_string()).collect());
-            p
-        }
+        } => unauthorized(limit, action, policies),
         Action::Unavailable { limit } => {
             let mut p = Problem::new(
                 "urn:tollgate:problem:store-unavailable",
@@ -334,6 +284,64 @@ pub fn problem(verdict: &Verdict, request_id: Option<&str>) -> Option<Problem> {
     };
     problem.request_id = request_id.map(str::to_owned);
     Some(problem)
+}
+
+/// The problem of a request over `limit`, with the figures of its `report`.
+fn rejected(
+    report: Option<&LimitReport>,
+    status: StatusCode,
+    limit: &str,
+    reason: &Option<Arc<str>>,
+    retry_after: Option<Duration>,
+) -> Problem {
+    let banned = report.is_some_and(|r| r.banned);
+    let detail = match (reason, retry_after) {
+        (Some(reason), _) => reason.to_string(),
+        (None, _) if banned => format!("temporarily banned by limit `{limit}`"),
+        (None, Some(wait)) => format!(
+            "limit `{limit}` exceeded; retry in {}s",
+            ceil_secs(wait).max(1)
+        ),
+        (None, None) => format!("limit `{limit}` refuses this request"),
+    };
+    let mut p = Problem::new(
+        "urn:tollgate:problem:rate-limited",
+        title(status),
+        status,
+        detail,
+    );
+    p.policy = Some(limit.to_owned());
+    if let Some(r) = report {
+        p.limit = Some(r.decision.limit);
+        p.remaining = Some(r.decision.remaining);
+        p.reset = Some(ceil_secs(r.decision.reset));
+    }
+    p.retry_after = retry_after.map(|w| ceil_secs(w).max(1));
+    p.reason = reason.as_deref().map(str::to_owned);
+    p
+}
+
+/// The problem of a request Cedar does not permit for `limit`'s `authorize`.
+fn unauthorized(limit: &str, action: &str, policies: &[Arc<str>]) -> Problem {
+    let because = match policies {
+        [] => "no policy permits it".to_owned(),
+        ids => format!(
+            "forbidden by {}",
+            ids.iter()
+                .map(|id| format!("`{id}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    let mut p = Problem::new(
+        "urn:tollgate:problem:unauthorized",
+        "Forbidden",
+        StatusCode::FORBIDDEN,
+        format!("limit `{limit}` requires Cedar's permit for action `{action}`: {because}"),
+    );
+    p.policy = Some(limit.to_owned());
+    p.determining_policies = Some(policies.iter().map(|id| id.to_string()).collect());
+    p
 }
 
 fn title(status: StatusCode) -> &'static str {

@@ -100,8 +100,6 @@ impl Condition {
 
     /// Why the condition holds (`Ok`) or fails (`Err`), in words.
     pub fn explain(&self, env: &Env<'_>) -> Result<String, String> {
-        let r = env.request;
-        let verdict = |holds: bool, yes: String, no: String| if holds { Ok(yes) } else { Err(no) };
         match self {
             Condition::Always => Ok("no conditions".to_owned()),
             Condition::All(parts) => {
@@ -125,90 +123,82 @@ impl Condition {
                 Ok(why) => Err(format!("not ({why})")),
                 Err(why) => Ok(format!("not ({why})")),
             },
-            Condition::Route { methods, patterns } => {
-                let Some(p) = patterns.iter().find(|p| env.routes.matched(**p)) else {
-                    let templates: Vec<String> = patterns
-                        .iter()
-                        .map(|p| format!("`{}`", env.index.template(*p)))
-                        .collect();
-                    return Err(format!(
-                        "path `{}` matches none of {}",
-                        r.path,
-                        templates.join(", ")
-                    ));
-                };
-                if !method_in(methods, &r.method) {
-                    return Err(format!(
-                        "method {} is not {}",
-                        r.method,
-                        method_list(methods)
-                    ));
-                }
-                Ok(format!(
-                    "{} {} matches route `{}`",
-                    r.method,
-                    r.path,
-                    env.index.template(*p)
-                ))
-            }
-            Condition::Method(methods) => verdict(
-                method_in(methods, &r.method),
+            Condition::Route { methods, patterns } => explain_route(methods, patterns, env),
+            Condition::Cedar { .. } | Condition::CedarIn { .. } => self.explain_cedar(env),
+            Condition::Method(_)
+            | Condition::HostIs(_)
+            | Condition::HostMatches(_)
+            | Condition::HeaderPresent(_)
+            | Condition::HeaderIs(..)
+            | Condition::HeaderIsNot(..)
+            | Condition::HeaderMatches(..)
+            | Condition::IpIn(_) => self.explain_request(env),
+        }
+    }
+
+    /// Why a condition on the request's own attributes (method, host, headers, address)
+    /// holds or fails.
+    fn explain_request(&self, env: &Env<'_>) -> Result<String, String> {
+        let r = env.request;
+        let holds = self.eval(env);
+        let (yes, no) = match self {
+            Condition::Method(methods) => (
                 format!("method {} is {}", r.method, method_list(methods)),
                 format!("method {} is not {}", r.method, method_list(methods)),
             ),
-            Condition::HostIs(host) => verdict(
-                self.eval(env),
+            Condition::HostIs(host) => (
                 format!("host is `{host}`"),
                 format!("host {} is not `{host}`", shown(r.host.as_deref())),
             ),
-            Condition::HostMatches(re) => verdict(
-                self.eval(env),
+            Condition::HostMatches(re) => (
                 format!("host matches `{re}`"),
                 format!("host {} does not match `{re}`", shown(r.host.as_deref())),
             ),
-            Condition::HeaderPresent(name) => verdict(
-                self.eval(env),
+            Condition::HeaderPresent(name) => (
                 format!("header `{name}` is present"),
                 format!("header `{name}` is missing"),
             ),
-            Condition::HeaderIs(name, value) => verdict(
-                self.eval(env),
+            Condition::HeaderIs(name, value) => (
                 format!("header `{name}` is `{value}`"),
                 format!(
                     "header `{name}` is {}, not `{value}`",
                     shown(r.header(name))
                 ),
             ),
-            Condition::HeaderIsNot(name, value) => verdict(
-                self.eval(env),
+            Condition::HeaderIsNot(name, value) => (
                 format!("header `{name}` is not `{value}`"),
                 format!("header `{name}` is `{value}`"),
             ),
-            Condition::HeaderMatches(name, re) => verdict(
-                self.eval(env),
+            Condition::HeaderMatches(name, re) => (
                 format!("header `{name}` matches `{re}`"),
                 format!(
                     "header `{name}` ({}) does not match `{re}`",
                     shown(r.header(name))
                 ),
             ),
-            Condition::IpIn(set) => match r.client_ip.and_then(|ip| set.find(ip)) {
-                Some(net) => Ok(format!(
-                    "client {} is in {net} of {}",
-                    shown_ip(r.client_ip),
-                    set.shown()
-                )),
-                None => Err(format!(
-                    "client {} is not in {}",
-                    shown_ip(r.client_ip),
-                    set.shown()
-                )),
-            },
+            Condition::IpIn(set) => {
+                let client = shown_ip(r.client_ip);
+                let yes = match r.client_ip.and_then(|ip| set.find(ip)) {
+                    Some(net) => format!("client {client} is in {net} of {}", set.shown()),
+                    None => String::new(),
+                };
+                (yes, format!("client {client} is not in {}", set.shown()))
+            }
+            // Only the conditions above are sent here (see `explain`).
+            _ => (String::from("holds"), String::from("fails")),
+        };
+        if holds { Ok(yes) } else { Err(no) }
+    }
+
+    /// Why a Cedar condition holds or fails: Cedar's answer, in words.
+    fn explain_cedar(&self, env: &Env<'_>) -> Result<String, String> {
+        let r = env.request;
+        let (holds, yes, no) = match self {
             Condition::Cedar { cedar, action } => {
                 let answer = env.cedar.answer(r, *cedar, action);
                 let principal = env.cedar.principal(r, *cedar);
                 let said = describe(&answer);
-                verdict(
+                (
                     answer.allowed,
                     format!("cedar permits {principal} action `{action}` ({said})"),
                     format!("cedar does not permit {principal} action `{action}` ({said})"),
@@ -216,13 +206,16 @@ impl Condition {
             }
             Condition::CedarIn { cedar, ancestor } => {
                 let principal = env.cedar.principal(r, *cedar);
-                verdict(
+                (
                     self.eval(env),
                     format!("principal {principal} is in {ancestor}"),
                     format!("principal {principal} is not in {ancestor}"),
                 )
             }
-        }
+            // Only Cedar conditions are sent here (see `explain`).
+            _ => (self.eval(env), String::from("holds"), String::from("fails")),
+        };
+        if holds { Ok(yes) } else { Err(no) }
     }
 
     /// The route patterns of which one must match for the condition to hold, when the
@@ -289,6 +282,39 @@ pub(crate) fn describe(answer: &crate::authz::Answer) -> String {
 fn quoted(ids: &[Arc<str>]) -> String {
     let ids: Vec<String> = ids.iter().map(|id| format!("`{id}`")).collect();
     ids.join(", ")
+}
+
+/// Why a route condition holds or fails: the template that matched, or none, or the method.
+fn explain_route(
+    methods: &[Method],
+    patterns: &[PatternId],
+    env: &Env<'_>,
+) -> Result<String, String> {
+    let r = env.request;
+    let Some(p) = patterns.iter().find(|p| env.routes.matched(**p)) else {
+        let templates: Vec<String> = patterns
+            .iter()
+            .map(|p| format!("`{}`", env.index.template(*p)))
+            .collect();
+        return Err(format!(
+            "path `{}` matches none of {}",
+            r.path,
+            templates.join(", ")
+        ));
+    };
+    if !method_in(methods, &r.method) {
+        return Err(format!(
+            "method {} is not {}",
+            r.method,
+            method_list(methods)
+        ));
+    }
+    Ok(format!(
+        "{} {} matches route `{}`",
+        r.method,
+        r.path,
+        env.index.template(*p)
+    ))
 }
 
 fn method_in(methods: &[Method], method: &Method) -> bool {

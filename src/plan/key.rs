@@ -241,23 +241,7 @@ impl KeySource {
             KeySource::Ip { v4, v6 } => {
                 let Some(ip) = r.client_ip else { return false };
                 out.push_str("ip:");
-                match group(ip, *v4, *v6) {
-                    // The common case, written without the formatting machinery.
-                    IpNet::V4(net) => {
-                        let mut digits = itoa::Buffer::new();
-                        for (i, octet) in net.addr().octets().into_iter().enumerate() {
-                            if i > 0 {
-                                out.push('.');
-                            }
-                            out.push_str(digits.format(octet));
-                        }
-                        out.push('/');
-                        out.push_str(digits.format(net.prefix_len()));
-                    }
-                    net => {
-                        let _ = write!(out, "{net}");
-                    }
-                }
+                write_net(out, group(ip, *v4, *v6));
                 return true;
             }
             KeySource::UserId => match &r.user_id {
@@ -331,6 +315,27 @@ impl KeySource {
         out.push(':');
         push_escaped(out, &value, hasher);
         true
+    }
+}
+
+/// Appends `net` (`203.0.113.0/24`).
+fn write_net(out: &mut String, net: IpNet) {
+    match net {
+        // The common case, written without the formatting machinery.
+        IpNet::V4(net) => {
+            let mut digits = itoa::Buffer::new();
+            for (i, octet) in net.addr().octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                out.push_str(digits.format(octet));
+            }
+            out.push('/');
+            out.push_str(digits.format(net.prefix_len()));
+        }
+        net => {
+            let _ = write!(out, "{net}");
+        }
     }
 }
 

@@ -19,7 +19,7 @@ use super::{
 use crate::authz::{Answer, Asking};
 use crate::clock::Timestamp;
 use crate::limiter::Quota;
-use crate::request::RequestCtx;
+use crate::request::{RequestCtx, ValueFrom};
 
 /// Which limits a decision considers.
 #[derive(Debug, Clone, Copy)]
@@ -132,7 +132,7 @@ pub fn select<'p>(
 /// What conditions need to evaluate `request` under `plan` (the routes matched, Cedar's
 /// questions), for `f`.
 #[inline]
-fn with_env<R>(
+pub(crate) fn with_env<R>(
     plan: &Plan,
     request: &RequestCtx,
     hasher: &KeyHasher,
@@ -381,47 +381,106 @@ pub(crate) fn write_fallback(request: &RequestCtx, hasher: &KeyHasher, out: &mut
 
 /// The request's tier in a table: from its source, else the default.
 pub fn resolve_tier(table: &TierTable, env: &Env<'_>) -> usize {
+    choose_tier(table, env).index
+}
+
+/// A tier chosen for a request, and why.
+#[derive(Debug, Clone)]
+pub struct TierChoice<'t> {
+    /// The tier's index in its table.
+    pub index: usize,
+    /// How it was chosen.
+    pub reason: TierReason<'t>,
+}
+
+/// How a request's tier was chosen (what `tollgate explain` puts into words).
+#[derive(Debug, Clone)]
+pub enum TierReason<'t> {
+    /// The request names it (a header, a claim).
+    Named(&'t ValueFrom),
+    /// The default: the request names something that is no tier of the table.
+    NotATier(&'t ValueFrom, String),
+    /// The default: the header is there, but not believed from this client.
+    NotBelieved(&'t http::HeaderName),
+    /// The default: the request has no such header or claim.
+    Missing(&'t ValueFrom),
+    /// From the annotations of the policies that permit the request; the default when none
+    /// names a tier or Cedar does not permit.
+    Cedar {
+        /// The annotation read.
+        annotation: &'t str,
+        /// The Cedar policy set asked.
+        cedar: usize,
+        /// The action asked about.
+        action: &'t Arc<str>,
+        /// Cedar's answer.
+        answer: Arc<Answer>,
+    },
+}
+
+/// The request's tier in a table, and why (see [`TierReason`]).
+pub fn choose_tier<'t>(table: &'t TierTable, env: &Env<'_>) -> TierChoice<'t> {
     let request = env.request;
-    let named = match &table.source {
+    match &table.source {
         // From a client that is not a trusted proxy, the plan it claims is not believed.
-        TierSource::Request(from) => from.read(request),
+        TierSource::Request(from) => {
+            let (index, reason) = match from.read(request) {
+                Some(named) => match table.tier_index(named.trim()) {
+                    Some(index) => (index, TierReason::Named(from)),
+                    None => (table.default, TierReason::NotATier(from, named.to_owned())),
+                },
+                None => match from {
+                    ValueFrom::Header { name, .. } if request.header(name).is_some() => {
+                        (table.default, TierReason::NotBelieved(name))
+                    }
+                    _ => (table.default, TierReason::Missing(from)),
+                },
+            };
+            TierChoice { index, reason }
+        }
         TierSource::CedarAnnotation {
             annotation,
             pick,
             cedar,
             action,
-        } => return cedar_tier(table, env, annotation, *pick, *cedar, action),
-    };
-    named
-        .and_then(|n| table.tier_index(n.trim()))
-        .unwrap_or(table.default)
+        } => cedar_tier(table, env, annotation, *pick, *cedar, action),
+    }
 }
 
 /// The tier the annotations of the policies that permit the request name: the highest,
 /// lowest or first (in policy order) of those that name a tier of the table.
-fn cedar_tier(
-    table: &TierTable,
+fn cedar_tier<'t>(
+    table: &'t TierTable,
     env: &Env<'_>,
-    annotation: &str,
+    annotation: &'t str,
     pick: Pick,
     cedar: usize,
-    action: &Arc<str>,
-) -> usize {
+    action: &'t Arc<str>,
+) -> TierChoice<'t> {
     let answer = env.cedar.answer(env.request, cedar, action);
-    if !answer.allowed {
-        return table.default;
+    let mut index = table.default;
+    if answer.allowed {
+        let mut named = env
+            .cedar
+            .set(cedar)
+            .annotations(&answer.policies, annotation)
+            .filter_map(|value| table.tier_index(value.trim()));
+        let chosen = match pick {
+            Pick::First => named.next(),
+            Pick::Highest => named.max(),
+            Pick::Lowest => named.min(),
+        };
+        index = chosen.unwrap_or(table.default);
     }
-    let mut named = env
-        .cedar
-        .set(cedar)
-        .annotations(&answer.policies, annotation)
-        .filter_map(|value| table.tier_index(value.trim()));
-    let chosen = match pick {
-        Pick::First => named.next(),
-        Pick::Highest => named.max(),
-        Pick::Lowest => named.min(),
-    };
-    chosen.unwrap_or(table.default)
+    TierChoice {
+        index,
+        reason: TierReason::Cedar {
+            annotation,
+            cedar,
+            action,
+            answer,
+        },
+    }
 }
 
 /// One anomaly watching a request: what its response is counted under.

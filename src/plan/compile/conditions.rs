@@ -61,37 +61,7 @@ impl<'a> Compiler<'a> {
             K::UserAgent(op, value) => {
                 self.header_test(f, http::header::USER_AGENT, Some(&(*op, value.clone())))
             }
-            K::Ip(items) => {
-                let mut nets = Vec::with_capacity(items.len());
-                let mut ok = true;
-                for item in items {
-                    let text = item.node.trim();
-                    match crate::plan::ipset::parse_net(text) {
-                        Some(n) => nets.push(n),
-                        None => {
-                            self.error_help(
-                                f,
-                                item.span,
-                                format!("`{text}` is not an IP address or network"),
-                                "invalid network",
-                                "write an address (`192.0.2.1`) or a network in CIDR form (`10.0.0.0/8`, `fd00::/8`)",
-                            );
-                            ok = false;
-                        }
-                    }
-                }
-                if nets.is_empty() && ok {
-                    self.error_help(
-                        f,
-                        c.span,
-                        "the address list is empty",
-                        "empty list",
-                        "list at least one address or network",
-                    );
-                    return None;
-                }
-                ok.then(|| Condition::IpIn(Arc::new(IpSet::new(nets))))
-            }
+            K::Ip(items) => self.address_list(f, c.span, items),
             K::Cedar(action) => {
                 let cedar = self.cedar_for(f, c.span, "`cedar` conditions")?;
                 self.cedar_action(f, cedar, action)
@@ -100,40 +70,87 @@ impl<'a> Compiler<'a> {
                         action: Arc::from(action.node.as_str()),
                     })
             }
-            K::CedarPrincipalIn(kind, id) => {
-                let cedar = self.cedar_for(f, c.span, "`cedar` conditions")?;
-                let set = &self.cedar[cedar];
-                let Some(ancestor) = set.entity(&kind.node, &id.node) else {
+            K::CedarPrincipalIn(kind, id) => self.principal_in(f, c.span, kind, id),
+        }
+    }
+
+    /// `ip in [...]`: addresses and networks, at least one.
+    fn address_list(
+        &mut self,
+        f: usize,
+        span: Span,
+        items: &[Spanned<String>],
+    ) -> Option<Condition> {
+        let mut nets = Vec::with_capacity(items.len());
+        let mut ok = true;
+        for item in items {
+            let text = item.node.trim();
+            match crate::plan::ipset::parse_net(text) {
+                Some(n) => nets.push(n),
+                None => {
                     self.error_help(
                         f,
-                        kind.span,
-                        format!("`{}` is not a Cedar entity type", kind.node),
-                        "not a type name",
-                        "name a type the schema declares, such as `Role`",
+                        item.span,
+                        format!("`{text}` is not an IP address or network"),
+                        "invalid network",
+                        "write an address (`192.0.2.1`) or a network in CIDR form (`10.0.0.0/8`, `fd00::/8`)",
                     );
-                    return None;
-                };
-                if !set.knows_entity_type(&ancestor) {
-                    let message = format!(
-                        "the Cedar schema of `{}` declares no entity type `{}`",
-                        set.name(),
-                        kind.node
-                    );
-                    self.error_help(
-                        f,
-                        kind.span,
-                        message,
-                        "unknown type",
-                        "name a type the schema declares, such as `Role`",
-                    );
-                    return None;
+                    ok = false;
                 }
-                Some(Condition::CedarIn {
-                    cedar,
-                    ancestor: Arc::new(ancestor),
-                })
             }
         }
+        if nets.is_empty() && ok {
+            self.error_help(
+                f,
+                span,
+                "the address list is empty",
+                "empty list",
+                "list at least one address or network",
+            );
+            return None;
+        }
+        ok.then(|| Condition::IpIn(Arc::new(IpSet::new(nets))))
+    }
+
+    /// `cedar principal in Type::"id"`: an entity of a type the schema declares.
+    fn principal_in(
+        &mut self,
+        f: usize,
+        span: Span,
+        kind: &Spanned<String>,
+        id: &Spanned<String>,
+    ) -> Option<Condition> {
+        let cedar = self.cedar_for(f, span, "`cedar` conditions")?;
+        let set = &self.cedar[cedar];
+        let Some(ancestor) = set.entity(&kind.node, &id.node) else {
+            self.error_help(
+                f,
+                kind.span,
+                format!("`{}` is not a Cedar entity type", kind.node),
+                "not a type name",
+                "name a type the schema declares, such as `Role`",
+            );
+            return None;
+        };
+        if !set.knows_entity_type(&ancestor) {
+            let message = format!(
+                "the Cedar schema of `{}` declares no entity type `{}`",
+                set.name(),
+                kind.node
+            );
+            self.error_help(
+                f,
+                kind.span,
+                message,
+                "unknown type",
+                "name a type the schema declares, such as `Role`",
+            );
+            return None;
+        }
+        Some(Condition::CedarIn {
+            cedar,
+            ancestor: Arc::new(ancestor),
+        })
     }
 
     pub(super) fn header_test(

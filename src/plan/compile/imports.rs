@@ -225,7 +225,12 @@ impl Compiler<'_> {
     }
 
     /// Checks that the Cedar set knows `action` and prepares its slice.
-    pub(super) fn cedar_action(&mut self, f: usize, cedar: usize, action: &Spanned<String>) -> bool {
+    pub(super) fn cedar_action(
+        &mut self,
+        f: usize,
+        cedar: usize,
+        action: &Spanned<String>,
+    ) -> bool {
         if self.cedar[cedar].knows_action(&action.node) {
             self.cedar[cedar].prepare_action(&action.node);
             return true;

@@ -69,108 +69,35 @@ impl<'a> Compiler<'a> {
         block: &ast::AnomalyBlock,
         namespace: &Arc<str>,
     ) -> Option<Anomaly> {
-        let mut conditions = Vec::new();
-        let mut key = None;
-        let mut statuses = None;
-        let mut detect = None;
-        let mut then = None;
         let mut ok = true;
-        let mut seen: HashMap<&str, Span> = HashMap::new();
-        for stmt in &block.stmts {
-            let (name, span) = match stmt {
-                ast::AnomalyStmt::Match(m) => {
-                    for c in &m.node {
-                        match self.condition(f, c) {
-                            Some(c) => conditions.push(c),
-                            None => ok = false,
-                        }
-                    }
-                    continue;
-                }
-                ast::AnomalyStmt::Key(k) => {
-                    key = Some(k);
-                    ("key", k.span)
-                }
-                ast::AnomalyStmt::Count(c) => {
-                    statuses = Some(c);
-                    ("count", c.span)
-                }
-                ast::AnomalyStmt::Detect(d) => {
-                    detect = Some(d);
-                    ("detect", d.span)
-                }
-                ast::AnomalyStmt::Then(t) => {
-                    then = Some(t);
-                    ("then", t.span)
-                }
-            };
-            if seen.insert(name, span).is_some() {
-                let help = if name == "detect" {
-                    "one pattern per anomaly: write another `anomaly` block for the other"
-                } else {
-                    "keep one"
-                };
-                self.error_help(
-                    f,
-                    span,
-                    format!("`{name}` is set twice"),
-                    "set again here",
-                    help,
-                );
-                ok = false;
-            }
-        }
-        let key = match key {
+        let stmts = self.anomaly_stmts(f, block, &mut ok);
+        let key = match stmts.key {
             Some(k) => self.key_expr(f, k),
             None => Some(KeySpec {
                 parts: vec![KeyPart::One(KeySource::Ip { v4: 32, v6: 64 })],
             }),
         };
-        let mut status_codes = Vec::new();
-        for s in statuses.iter().flat_map(|list| &list.node) {
-            match u16::try_from(s.node)
-                .ok()
-                .filter(|s| (100..=599).contains(s))
-            {
-                Some(code) => status_codes.push(code),
-                None => {
-                    self.error_help(
-                        f,
-                        s.span,
-                        format!("`{}` is not an HTTP status", s.node),
-                        "not a status",
-                        "statuses are between 100 and 599",
-                    );
-                    ok = false;
-                }
-            }
-        }
-        let detector = match detect {
+        let statuses = self.statuses(f, stmts.count, &mut ok);
+        let name = &block.name;
+        let detector = match stmts.detect {
             Some(d) => self.detector(f, d),
             None => {
-                self.error_help(
-                    f,
-                    block.name.span,
-                    format!("anomaly `{}` has no threshold", block.name.node),
-                    "no `detect`",
-                    "add `detect 10 in 5min;`",
-                );
+                let what = format!("anomaly `{}` has no threshold", name.node);
+                let help = "add `detect 10 in 5min;`";
+                self.error_help(f, name.span, what, "no `detect`", help);
                 None
             }
         };
-        let actions = match then {
+        let actions = match stmts.then {
             Some(actions) => self.anomaly_actions(f, actions),
             None => {
-                self.error_help(
-                    f,
-                    block.name.span,
-                    format!("anomaly `{}` does nothing when detected", block.name.node),
-                    "no `then`",
-                    "add `then ban 15min;` or `then alert \"security\";`",
-                );
+                let what = format!("anomaly `{}` does nothing when detected", name.node);
+                let help = "add `then ban 15min;` or `then alert \"security\";`";
+                self.error_help(f, name.span, what, "no `then`", help);
                 None
             }
         };
+        let mut conditions = stmts.conditions;
         let condition = match conditions.len() {
             0 => Condition::Always,
             1 => conditions.remove(0),
@@ -187,10 +114,95 @@ impl<'a> Compiler<'a> {
             namespace: Arc::clone(namespace),
             condition,
             key,
-            statuses: status_codes,
+            statuses,
             detector,
             actions,
         })
+    }
+
+    /// An anomaly block's statements, each once (a second one is a problem).
+    fn anomaly_stmts<'b>(
+        &mut self,
+        f: usize,
+        block: &'b ast::AnomalyBlock,
+        ok: &mut bool,
+    ) -> AnomalyStmts<'b> {
+        let mut stmts = AnomalyStmts::default();
+        let mut seen: HashMap<&str, Span> = HashMap::new();
+        for stmt in &block.stmts {
+            let (name, span) = match stmt {
+                ast::AnomalyStmt::Match(m) => {
+                    for c in &m.node {
+                        match self.condition(f, c) {
+                            Some(c) => stmts.conditions.push(c),
+                            None => *ok = false,
+                        }
+                    }
+                    continue;
+                }
+                ast::AnomalyStmt::Key(k) => {
+                    stmts.key = Some(k);
+                    ("key", k.span)
+                }
+                ast::AnomalyStmt::Count(c) => {
+                    stmts.count = Some(c);
+                    ("count", c.span)
+                }
+                ast::AnomalyStmt::Detect(d) => {
+                    stmts.detect = Some(d);
+                    ("detect", d.span)
+                }
+                ast::AnomalyStmt::Then(t) => {
+                    stmts.then = Some(t);
+                    ("then", t.span)
+                }
+            };
+            if seen.insert(name, span).is_some() {
+                let help = if name == "detect" {
+                    "one pattern per anomaly: write another `anomaly` block for the other"
+                } else {
+                    "keep one"
+                };
+                self.error_help(
+                    f,
+                    span,
+                    format!("`{name}` is set twice"),
+                    "set again here",
+                    help,
+                );
+                *ok = false;
+            }
+        }
+        stmts
+    }
+
+    /// `count when status in [...]`: HTTP statuses (none: every response counts).
+    fn statuses(
+        &mut self,
+        f: usize,
+        count: Option<&Spanned<Vec<Spanned<u64>>>>,
+        ok: &mut bool,
+    ) -> Vec<u16> {
+        let mut codes = Vec::new();
+        for s in count.iter().flat_map(|list| &list.node) {
+            match u16::try_from(s.node)
+                .ok()
+                .filter(|s| (100..=599).contains(s))
+            {
+                Some(code) => codes.push(code),
+                None => {
+                    self.error_help(
+                        f,
+                        s.span,
+                        format!("`{}` is not an HTTP status", s.node),
+                        "not a status",
+                        "statuses are between 100 and 599",
+                    );
+                    *ok = false;
+                }
+            }
+        }
+        codes
     }
 
     fn detector(&mut self, f: usize, detect: &Spanned<ast::Detect>) -> Option<Detector> {
@@ -358,3 +370,13 @@ const DEFAULT_MARK: Duration = Duration::from_secs(3600);
 const MAX_DISTINCT: u64 = 1_000;
 /// The longest a tarpit holds one request, in microseconds.
 const MAX_TARPIT: u64 = 30_000_000;
+
+/// The statements of an anomaly block, as written.
+#[derive(Default)]
+struct AnomalyStmts<'b> {
+    conditions: Vec<Condition>,
+    key: Option<&'b ast::KeyExpr>,
+    count: Option<&'b Spanned<Vec<Spanned<u64>>>>,
+    detect: Option<&'b Spanned<ast::Detect>>,
+    then: Option<&'b Spanned<Vec<ast::ThenAction>>>,
+}

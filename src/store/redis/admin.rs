@@ -6,10 +6,10 @@ use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 
 use super::{Connection, RedisStore, backend};
 use crate::clock::Timestamp;
-use crate::plan::key::{ban_key, is_ban_key};
 use crate::limiter::{
     ConcurrencyState, GcraState, LeaseId, SlidingState, State, TokenBucketState, WindowState,
 };
+use crate::plan::key::{ban_key, is_ban_key};
 use crate::store::{AdminStore, KeySelector, KeyState, RuntimeStore, StoreError};
 
 impl RedisStore {

@@ -145,6 +145,27 @@ impl RedisStore {
     }
 }
 
+/// The local-first operations of a request, and where each is among them all.
+fn local_part<'a>(ops: &[Op<'a>]) -> (SmallVec<[usize; 4]>, SmallVec<[LocalOp<'a>; 4]>) {
+    ops.iter()
+        .enumerate()
+        .filter_map(|(i, op)| {
+            let every = op.sync?;
+            Some((
+                i,
+                LocalOp {
+                    key: op.key,
+                    quota: op.quota,
+                    cost: op.cost,
+                    enforce: op.enforce,
+                    ban: op.ban,
+                    every,
+                },
+            ))
+        })
+        .unzip()
+}
+
 /// Runs `cmd`, an `EVALSHA` of `script`; when Redis no longer has the script (`NOSCRIPT`,
 /// after a `SCRIPT FLUSH` or a restart), loads it and runs `cmd` again.
 pub(super) async fn eval<T: redis::FromRedisValue>(
@@ -190,24 +211,7 @@ impl RedisStore {
             ));
         }
         self.local.start(&self.link, self.is_cluster());
-        let (local_at, local_ops): (SmallVec<[usize; 4]>, SmallVec<[LocalOp<'_>; 4]>) = ops
-            .iter()
-            .enumerate()
-            .filter_map(|(i, op)| {
-                let every = op.sync?;
-                Some((
-                    i,
-                    LocalOp {
-                        key: op.key,
-                        quota: op.quota,
-                        cost: op.cost,
-                        enforce: op.enforce,
-                        ban: op.ban,
-                        every,
-                    },
-                ))
-            })
-            .unzip();
+        let (local_at, local_ops) = local_part(ops);
         let mut local_results: SmallVec<[Option<OpResult>; 4]> =
             smallvec::smallvec![None; local_ops.len()];
         let mut overflow: SmallVec<[bool; 4]> = smallvec::smallvec![false; local_ops.len()];
