@@ -14,7 +14,7 @@ use std::sync::atomic::AtomicU64;
 use arc_swap::ArcSwap;
 use smallvec::SmallVec;
 
-use self::count::{Pending, charge};
+use self::count::{Pending, charge, ops};
 use crate::clock::{Clock, SystemClock, Timestamp};
 use crate::plan::select::{Scope, Selection, select};
 use crate::plan::{Counts, KeyHasher, Limit, Mode, Plan, SoftAction};
@@ -175,6 +175,26 @@ impl<S: Store, C: Clock> Engine<S, C> {
             .await
     }
 
+    /// Decides one request now, without waiting, when the store answers in this process
+    /// (the memory store): what [`Engine::decide`] (or, with `only`, [`Engine::decide_only`])
+    /// would answer; `None` when the store must be waited for (Redis): then call those.
+    pub fn decide_now(&self, request: &RequestCtx, only: Option<&[Arc<str>]>) -> Option<Verdict> {
+        if !self.store.answers_now() {
+            return None;
+        }
+        let plan = self.plan.load();
+        let now = self.clock.now();
+        let mut d = self.begin(&plan, request, Scope::only(only), now);
+        if d.counts() {
+            let lease = self.lease_id(&d.pending);
+            let result = self
+                .store
+                .try_apply(&ops(&d.pending, &d.reports, lease), now)?;
+            self.counted(&mut d, lease, result);
+        }
+        Some(self.end(request, d))
+    }
+
     async fn decide_with(
         &self,
         request: &RequestCtx,
@@ -189,57 +209,86 @@ impl<S: Store, C: Clock> Engine<S, C> {
             counts,
             amount,
         };
-        let finish = |action: Action, reports: Vec<LimitReport>, decided: Decided| {
-            let (action, flags) = self.runtime_marks(request, &reports, action, now);
-            Verdict {
-                action,
-                reports,
-                leases: decided.leases,
-                skipped: decided.skipped,
-                plan_version: Arc::clone(&plan.version),
-                elapsed: self.clock.now().saturating_since(now),
-                store_call: decided.store_call,
-                flags,
-            }
-        };
-        if let Some(action) = self.runtime_action(&plan, request, now) {
-            return finish(action, Vec::new(), Decided::default());
+        let mut d = self.begin(&plan, request, scope, now);
+        if d.counts() {
+            let lease = self.lease_id(&d.pending);
+            let result = self
+                .store
+                .apply(&ops(&d.pending, &d.reports, lease), now)
+                .await;
+            self.counted(&mut d, lease, result);
         }
-        // Each selected limit becomes a report and an operation as it is found, in this
-        // frame: no list of selections is built or moved.
-        let mut reports = Vec::new();
-        let mut pending: SmallVec<[Pending; 4]> = SmallVec::new();
-        let mut applied: SmallVec<[&Limit; 4]> = SmallVec::new();
+        self.end(request, d)
+    }
+
+    /// Everything before counting: the runtime lists, the selection (each selected limit a
+    /// report and an operation, in this frame: no list of selections is built or moved),
+    /// the runtime lists' client entries.
+    fn begin<'p>(
+        &self,
+        plan: &'p Plan,
+        request: &RequestCtx,
+        scope: Scope<'_>,
+        now: Timestamp,
+    ) -> Deciding<'p> {
+        let mut d = Deciding::new(plan, now);
+        if let Some(action) = self.runtime_action(plan, request, now) {
+            d.early = Some(action);
+            return d;
+        }
+        let (reports, pending, applied) = (&mut d.reports, &mut d.pending, &mut d.applied);
         let mut blocked = false;
-        let selection = select(&plan, request, &self.hasher, now, scope, |s| {
-            blocked |= charge(s, &mut reports, &mut pending, &mut applied);
+        let selection = select(plan, request, &self.hasher, now, scope, |s| {
+            blocked |= charge(s, reports, pending, applied);
         });
-        let skipped = match selection_action(selection) {
-            Ok(skipped) => skipped,
-            Err(action) => return finish(action, Vec::new(), Decided::default()),
-        };
-        if let Some(action) = self.runtime_key_action(&reports, now) {
-            return finish(action, Vec::new(), Decided::default());
+        d.blocked = blocked;
+        match selection_action(selection) {
+            Ok(skipped) => d.skipped = skipped,
+            Err(action) => d.early = Some(action),
         }
-        let mut decided = Decided {
+        if d.early.is_none() {
+            d.early = self.runtime_key_action(&d.reports, now);
+        }
+        d
+    }
+
+    /// The verdict: the action (a rejection, a soft action or allow), the runtime marks.
+    fn end(&self, request: &RequestCtx, d: Deciding<'_>) -> Verdict {
+        let Deciding {
+            plan,
+            now,
+            mut reports,
+            applied,
+            mut leases,
             skipped,
-            ..Decided::default()
-        };
-        let mut unavailable = None;
-        if !blocked && !pending.is_empty() {
-            let counting = self.count(&mut reports, &pending, &applied, now).await;
-            decided.leases = counting.leases;
-            decided.store_call = Some(counting.call);
-            unavailable = counting.unavailable;
-        }
-        let action = match unavailable {
-            Some(limit) => Action::Unavailable { limit },
-            None => action(&mut reports, &applied),
+            store_call,
+            unavailable,
+            early,
+            ..
+        } = d;
+        let action = match (early, unavailable) {
+            (Some(action), _) => {
+                reports.clear();
+                leases.clear();
+                action
+            }
+            (None, Some(limit)) => Action::Unavailable { limit },
+            (None, None) => action(&mut reports, &applied),
         };
         if !matches!(action, Action::Allow | Action::Warn | Action::Delay(_)) {
-            decided.leases.clear();
+            leases.clear();
         }
-        finish(action, reports, decided)
+        let (action, flags) = self.runtime_marks(request, &reports, action, now);
+        Verdict {
+            action,
+            reports,
+            leases,
+            skipped,
+            plan_version: Arc::clone(&plan.version),
+            elapsed: self.clock.now().saturating_since(now),
+            store_call,
+            flags,
+        }
     }
 
     /// Gives back the concurrency leases an admitted request holds; call when its response
@@ -263,12 +312,45 @@ impl<S: Store, C: Clock> Engine<S, C> {
     }
 }
 
-/// What a decision gathered besides its reports.
-#[derive(Default)]
-struct Decided {
+/// A decision under way, between selection and counting.
+struct Deciding<'p> {
+    plan: &'p Plan,
+    now: Timestamp,
+    reports: Vec<LimitReport>,
+    pending: SmallVec<[Pending; 4]>,
+    applied: SmallVec<[&'p Limit; 4]>,
+    /// A limit refuses without counting (a blocked tier, a missing key refused).
+    blocked: bool,
     leases: Vec<Lease>,
     skipped: Vec<SkippedLimit>,
     store_call: Option<StoreCall>,
+    /// The limit that fails closed, when the store failed.
+    unavailable: Option<Arc<str>>,
+    /// What a list, Cedar or a runtime entry decided before anything is counted.
+    early: Option<Action>,
+}
+
+impl<'p> Deciding<'p> {
+    fn new(plan: &'p Plan, now: Timestamp) -> Self {
+        Deciding {
+            plan,
+            now,
+            reports: Vec::new(),
+            pending: SmallVec::new(),
+            applied: SmallVec::new(),
+            blocked: false,
+            leases: Vec::new(),
+            skipped: Vec::new(),
+            store_call: None,
+            unavailable: None,
+            early: None,
+        }
+    }
+
+    /// Whether the store is to be asked.
+    fn counts(&self) -> bool {
+        self.early.is_none() && !self.blocked && !self.pending.is_empty()
+    }
 }
 
 /// What a selection says before anything is counted: the limits that did not apply, or the

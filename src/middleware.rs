@@ -7,22 +7,25 @@
 //! warning header or hold the request (on tokio's timer). Concurrency leases are given back
 //! when the response body ends, or when the request or the body is dropped.
 
-use std::future::Future;
-use std::pin::Pin;
+mod future;
+
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use axum::body::Body;
-use http::{HeaderValue, Request, Response};
+use http::{Request, Response};
 use tower::{Layer, Service};
 
+use self::future::Answer;
+pub use self::future::ResponseFuture;
 use crate::clock::{Clock, SystemClock};
 use crate::engine::Engine;
 use crate::identity::Identifier;
 use crate::pipeline::Pipeline;
-use crate::request::{PathError, RequestCtx, X_REQUEST_ID};
-use crate::response::{self, HeaderFamilies, grpc_refusal, refusal};
+use crate::request::{PathError, RequestCtx};
+use crate::response::{self, HeaderFamilies};
 use crate::store::{RuntimeStore, Store};
+use crate::verdict::Action;
 
 /// How the middleware reads requests and writes responses.
 #[derive(Debug, Clone, Default)]
@@ -177,9 +180,6 @@ impl<Inner: std::fmt::Debug, S, C> std::fmt::Debug for RateLimit<Inner, S, C> {
     }
 }
 
-/// The future of [`RateLimit`]'s responses.
-pub type ResponseFuture<E> = Pin<Box<dyn Future<Output = Result<Response<Body>, E>> + Send>>;
-
 impl<Inner, ReqBody, ResBody, S, C> Service<Request<ReqBody>> for RateLimit<Inner, S, C>
 where
     Inner: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
@@ -193,62 +193,53 @@ where
 {
     type Response = Response<Body>;
     type Error = Inner::Error;
-    type Future = ResponseFuture<Inner::Error>;
+    type Future = ResponseFuture<Inner::Future, S, C, Inner::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
+    /// Decides the request — without waiting when the store answers in this process, so
+    /// that the future is the inner service's own, wrapped; else in a boxed future — then
+    /// refuses it or calls the inner service.
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
         // The clone that was driven to readiness is the one to call (tower's usual swap).
         let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        let layer = self.layer.clone();
-        Box::pin(async move {
-            let request_id = crate::request::request_id(request.headers());
-            let grpc = is_grpc(request.headers());
-            let mut ctx = match request_ctx(&mut request, &layer.options.identifier) {
-                Ok(ctx) => ctx,
-                Err(error) => return Ok(bad_path(&error, &request_id)),
-            };
-            let only = layer.only.as_deref();
-            let admission = layer.pipeline.admit(&ctx, request_id, only).await;
-            // The headers go back to the request the application sees.
-            *request.headers_mut() = std::mem::take(&mut ctx.headers);
-            let headers = layer.options.headers;
-            if let Some(problem) = &admission.problem {
-                let refuse = if grpc { grpc_refusal } else { refusal };
-                let response = refuse(&admission.verdict, problem, headers, admission.request_id());
-                let status = problem.status;
-                admission.complete(status);
-                return Ok(response);
-            }
-            admission.hold().await;
-            let id = HeaderValue::from_str(admission.request_id()).ok();
-            if let Some(id) = &id {
-                request
-                    .headers_mut()
-                    .insert(X_REQUEST_ID.clone(), id.clone());
-            }
-            if layer.keep_context {
-                request.extensions_mut().insert(LayerContext(ctx));
-            }
-            let span = admission.span().clone();
-            let response = tracing::Instrument::instrument(inner.call(request), span).await;
-            let (mut parts, body) = match response {
-                Ok(response) => response.into_parts(),
-                Err(error) => {
-                    admission.complete(500);
-                    return Err(error);
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let layer = &self.layer;
+        let request_id = crate::request::request_id(request.headers());
+        let grpc = is_grpc(request.headers());
+        let ctx = match request_ctx(&mut request, &layer.options.identifier) {
+            Ok(ctx) => ctx,
+            Err(error) => return ResponseFuture::ready(Ok(bad_path(&error, &request_id))),
+        };
+        let only = layer.only.as_deref();
+        match layer.pipeline.admit_now(&ctx, request_id, only) {
+            Ok(admission) if !matches!(admission.verdict.action, Action::Delay(_)) => {
+                let answer = Answer::new(layer, grpc);
+                if let Some(refusal) = answer.refusal(&admission) {
+                    let status = admission.status();
+                    admission.complete(status);
+                    return ResponseFuture::ready(Ok(refusal));
                 }
-            };
-            response::write_rate_limit_headers(&admission.verdict, headers, &mut parts.headers);
-            if let Some(id) = id {
-                parts.headers.insert(X_REQUEST_ID.clone(), id);
+                let (call, id) = answer.forward(inner, request, ctx, &admission);
+                ResponseFuture::calling(call, admission, id, answer)
             }
-            let body = admission.complete_after(parts.status.as_u16(), body);
-            Ok(Response::from_parts(parts, body))
-        })
+            Ok(admission) => {
+                let answer = Answer::new(layer, grpc);
+                ResponseFuture::boxed(answer.go_on(inner, request, ctx, admission))
+            }
+            Err(request_id) => {
+                let layer = layer.clone();
+                ResponseFuture::boxed(async move {
+                    let only = layer.only.as_deref();
+                    let admission = layer.pipeline.admit(&ctx, request_id, only).await;
+                    Answer::new(&layer, grpc)
+                        .go_on(inner, request, ctx, admission)
+                        .await
+                })
+            }
+        }
     }
 }
 

@@ -137,6 +137,22 @@ impl<S: Store, C: Clock> Pipeline<S, C> {
         self.admitted(request, request_id, verdict, started, span)
     }
 
+    /// The admission phase without waiting, when the engine's store answers in this process
+    /// (the memory store); else `Err` with the request id back, for [`Pipeline::admit`].
+    pub fn admit_now(
+        self: &Arc<Self>,
+        request: &RequestCtx,
+        request_id: String,
+        only: Option<&[Arc<str>]>,
+    ) -> Result<Admission<S, C>, String> {
+        let started = self.engine.now();
+        let span = request_span(&request_id, &request.method);
+        match self.engine.decide_now(request, only) {
+            Some(verdict) => Ok(self.admitted(request, request_id, verdict, started, span)),
+            None => Err(request_id),
+        }
+    }
+
     /// What follows the verdict: the span, the refusal, the observers.
     fn admitted(
         self: &Arc<Self>,
@@ -147,7 +163,7 @@ impl<S: Store, C: Clock> Pipeline<S, C> {
         span: tracing::Span,
     ) -> Admission<S, C> {
         record_verdict(&span, &verdict, request, self.engine.key_hasher());
-        let problem = crate::response::problem(&verdict, Some(&request_id));
+        let problem = crate::response::problem(&verdict, Some(&request_id)).map(Box::new);
         let status = problem.as_ref().map_or(200, |p| p.status);
         let mut completions = SmallVec::new();
         if !self.observers.is_empty() {
@@ -178,7 +194,7 @@ pub struct Admission<S: Store, C: Clock> {
     /// The verdict.
     pub verdict: Verdict,
     /// The refusal, when the request does not go on.
-    pub problem: Option<Problem>,
+    pub problem: Option<Box<Problem>>,
     request_id: String,
     span: tracing::Span,
     finish: Finishing<S, C>,

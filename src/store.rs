@@ -189,6 +189,19 @@ pub trait Store: Send + Sync + 'static {
         now: Timestamp,
     ) -> impl Future<Output = Result<BatchResult, StoreError>> + Send;
 
+    /// Whether [`Store::try_apply`] answers every request now (a store in this process):
+    /// then a request is decided without waiting, and without a future to keep.
+    fn answers_now(&self) -> bool {
+        false
+    }
+
+    /// [`Store::apply`] without waiting, when the store can answer now (`None`: it cannot;
+    /// call `apply`).
+    fn try_apply(&self, ops: &[Op<'_>], now: Timestamp) -> Option<Result<BatchResult, StoreError>> {
+        let _ = (ops, now);
+        None
+    }
+
     /// Whether the store answers (for readiness).
     fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
         std::future::ready(Ok(()))
@@ -276,6 +289,14 @@ impl<S: Store + RuntimeStore + AdminStore> ServedStore for S {}
 
 /// A store shared by several engines (nodes of one process, tests) is a store.
 impl<S: Store> Store for std::sync::Arc<S> {
+    fn answers_now(&self) -> bool {
+        (**self).answers_now()
+    }
+
+    fn try_apply(&self, ops: &[Op<'_>], now: Timestamp) -> Option<Result<BatchResult, StoreError>> {
+        (**self).try_apply(ops, now)
+    }
+
     fn apply(
         &self,
         ops: &[Op<'_>],
@@ -434,6 +455,20 @@ impl AnyStore {
 }
 
 impl Store for AnyStore {
+    fn answers_now(&self) -> bool {
+        match self {
+            AnyStore::Memory(s) => s.answers_now(),
+            AnyStore::Redis(s) => s.answers_now(),
+        }
+    }
+
+    fn try_apply(&self, ops: &[Op<'_>], now: Timestamp) -> Option<Result<BatchResult, StoreError>> {
+        match self {
+            AnyStore::Memory(s) => s.try_apply(ops, now),
+            AnyStore::Redis(s) => s.try_apply(ops, now),
+        }
+    }
+
     async fn apply(&self, ops: &[Op<'_>], now: Timestamp) -> Result<BatchResult, StoreError> {
         match self {
             AnyStore::Memory(m) => m.apply(ops, now).await,

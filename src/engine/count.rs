@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use smallvec::SmallVec;
 
-use super::Engine;
-use crate::clock::{Clock, Timestamp};
+use super::{Deciding, Engine};
+use crate::clock::Clock;
 use crate::limiter::{Decision, LeaseId, Quota};
 use crate::plan::select::{Charge, Selected};
 use crate::plan::{Limit, Mode, StoreErrorMode};
@@ -26,58 +26,42 @@ pub(super) struct Pending {
     sync: Option<Duration>,
 }
 
-/// What counting gave: the leases taken, the limit that fails closed (the store failed),
-/// and the call itself.
-pub(super) struct Counting {
-    pub(super) leases: Vec<Lease>,
-    pub(super) unavailable: Option<Arc<str>>,
-    pub(super) call: StoreCall,
-}
-
 impl<S: Store, C: Clock> Engine<S, C> {
-    /// Counts the pending operations in the store, all or nothing; when the store fails,
-    /// each limit's `on_store_error` decides.
-    pub(super) async fn count(
+    /// Takes in the store's answer to a decision's operations (all or nothing, taken
+    /// with `lease`); when the store failed, each limit's `on_store_error` decides.
+    pub(super) fn counted(
         &self,
-        reports: &mut [LimitReport],
-        pending: &[Pending],
-        applied: &[&Limit],
-        now: Timestamp,
-    ) -> Counting {
-        let lease = self.lease_id(pending);
-        let mut leases = Vec::new();
-        let batch = ops(pending, reports, lease);
-        let result = self.store.apply(&batch, now).await;
-        drop(batch);
+        d: &mut Deciding<'_>,
+        lease: LeaseId,
+        result: Result<BatchResult, StoreError>,
+    ) {
+        let now = d.now;
         let took = self.clock.now().saturating_since(now);
         let error = match result {
             Ok(result) => {
                 record(
-                    reports,
-                    pending,
+                    &mut d.reports,
+                    &d.pending,
                     &result,
                     Counted::Store,
                     lease,
-                    &mut leases,
+                    &mut d.leases,
                 );
-                return Counting {
-                    leases,
-                    unavailable: None,
-                    call: StoreCall { took, error: None },
-                };
+                d.store_call = Some(StoreCall { took, error: None });
+                return;
             }
             Err(error) => error,
         };
-        let mut unavailable = None;
         let mut local: SmallVec<[Pending; 4]> = SmallVec::new();
-        for p in pending {
-            match applied[p.slot].on_store_error {
-                StoreErrorMode::Allow => reports[p.slot].counted = Counted::Skipped,
+        for p in &d.pending {
+            let limit = d.applied[p.slot];
+            match limit.on_store_error {
+                StoreErrorMode::Allow => d.reports[p.slot].counted = Counted::Skipped,
                 StoreErrorMode::Deny => {
                     if p.enforce {
-                        unavailable.get_or_insert_with(|| Arc::clone(&applied[p.slot].name));
+                        d.unavailable.get_or_insert_with(|| Arc::clone(&limit.name));
                     }
-                    reports[p.slot].counted = Counted::Skipped;
+                    d.reports[p.slot].counted = Counted::Skipped;
                 }
                 StoreErrorMode::Local => local.push(Pending {
                     quota: p.quota.share(self.local_nodes),
@@ -85,27 +69,29 @@ impl<S: Store, C: Clock> Engine<S, C> {
                 }),
             }
         }
-        if unavailable.is_none() && !local.is_empty() {
-            let result = self.local.apply_now(&ops(&local, reports, lease), now);
-            record(reports, &local, &result, Counted::Local, lease, &mut leases);
+        if d.unavailable.is_none() && !local.is_empty() {
+            let result = self.local.apply_now(&ops(&local, &d.reports, lease), now);
+            record(
+                &mut d.reports,
+                &local,
+                &result,
+                Counted::Local,
+                lease,
+                &mut d.leases,
+            );
         }
-        let failure = StoreFailure {
-            circuit_open: matches!(error, StoreError::CircuitOpen),
-            message: error.to_string(),
-        };
-        Counting {
-            leases,
-            unavailable,
-            call: StoreCall {
-                took,
-                error: Some(failure),
-            },
-        }
+        d.store_call = Some(StoreCall {
+            took,
+            error: Some(StoreFailure {
+                circuit_open: matches!(error, StoreError::CircuitOpen),
+                message: error.to_string(),
+            }),
+        });
     }
 
     /// A lease id only for requests that take a lease: the shared counter is a cache line
     /// every core would otherwise fight over on every request.
-    fn lease_id(&self, pending: &[Pending]) -> LeaseId {
+    pub(super) fn lease_id(&self, pending: &[Pending]) -> LeaseId {
         if pending
             .iter()
             .any(|p| matches!(p.quota, Quota::Concurrency(_)))
@@ -189,7 +175,7 @@ pub(super) fn charge<'p>(
 }
 
 /// The store operations for `pending`, keyed by their reports' keys.
-fn ops<'a>(
+pub(super) fn ops<'a>(
     pending: &[Pending],
     reports: &'a [LimitReport],
     lease: LeaseId,

@@ -40,6 +40,15 @@ impl Scope<'_> {
         counts: Counts::Requests,
         amount: None,
     };
+
+    /// Every limit that counts requests, or only the ones `only` names.
+    pub fn only(only: Option<&[Arc<str>]>) -> Scope<'_> {
+        Scope {
+            only,
+            counts: Counts::Requests,
+            amount: None,
+        }
+    }
 }
 
 /// What selection found for one request.

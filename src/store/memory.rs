@@ -262,6 +262,14 @@ impl MemoryStore {
 }
 
 impl Store for MemoryStore {
+    fn answers_now(&self) -> bool {
+        true
+    }
+
+    fn try_apply(&self, ops: &[Op<'_>], now: Timestamp) -> Option<Result<BatchResult, StoreError>> {
+        Some(Ok(self.apply_now(ops, now)))
+    }
+
     fn sweep(&self, now: Timestamp) -> usize {
         self.purge_expired(now)
     }
