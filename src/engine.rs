@@ -184,7 +184,8 @@ impl<S: Store, C: Clock> Engine<S, C> {
         }
         let plan = self.plan.load();
         let now = self.clock.now();
-        let mut d = self.begin(&plan, request, Scope::only(only), now);
+        let mut d = Deciding::new(&plan, now);
+        self.begin(&mut d, request, Scope::only(only));
         if d.counts() {
             let lease = self.lease_id(&d.pending);
             let result = self
@@ -209,7 +210,8 @@ impl<S: Store, C: Clock> Engine<S, C> {
             counts,
             amount,
         };
-        let mut d = self.begin(&plan, request, scope, now);
+        let mut d = Deciding::new(&plan, now);
+        self.begin(&mut d, request, scope);
         if d.counts() {
             let lease = self.lease_id(&d.pending);
             let result = self
@@ -224,17 +226,11 @@ impl<S: Store, C: Clock> Engine<S, C> {
     /// Everything before counting: the runtime lists, the selection (each selected limit a
     /// report and an operation, in this frame: no list of selections is built or moved),
     /// the runtime lists' client entries.
-    fn begin<'p>(
-        &self,
-        plan: &'p Plan,
-        request: &RequestCtx,
-        scope: Scope<'_>,
-        now: Timestamp,
-    ) -> Deciding<'p> {
-        let mut d = Deciding::new(plan, now);
+    fn begin<'p>(&self, d: &mut Deciding<'p>, request: &RequestCtx, scope: Scope<'_>) {
+        let (plan, now) = (d.plan, d.now);
         if let Some(action) = self.runtime_action(plan, request, now) {
             d.early = Some(action);
-            return d;
+            return;
         }
         let (reports, pending, applied) = (&mut d.reports, &mut d.pending, &mut d.applied);
         let mut blocked = false;
@@ -249,7 +245,6 @@ impl<S: Store, C: Clock> Engine<S, C> {
         if d.early.is_none() {
             d.early = self.runtime_key_action(&d.reports, now);
         }
-        d
     }
 
     /// The verdict: the action (a rejection, a soft action or allow), the runtime marks.
@@ -257,6 +252,7 @@ impl<S: Store, C: Clock> Engine<S, C> {
         let Deciding {
             plan,
             now,
+            counted_at,
             mut reports,
             applied,
             mut leases,
@@ -272,8 +268,16 @@ impl<S: Store, C: Clock> Engine<S, C> {
                 leases.clear();
                 action
             }
-            (None, Some(limit)) => Action::Unavailable { limit },
-            (None, None) => action(&mut reports, &applied),
+            (None, unavailable) => {
+                for (report, limit) in reports.iter_mut().zip(&applied) {
+                    report.outcome =
+                        Outcome::of(report.counted, report.mode, &report.decision, &limit.soft);
+                }
+                match unavailable {
+                    Some(limit) => Action::Unavailable { limit },
+                    None => action(&reports, &applied),
+                }
+            }
         };
         if !matches!(action, Action::Allow | Action::Warn | Action::Delay(_)) {
             leases.clear();
@@ -285,7 +289,11 @@ impl<S: Store, C: Clock> Engine<S, C> {
             leases,
             skipped,
             plan_version: Arc::clone(&plan.version),
-            elapsed: self.clock.now().saturating_since(now),
+            decided_at: now,
+            // One reading of the clock when the store was asked: when it answered.
+            elapsed: counted_at
+                .unwrap_or_else(|| self.clock.now())
+                .saturating_since(now),
             store_call,
             flags,
         }
@@ -316,6 +324,8 @@ impl<S: Store, C: Clock> Engine<S, C> {
 struct Deciding<'p> {
     plan: &'p Plan,
     now: Timestamp,
+    /// When the store answered, if it was asked.
+    counted_at: Option<Timestamp>,
     reports: Vec<LimitReport>,
     pending: SmallVec<[Pending; 4]>,
     applied: SmallVec<[&'p Limit; 4]>,
@@ -335,6 +345,7 @@ impl<'p> Deciding<'p> {
         Deciding {
             plan,
             now,
+            counted_at: None,
             reports: Vec::new(),
             pending: SmallVec::new(),
             applied: SmallVec::new(),
@@ -381,13 +392,11 @@ fn selection_action(selection: Selection<'_>) -> Result<Vec<SkippedLimit>, Actio
     }
 }
 
-/// Rejection, soft action or allow, from the reports of the limits that applied; each
-/// report's outcome is set on the way.
-fn action(reports: &mut [LimitReport], applied: &[&Limit]) -> Action {
+/// Rejection, soft action or allow, from the reports of the limits that applied.
+fn action(reports: &[LimitReport], applied: &[&Limit]) -> Action {
     let counted = |r: &LimitReport| r.counted != Counted::Skipped;
     let mut soft: Option<SoftAction> = None;
-    for (report, limit) in reports.iter_mut().zip(applied) {
-        report.outcome = Outcome::of(report.counted, report.mode, &report.decision, &limit.soft);
+    for (report, limit) in reports.iter().zip(applied) {
         if report.mode == Mode::Enforce && counted(report) && report.decision.allowed {
             soft = soft.max(soft_step(&limit.soft, report.decision.used_percent()));
         }

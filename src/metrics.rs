@@ -238,7 +238,7 @@ impl Metrics {
         let store_seconds = histogram(
             &registry,
             "tollgate_store_duration_seconds",
-            "Time of one counting call to the store (a batch for one request).",
+            "Time from a decision's start to the store's answer (one counting call, plus the selection before it).",
             prometheus::exponential_buckets(0.000_01, 2.0, 16).expect("valid buckets"),
         );
         let store_errors = counter(

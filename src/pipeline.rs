@@ -128,13 +128,12 @@ impl<S: Store, C: Clock> Pipeline<S, C> {
         request_id: String,
         only: Option<&[Arc<str>]>,
     ) -> Admission<S, C> {
-        let started = self.engine.now();
         let span = request_span(&request_id, &request.method);
         let verdict = match only {
             Some(names) => self.engine.decide_only(request, names).await,
             None => self.engine.decide(request).await,
         };
-        self.admitted(request, request_id, verdict, started, span)
+        self.admitted(request, request_id, verdict, span)
     }
 
     /// The admission phase without waiting, when the engine's store answers in this process
@@ -145,10 +144,9 @@ impl<S: Store, C: Clock> Pipeline<S, C> {
         request_id: String,
         only: Option<&[Arc<str>]>,
     ) -> Result<Admission<S, C>, String> {
-        let started = self.engine.now();
         let span = request_span(&request_id, &request.method);
         match self.engine.decide_now(request, only) {
-            Some(verdict) => Ok(self.admitted(request, request_id, verdict, started, span)),
+            Some(verdict) => Ok(self.admitted(request, request_id, verdict, span)),
             None => Err(request_id),
         }
     }
@@ -159,9 +157,9 @@ impl<S: Store, C: Clock> Pipeline<S, C> {
         request: &RequestCtx,
         request_id: String,
         verdict: Verdict,
-        started: Timestamp,
         span: tracing::Span,
     ) -> Admission<S, C> {
+        let started = verdict.decided_at;
         record_verdict(&span, &verdict, request, self.engine.key_hasher());
         let problem = crate::response::problem(&verdict, Some(&request_id)).map(Box::new);
         let status = problem.as_ref().map_or(200, |p| p.status);

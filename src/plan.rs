@@ -159,6 +159,42 @@ pub struct Limit {
     /// Local-first (`sync every …`): each node decides from its own count and the last
     /// global one, and sends its counts to the store once per this interval.
     pub sync: Option<Duration>,
+    /// The header values that depend on the limit and its quota only, made once: one per
+    /// value of its rate (per tier, in the table's order), `None` for a value without a
+    /// quota (`unlimited`, `blocked`).
+    pub headers: Vec<Option<Arc<PolicyHeaders>>>,
+}
+
+/// A quota's constant header values: `X-RateLimit-Limit` and `RateLimit-Policy`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyHeaders {
+    /// `X-RateLimit-Limit`: the quota.
+    pub limit: http::HeaderValue,
+    /// `RateLimit-Policy`: `"name";q=quota;w=window`.
+    pub policy: http::HeaderValue,
+}
+
+impl PolicyHeaders {
+    /// The values for limit `name` with `value`; `None` without a quota (or for a name no
+    /// header can hold).
+    pub fn of(name: &str, value: &TierValue) -> Option<Arc<PolicyHeaders>> {
+        let TierValue::Quota(quota) = value else {
+            return None;
+        };
+        let (q, w) = quota.policy();
+        let mut digits = itoa::Buffer::new();
+        let mut policy = String::with_capacity(name.len() + 32);
+        policy.push('"');
+        policy.push_str(name);
+        policy.push_str("\";q=");
+        policy.push_str(digits.format(q));
+        policy.push_str(";w=");
+        policy.push_str(digits.format(w));
+        Some(Arc::new(PolicyHeaders {
+            limit: http::HeaderValue::from(q),
+            policy: http::HeaderValue::try_from(policy).ok()?,
+        }))
+    }
 }
 
 /// `authorize action "read";`: Cedar must permit the action, or the request is refused.

@@ -44,6 +44,26 @@ impl Default for HeaderFamilies {
     }
 }
 
+/// `n` as a header value: for the small numbers most headers carry (seconds to a reset,
+/// what is left of a quota), one made once and shared, without an allocation.
+fn number(n: u64) -> HeaderValue {
+    /// Values below this are kept.
+    const KEPT: usize = 1024;
+    static SMALL: std::sync::LazyLock<Vec<HeaderValue>> = std::sync::LazyLock::new(|| {
+        (0..KEPT)
+            .map(|n| {
+                // Made once per process: static bytes are shared without a count.
+                let text: &'static str = Box::leak(n.to_string().into_boxed_str());
+                HeaderValue::from_static(text)
+            })
+            .collect()
+    });
+    match usize::try_from(n).ok().and_then(|i| SMALL.get(i)) {
+        Some(value) => value.clone(),
+        None => HeaderValue::from(n),
+    }
+}
+
 /// Whole seconds, rounded up: a client that waits this long is not early.
 pub fn ceil_secs(d: Duration) -> u64 {
     d.as_micros().div_ceil(1_000_000) as u64
@@ -64,21 +84,26 @@ pub fn write_rate_limit_headers(
     families: HeaderFamilies,
     headers: &mut HeaderMap,
 ) {
-    let num = |n: u64| HeaderValue::from(n);
+    let num = number;
     // Up to six more headers: grow the map once.
     headers.reserve(6);
     if let Some(report) = verdict.headline() {
         let d = &report.decision;
         let reset = ceil_secs(d.reset);
+        // The quota's own values were made with the plan; a report without them (a
+        // limit refused without counting) has them made here.
+        let made = report.headers.clone();
         if families.legacy {
-            headers.insert(X_RATELIMIT_LIMIT.clone(), num(d.limit));
+            let limit = made
+                .as_ref()
+                .map_or_else(|| num(d.limit), |h| h.limit.clone());
+            headers.insert(X_RATELIMIT_LIMIT.clone(), limit);
             headers.insert(X_RATELIMIT_REMAINING.clone(), num(d.remaining));
             headers.insert(X_RATELIMIT_RESET.clone(), num(reset));
         }
         if families.ietf {
             // `"name";q=100;w=60` and `"name";r=42;t=17`, written without `format!` (these
             // two headers are on every response).
-            let (q, w) = report.policy;
             let item = |a: &str, x: u64, b: &str, y: u64| {
                 let mut digits = itoa::Buffer::new();
                 let mut v = String::with_capacity(report.limit.len() + 32);
@@ -90,10 +115,12 @@ pub fn write_rate_limit_headers(
                 v.push_str(digits.format(y));
                 HeaderValue::try_from(v)
             };
-            if let (Ok(p), Ok(c)) = (
-                item("\";q=", q, ";w=", w),
-                item("\";r=", d.remaining, ";t=", reset),
-            ) {
+            let (q, w) = report.policy;
+            let policy = match made {
+                Some(h) => Ok(h.policy.clone()),
+                None => item("\";q=", q, ";w=", w),
+            };
+            if let (Ok(p), Ok(c)) = (policy, item("\";r=", d.remaining, ";t=", reset)) {
                 headers.insert(RATELIMIT_POLICY.clone(), p);
                 headers.insert(RATELIMIT.clone(), c);
             }

@@ -12,7 +12,7 @@ use http::StatusCode;
 use crate::clock::Timestamp;
 use crate::limiter::{Decision, LeaseId};
 use crate::plan::key::CounterKey;
-use crate::plan::{AnomalyActions, Mode, SoftAction, SoftStep};
+use crate::plan::{AnomalyActions, Mode, PolicyHeaders, SoftAction, SoftStep};
 
 /// What to do with a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -221,6 +221,8 @@ pub struct LimitReport {
     pub tier: Option<Arc<str>>,
     /// The quota and window, in seconds, for `RateLimit-Policy`.
     pub policy: (u64, u64),
+    /// The quota's constant header values, made with the plan (`None`: made when needed).
+    pub headers: Option<Arc<PolicyHeaders>>,
     /// The decision.
     pub decision: Decision,
     /// Whether the key was refused because of a ban.
@@ -295,6 +297,8 @@ pub struct Verdict {
     pub skipped: Vec<SkippedLimit>,
     /// The plan version that decided.
     pub plan_version: Arc<str>,
+    /// When deciding started.
+    pub decided_at: Timestamp,
     /// How long deciding took.
     pub elapsed: Duration,
     /// The counting call, when the store was asked.

@@ -36,7 +36,12 @@ impl<S: Store, C: Clock> Engine<S, C> {
         result: Result<BatchResult, StoreError>,
     ) {
         let now = d.now;
-        let took = self.clock.now().saturating_since(now);
+        // From the decision's start: the selection before the call is a few hundred
+        // nanoseconds, the call itself (Redis) far longer; one reading of the clock serves
+        // the call and the decision.
+        let answered = self.clock.now();
+        d.counted_at = Some(answered);
+        let took = answered.saturating_since(now);
         let error = match result {
             Ok(result) => {
                 record(
@@ -119,6 +124,7 @@ pub(super) fn charge<'p>(
         key,
         charge,
         authorization,
+        headers,
         ..
     } = selected;
     if let Some(answer) = authorization.filter(|a| !a.allowed) {
@@ -164,7 +170,9 @@ pub(super) fn charge<'p>(
         key,
         tier,
         policy,
-        outcome: Outcome::of(counted, limit.mode, &decision, &[]),
+        headers,
+        // Set once the store has answered (`Engine::end`).
+        outcome: Outcome::Allow,
         decision,
         banned: false,
         counted,

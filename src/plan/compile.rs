@@ -16,8 +16,8 @@ use super::key::{KeyPart, KeySource, KeySpec, is_secret_header};
 use super::route::{PatternId, RouteIndex, Template};
 use super::{
     Anomaly, AnomalyActions, Authorize, CedarImport, Cost, Counts, DenyRule, Detector, Limit,
-    LimitRate, ListRule, MissingKey, Mode, OnExceed, Pick, Plan, SoftAction, SoftStep,
-    StoreErrorMode, TierSource, TierTable, TierValue,
+    LimitRate, ListRule, MissingKey, Mode, OnExceed, Pick, Plan, PolicyHeaders, SoftAction,
+    SoftStep, StoreErrorMode, TierSource, TierTable, TierValue,
 };
 use crate::diagnostic::{PolicyError, PolicyErrors, Span};
 use crate::dsl::ast::{self, Spanned};

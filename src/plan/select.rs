@@ -14,7 +14,7 @@ use super::condition::Env;
 use super::key::{CounterKey, KeySource};
 use super::{
     Cost, Counts, DenyRule, KeyHasher, Limit, LimitRate, ListRule, MissingKey, Mode, Pick, Plan,
-    TierSource, TierTable, TierValue,
+    PolicyHeaders, TierSource, TierTable, TierValue,
 };
 use crate::authz::{Answer, Asking};
 use crate::clock::Timestamp;
@@ -96,6 +96,8 @@ pub struct Selected<'p> {
     /// Cedar's answer to the limit's `authorize`, if it has one (a denial here means the
     /// limit is in shadow mode: it is reported, not enforced).
     pub authorization: Option<Arc<Answer>>,
+    /// The quota's constant header values.
+    pub headers: Option<Arc<PolicyHeaders>>,
 }
 
 /// What a selected limit does with the request.
@@ -233,7 +235,7 @@ pub fn select_limits<'p>(
                 answer: Arc::clone(answer),
             });
         }
-        let (value, tier) = tier_value(plan, limit, env);
+        let (value, tier, position) = tier_value(plan, limit, env);
         let quota = match value {
             TierValue::Unlimited => continue,
             TierValue::Quota(q) => Some(q),
@@ -274,6 +276,7 @@ pub fn select_limits<'p>(
             key,
             key_missing,
             charge,
+            headers: limit.headers.get(position).cloned().flatten(),
             authorization: authorization.map(|(_, answer)| answer),
         });
     }
@@ -346,14 +349,15 @@ fn context_tier(plan: &Plan, limit: &Limit, env: &Env<'_>) -> Option<Arc<str>> {
     Some(Arc::clone(&table.tiers[resolve_tier(table, env)]))
 }
 
-/// The limit's value for this request, and the tier it came from.
-fn tier_value(plan: &Plan, limit: &Limit, env: &Env<'_>) -> (TierValue, Option<Arc<str>>) {
+/// The limit's value for this request, the tier it came from, and the value's position
+/// among the limit's (its headers' too).
+fn tier_value(plan: &Plan, limit: &Limit, env: &Env<'_>) -> (TierValue, Option<Arc<str>>, usize) {
     match &limit.rate {
-        LimitRate::Fixed(v) => (*v, None),
+        LimitRate::Fixed(v) => (*v, None, 0),
         LimitRate::Tiered { table, values, .. } => {
             let table = &plan.tiers[*table];
             let t = resolve_tier(table, env);
-            (values[t], Some(Arc::clone(&table.tiers[t])))
+            (values[t], Some(Arc::clone(&table.tiers[t])), t)
         }
     }
 }

@@ -83,12 +83,20 @@ impl<'a> Compiler<'a> {
             None => Some(None),
         };
         algorithm?;
+        let rate = rate?;
+        let headers = match &rate {
+            LimitRate::Fixed(v) => vec![PolicyHeaders::of(&name.node, v)],
+            LimitRate::Tiered { values, .. } => values
+                .iter()
+                .map(|v| PolicyHeaders::of(&name.node, v))
+                .collect(),
+        };
         Some(Limit {
             name: Arc::from(name.node.as_str()),
             namespace: Arc::clone(namespace),
             condition,
             key: key?,
-            rate: rate?,
+            rate,
             cost: cost?,
             soft: soft?,
             on_exceed: on_exceed?,
@@ -99,6 +107,7 @@ impl<'a> Compiler<'a> {
             counts: counts?,
             authorize: authorize?,
             sync,
+            headers,
         })
         .filter(|_| ok)
     }
