@@ -219,7 +219,7 @@ impl<S: Store + RuntimeStore, C: Clock> Inner<S, C> {
                 threshold,
                 window,
                 actions: anomaly.actions.clone(),
-                plan_version: Arc::from(watch.plan.version()),
+                plan_version: watch.plan.plan_version(),
                 at: now,
             };
             self.act(&detection).await;

@@ -288,7 +288,7 @@ impl<S: Store, C: Clock> Engine<S, C> {
             reports,
             leases,
             skipped,
-            plan_version: Arc::clone(&plan.version),
+            plan_version: plan.plan_version(),
             decided_at: now,
             // One reading of the clock when the store was asked: when it answered.
             elapsed: counted_at

@@ -76,7 +76,7 @@ pub fn explain(plan: &Plan, request: &RequestCtx, hasher: &KeyHasher) -> Explana
             unauthorized: unauthorized.is_some(),
         };
         Explanation {
-            plan_version: Arc::clone(&plan.version),
+            plan_version: Arc::from(plan.version()),
             safelisted: plan
                 .safelists
                 .iter()

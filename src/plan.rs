@@ -24,10 +24,54 @@ use crate::diagnostic::PolicyError;
 use crate::limiter::Quota;
 pub use crate::request::ValueFrom;
 
+/// A plan's version: the first 16 hex digits of the content hash of its sources, held
+/// inline (a verdict copies it: no reference count shared by every request).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PlanVersion([u8; 16]);
+
+impl PlanVersion {
+    /// The version of a hash's hex digits (the first 16; shorter input is padded with `0`).
+    pub fn from_hex(hex: &str) -> Self {
+        let mut digits = [b'0'; 16];
+        for (slot, b) in digits
+            .iter_mut()
+            .zip(hex.bytes().filter(u8::is_ascii_hexdigit))
+        {
+            *slot = b;
+        }
+        PlanVersion(digits)
+    }
+
+    /// The 16 hex digits.
+    pub fn as_str(&self) -> &str {
+        // Only ASCII hex digits are stored.
+        std::str::from_utf8(&self.0).unwrap_or("0000000000000000")
+    }
+}
+
+impl std::ops::Deref for PlanVersion {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Display for PlanVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Debug for PlanVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PlanVersion({})", self.as_str())
+    }
+}
+
 /// A compiled, validated set of policies.
 #[derive(Debug)]
 pub struct Plan {
-    pub(crate) version: Arc<str>,
+    pub(crate) version: PlanVersion,
     pub(crate) limits: Vec<Limit>,
     /// Whether a limit `counts bytes` (the proxy then paces streamed bodies).
     pub(crate) counts_bytes: bool,
@@ -47,7 +91,12 @@ pub struct Plan {
 impl Plan {
     /// The content hash of the sources this plan was compiled from.
     pub fn version(&self) -> &str {
-        &self.version
+        self.version.as_str()
+    }
+
+    /// The content hash, as a value every verdict carries (copied, never counted).
+    pub fn plan_version(&self) -> PlanVersion {
+        self.version
     }
 
     /// Whether a limit `counts bytes`: streamed response bodies are then paced.

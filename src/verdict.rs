@@ -12,7 +12,7 @@ use http::StatusCode;
 use crate::clock::Timestamp;
 use crate::limiter::{Decision, LeaseId};
 use crate::plan::key::CounterKey;
-use crate::plan::{AnomalyActions, Mode, PolicyHeaders, SoftAction, SoftStep};
+use crate::plan::{AnomalyActions, Mode, PlanVersion, PolicyHeaders, SoftAction, SoftStep};
 
 /// What to do with a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -296,7 +296,7 @@ pub struct Verdict {
     /// Limits that matched but did not apply (`on_missing_key skip`), and why.
     pub skipped: Vec<SkippedLimit>,
     /// The plan version that decided.
-    pub plan_version: Arc<str>,
+    pub plan_version: PlanVersion,
     /// When deciding started.
     pub decided_at: Timestamp,
     /// How long deciding took.
@@ -368,7 +368,7 @@ pub struct Detection {
     /// What was done.
     pub actions: AnomalyActions,
     /// The plan's version.
-    pub plan_version: Arc<str>,
+    pub plan_version: PlanVersion,
     /// When it was detected.
     pub at: Timestamp,
 }

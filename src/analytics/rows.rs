@@ -205,7 +205,7 @@ fn key_kind(client: &str) -> String {
 pub struct DecisionEvent {
     ts: u32,
     node: Arc<str>,
-    plan_version: Arc<str>,
+    plan_version: crate::plan::PlanVersion,
     tenant: String,
     client_ip: Option<std::net::IpAddr>,
     truncate_ip: bool,
@@ -271,7 +271,7 @@ impl DecisionEvent {
         let base = DecisionRow {
             ts: self.ts,
             node: self.node,
-            plan_version: self.plan_version,
+            plan_version: Arc::from(self.plan_version.as_str()),
             tenant: Arc::from(self.tenant),
             client_ip: self.client_ip.map_or_else(Arc::default, |ip| {
                 Arc::from(client_ip(ip, self.truncate_ip))
@@ -393,7 +393,7 @@ pub fn event(
     Some(DecisionEvent {
         ts: u32::try_from(cx.now.as_micros() / 1_000_000).unwrap_or(u32::MAX),
         node: Arc::clone(cx.node),
-        plan_version: Arc::clone(&verdict.plan_version),
+        plan_version: verdict.plan_version,
         tenant: cx
             .shape
             .tenant_header

@@ -39,6 +39,11 @@ impl<S: Store, C: Clock> std::fmt::Debug for Finishing<S, C> {
 }
 
 impl<S: Store, C: Clock> Finishing<S, C> {
+    /// Nothing to follow: a completion that does nothing.
+    pub(super) fn nothing() -> Self {
+        Finishing { pending: None }
+    }
+
     pub(super) fn new(
         pipeline: Arc<Pipeline<S, C>>,
         started: Timestamp,

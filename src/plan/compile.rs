@@ -16,8 +16,8 @@ use super::key::{KeyPart, KeySource, KeySpec, is_secret_header};
 use super::route::{PatternId, RouteIndex, Template};
 use super::{
     Anomaly, AnomalyActions, Authorize, CedarImport, Cost, Counts, DenyRule, Detector, Limit,
-    LimitRate, ListRule, MissingKey, Mode, OnExceed, Pick, Plan, PolicyHeaders, SoftAction,
-    SoftStep, StoreErrorMode, TierSource, TierTable, TierValue,
+    LimitRate, ListRule, MissingKey, Mode, OnExceed, Pick, Plan, PlanVersion, PolicyHeaders,
+    SoftAction, SoftStep, StoreErrorMode, TierSource, TierTable, TierValue,
 };
 use crate::diagnostic::{PolicyError, PolicyErrors, Span};
 use crate::dsl::ast::{self, Spanned};
@@ -374,7 +374,7 @@ impl<'a> Compiler<'a> {
 use crate::diagnostic::did_you_mean as suggest;
 
 /// The plan's version: a hash of every source file and imported Cedar file.
-fn version_hash(files: &[ParsedFile], imports: &[CedarImport]) -> Arc<str> {
+fn version_hash(files: &[ParsedFile], imports: &[CedarImport]) -> PlanVersion {
     let mut hasher = blake3::Hasher::new();
     for file in files {
         hasher.update(file.source.name().as_bytes());
@@ -393,6 +393,5 @@ fn version_hash(files: &[ParsedFile], imports: &[CedarImport]) -> Arc<str> {
             }
         }
     }
-    let hex = hasher.finalize().to_hex();
-    Arc::from(&hex.as_str()[..16])
+    PlanVersion::from_hex(hasher.finalize().to_hex().as_str())
 }
