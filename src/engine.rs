@@ -193,7 +193,7 @@ impl<S: Store, C: Clock> Engine<S, C> {
                 .try_apply(&ops(&d.pending, &d.reports, lease), now)?;
             self.counted(&mut d, lease, result);
         }
-        Some(self.end(request, d))
+        Some(self.end(request, &mut d))
     }
 
     async fn decide_with(
@@ -220,7 +220,7 @@ impl<S: Store, C: Clock> Engine<S, C> {
                 .await;
             self.counted(&mut d, lease, result);
         }
-        self.end(request, d)
+        self.end(request, &mut d)
     }
 
     /// Everything before counting: the runtime lists, the selection (each selected limit a
@@ -248,53 +248,43 @@ impl<S: Store, C: Clock> Engine<S, C> {
     }
 
     /// The verdict: the action (a rejection, a soft action or allow), the runtime marks.
-    fn end(&self, request: &RequestCtx, d: Deciding<'_>) -> Verdict {
-        let Deciding {
-            plan,
-            now,
-            counted_at,
-            mut reports,
-            applied,
-            mut leases,
-            skipped,
-            store_call,
-            unavailable,
-            early,
-            ..
-        } = d;
-        let action = match (early, unavailable) {
+    fn end(&self, request: &RequestCtx, d: &mut Deciding<'_>) -> Verdict {
+        let mut reports = std::mem::take(&mut d.reports);
+        let mut leases = std::mem::take(&mut d.leases);
+        let action = match (d.early.take(), d.unavailable.take()) {
             (Some(action), _) => {
                 reports.clear();
                 leases.clear();
                 action
             }
             (None, unavailable) => {
-                for (report, limit) in reports.iter_mut().zip(&applied) {
+                for (report, limit) in reports.iter_mut().zip(&d.applied) {
                     report.outcome =
                         Outcome::of(report.counted, report.mode, &report.decision, &limit.soft);
                 }
                 match unavailable {
                     Some(limit) => Action::Unavailable { limit },
-                    None => action(&reports, &applied),
+                    None => action(&reports, &d.applied),
                 }
             }
         };
         if !matches!(action, Action::Allow | Action::Warn | Action::Delay(_)) {
             leases.clear();
         }
-        let (action, flags) = self.runtime_marks(request, &reports, action, now);
+        let (action, flags) = self.runtime_marks(request, &reports, action, d.now);
         Verdict {
             action,
             reports,
             leases,
-            skipped,
-            plan_version: plan.plan_version(),
-            decided_at: now,
+            skipped: std::mem::take(&mut d.skipped),
+            plan_version: d.plan.plan_version(),
+            decided_at: d.now,
             // One reading of the clock when the store was asked: when it answered.
-            elapsed: counted_at
+            elapsed: d
+                .counted_at
                 .unwrap_or_else(|| self.clock.now())
-                .saturating_since(now),
-            store_call,
+                .saturating_since(d.now),
+            store_call: d.store_call.take(),
             flags,
         }
     }

@@ -272,7 +272,7 @@ pub struct StoreCall {
     /// How long it took.
     pub took: Duration,
     /// Why it failed (each limit's `on_store_error` then decided), if it did.
-    pub error: Option<StoreFailure>,
+    pub error: Option<Box<StoreFailure>>,
 }
 
 /// A failed counting call.

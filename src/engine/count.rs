@@ -87,10 +87,10 @@ impl<S: Store, C: Clock> Engine<S, C> {
         }
         d.store_call = Some(StoreCall {
             took,
-            error: Some(StoreFailure {
+            error: Some(Box::new(StoreFailure {
                 circuit_open: matches!(error, StoreError::CircuitOpen),
                 message: error.to_string(),
-            }),
+            })),
         });
     }
 
