@@ -42,34 +42,8 @@ impl<'a> Compiler<'a> {
                 ban: None,
             }),
         };
-        let mode = self.keyword_or(f, settings.mode, "mode", MODES, Mode::Enforce);
-        let on_store_error = self.keyword_or(
-            f,
-            settings.on_store_error,
-            "on_store_error",
-            STORE_ERROR_MODES,
-            StoreErrorMode::Allow,
-        );
-        let on_missing_key = self.keyword_or(
-            f,
-            settings.on_missing_key,
-            "on_missing_key",
-            MISSING_KEY_MODES,
-            MissingKey::Ip,
-        );
-        let counts = self.keyword_or(f, settings.counts, "counts", COUNTS, Counts::Requests);
-        if counts.is_some_and(|c| c != Counts::Requests)
-            && algorithm == Some(Algorithm::Concurrency)
-        {
-            self.error_help(
-                f,
-                name.span,
-                "a concurrency limit counts requests",
-                "counts messages or bytes",
-                "count messages or bytes with a rate, such as `rate 10/s;`",
-            );
-            ok = false;
-        }
+        let (mode, on_store_error, on_missing_key) = self.limit_modes(f, &settings);
+        let counts = self.counts(f, &settings, algorithm, &name.span, &mut ok);
         let sync = self.sync(f, &settings, algorithm, on_exceed.as_ref(), &mut ok);
         // A local-first limit never fails open: without the store it counts its node's share
         // (`local`), unless it says `deny`.
@@ -110,6 +84,56 @@ impl<'a> Compiler<'a> {
             headers,
         })
         .filter(|_| ok)
+    }
+
+    /// The keyword settings: `mode`, `on_store_error`, `on_missing_key` (each `None` when
+    /// misspelt; the problem is reported).
+    fn limit_modes(
+        &mut self,
+        f: usize,
+        settings: &Settings<'a>,
+    ) -> (Option<Mode>, Option<StoreErrorMode>, Option<MissingKey>) {
+        let mode = self.keyword_or(f, settings.mode, "mode", MODES, Mode::Enforce);
+        let on_store_error = self.keyword_or(
+            f,
+            settings.on_store_error,
+            "on_store_error",
+            STORE_ERROR_MODES,
+            StoreErrorMode::Allow,
+        );
+        let on_missing_key = self.keyword_or(
+            f,
+            settings.on_missing_key,
+            "on_missing_key",
+            MISSING_KEY_MODES,
+            MissingKey::Ip,
+        );
+        (mode, on_store_error, on_missing_key)
+    }
+
+    /// `counts`: requests, messages or bytes (a concurrency limit counts requests).
+    fn counts(
+        &mut self,
+        f: usize,
+        settings: &Settings<'a>,
+        algorithm: Option<Algorithm>,
+        at: &Span,
+        ok: &mut bool,
+    ) -> Option<Counts> {
+        let counts = self.keyword_or(f, settings.counts, "counts", COUNTS, Counts::Requests);
+        if counts.is_some_and(|c| c != Counts::Requests)
+            && algorithm == Some(Algorithm::Concurrency)
+        {
+            self.error_help(
+                f,
+                *at,
+                "a concurrency limit counts requests",
+                "counts messages or bytes",
+                "count messages or bytes with a rate, such as `rate 10/s;`",
+            );
+            *ok = false;
+        }
+        counts
     }
 
     /// The limit's statements: its settings over the file's defaults, and its conditions
