@@ -68,7 +68,10 @@ pub fn explain(plan: &Plan, request: &RequestCtx, hasher: &KeyHasher) -> Explana
             }
         };
         let on_list = |conditions: &[crate::plan::Condition]| {
-            conditions.iter().find_map(|c| c.explain(env).ok())
+            conditions
+                .iter()
+                .filter(|c| c.names_descriptor() == env.request.descriptor.is_some())
+                .find_map(|c| c.explain(env).ok())
         };
         let selected = Selected {
             applied: &applied,
@@ -173,6 +176,22 @@ fn applies(
     value: TierValue,
 ) -> (bool, String) {
     let missing = || limit.key.missing_part(env.request).unwrap_or_default();
+    match (limit.for_descriptors, env.request.descriptor.is_some()) {
+        (true, false) => {
+            return (
+                false,
+                "it is for Envoy rate-limit requests (its conditions name `domain` or `descriptor`), not HTTP requests".to_owned(),
+            );
+        }
+        (false, true) => {
+            return (
+                false,
+                "it is for HTTP requests (its conditions name neither `domain` nor `descriptor`)"
+                    .to_owned(),
+            );
+        }
+        _ => {}
+    }
     match (chosen, limit.condition.explain(env)) {
         (Some(s), Ok(why)) if s.key_missing => {
             let then = match limit.on_missing_key {
@@ -217,6 +236,7 @@ fn tier_words(reason: &TierReason<'_>, env: &Env<'_>) -> String {
     let source = |from: &ValueFrom| match from {
         ValueFrom::Header { name, .. } => format!("header `{name}`"),
         ValueFrom::Claim(c) => format!("claim `{c}`"),
+        ValueFrom::Descriptor(k) => format!("descriptor entry `{k}`"),
     };
     match reason {
         TierReason::Named(from) => format!("from {}", source(from)),

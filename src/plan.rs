@@ -183,6 +183,9 @@ pub struct Limit {
     pub namespace: Arc<str>,
     /// When it applies.
     pub condition: Condition,
+    /// Whether it is for Envoy rate-limit requests (its conditions name `domain` or
+    /// `descriptor`), not for HTTP requests.
+    pub for_descriptors: bool,
     /// What it counts by.
     pub key: KeySpec,
     /// How much it allows.

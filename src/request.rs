@@ -1,5 +1,6 @@
 //! What the engine knows about one request.
 
+mod descriptor;
 mod incoming;
 pub mod path;
 mod value;
@@ -10,6 +11,7 @@ use std::net::IpAddr;
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 
+pub use self::descriptor::{Descriptor, REMOTE_ADDRESS, SHOULD_RATE_LIMIT};
 pub use self::incoming::{X_REQUEST_ID, request_id};
 pub use self::path::PathError;
 pub use self::value::{KeyHasher, ValueFrom};
@@ -46,6 +48,10 @@ pub struct RequestCtx {
     /// they do): only then do header-derived identities and tiers count, unless the
     /// policy marks the header `trusted`.
     pub headers_trusted: bool,
+    /// For a descriptor of an Envoy rate-limit request (gRPC): its domain and entries. Only
+    /// limits, lists and anomalies whose conditions name `domain` or `descriptor` meet these
+    /// requests, and only these requests meet them.
+    pub descriptor: Option<Box<Descriptor>>,
 }
 
 /// A header name or value that HTTP does not allow.
@@ -86,6 +92,7 @@ impl RequestCtx {
             cost: None,
             connection_id: None,
             headers_trusted: false,
+            descriptor: None,
         }
     }
 

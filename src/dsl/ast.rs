@@ -105,6 +105,8 @@ pub enum ValueSource {
     TrustedHeader(Spanned<String>),
     /// `claim("name")`
     Claim(Spanned<String>),
+    /// `descriptor("key")`: an entry of an Envoy rate-limit request's descriptor.
+    Descriptor(Spanned<String>),
 }
 
 /// `key identity = first_of(user_id, ip);`
@@ -145,6 +147,8 @@ pub enum KeySource {
     Claim(Spanned<String>),
     /// `query("name")`
     Query(Spanned<String>),
+    /// `descriptor("key")`: an entry of an Envoy rate-limit request's descriptor.
+    Descriptor(Spanned<String>),
     /// `ip/24`
     IpPrefix(Spanned<u64>),
     /// A built-in source (`ip`, `user_id`, …) or a named key.
@@ -432,6 +436,31 @@ pub enum ConditionKind {
     Cedar(Spanned<String>),
     /// `cedar principal in Role "staff"`: the entity type and id of an ancestor.
     CedarPrincipalIn(Ident, Spanned<String>),
+    /// `domain "d"` or `domain ~= "re"`: an Envoy rate-limit request's domain.
+    Domain {
+        /// Whether the value is a regular expression.
+        regex: bool,
+        /// The domain or the expression.
+        value: Spanned<String>,
+    },
+    /// `descriptor("k")`, `descriptor("k") == "v"`: an entry of the descriptor, anywhere.
+    Descriptor {
+        /// The entry's key.
+        key: Spanned<String>,
+        /// The comparison; none means "present".
+        test: Option<(CmpOp, Spanned<String>)>,
+    },
+    /// `descriptor ["k" == "v", "k2"]`: the descriptor's entries, exactly and in order.
+    DescriptorShape(Vec<ShapeEntry>),
+}
+
+/// One entry of `descriptor [...]`: its key, and a test of its value if one is written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShapeEntry {
+    /// The entry's key.
+    pub key: Spanned<String>,
+    /// The comparison; none means any value.
+    pub test: Option<(CmpOp, Spanned<String>)>,
 }
 
 /// `safelist name { … }` or `denylist name { … }`

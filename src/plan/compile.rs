@@ -10,9 +10,9 @@ use std::time::Duration;
 use http::{HeaderName, Method, StatusCode};
 use regex::{Regex, RegexBuilder};
 
-use super::condition::Condition;
+use super::condition::{Condition, ValueTest};
 use super::ipset::IpSet;
-use super::key::{KeyPart, KeySource, KeySpec, is_secret_header};
+use super::key::{KeyPart, KeySource, KeySpec, is_secret_header, is_secret_name};
 use super::route::{PatternId, RouteIndex, Template};
 use super::{
     Anomaly, AnomalyActions, Authorize, CedarImport, Cost, Counts, DenyRule, Detector, Limit,
@@ -25,6 +25,7 @@ use crate::dsl::{ParsedFile, PolicySet};
 use crate::limiter::{BucketQuota, CalendarPeriod, ConcurrencyQuota, Quota, WindowQuota};
 
 mod conditions;
+mod envoy;
 mod imports;
 mod keys;
 mod limits;
@@ -94,6 +95,7 @@ const BUILTIN_KEYS: &[&str] = &[
     "route",
     "method",
     "host",
+    "domain",
     "global",
     "connection",
 ];

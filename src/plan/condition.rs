@@ -59,6 +59,48 @@ pub enum Condition {
         /// The ancestor.
         ancestor: Arc<cedar_policy::EntityUid>,
     },
+    /// The domain of an Envoy rate-limit request passes the test.
+    Domain(ValueTest),
+    /// An entry of the descriptor (the first with this key) passes the test.
+    Descriptor(Arc<str>, ValueTest),
+    /// The descriptor's entries are exactly these keys, in order, each value passing its
+    /// test.
+    DescriptorShape(Vec<(Arc<str>, ValueTest)>),
+}
+
+/// A test of a value that may be missing.
+#[derive(Debug, Clone)]
+pub enum ValueTest {
+    /// Present, whatever its value.
+    Present,
+    /// Present and equal to this.
+    Is(Arc<str>),
+    /// Missing, or different from this.
+    IsNot(Arc<str>),
+    /// Present and matching this.
+    Matches(Regex),
+}
+
+impl ValueTest {
+    /// Whether `value` passes.
+    pub fn eval(&self, value: Option<&str>) -> bool {
+        match self {
+            ValueTest::Present => value.is_some(),
+            ValueTest::Is(v) => value == Some(&**v),
+            ValueTest::IsNot(v) => value != Some(&**v),
+            ValueTest::Matches(re) => value.is_some_and(|v| re.is_match(v)),
+        }
+    }
+
+    /// The test in words, after what is tested: "is `v`", "matches `re`".
+    fn describe(&self) -> String {
+        match self {
+            ValueTest::Present => "is present".to_owned(),
+            ValueTest::Is(v) => format!("is `{v}`"),
+            ValueTest::IsNot(v) => format!("is not `{v}`"),
+            ValueTest::Matches(re) => format!("matches `{re}`"),
+        }
+    }
 }
 
 /// What a condition needs to be evaluated besides the request.
@@ -95,6 +137,17 @@ impl Condition {
             Condition::IpIn(set) => r.client_ip.is_some_and(|ip| set.contains(ip)),
             Condition::Cedar { cedar, action } => env.cedar.answer(r, *cedar, action).allowed,
             Condition::CedarIn { cedar, ancestor } => env.cedar.principal_in(r, *cedar, ancestor),
+            Condition::Domain(test) => r.descriptor.is_some() && test.eval(r.domain()),
+            Condition::Descriptor(key, test) => {
+                r.descriptor.is_some() && test.eval(r.descriptor_value(key))
+            }
+            Condition::DescriptorShape(entries) => r.descriptor.as_ref().is_some_and(|d| {
+                d.entries.len() == entries.len()
+                    && d.entries
+                        .iter()
+                        .zip(entries)
+                        .all(|((k, v), (key, test))| k == &**key && test.eval(Some(v)))
+            }),
         }
     }
 
@@ -125,6 +178,9 @@ impl Condition {
             },
             Condition::Route { methods, patterns } => explain_route(methods, patterns, env),
             Condition::Cedar { .. } | Condition::CedarIn { .. } => self.explain_cedar(env),
+            Condition::Domain(_) | Condition::Descriptor(..) | Condition::DescriptorShape(_) => {
+                self.explain_descriptor(env)
+            }
             Condition::Method(_)
             | Condition::HostIs(_)
             | Condition::HostMatches(_)
@@ -188,6 +244,67 @@ impl Condition {
             _ => (String::from("holds"), String::from("fails")),
         };
         if holds { Ok(yes) } else { Err(no) }
+    }
+
+    /// Why a condition on an Envoy rate-limit request's domain or descriptor holds or fails.
+    fn explain_descriptor(&self, env: &Env<'_>) -> Result<String, String> {
+        let r = env.request;
+        let Some(descriptor) = &r.descriptor else {
+            return Err("not an Envoy rate-limit request (no domain, no descriptor)".to_owned());
+        };
+        let (subject, test) = match self {
+            Condition::Domain(test) => (format!("domain `{}`", descriptor.domain), test.describe()),
+            Condition::Descriptor(key, test) => (
+                format!(
+                    "descriptor entry `{key}` ({})",
+                    shown(r.descriptor_value(key))
+                ),
+                test.describe(),
+            ),
+            Condition::DescriptorShape(entries) => {
+                let shape: Vec<String> = entries
+                    .iter()
+                    .map(|(key, test)| match test {
+                        ValueTest::Present => format!("`{key}`"),
+                        _ => format!("`{key}` {}", test.describe()),
+                    })
+                    .collect();
+                (
+                    format!("descriptor [{}]", descriptor.shown()),
+                    format!("is [{}]", shape.join(", ")),
+                )
+            }
+            // Only descriptor conditions are sent here (see `explain`).
+            _ => (String::from("the request"), String::from("holds")),
+        };
+        if self.eval(env) {
+            Ok(format!("{subject} {test}"))
+        } else {
+            Err(format!("{subject} fails the test: {test}"))
+        }
+    }
+
+    /// Whether the condition holds, and is one for the request's kind: conditions that name
+    /// `domain` or `descriptor` are for Envoy rate-limit requests, the others for HTTP
+    /// requests (a list's line, an anomaly's `match`; a limit keeps the answer of
+    /// [`Condition::names_descriptor`] in `for_descriptors`).
+    pub fn meets(&self, env: &Env<'_>) -> bool {
+        self.names_descriptor() == env.request.descriptor.is_some() && self.eval(env)
+    }
+
+    /// Whether the condition, or a part of it, reads an Envoy rate-limit request's domain or
+    /// descriptor: what makes a limit, list or anomaly one for those requests.
+    pub fn names_descriptor(&self) -> bool {
+        match self {
+            Condition::Domain(_) | Condition::Descriptor(..) | Condition::DescriptorShape(_) => {
+                true
+            }
+            Condition::All(parts) | Condition::Any(parts) => {
+                parts.iter().any(Condition::names_descriptor)
+            }
+            Condition::Not(part) => part.names_descriptor(),
+            _ => false,
+        }
     }
 
     /// Why a Cedar condition holds or fails: Cedar's answer, in words.

@@ -59,6 +59,15 @@ pub enum KeySource {
     Claim(Arc<str>),
     /// A query parameter.
     Query(Arc<str>),
+    /// An entry of an Envoy rate-limit request's descriptor; `secret` ones are hashed.
+    Descriptor {
+        /// The entry's key.
+        key: Arc<str>,
+        /// Whether its value is a credential (the key's name says so).
+        secret: bool,
+    },
+    /// The domain of an Envoy rate-limit request.
+    Domain,
     /// The route template that matched.
     Route,
     /// The method.
@@ -75,10 +84,20 @@ impl KeySpec {
     /// The first part of the key that a request may lack (a user, a header…), in words;
     /// `None` when every request has a value for every part.
     pub fn may_be_missing(&self) -> Option<&'static str> {
+        self.may_be_missing_unless(|_| false)
+    }
+
+    /// [`KeySpec::may_be_missing`], for requests known to have a value for the sources
+    /// `present` says (a descriptor entry the conditions require).
+    pub fn may_be_missing_unless(
+        &self,
+        present: impl Fn(&KeySource) -> bool,
+    ) -> Option<&'static str> {
+        let missing = |s: &KeySource| if present(s) { None } else { s.may_be_missing() };
         self.parts.iter().find_map(|part| match part {
-            KeyPart::One(source) => source.may_be_missing(),
+            KeyPart::One(source) => missing(source),
             KeyPart::FirstOf(sources) => {
-                let missing: Vec<_> = sources.iter().map(KeySource::may_be_missing).collect();
+                let missing: Vec<_> = sources.iter().map(missing).collect();
                 missing
                     .iter()
                     .all(Option::is_some)
@@ -100,23 +119,37 @@ impl KeySource {
             KeySource::Header { .. } => Some("a header"),
             KeySource::Claim(_) => Some("a claim"),
             KeySource::Query(_) => Some("a query parameter"),
+            KeySource::Descriptor { .. } => Some("a descriptor entry"),
             KeySource::Host => Some("host"),
             KeySource::Connection => Some("connection"),
-            KeySource::Ip { .. } | KeySource::Route | KeySource::Method | KeySource::Global => None,
+            // Every Envoy rate-limit request has a domain (HTTP requests cannot name it).
+            KeySource::Ip { .. }
+            | KeySource::Route
+            | KeySource::Method
+            | KeySource::Global
+            | KeySource::Domain => None,
         }
     }
 }
 
 /// Header names whose values are credentials: hashed before use.
 pub(crate) fn is_secret_header(name: &HeaderName) -> bool {
-    let n = name.as_str();
+    is_secret_name(name.as_str())
+}
+
+/// Names (of headers, of descriptor entries) whose values are credentials, in any case and
+/// with `_` or `-`: `authorization`, `cookie`, `x-api-key`, `api_key`, anything with
+/// `token` or `secret`.
+pub(crate) fn is_secret_name(name: &str) -> bool {
+    let n = name.to_ascii_lowercase().replace('_', "-");
     matches!(
-        n,
+        n.as_str(),
         "authorization" | "proxy-authorization" | "cookie" | "x-api-key"
     ) || n.contains("token")
         || n.contains("secret")
         || n.contains("api-key")
         || n.contains("apikey")
+        || n.contains("password")
 }
 
 /// Values longer than this are hashed, so that keys stay short.
@@ -221,6 +254,8 @@ impl KeySource {
             KeySource::Header { name, .. } => format!("header(\"{name}\")"),
             KeySource::Claim(c) => format!("claim(\"{c}\")"),
             KeySource::Query(q) => format!("query(\"{q}\")"),
+            KeySource::Descriptor { key, .. } => format!("descriptor(\"{key}\")"),
+            KeySource::Domain => "domain".to_owned(),
             KeySource::Route => "route".to_owned(),
             KeySource::Method => "method".to_owned(),
             KeySource::Host => "host".to_owned(),
@@ -284,6 +319,25 @@ impl KeySource {
                     out.push_str(name);
                     ("", v.into())
                 }
+                None => return false,
+            },
+            KeySource::Descriptor { key, secret } => match r.descriptor_value(key) {
+                Some(v) if *secret => {
+                    out.push_str("d.");
+                    push_escaped(out, key, hasher);
+                    out.push_str(":#");
+                    out.push_str(&hasher.hash(v));
+                    return true;
+                }
+                Some(v) => {
+                    out.push_str("d.");
+                    push_escaped(out, key, hasher);
+                    ("", v.into())
+                }
+                None => return false,
+            },
+            KeySource::Domain => match r.domain() {
+                Some(d) => ("domain", d.into()),
                 None => return false,
             },
             KeySource::Route => (

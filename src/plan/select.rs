@@ -172,7 +172,7 @@ fn select_in<'p>(
     if let Some(list) = plan
         .safelists
         .iter()
-        .find(|l| l.conditions.iter().any(|c| c.eval(env)))
+        .find(|l| l.conditions.iter().any(|c| c.meets(env)))
     {
         // A safelist lifts limits, not authorization: `authorize` still holds.
         return match authorization_only(plan, env) {
@@ -183,7 +183,7 @@ fn select_in<'p>(
     if let Some(deny) = plan
         .denylists
         .iter()
-        .find(|d| d.list.conditions.iter().any(|c| c.eval(env)))
+        .find(|d| d.list.conditions.iter().any(|c| c.meets(env)))
     {
         return Selection::Forbid(deny);
     }
@@ -214,7 +214,10 @@ pub fn select_limits<'p>(
     let mut skipped = Vec::new();
     for index in candidates {
         let limit = &plan.limits[index];
-        if limit.mode == Mode::Off || limit.counts != scope.counts {
+        if limit.mode == Mode::Off
+            || limit.counts != scope.counts
+            || limit.for_descriptors != request.descriptor.is_some()
+        {
             continue;
         }
         let route = focus(plan, limit, env);
@@ -305,7 +308,9 @@ fn authorization_only<'p>(plan: &'p Plan, env: &Env<'_>) -> Option<Unauthorized<
         .find_map(|index| {
             let limit = &plan.limits[index];
             let auth = limit.authorize.as_ref()?;
-            if limit.mode != Mode::Enforce {
+            if limit.mode != Mode::Enforce
+                || limit.for_descriptors != env.request.descriptor.is_some()
+            {
                 return None;
             }
             focus(plan, limit, env);
@@ -522,7 +527,7 @@ pub fn watching(
         plan.anomalies
             .iter()
             .enumerate()
-            .filter(|(_, a)| a.condition.eval(env))
+            .filter(|(_, a)| a.condition.meets(env))
             .filter_map(|(i, a)| {
                 let route = a
                     .condition

@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use super::RequestCtx;
 
-/// A request value read by name: a header (believed from trusted proxies unless `trusted`)
-/// or a claim of the verified token.
+/// A request value read by name: a header (believed from trusted proxies unless `trusted`),
+/// a claim of the verified token, or a descriptor entry of an Envoy rate-limit request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ValueFrom {
     /// A request header.
@@ -18,6 +18,8 @@ pub enum ValueFrom {
     },
     /// A claim (a JSON array of strings is read as its items joined by commas).
     Claim(Arc<str>),
+    /// An entry of an Envoy rate-limit request's descriptor.
+    Descriptor(Arc<str>),
 }
 
 impl ValueFrom {
@@ -29,6 +31,7 @@ impl ValueFrom {
             }
             ValueFrom::Header { .. } => None,
             ValueFrom::Claim(claim) => request.claims.get(&**claim).map(String::as_str),
+            ValueFrom::Descriptor(key) => request.descriptor_value(key),
         }
     }
 }

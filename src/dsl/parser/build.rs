@@ -41,13 +41,16 @@ impl Builder<'_> {
         ImportValue { name, source, span }
     }
 
-    /// `header("X")`, `header("X") trusted` or `claim("c")`.
+    /// `header("X")`, `header("X") trusted`, `claim("c")` or `descriptor("k")`.
     pub(super) fn value_source(&self, source: P<'_>) -> ValueSource {
         match source.as_rule() {
             Rule::trusted_header => ValueSource::TrustedHeader(
                 self.string(next(&mut next(&mut source.into_inner()).into_inner())),
             ),
             Rule::header_ref => ValueSource::Header(self.string(next(&mut source.into_inner()))),
+            Rule::descriptor_ref => {
+                ValueSource::Descriptor(self.string(next(&mut source.into_inner())))
+            }
             _ => ValueSource::Claim(self.string(next(&mut source.into_inner()))),
         }
     }
@@ -270,6 +273,9 @@ impl Builder<'_> {
             ),
             Rule::claim_ref => KeySource::Claim(self.string(next(&mut pair.into_inner()))),
             Rule::query_ref => KeySource::Query(self.string(next(&mut pair.into_inner()))),
+            Rule::descriptor_ref => {
+                KeySource::Descriptor(self.string(next(&mut pair.into_inner())))
+            }
             Rule::ip_prefix => KeySource::IpPrefix(self.number(next(&mut pair.into_inner()))),
             _ => KeySource::Name(self.ident(pair)),
         }
@@ -397,9 +403,10 @@ impl Builder<'_> {
                 Rule::tier_from => {
                     let source = next(&mut part.into_inner());
                     let value = match source.as_rule() {
-                        Rule::header_ref | Rule::trusted_header | Rule::claim_ref => {
-                            TierSource::Request(self.value_source(source))
-                        }
+                        Rule::header_ref
+                        | Rule::trusted_header
+                        | Rule::claim_ref
+                        | Rule::descriptor_ref => TierSource::Request(self.value_source(source)),
                         _ => {
                             let mut parts = source.into_inner();
                             let annotation = self.string(next(&mut parts));

@@ -47,27 +47,34 @@ impl Builder<'_> {
                     .collect(),
             ),
             Rule::host_cond => {
-                let first = next(&mut inner);
-                if first.as_rule() == Rule::regex_op {
-                    ConditionKind::Host {
-                        regex: true,
-                        value: self.string(next(&mut inner)),
-                    }
-                } else {
-                    ConditionKind::Host {
-                        regex: false,
-                        value: self.string(first),
-                    }
-                }
+                let (regex, value) = self.literal_or_regex(inner);
+                ConditionKind::Host { regex, value }
+            }
+            Rule::domain_cond => {
+                let (regex, value) = self.literal_or_regex(inner);
+                ConditionKind::Domain { regex, value }
             }
             Rule::header_cond => {
-                let name = self.string(next(&mut next(&mut inner).into_inner()));
-                let test = inner.next().map(|op| {
-                    let op = cmp_op(&op);
-                    (op, self.string(next(&mut inner)))
-                });
+                let (name, test) = self.named_test(inner);
                 ConditionKind::Header { name, test }
             }
+            Rule::descriptor_cond => {
+                let (key, test) = self.named_test(inner);
+                ConditionKind::Descriptor { key, test }
+            }
+            Rule::descriptor_shape => ConditionKind::DescriptorShape(
+                inner
+                    .map(|entry| {
+                        let mut parts = entry.into_inner();
+                        let key = self.string(next(&mut parts));
+                        let test = parts.next().map(|op| {
+                            let op = cmp_op(&op);
+                            (op, self.string(next(&mut parts)))
+                        });
+                        ShapeEntry { key, test }
+                    })
+                    .collect(),
+            ),
             Rule::user_agent_cond => {
                 let op = cmp_op(&next(&mut inner));
                 ConditionKind::UserAgent(op, self.string(next(&mut inner)))
@@ -96,6 +103,32 @@ impl Builder<'_> {
             }
         };
         Condition { kind, span }
+    }
+
+    /// `"v"` or `~= "re"`: the value, and whether it is a regular expression.
+    fn literal_or_regex(
+        &self,
+        mut inner: pest::iterators::Pairs<'_, Rule>,
+    ) -> (bool, Spanned<String>) {
+        let first = next(&mut inner);
+        if first.as_rule() == Rule::regex_op {
+            (true, self.string(next(&mut inner)))
+        } else {
+            (false, self.string(first))
+        }
+    }
+
+    /// `header("X") == "v"`, `descriptor("k")`: the name, and the test if one is written.
+    fn named_test(
+        &self,
+        mut inner: pest::iterators::Pairs<'_, Rule>,
+    ) -> (Spanned<String>, Option<(CmpOp, Spanned<String>)>) {
+        let name = self.string(next(&mut next(&mut inner).into_inner()));
+        let test = inner.next().map(|op| {
+            let op = cmp_op(&op);
+            (op, self.string(next(&mut inner)))
+        });
+        (name, test)
     }
 
     pub(super) fn anomaly(

@@ -203,6 +203,10 @@ fn describe(rule: Rule) -> &'static str {
         | Rule::claim_ref
         | Rule::query_ref
         | Rule::ip_prefix => "a key",
+        Rule::descriptor_ref | Rule::descriptor_cond => "`descriptor(\"…\")`",
+        Rule::descriptor_shape => "`descriptor [\"key\", …]`",
+        Rule::shape_entry => "a descriptor entry like `\"key\"` or `\"key\" == \"value\"`",
+        Rule::domain_cond => "`domain`",
         Rule::defaults_block => "`defaults`",
         Rule::rate | Rule::rate_value | Rule::period => "a rate like `100/min`",
         Rule::burst => "`burst`",

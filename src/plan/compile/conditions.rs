@@ -1,4 +1,5 @@
-//! Conditions: routes, methods, hosts, headers, address lists, Cedar.
+//! Conditions: routes, methods, hosts, headers, address lists, Cedar, Envoy's domains and
+//! descriptors.
 
 use super::*;
 
@@ -71,7 +72,46 @@ impl<'a> Compiler<'a> {
                     })
             }
             K::CedarPrincipalIn(kind, id) => self.principal_in(f, c.span, kind, id),
+            K::Domain { regex, value } => Some(Condition::Domain(if *regex {
+                ValueTest::Matches(self.regex(f, value)?)
+            } else {
+                ValueTest::Is(Arc::from(value.node.as_str()))
+            })),
+            K::Descriptor { key, test } => {
+                let key = self.descriptor_key(f, key)?;
+                Some(Condition::Descriptor(
+                    key,
+                    self.value_test(f, test.as_ref())?,
+                ))
+            }
+            K::DescriptorShape(entries) => {
+                let mut shape = Vec::with_capacity(entries.len());
+                let mut ok = true;
+                for entry in entries {
+                    let key = self.descriptor_key(f, &entry.key);
+                    let test = self.value_test(f, entry.test.as_ref());
+                    match (key, test) {
+                        (Some(key), Some(test)) => shape.push((key, test)),
+                        _ => ok = false,
+                    }
+                }
+                ok.then_some(Condition::DescriptorShape(shape))
+            }
         }
+    }
+
+    /// `== "v"`, `!= "v"`, `~= "re"`, or nothing (present).
+    fn value_test(
+        &mut self,
+        f: usize,
+        test: Option<&(ast::CmpOp, Spanned<String>)>,
+    ) -> Option<ValueTest> {
+        Some(match test {
+            None => ValueTest::Present,
+            Some((ast::CmpOp::Eq, v)) => ValueTest::Is(Arc::from(v.node.as_str())),
+            Some((ast::CmpOp::Ne, v)) => ValueTest::IsNot(Arc::from(v.node.as_str())),
+            Some((ast::CmpOp::Matches, v)) => ValueTest::Matches(self.regex(f, v)?),
+        })
     }
 
     /// `ip in [...]`: addresses and networks, at least one.

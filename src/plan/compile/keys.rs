@@ -70,6 +70,13 @@ impl<'a> Compiler<'a> {
             }
             ast::KeySource::Claim(name) => one(KeySource::Claim(Arc::from(name.node.as_str()))),
             ast::KeySource::Query(name) => one(KeySource::Query(Arc::from(name.node.as_str()))),
+            ast::KeySource::Descriptor(key) => {
+                let key = self.descriptor_key(f, key)?;
+                one(KeySource::Descriptor {
+                    secret: is_secret_name(&key),
+                    key,
+                })
+            }
             ast::KeySource::IpPrefix(bits) => {
                 let b = bits.node;
                 match b {
@@ -100,6 +107,7 @@ impl<'a> Compiler<'a> {
                 "route" => one(KeySource::Route),
                 "method" => one(KeySource::Method),
                 "host" => one(KeySource::Host),
+                "domain" => one(KeySource::Domain),
                 "global" => one(KeySource::Global),
                 "connection" => one(KeySource::Connection),
                 other => {
@@ -121,7 +129,7 @@ impl<'a> Compiler<'a> {
                         let mut known: Vec<&str> = self.keys.keys().copied().collect();
                         known.extend(BUILTIN_KEYS);
                         let help = suggest(other, &known).unwrap_or_else(|| {
-                            "define it with `key NAME = …;` or use a built-in: ip, user_id, api_token, route, method, host, global, header(\"…\"), claim(\"…\"), query(\"…\")".to_owned()
+                            "define it with `key NAME = …;` or use a built-in: ip, user_id, api_token, route, method, host, domain, global, header(\"…\"), claim(\"…\"), query(\"…\"), descriptor(\"…\")".to_owned()
                         });
                         self.error_help(
                             f,
@@ -166,7 +174,25 @@ impl<'a> Compiler<'a> {
                     trusted: true,
                 })
             }
+            ast::ValueSource::Descriptor(key) => {
+                self.descriptor_key(f, key).map(ValueFrom::Descriptor)
+            }
         }
+    }
+
+    /// The key of a descriptor entry (`descriptor("remote_address")`): not empty.
+    pub(super) fn descriptor_key(&mut self, f: usize, key: &Spanned<String>) -> Option<Arc<str>> {
+        if key.node.is_empty() {
+            self.error_help(
+                f,
+                key.span,
+                "a descriptor entry's key is not empty",
+                "empty key",
+                "name the entry's key as Envoy's action writes it, such as `remote_address`, or the `descriptor_key` of a `request_headers` or `generic_key` action",
+            );
+            return None;
+        }
+        Some(Arc::from(key.node.as_str()))
     }
 
     pub(super) fn header_name(&mut self, f: usize, name: &Spanned<String>) -> Option<HeaderName> {

@@ -12,7 +12,24 @@ impl<'a> Compiler<'a> {
     ) -> Option<Limit> {
         let (settings, condition, mut ok) = self.limit_body(f, block, defaults);
         let name = &block.name;
-        let key = self.limit_key(f, &settings, &name.node);
+        let written: Vec<&ast::Condition> = block
+            .stmts
+            .iter()
+            .flat_map(|stmt| match stmt {
+                ast::LimitStmt::Match(block) => block.node.iter().collect(),
+                ast::LimitStmt::When(c) => vec![c],
+                ast::LimitStmt::Setting(_) => Vec::new(),
+            })
+            .collect();
+        let key = self.limit_key(f, &settings, &name.node, &written);
+        let for_descriptors = condition.names_descriptor();
+        if for_descriptors {
+            ok &= self.descriptor_conditions(f, &written);
+        }
+        if let Some(key) = &key {
+            let key_span = settings.key.map_or(name.span, |k| k.span);
+            ok &= self.key_fits(f, key_span, key, for_descriptors);
+        }
         let Some(rate_value) = settings.rate else {
             self.error_help(
                 f,
@@ -65,9 +82,10 @@ impl<'a> Compiler<'a> {
                 .map(|v| PolicyHeaders::of(&name.node, v))
                 .collect(),
         };
-        Some(Limit {
+        let limit = Limit {
             name: Arc::from(name.node.as_str()),
             namespace: Arc::clone(namespace),
+            for_descriptors,
             condition,
             key: key?,
             rate,
@@ -82,8 +100,13 @@ impl<'a> Compiler<'a> {
             authorize: authorize?,
             sync,
             headers,
-        })
-        .filter(|_| ok)
+        };
+        ok &= if for_descriptors {
+            self.descriptor_limit(f, name, &settings, &limit)
+        } else {
+            self.http_limit_tiers(f, name, &settings, &limit)
+        };
+        ok.then_some(limit)
     }
 
     /// The keyword settings: `mode`, `on_store_error`, `on_missing_key` (each `None` when
@@ -176,16 +199,27 @@ impl<'a> Compiler<'a> {
     }
 
     /// The key the limit counts by (the client address when none is given); a key that may
-    /// be missing without `on_missing_key` is a warning.
-    fn limit_key(&mut self, f: usize, settings: &Settings<'a>, limit: &str) -> Option<KeySpec> {
+    /// be missing without `on_missing_key` is a warning (not a descriptor entry that the
+    /// conditions name: Envoy sends a descriptor whole).
+    fn limit_key(
+        &mut self,
+        f: usize,
+        settings: &Settings<'a>,
+        limit: &str,
+        written: &[&ast::Condition],
+    ) -> Option<KeySpec> {
         let Some(expr) = settings.key else {
             return Some(KeySpec {
                 parts: vec![KeyPart::One(KeySource::Ip { v4: 32, v6: 64 })],
             });
         };
         let key = self.key_expr(f, expr);
+        let named = envoy::entries_named(written);
         if let (Some(spec), None) = (&key, settings.on_missing_key)
-            && let Some(missing) = spec.may_be_missing()
+            && let Some(missing) = spec.may_be_missing_unless(|s| match s {
+                KeySource::Descriptor { key, .. } => named.contains(&&**key),
+                _ => false,
+            })
         {
             self.warn_missing_key(f, expr.span, limit, missing);
         }

@@ -9,11 +9,16 @@ impl<'a> Compiler<'a> {
         block: &ast::ListBlock,
         safelist: bool,
     ) -> (ListRule, StatusCode, Option<Arc<str>>) {
-        let conditions: Vec<Condition> = block
-            .conditions
-            .iter()
-            .filter_map(|c| self.condition(f, c))
-            .collect();
+        let mut conditions: Vec<Condition> = Vec::with_capacity(block.conditions.len());
+        for written in &block.conditions {
+            let Some(line) = self.condition(f, written) else {
+                continue;
+            };
+            // A line that names `domain` or `descriptor` is for Envoy rate-limit requests.
+            if !line.names_descriptor() || self.descriptor_conditions(f, &[written]) {
+                conditions.push(line);
+            }
+        }
         if block.conditions.is_empty() {
             self.error_help(
                 f,
@@ -104,6 +109,7 @@ impl<'a> Compiler<'a> {
             _ => Condition::All(conditions),
         };
         let (key, detector, actions) = (key?, detector?, actions?);
+        ok &= self.anomaly_fits(f, block, &condition, &key, &detector);
         ok.then(|| Anomaly {
             name: Arc::from(block.name.node.as_str()),
             counter: Arc::from(format!(
@@ -118,6 +124,60 @@ impl<'a> Compiler<'a> {
             detector,
             actions,
         })
+    }
+
+    /// Errors for the parts of an anomaly that could never hold or have a value for the
+    /// requests it watches (Envoy rate-limit requests when its conditions name `domain` or
+    /// `descriptor`, else HTTP requests). `false` when there was one.
+    fn anomaly_fits(
+        &mut self,
+        f: usize,
+        block: &ast::AnomalyBlock,
+        condition: &Condition,
+        key: &KeySpec,
+        detector: &Detector,
+    ) -> bool {
+        let for_descriptors = condition.names_descriptor();
+        let mut ok = true;
+        let mut key_span = block.name.span;
+        for stmt in &block.stmts {
+            match stmt {
+                ast::AnomalyStmt::Match(m) if for_descriptors => {
+                    let written: Vec<&ast::Condition> = m.node.iter().collect();
+                    ok &= self.descriptor_conditions(f, &written);
+                }
+                ast::AnomalyStmt::Key(k) => key_span = k.span,
+                ast::AnomalyStmt::Detect(d) => {
+                    if let Detector::Distinct { source, .. } = detector {
+                        let reads_descriptor =
+                            matches!(source, crate::plan::ValueFrom::Descriptor(_));
+                        if reads_descriptor != for_descriptors {
+                            ok = false;
+                            let (kind, help) = if for_descriptors {
+                                (
+                                    "an Envoy rate-limit request",
+                                    "count distinct values of a descriptor entry: `detect distinct descriptor(\"user\") > 20 in 10min;`",
+                                )
+                            } else {
+                                (
+                                    "an HTTP request",
+                                    "name `domain` or `descriptor` in the anomaly's `match` to watch Envoy rate-limit requests",
+                                )
+                            };
+                            self.error_help(
+                                f,
+                                d.span,
+                                format!("the values counted never exist for {kind}"),
+                                "no value",
+                                help,
+                            );
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        ok & self.key_fits(f, key_span, key, for_descriptors)
     }
 
     /// An anomaly block's statements, each once (a second one is a problem).
