@@ -72,6 +72,8 @@ pub struct Settings {
     pub breaker_max_backoff_ms: u64,
     /// Address of the admin listener.
     pub admin_listen: SocketAddr,
+    /// Address of Envoy's gRPC rate-limit service (off when unset).
+    pub grpc_listen: Option<SocketAddr>,
     /// Token the admin API requires.
     pub admin_token: Option<String>,
     /// Proxies whose forwarding headers are believed.
@@ -213,6 +215,7 @@ impl Settings {
             breaker_failures: 3,
             breaker_max_backoff_ms: 1_000,
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9091)),
+            grpc_listen: None,
             admin_token: None,
             trusted_proxies: Vec::new(),
             key_secret: None,

@@ -95,6 +95,23 @@ impl Quota {
         }
     }
 
+    /// The same algorithm at another rate: `count` per `per` microseconds (Envoy's limit
+    /// override). Windows keep their kind, buckets hold `count` at most; a calendar quota
+    /// becomes a fixed window of `per`; concurrency is not a rate and stays.
+    pub fn with_rate(self, count: NonZeroU64, per: NonZeroU64) -> Quota {
+        let window = WindowQuota {
+            limit: count,
+            window: per,
+        };
+        match self {
+            Quota::FixedWindow(_) | Quota::Calendar { .. } => Quota::FixedWindow(window),
+            Quota::SlidingWindow(_) => Quota::SlidingWindow(window),
+            Quota::TokenBucket(_) => Quota::TokenBucket(BucketQuota::new(count, count, per)),
+            Quota::Gcra(_) => Quota::Gcra(BucketQuota::new(count, count, per)),
+            Quota::Concurrency(_) => self,
+        }
+    }
+
     /// One node's share of the quota when `nodes` nodes count alone (the `local` store-error
     /// mode): amounts divided by `nodes`, rounded down but at least 1, and rates divided by
     /// `nodes`. Rounding down means the nodes together never admit more than the quota,

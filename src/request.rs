@@ -11,8 +11,8 @@ use std::net::IpAddr;
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 
-pub use self::descriptor::{Descriptor, REMOTE_ADDRESS, SHOULD_RATE_LIMIT};
-pub use self::incoming::{X_REQUEST_ID, request_id};
+pub use self::descriptor::{Descriptor, LimitOverride, REMOTE_ADDRESS, SHOULD_RATE_LIMIT};
+pub use self::incoming::{X_REQUEST_ID, request_id, request_id_from};
 pub use self::path::PathError;
 pub use self::value::{KeyHasher, ValueFrom};
 

@@ -43,6 +43,8 @@ use crate::{PolicySet, compile};
 mod admin;
 mod admin_client;
 mod decision;
+#[cfg(feature = "envoy")]
+mod envoy;
 mod extract;
 mod forward_auth;
 mod health;
@@ -51,6 +53,8 @@ mod start;
 pub use self::admin::{AdminState, admin_router};
 pub use self::admin_client::{AdminClient, AdminError, AdminReply};
 use self::decision::{check, release, report};
+#[cfg(feature = "envoy")]
+pub use self::envoy::{EnvoyService, serve_envoy};
 use self::forward_auth::forward_auth;
 use self::health::{not_found, ready, set_request_id};
 pub use self::start::{build, identifier, load_plan, redis_options};
@@ -388,12 +392,57 @@ pub async fn serve(
             None
         }
     };
+    // The gRPC listener stops with the HTTP one.
+    let (stopping, stopped) = tokio::sync::watch::channel(false);
+    let grpc = grpc_listener(settings, &state, stopped).await?;
     tracing::info!(listen = %settings.listen, env = ?settings.env, "tollgate serving");
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stopping.send(true);
+    };
     let served = run(state, listener, shutdown).await;
     #[cfg(unix)]
     hangups.abort();
     if let Some(admin) = admin {
         admin.abort();
     }
+    if let Some(grpc) = grpc
+        && let Ok(Err(e)) = grpc.await
+    {
+        tracing::error!(error = %e, "the gRPC listener failed");
+    }
     served
+}
+
+/// Envoy's rate-limit service on `grpc_listen`, when set, until `stopped` turns true.
+async fn grpc_listener<S: ServedStore>(
+    settings: &Settings,
+    state: &Arc<AppState<S>>,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) -> Result<Option<tokio::task::JoinHandle<Result<(), ServeError>>>, ServeError> {
+    let Some(addr) = settings.grpc_listen else {
+        return Ok(None);
+    };
+    #[cfg(not(feature = "envoy"))]
+    {
+        let _ = (state, &mut stopped);
+        Err(ServeError::Store(format!(
+            "grpc_listen is {addr}, but this build has no gRPC service (the `envoy` feature)"
+        )))
+    }
+    #[cfg(feature = "envoy")]
+    {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServeError::Bind { addr, source })?;
+        tracing::info!(listen = %addr, "Envoy's rate-limit service (gRPC) serving");
+        let shutdown = async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        };
+        Ok(Some(tokio::spawn(serve_envoy(
+            Arc::clone(state),
+            listener,
+            shutdown,
+        ))))
+    }
 }

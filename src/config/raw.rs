@@ -73,6 +73,7 @@ settings! {
     breaker_failures: u32,
     breaker_max_backoff_ms: u64,
     admin_listen: String,
+    grpc_listen: String,
     admin_token: String,
     trusted_proxies: StringList,
     key_secret: String,

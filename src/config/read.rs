@@ -28,6 +28,11 @@ impl Settings {
             raw.admin_listen.take(),
             &mut self.admin_listen,
         );
+        if let Some(text) = raw.grpc_listen.take() {
+            let mut grpc = SocketAddr::from(([127, 0, 0, 1], 0));
+            addr("grpc_listen", Some(text), &mut grpc);
+            self.grpc_listen = Some(grpc);
+        }
 
         self.env = keyword(p, "env", raw.env.take(), ENVIRONMENTS, self.env);
         // JSON for log collectors in production, readable lines in development, unless set.

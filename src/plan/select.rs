@@ -19,7 +19,7 @@ use super::{
 use crate::authz::{Answer, Asking};
 use crate::clock::Timestamp;
 use crate::limiter::Quota;
-use crate::request::{RequestCtx, ValueFrom};
+use crate::request::{LimitOverride, RequestCtx, ValueFrom};
 
 /// Which limits a decision considers.
 #[derive(Debug, Clone, Copy)]
@@ -239,15 +239,23 @@ pub fn select_limits<'p>(
             });
         }
         let (value, tier, position) = tier_value(plan, limit, env);
+        let overridden = request.descriptor.as_ref().and_then(|d| d.limit);
         let quota = match value {
             TierValue::Unlimited => continue,
-            TierValue::Quota(q) => Some(q),
+            TierValue::Quota(q) => Some(match overridden {
+                Some(o) => q.with_rate(o.requests, o.per_micros),
+                None => q,
+            }),
             TierValue::Blocked => None,
         };
         let mut refused = false;
         let mut key_missing = false;
         let key = CounterKey::build(&limit.namespace, &limit.name, |out| {
             if limit.key.write(request, route, hasher, out) {
+                // An overriding rate counts on a counter of its own.
+                if let Some(o) = overridden {
+                    write_override(o, out);
+                }
                 return true;
             }
             key_missing = true;
@@ -279,7 +287,11 @@ pub fn select_limits<'p>(
             key,
             key_missing,
             charge,
-            headers: limit.headers.get(position).cloned().flatten(),
+            // The plan made the quota's constant headers; an overriding rate has its own.
+            headers: match overridden {
+                None => limit.headers.get(position).cloned().flatten(),
+                Some(_) => None,
+            },
             authorization: authorization.map(|(_, answer)| answer),
         });
     }
@@ -385,6 +397,16 @@ fn cost(limit: &Limit, quota: Quota, request: &RequestCtx, amount: Option<u64>) 
             .unwrap_or(*default)
             .min(*max),
     }
+}
+
+/// An overriding rate in a key's client part: `;rate=10/60s`.
+fn write_override(o: LimitOverride, out: &mut String) {
+    let mut digits = itoa::Buffer::new();
+    out.push_str(";rate=");
+    out.push_str(digits.format(o.requests.get()));
+    out.push('/');
+    out.push_str(digits.format(o.per_micros.get().div_ceil(1_000_000)));
+    out.push('s');
 }
 
 /// The client part of a key for a request that has no value for the limit's own key

@@ -2,6 +2,7 @@
 //! `key`/`value` entries), asked about over gRPC (`envoy.service.ratelimit.v3`).
 
 use std::net::IpAddr;
+use std::num::NonZeroU64;
 
 use http::Method;
 
@@ -20,6 +21,18 @@ pub struct Descriptor {
     pub domain: String,
     /// The entries, in order.
     pub entries: Vec<(String, String)>,
+    /// The rate Envoy asks to count instead of the limits' own (`RateLimitDescriptor.limit`).
+    pub limit: Option<LimitOverride>,
+}
+
+/// A rate sent with a descriptor, counted instead of the rate of each limit that counts the
+/// descriptor (with the limit's algorithm), on a counter of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitOverride {
+    /// Requests (or hits) per unit.
+    pub requests: NonZeroU64,
+    /// The unit, in microseconds.
+    pub per_micros: NonZeroU64,
 }
 
 impl Descriptor {
@@ -28,7 +41,14 @@ impl Descriptor {
         Descriptor {
             domain: domain.into(),
             entries,
+            limit: None,
         }
+    }
+
+    /// The same descriptor, counted at `limit` instead of its limits' own rates.
+    pub fn with_limit(mut self, limit: LimitOverride) -> Self {
+        self.limit = Some(limit);
+        self
     }
 
     /// The value of the first entry with `key`.

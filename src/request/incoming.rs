@@ -78,9 +78,13 @@ fn set_path(uri: &mut http::Uri, path: &str) {
 /// The request's id: its `X-Request-Id` when well-formed (1–128 of `A–Z a–z 0–9 . _ -`),
 /// else a new random one.
 pub fn request_id(headers: &HeaderMap) -> String {
-    headers
-        .get(&X_REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
+    request_id_from(headers.get(&X_REQUEST_ID).and_then(|v| v.to_str().ok()))
+}
+
+/// The id a request carries (`X-Request-Id`, or gRPC's `x-request-id` metadata) when
+/// well-formed, else a new random one.
+pub fn request_id_from(carried: Option<&str>) -> String {
+    carried
         .filter(|v| {
             !v.is_empty()
                 && v.len() <= 128

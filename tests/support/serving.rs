@@ -17,10 +17,12 @@ pub fn tollgate(env: &[(&str, &str)]) -> Command {
     c
 }
 
-/// A running `tollgate serve`, killed on drop.
+/// A running `tollgate serve`, killed on drop. What it logs is read as it comes (a full
+/// pipe would stop a server that logs each decision).
 pub struct Serving {
     pub addr: SocketAddr,
     child: Option<Child>,
+    log: Option<std::thread::JoinHandle<String>>,
 }
 
 impl Serving {
@@ -30,15 +32,23 @@ impl Serving {
         let mut all = env.to_vec();
         all.push(("TOLLGATE_LISTEN", &listen));
         let mut child = super::process::spawn(&mut tollgate(&all)).expect("tollgate starts");
+        let mut stderr = child.stderr.take().expect("stderr is piped");
+        let log = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
+            text
+        });
         // Up to 20 s to listen (a start-up wait, not a timing test).
         for _ in 0..1000 {
             if let Ok(Some(status)) = child.try_wait() {
-                panic!("tollgate exited with {status}");
+                let log = log.join().unwrap_or_default();
+                panic!("tollgate exited with {status}:\n{log}");
             }
             if std::net::TcpStream::connect(addr).is_ok() {
                 return Serving {
                     addr,
                     child: Some(child),
+                    log: Some(log),
                 };
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -50,10 +60,10 @@ impl Serving {
 impl Serving {
     /// Stops the server and returns what it logged.
     pub fn stop(mut self) -> String {
-        let child = self.child.take().unwrap();
+        let mut child = self.child.take().unwrap();
         super::process::signal_group(&child, nix::sys::signal::Signal::SIGKILL);
-        let output = child.wait_with_output().unwrap();
-        String::from_utf8_lossy(&output.stderr).into_owned()
+        child.wait().unwrap();
+        self.log.take().unwrap().join().unwrap()
     }
 }
 
