@@ -13,6 +13,8 @@ mod admin;
 mod analytics;
 #[path = "main/args.rs"]
 mod args;
+#[path = "main/import.rs"]
+mod import;
 
 use self::admin::admin;
 use self::analytics::analytics;
@@ -39,6 +41,9 @@ fn main() -> ExitCode {
             upstream,
         }),
         Command::Check { paths } => check(&paths),
+        Command::Import {
+            from: args::ImportFrom::EnvoyRatelimit { files, output },
+        } => import_envoy(&files, output.as_deref()),
         Command::Explain {
             policies,
             method,
@@ -147,6 +152,41 @@ async fn shutdown_signal() {
         () = terminate => {},
     }
     tracing::info!("shutting down");
+}
+
+/// `tollgate import envoy-ratelimit`: the limits on standard output (or `output`), then
+/// checked as `tollgate check` would; problems on standard error, each `file:line: …`.
+fn import_envoy(files: &[PathBuf], output: Option<&std::path::Path>) -> ExitCode {
+    let imported = import::envoy_ratelimit(files);
+    for warning in &imported.warnings {
+        eprintln!("warning: {warning}");
+    }
+    if !imported.errors.is_empty() {
+        for error in &imported.errors {
+            eprintln!("error: {error}");
+        }
+        eprintln!(
+            "error: {} problem(s): nothing was written",
+            imported.errors.len()
+        );
+        return ExitCode::FAILURE;
+    }
+    // What is printed must compile: a converter bug is never left for `serve` to find.
+    let set = PolicySet::from_sources([("imported.rl", imported.text.as_str())]);
+    if let Err(errors) = compile(&set) {
+        eprintln!("error: the converted limits do not compile (a bug in the converter):");
+        return report(&errors);
+    }
+    match output {
+        Some(path) => {
+            if let Err(e) = std::fs::write(path, &imported.text) {
+                eprintln!("error: cannot write {}: {e}", path.display());
+                return ExitCode::FAILURE;
+            }
+        }
+        None => print!("{}", imported.text),
+    }
+    ExitCode::SUCCESS
 }
 
 fn check(paths: &[PathBuf]) -> ExitCode {

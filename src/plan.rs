@@ -8,6 +8,7 @@ mod compile;
 pub mod condition;
 pub mod ipset;
 pub mod key;
+mod replaces;
 pub mod route;
 pub mod select;
 
@@ -186,6 +187,9 @@ pub struct Limit {
     /// Whether it is for Envoy rate-limit requests (its conditions name `domain` or
     /// `descriptor`), not for HTTP requests.
     pub for_descriptors: bool,
+    /// The limits that count none of an Envoy request's descriptors when one of them meets
+    /// this limit (`replaces`).
+    pub replaces: Box<[Arc<str>]>,
     /// What it counts by.
     pub key: KeySpec,
     /// How much it allows.

@@ -195,6 +195,8 @@ pub enum Setting {
     Authorize(Spanned<String>),
     /// `sync every 50ms;`
     Sync(Spanned<DurationLit>),
+    /// `replaces a, b;`
+    Replaces(Spanned<Vec<Ident>>),
 }
 
 /// A time unit as written.

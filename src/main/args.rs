@@ -35,6 +35,11 @@ pub(crate) enum Command {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
+    /// Convert another rate limiter's configuration into `.rl` limits.
+    Import {
+        #[command(subcommand)]
+        from: ImportFrom,
+    },
     /// Show which limits apply to a request, and why the others do not.
     Explain {
         /// Policy directory (or file).
@@ -95,6 +100,20 @@ pub(crate) enum Command {
         config: Option<PathBuf>,
         #[command(subcommand)]
         action: AnalyticsAction,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum ImportFrom {
+    /// envoyproxy/ratelimit's YAML (one domain per document): prints limits that decide
+    /// what it decides, for `tollgate serve`'s gRPC rate-limit service.
+    EnvoyRatelimit {
+        /// The configuration files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Write the limits to this file instead of standard output.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
     },
 }
 

@@ -204,6 +204,7 @@ struct Settings<'a> {
     counts: Option<&'a ast::Ident>,
     authorize: Option<&'a Spanned<String>>,
     sync: Option<&'a Spanned<ast::DurationLit>>,
+    replaces: Option<&'a Spanned<Vec<ast::Ident>>>,
     /// Whether `sync every` was written in `defaults` (it is set per limit).
     sync_in_defaults: bool,
     /// Whether `on_store_error` was written in the limit itself.
@@ -297,11 +298,13 @@ impl<'a> Compiler<'a> {
 
         // Pass 3: limits, lists, anomalies.
         let namespaces = &declared.namespaces;
+        let blocks = declared.limits.clone();
         let mut limits: Vec<Limit> = declared
             .limits
             .into_iter()
             .filter_map(|(f, block)| self.limit(f, block, &declared.defaults[f], &namespaces[f]))
             .collect();
+        self.check_replaces(&blocks, &limits);
         limits.sort_by(|a, b| {
             b.priority
                 .cmp(&a.priority)

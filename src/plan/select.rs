@@ -217,6 +217,10 @@ pub fn select_limits<'p>(
         if limit.mode == Mode::Off
             || limit.counts != scope.counts
             || limit.for_descriptors != request.descriptor.is_some()
+            || request
+                .descriptor
+                .as_ref()
+                .is_some_and(|d| d.replaced.contains(&limit.name))
         {
             continue;
         }

@@ -3,6 +3,7 @@
 
 use std::net::IpAddr;
 use std::num::NonZeroU64;
+use std::sync::Arc;
 
 use http::Method;
 
@@ -23,6 +24,9 @@ pub struct Descriptor {
     pub entries: Vec<(String, String)>,
     /// The rate Envoy asks to count instead of the limits' own (`RateLimitDescriptor.limit`).
     pub limit: Option<LimitOverride>,
+    /// Limits that do not count this descriptor: another descriptor of the same request met
+    /// a limit that `replaces` them.
+    pub replaced: Vec<Arc<str>>,
 }
 
 /// A rate sent with a descriptor, counted instead of the rate of each limit that counts the
@@ -42,6 +46,7 @@ impl Descriptor {
             domain: domain.into(),
             entries,
             limit: None,
+            replaced: Vec::new(),
         }
     }
 

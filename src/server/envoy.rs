@@ -62,8 +62,9 @@ impl<S: ServedStore, C: Clock> EnvoyService<S, C> {
         request: RateLimitRequest,
         request_id: String,
     ) -> Result<RateLimitResponse, Status> {
-        let asked = read_request(request)?;
+        let mut asked = read_request(request)?;
         let pipeline = &self.app.pipeline;
+        replace(pipeline.engine(), &mut asked);
         let admissions = futures_util::future::join_all(
             asked
                 .iter()
@@ -122,6 +123,24 @@ pub async fn serve_envoy<S: ServedStore, C: Clock>(
         )
         .await
         .map_err(|e| ServeError::Io(std::io::Error::other(e)))
+}
+
+/// Takes the limits that a descriptor's limits `replace` off every descriptor of the request.
+fn replace<S: Store, C: Clock>(engine: &Engine<S, C>, asked: &mut [RequestCtx]) {
+    let plan = engine.plan_guard();
+    if !plan.replaces_any() {
+        return;
+    }
+    let (hasher, now) = (engine.key_hasher(), engine.now());
+    let mut replaced = Vec::new();
+    for request in asked.iter() {
+        plan.replaced_by(request, hasher, now, &mut replaced);
+    }
+    for request in asked.iter_mut() {
+        if let Some(descriptor) = &mut request.descriptor {
+            descriptor.replaced.clone_from(&replaced);
+        }
+    }
 }
 
 /// The requests a `RateLimitRequest` stands for, one per descriptor; a malformed one is

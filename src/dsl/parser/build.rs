@@ -291,6 +291,9 @@ impl Builder<'_> {
             Rule::rate_stmt => Setting::Rate(self.rate_value(next(&mut inner))),
             Rule::lease_stmt => Setting::Lease(self.duration(next(&mut inner))),
             Rule::sync_stmt => Setting::Sync(self.duration(next(&mut inner))),
+            Rule::replaces_stmt => {
+                Setting::Replaces(Spanned::new(inner.map(|p| self.ident(p)).collect(), span))
+            }
             Rule::cost_stmt => {
                 let part = next(&mut inner);
                 let cost = if part.as_rule() == Rule::number {

@@ -228,6 +228,7 @@ fn describe(rule: Rule) -> &'static str {
         Rule::rate_stmt => "`rate`",
         Rule::lease_stmt => "`lease`",
         Rule::sync_stmt => "`sync every`",
+        Rule::replaces_stmt => "`replaces`",
         Rule::cost_stmt | Rule::cost_header => "`cost`",
         Rule::soft_stmt => "`soft`",
         Rule::soft_warn => "`warn`",

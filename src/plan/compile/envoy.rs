@@ -244,6 +244,82 @@ impl<'a> Compiler<'a> {
     }
 }
 
+impl<'a> Compiler<'a> {
+    /// Every `replaces` names other limits for Envoy rate-limit requests, from one.
+    pub(super) fn check_replaces(
+        &mut self,
+        blocks: &[(usize, &'a ast::LimitBlock)],
+        limits: &[Limit],
+    ) {
+        let for_descriptors = |name: &str| {
+            limits
+                .iter()
+                .find(|l| &*l.name == name)
+                .map(|l| l.for_descriptors)
+        };
+        let known: Vec<&str> = limits
+            .iter()
+            .filter(|l| l.for_descriptors)
+            .map(|l| &*l.name)
+            .collect();
+        for &(f, block) in blocks {
+            let Some(replaces) = block.stmts.iter().find_map(|s| match s {
+                ast::LimitStmt::Setting(ast::Setting::Replaces(r)) => Some(r),
+                _ => None,
+            }) else {
+                continue;
+            };
+            match for_descriptors(&block.name.node) {
+                None => continue,
+                Some(false) => {
+                    self.error_help(
+                        f,
+                        replaces.span,
+                        "`replaces` works across the descriptors of one Envoy rate-limit request",
+                        "in a limit for HTTP requests",
+                        "name `domain` or `descriptor` in this limit's conditions, or remove `replaces`",
+                    );
+                    continue;
+                }
+                Some(true) => {}
+            }
+            for name in &replaces.node {
+                if name.node == block.name.node {
+                    self.error_help(
+                        f,
+                        name.span,
+                        format!("limit `{}` replaces itself", name.node),
+                        "itself",
+                        "name other limits",
+                    );
+                    continue;
+                }
+                let written = blocks.iter().any(|(_, b)| b.name.node == name.node);
+                match for_descriptors(&name.node) {
+                    Some(true) => {}
+                    // A limit that did not compile has its own errors.
+                    None if written => {}
+                    Some(false) => self.error_help(
+                        f,
+                        name.span,
+                        format!("limit `{}` is for HTTP requests", name.node),
+                        "not for descriptors",
+                        "`replaces` names limits whose conditions name `domain` or `descriptor`",
+                    ),
+                    None => self.unknown_name(
+                        f,
+                        name,
+                        "limit",
+                        "no such limit",
+                        &known,
+                        "the limits for descriptors are",
+                    ),
+                }
+            }
+        }
+    }
+}
+
 /// The descriptor entries that written conditions name (`descriptor("k")`, `descriptor
 /// ["k", …]`), outside `not` and `or`: a request that meets them has these entries.
 pub(super) fn entries_named<'c>(conditions: &[&'c ast::Condition]) -> Vec<&'c str> {

@@ -100,6 +100,10 @@ impl<'a> Compiler<'a> {
             authorize: authorize?,
             sync,
             headers,
+            replaces: settings
+                .replaces
+                .map(|r| r.node.iter().map(|n| Arc::from(n.node.as_str())).collect())
+                .unwrap_or_default(),
         };
         ok &= if for_descriptors {
             self.descriptor_limit(f, name, &settings, &limit)
@@ -470,6 +474,10 @@ impl<'a> Compiler<'a> {
             ast::Setting::Authorize(a) => {
                 settings.authorize = Some(a);
                 ("authorize", a.span)
+            }
+            ast::Setting::Replaces(r) => {
+                settings.replaces = Some(r);
+                ("replaces", r.span)
             }
             ast::Setting::Sync(d) => {
                 settings.sync = Some(d);

@@ -49,3 +49,21 @@ anomaly wrong_distinct {
   detect distinct header("X-User") > 3 in 1min;
   then ban 1min;
 }
+
+# `replaces` across an Envoy request's descriptors: not in an HTTP limit, names limits for
+# descriptors, not itself.
+limit http_replacing {
+  key ip;
+  rate 10/min;
+  replaces per_ip_http;
+}
+limit per_ip_http {
+  key ip;
+  rate 10/min;
+}
+limit replacing {
+  match { domain "edge"; descriptor ["k"]; }
+  key descriptor("k");
+  rate 10/min;
+  replaces replacing, per_ip_http, no_such_limit;
+}

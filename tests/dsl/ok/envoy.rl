@@ -52,3 +52,10 @@ anomaly over_limit_bursts {
   detect 50 in 1min;
   then ban 10min;
 }
+
+limit partner_calls {
+  match { domain "edge"; descriptor ["partner"]; }
+  key descriptor("partner");
+  rate 1_000/min;
+  replaces per_address;
+}
