@@ -501,3 +501,86 @@ fn a_failed_redis_answers_by_each_limits_store_error_mode() {
         assert_eq!(ask("closed").await, Code::OverLimit, "fails closed");
     });
 }
+
+/// The limits the Python client expects, one per descriptor shape of Envoy's actions (GCRA:
+/// no window boundary can fall between two asks of the binary's real clock).
+const ACTIONS: &str = r#"
+limit per_client {
+  match { domain "edge"; descriptor ["remote_address"]; }
+  key ip;
+  algorithm gcra;
+  rate 3/min;
+}
+limit per_network {
+  match { domain "edge"; descriptor ["masked_remote_address"]; }
+  key descriptor("masked_remote_address");
+  algorithm gcra;
+  rate 2/min;
+}
+limit per_tenant {
+  match { domain "edge"; descriptor ["tenant"]; }
+  key descriptor("tenant");
+  algorithm gcra;
+  rate 2/min;
+}
+limit checkout {
+  match { domain "edge"; descriptor ["generic_key" == "checkout"]; }
+  key global;
+  algorithm gcra;
+  rate 2/min;
+}
+limit bots {
+  match { domain "edge"; descriptor ["header_match" == "bot"]; }
+  key global;
+  algorithm gcra;
+  rate 1/min;
+}
+limit per_upstream {
+  match { domain "edge"; descriptor ["source_cluster", "destination_cluster"]; }
+  key descriptor("source_cluster") + descriptor("destination_cluster");
+  algorithm gcra;
+  rate 2/min;
+}
+"#;
+
+/// The Python interpreter with grpcio and xds-protos: `TOLLGATE_ENVOY_PYTHON`, else
+/// `target/envoy-venv` (scripts/test.sh makes it).
+fn envoy_python() -> Option<std::path::PathBuf> {
+    let python = std::env::var_os("TOLLGATE_ENVOY_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/envoy-venv/bin/python")
+        });
+    let usable = std::process::Command::new(&python)
+        .args(["-c", "import grpc, envoy.service.ratelimit.v3.rls_pb2"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !usable {
+        support::require("grpcio and xds-protos (target/envoy-venv)");
+        return None;
+    }
+    Some(python)
+}
+
+#[test]
+fn an_independent_grpc_client_gets_envoys_answers() {
+    let Some(python) = envoy_python() else {
+        return;
+    };
+    let dir = policies(ACTIONS);
+    let (_server, grpc) = serve_grpc(dir.path(), &[]);
+    let output = std::process::Command::new(python)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/clients/envoy_rls.py"
+        ))
+        .arg(grpc.to_string())
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    assert!(output.status.success(), "{stdout}{stderr}");
+    assert_eq!(stdout.trim(), "ok");
+}
