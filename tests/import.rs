@@ -7,13 +7,14 @@
 
 #![cfg(feature = "envoy")]
 
+mod support;
+
 use std::process::Command;
 use std::sync::Arc;
 
-use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
-use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
 use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
+use support::envoy::descriptor;
 use tollgate::server::EnvoyService;
 use tollgate::store::MemoryStore;
 use tollgate::{ManualClock, Timestamp};
@@ -83,19 +84,6 @@ impl Served {
             codes.extend(self.codes(domain, &[d]).await);
         }
         codes
-    }
-}
-
-fn descriptor(entries: &[(&str, &str)]) -> RateLimitDescriptor {
-    RateLimitDescriptor {
-        entries: entries
-            .iter()
-            .map(|(k, v)| Entry {
-                key: (*k).into(),
-                value: (*v).into(),
-            })
-            .collect(),
-        ..Default::default()
     }
 }
 

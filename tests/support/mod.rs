@@ -12,6 +12,8 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
 pub mod clickhouse;
+#[cfg(feature = "envoy")]
+pub mod envoy;
 pub mod nginx;
 pub mod process;
 pub mod redis;
