@@ -8,10 +8,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages the tests need, as `command:package`: nginx for the forward-auth test
-# (tests/nginx.rs), redis-server and redis-cli (a Cluster is created with `redis-cli --cluster`)
+# Debian packages the tests need, as `command:package`: nginx and caddy for the forward-auth
+# tests (tests/nginx.rs, tests/caddy.rs), redis-server and redis-cli (a Cluster is created with `redis-cli --cluster`)
 # for the store tests (tests/conformance.rs, tests/redis_store.rs, tests/serve_store.rs).
-REQUIRED=("nginx:nginx" "redis-server:redis-server" "redis-cli:redis-tools"
+REQUIRED=("nginx:nginx" "caddy:caddy" "redis-server:redis-server" "redis-cli:redis-tools"
   "clickhouse-server:clickhouse-server" "clickhouse-client:clickhouse-client")
 
 missing=()

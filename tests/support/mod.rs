@@ -11,6 +11,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
+pub mod caddy;
 pub mod clickhouse;
 #[cfg(feature = "envoy")]
 pub mod envoy;
