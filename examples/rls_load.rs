@@ -1,13 +1,20 @@
-//! Load for `tollgate serve`'s two decision endpoints, from one client so that both pay the
-//! same client cost: Envoy's `ShouldRateLimit` over gRPC (one descriptor,
-//! `[remote_address=…]`), or `POST /v1/check` over HTTP/1.1 (the same client address).
+//! Load for `tollgate serve`'s two decision endpoints, from lean clients on one runtime:
+//! Envoy's `ShouldRateLimit` over gRPC (one descriptor, `[remote_address=…]`) on bare HTTP/2
+//! (`h2`, the request encoded once — as lean as Envoy's own client), or `POST /v1/check` over
+//! HTTP/1.1 (`hyper`, the same client address); `tonic` is tonic's own client, for comparison.
 //!
 //!     cargo run --release --example rls_load -- grpc 127.0.0.1:8081 10 64
+//!     cargo run --release --example rls_load -- tonic 127.0.0.1:8081 10 64
 //!     cargo run --release --example rls_load -- check 127.0.0.1:8080 10 64
 //!
 //! Arguments: the mode, the address, seconds, connections (each sends one request at a time,
 //! as Envoy's worker threads or nginx's subrequests do). Prints one line: requests/s,
 //! p50 and p99 in microseconds, and how many answers were not "allowed".
+
+#![expect(
+    clippy::disallowed_methods,
+    reason = "a load client measures wall time: its deadline and each request's latency"
+)]
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -43,7 +50,8 @@ fn main() {
                 let mode = mode.clone();
                 tokio::spawn(async move {
                     match mode.as_str() {
-                        "grpc" => grpc(addr, c, deadline).await,
+                        "grpc" => grpc_h2(addr, c, deadline).await,
+                        "tonic" => grpc(addr, c, deadline).await,
                         "check" => check(addr, c, deadline).await,
                         other => panic!("unknown mode {other}: grpc or check"),
                     }
@@ -76,11 +84,8 @@ fn client(c: usize) -> String {
     format!("10.0.{}.{}", c / 250, c % 250 + 1)
 }
 
-async fn grpc(addr: SocketAddr, c: usize, deadline: Instant) -> Measured {
-    let mut client_ = RateLimitServiceClient::connect(format!("http://{addr}"))
-        .await
-        .expect("the gRPC listener answers");
-    let request = RateLimitRequest {
+fn rls_request(c: usize) -> RateLimitRequest {
+    RateLimitRequest {
         domain: "bench".into(),
         descriptors: vec![RateLimitDescriptor {
             entries: vec![Entry {
@@ -90,7 +95,14 @@ async fn grpc(addr: SocketAddr, c: usize, deadline: Instant) -> Measured {
             ..Default::default()
         }],
         hits_addend: 0,
-    };
+    }
+}
+
+async fn grpc(addr: SocketAddr, c: usize, deadline: Instant) -> Measured {
+    let mut client_ = RateLimitServiceClient::connect(format!("http://{addr}"))
+        .await
+        .expect("the gRPC listener answers");
+    let request = rls_request(c);
     let mut m = Measured::default();
     while Instant::now() < deadline {
         let sent = Instant::now();
@@ -105,14 +117,67 @@ async fn grpc(addr: SocketAddr, c: usize, deadline: Instant) -> Measured {
     m
 }
 
+/// gRPC on one HTTP/2 connection, the message framed once: a HEADERS and a DATA frame out,
+/// the answer's HEADERS, DATA and trailers in.
+async fn grpc_h2(addr: SocketAddr, c: usize, deadline: Instant) -> Measured {
+    use prost::Message;
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("the gRPC listener answers");
+    stream.set_nodelay(true).expect("nodelay");
+    let (client_, connection) = h2::client::handshake(stream).await.expect("HTTP/2");
+    tokio::spawn(connection);
+    let message = rls_request(c).encode_to_vec();
+    let mut framed = Vec::with_capacity(message.len() + 5);
+    framed.push(0);
+    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&message);
+    let framed = bytes::Bytes::from(framed);
+    let uri = format!("http://{addr}/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit");
+    let mut m = Measured::default();
+    let mut client_ = client_.ready().await.expect("ready");
+    while Instant::now() < deadline {
+        let request = http::Request::post(uri.as_str())
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .expect("a request");
+        let sent = Instant::now();
+        let (response, mut body) = client_.send_request(request, false).expect("sent");
+        body.send_data(framed.clone(), true).expect("the message");
+        let response = response.await.expect("an answer");
+        let mut body = response.into_body();
+        let mut answer = Vec::new();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.expect("data");
+            let _ = body.flow_control().release_capacity(chunk.len());
+            answer.extend_from_slice(&chunk);
+        }
+        let trailers = body.trailers().await.expect("trailers");
+        m.latencies.push(sent.elapsed().as_micros() as u32);
+        let ok = trailers.is_some_and(|t| t.get("grpc-status").is_some_and(|s| s == "0"));
+        let decoded = answer.get(5..).and_then(|b| {
+            envoy_types::pb::envoy::service::ratelimit::v3::RateLimitResponse::decode(b).ok()
+        });
+        m.refused += u64::from(!ok || decoded.is_none_or(|d| d.overall_code != 1));
+        client_ = client_.ready().await.expect("ready");
+    }
+    m
+}
+
 async fn check(addr: SocketAddr, c: usize, deadline: Instant) -> Measured {
-    let stream = tokio::net::TcpStream::connect(addr).await.expect("the HTTP listener answers");
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("the HTTP listener answers");
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
             .await
             .expect("an HTTP/1.1 connection");
     tokio::spawn(connection);
-    let body = format!(r#"{{"method":"GET","path":"/bench","client_ip":"{}"}}"#, client(c));
+    let body = format!(
+        r#"{{"method":"GET","path":"/bench","client_ip":"{}"}}"#,
+        client(c)
+    );
     let mut m = Measured::default();
     while Instant::now() < deadline {
         let request = http::Request::post("/v1/check")
@@ -123,7 +188,12 @@ async fn check(addr: SocketAddr, c: usize, deadline: Instant) -> Measured {
         let sent = Instant::now();
         let response = sender.send_request(request).await.expect("an answer");
         let ok = response.status().is_success();
-        let text = response.into_body().collect().await.expect("a body").to_bytes();
+        let text = response
+            .into_body()
+            .collect()
+            .await
+            .expect("a body")
+            .to_bytes();
         m.latencies.push(sent.elapsed().as_micros() as u32);
         m.refused += u64::from(!ok || !text.starts_with(br#"{"allowed":true"#));
     }

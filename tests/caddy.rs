@@ -22,7 +22,13 @@ fn the_sixth_login_in_a_minute_gets_tollgates_429_through_caddy() {
     };
     for i in 1..=5 {
         let reply = send(caddy.addr, "POST", "/auth/login", &[], b"");
-        assert_eq!(reply.status, 200, "login {i}: {}\n{}", reply.text(), caddy.log());
+        assert_eq!(
+            reply.status,
+            200,
+            "login {i}: {}\n{}",
+            reply.text(),
+            caddy.log()
+        );
         assert_eq!(reply.text(), "welcome");
     }
     let refused = send(caddy.addr, "POST", "/auth/login", &[], b"");

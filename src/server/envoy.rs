@@ -65,12 +65,18 @@ impl<S: ServedStore, C: Clock> EnvoyService<S, C> {
         let mut asked = read_request(request)?;
         let pipeline = &self.app.pipeline;
         replace(pipeline.engine(), &mut asked);
-        let admissions = futures_util::future::join_all(
-            asked
-                .iter()
-                .map(|ctx| pipeline.admit(ctx, request_id.clone(), None)),
-        )
-        .await;
+        // Most requests carry one descriptor: decided without a set of futures.
+        let admissions = match asked.as_slice() {
+            [one] => vec![pipeline.admit(one, request_id, None).await],
+            _ => {
+                futures_util::future::join_all(
+                    asked
+                        .iter()
+                        .map(|ctx| pipeline.admit(ctx, request_id.clone(), None)),
+                )
+                .await
+            }
+        };
         let delay = admissions
             .iter()
             .filter_map(|a| match a.verdict.action {
@@ -118,7 +124,8 @@ pub async fn serve_envoy<S: ServedStore, C: Clock>(
     tonic::transport::Server::builder()
         .add_service(EnvoyService::new(state).into_server())
         .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener),
+            // Small messages both ways: no Nagle delay.
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown,
         )
         .await
