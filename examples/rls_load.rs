@@ -34,10 +34,16 @@ struct Measured {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [mode, addr, seconds, connections] = args.as_slice() else {
-        eprintln!("usage: rls_load grpc|check ADDRESS SECONDS CONNECTIONS");
-        std::process::exit(2);
+    let (mode, addr, seconds, connections, streams) = match args.as_slice() {
+        [m, a, s, c] => (m, a, s, c, "1"),
+        [m, a, s, c, n] => (m, a, s, c, n.as_str()),
+        _ => {
+            eprintln!("usage: rls_load grpc|tonic|check ADDRESS SECONDS CONNECTIONS [STREAMS]");
+            std::process::exit(2);
+        }
     };
+    // gRPC only: requests in flight on each HTTP/2 connection (Envoy multiplexes).
+    let streams: usize = streams.parse().expect("streams per connection");
     let addr: SocketAddr = addr.parse().expect("an address like 127.0.0.1:8081");
     let seconds: u64 = seconds.parse().expect("seconds");
     let connections: usize = connections.parse().expect("connections");
@@ -50,7 +56,7 @@ fn main() {
                 let mode = mode.clone();
                 tokio::spawn(async move {
                     match mode.as_str() {
-                        "grpc" => grpc_h2(addr, c, deadline).await,
+                        "grpc" => grpc_h2(addr, c, streams, deadline).await,
                         "tonic" => grpc(addr, c, deadline).await,
                         "check" => check(addr, c, deadline).await,
                         other => panic!("unknown mode {other}: grpc or check"),
@@ -117,16 +123,42 @@ async fn grpc(addr: SocketAddr, c: usize, deadline: Instant) -> Measured {
     m
 }
 
-/// gRPC on one HTTP/2 connection, the message framed once: a HEADERS and a DATA frame out,
-/// the answer's HEADERS, DATA and trailers in.
-async fn grpc_h2(addr: SocketAddr, c: usize, deadline: Instant) -> Measured {
-    use prost::Message;
+/// gRPC on one HTTP/2 connection with `streams` requests in flight, each message framed
+/// once: a HEADERS and a DATA frame out, the answer's HEADERS, DATA and trailers in.
+async fn grpc_h2(addr: SocketAddr, c: usize, streams: usize, deadline: Instant) -> Measured {
     let stream = tokio::net::TcpStream::connect(addr)
         .await
         .expect("the gRPC listener answers");
     stream.set_nodelay(true).expect("nodelay");
     let (client_, connection) = h2::client::handshake(stream).await.expect("HTTP/2");
     tokio::spawn(connection);
+    let tasks: Vec<_> = (0..streams)
+        .map(|s| {
+            tokio::spawn(grpc_stream(
+                addr,
+                client_.clone(),
+                c * streams + s,
+                deadline,
+            ))
+        })
+        .collect();
+    let mut all = Measured::default();
+    for task in tasks {
+        let m = task.await.expect("a stream's task");
+        all.latencies.extend(m.latencies);
+        all.refused += m.refused;
+    }
+    all
+}
+
+/// One request at a time on a shared HTTP/2 connection.
+async fn grpc_stream(
+    addr: SocketAddr,
+    client_: h2::client::SendRequest<bytes::Bytes>,
+    c: usize,
+    deadline: Instant,
+) -> Measured {
+    use prost::Message;
     let message = rls_request(c).encode_to_vec();
     let mut framed = Vec::with_capacity(message.len() + 5);
     framed.push(0);

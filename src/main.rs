@@ -48,6 +48,8 @@ fn main() -> ExitCode {
             policies,
             method,
             path,
+            domain,
+            descriptor,
             headers,
             ip,
             user_id,
@@ -55,15 +57,21 @@ fn main() -> ExitCode {
             claims,
             untrusted,
         } => {
-            let request =
-                match build_request(&method, &path, &headers, ip, user_id, api_token, &claims) {
-                    Ok(r) if untrusted => r,
-                    Ok(r) => r.with_trusted_headers(),
-                    Err(message) => {
-                        eprintln!("error: {message}");
-                        return ExitCode::from(2);
-                    }
-                };
+            let built = match (domain, path) {
+                (Some(domain), _) => descriptor_request(domain, &descriptor),
+                (None, Some(path)) => {
+                    build_request(&method, &path, &headers, ip, user_id, api_token, &claims)
+                }
+                (None, None) => Err("give --path, or --domain for an Envoy request".to_owned()),
+            };
+            let request = match built {
+                Ok(r) if untrusted => r,
+                Ok(r) => r.with_trusted_headers(),
+                Err(message) => {
+                    eprintln!("error: {message}");
+                    return ExitCode::from(2);
+                }
+            };
             let set = PolicySet::load(&[policies]);
             match compile(&set) {
                 Ok(plan) => {
@@ -241,6 +249,23 @@ fn terminal_width() -> usize {
         .ok()
         .and_then(|c| c.parse().ok())
         .unwrap_or(100)
+}
+
+/// The request one descriptor of an Envoy rate-limit request stands for.
+fn descriptor_request(domain: String, entries: &[String]) -> Result<RequestCtx, String> {
+    if entries.is_empty() {
+        return Err("an Envoy request needs at least one --descriptor KEY=VALUE".to_owned());
+    }
+    let entries = entries
+        .iter()
+        .map(|e| match e.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+            _ => Err(format!("`{e}` is not a descriptor entry `key=value`")),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(RequestCtx::for_descriptor(
+        tollgate::request::Descriptor::new(domain, entries),
+    ))
 }
 
 fn build_request(

@@ -96,3 +96,42 @@ fn explain_refuses_bad_input_with_a_message() {
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("does not start with `/`"));
 }
+
+#[test]
+fn explain_shows_which_limits_count_an_envoy_descriptor() {
+    let out = tollgate(&[
+        "explain",
+        "--policies",
+        "tests/dsl/ok/envoy.rl",
+        "--domain",
+        "edge",
+        "--descriptor",
+        "remote_address=203.0.113.7",
+    ]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        stdout.contains("1 limit(s) apply:\n  ✓ per_address"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("key   envoy:{ip:203.0.113.7/32}:per_address"),
+        "{stdout}"
+    );
+    // Why the others do not: the domain, the shape.
+    assert!(
+        stdout.contains("marketing_texts: domain `edge` fails the test: is `messaging`"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("per_api_key: descriptor [remote_address=203.0.113.7] fails"),
+        "{stdout}"
+    );
+    // An entry must be `key=value`; a domain needs one.
+    let out = tollgate(&["explain", "--domain", "edge", "--descriptor", "novalue"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("`novalue` is not a descriptor entry"));
+    let out = tollgate(&["explain", "--domain", "edge"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("at least one --descriptor"));
+}

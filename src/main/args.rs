@@ -49,8 +49,14 @@ pub(crate) enum Command {
         #[arg(long, default_value = "GET")]
         method: String,
         /// The request's path, with an optional query string.
-        #[arg(long)]
-        path: String,
+        #[arg(long, required_unless_present = "domain")]
+        path: Option<String>,
+        /// Explain an Envoy rate-limit request instead: its domain.
+        #[arg(long, conflicts_with = "path")]
+        domain: Option<String>,
+        /// With `--domain`: a descriptor entry, `key=value`, in order (repeatable).
+        #[arg(long = "descriptor", value_name = "KEY=VALUE", requires = "domain")]
+        descriptor: Vec<String>,
         /// A request header, `Name: value` (repeatable).
         #[arg(long = "header", value_name = "NAME:VALUE")]
         headers: Vec<String>,
