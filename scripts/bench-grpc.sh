@@ -7,12 +7,15 @@
 # docs/performance.md. Traffic goes to 127.0.0.1 only; each run is bounded in time.
 #
 #   scripts/bench-grpc.sh [SECONDS] [CONNECTIONS]      STORES="memory redis" ROUNDS=3
-#   LOADS="check grpc tonic" scripts/bench-grpc.sh       # tonic's own client too
+#   LOADS="check grpc tonic grpc-mux" scripts/bench-grpc.sh
+#     tonic: tonic's own client; grpc-mux: the same requests in flight on MUX_CONNECTIONS
+#     (default 2) HTTP/2 connections, as Envoy multiplexes them
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-10}
 connections=${2:-64}
 rounds=${ROUNDS:-3}
+mux=${MUX_CONNECTIONS:-2}
 
 cargo build --release --bin tollgate --example rls_load -q
 bin=target/release/tollgate
@@ -53,15 +56,20 @@ for store in ${STORES:-memory redis}; do
   for round in $(seq "$rounds"); do
     for mode in ${LOADS:-check grpc}; do
       addr="127.0.0.1:$http"; [ "$mode" != check ] && addr="127.0.0.1:$grpc"
-      out=$("$load" "$mode" "$addr" "$seconds" "$connections")
+      case $mode in
+        # As Envoy sends them: a few HTTP/2 connections (one per worker), many streams each.
+        grpc-mux) out=$("$load" grpc "$addr" "$seconds" "$mux" $((connections / mux)) | sed 's/^grpc/grpc-mux/') ;;
+        *) out=$("$load" "$mode" "$addr" "$seconds" "$connections") ;;
+      esac
       printf 'round %d  %-6s %-5s %s\n' "$round" "$store" "$mode" "$out"
       rps[$mode]="${rps[$mode]:-} $(awk '{print $2}' <<<"$out")"
     done
   done
   median() { tr ' ' '\n' <<<"$1" | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
   for mode in "${!rps[@]}"; do printf 'median %-6s %-5s %s req/s\n' "$store" "$mode" "$(median "${rps[$mode]}")"; done
-  c=$(median "${rps[check]}") g=$(median "${rps[grpc]}")
-  awk -v c="$c" -v g="$g" -v s="$store" 'BEGIN { printf "median %-6s check %.0f req/s, grpc %.0f req/s: grpc / check = %.2f (target >= 0.80)\n", s, c, g, g / c }'
+  ratio() { [ -n "${rps[$1]:-}" ] && awk -v g="$(median "${rps[$1]}")" -v c="$(median "${rps[check]}")" -v s="$store" -v m="$1" \
+    'BEGIN { printf "%-6s %-8s / check = %.2f (target >= 0.80)\n", s, m, g / c }'; }
+  for mode in grpc grpc-mux tonic; do ratio "$mode" || true; done
   unset rps
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
