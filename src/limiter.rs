@@ -7,6 +7,7 @@
 
 pub mod bucket;
 pub mod concurrency;
+mod settle;
 pub mod window;
 
 use std::num::NonZeroU64;
@@ -16,6 +17,7 @@ use crate::clock::Timestamp;
 
 pub use bucket::{BucketQuota, GcraState, TokenBucketState};
 pub use concurrency::{ConcurrencyQuota, ConcurrencyState, LeaseId};
+pub use settle::settle;
 pub use window::{CalendarPeriod, SlidingState, WindowQuota, WindowState};
 
 /// What one algorithm decided for one request.

@@ -40,6 +40,20 @@ pub struct Op<'a> {
     pub sync: Option<Duration>,
 }
 
+/// A reservation settled once the request's response said what it used (see
+/// [`crate::limiter::settle`] for where each algorithm puts it).
+#[derive(Debug, Clone, Copy)]
+pub struct Settlement<'a> {
+    /// The counter's key, as the reservation counted it.
+    pub key: &'a str,
+    /// The quota it was counted under.
+    pub quota: Quota,
+    /// What the request used minus what it reserved, in cost units: negative is a refund.
+    pub delta: i64,
+    /// When the reservation was counted.
+    pub counted_at: Timestamp,
+}
+
 /// What the store decided for one operation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OpResult {
@@ -233,6 +247,14 @@ pub trait Store: Send + Sync + 'static {
         lease: LeaseId,
         now: Timestamp,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Settles one request's reservations: refunds and debts, each on its own key. A shared
+    /// store settles them all in one call (one per Cluster slot), batched with admissions.
+    fn settle(
+        &self,
+        settlements: &[Settlement<'_>],
+        now: Timestamp,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
 /// The runtime lists every node applies (safelist, denylist, flags, tarpits), kept in the
@@ -328,6 +350,14 @@ impl<S: Store> Store for std::sync::Arc<S> {
         now: Timestamp,
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
         (**self).release(key, lease, now)
+    }
+
+    fn settle(
+        &self,
+        settlements: &[Settlement<'_>],
+        now: Timestamp,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        (**self).settle(settlements, now)
     }
 }
 
@@ -508,6 +538,17 @@ impl Store for AnyStore {
         match self {
             AnyStore::Memory(m) => m.release(key, lease, now).await,
             AnyStore::Redis(r) => r.release(key, lease, now).await,
+        }
+    }
+
+    async fn settle(
+        &self,
+        settlements: &[Settlement<'_>],
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Memory(m) => m.settle(settlements, now).await,
+            AnyStore::Redis(r) => r.settle(settlements, now).await,
         }
     }
 }

@@ -13,7 +13,9 @@ use tollgate::limiter::{
     BucketQuota, CalendarPeriod, ConcurrencyQuota, LeaseId, Quota, WindowQuota,
 };
 use tollgate::store::redis::{RedisOptions, RedisStore};
-use tollgate::store::{AdminStore, BatchResult, KeySelector, MemoryStore, Op, ServedStore, Store};
+use tollgate::store::{
+    AdminStore, BatchResult, KeySelector, MemoryStore, Op, ServedStore, Settlement, Store,
+};
 
 const T0: u64 = 1_700_006_400_000_000;
 
@@ -85,6 +87,7 @@ async fn one_server_agrees_with_memory() {
     every_algorithm(&redis).await;
     batches_and_bans(&redis, "b:{c}:large").await;
     every_algorithm_in_one_batch(&redis).await;
+    settlements(&redis).await;
 }
 
 #[tokio::test]
@@ -95,6 +98,7 @@ async fn a_cluster_agrees_with_memory() {
     let redis = store(&cluster.url()).await;
     assert!(redis.is_cluster());
     every_algorithm(&redis).await;
+    settlements(&redis).await;
     // The same client's keys share a slot: one call.
     batches_and_bans(&redis, "b:{c}:large").await;
     every_algorithm_in_one_batch(&redis).await;
@@ -149,6 +153,72 @@ async fn every_algorithm(redis: &RedisStore) {
                     .await
                     .unwrap();
             }
+        }
+    }
+}
+
+/// Reservations settled after the fact — refunds and debts, in the window they were counted
+/// in, the one after, or later — move both stores alike: every admission after them gets the
+/// same answer. Each call settles on two keys (two clients, so two slots on a Cluster).
+async fn settlements(redis: &RedisStore) {
+    let memory = MemoryStore::new();
+    let mut steps = Steps(0x51_7CC1_B727_220A);
+    let countable = quotas()
+        .into_iter()
+        .filter(|q| !matches!(q, Quota::Concurrency(_)));
+    for (q, quota) in countable.enumerate() {
+        let keys = [format!("settle:{{a}}:q{q}"), format!("settle:{{b}}:q{q}")];
+        let mut now = T0;
+        let mut counted: Vec<u64> = Vec::new();
+        for i in 0..400u64 {
+            now += steps.next(300_000);
+            let key = &keys[usize::from(steps.next(2) == 0)];
+            if steps.next(3) > 0 || counted.is_empty() {
+                let op = Op {
+                    key,
+                    quota,
+                    cost: 1 + steps.next(4),
+                    enforce: true,
+                    ban: None,
+                    lease: LeaseId(i),
+                    sync: None,
+                };
+                let m = apply(&memory, &[op], now).await;
+                let r = apply(redis, &[op], now).await;
+                assert_eq!(
+                    m,
+                    r,
+                    "{} differs at step {i} (now {now})",
+                    quota.algorithm()
+                );
+                if m.admitted {
+                    counted.push(now);
+                }
+                continue;
+            }
+            // Settle on both keys: a difference from a refund of 6 to a debt of 9, for a
+            // reservation counted at one of the times admitted so far.
+            let at = |steps: &mut Steps| {
+                let pick = counted[steps.next(counted.len() as u64) as usize];
+                Timestamp::from_micros(pick)
+            };
+            let settled = [
+                Settlement {
+                    key: &keys[0],
+                    quota,
+                    delta: steps.next(16) as i64 - 6,
+                    counted_at: at(&mut steps),
+                },
+                Settlement {
+                    key: &keys[1],
+                    quota,
+                    delta: steps.next(16) as i64 - 6,
+                    counted_at: at(&mut steps),
+                },
+            ];
+            let t = Timestamp::from_micros(now);
+            memory.settle(&settled, t).await.unwrap();
+            redis.settle(&settled, t).await.expect("Redis settles");
         }
     }
 }

@@ -59,12 +59,63 @@ fn gcd(mut a: u64, mut b: u64) -> u64 {
 }
 
 /// A token bucket's level, in units of `1 / period` token, and when it was measured.
+///
+/// A bucket in debt — a settlement took more than it held (see [`super::settle`]) — is empty
+/// with `updated` in the future: it starts refilling then, so that the debt is paid by time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct TokenBucketState {
     /// Tokens × `period`, so that refilling `count` per microsecond stays exact.
     pub level: u64,
-    /// When `level` was measured, microseconds since the epoch.
+    /// When `level` was measured (or, in debt, when refilling starts), microseconds since
+    /// the epoch.
     pub updated: u64,
+}
+
+/// The level at `now`, in tokens × `period`: refilled since it was measured, at most full;
+/// negative while a debt is being paid.
+pub(crate) fn level_at(q: &BucketQuota, state: Option<&TokenBucketState>, now: u64) -> i128 {
+    let rate = i128::from(q.count.get());
+    let full = full(q);
+    match state {
+        None => full,
+        Some(s) if now >= s.updated => {
+            let elapsed = i128::from(now - s.updated);
+            i128::from(s.level)
+                .saturating_add(elapsed.saturating_mul(rate))
+                .min(full)
+        }
+        Some(s) => i128::from(s.level) - i128::from(s.updated - now) * rate,
+    }
+}
+
+/// A full bucket, in tokens × `period`.
+fn full(q: &BucketQuota) -> i128 {
+    i128::from(q.capacity.get()) * i128::from(q.period.get())
+}
+
+/// The state that holds `level` at `now`: a negative level as an empty bucket whose refill
+/// starts when the debt is paid.
+pub(crate) fn at_level(q: &BucketQuota, level: i128, now: u64) -> TokenBucketState {
+    match u64::try_from(level) {
+        Ok(level) => TokenBucketState {
+            level,
+            updated: now,
+        },
+        Err(_) if level > 0 => TokenBucketState {
+            level: u64::MAX,
+            updated: now,
+        },
+        Err(_) => TokenBucketState {
+            level: 0,
+            updated: now.saturating_add(refill_time(q, -level)),
+        },
+    }
+}
+
+/// Microseconds for `missing` (tokens × `period`; none when negative) to refill.
+pub(crate) fn refill_time(q: &BucketQuota, missing: i128) -> u64 {
+    let missing = u128::try_from(missing).unwrap_or(0);
+    clamp_u64(missing.div_ceil(u128::from(q.count.get())))
 }
 
 /// Token bucket: refill since the last request, then take `cost` tokens if there are enough.
@@ -74,38 +125,30 @@ pub(crate) fn token_bucket(
     now: Timestamp,
     cost: u64,
 ) -> Outcome {
-    let period = u128::from(q.period.get());
-    let rate = u128::from(q.count.get());
-    let full = u128::from(q.capacity.get()) * period;
+    let period = i128::from(q.period.get());
+    let full = full(q);
     let now_us = now.as_micros();
-    let level = match state {
-        Some(s) => {
-            let elapsed = u128::from(now_us.saturating_sub(s.updated));
-            (u128::from(s.level) + elapsed * rate).min(full)
-        }
-        None => full,
-    };
-    let need = u128::from(cost) * period;
+    let level = level_at(q, state, now_us);
+    let need = i128::from(cost).saturating_mul(period);
     let allowed = level >= need;
     let (level, retry_after) = if allowed {
         (level - need, None)
     } else {
-        let retry = (need <= full).then(|| us(clamp_u64((need - level).div_ceil(rate))));
-        (level, retry)
+        (
+            level,
+            (need <= full).then(|| us(refill_time(q, need - level))),
+        )
     };
-    let to_full = clamp_u64((full - level).div_ceil(rate));
+    let to_full = refill_time(q, full - level);
     Outcome {
         decision: Decision {
             allowed,
             limit: q.capacity.get(),
-            remaining: clamp_u64(level / period),
+            remaining: u64::try_from(level.max(0) / period).unwrap_or(u64::MAX),
             reset: us(to_full),
             retry_after,
         },
-        state: State::TokenBucket(TokenBucketState {
-            level: clamp_u64(level),
-            updated: now_us,
-        }),
+        state: State::TokenBucket(at_level(q, level, now_us)),
         expires_at: Timestamp::from_micros(now_us.saturating_add(to_full)),
     }
 }

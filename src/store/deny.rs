@@ -71,6 +71,15 @@ impl DenyCache {
         self.shards.added(1);
     }
 
+    /// Forgets `key`'s rejection (a refund made room).
+    pub fn forget(&self, key: &str) {
+        if self.shards.len() == 0 {
+            return;
+        }
+        let mut shard = self.shards.lock_key(key);
+        self.shards.remove_in(&mut shard, key);
+    }
+
     /// Forgets every key for which `selected` holds (after an admin reset).
     pub fn forget_matching(&self, selected: impl Fn(&str) -> bool) {
         self.shards.retain(|k, _| !selected(k));

@@ -12,7 +12,8 @@ use smallvec::SmallVec;
 use super::runtime::{RuntimeEntry, RuntimeList};
 use super::sharded::{Evicted, Sharded};
 use super::{
-    AdminStore, BatchResult, KeySelector, KeyState, Op, OpResult, RuntimeStore, Store, StoreError,
+    AdminStore, BatchResult, KeySelector, KeyState, Op, OpResult, RuntimeStore, Settlement, Store,
+    StoreError,
 };
 use crate::clock::Timestamp;
 use crate::limiter::{self, Decision, LeaseId, State, concurrency, us};
@@ -237,6 +238,27 @@ impl MemoryStore {
         self.shards.added(1);
     }
 
+    /// Settles reservations now (see [`limiter::settle`]).
+    pub fn settle_now(&self, settlements: &[Settlement<'_>], now: Timestamp) {
+        let t = now.as_micros();
+        for s in settlements {
+            let mut map = self.shards.lock_key(s.key);
+            let state = map
+                .get(s.key)
+                .filter(|e| e.expires_at > t)
+                .and_then(|e| e.state.clone());
+            if let Some((state, expires_at)) =
+                limiter::settle(&s.quota, state.as_ref(), now, s.counted_at, s.delta)
+            {
+                let expires_at = expires_at.as_micros();
+                self.upsert(&mut map, s.key, t, |e| {
+                    e.state = Some(state);
+                    e.expires_at = expires_at;
+                });
+            }
+        }
+    }
+
     /// Gives back a concurrency lease now.
     pub fn release_now(&self, key: &str, lease: LeaseId, now: Timestamp) {
         let mut map = self.shards.lock_key(key);
@@ -302,6 +324,15 @@ impl Store for MemoryStore {
         now: Timestamp,
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
         self.release_now(key, lease, now);
+        std::future::ready(Ok(()))
+    }
+
+    fn settle(
+        &self,
+        settlements: &[Settlement<'_>],
+        now: Timestamp,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        self.settle_now(settlements, now);
         std::future::ready(Ok(()))
     }
 }

@@ -46,7 +46,7 @@ pub use connect::{RedisOptions, RedisTls, RedisTlsFiles};
 use local::LocalFirst;
 
 use super::deny::DenyCache;
-use super::{BatchResult, Op, Store, StoreError};
+use super::{BatchResult, Op, Settlement, Store, StoreError};
 use crate::clock::Timestamp;
 use crate::limiter::LeaseId;
 
@@ -278,6 +278,14 @@ impl Store for RedisStore {
             })
             .await?;
         Ok(())
+    }
+
+    async fn settle(
+        &self,
+        settlements: &[Settlement<'_>],
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        self.settle_all(settlements, now).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -11,12 +11,13 @@ use smallvec::SmallVec;
 
 use super::batcher::{Batcher, Encoded};
 use super::breaker::Permit;
+use super::cluster::slot;
 use super::local::LocalOp;
 use super::{Batchers, Connection, RedisStore};
 use crate::clock::Timestamp;
 use crate::limiter::{Decision, Quota, us};
 use crate::store::deny::Denied;
-use crate::store::{BatchResult, KeySelector, Op, OpResult, StoreError};
+use crate::store::{BatchResult, KeySelector, Op, OpResult, Settlement, StoreError};
 
 impl RedisStore {
     /// Appends the undo script's first two arguments: `now` (or `T`, for Redis's own clock) and
@@ -44,16 +45,7 @@ impl RedisStore {
             Permit::Probe => true,
             Permit::Call => false,
         };
-        let request = Encoded::new(ops, group, now);
-        let answer = match &self.batchers {
-            Batchers::Off => self.link.run(&[&request]).await.map(|mut a| a.remove(0)),
-            Batchers::Single(batcher) => self.queued(batcher.submit(request)).await,
-            Batchers::Cluster(slots) => {
-                let batcher = slots[usize::from(slot)]
-                    .get_or_init(|| Batcher::start(Arc::clone(&self.link), self.options.batch_max));
-                self.queued(batcher.submit(request)).await
-            }
-        };
+        let answer = self.send(Encoded::new(ops, group, now), slot).await;
         // After a connection loss the failed call left a fresh connection attempt, which the
         // next call (the probe, once the breaker is open) makes.
         let result = answer.and_then(|reply| parse(&reply, ops, group, now));
@@ -62,6 +54,60 @@ impl RedisStore {
             Err(_) => breaker.failure(now, probe),
         }
         result
+    }
+
+    /// One request of the batch script, through the batcher of `slot` when batching is on.
+    async fn send(&self, request: Encoded, slot: u16) -> Result<Vec<i64>, StoreError> {
+        match &self.batchers {
+            Batchers::Off => self.link.run(&[&request]).await.map(|mut a| a.remove(0)),
+            Batchers::Single(batcher) => self.queued(batcher.submit(request)).await,
+            Batchers::Cluster(slots) => {
+                let batcher = slots[usize::from(slot)]
+                    .get_or_init(|| Batcher::start(Arc::clone(&self.link), self.options.batch_max));
+                self.queued(batcher.submit(request)).await
+            }
+        }
+    }
+
+    /// Settles reservations: one request of the batch script per server (Cluster: slot),
+    /// queued with the admissions. A refund also forgets the key's cached rejection here.
+    pub(super) async fn settle_all(
+        &self,
+        settlements: &[Settlement<'_>],
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        if let Some(deny) = &self.deny {
+            for s in settlements.iter().filter(|s| s.delta < 0) {
+                deny.forget(s.key);
+            }
+        }
+        let mut groups: SmallVec<[(u16, SmallVec<[usize; 8]>); 2]> = SmallVec::new();
+        for (i, s) in settlements.iter().enumerate() {
+            let slot = if self.is_cluster() { slot(s.key) } else { 0 };
+            match groups.iter_mut().find(|(g, _)| *g == slot) {
+                Some((_, members)) => members.push(i),
+                None => groups.push((slot, smallvec::smallvec![i])),
+            }
+        }
+        let calls = groups.iter().map(|(slot, group)| async move {
+            let breaker = self.breaker(*slot);
+            let probe = match breaker.permit(now) {
+                Permit::Refuse => return Err(StoreError::CircuitOpen),
+                Permit::Probe => true,
+                Permit::Call => false,
+            };
+            let request = Encoded::settlements(settlements, group, now);
+            let answer = self.send(request, *slot).await;
+            match &answer {
+                Ok(_) => breaker.success(probe),
+                Err(_) => breaker.failure(now, probe),
+            }
+            answer.map(drop)
+        });
+        futures_util::future::join_all(calls)
+            .await
+            .into_iter()
+            .collect()
     }
 
     /// Waits for a queued request's answer, within the timeout (the wait in the queue

@@ -15,6 +15,10 @@
 -- window; 4 token bucket: capacity, count, period; 5 GCRA: capacity, emission interval;
 -- 6 concurrency: max, lease; unused ones are 0), where its state key and its ban key (0:
 -- none) are in KEYS, and where its lease id is in ARGV (concurrency; else 0).
+-- A settlement (a reservation settled after the response, src/limiter/settle.rs) is an
+-- operation with code algorithm + 40, the difference (used − reserved, negative: a refund) in
+-- place of the cost and the reservation's age (µs) in place of the ban; a request made of
+-- settlements is always admitted, and its answer carries nothing to read.
 -- ARGV[2…]: the lease ids, as text.
 -- Returns, per request: the length of its answer, then the answer: admitted (0/1), then 6 per
 -- operation: allowed, limit, remaining, reset (µs), retry after (µs, -1 = never), banned (0/1);
@@ -156,9 +160,11 @@ local function bucket(st, capacity, count, period, cost)
   if st[4] then
     level = st[4]
     local elapsed = now - (st[5] or now)
-    if elapsed < 0 then elapsed = 0 end
-    -- Refill without overflowing: past the time to fill, the bucket is full.
-    if elapsed >= cdiv(full - level, count) then
+    if elapsed < 0 then
+      -- In debt (a settlement took more than it held): refilling starts later.
+      level = level + elapsed * count
+    elseif elapsed >= cdiv(full - level, count) then
+      -- Refill without overflowing: past the time to fill, the bucket is full.
       level = full
     else
       level = level + elapsed * count
@@ -172,7 +178,9 @@ local function bucket(st, capacity, count, period, cost)
   end
   local retry = -1
   if need <= full then retry = cdiv(need - level, count) end
-  return 0, capacity, fdiv(level, period), cdiv(full - level, count), retry, 0, 0, 0, 0
+  local remaining = 0
+  if level > 0 then remaining = fdiv(level, period) end
+  return 0, capacity, remaining, cdiv(full - level, count), retry, 0, 0, 0, 0
 end
 
 local function gcra(st, capacity, t, cost)
@@ -220,6 +228,88 @@ local function keep(st, need, life)
   if st[11] ~= 1 then st[11], st[12], st[13] = 2, need, life end
 end
 
+-- Settles `delta` on KEYS[k] (algorithm `algo`, parameters p1-p3 as for a decision) for a
+-- reservation counted at `counted`: src/limiter/settle.rs's arithmetic.
+local function settle(k, algo, delta, counted, p1, p2, p3)
+  if delta == 0 or algo == 6 then return end
+  local st = load(k, algo)
+  if algo <= 2 then
+    local start, stop = p2, p3
+    if algo == 1 then start = now - now % p2; stop = start + p2 end
+    -- The reservation's window still counts; else only a debt, charged to this window.
+    if (counted < start or counted >= stop) and delta < 0 then return end
+    local count = 0
+    if st[1] == start then count = st[2] end
+    local new = count + delta
+    if new < 0 then new = 0 end
+    touch(k, st)
+    if st[1] == start then
+      st[2], st[17] = new, st[17] + (new - count)
+    else
+      st[1], st[2], st[7] = start, new, true
+      expire_in(st, cdiv(stop - now, 1000) + 1)
+    end
+  elseif algo == 3 then
+    local w = p2
+    local start = now - now % w
+    local prev, cur = 0, 0
+    if st[1] == start then
+      prev, cur = st[3], st[2]
+    elseif st[1] ~= nil and st[1] + w == start then
+      prev = st[2]
+    end
+    local counted_start = counted - counted % w
+    if counted_start == start then
+      cur = cur + delta
+      if cur < 0 then cur = 0 end
+    elseif counted_start + w == start then
+      prev = prev + delta
+      if prev < 0 then prev = 0 end
+    elseif delta > 0 then
+      cur = cur + delta
+    else
+      return
+    end
+    touch(k, st)
+    st[1], st[3], st[2], st[7], st[8] = start, prev, cur, true, true
+    expire_in(st, cdiv(start + 2 * w - now, 1000) + 1)
+  elseif algo == 4 then
+    local capacity, count, period = p1, p2, p3
+    local full = capacity * period
+    local level = full
+    if st[4] then
+      local u = st[5] or now
+      if now < u then
+        level = st[4] - (u - now) * count
+      elseif now - u >= cdiv(full - st[4], count) then
+        level = full
+      else
+        level = st[4] + (now - u) * count
+      end
+    end
+    level = level - delta * period
+    if level > full then level = full end
+    touch(k, st)
+    if level >= 0 then
+      st[4], st[5] = level, now
+    else
+      st[4], st[5] = 0, now + cdiv(-level, count)
+    end
+    st[9] = true
+    local to_full = cdiv(full - level, count)
+    keep(st, to_full, to_full + fdiv(to_full, 8))
+  else
+    local tat = st[6] or now
+    if tat < now then tat = now end
+    if delta < 0 and tat == now then return end
+    tat = tat + delta * p2
+    if tat < now then tat = now end
+    touch(k, st)
+    st[6], st[10] = tat, true
+    keep(st, tat - now, tat - now + fdiv(tat - now, 8))
+  end
+end
+
 -- Per operation of the request being decided: where its state key and ban key (0: none) are
 -- in KEYS, its cost, where its lease id is in ARGV, its ban, whether it is enforced, and its
 -- state; and the change to make. Reused from request to request.
@@ -255,7 +345,12 @@ for _ = 1, requests do
     local st = false
     local ok, limit, remaining, reset, retry, kind, wa, wb, wc
     local banned = 0
-    if banned_until > now then
+    if code >= 40 then
+      -- A settlement: applied at once, nothing decided.
+      settle(key_at, algo, cost, now - ban, p1, p2, p3)
+      ok, limit, remaining, reset, retry = 1, p1, 0, 0, -1
+      kind, wa, wb, wc = 0, 0, 0, 0
+    elseif banned_until > now then
       ok, limit, remaining, reset, retry = 0, p1, 0, banned_until - now, banned_until - now
       kind, wa, wb, wc = 0, 0, 0, 0
       banned = 1

@@ -21,7 +21,10 @@ use super::{Connection, backend, eval, params};
 use crate::clock::Timestamp;
 use crate::limiter::Quota;
 use crate::plan::key::BAN_SUFFIX;
-use crate::store::{Op, StoreError};
+use crate::store::{Op, Settlement, StoreError};
+
+/// Added to an algorithm's code for a settlement (`batch.lua`).
+const SETTLE: u64 = 40;
 
 /// What every dispatcher of a store shares: the connection (swapped when TLS certificates
 /// rotate), the script and the counters.
@@ -65,7 +68,7 @@ impl Link {
             push(exact(request.ops.len() as u64));
             for op in &request.ops {
                 for n in op.numbers {
-                    push(exact(n));
+                    push(n);
                 }
                 push(keys.position(request.key(op.key)));
                 push(op.ban_key.map_or(0.0, |k| keys.position(request.key(k))));
@@ -172,10 +175,11 @@ pub(super) struct Encoded {
     ops: SmallVec<[EncodedOp; 4]>,
 }
 
-/// One operation: code, cost, ban and the algorithm's three parameters; its state key and
-/// ban key (indexes into the request's keys); its lease id (concurrency).
+/// One operation: code, cost, ban and the algorithm's three parameters (a settlement: code,
+/// difference, age and the parameters); its state key and ban key (indexes into the
+/// request's keys); its lease id (concurrency).
 struct EncodedOp {
-    numbers: [u64; 6],
+    numbers: [f64; 6],
     key: usize,
     ban_key: Option<usize>,
     lease: Option<u64>,
@@ -205,10 +209,49 @@ impl Encoded {
                 .ban
                 .map_or(0, |b| u64::try_from(b.as_micros()).unwrap_or(u64::MAX));
             encoded.push(EncodedOp {
-                numbers: [code, op.cost, ban, p1, p2, p3],
+                numbers: [code, op.cost, ban, p1, p2, p3].map(exact),
                 key,
                 ban_key,
                 lease: matches!(op.quota, Quota::Concurrency(_)).then_some(op.lease.0),
+            });
+        }
+        Encoded {
+            now: now.as_micros(),
+            keys,
+            key_ends,
+            ops: encoded,
+        }
+    }
+
+    /// The settlements `group` of `settlements`, made at `now`: a request the script applies
+    /// and always admits.
+    pub(super) fn settlements(
+        settlements: &[Settlement<'_>],
+        group: &[usize],
+        now: Timestamp,
+    ) -> Self {
+        let mut keys = Vec::with_capacity(group.iter().map(|&i| settlements[i].key.len()).sum());
+        let mut key_ends: SmallVec<[usize; 8]> = SmallVec::new();
+        let mut encoded = SmallVec::new();
+        for &i in group {
+            let s = &settlements[i];
+            keys.extend_from_slice(s.key.as_bytes());
+            key_ends.push(keys.len());
+            let [algorithm, p1, p2, p3] = params(&s.quota, now);
+            let age = now.as_micros().saturating_sub(s.counted_at.as_micros());
+            encoded.push(EncodedOp {
+                // A difference is below 2^53 in size, as every cost is.
+                numbers: [
+                    exact(algorithm + SETTLE),
+                    s.delta as f64,
+                    exact(age),
+                    exact(p1),
+                    exact(p2),
+                    exact(p3),
+                ],
+                key: key_ends.len() - 1,
+                ban_key: None,
+                lease: None,
             });
         }
         Encoded {
