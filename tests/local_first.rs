@@ -548,3 +548,61 @@ limit fine { match { route ANY "/x"; } key ip; algorithm fixed_window; rate 10/m
     assert!(printed.contains("2 warnings"), "{printed}");
     assert!(printed.contains("w.rl:2:"), "{printed}");
 }
+
+/// A local-first reservation settled before its count reached Redis goes into the node's
+/// own component, so the next sync sends what was used — a refund is never lost on a count
+/// Redis does not hold yet, nor counted twice. Settled after the sync, it lands in Redis.
+/// Another node sees the settled count after its own sync.
+#[tokio::test]
+async fn settlements_count_what_was_used_before_and_after_the_sync() {
+    use tollgate::limiter::{LeaseId, Quota, WindowQuota};
+    use tollgate::store::{Op, Settlement, Store};
+
+    let Some(server) = Redis::start() else {
+        return;
+    };
+    let (a, b) = (store(&server.url()).await, store(&server.url()).await);
+    let nz = |n| std::num::NonZeroU64::new(n).unwrap();
+    let quota = Quota::FixedWindow(WindowQuota {
+        limit: nz(1_000),
+        window: nz(60_000_000),
+    });
+    let key = "lf:{tenant}:tokens";
+    let reserve = |cost| Op {
+        key,
+        quota,
+        cost,
+        enforce: true,
+        ban: None,
+        lease: LeaseId(0),
+        sync: Some(Duration::from_millis(50)),
+    };
+    let t0 = Timestamp::from_secs(START);
+    let settle = |delta| Settlement {
+        key,
+        quota,
+        delta,
+        counted_at: t0,
+    };
+    let count = async |store: &RedisStore, now| match store.inspect(key, now).await.unwrap().state {
+        Some(State::Window(w)) => w.count,
+        other => panic!("{other:?}"),
+    };
+    for _ in 0..3 {
+        assert!(a.apply(&[reserve(100)], t0).await.unwrap().admitted);
+    }
+    let t1 = t0.saturating_add(Duration::from_secs(1));
+    a.settle(&[settle(-70), settle(50)], t1).await.unwrap();
+    for _ in 0..2 {
+        a.sync_now().await.unwrap();
+        assert_eq!(count(&a, t1).await, 280, "300 reserved, 70 back, 50 more");
+    }
+    a.settle(&[settle(-30)], t1).await.unwrap();
+    a.sync_now().await.unwrap();
+    assert_eq!(count(&a, t1).await, 250);
+    // Node B, local-first on the same key, knows 250 once it has read it: 750 fit, not 751.
+    assert!(b.apply(&[reserve(1)], t1).await.unwrap().admitted);
+    b.sync_now().await.unwrap();
+    assert!(b.apply(&[reserve(749)], t1).await.unwrap().admitted);
+    assert!(!b.apply(&[reserve(1)], t1).await.unwrap().admitted);
+}

@@ -83,6 +83,9 @@ impl RedisStore {
         }
         let mut groups: SmallVec<[(u16, SmallVec<[usize; 8]>); 2]> = SmallVec::new();
         for (i, s) in settlements.iter().enumerate() {
+            if self.local.settle(s, now) {
+                continue;
+            }
             let slot = if self.is_cluster() { slot(s.key) } else { 0 };
             match groups.iter_mut().find(|(g, _)| *g == slot) {
                 Some((_, members)) => members.push(i),

@@ -33,7 +33,7 @@ use crate::clock::Timestamp;
 use crate::limiter::Quota;
 use crate::plan::key::ban_key;
 use crate::store::sharded::{Shard, Sharded};
-use crate::store::{OpResult, StoreError};
+use crate::store::{OpResult, Settlement, StoreError};
 
 /// The scheduler's resolution: intervals are multiples of it.
 pub(super) const TICK: Duration = Duration::from_millis(10);
@@ -225,6 +225,37 @@ impl LocalFirst {
                 d.remaining = d.remaining.saturating_add(ops[i].cost).min(d.limit);
             }
         }
+    }
+
+    /// Settles `s` in this node's part of the window its reservation was counted in — or,
+    /// for a debt whose window has ended, of the current one — when this node holds that
+    /// part (Redis may not have it yet: the next sync sends it). `false` when the key is not
+    /// counted here, or its part was confirmed and left behind (the window before of a
+    /// sliding window): settle it in Redis.
+    pub(super) fn settle(&self, s: &Settlement<'_>, now: Timestamp) -> bool {
+        if self.entries.len() == 0 {
+            return false;
+        }
+        let mut map = self.entries.lock_key(s.key);
+        let Some(entry) = map.get_mut(s.key) else {
+            return false;
+        };
+        let (start, _, sliding) = Entry::window(&entry.quota, now);
+        entry.roll(start, sliding);
+        let (counted, _, _) = Entry::window(&entry.quota, s.counted_at);
+        let part = if entry.current.start == counted {
+            &mut entry.current
+        } else if let Some(late) = entry.late.as_mut().filter(|l| l.start == counted) {
+            late
+        } else if s.delta > 0 {
+            &mut entry.current
+        } else {
+            // A refund for a window whose part Redis confirmed: there, if it still counts.
+            return sliding.is_none();
+        };
+        part.mine = part.mine.saturating_add_signed(s.delta);
+        entry.touched = true;
+        true
     }
 
     /// Sends every touched key's counts and reads the totals back, now (tests, shutdown).
