@@ -14,6 +14,7 @@
 //! Observers live above this module and attach to it; it knows them only by their traits.
 
 mod finish;
+pub mod meter;
 mod span;
 
 use std::sync::Arc;
@@ -21,6 +22,7 @@ use std::time::Duration;
 
 use smallvec::SmallVec;
 
+use self::finish::Held;
 pub use self::finish::{CLIENT_CLOSED, Finishing};
 pub use self::span::{record_verdict, request_span};
 use crate::clock::{Clock, SystemClock, Timestamp};
@@ -177,7 +179,10 @@ impl<S: Store, C: Clock> Pipeline<S, C> {
         }
         // Most requests have nothing to follow: then the pipeline's count is not touched
         // (a cache line every core would share).
-        let finish = if completions.is_empty() && verdict.leases.is_empty() {
+        let finish = if completions.is_empty()
+            && verdict.leases.is_empty()
+            && verdict.reservations.is_empty()
+        {
             Finishing::nothing()
         } else {
             Finishing::new(Arc::clone(self), started, completions)
@@ -229,30 +234,40 @@ impl<S: Store, C: Clock> Admission<S, C> {
         }
     }
 
-    /// The completion phase, now: the client got `status`.
+    /// The completion phase, now: the client got `status`; no response says what the
+    /// request used (its reservations settle at each limit's `default`, else as reserved).
     pub fn complete(mut self, status: u16) {
-        let leases = std::mem::take(&mut self.verdict.leases);
-        self.finish.done(status, Ended::Answered, leases);
+        let held = self.held();
+        self.finish.done(status, Ended::Answered, held);
     }
 
-    /// The completion phase at the end of `body` (the application answered `status`): when
+    /// The completion phase at the end of `body`, the response whose head is `parts`: when
     /// it ends, or as a client gone away when it is dropped first. Leases are held until
-    /// then.
-    pub fn complete_after<B>(mut self, status: u16, body: B) -> axum::body::Body
+    /// then; reservations are settled with what the response said it used (`cost response
+    /// …`: its headers and trailers, its JSON body or events, read as they pass).
+    pub fn complete_after<B>(mut self, parts: &http::response::Parts, body: B) -> axum::body::Body
     where
         B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
         B::Error: Into<axum::BoxError>,
     {
-        let leases = std::mem::take(&mut self.verdict.leases);
-        self.finish.after(status, leases, body)
+        let held = self.held();
+        self.finish.after(parts, held, body)
+    }
+
+    /// What the request holds until it ends, taken from the verdict.
+    fn held(&mut self) -> Held {
+        Held {
+            leases: std::mem::take(&mut self.verdict.leases),
+            reservations: std::mem::take(&mut self.verdict.reservations),
+        }
     }
 }
 
 impl<S: Store, C: Clock> Drop for Admission<S, C> {
     fn drop(&mut self) {
         if !self.finish.is_done() {
-            let leases = std::mem::take(&mut self.verdict.leases);
-            self.finish.done(CLIENT_CLOSED, Ended::ClientGone, leases);
+            let held = self.held();
+            self.finish.done(CLIENT_CLOSED, Ended::ClientGone, held);
         }
     }
 }

@@ -6,6 +6,7 @@
 
 mod compile;
 pub mod condition;
+mod cost;
 pub mod ipset;
 pub mod key;
 mod replaces;
@@ -19,6 +20,7 @@ use http::StatusCode;
 
 pub use self::compile::compile;
 pub use self::condition::Condition;
+pub use self::cost::{Amount, Cost, Usage};
 pub use self::key::{KeyHasher, KeySpec};
 pub use self::route::{RouteIndex, RouteMatches};
 use crate::diagnostic::PolicyError;
@@ -194,8 +196,10 @@ pub struct Limit {
     pub key: KeySpec,
     /// How much it allows.
     pub rate: LimitRate,
-    /// What one request costs.
+    /// What one request costs (with `usage`: what it reserves).
     pub cost: Cost,
+    /// A cost known after the response, settled against the reservation.
+    pub usage: Option<Arc<Usage>>,
     /// Soft thresholds before the hard limit, lowest first.
     pub soft: Vec<SoftStep>,
     /// What happens over the limit.
@@ -312,22 +316,6 @@ pub enum TierValue {
     Unlimited,
     /// Always refused.
     Blocked,
-}
-
-/// What one request costs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Cost {
-    /// The same for every request.
-    Fixed(u64),
-    /// Read from a header, with a default and a ceiling.
-    Header {
-        /// The header.
-        name: http::HeaderName,
-        /// When the header is missing or not a whole number.
-        default: u64,
-        /// The largest accepted.
-        max: u64,
-    },
 }
 
 /// A soft threshold.

@@ -1,5 +1,6 @@
 //! What the engine knows about one request.
 
+pub mod amount;
 mod descriptor;
 mod incoming;
 pub mod path;
@@ -11,6 +12,7 @@ use std::net::IpAddr;
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 
+pub use self::amount::JsonPath;
 pub use self::descriptor::{Descriptor, LimitOverride, REMOTE_ADDRESS, SHOULD_RATE_LIMIT};
 pub use self::incoming::{X_REQUEST_ID, request_id, request_id_from};
 pub use self::path::PathError;
@@ -52,6 +54,9 @@ pub struct RequestCtx {
     /// limits, lists and anomalies whose conditions name `domain` or `descriptor` meet these
     /// requests, and only these requests meet them.
     pub descriptor: Option<Box<Descriptor>>,
+    /// The request's JSON body, when a limit reads its reservation from it (`reserve
+    /// json(…)`) and the body was read (see `docs/language.md` for the cap).
+    pub body: Option<std::sync::Arc<serde_json::Value>>,
 }
 
 /// A header name or value that HTTP does not allow.
@@ -93,6 +98,7 @@ impl RequestCtx {
             connection_id: None,
             headers_trusted: false,
             descriptor: None,
+            body: None,
         }
     }
 

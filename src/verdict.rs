@@ -10,9 +10,9 @@ use std::time::Duration;
 use http::StatusCode;
 
 use crate::clock::Timestamp;
-use crate::limiter::{Decision, LeaseId};
+use crate::limiter::{Decision, LeaseId, Quota};
 use crate::plan::key::CounterKey;
-use crate::plan::{AnomalyActions, Mode, PlanVersion, PolicyHeaders, SoftAction, SoftStep};
+use crate::plan::{AnomalyActions, Mode, PlanVersion, PolicyHeaders, SoftAction, SoftStep, Usage};
 
 /// What to do with a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -235,6 +235,34 @@ pub struct LimitReport {
     pub cost: u64,
 }
 
+/// What an admitted request reserved on a limit whose cost its response says (`cost
+/// response …`), settled when the request completes.
+#[derive(Debug, Clone)]
+pub struct Reservation {
+    /// The limit.
+    pub limit: Arc<str>,
+    /// The counter key, as the store knows it.
+    pub key: String,
+    /// The quota it was counted under.
+    pub quota: Quota,
+    /// What was counted.
+    pub reserved: u64,
+    /// When it was counted.
+    pub counted_at: Timestamp,
+    /// How the response's usage is read.
+    pub usage: Arc<Usage>,
+    /// Counted in this node's memory (the store failed: `on_store_error local`).
+    pub local: bool,
+}
+
+impl Reservation {
+    /// What the request used, given what the response said (`None`: nothing): that, else
+    /// the limit's `default`, else the reservation.
+    pub fn used(&self, said: Option<u64>) -> u64 {
+        said.or(self.usage.default).unwrap_or(self.reserved)
+    }
+}
+
 /// A concurrency lease held by an admitted request, to give back when it ends.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -293,6 +321,8 @@ pub struct Verdict {
     pub reports: Vec<LimitReport>,
     /// Concurrency leases to give back when the request ends.
     pub leases: Vec<Lease>,
+    /// Reservations to settle when the request ends.
+    pub reservations: Vec<Reservation>,
     /// Limits that matched but did not apply (`on_missing_key skip`), and why.
     pub skipped: Vec<SkippedLimit>,
     /// The plan version that decided.

@@ -4,6 +4,10 @@ use std::fmt;
 
 pub use crate::diagnostic::Span;
 
+mod cost;
+
+pub use self::cost::{AmountSource, CostExpr, ReserveExpr, UsageDefault, UsageTerm};
+
 /// A node and the place it was written.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Spanned<T> {
@@ -177,6 +181,8 @@ pub enum Setting {
     Lease(Spanned<DurationLit>),
     /// `cost …;`
     Cost(Spanned<CostExpr>),
+    /// `reserve …;`
+    Reserve(Spanned<ReserveExpr>),
     /// `soft …;`
     Soft(Spanned<Vec<SoftStep>>),
     /// `on_exceed reject …;`
@@ -256,22 +262,6 @@ pub struct RateLit {
     pub period: Spanned<DurationLit>,
     /// The most that may be spent at once.
     pub burst: Option<Spanned<u64>>,
-}
-
-/// `cost 5;` or `cost header("X-Cost") default 1 max 100;`
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CostExpr {
-    /// A fixed cost per request.
-    Fixed(Spanned<u64>),
-    /// The cost read from a header.
-    Header {
-        /// The header's name.
-        name: Spanned<String>,
-        /// The cost when the header is missing or not a number.
-        default: Option<Spanned<u64>>,
-        /// The largest cost accepted from the header.
-        max: Option<Spanned<u64>>,
-    },
 }
 
 /// One step of `soft`.

@@ -13,7 +13,7 @@ use crate::limiter::{Decision, LeaseId, Quota};
 use crate::plan::select::{Charge, Selected};
 use crate::plan::{Limit, Mode, StoreErrorMode};
 use crate::store::{BatchResult, Op, Store, StoreError};
-use crate::verdict::{Counted, Lease, LimitReport, Outcome, StoreCall, StoreFailure};
+use crate::verdict::{Counted, Lease, LimitReport, Outcome, Reservation, StoreCall, StoreFailure};
 
 /// One limit's operation, before it borrows its key from the reports.
 #[derive(Debug, Clone, Copy)]
@@ -92,6 +92,44 @@ impl<S: Store, C: Clock> Engine<S, C> {
                 message: error.to_string(),
             })),
         });
+    }
+
+    /// What an admitted request reserved on limits whose cost its response says: each
+    /// such limit whose operation was counted (in the store, or here when it failed).
+    pub(super) fn reservations(
+        &self,
+        d: &Deciding<'_>,
+        reports: &[LimitReport],
+    ) -> Vec<Reservation> {
+        let mut reservations = Vec::new();
+        for p in &d.pending {
+            let (limit, report) = (d.applied[p.slot], &reports[p.slot]);
+            let Some(usage) = &limit.usage else {
+                continue;
+            };
+            let local = match report.counted {
+                Counted::Store => false,
+                Counted::Local => true,
+                _ => continue,
+            };
+            if !report.decision.allowed {
+                continue;
+            }
+            reservations.push(Reservation {
+                limit: Arc::clone(&limit.name),
+                key: report.key.to_string(),
+                quota: if local {
+                    p.quota.share(self.local_nodes)
+                } else {
+                    p.quota
+                },
+                reserved: p.cost,
+                counted_at: d.now,
+                usage: Arc::clone(usage),
+                local,
+            });
+        }
+        reservations
     }
 
     /// A lease id only for requests that take a lease: the shared counter is a cache line

@@ -237,6 +237,6 @@ where
     if let Some(id) = id {
         parts.headers.insert(X_REQUEST_ID.clone(), id);
     }
-    let body = admission.complete_after(parts.status.as_u16(), body);
+    let body = admission.complete_after(&parts, body);
     Ok(Response::from_parts(parts, body))
 }

@@ -1,19 +1,36 @@
-//! The completion phase: telling the observers how a request ended and giving its leases
-//! back, now or at the end of its response body.
+//! The completion phase: telling the observers how a request ended, giving its leases back
+//! and settling its reservations with what its response said it used — now, or at the end
+//! of its response body.
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use axum::body::Body;
+use futures_util::FutureExt as _;
 use http_body::Frame;
 use pin_project_lite::pin_project;
 use smallvec::SmallVec;
 
+use super::meter::Meter;
 use super::{Completion, Done, Ended, Pipeline};
 use crate::clock::{Clock, Timestamp};
 use crate::store::Store;
-use crate::verdict::Lease;
+use crate::verdict::{Lease, Reservation};
+
+/// What an admitted request holds until it ends: concurrency leases to give back,
+/// reservations to settle.
+#[derive(Debug, Default)]
+pub(super) struct Held {
+    pub(super) leases: Vec<Lease>,
+    pub(super) reservations: Vec<Reservation>,
+}
+
+impl Held {
+    fn is_empty(&self) -> bool {
+        self.leases.is_empty() && self.reservations.is_empty()
+    }
+}
 
 /// The status a request that ended before any answer is recorded with (nginx's "client
 /// closed request").
@@ -63,15 +80,17 @@ impl<S: Store, C: Clock> Finishing<S, C> {
         self.pending.is_none()
     }
 
-    /// Runs the completion now (once): the client got `status`.
-    pub(super) fn done(&mut self, status: u16, ended: Ended, leases: Vec<Lease>) {
+    /// Runs the completion now (once): the client got `status`, and no response said what
+    /// the request used.
+    pub(super) fn done(&mut self, status: u16, ended: Ended, held: Held) {
         if let Some(pending) = self.pending.take() {
-            pending.run(status, ended, leases);
+            pending.run(status, ended, held, None);
         }
     }
 
-    /// Runs the completion at the end of `body`, or when it is dropped first.
-    pub(super) fn after<B>(&mut self, status: u16, leases: Vec<Lease>, body: B) -> Body
+    /// Runs the completion at the end of `body` (the response whose head is `parts`), or
+    /// when it is dropped first; reservations are settled with what the response said.
+    pub(super) fn after<B>(&mut self, parts: &http::response::Parts, held: Held, body: B) -> Body
     where
         B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
         B::Error: Into<axum::BoxError>,
@@ -79,23 +98,26 @@ impl<S: Store, C: Clock> Finishing<S, C> {
         let Some(pending) = self.pending.take() else {
             return Body::new(body);
         };
-        if pending.completions.is_empty() && leases.is_empty() {
+        if pending.completions.is_empty() && held.is_empty() {
             // Nothing to follow: the body as it is.
             return Body::new(body);
         }
+        let meter = (!held.reservations.is_empty())
+            .then(|| Meter::new(held.reservations.iter().map(|r| &*r.usage), &parts.headers));
         Body::new(FinishBody {
             inner: body,
             end: Some(End {
                 pending,
-                status,
-                leases,
+                status: parts.status.as_u16(),
+                held,
+                meter,
             }),
         })
     }
 }
 
 impl<S: Store, C: Clock> Pending<S, C> {
-    fn run(self, status: u16, ended: Ended, leases: Vec<Lease>) {
+    fn run(self, status: u16, ended: Ended, held: Held, meter: Option<Meter>) {
         let engine = Arc::clone(self.pipeline.engine());
         let done = Done {
             status,
@@ -105,26 +127,45 @@ impl<S: Store, C: Clock> Pending<S, C> {
         for completion in self.completions {
             completion.completed(&done);
         }
-        if !leases.is_empty() {
-            // Releasing may need the network (Redis): off the ending thread. Without a
-            // runtime the leases simply lapse when their time is up.
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(async move { engine.release(&leases).await });
-            }
+        if held.is_empty() {
+            return;
+        }
+        let said: Vec<Option<u64>> = held
+            .reservations
+            .iter()
+            .map(|r| meter.as_ref().and_then(|m| m.used(&r.usage)))
+            .collect();
+        let mut work = Box::pin(async move {
+            engine.release(&held.leases).await;
+            engine.settle(&held.reservations, &said).await;
+        });
+        // A store in this process (memory) has done it by now: the next request sees it.
+        // One that needs the network (Redis) goes on off the ending thread; without a
+        // runtime the leases lapse when their time is up, and the reservations stay counted.
+        if (&mut work).now_or_never().is_none()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(work);
         }
     }
 }
 
-/// A completion waiting for the end of a response body.
+/// A completion waiting for the end of a response body, and what it reads of the body.
 struct End<S: Store, C: Clock> {
     pending: Pending<S, C>,
     status: u16,
-    leases: Vec<Lease>,
+    held: Held,
+    meter: Option<Meter>,
 }
 
 impl<S: Store, C: Clock> End<S, C> {
-    fn run(self, ended: Ended) {
-        self.pending.run(self.status, ended, self.leases);
+    fn run(mut self, ended: Ended) {
+        if ended == Ended::Answered
+            && let Some(meter) = self.meter.as_mut()
+        {
+            meter.finish();
+        }
+        self.pending.run(self.status, ended, self.held, self.meter);
     }
 }
 
@@ -147,7 +188,7 @@ pin_project! {
 
 impl<B, S, C> http_body::Body for FinishBody<B, S, C>
 where
-    B: http_body::Body,
+    B: http_body::Body<Data = bytes::Bytes>,
     S: Store,
     C: Clock,
 {
@@ -160,10 +201,22 @@ where
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
         let frame = this.inner.poll_frame(cx);
-        if let Poll::Ready(None) = frame
-            && let Some(end) = this.end.take()
-        {
-            end.run(Ended::Answered);
+        match &frame {
+            Poll::Ready(None) => {
+                if let Some(end) = this.end.take() {
+                    end.run(Ended::Answered);
+                }
+            }
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(meter) = this.end.as_mut().and_then(|e| e.meter.as_mut()) {
+                    if let Some(data) = frame.data_ref() {
+                        meter.feed(data);
+                    } else if let Some(trailers) = frame.trailers_ref() {
+                        meter.headers(trailers);
+                    }
+                }
+            }
+            _ => {}
         }
         frame
     }

@@ -34,6 +34,7 @@ mod names;
 mod rates;
 mod settings;
 mod tiers;
+mod usage;
 
 const SECOND: u64 = 1_000_000;
 const DAY: u64 = 86_400 * SECOND;
@@ -195,6 +196,7 @@ struct Settings<'a> {
     rate: Option<&'a Spanned<ast::RateValue>>,
     lease: Option<&'a Spanned<ast::DurationLit>>,
     cost: Option<&'a Spanned<ast::CostExpr>>,
+    reserve: Option<&'a Spanned<ast::ReserveExpr>>,
     soft: Option<&'a Spanned<Vec<ast::SoftStep>>>,
     on_exceed: Option<&'a Spanned<ast::OnExceed>>,
     mode: Option<&'a ast::Ident>,

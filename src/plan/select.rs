@@ -400,6 +400,12 @@ fn cost(limit: &Limit, quota: Quota, request: &RequestCtx, amount: Option<u64>) 
             .filter(|c| *c > 0)
             .unwrap_or(*default)
             .min(*max),
+        Cost::Json { path, default, max } => request
+            .body
+            .as_deref()
+            .and_then(|body| path.amount(body))
+            .unwrap_or(*default)
+            .min(*max),
     }
 }
 

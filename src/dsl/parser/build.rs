@@ -281,6 +281,54 @@ impl Builder<'_> {
         }
     }
 
+    /// `response json("a") + 4 * header("B") default reserved max 100`
+    fn cost_response(&mut self, pair: P<'_>) -> CostExpr {
+        let mut terms = Vec::new();
+        let (mut default, mut max) = (None, None);
+        for p in pair.into_inner() {
+            match p.as_rule() {
+                Rule::usage_term => {
+                    let mut parts = p.into_inner();
+                    let first = next(&mut parts);
+                    let (weight, source) = if first.as_rule() == Rule::number {
+                        (Some(self.number(first)), next(&mut parts))
+                    } else {
+                        (None, first)
+                    };
+                    let source = self.amount_source(source);
+                    terms.push(UsageTerm { weight, source });
+                }
+                Rule::usage_default => {
+                    let span = self.span(&p);
+                    let value = next(&mut p.into_inner());
+                    let value = if value.as_rule() == Rule::usage_reserved {
+                        UsageDefault::Reserved
+                    } else {
+                        UsageDefault::Amount(self.number(value).node)
+                    };
+                    default = Some(Spanned::new(value, span));
+                }
+                _ => max = Some(self.number(next(&mut p.into_inner()))),
+            }
+        }
+        CostExpr::Response {
+            terms,
+            default,
+            max,
+        }
+    }
+
+    /// `json("a.b")` or `header("X")`.
+    fn amount_source(&mut self, pair: P<'_>) -> AmountSource {
+        let is_json = pair.as_rule() == Rule::json_ref;
+        let name = self.string(next(&mut pair.into_inner()));
+        if is_json {
+            AmountSource::Json(name)
+        } else {
+            AmountSource::Header(name)
+        }
+    }
+
     pub(super) fn setting(&mut self, pair: P<'_>) -> Setting {
         let span = self.span(&pair);
         let rule = pair.as_rule();
@@ -298,6 +346,8 @@ impl Builder<'_> {
                 let part = next(&mut inner);
                 let cost = if part.as_rule() == Rule::number {
                     CostExpr::Fixed(self.number(part))
+                } else if part.as_rule() == Rule::cost_response {
+                    self.cost_response(part)
                 } else {
                     let mut parts = part.into_inner();
                     let name = self.string(next(&mut next(&mut parts).into_inner()));
@@ -316,6 +366,31 @@ impl Builder<'_> {
                     CostExpr::Header { name, default, max }
                 };
                 Setting::Cost(Spanned::new(cost, span))
+            }
+            Rule::reserve_stmt => {
+                let part = next(&mut inner);
+                let reserve = if part.as_rule() == Rule::number {
+                    ReserveExpr::Fixed(self.number(part))
+                } else {
+                    let mut parts = part.into_inner();
+                    let source = self.amount_source(next(&mut parts));
+                    let (mut default, mut max) = (None, None);
+                    for p in parts {
+                        let is_max = p.as_rule() == Rule::usage_max;
+                        let value = Some(self.number(next(&mut p.into_inner())));
+                        if is_max {
+                            max = value;
+                        } else {
+                            default = value;
+                        }
+                    }
+                    ReserveExpr::Read {
+                        source,
+                        default,
+                        max,
+                    }
+                };
+                Setting::Reserve(Spanned::new(reserve, span))
             }
             Rule::soft_stmt => {
                 let steps = inner

@@ -43,10 +43,7 @@ impl<'a> Compiler<'a> {
         let algorithm = self.algorithm(f, &settings, rate_value);
         let lease = self.lease(f, &settings, algorithm, &name.node, &mut ok);
         let rate = self.limit_rate(f, rate_value, algorithm, lease, &name.node);
-        let cost = match settings.cost {
-            Some(cost) => self.cost(f, cost, algorithm.unwrap_or(Algorithm::SlidingWindow)),
-            None => Some(Cost::Fixed(1)),
-        };
+        let costs = self.costs(f, &settings, algorithm, name);
         let soft = match settings.soft {
             Some(soft) => self.soft(f, soft),
             None => Some(Vec::new()),
@@ -61,6 +58,9 @@ impl<'a> Compiler<'a> {
         };
         let (mode, on_store_error, on_missing_key) = self.limit_modes(f, &settings);
         let counts = self.counts(f, &settings, algorithm, &name.span, &mut ok);
+        if let (Some((_, Some(_))), Some(cost)) = (&costs, settings.cost) {
+            ok &= self.usage_applies(f, cost.span, counts, for_descriptors);
+        }
         let sync = self.sync(f, &settings, algorithm, on_exceed.as_ref(), &mut ok);
         // A local-first limit never fails open: without the store it counts its node's share
         // (`local`), unless it says `deny`.
@@ -89,7 +89,8 @@ impl<'a> Compiler<'a> {
             condition,
             key: key?,
             rate,
-            cost: cost?,
+            cost: costs.as_ref()?.0.clone(),
+            usage: costs?.1,
             soft: soft?,
             on_exceed: on_exceed?,
             mode: mode?,
@@ -441,6 +442,10 @@ impl<'a> Compiler<'a> {
             ast::Setting::Cost(c) => {
                 settings.cost = Some(c);
                 ("cost", c.span)
+            }
+            ast::Setting::Reserve(r) => {
+                settings.reserve = Some(r);
+                ("reserve", r.span)
             }
             ast::Setting::Soft(s) => {
                 settings.soft = Some(s);

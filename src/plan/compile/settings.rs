@@ -33,6 +33,9 @@ impl<'a> Compiler<'a> {
                 }
                 Some(Cost::Fixed(n.node))
             }
+            // Read with its `reserve` (`usage.rs`); here only on a concurrency limit,
+            // refused above.
+            ast::CostExpr::Response { .. } => None,
             ast::CostExpr::Header { name, default, max } => {
                 let header = self.header_name(f, name)?;
                 let default_value = default.as_ref().map_or(1, |d| d.node);
