@@ -7,6 +7,7 @@
 //! warning header or hold the request (on tokio's timer). Concurrency leases are given back
 //! when the response body ends, or when the request or the body is dropped.
 
+mod body;
 mod future;
 
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use axum::body::Body;
 use http::{Request, Response};
 use tower::{Layer, Service};
 
+pub use self::body::{DEFAULT_MAX_JSON_BODY, ReadJsonBody, ReadJsonBodyLayer, RequestJson};
 use self::future::Answer;
 pub use self::future::ResponseFuture;
 use crate::clock::{Clock, SystemClock};
@@ -251,6 +253,9 @@ pub fn request_ctx<B>(
 ) -> Result<RequestCtx, PathError> {
     let (mut ctx, peer) = RequestCtx::from_http(request)?;
     identifier.identify(&mut ctx, peer);
+    if let Some(RequestJson(document)) = request.extensions().get() {
+        ctx.body = Some(Arc::clone(document));
+    }
     Ok(ctx)
 }
 

@@ -78,6 +78,8 @@ pub struct Plan {
     pub(crate) limits: Vec<Limit>,
     /// Whether a limit `counts bytes` (the proxy then paces streamed bodies).
     pub(crate) counts_bytes: bool,
+    /// Whether a limit reserves from the request's JSON body (`reserve json(…)`).
+    pub(crate) reads_request_json: bool,
     pub(crate) routes: RouteIndex,
     pub(crate) safelists: Vec<ListRule>,
     pub(crate) denylists: Vec<DenyRule>,
@@ -105,6 +107,12 @@ impl Plan {
     /// Whether a limit `counts bytes`: streamed response bodies are then paced.
     pub fn counts_bytes(&self) -> bool {
         self.counts_bytes
+    }
+
+    /// Whether a limit reserves from the request's JSON body (`reserve json(…)`): the body
+    /// is then read before deciding (see `middleware::ReadJsonBodyLayer`).
+    pub fn reads_request_json(&self) -> bool {
+        self.reads_request_json
     }
 
     /// The limits, highest priority first (then by name).

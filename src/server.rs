@@ -27,7 +27,7 @@ use crate::config::{Environment, Settings, StoreClock};
 use crate::diagnostic::PolicyErrors;
 use crate::engine::Engine;
 use crate::identity::{Identifier, JwtKeyError};
-use crate::middleware::{HttpOptions, RateLimitLayer};
+use crate::middleware::{HttpOptions, RateLimitLayer, ReadJsonBodyLayer};
 pub use crate::observers::Observers;
 use crate::pipeline::Pipeline;
 use crate::plan::KeyHasher;
@@ -126,7 +126,9 @@ pub fn router<S: ServedStore, C: Clock>(state: Arc<AppState<S, C>>) -> Router {
                 RateLimitLayer::from_pipeline(Arc::clone(&state.pipeline))
                     .with_options(state.options.clone())
                     .keep_context(),
-            ),
+            )
+            // Before deciding: the JSON body, for limits that reserve from it.
+            .layer(ReadJsonBodyLayer::new(state.engine())),
         None => Router::new().fallback(not_found),
     };
     let own = if state.metrics_on_main {

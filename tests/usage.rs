@@ -14,6 +14,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use http::{Request, StatusCode, header};
 use tollgate::limiter::State;
+use tollgate::middleware::{DEFAULT_MAX_JSON_BODY, ReadJsonBodyLayer};
 use tollgate::store::MemoryStore;
 use tollgate::{Engine, ManualClock, PolicySet, RateLimitLayer, Timestamp, compile};
 use tower::ServiceExt;
@@ -28,6 +29,14 @@ limit tokens {
   rate 1_000/min;
   cost response json("usage.prompt_tokens") + 2 * json("usage.completion_tokens") max 5_000;
   reserve 100;
+}
+limit by_body {
+  match { route POST "/v1/body"; }
+  key header("X-Tenant");
+  algorithm fixed_window;
+  rate 1_000/min;
+  cost response header("X-Usage-Tokens");
+  reserve json("max_tokens") default 50 max 500;
 }
 limit by_header {
   match { route GET "/v1/header"; }
@@ -75,11 +84,18 @@ async fn chat(Query(used): Query<Used>) -> axum::response::Response {
     axum::Json(serde_json::json!({"id": "x", "usage": usage})).into_response()
 }
 
+/// An upstream that answers with the body it got, and says it used 1.
+async fn echo(body: axum::body::Bytes) -> axum::response::Response {
+    ([("x-usage-tokens", "1")], body).into_response()
+}
+
 fn app(engine: &Arc<TestEngine>) -> Router {
     Router::new()
         .route("/v1/chat", get(chat))
         .route("/v1/header", get(chat))
+        .route("/v1/body", axum::routing::post(echo))
         .layer(RateLimitLayer::new(Arc::clone(engine)))
+        .layer(ReadJsonBodyLayer::new(engine))
 }
 
 fn request(uri: &str) -> Request<Body> {
@@ -110,7 +126,7 @@ fn counted(engine: &TestEngine, limit: &str) -> u64 {
         .iter()
         .find(|l| &*l.name == limit)
         .and_then(|l| l.key.clone())
-        .expect("the limit applies");
+        .unwrap_or_else(|| panic!("{:?}", explanation.limits));
     match engine.store().peek(&key, engine.now()) {
         Some(State::Window(w)) => w.count,
         None => 0,
@@ -119,12 +135,12 @@ fn counted(engine: &TestEngine, limit: &str) -> u64 {
 }
 
 fn request_ctx(limit: &str) -> tollgate::RequestCtx {
-    let path = if limit == "tokens" {
-        "/v1/chat"
-    } else {
-        "/v1/header"
+    let (method, path) = match limit {
+        "tokens" => (http::Method::GET, "/v1/chat"),
+        "by_body" => (http::Method::POST, "/v1/body"),
+        _ => (http::Method::GET, "/v1/header"),
     };
-    tollgate::RequestCtx::new(http::Method::GET, path)
+    tollgate::RequestCtx::new(method, path)
         .with_client_ip("203.0.113.9".parse().unwrap())
         .with_header(
             http::HeaderName::from_static("x-tenant"),
@@ -201,4 +217,74 @@ async fn a_client_gone_mid_stream_settles_at_the_reservation() {
     assert_eq!(counted(&engine, "tokens"), 100, "reserved while it streams");
     drop(response);
     assert_eq!(counted(&engine, "tokens"), 100, "never said: as reserved");
+}
+
+fn post(body: Vec<u8>, content_type: &str) -> Request<Body> {
+    let mut r = Request::builder()
+        .method("POST")
+        .uri("/v1/body")
+        .header("x-tenant", "acme")
+        .header(header::CONTENT_TYPE, content_type)
+        .body(Body::from(body))
+        .unwrap();
+    let addr: SocketAddr = "203.0.113.9:40000".parse().unwrap();
+    r.extensions_mut().insert(ConnectInfo(addr));
+    r
+}
+
+#[tokio::test]
+async fn a_reservation_read_from_the_request_body_counts_while_the_body_goes_on_whole() {
+    let engine = engine();
+    let app = app(&engine);
+    let body = br#"{"model":"m","max_tokens":300}"#.to_vec();
+    let response = app
+        .clone()
+        .oneshot(post(body.clone(), "application/json"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        counted(&engine, "by_body"),
+        300,
+        "reserved while it streams"
+    );
+    let echoed = to_bytes(response.into_body(), 1 << 21).await.unwrap();
+    assert_eq!(&echoed[..], &body[..], "the upstream got the body");
+    assert_eq!(counted(&engine, "by_body"), 1, "settled at what it used");
+
+    // Above `max`, at most `max`; without the field, or not JSON, the default.
+    let cases: [(Vec<u8>, &str, u64); 3] = [
+        (br#"{"max_tokens":90000}"#.to_vec(), "application/json", 500),
+        (
+            br#"{"messages":[]}"#.to_vec(),
+            "application/json; charset=utf-8",
+            50,
+        ),
+        (br#"{"max_tokens":300}"#.to_vec(), "text/plain", 50),
+    ];
+    for (body, content_type, reserved) in cases {
+        let before = counted(&engine, "by_body");
+        let response = app.clone().oneshot(post(body, content_type)).await.unwrap();
+        assert_eq!(
+            counted(&engine, "by_body") - before,
+            reserved,
+            "{content_type}"
+        );
+        to_bytes(response.into_body(), 1 << 21).await.unwrap();
+    }
+
+    // A body over the cap reserves the default, and reaches the upstream whole.
+    let mut large = br#"{"max_tokens":400,"pad":""#.to_vec();
+    large.extend(std::iter::repeat_n(b'a', DEFAULT_MAX_JSON_BODY));
+    large.extend(br#""}"#);
+    let before = counted(&engine, "by_body");
+    let response = app
+        .clone()
+        .oneshot(post(large.clone(), "application/json"))
+        .await
+        .unwrap();
+    assert_eq!(counted(&engine, "by_body") - before, 50);
+    let echoed = to_bytes(response.into_body(), 1 << 22).await.unwrap();
+    assert_eq!(echoed.len(), large.len());
+    assert!(echoed[..] == large[..]);
 }

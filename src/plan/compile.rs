@@ -347,6 +347,7 @@ impl<'a> Compiler<'a> {
         Plan {
             version: version_hash(files, &declared.cedar_imports),
             counts_bytes: limits.iter().any(|l| l.counts == Counts::Bytes),
+            reads_request_json: limits.iter().any(|l| matches!(l.cost, Cost::Json { .. })),
             limits,
             routes,
             safelists,
