@@ -6,6 +6,7 @@
 
 mod count;
 mod runtime;
+mod settle;
 
 use std::num::NonZeroU64;
 use std::sync::Arc;
@@ -20,10 +21,10 @@ use crate::plan::select::{Scope, Selection, select};
 use crate::plan::{Counts, KeyHasher, Limit, Mode, Plan, SoftAction};
 use crate::request::RequestCtx;
 use crate::store::runtime::RuntimeLists;
-use crate::store::{MemoryStore, Settlement, Store, StoreError};
+use crate::store::{MemoryStore, Store, StoreError};
 use crate::verdict::{
-    Action, Counted, Lease, LimitReport, Outcome, Reservation, SKIPPED_NO_KEY, SkippedLimit,
-    StoreCall, Verdict, soft_step,
+    Action, Counted, Lease, LimitReport, Outcome, SKIPPED_NO_KEY, SkippedLimit, StoreCall, Verdict,
+    soft_step,
 };
 
 /// The bits of a lease id chosen at random per engine: 32 to 52.
@@ -293,47 +294,6 @@ impl<S: Store, C: Clock> Engine<S, C> {
                 .saturating_since(d.now),
             store_call: d.store_call.take(),
             flags,
-        }
-    }
-
-    /// Settles an ended request's reservations, given what its response said each used
-    /// (`said[i]` for `reservations[i]`; `None`: nothing). A store that fails loses the
-    /// settlement: the reservation stays counted (logged).
-    pub async fn settle(&self, reservations: &[Reservation], said: &[Option<u64>]) {
-        let now = self.clock.now();
-        let mut shared: SmallVec<[Settlement<'_>; 2]> = SmallVec::new();
-        let mut local: SmallVec<[Settlement<'_>; 2]> = SmallVec::new();
-        for (r, said) in reservations.iter().zip(said) {
-            let used = r.used(*said);
-            let delta = i64::try_from(used).unwrap_or(i64::MAX)
-                - i64::try_from(r.reserved).unwrap_or(i64::MAX);
-            if delta == 0 {
-                continue;
-            }
-            let settlement = Settlement {
-                key: &r.key,
-                quota: r.quota,
-                delta,
-                counted_at: r.counted_at,
-            };
-            if r.local {
-                local.push(settlement);
-            } else {
-                shared.push(settlement);
-            }
-        }
-        if !local.is_empty() {
-            self.local.settle_now(&local, now);
-        }
-        if shared.is_empty() {
-            return;
-        }
-        match self.store.settle(&shared, now).await {
-            Ok(()) => {}
-            Err(StoreError::CircuitOpen) => {}
-            Err(error) => {
-                tracing::warn!(%error, "could not settle a request's usage; its reservation stays counted");
-            }
         }
     }
 

@@ -405,6 +405,47 @@ fn the_decision_api_accepts_exactly_what_the_spec_allows() {
             "/v1/report",
             r#"{"request": {"method": "POST", "path": "/login", "cost": null}, "status": 401}"#,
         ),
+        // What a request used: `cost`, or the `response` the gateway saw — not both.
+        (
+            "/v1/report",
+            r#"{"request": {"method": "GET", "path": "/x"}, "status": 200, "cost": 500, "latency_ms": 30}"#,
+        ),
+        (
+            "/v1/report",
+            r#"{"request": {"method": "GET", "path": "/x"}, "status": 200, "cost": 2.0}"#,
+        ),
+        (
+            "/v1/report",
+            r#"{"request": {"method": "GET", "path": "/x"}, "status": 200, "cost": -1}"#,
+        ),
+        (
+            "/v1/report",
+            r#"{"request": {"method": "GET", "path": "/x"}, "status": 200, "cost": null}"#,
+        ),
+        (
+            "/v1/report",
+            r#"{"request": {"method": "GET", "path": "/x"}, "status": 200, "latency_ms": -5}"#,
+        ),
+        (
+            "/v1/report",
+            r#"{"request": {"method": "GET", "path": "/x"}, "status": 200, "response": {"headers": {"x-usage": "5"}, "body": {"usage": {"total_tokens": 5}}}}"#,
+        ),
+        (
+            "/v1/report",
+            r#"{"request": {"method": "GET", "path": "/x"}, "status": 200, "response": {"body": null}}"#,
+        ),
+        (
+            "/v1/report",
+            r#"{"request": {"method": "GET", "path": "/x"}, "status": 200, "response": {"headers": {"bad header": "5"}}}"#,
+        ),
+        (
+            "/v1/report",
+            r#"{"request": {"method": "GET", "path": "/x"}, "status": 200, "response": {"status": 200}}"#,
+        ),
+        (
+            "/v1/report",
+            r#"{"request": {"method": "GET", "path": "/x"}, "status": 200, "cost": 5, "response": {}}"#,
+        ),
         (
             "/v1/release",
             r#"{"leases": [{"key": "k", "id": 2.0, "local": false}]}"#,
@@ -586,4 +627,72 @@ fn the_documented_examples_are_answered_as_documented() {
         sent >= 3,
         "the spec documents examples for /v1/check and /v1/release"
     );
+}
+
+/// A gateway that decides with `/v1/check` reports what the request used with `/v1/report`:
+/// the check counted the reservation, the report settles it — as one amount (`cost`), or as
+/// the response it saw, each limit reading its own terms — and says what it settled.
+#[test]
+fn a_report_settles_what_the_check_reserved() {
+    let policy = r#"
+limit tokens {
+  match { route POST "/v1/chat"; }
+  key ip;
+  algorithm fixed_window;
+  rate 1_000/min;
+  cost response json("usage.prompt_tokens") + 2 * json("usage.completion_tokens") default 0;
+  reserve header("X-Max-Tokens") default 100 max 500;
+}
+"#;
+    let server = InProcess::start(policy, options());
+    let request = json!({
+        "method": "POST", "path": "/v1/chat", "client_ip": "203.0.113.9",
+        "headers": {"x-max-tokens": "300"}
+    });
+    let remaining = |reply: &Reply| reply.json()["remaining"].as_u64().unwrap();
+    let reply = check(&server, &request);
+    assert_eq!(remaining(&reply), 700, "300 reserved");
+    assert_eq!(
+        remaining(&check(&server, &request)),
+        400,
+        "held until the report, though a response that never says counts 0"
+    );
+    let report = |body: Value| {
+        let reply = server.send(
+            "POST",
+            "/v1/report",
+            &[("Content-Type", "application/json")],
+            body.to_string().as_bytes(),
+        );
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert_conforms(&reply, "ReportResponse");
+        reply.json()
+    };
+    let settled = report(json!({"request": request, "status": 200, "cost": 40, "latency_ms": 900}));
+    assert_eq!(
+        settled["settled"],
+        json!([{"limit": "tokens", "reserved": 300, "used": 40}])
+    );
+    let settled = report(json!({
+        "request": request, "status": 200,
+        "response": {"body": {"usage": {"prompt_tokens": 20, "completion_tokens": 140}}}
+    }));
+    assert_eq!(settled["settled"][0]["used"], 300);
+    assert_eq!(
+        remaining(&check(&server, &request)),
+        360,
+        "40 + 300 used, 300 reserved"
+    );
+    // A report that says nothing of usage settles at the limit's `default` (0 here); a
+    // request with no usage limit settles nothing.
+    let settled = report(json!({"request": request, "status": 500}));
+    assert_eq!(settled["settled"][0]["used"], 0);
+    assert_eq!(
+        remaining(&check(&server, &request)),
+        360,
+        "300 back, 300 reserved"
+    );
+    let other =
+        report(json!({"request": {"method": "GET", "path": "/x"}, "status": 200, "cost": 5}));
+    assert!(other.get("settled").is_none());
 }

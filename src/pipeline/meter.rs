@@ -178,15 +178,34 @@ impl Meter {
         line.clear();
     }
 
-    /// The JSON amounts `doc` carries.
-    fn read_json(&mut self, doc: &[u8]) {
-        let Ok(doc) = serde_json::from_slice::<serde_json::Value>(doc) else {
-            // `[DONE]`, or not JSON: says nothing.
-            return;
-        };
+    /// A meter for a response described after the fact (`POST /v1/report`): its headers,
+    /// and its JSON body (or its stream's usage event) as a document.
+    pub fn described<'u>(
+        usages: impl Iterator<Item = &'u Usage>,
+        headers: &HeaderMap,
+        document: Option<&serde_json::Value>,
+    ) -> Self {
+        let mut meter = Meter::new(usages, headers);
+        meter.body = Body::Ignored;
+        if let Some(document) = document {
+            meter.read_document(document);
+        }
+        meter
+    }
+
+    /// The JSON amounts the document in `text` carries.
+    fn read_json(&mut self, text: &[u8]) {
+        // `[DONE]`, or not JSON: says nothing.
+        if let Ok(document) = serde_json::from_slice::<serde_json::Value>(text) {
+            self.read_document(&document);
+        }
+    }
+
+    /// The JSON amounts `document` carries.
+    fn read_document(&mut self, document: &serde_json::Value) {
         for (amount, said) in &mut self.amounts {
             if let Amount::Json(path) = amount
-                && let Some(n) = path.amount(&doc)
+                && let Some(n) = path.amount(document)
             {
                 *said = Some(n);
             }

@@ -4,6 +4,8 @@
 
 use super::extract::{JsonBody, Refused, RequestId, field_problem};
 use super::*;
+use crate::clock::Timestamp;
+use crate::pipeline::meter::Meter;
 
 /// `POST /v1/check` input.
 #[derive(Debug, Deserialize)]
@@ -104,6 +106,8 @@ pub(super) async fn check<S: Store, C: Clock>(
     // The caller holds the leases (`/v1/release`); the decision's own outcome is the answer.
     let mut admission = admission;
     admission.verdict.leases.clear();
+    // And the reservations: its `/v1/report` settles them.
+    admission.verdict.reservations.clear();
     let status = admission.status();
     admission.complete(status);
     Ok(response)
@@ -117,13 +121,42 @@ pub(super) async fn release<S: Store, C: Clock>(
     StatusCode::NO_CONTENT.into_response()
 }
 
-/// `POST /v1/report` input: a request as `/v1/check` describes it, and its status.
+/// `POST /v1/report` input: a request as `/v1/check` describes it, its status, and what it
+/// used (for limits whose cost the response says).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct ReportRequest {
     request: CheckRequest,
     #[serde(deserialize_with = "crate::json::u16_integer")]
     status: u16,
+    /// What the request used, in the units of every such limit.
+    #[serde(default, deserialize_with = "crate::json::some_safe_integer")]
+    cost: Option<u64>,
+    /// The response as the caller saw it, for each limit to read its own `cost response`.
+    #[serde(default)]
+    response: Option<ReportedResponse>,
+    /// From the check to the end of the response: when the reservation was counted.
+    #[serde(default, deserialize_with = "crate::json::some_safe_integer")]
+    latency_ms: Option<u64>,
+}
+
+/// The response a report describes.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReportedResponse {
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    /// Its JSON body, or the event of its stream that carries the usage.
+    #[serde(default)]
+    body: Option<serde_json::Value>,
+}
+
+/// One reservation a report settled.
+#[derive(Debug, Serialize)]
+struct SettledOut {
+    limit: String,
+    reserved: u64,
+    used: u64,
 }
 
 /// An optional string field: absent is `None`; `null` is refused, as the spec's `type:
@@ -137,6 +170,8 @@ fn some_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>,
 struct ReportResponse {
     watched: usize,
     detected: Vec<DetectionOut>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    settled: Vec<SettledOut>,
     request_id: String,
 }
 
@@ -166,8 +201,28 @@ pub(super) async fn report<S: ServedStore, C: Clock>(
         let problem = field_problem("status", "an HTTP status, 100 to 599".into());
         return Err(Refused::new(problem, &request_id));
     }
+    if input.cost.is_some() && input.response.is_some() {
+        let problem = field_problem(
+            "cost",
+            "give what was used as `cost` or as `response`, not both".into(),
+        );
+        return Err(Refused::new(problem, &request_id));
+    }
+    let response = input
+        .response
+        .map(|r| described_response(r.headers).map(|headers| (headers, r.body)))
+        .transpose()
+        .map_err(|problem| Refused::new(problem, &request_id))?;
     let ctx = check_ctx(input.request, &app.options.identifier)
         .map_err(|problem| Refused::new(problem, &request_id))?;
+    let settled = settle_reported(
+        app.pipeline.engine(),
+        &ctx,
+        input.cost,
+        response.as_ref(),
+        input.latency_ms,
+    )
+    .await;
     let (watched, detected) = app.observers.anomalies.report(&ctx, input.status).await;
     let detected = detected
         .into_iter()
@@ -185,11 +240,71 @@ pub(super) async fn report<S: ServedStore, C: Clock>(
     let mut response = axum::Json(ReportResponse {
         watched,
         detected,
+        settled,
         request_id: request_id.clone(),
     })
     .into_response();
     set_request_id(response.headers_mut(), &request_id);
     Ok(response)
+}
+
+/// A reported response's headers, refused as `/v1/check`'s are when HTTP would not allow
+/// them.
+fn described_response(headers: BTreeMap<String, String>) -> Result<HeaderMap, Box<Problem>> {
+    let mut map = HeaderMap::new();
+    for (name, value) in &headers {
+        let field = || format!("response.headers.{name}");
+        let header = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| field_problem(&field(), "not a header name".into()))?;
+        let value = HeaderValue::from_str(value)
+            .map_err(|_| field_problem(&field(), "not a valid header value".into()))?;
+        map.append(header, value);
+    }
+    Ok(map)
+}
+
+/// Settles what a reported request reserved: selected again as it was `latency_ms` ago,
+/// each reservation settled at what the report says it used (`cost`, or its `response` as
+/// each limit reads it; neither: the limit's `default`, else as reserved).
+async fn settle_reported<S: Store, C: Clock>(
+    engine: &Engine<S, C>,
+    ctx: &RequestCtx,
+    cost: Option<u64>,
+    response: Option<&(HeaderMap, Option<serde_json::Value>)>,
+    latency_ms: Option<u64>,
+) -> Vec<SettledOut> {
+    let latency = std::time::Duration::from_millis(latency_ms.unwrap_or(0));
+    let counted_at = Timestamp::from_micros(
+        engine
+            .now()
+            .as_micros()
+            .saturating_sub(u64::try_from(latency.as_micros()).unwrap_or(u64::MAX)),
+    );
+    let reservations = engine.reservations_of(ctx, counted_at);
+    if reservations.is_empty() {
+        return Vec::new();
+    }
+    let said: Vec<Option<u64>> = match response {
+        Some((headers, body)) => {
+            let meter = Meter::described(
+                reservations.iter().map(|r| &*r.usage),
+                headers,
+                body.as_ref(),
+            );
+            reservations.iter().map(|r| meter.used(&r.usage)).collect()
+        }
+        None => vec![cost.map(|c| c.min(crate::json::MAX_SAFE_INTEGER)); reservations.len()],
+    };
+    engine.settle(&reservations, &said).await;
+    reservations
+        .iter()
+        .zip(&said)
+        .map(|(r, said)| SettledOut {
+            limit: r.limit.to_string(),
+            reserved: r.reserved,
+            used: r.used(*said),
+        })
+        .collect()
 }
 
 pub(super) fn action_name(action: &Action) -> &'static str {

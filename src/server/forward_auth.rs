@@ -81,6 +81,10 @@ pub(super) async fn forward_auth<S: Store, C: Clock>(
     };
     set_request_id(response.headers_mut(), admission.request_id());
     let status = admission.status();
+    // The gateway's `/v1/report` settles what the request reserved, once it has the
+    // response; never at this answer.
+    let mut admission = admission;
+    admission.verdict.reservations.clear();
     admission.complete(status);
     response
 }
