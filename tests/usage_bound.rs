@@ -221,7 +221,6 @@ async fn drive(nodes: [SocketAddr; 2], reserve: u64) -> Run {
 
 /// What the window counts for the limit, read through `engine`'s store.
 async fn counted<S: ServedStore>(engine: &Engine<S, ManualClock>) -> u64 {
-    use tollgate::store::AdminStore;
     let request = tollgate::RequestCtx::new(http::Method::POST, "/v1/chat/completions");
     let explanation = tollgate::explain::explain(&engine.plan(), &request, engine.key_hasher());
     let key = explanation.limits[0].key.clone().expect("a key");
