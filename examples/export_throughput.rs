@@ -64,6 +64,7 @@ async fn main() {
         status: 200,
         latency: std::time::Duration::ZERO,
         ended: Ended::Answered,
+        usage: Vec::new(),
     };
     for n in 0..DECISIONS {
         let admitted = Admitted {

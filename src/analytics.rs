@@ -123,6 +123,16 @@ pub const MIGRATIONS: &[Migration] = &[
             "ALTER TABLE {db}.decisions ADD COLUMN flags Array(String)",
         ],
     },
+    Migration {
+        version: 5,
+        name: "usage: what requests reserved and what they used, settled",
+        needs: (18, 16),
+        statements: &[
+            "ALTER TABLE {db}.decisions ADD COLUMN reserved UInt64",
+            // Rows from before count what they were charged.
+            "ALTER TABLE {db}.decisions ADD COLUMN settled UInt64 DEFAULT cost",
+        ],
+    },
 ];
 
 /// Every statement Tollgate sends to ClickHouse besides its inserts, for `database`, with

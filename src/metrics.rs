@@ -16,7 +16,7 @@ use prometheus::{
     Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
 
-use crate::pipeline::{Admitted, Completion, DetectionSink, Observer};
+use crate::pipeline::{Admitted, Completion, DetectionSink, Done, Observer};
 use crate::store::StoreHealth;
 use crate::verdict::{Action, Detection, LimitReport, Outcome, Verdict};
 
@@ -49,6 +49,7 @@ pub struct Metrics {
     plan: prometheus::IntGaugeVec,
     export: ExportFamilies,
     anomalies: IntCounterVec,
+    usage: IntCounterVec,
 }
 
 /// The Redis store's families (zero with the memory store).
@@ -273,6 +274,12 @@ impl Metrics {
             "Policy reloads, by outcome (ok: swapped in; error: refused, the old plan serves).",
             &["outcome"],
         );
+        let usage = counter_vec(
+            &registry,
+            "tollgate_usage_units_total",
+            "Units of limits whose cost the response says: reserved at admission, and used (what the counter holds once settled).",
+            &["namespace", "limit", "phase"],
+        );
         let active_bans = gauge(
             &registry,
             "tollgate_active_bans",
@@ -313,6 +320,7 @@ impl Metrics {
             plan,
             export,
             anomalies,
+            usage,
         }
     }
 
@@ -423,7 +431,27 @@ impl Metrics {
 impl Observer for Metrics {
     fn admitted(&self, admitted: &Admitted<'_>) -> Option<Box<dyn Completion>> {
         self.record(admitted.verdict);
-        None
+        if admitted.verdict.reservations.is_empty() {
+            return None;
+        }
+        Some(Box::new(UsageUnits(self.usage.clone())))
+    }
+}
+
+/// Counts what a request reserved and used, once it has ended.
+struct UsageUnits(IntCounterVec);
+
+impl Completion for UsageUnits {
+    fn completed(self: Box<Self>, done: &Done) {
+        for s in &done.usage {
+            let count = |phase: &str, units: u64| {
+                self.0
+                    .with_label_values(&[&*s.namespace, &*s.limit, phase])
+                    .inc_by(units);
+            };
+            count("reserved", s.reserved);
+            count("used", s.used);
+        }
     }
 }
 

@@ -69,7 +69,7 @@ pub struct Admitted<'a> {
 }
 
 /// How a request ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Done {
     /// The status the client got: Tollgate's refusal, or what the application answered.
     pub status: u16,
@@ -77,6 +77,22 @@ pub struct Done {
     pub latency: Duration,
     /// How it ended.
     pub ended: Ended,
+    /// What it used, per limit whose cost its response says (`cost response …`).
+    pub usage: Vec<Settled>,
+}
+
+/// What a request reserved on a limit whose cost its response says, and what it used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settled {
+    /// The limit's namespace.
+    pub namespace: Arc<str>,
+    /// The limit.
+    pub limit: Arc<str>,
+    /// What was counted at admission.
+    pub reserved: u64,
+    /// What it used (what the response said, else the limit's default, else the
+    /// reservation): what the counter holds for it once settled.
+    pub used: u64,
 }
 
 /// How a request ended.

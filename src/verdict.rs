@@ -239,6 +239,8 @@ pub struct LimitReport {
 /// response …`), settled when the request completes.
 #[derive(Debug, Clone)]
 pub struct Reservation {
+    /// The limit's namespace.
+    pub namespace: Arc<str>,
     /// The limit.
     pub limit: Arc<str>,
     /// The counter key, as the store knows it.

@@ -32,6 +32,7 @@ fn migrations_create_the_schema_once_and_wait_for_newer_servers() {
                 needs: (19, 9)
             },
             Step::Applied(4),
+            Step::Applied(5),
         ]
     );
     let again = rt
@@ -39,13 +40,14 @@ fn migrations_create_the_schema_once_and_wait_for_newer_servers() {
         .expect("migrates again");
     assert_eq!(again[0], Step::AlreadyApplied(1));
     assert_eq!(again[3], Step::AlreadyApplied(4));
+    assert_eq!(again[4], Step::AlreadyApplied(5));
     assert_eq!(again.len(), MIGRATIONS.len());
     assert_eq!(
         server
             .query("SELECT count() FROM tollgate.tollgate_migrations")
             .unwrap()
             .trim(),
-        "2",
+        "3",
         "recorded once each"
     );
     let tables = server
@@ -937,4 +939,126 @@ fn tollgate_serve_migrates_and_exports_decisions_and_anomalies() {
         .unwrap();
     assert_eq!(anomaly, "node-x\tlogin_bruteforce\t10\t900\t['security']\n");
     drop(tollgate);
+}
+
+/// A limit whose cost the response says: each row carries what was reserved and what was
+/// used once settled (other limits: what was charged), and `top --by cost` ranks keys by
+/// what they used.
+#[test]
+fn usage_rows_carry_the_reservation_and_the_settlement() {
+    use tollgate::analytics::export::{ExportSettings, Exporter};
+    use tollgate::analytics::report::{self, TopBy, TopRow};
+    use tower::ServiceExt;
+    let Some(server) = support::clickhouse::ClickHouse::start() else {
+        return;
+    };
+    let rt = runtime();
+    let metrics = std::sync::Arc::new(tollgate::metrics::Metrics::new());
+    let top = rt.block_on(async {
+        let client = tollgate::analytics::client(&server.url()).await.unwrap();
+        migrate(&client, "tollgate").await.unwrap();
+        let exporter = Exporter::start(client.clone(), ExportSettings::default()).unwrap();
+        let plan = tollgate::compile(&tollgate::PolicySet::from_sources([(
+            "llm.rl",
+            r#"namespace "llm";
+limit tokens {
+  match { route ANY "/v1/**"; }
+  key api_token;
+  algorithm fixed_window;
+  rate 100_000/min;
+  cost response header("X-Usage-Tokens");
+  reserve 100;
+}
+limit calls { match { route ANY "/v1/**"; } key api_token; rate 1_000/min; }
+"#,
+        )]))
+        .unwrap();
+        let engine = std::sync::Arc::new(tollgate::Engine::new(
+            plan,
+            tollgate::store::MemoryStore::new(),
+        ));
+        let exporting = tollgate::analytics::export::Exporting::new(
+            exporter.clone(),
+            "node-a",
+            engine.key_hasher().clone(),
+        );
+        let observers = tollgate::observers::Observers::new(
+            &engine,
+            Some(std::sync::Arc::clone(&metrics)),
+            Some(exporting),
+        );
+        let layer = tollgate::RateLimitLayer::from_pipeline(std::sync::Arc::new(
+            observers.pipeline(engine),
+        ))
+        .with_options(tollgate::middleware::HttpOptions {
+            identifier: tollgate::identity::Identifier::new()
+                .with_api_key_header(http::HeaderName::from_static("x-api-key")),
+            ..Default::default()
+        });
+        // The upstream says the usage the request asked it to say.
+        let app = axum::Router::new()
+            .fallback(|headers: http::HeaderMap| async move {
+                let used = headers.get("x-test-usage").cloned().unwrap();
+                ([("x-usage-tokens", used)], "ok")
+            })
+            .layer(layer);
+        for (n, (key, used)) in [("sk-a", 30), ("sk-b", 500), ("sk-a", 50)]
+            .iter()
+            .enumerate()
+        {
+            let request = http::Request::builder()
+                .uri("/v1/chat")
+                .header("x-api-key", *key)
+                .header("x-test-usage", used.to_string())
+                .header("x-request-id", format!("u-{n}"))
+                .body(axum::body::Body::empty())
+                .unwrap();
+            let response = app.clone().oneshot(request).await.unwrap();
+            axum::body::to_bytes(response.into_body(), 1024)
+                .await
+                .unwrap();
+        }
+        exporter.flush().await;
+        report::top(
+            "tollgate",
+            TopBy::Cost,
+            None,
+            std::time::Duration::from_secs(3600),
+            10,
+        )
+        .fetch::<TopRow>(&client)
+        .await
+        .unwrap()
+    });
+    let rows = server
+        .query(
+            "SELECT request_id, limit_name, cost, reserved, settled FROM tollgate.decisions \
+             ORDER BY request_id, limit_name",
+        )
+        .unwrap();
+    assert_eq!(
+        rows,
+        "u-0\tcalls\t1\t0\t1\nu-0\ttokens\t100\t100\t30\n\
+         u-1\tcalls\t1\t0\t1\nu-1\ttokens\t100\t100\t500\n\
+         u-2\tcalls\t1\t0\t1\nu-2\ttokens\t100\t100\t50\n"
+    );
+    // Counter keys (one per limit and token) by what they used: the tokens' usage first,
+    // then their calls.
+    let units: Vec<u64> = top.iter().map(|r| r.units).collect();
+    assert_eq!(units, [500, 80, 2, 1], "{top:?}");
+    // Prometheus counts the units reserved and used, per limit.
+    let text = metrics.render(&tollgate::metrics::Scrape {
+        store: tollgate::store::Store::health(&tollgate::store::MemoryStore::new()),
+        evictions: 0,
+        reloads: None,
+        active_bans: 0,
+        plan_version: "v",
+        export: None,
+    });
+    for line in [
+        r#"tollgate_usage_units_total{limit="tokens",namespace="llm",phase="reserved"} 300"#,
+        r#"tollgate_usage_units_total{limit="tokens",namespace="llm",phase="used"} 580"#,
+    ] {
+        assert!(text.contains(line), "{line} in\n{text}");
+    }
 }

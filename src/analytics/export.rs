@@ -550,6 +550,7 @@ struct PendingExport {
 impl Completion for PendingExport {
     fn completed(mut self: Box<Self>, done: &Done) {
         self.event.set_status(done.status);
+        self.event.set_usage(&done.usage);
         self.exporter.send_event(self.event);
     }
 }

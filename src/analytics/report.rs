@@ -102,6 +102,9 @@ pub enum TopBy {
     Route,
     /// Tenants.
     Tenant,
+    /// Counter keys, by the units they used (limits whose cost the response says: what
+    /// was settled; other limits: what was charged).
+    Cost,
 }
 
 impl TopBy {
@@ -111,11 +114,12 @@ impl TopBy {
         ("limit", TopBy::Limit),
         ("route", TopBy::Route),
         ("tenant", TopBy::Tenant),
+        ("cost", TopBy::Cost),
     ];
 
     fn column(self) -> &'static str {
         match self {
-            TopBy::Key => "concat(key_kind, ':', key_hash)",
+            TopBy::Key | TopBy::Cost => "concat(key_kind, ':', key_hash)",
             TopBy::Limit => "concat(namespace, '/', limit_name)",
             TopBy::Route => "concat(method, ' ', route)",
             TopBy::Tenant => "tenant",
@@ -151,6 +155,8 @@ pub struct TopRow {
     pub events: u64,
     /// Distinct counter keys among them.
     pub keys: u64,
+    /// Units used (settled, or charged), scaled back by the sample rate.
+    pub units: u64,
 }
 
 /// The `rows` most frequent `by` among the decisions of kind `decision` (`None`: all) in
@@ -161,11 +167,17 @@ pub fn top(database: &str, by: TopBy, decision: Option<&str>, since: Duration, r
     } else {
         ""
     };
+    let order = if by == TopBy::Cost {
+        "units"
+    } else {
+        "requests"
+    };
     let sql = format!(
         "SELECT {} AS item, toUInt64(round(sum(1 / sample_rate))) AS requests, \
-         count() AS events, uniqExact(key_hash) AS keys \
+         count() AS events, uniqExact(key_hash) AS keys, \
+         toUInt64(round(sum(settled / sample_rate))) AS units \
          FROM {{db}}.decisions WHERE ts >= now() - ?{filter} \
-         GROUP BY item ORDER BY requests DESC, item LIMIT ?",
+         GROUP BY item ORDER BY {order} DESC, item LIMIT ?",
         by.column()
     );
     let mut q = Query::new(database, &sql).number(since.as_secs());
@@ -270,14 +282,23 @@ pub fn render_top(rows: &[TopRow], by: TopBy) -> String {
     if rows.is_empty() {
         return "no decisions in that period\n".to_owned();
     }
-    let mut t = table(&[name, "requests", "rows", "keys"]);
+    let name = if by == TopBy::Cost { "key" } else { name };
+    let mut header = vec![name, "requests", "rows", "keys"];
+    if by == TopBy::Cost {
+        header.push("units");
+    }
+    let mut t = table(&header);
     for r in rows {
-        t.add_row(vec![
+        let mut row = vec![
             r.item.clone(),
             r.requests.to_string(),
             r.events.to_string(),
             r.keys.to_string(),
-        ]);
+        ];
+        if by == TopBy::Cost {
+            row.push(r.units.to_string());
+        }
+        t.add_row(row);
     }
     format!("{t}\n")
 }

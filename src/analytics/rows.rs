@@ -72,6 +72,13 @@ pub struct DecisionRow {
     /// The flags (anomalies' `flag`) the client carried.
     #[serde(default)]
     pub flags: Vec<Arc<str>>,
+    /// For a limit whose cost the response says: what was counted at admission (else 0).
+    #[serde(default)]
+    pub reserved: u64,
+    /// The units the counter holds for this request in the end: what the response said
+    /// was used, once settled (else `cost`).
+    #[serde(default)]
+    pub settled: u64,
 }
 
 /// One row of `anomalies`: a detection acted on.
@@ -250,6 +257,8 @@ struct LimitEvent {
     quota: u64,
     remaining: u64,
     shadow: bool,
+    /// What the response said was used, once the request ended (usage limits).
+    used: Option<u64>,
 }
 
 impl DecisionEvent {
@@ -264,6 +273,17 @@ impl DecisionEvent {
     /// Sets the status the rows report: what the client got.
     pub fn set_status(&mut self, status: u16) {
         self.status = status;
+    }
+
+    /// Sets what the request used of each limit whose cost its response says.
+    pub fn set_usage(&mut self, usage: &[crate::pipeline::Settled]) {
+        if let Rows::Limits(limits) = &mut self.rows {
+            for settled in usage {
+                if let Some(l) = limits.iter_mut().find(|l| l.limit == settled.limit) {
+                    l.used = Some(settled.used);
+                }
+            }
+        }
     }
 
     /// Its rows, added to `batch`.
@@ -309,6 +329,8 @@ impl DecisionEvent {
                         key_kind: key_kind(parts.client),
                         key_hash: self.hasher.hash(&l.key),
                         cost: l.cost,
+                        reserved: if l.used.is_some() { l.cost } else { 0 },
+                        settled: l.used.unwrap_or(l.cost),
                         used: l.quota.saturating_sub(l.remaining),
                         quota: l.quota,
                         remaining: l.remaining,
@@ -386,6 +408,7 @@ pub fn event(
                     quota: r.decision.limit,
                     remaining: r.decision.remaining,
                     shadow: r.mode == Mode::Shadow,
+                    used: None,
                 })
                 .collect(),
         ),

@@ -116,6 +116,7 @@ impl<S: Store, C: Clock> Engine<S, C> {
                 continue;
             }
             reservations.push(Reservation {
+                namespace: Arc::clone(&limit.namespace),
                 limit: Arc::clone(&limit.name),
                 key: report.key.to_string(),
                 quota: if local {

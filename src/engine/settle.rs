@@ -70,6 +70,7 @@ impl<S: Store, C: Clock> Engine<S, C> {
             |s| {
                 if let (Some(usage), Charge::Count { quota, cost }) = (&s.limit.usage, s.charge) {
                     reservations.push(Reservation {
+                        namespace: Arc::clone(&s.limit.namespace),
                         limit: Arc::clone(&s.limit.name),
                         key: s.key.to_string(),
                         quota,

@@ -89,6 +89,15 @@ async fn analytics_run(
             rows,
             json,
         } => {
+            // Refusals by default; what keys used, over every decision.
+            let decision = decision.unwrap_or_else(|| {
+                if by == report::TopBy::Cost {
+                    "any"
+                } else {
+                    "reject"
+                }
+                .to_owned()
+            });
             let decision = (decision != "any").then_some(decision.as_str());
             let found: Vec<report::TopRow> = report::top(database, by, decision, since, rows)
                 .fetch(client)

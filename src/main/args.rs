@@ -130,12 +130,13 @@ pub(crate) enum AnalyticsAction {
     Migrate,
     /// The keys, limits, routes or tenants with the most decisions of a kind.
     Top {
-        /// What to rank: key, limit, route, tenant.
+        /// What to rank: key, limit, route, tenant, or cost (keys by the units they used).
         #[arg(long, default_value = "key", value_parser = parse_top_by)]
         by: tollgate::analytics::report::TopBy,
-        /// Which decisions: reject, forbid, allow, near_limit… or `any`.
-        #[arg(long, default_value = "reject", value_parser = parse_decision)]
-        decision: String,
+        /// Which decisions: reject, forbid, allow, near_limit… or `any` [default: reject;
+        /// with `--by cost`, any].
+        #[arg(long, value_parser = parse_decision)]
+        decision: Option<String>,
         /// How far back: `1h`, `30min`, `1d`.
         #[arg(long, default_value = "1h", value_parser = parse_since)]
         since: std::time::Duration,

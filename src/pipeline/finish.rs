@@ -13,7 +13,7 @@ use pin_project_lite::pin_project;
 use smallvec::SmallVec;
 
 use super::meter::Meter;
-use super::{Completion, Done, Ended, Pipeline};
+use super::{Completion, Done, Ended, Pipeline, Settled};
 use crate::clock::{Clock, Timestamp};
 use crate::store::Store;
 use crate::verdict::{Lease, Reservation};
@@ -119,10 +119,26 @@ impl<S: Store, C: Clock> Finishing<S, C> {
 impl<S: Store, C: Clock> Pending<S, C> {
     fn run(self, status: u16, ended: Ended, held: Held, meter: Option<Meter>) {
         let engine = Arc::clone(self.pipeline.engine());
+        let said: Vec<Option<u64>> = held
+            .reservations
+            .iter()
+            .map(|r| meter.as_ref().and_then(|m| m.used(&r.usage)))
+            .collect();
         let done = Done {
             status,
             latency: engine.now().saturating_since(self.started),
             ended,
+            usage: held
+                .reservations
+                .iter()
+                .zip(&said)
+                .map(|(r, said)| Settled {
+                    namespace: Arc::clone(&r.namespace),
+                    limit: Arc::clone(&r.limit),
+                    reserved: r.reserved,
+                    used: r.used(*said),
+                })
+                .collect(),
         };
         for completion in self.completions {
             completion.completed(&done);
@@ -130,11 +146,6 @@ impl<S: Store, C: Clock> Pending<S, C> {
         if held.is_empty() {
             return;
         }
-        let said: Vec<Option<u64>> = held
-            .reservations
-            .iter()
-            .map(|r| meter.as_ref().and_then(|m| m.used(&r.usage)))
-            .collect();
         let mut work = Box::pin(async move {
             engine.release(&held.leases).await;
             engine.settle(&held.reservations, &said).await;
