@@ -270,6 +270,35 @@ impl<S: Store, C: Clock> Admission<S, C> {
         self.finish.after(parts, held, body)
     }
 
+    /// The response's head is known (`headers`): where a reservation's usage is read from
+    /// headers only and the response says it, the verdict's reports show what the counter
+    /// will hold once it is settled — so that the rate-limit headers written now carry the
+    /// settled figures. The settlement itself still runs at the completion.
+    pub fn preview_settlement(&mut self, headers: &http::HeaderMap) {
+        let verdict = &mut self.verdict;
+        for r in &verdict.reservations {
+            let headers_only = r
+                .usage
+                .terms
+                .iter()
+                .all(|(_, amount)| matches!(amount, crate::plan::Amount::Header(_)));
+            if !headers_only {
+                continue;
+            }
+            let meter = meter::Meter::described(std::iter::once(&*r.usage), headers, None);
+            let Some(said) = meter.used(&r.usage) else {
+                continue;
+            };
+            let used = r.used(Some(said));
+            if let Some(report) = verdict.reports.iter_mut().find(|p| p.limit == r.limit) {
+                let d = &mut report.decision;
+                d.remaining = (d.remaining.saturating_add(r.reserved))
+                    .saturating_sub(used)
+                    .min(d.limit);
+            }
+        }
+    }
+
     /// What the request holds until it ends, taken from the verdict.
     fn held(&mut self) -> Held {
         Held {

@@ -197,7 +197,18 @@ async fn an_event_stream_is_read_as_it_passes() {
 async fn a_header_says_it_and_a_silent_response_counts_the_default() {
     let engine = engine();
     let app = app(&engine);
-    assert_eq!(send(&app, "/v1/header?header=40").await, StatusCode::OK);
+    let response = app
+        .clone()
+        .oneshot(request("/v1/header?header=40"))
+        .await
+        .unwrap();
+    // Known with the response's head: its headers carry the settled figures.
+    assert_eq!(
+        response.headers()["x-ratelimit-remaining"],
+        "960",
+        "1,000 − 40, not 1,000 − 300 reserved"
+    );
+    to_bytes(response.into_body(), 1 << 20).await.unwrap();
     assert_eq!(counted(&engine, "by_header"), 40);
     // No header: `default 0` gives the whole reservation back.
     assert_eq!(send(&app, "/v1/header").await, StatusCode::OK);

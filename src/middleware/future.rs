@@ -233,6 +233,10 @@ where
             return Err(error);
         }
     };
+    let mut admission = admission;
+    if !admission.verdict.reservations.is_empty() {
+        admission.preview_settlement(&parts.headers);
+    }
     response::write_rate_limit_headers(&admission.verdict, headers, &mut parts.headers);
     if let Some(id) = id {
         parts.headers.insert(X_REQUEST_ID.clone(), id);
