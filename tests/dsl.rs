@@ -62,6 +62,15 @@ fn the_shipped_policies_compile() {
 }
 
 #[test]
+fn the_example_policies_compile() {
+    for dir in ["examples/llm"] {
+        let set = PolicySet::load(&[Path::new(dir)]);
+        let plan = compile(&set).unwrap_or_else(|e| panic!("{dir}: {}", e.render_plain(100)));
+        assert!(!plan.limits().is_empty(), "{dir}");
+    }
+}
+
+#[test]
 fn every_example_in_the_language_reference_parses() {
     let doc = std::fs::read_to_string("docs/language.md").unwrap();
     let mut examples = 0;
