@@ -280,6 +280,14 @@ pub async fn run<S: ServedStore>(
         })
     };
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    // Answers go out as they are written: a streamed response's small frames (server-sent
+    // events through the proxy) are not held back by Nagle's algorithm for the client's
+    // delayed acknowledgement (40 ms on Linux).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(%error, "could not set TCP_NODELAY on a connection");
+        }
+    });
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await;
