@@ -61,7 +61,7 @@ for store in ${STORES:-memory redis}; do
     wait_port "$rport"
     env+=(TOLLGATE_REDIS_URL="redis://127.0.0.1:$rport")
   fi
-  declare -A rps=()
+  declare -A rps=() cpu=()
   for round in $(seq "$rounds"); do
     for mode in ${MODES:-none plain usage}; do
       port=$((base + 1))
@@ -72,26 +72,36 @@ for store in ${STORES:-memory redis}; do
       r=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
       p50=$(awk '$1=="50%" {print $2}' <<<"$out")
       p99=$(awk '$1=="99%" {print $2}' <<<"$out")
-      extra=""
+      requests=$(awk '/requests in/ {print $1}' <<<"$out")
+      # The proxy's own CPU time per request (user + system, from /proc): steadier than
+      # requests/s on a machine that client, proxy and upstream share.
+      ticks=$(awk '{print $14 + $15}' "/proc/$pid/stat")
+      extra=$(awk -v t="$ticks" -v hz="$(getconf CLK_TCK)" -v n="$requests" \
+        'BEGIN { if (n > 0) printf "  cpu %.1f us/request", t / hz * 1e6 / n }')
       if [ "$store" = redis ]; then
-        requests=$(awk '/requests in/ {print $1}' <<<"$out")
         calls=$(metric "$port" tollgate_redis_calls_total)
         batched=$(metric "$port" tollgate_redis_batched_requests_total)
-        extra=$(awk -v c="$calls" -v b="$batched" -v n="$requests" \
-          'BEGIN { if (n > 0) printf "  script calls/request %.3f, script requests/request %.3f", c / n, b / n }')
+        extra+=$(awk -v c="$calls" -v b="$batched" -v n="$requests" \
+          'BEGIN { if (n > 0) printf ", script calls/request %.3f, script requests/request %.3f", c / n, b / n }')
       fi
       kill "$pid"; wait "$pid" 2>/dev/null || true
       printf 'round %d  %-6s %-5s %10s req/s  p50 %-8s p99 %-8s%s\n' "$round" "$store" "$mode" "$r" "$p50" "$p99" "$extra"
       rps[$mode]="${rps[$mode]:-} $r"
+      cpu[$mode]="${cpu[$mode]:-} $(awk '{for (i = 1; i <= NF; i++) if ($i == "cpu") print $(i + 1)}' <<<"$extra")"
     done
   done
   median() { tr ' ' '\n' <<<"$1" | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-  for mode in "${!rps[@]}"; do printf 'median %-6s %-5s %s req/s\n' "$store" "$mode" "$(median "${rps[$mode]}")"; done
+  for mode in "${!rps[@]}"; do
+    printf 'median %-6s %-5s %s req/s, cpu %s us/request\n' "$store" "$mode" "$(median "${rps[$mode]}")" "$(median "${cpu[$mode]}")"
+  done
   for other in plain none; do
     [ -n "${rps[usage]:-}" ] && [ -n "${rps[$other]:-}" ] &&
       awk -v u="$(median "${rps[usage]}")" -v o="$(median "${rps[$other]}")" -v s="$store" -v m="$other" \
         'BEGIN { printf "%-6s usage / %-5s = %.2f (target >= 0.90)\n", s, m, u / o }'
   done
-  unset rps
+  [ -n "${cpu[usage]:-}" ] && [ -n "${cpu[plain]:-}" ] &&
+    awk -v u="$(median "${cpu[usage]}")" -v o="$(median "${cpu[plain]}")" -v s="$store" \
+      'BEGIN { printf "%-6s cpu per request: usage / plain = %.2f (throughput at equal load: %.2f)\n", s, u / o, o / u }'
+  unset rps cpu
   base=$((base + 2))
 done

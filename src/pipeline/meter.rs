@@ -193,11 +193,15 @@ impl Meter {
         meter
     }
 
-    /// The JSON amounts the document in `text` carries.
+    /// The JSON amounts the document in `text` carries (`[DONE]`, or not JSON: none), each
+    /// read in one pass that builds nothing.
     fn read_json(&mut self, text: &[u8]) {
-        // `[DONE]`, or not JSON: says nothing.
-        if let Ok(document) = serde_json::from_slice::<serde_json::Value>(text) {
-            self.read_document(&document);
+        for (amount, said) in &mut self.amounts {
+            if let Amount::Json(path) = amount
+                && let Some(n) = path.amount_in(text)
+            {
+                *said = Some(n);
+            }
         }
     }
 

@@ -3,6 +3,8 @@
 
 use std::fmt;
 
+use serde::Deserialize as _;
+
 use crate::json::MAX_SAFE_INTEGER;
 
 /// The most segments a path may have, and its longest text.
@@ -67,6 +69,108 @@ impl JsonPath {
     pub fn amount(&self, doc: &serde_json::Value) -> Option<u64> {
         self.find(doc).and_then(amount)
     }
+
+    /// The whole number at this path in the JSON document `text`, read in one pass that
+    /// keeps nothing but the path's own values (no tree is built: what a streamed
+    /// response's every event costs). `None` when the text is not JSON, or has no amount
+    /// there. A text without the path's last name in it is not parsed at all.
+    pub fn amount_in(&self, text: &[u8]) -> Option<u64> {
+        let last = self.segments.last()?;
+        if last.parse::<usize>().is_err() && !mentions(text, last) {
+            return None;
+        }
+        let mut de = serde_json::Deserializer::from_slice(text);
+        let found = serde::de::DeserializeSeed::deserialize(Seek(&self.segments), &mut de).ok()?;
+        de.end().ok()?;
+        found
+    }
+}
+
+/// Whether `text` has `"name"` in it (a field of that name may be there).
+fn mentions(text: &[u8], name: &str) -> bool {
+    let mut quoted = Vec::with_capacity(name.len() + 2);
+    quoted.push(b'"');
+    quoted.extend_from_slice(name.as_bytes());
+    quoted.push(b'"');
+    memchr::memmem::find(text, &quoted).is_some()
+}
+
+/// Walks a JSON value down `path`: the amount at its end, if any; everything off the path
+/// is skipped without being kept.
+struct Seek<'p>(&'p [Box<str>]);
+
+impl<'de> serde::de::DeserializeSeed<'de> for Seek<'_> {
+    type Value = Option<u64>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        if self.0.is_empty() {
+            // The end of the path: a whole number, or no amount (and the value skipped).
+            let value = serde_json::Value::deserialize(d)?;
+            return Ok(amount(&value));
+        }
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Seek<'_> {
+    type Value = Option<u64>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let (first, rest) = self.0.split_first().expect("a segment");
+        let mut found = None;
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            // A name given twice: the last counts, as in a parsed document.
+            if key == **first {
+                found = map.next_value_seed(Seek(rest))?;
+            } else {
+                map.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        Ok(found)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let (first, rest) = self.0.split_first().expect("a segment");
+        let at = first.parse::<usize>().ok();
+        let mut found = None;
+        let mut i = 0;
+        loop {
+            if Some(i) == at {
+                match seq.next_element_seed(Seek(rest))? {
+                    Some(value) => found = value,
+                    None => break,
+                }
+            } else if seq.next_element::<serde::de::IgnoredAny>()?.is_none() {
+                break;
+            }
+            i += 1;
+        }
+        Ok(found)
+    }
+
+    // Anything else (a number, a string, null) has no fields: no amount below it.
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
 }
 
 impl fmt::Debug for JsonPath {
@@ -106,6 +210,34 @@ mod tests {
         assert_eq!(read("usage.parts.9"), None);
         assert_eq!(read("usage.missing"), None);
         assert_eq!(read("usage.total_tokens.deeper"), None);
+    }
+
+    #[test]
+    fn a_path_is_read_from_text_in_one_pass_as_from_a_document() {
+        let texts = [
+            r#"{"id":"x","choices":[{"delta":{"content":"a"}}],"usage":{"total_tokens":42,"parts":[3,4.0,-1,"7"]}}"#,
+            r#"{"usage":null,"choices":[]}"#,
+            r#"{"usage":{"total_tokens":"12"}}"#,
+            r#"{"usage":{"total_tokens":12},"usage":{"total_tokens":13}}"#,
+            r#"[1,2]"#,
+            r#"not json"#,
+            r#"{"usage":{"total_tokens":5}} trailing"#,
+            r#"{"a\u0022b":{"c":1},"usage":{"total_tokens":7}}"#,
+        ];
+        for path in [
+            "usage.total_tokens",
+            "usage.parts.1",
+            "usage.parts.2",
+            "choices.0.x",
+            "0",
+        ] {
+            let p = JsonPath::parse(path).unwrap();
+            for text in texts {
+                let tree = serde_json::from_str::<serde_json::Value>(text).ok();
+                let expected = tree.as_ref().and_then(|t| p.amount(t));
+                assert_eq!(p.amount_in(text.as_bytes()), expected, "{path} in {text}");
+            }
+        }
     }
 
     #[test]
