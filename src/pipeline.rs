@@ -254,7 +254,24 @@ impl<S: Store, C: Clock> Admission<S, C> {
     /// request used (its reservations settle at each limit's `default`, else as reserved).
     pub fn complete(mut self, status: u16) {
         let held = self.held();
-        self.finish.done(status, Ended::Answered, held);
+        let said = vec![None; held.reservations.len()];
+        self.finish.done(status, Ended::Answered, held, said);
+    }
+
+    /// The completion phase of an Envoy rate-limit request, now: its `hits` are what it
+    /// used of the limits that count `hits_addend` (`cost response hits_addend;`).
+    pub fn complete_hits(mut self, status: u16, hits: u64) {
+        let held = self.held();
+        let said = held
+            .reservations
+            .iter()
+            .map(|r| {
+                let amounts = r.usage.terms.iter();
+                r.usage
+                    .total(amounts.map(|(_, a)| (*a == crate::plan::Amount::Hits).then_some(hits)))
+            })
+            .collect();
+        self.finish.done(status, Ended::Answered, held, said);
     }
 
     /// The completion phase at the end of `body`, the response whose head is `parts`: when
@@ -312,7 +329,9 @@ impl<S: Store, C: Clock> Drop for Admission<S, C> {
     fn drop(&mut self) {
         if !self.finish.is_done() {
             let held = self.held();
-            self.finish.done(CLIENT_CLOSED, Ended::ClientGone, held);
+            let said = vec![None; held.reservations.len()];
+            self.finish
+                .done(CLIENT_CLOSED, Ended::ClientGone, held, said);
         }
     }
 }

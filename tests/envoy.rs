@@ -40,6 +40,13 @@ limit tokens {
   key descriptor("tenant");
   rate 100/h;
 }
+limit used_tokens {
+  match { domain "ai"; descriptor ["tokens_of"]; }
+  key descriptor("tokens_of");
+  algorithm fixed_window;
+  rate 1_000/h;
+  cost response hits_addend;
+}
 limit watched {
   match { domain "edge"; descriptor ["shadowed"]; }
   key descriptor("shadowed");
@@ -246,6 +253,36 @@ async fn hits_are_the_descriptors_else_the_requests_and_zero_only_asks() {
     assert_eq!(code(&answer.statuses[0]), Code::OverLimit);
     let answer = service.ask(request("ai", vec![tenant()])).await;
     assert_eq!(answer.statuses[0].limit_remaining, 9);
+}
+
+/// Usage after the fact, as Envoy AI Gateway asks: the call before the request sends
+/// hits_addend 0 (it only asks), the call once the stream is done sends the tokens used —
+/// counted whatever is left, so that a tenant over its quota is refused until the window
+/// rolls (`cost response hits_addend;`).
+#[tokio::test]
+async fn hits_reported_once_the_stream_is_done_are_counted_past_the_quota() {
+    let mut service = Service::start().await;
+    let tokens = |hits: u64| {
+        let mut d = descriptor(&[("tokens_of", "acme")]);
+        d.hits_addend = Some(UInt64Value { value: hits });
+        request("ai", vec![d])
+    };
+    let before = service.ask(tokens(0)).await;
+    assert_eq!(code(&before.statuses[0]), Code::Ok);
+    assert_eq!(
+        before.statuses[0].limit_remaining, 1_000,
+        "asking counts nothing"
+    );
+    service.ask(tokens(900)).await;
+    assert_eq!(
+        service.ask(tokens(0)).await.statuses[0].limit_remaining,
+        100
+    );
+    // More than is left: still counted (the tokens were used), and the tenant is over.
+    service.ask(tokens(300)).await;
+    let after = service.ask(tokens(0)).await;
+    assert_eq!(code(&after.statuses[0]), Code::OverLimit);
+    assert_eq!(after.statuses[0].limit_remaining, 0);
 }
 
 #[tokio::test]

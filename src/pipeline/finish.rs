@@ -80,11 +80,11 @@ impl<S: Store, C: Clock> Finishing<S, C> {
         self.pending.is_none()
     }
 
-    /// Runs the completion now (once): the client got `status`, and no response said what
-    /// the request used.
-    pub(super) fn done(&mut self, status: u16, ended: Ended, held: Held) {
+    /// Runs the completion now (once): the client got `status`; `said[i]` is what the
+    /// request used of reservation `i`, when something said it.
+    pub(super) fn done(&mut self, status: u16, ended: Ended, held: Held, said: Vec<Option<u64>>) {
         if let Some(pending) = self.pending.take() {
-            pending.run(status, ended, held, None);
+            pending.run(status, ended, held, said);
         }
     }
 
@@ -117,13 +117,8 @@ impl<S: Store, C: Clock> Finishing<S, C> {
 }
 
 impl<S: Store, C: Clock> Pending<S, C> {
-    fn run(self, status: u16, ended: Ended, held: Held, meter: Option<Meter>) {
+    fn run(self, status: u16, ended: Ended, held: Held, said: Vec<Option<u64>>) {
         let engine = Arc::clone(self.pipeline.engine());
-        let said: Vec<Option<u64>> = held
-            .reservations
-            .iter()
-            .map(|r| meter.as_ref().and_then(|m| m.used(&r.usage)))
-            .collect();
         let done = Done {
             status,
             latency: engine.now().saturating_since(self.started),
@@ -176,7 +171,13 @@ impl<S: Store, C: Clock> End<S, C> {
         {
             meter.finish();
         }
-        self.pending.run(self.status, ended, self.held, self.meter);
+        let said = self
+            .held
+            .reservations
+            .iter()
+            .map(|r| self.meter.as_ref().and_then(|m| m.used(&r.usage)))
+            .collect();
+        self.pending.run(self.status, ended, self.held, said);
     }
 }
 

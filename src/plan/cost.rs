@@ -49,9 +49,18 @@ pub enum Amount {
     /// A field of the JSON body, or of an event of a `text/event-stream` body (the last
     /// event that carries it).
     Json(JsonPath),
+    /// The hits an Envoy rate-limit request reports (`hits_addend`): Envoy's call once a
+    /// stream is done carries what it used.
+    Hits,
 }
 
 impl Usage {
+    /// Whether it reads Envoy's hits: its requests count nothing at admission, and their
+    /// hits are what they used.
+    pub fn reads_hits(&self) -> bool {
+        self.terms.iter().any(|(_, a)| *a == Amount::Hits)
+    }
+
     /// What a response used, from the amount of each term (`None`: the response did not
     /// say it): the weighted sum, at most `max`; `None` when no term was said.
     pub fn total(&self, amounts: impl Iterator<Item = Option<u64>>) -> Option<u64> {

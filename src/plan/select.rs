@@ -389,6 +389,10 @@ fn cost(limit: &Limit, quota: Quota, request: &RequestCtx, amount: Option<u64>) 
     if matches!(quota, Quota::Concurrency(_)) {
         return 1;
     }
+    if limit.usage.as_ref().is_some_and(|u| u.reads_hits()) {
+        // Envoy's hits are what the request used, settled after: nothing at admission.
+        return 0;
+    }
     if let Some(amount) = amount.or(request.cost) {
         return amount;
     }

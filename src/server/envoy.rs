@@ -91,9 +91,10 @@ impl<S: ServedStore, C: Clock> EnvoyService<S, C> {
             admissions.iter().map(|a| &a.verdict),
             self.app.options.headers,
         );
-        for admission in admissions {
+        for (admission, ctx) in admissions.into_iter().zip(&asked) {
             let status = admission.status();
-            admission.complete(status);
+            // Envoy's rule: a request without hits counts 1.
+            admission.complete_hits(status, ctx.cost.unwrap_or(1));
         }
         Ok(answer)
     }

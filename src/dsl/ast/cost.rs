@@ -11,6 +11,8 @@ pub enum AmountSource {
     Header(Spanned<String>),
     /// `json("usage.total_tokens")`: the path as written.
     Json(Spanned<String>),
+    /// `hits_addend`: the hits an Envoy rate-limit request reports (where it is written).
+    Hits(super::Span),
 }
 
 /// One term of `cost response …`: `4 * json("usage.completion_tokens")`.

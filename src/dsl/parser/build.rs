@@ -318,8 +318,11 @@ impl Builder<'_> {
         }
     }
 
-    /// `json("a.b")` or `header("X")`.
+    /// `json("a.b")`, `header("X")` or `hits_addend`.
     fn amount_source(&mut self, pair: P<'_>) -> AmountSource {
+        if pair.as_rule() == Rule::hits_ref {
+            return AmountSource::Hits(self.span(&pair));
+        }
         let is_json = pair.as_rule() == Rule::json_ref;
         let name = self.string(next(&mut pair.into_inner()));
         if is_json {

@@ -232,6 +232,7 @@ fn describe(rule: Rule) -> &'static str {
         Rule::cost_stmt | Rule::cost_header => "`cost`",
         Rule::cost_response | Rule::usage_term => "`cost response`",
         Rule::json_ref => "`json(\"…\")`",
+        Rule::hits_ref => "`hits_addend`",
         Rule::usage_default | Rule::reserve_default => "`default`",
         Rule::usage_reserved => "`reserved`",
         Rule::usage_max => "`max`",

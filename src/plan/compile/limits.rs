@@ -58,8 +58,9 @@ impl<'a> Compiler<'a> {
         };
         let (mode, on_store_error, on_missing_key) = self.limit_modes(f, &settings);
         let counts = self.counts(f, &settings, algorithm, &name.span, &mut ok);
-        if let (Some((_, Some(_))), Some(cost)) = (&costs, settings.cost) {
-            ok &= self.usage_applies(f, cost.span, counts, for_descriptors);
+        if let (Some((_, Some(usage))), Some(cost)) = (&costs, settings.cost) {
+            let hits = usage.reads_hits();
+            ok &= self.usage_applies(f, cost.span, counts, for_descriptors, hits);
         }
         let sync = self.sync(f, &settings, algorithm, on_exceed.as_ref(), &mut ok);
         // A local-first limit never fails open: without the store it counts its node's share

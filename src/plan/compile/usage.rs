@@ -33,6 +33,12 @@ impl<'a> Compiler<'a> {
                 );
                 None
             }
+            (Some(cost), None) if hits_only(cost) => {
+                // Envoy's call once the stream is done says what was used: nothing is
+                // counted at admission.
+                let usage = self.usage(f, cost)?;
+                Some((Cost::Fixed(0), Some(Arc::new(usage))))
+            }
             (Some(cost), None) => {
                 self.error_help(
                     f,
@@ -44,6 +50,16 @@ impl<'a> Compiler<'a> {
                 None
             }
             (Some(cost), Some(reserve)) => {
+                if hits_only(cost) {
+                    self.error_help(
+                        f,
+                        reserve.span,
+                        format!("limit `{}` counts Envoy's hits_addend: it reserves nothing", name.node),
+                        "nothing to settle against",
+                        "Envoy's call before the request and its call once the stream is done are separate requests: the second counts what was used, the first (hits_addend 0) only asks; drop `reserve`",
+                    );
+                    return None;
+                }
                 if algorithm == Algorithm::Concurrency {
                     // The same problem as any cost on a concurrency limit.
                     return self.cost(f, cost, algorithm).map(|c| (c, None));
@@ -63,14 +79,29 @@ impl<'a> Compiler<'a> {
     }
 
     /// Whether a cost read from the response can be read for what the limit counts: HTTP
-    /// requests (not WebSocket messages or streamed bytes, not Envoy's descriptors).
+    /// requests (not WebSocket messages or streamed bytes), or — `hits_addend` — Envoy's
+    /// descriptors.
     pub(super) fn usage_applies(
         &mut self,
         f: usize,
         at: Span,
         counts: Option<Counts>,
         for_descriptors: bool,
+        hits: bool,
     ) -> bool {
+        if hits && !for_descriptors {
+            self.error_help(
+                f,
+                at,
+                "`hits_addend` is what an Envoy rate-limit request reports",
+                "for HTTP requests",
+                "match Envoy's requests with `domain` or `descriptor`, or read the response: `json(\"…\")`, `header(\"…\")`",
+            );
+            return false;
+        }
+        if hits {
+            return true;
+        }
         if counts.is_some_and(|c| c != Counts::Requests) {
             self.error_help(
                 f,
@@ -87,7 +118,7 @@ impl<'a> Compiler<'a> {
                 at,
                 "a cost read from the response does not apply to Envoy rate-limit requests",
                 "for Envoy's descriptors",
-                "Envoy asks before the request goes upstream and never sends the response; count usage where the response passes: the layer, or `tollgate serve --upstream`",
+                "Envoy never sends the response: count what its call once the stream is done reports, `cost response hits_addend;`, or read the response where it passes (the layer, `tollgate serve --upstream`)",
             );
             return false;
         }
@@ -95,6 +126,16 @@ impl<'a> Compiler<'a> {
     }
 
     fn usage(&mut self, f: usize, cost: &Spanned<ast::CostExpr>) -> Option<Usage> {
+        if reads_hits(cost) && !hits_only(cost) {
+            self.error_help(
+                f,
+                cost.span,
+                "`hits_addend` is counted alone",
+                "with other amounts",
+                "Envoy reports one figure, its hits_addend; what a response says is read where the response passes (the layer or the proxy)",
+            );
+            return None;
+        }
         let ast::CostExpr::Response {
             terms,
             default,
@@ -200,6 +241,8 @@ impl<'a> Compiler<'a> {
                 match self.amount_source(f, source)? {
                     Amount::Header(name) => Some(Cost::Header { name, default, max }),
                     Amount::Json(path) => Some(Cost::Json { path, default, max }),
+                    // Not in the grammar of `reserve`.
+                    Amount::Hits => None,
                 }
             }
         }
@@ -207,6 +250,7 @@ impl<'a> Compiler<'a> {
 
     fn amount_source(&mut self, f: usize, source: &ast::AmountSource) -> Option<Amount> {
         match source {
+            ast::AmountSource::Hits(_) => Some(Amount::Hits),
             ast::AmountSource::Header(name) => self.header_name(f, name).map(Amount::Header),
             ast::AmountSource::Json(path) => match JsonPath::parse(&path.node) {
                 Ok(p) => Some(Amount::Json(p)),
@@ -237,5 +281,25 @@ impl<'a> Compiler<'a> {
             return None;
         }
         Some(n.node)
+    }
+}
+
+/// Whether `cost response …` has a `hits_addend` term.
+fn reads_hits(cost: &Spanned<ast::CostExpr>) -> bool {
+    match &cost.node {
+        ast::CostExpr::Response { terms, .. } => terms
+            .iter()
+            .any(|t| matches!(t.source, ast::AmountSource::Hits(_))),
+        _ => false,
+    }
+}
+
+/// Whether `cost response …`'s terms are all `hits_addend`.
+fn hits_only(cost: &Spanned<ast::CostExpr>) -> bool {
+    match &cost.node {
+        ast::CostExpr::Response { terms, .. } => terms
+            .iter()
+            .all(|t| matches!(t.source, ast::AmountSource::Hits(_))),
+        _ => false,
     }
 }

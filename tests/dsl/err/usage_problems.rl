@@ -41,3 +41,21 @@ limit reserve_default_over {
   cost response json("usage.total_tokens");
   reserve header("X-Max") default 600 max 500;
 }
+limit hits_on_http {
+  rate 1_000/min;
+  cost response hits_addend;
+}
+limit hits_mixed {
+  match { domain "ai"; descriptor ["tenant"]; }
+  key descriptor("tenant");
+  rate 1_000/min;
+  cost response hits_addend + json("usage.total_tokens");
+  reserve 10;
+}
+limit hits_reserved {
+  match { domain "ai"; descriptor ["tenant"]; }
+  key descriptor("tenant");
+  rate 1_000/min;
+  cost response hits_addend;
+  reserve 10;
+}
