@@ -15,11 +15,8 @@ cd "$(dirname "$0")/.."
 seconds=${1:-10}
 connections=${2:-64}
 
-command -v wrk >/dev/null || {
-  echo "installing wrk"
-  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq wrk
-}
+source scripts/bench-common.sh
+need_wrk
 cargo build --release --example bench_app -q
 bin=target/release/examples/bench_app
 port=$((20000 + RANDOM % 20000))

@@ -14,11 +14,8 @@ seconds=${1:-10}
 connections=${2:-64}
 rounds=${ROUNDS:-3}
 
-command -v wrk >/dev/null || {
-  echo "installing wrk"
-  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq wrk
-}
+source scripts/bench-common.sh
+need_wrk
 cargo build --release --bin tollgate --example sse_upstream -q
 bin=target/release/tollgate
 dir=$(mktemp -d)

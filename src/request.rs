@@ -14,7 +14,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method};
 
 pub use self::amount::JsonPath;
 pub use self::descriptor::{Descriptor, LimitOverride, REMOTE_ADDRESS, SHOULD_RATE_LIMIT};
-pub use self::incoming::{X_REQUEST_ID, request_id, request_id_from};
+pub use self::incoming::{X_REQUEST_ID, is_json_media, media_type, request_id, request_id_from};
 pub use self::path::PathError;
 pub use self::value::{KeyHasher, ValueFrom};
 

@@ -250,6 +250,29 @@ limit api { match { route ANY "/api/**"; } key api_token; algorithm fixed_window
     );
 }
 
+/// An engine on the memory store for `policy` (one file), and its exports through
+/// `exporter` as `node-a`.
+fn exported_engine(
+    policy: &str,
+    exporter: &tollgate::analytics::export::Exporter,
+) -> (
+    std::sync::Arc<tollgate::Engine<tollgate::store::MemoryStore>>,
+    tollgate::analytics::export::Exporting,
+) {
+    let plan = tollgate::compile(&tollgate::PolicySet::from_sources([("shop.rl", policy)]))
+        .unwrap_or_else(|e| panic!("{}", e.render_plain(100)));
+    let engine = std::sync::Arc::new(tollgate::Engine::new(
+        plan,
+        tollgate::store::MemoryStore::new(),
+    ));
+    let exporting = tollgate::analytics::export::Exporting::new(
+        exporter.clone(),
+        "node-a",
+        engine.key_hasher().clone(),
+    );
+    (engine, exporting)
+}
+
 /// A layer deciding with `engine`, its decisions exported through `exporter` as `node-a`.
 fn exporting_layer(
     engine: tollgate::Engine<tollgate::store::MemoryStore>,
@@ -479,8 +502,7 @@ fn the_analytics_commands_read_decisions_and_anomalies() {
         let client = tollgate::analytics::client(&server.url()).await.unwrap();
         migrate(&client, "tollgate").await.unwrap();
         let exporter = Exporter::start(client, ExportSettings::default()).unwrap();
-        let plan = tollgate::compile(&tollgate::PolicySet::from_sources([(
-            "shop.rl",
+        let (engine, exporting) = exported_engine(
             r#"namespace "shop";
 limit login { match { route POST "/login"; } key ip; algorithm fixed_window; rate 5/min; }
 anomaly brute {
@@ -491,16 +513,7 @@ anomaly brute {
   then ban 10min, flag, alert "security";
 }
 "#,
-        )]))
-        .unwrap();
-        let engine = std::sync::Arc::new(tollgate::Engine::new(
-            plan,
-            tollgate::store::MemoryStore::new(),
-        ));
-        let exporting = tollgate::analytics::export::Exporting::new(
-            exporter.clone(),
-            "node-a",
-            engine.key_hasher().clone(),
+            &exporter,
         );
         let anomalies = tollgate::anomaly::Anomalies::new(
             std::sync::Arc::clone(&engine),
@@ -958,8 +971,7 @@ fn usage_rows_carry_the_reservation_and_the_settlement() {
         let client = tollgate::analytics::client(&server.url()).await.unwrap();
         migrate(&client, "tollgate").await.unwrap();
         let exporter = Exporter::start(client.clone(), ExportSettings::default()).unwrap();
-        let plan = tollgate::compile(&tollgate::PolicySet::from_sources([(
-            "llm.rl",
+        let (engine, exporting) = exported_engine(
             r#"namespace "llm";
 limit tokens {
   match { route ANY "/v1/**"; }
@@ -971,16 +983,7 @@ limit tokens {
 }
 limit calls { match { route ANY "/v1/**"; } key api_token; rate 1_000/min; }
 "#,
-        )]))
-        .unwrap();
-        let engine = std::sync::Arc::new(tollgate::Engine::new(
-            plan,
-            tollgate::store::MemoryStore::new(),
-        ));
-        let exporting = tollgate::analytics::export::Exporting::new(
-            exporter.clone(),
-            "node-a",
-            engine.key_hasher().clone(),
+            &exporter,
         );
         let observers = tollgate::observers::Observers::new(
             &engine,

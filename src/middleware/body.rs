@@ -20,6 +20,7 @@ use tower::{Layer, Service};
 
 use crate::clock::Clock;
 use crate::engine::Engine;
+use crate::request::{is_json_media, media_type};
 use crate::store::Store;
 
 /// The largest request body read for a reservation, by default.
@@ -121,7 +122,10 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let max = self.layer.max;
-        if !(self.layer.wanted)() || !is_json(request.headers()) || declared_over(&request, max) {
+        if !(self.layer.wanted)()
+            || !is_json_media(&media_type(request.headers()))
+            || declared_over(&request, max)
+        {
             return Box::pin(inner.call(request.map(Body::new)));
         }
         Box::pin(async move {
@@ -175,21 +179,6 @@ where
         Body::new(StreamBody::new(read.chain(rest)))
     };
     (document, body)
-}
-
-/// Whether the request says it carries JSON (`application/json`, `…+json`).
-fn is_json(headers: &http::HeaderMap) -> bool {
-    headers
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| {
-            v.split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase()
-        })
-        .is_some_and(|t| t == "application/json" || t.ends_with("+json"))
 }
 
 /// Whether the request says its body is longer than `max`.

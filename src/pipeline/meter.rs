@@ -10,6 +10,7 @@ use http::HeaderMap;
 
 use crate::plan::{Amount, Usage};
 use crate::request::amount::header_amount;
+use crate::request::{is_json_media, media_type};
 
 /// The largest JSON body read for its usage; past it, the response does not say.
 pub const MAX_JSON_BODY: usize = 1 << 20;
@@ -51,17 +52,7 @@ impl Meter {
             }
         }
         let reads_json = amounts.iter().any(|(a, _)| matches!(a, Amount::Json(_)));
-        let content_type = headers
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(|v| {
-                v.split(';')
-                    .next()
-                    .unwrap_or("")
-                    .trim()
-                    .to_ascii_lowercase()
-            })
-            .unwrap_or_default();
+        let content_type = media_type(headers);
         let too_long = headers
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
@@ -74,7 +65,7 @@ impl Meter {
                 data: Vec::new(),
                 over: false,
             }
-        } else if content_type == "application/json" || content_type.ends_with("+json") {
+        } else if is_json_media(&content_type) {
             Body::Json {
                 copy: Vec::new(),
                 over: too_long,

@@ -123,3 +123,24 @@ fn hex(out: &mut [u8], mut n: u64) {
         n >>= 4;
     }
 }
+
+/// The media type `headers` say the body is (`Content-Type` without its parameters,
+/// lowercased); empty when they say none.
+pub fn media_type(headers: &http::HeaderMap) -> String {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether `media_type` is JSON: `application/json`, or a `…+json` type.
+pub fn is_json_media(media_type: &str) -> bool {
+    media_type == "application/json" || media_type.ends_with("+json")
+}

@@ -186,41 +186,48 @@ struct EncodedOp {
 }
 
 impl Encoded {
+    /// A request at `now` with nothing in it yet, room for `key_bytes` of keys.
+    fn empty(now: Timestamp, key_bytes: usize) -> Self {
+        Encoded {
+            now: now.as_micros(),
+            keys: Vec::with_capacity(key_bytes),
+            key_ends: SmallVec::new(),
+            ops: SmallVec::new(),
+        }
+    }
+
+    /// Adds the key made of `parts`, one after the other; its index among the request's.
+    fn add_key(&mut self, parts: &[&[u8]]) -> usize {
+        for part in parts {
+            self.keys.extend_from_slice(part);
+        }
+        self.key_ends.push(self.keys.len());
+        self.key_ends.len() - 1
+    }
+
     /// The operations `group` of `ops`, decided at `now`.
     pub(super) fn new(ops: &[Op<'_>], group: &[usize], now: Timestamp) -> Self {
         let key_bytes: usize = group.iter().map(|&i| ops[i].key.len() + 4).sum();
-        let mut keys = Vec::with_capacity(2 * key_bytes);
-        let mut key_ends: SmallVec<[usize; 8]> = SmallVec::new();
-        let mut encoded = SmallVec::new();
+        let mut encoded = Encoded::empty(now, 2 * key_bytes);
         for &i in group {
             let op = &ops[i];
-            keys.extend_from_slice(op.key.as_bytes());
-            key_ends.push(keys.len());
-            let key = key_ends.len() - 1;
-            let ban_key = op.ban.map(|_| {
-                keys.extend_from_slice(op.key.as_bytes());
-                keys.extend_from_slice(BAN_SUFFIX.as_bytes());
-                key_ends.push(keys.len());
-                key_ends.len() - 1
-            });
+            let key = encoded.add_key(&[op.key.as_bytes()]);
+            let ban_key = op
+                .ban
+                .map(|_| encoded.add_key(&[op.key.as_bytes(), BAN_SUFFIX.as_bytes()]));
             let [algorithm, p1, p2, p3] = params(&op.quota, now);
             let code = algorithm + 10 * u64::from(op.enforce) + 20 * u64::from(op.ban.is_some());
             let ban = op
                 .ban
                 .map_or(0, |b| u64::try_from(b.as_micros()).unwrap_or(u64::MAX));
-            encoded.push(EncodedOp {
+            encoded.ops.push(EncodedOp {
                 numbers: [code, op.cost, ban, p1, p2, p3].map(exact),
                 key,
                 ban_key,
                 lease: matches!(op.quota, Quota::Concurrency(_)).then_some(op.lease.0),
             });
         }
-        Encoded {
-            now: now.as_micros(),
-            keys,
-            key_ends,
-            ops: encoded,
-        }
+        encoded
     }
 
     /// The settlements `group` of `settlements`, made at `now`: a request the script applies
@@ -230,16 +237,14 @@ impl Encoded {
         group: &[usize],
         now: Timestamp,
     ) -> Self {
-        let mut keys = Vec::with_capacity(group.iter().map(|&i| settlements[i].key.len()).sum());
-        let mut key_ends: SmallVec<[usize; 8]> = SmallVec::new();
-        let mut encoded = SmallVec::new();
+        let key_bytes = group.iter().map(|&i| settlements[i].key.len()).sum();
+        let mut encoded = Encoded::empty(now, key_bytes);
         for &i in group {
             let s = &settlements[i];
-            keys.extend_from_slice(s.key.as_bytes());
-            key_ends.push(keys.len());
+            let key = encoded.add_key(&[s.key.as_bytes()]);
             let [algorithm, p1, p2, p3] = params(&s.quota, now);
             let age = now.as_micros().saturating_sub(s.counted_at.as_micros());
-            encoded.push(EncodedOp {
+            encoded.ops.push(EncodedOp {
                 // A difference is below 2^53 in size, as every cost is.
                 numbers: [
                     exact(algorithm + SETTLE),
@@ -249,17 +254,12 @@ impl Encoded {
                     exact(p2),
                     exact(p3),
                 ],
-                key: key_ends.len() - 1,
+                key,
                 ban_key: None,
                 lease: None,
             });
         }
-        Encoded {
-            now: now.as_micros(),
-            keys,
-            key_ends,
-            ops: encoded,
-        }
+        encoded
     }
 
     /// Key `i` of the request.
