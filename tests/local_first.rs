@@ -606,3 +606,60 @@ async fn settlements_count_what_was_used_before_and_after_the_sync() {
     assert!(b.apply(&[reserve(749)], t1).await.unwrap().admitted);
     assert!(!b.apply(&[reserve(1)], t1).await.unwrap().admitted);
 }
+
+/// A node whose clock is behind another's by a window boundary finds Redis holding the later
+/// window: its count has nowhere to go there, and it must not forget it — it keeps counting
+/// its own admissions against the later window's count (before, every sync made it forget
+/// them, and it admitted without limit until its clock caught up).
+#[tokio::test]
+async fn a_node_behind_the_window_redis_holds_keeps_its_count() {
+    use tollgate::limiter::{LeaseId, Quota, WindowQuota};
+    use tollgate::store::{Op, Store};
+
+    let Some(server) = Redis::start() else {
+        return;
+    };
+    let (ahead, behind) = (store(&server.url()).await, store(&server.url()).await);
+    let nz = |n| std::num::NonZeroU64::new(n).unwrap();
+    for quota in [
+        Quota::FixedWindow(WindowQuota {
+            limit: nz(20),
+            window: nz(60_000_000),
+        }),
+        Quota::SlidingWindow(WindowQuota {
+            limit: nz(20),
+            window: nz(60_000_000),
+        }),
+    ] {
+        let key = format!("lf:{{skew}}:{}", quota.algorithm());
+        let op = Op {
+            key: &key,
+            quota,
+            cost: 1,
+            enforce: true,
+            ban: None,
+            lease: LeaseId(0),
+            sync: Some(Duration::from_millis(50)),
+        };
+        // Two windows apart, so that the sliding window's "window before" does not apply.
+        let t_behind = Timestamp::from_secs(START);
+        let t_ahead = Timestamp::from_secs(START + 120);
+        for _ in 0..10 {
+            assert!(ahead.apply(&[op], t_ahead).await.unwrap().admitted);
+        }
+        ahead.sync_now().await.unwrap();
+        let mut admitted = 0;
+        for _ in 0..40 {
+            if behind.apply(&[op], t_behind).await.unwrap().admitted {
+                admitted += 1;
+            }
+            behind.sync_now().await.unwrap();
+        }
+        assert_eq!(
+            admitted,
+            10,
+            "{}: the later window holds 10 of 20",
+            quota.algorithm()
+        );
+    }
+}

@@ -644,7 +644,24 @@ limit tokens {
   reserve header("X-Max-Tokens") default 100 max 500;
 }
 "#;
-    let server = InProcess::start(policy, options());
+    // A clock that stands in the middle of a minute: the report's `latency_ms` never
+    // reaches back into the window before.
+    let server = InProcess::build(async || {
+        let plan = tollgate::compile(&tollgate::PolicySet::from_sources([("t.rl", policy)]))
+            .unwrap_or_else(|e| panic!("{}", e.render_plain(100)));
+        let clock = tollgate::ManualClock::new(tollgate::Timestamp::from_secs(1_700_006_430));
+        let engine = std::sync::Arc::new(tollgate::Engine::with_clock(
+            plan,
+            tollgate::store::MemoryStore::new(),
+            clock,
+        ));
+        let observers = tollgate::server::Observers::new(&engine, None, None);
+        tollgate::server::router(std::sync::Arc::new(tollgate::server::AppState::new(
+            engine,
+            observers,
+            options(),
+        )))
+    });
     let request = json!({
         "method": "POST", "path": "/v1/chat", "client_ip": "203.0.113.9",
         "headers": {"x-max-tokens": "300"}

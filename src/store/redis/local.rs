@@ -360,7 +360,11 @@ impl LocalFirst {
                 let item = |part: Part, main: bool, ban: Option<u64>| Item {
                     key: key.clone(),
                     shard,
-                    numbers: numbers(part.start),
+                    numbers: {
+                        let [kind, start, span] = numbers(part.start);
+                        // `sync.lua`: + 10 for the window before.
+                        [kind + if main { 0 } else { 10 }, start, span]
+                    },
                     part,
                     seen: e.seen,
                     ban,

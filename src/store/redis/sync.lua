@@ -16,7 +16,7 @@
 -- KEYS: per item, its state key, then its ban key (`{key}:ban`) when the limit bans.
 -- ARGV[1]: the numbers, packed as little-endian doubles: the number of items, the sync's
 -- sequence number (grows with every sync of the node), then eight per item: kind (1 a fixed
--- window or calendar period, 3 a sliding window), the window's start (µs), its end (fixed) or
+-- window or calendar period, 3 a sliding window; + 10 for a node's part of its window before), the window's start (µs), its end (fixed) or
 -- length (sliding), the node's component, the component as the node last saw it confirmed,
 -- the node's field (0 or 1), the node's time (µs) for the key's expiry, and its ban (-1: the
 -- limit does not ban; 0: read the ban key; else a ban this node started, until then in µs,
@@ -66,6 +66,10 @@ for i = 1, n do
       banned_until = ban
     end
   end
+  -- A node's part of the window before (`late`, kind + 10) is confirmed even where Redis
+  -- holds a later window: that window is past. Its current part is not (see below).
+  local late = kind >= 10
+  if late then kind = kind - 10 end
   local field = node .. (slot == 0 and 'a' or 'b')
   local v = redis.call('HMGET', key, 's', 'c', 'p', field)
   local stored, count, before = tonumber(v[1]), tonumber(v[2]) or 0, tonumber(v[3]) or 0
@@ -98,14 +102,26 @@ for i = 1, n do
       expire(key, span, now)
       prune(key, start)
       cur = inc
+    elseif stored ~= nil and stored > start and not late then
+      -- The node's clock is behind the window Redis holds (another node's is ahead): its
+      -- count has nowhere to go. It keeps it as its own, unconfirmed, and counts against
+      -- the later window's count meanwhile — never forgetting what it admitted.
+      applied = base
+      cur = count
     end
   else
     if stored == start then
       keep('c')
       prev, cur = before, count + inc
     elseif stored == start + span then
-      -- Counts of the window before the stored one (sent late): they are its `p`.
+      -- Counts of the window before the stored one (sent late, or by a node whose clock is
+      -- behind): they are its `p`, and that window's count is `p`.
       keep('p')
+      cur = before + inc
+    elseif stored ~= nil and stored > start + span and not late then
+      -- Behind by more than a window: as for a fixed window.
+      applied = base
+      prev, cur = before, count
     else
       if stored ~= nil and stored + span == start then prev = count end
       if (stored == nil or stored < start) and inc > 0 then
