@@ -48,6 +48,9 @@ pub struct LimitExplanation {
     pub rate: String,
     /// Cedar's answer to its `authorize`, in words, if it has one.
     pub authorization: Option<String>,
+    /// For a cost its response says (`cost response …`): what the request reserves, and
+    /// how what it used is read.
+    pub usage: Option<String>,
 }
 
 /// Explains `request` against `plan`.
@@ -150,6 +153,10 @@ fn explain_limit(
             ),
             None => describe_value(value),
         },
+        usage: limit
+            .usage
+            .as_ref()
+            .map(|usage| crate::plan::describe_usage(&limit.cost, usage, env.request)),
         authorization: limit.authorize.as_ref().map(|auth| {
             let answer = env.cedar.answer(env.request, auth.cedar, &auth.action);
             let verdict = if answer.allowed {
@@ -380,6 +387,9 @@ impl fmt::Display for Explanation {
             }
             if let Some(authorization) = &l.authorization {
                 writeln!(f, "      authz {authorization}")?;
+            }
+            if let Some(usage) = &l.usage {
+                writeln!(f, "      usage {usage}")?;
             }
         }
         writeln!(f, "\n{} limit(s) do not apply:", skipped.len())?;

@@ -20,7 +20,7 @@ use http::StatusCode;
 
 pub use self::compile::compile;
 pub use self::condition::Condition;
-pub use self::cost::{Amount, Cost, Usage};
+pub use self::cost::{Amount, Cost, Usage, describe_usage};
 pub use self::key::{KeyHasher, KeySpec};
 pub use self::route::{RouteIndex, RouteMatches};
 use crate::diagnostic::PolicyError;

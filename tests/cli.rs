@@ -135,3 +135,29 @@ fn explain_shows_which_limits_count_an_envoy_descriptor() {
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("at least one --descriptor"));
 }
+
+#[test]
+fn explain_shows_what_a_usage_limit_reserves_and_reads() {
+    let out = tollgate(&[
+        "explain",
+        "--policies",
+        "examples/llm",
+        "--method",
+        "POST",
+        "--path",
+        "/v1/chat/completions",
+        "--api-token",
+        "sk-test",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains(
+            "usage reserves the request body's `max_tokens` (default 4000, at most 128000); \
+             settles at what the response says it used, `usage.prompt_tokens` + 4 × \
+             `usage.completion_tokens`"
+        ),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("sk-test"), "the token only hashed");
+}

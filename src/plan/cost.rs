@@ -75,3 +75,47 @@ impl Usage {
         said.then_some(total.min(self.max))
     }
 }
+
+/// A usage limit in words, for `tollgate explain`: what `request` reserves (its `cost`) and
+/// how what it used is read.
+pub fn describe_usage(cost: &Cost, usage: &Usage, request: &crate::request::RequestCtx) -> String {
+    let reserves = match cost {
+        Cost::Fixed(n) => format!("reserves {n}"),
+        Cost::Header { name, default, max } => {
+            format!("reserves header `{name}` (default {default}, at most {max})")
+        }
+        Cost::Json { path, default, max } => {
+            let read = request.body.as_deref().and_then(|b| path.amount(b));
+            let now = read.map_or_else(String::new, |n| format!(": {}", n.min(*max)));
+            format!(
+                "reserves the request body's `{}`{now} (default {default}, at most {max})",
+                path.as_str()
+            )
+        }
+    };
+    let terms: Vec<String> = usage
+        .terms
+        .iter()
+        .map(|(weight, amount)| {
+            let what = match amount {
+                Amount::Header(name) => format!("header `{name}`"),
+                Amount::Json(path) => format!("`{}`", path.as_str()),
+                Amount::Hits => "Envoy's hits_addend".to_owned(),
+            };
+            if *weight == 1 {
+                what
+            } else {
+                format!("{weight} × {what}")
+            }
+        })
+        .collect();
+    let silent = match usage.default {
+        None => "as reserved".to_owned(),
+        Some(n) => n.to_string(),
+    };
+    format!(
+        "{reserves}; settles at what the response says it used, {} (at most {}; a response that never says: {silent})",
+        terms.join(" + "),
+        usage.max
+    )
+}
