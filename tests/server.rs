@@ -709,6 +709,10 @@ limit tokens {
         360,
         "300 back, 300 reserved"
     );
+    // A reservation of 0, said in the header: nothing counted before the response.
+    let mut nothing = request.clone();
+    nothing["headers"]["x-max-tokens"] = json!("0");
+    assert_eq!(remaining(&check(&server, &nothing)), 360);
     let other =
         report(json!({"request": {"method": "GET", "path": "/x"}, "status": 200, "cost": 5}));
     assert!(other.get("settled").is_none());

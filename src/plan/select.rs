@@ -401,7 +401,8 @@ fn cost(limit: &Limit, quota: Quota, request: &RequestCtx, amount: Option<u64>) 
         Cost::Header { name, default, max } => request
             .header(name)
             .and_then(|v| v.trim().parse::<u64>().ok())
-            .filter(|c| *c > 0)
+            // A cost is at least 1; a reservation (a usage limit's) may be 0.
+            .filter(|c| *c > 0 || limit.usage.is_some())
             .unwrap_or(*default)
             .min(*max),
         Cost::Json { path, default, max } => request
