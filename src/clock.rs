@@ -40,6 +40,11 @@ impl Timestamp {
         Timestamp(self.0.saturating_add(micros(d)))
     }
 
+    /// The time `d` earlier, saturating at the epoch.
+    pub fn saturating_sub(self, d: Duration) -> Self {
+        Timestamp(self.0.saturating_sub(micros(d)))
+    }
+
     /// How long after `earlier` this is (zero when it is not later).
     pub fn saturating_since(self, earlier: Timestamp) -> Duration {
         Duration::from_micros(self.0.saturating_sub(earlier.0))

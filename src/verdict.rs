@@ -258,6 +258,30 @@ pub struct Reservation {
 }
 
 impl Reservation {
+    /// What a request counted on `limit` reserves (`reserved` under `quota`, on `key`, at
+    /// `counted_at`; `local`: in this node's memory), when the limit's cost its response
+    /// says; `None` for any other limit.
+    pub(crate) fn of(
+        limit: &crate::plan::Limit,
+        key: &CounterKey,
+        quota: Quota,
+        reserved: u64,
+        counted_at: Timestamp,
+        local: bool,
+    ) -> Option<Reservation> {
+        let usage = limit.usage.as_ref()?;
+        Some(Reservation {
+            namespace: Arc::clone(&limit.namespace),
+            limit: Arc::clone(&limit.name),
+            key: key.to_string(),
+            quota,
+            reserved,
+            counted_at,
+            usage: Arc::clone(usage),
+            local,
+        })
+    }
+
     /// What the request used, given what the response said (`None`: nothing): that, else
     /// the limit's `default`, else the reservation.
     pub fn used(&self, said: Option<u64>) -> u64 {

@@ -104,31 +104,28 @@ impl<S: Store, C: Clock> Engine<S, C> {
         let mut reservations = Vec::new();
         for p in &d.pending {
             let (limit, report) = (d.applied[p.slot], &reports[p.slot]);
-            let Some(usage) = &limit.usage else {
+            if limit.usage.is_none() || !report.decision.allowed {
                 continue;
-            };
+            }
             let local = match report.counted {
                 Counted::Store => false,
                 Counted::Local => true,
                 _ => continue,
             };
-            if !report.decision.allowed {
-                continue;
-            }
-            reservations.push(Reservation {
-                namespace: Arc::clone(&limit.namespace),
-                limit: Arc::clone(&limit.name),
-                key: report.key.to_string(),
-                quota: if local {
-                    p.quota.share(self.local_nodes)
-                } else {
-                    p.quota
-                },
-                reserved: p.cost,
-                counted_at: d.now,
-                usage: Arc::clone(usage),
+            // Counted here, it was counted at the node's share of the quota.
+            let quota = if local {
+                p.quota.share(self.local_nodes)
+            } else {
+                p.quota
+            };
+            reservations.extend(Reservation::of(
+                limit,
+                &report.key,
+                quota,
+                p.cost,
+                d.now,
                 local,
-            });
+            ));
         }
         reservations
     }

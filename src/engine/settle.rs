@@ -2,8 +2,6 @@
 //! counters its admission counted — from the pipeline's completion, or from a request
 //! described again after the fact (`POST /v1/report`).
 
-use std::sync::Arc;
-
 use smallvec::SmallVec;
 
 use super::Engine;
@@ -68,17 +66,10 @@ impl<S: Store, C: Clock> Engine<S, C> {
             counted_at,
             Scope::REQUESTS,
             |s| {
-                if let (Some(usage), Charge::Count { quota, cost }) = (&s.limit.usage, s.charge) {
-                    reservations.push(Reservation {
-                        namespace: Arc::clone(&s.limit.namespace),
-                        limit: Arc::clone(&s.limit.name),
-                        key: s.key.to_string(),
-                        quota,
-                        reserved: cost,
-                        counted_at,
-                        usage: Arc::clone(usage),
-                        local: false,
-                    });
+                if let Charge::Count { quota, cost } = s.charge {
+                    reservations.extend(Reservation::of(
+                        s.limit, &s.key, quota, cost, counted_at, false,
+                    ));
                 }
             },
         );

@@ -22,7 +22,7 @@
 //! The Redis store runs the same arithmetic in `settle.lua`.
 
 use super::bucket::{at_level, level_at, refill_time};
-use super::window::{SlidingState, WindowState};
+use super::window::{SlidingState, WindowState, rolled};
 use super::{GcraState, Quota, State, TokenBucketState};
 use crate::clock::Timestamp;
 
@@ -51,11 +51,11 @@ pub fn settle(
             let w = q.window.get();
             let (start, end) = q.bounds(now);
             let (counted, _) = q.bounds(counted_at);
-            let (mut previous, mut current) = match state {
-                Some(State::Sliding(s)) if s.start == start => (s.previous, s.current),
-                Some(State::Sliding(s)) if s.start.saturating_add(w) == start => (s.current, 0),
-                _ => (0, 0),
+            let state = match state {
+                Some(State::Sliding(s)) => Some(s),
+                _ => None,
             };
+            let (mut previous, mut current) = rolled(state, start, w);
             if counted == start {
                 current = add(current, delta);
             } else if counted.saturating_add(w) == start {

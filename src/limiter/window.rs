@@ -137,11 +137,7 @@ pub(crate) fn sliding(
     let w = q.window.get();
     let limit = q.limit.get();
     let (start, end) = q.bounds(now);
-    let (previous, current) = match state {
-        Some(s) if s.start == start => (s.previous, s.current),
-        Some(s) if s.start.saturating_add(w) == start => (s.current, 0),
-        _ => (0, 0),
-    };
+    let (previous, current) = rolled(state, start, w);
     let elapsed = now.as_micros() - start;
     let estimate = weighted(previous, w - elapsed, w).saturating_add(current);
     let allowed = estimate.saturating_add(cost) <= limit;
@@ -172,6 +168,16 @@ pub(crate) fn sliding(
 }
 
 /// `ceil(count × part / whole)`, in 64 bits when the product fits.
+/// A sliding window's counts `(previous, current)` as of the window starting at `start`
+/// (length `w`): a state of the window before has rolled once; an older one counts nothing.
+pub(crate) fn rolled(state: Option<&SlidingState>, start: u64, w: u64) -> (u64, u64) {
+    match state {
+        Some(s) if s.start == start => (s.previous, s.current),
+        Some(s) if s.start.saturating_add(w) == start => (s.current, 0),
+        _ => (0, 0),
+    }
+}
+
 fn weighted(count: u64, part: u64, whole: u64) -> u64 {
     match count.checked_mul(part) {
         Some(product) => product.div_ceil(whole),

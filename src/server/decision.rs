@@ -4,7 +4,6 @@
 
 use super::extract::{JsonBody, Refused, RequestId, field_problem};
 use super::*;
-use crate::clock::Timestamp;
 use crate::pipeline::meter::Meter;
 
 /// `POST /v1/check` input.
@@ -274,12 +273,7 @@ async fn settle_reported<S: Store, C: Clock>(
     latency_ms: Option<u64>,
 ) -> Vec<SettledOut> {
     let latency = std::time::Duration::from_millis(latency_ms.unwrap_or(0));
-    let counted_at = Timestamp::from_micros(
-        engine
-            .now()
-            .as_micros()
-            .saturating_sub(u64::try_from(latency.as_micros()).unwrap_or(u64::MAX)),
-    );
+    let counted_at = engine.now().saturating_sub(latency);
     let reservations = engine.reservations_of(ctx, counted_at);
     if reservations.is_empty() {
         return Vec::new();

@@ -213,12 +213,13 @@ impl LocalFirst {
         results: &mut [Option<OpResult>],
     ) {
         for (i, start, cost) in taken.counted {
-            if let Some(entry) = self.entries.lock_key(ops[i].key).get_mut(ops[i].key) {
-                if entry.current.start == start {
-                    entry.current.mine = entry.current.mine.saturating_sub(cost);
-                } else if let Some(late) = entry.late.as_mut().filter(|l| l.start == start) {
-                    late.mine = late.mine.saturating_sub(cost);
-                }
+            if let Some(part) = self
+                .entries
+                .lock_key(ops[i].key)
+                .get_mut(ops[i].key)
+                .and_then(|e| e.part_of(start))
+            {
+                part.mine = part.mine.saturating_sub(cost);
             }
             if let Some(r) = results[i].as_mut() {
                 let d = &mut r.decision;
@@ -243,18 +244,15 @@ impl LocalFirst {
         let (start, _, sliding) = Entry::window(&entry.quota, now);
         entry.roll(start, sliding);
         let (counted, _, _) = Entry::window(&entry.quota, s.counted_at);
-        let part = if entry.current.start == counted {
-            &mut entry.current
-        } else if let Some(late) = entry.late.as_mut().filter(|l| l.start == counted) {
-            late
-        } else if s.delta > 0 {
-            &mut entry.current
-        } else {
+        entry.touched = true;
+        let part = match entry.part_of(counted) {
+            Some(part) => part,
+            // A debt of a window this node no longer holds: charged to the current one.
+            None if s.delta > 0 => &mut entry.current,
             // A refund for a window whose part Redis confirmed: there, if it still counts.
-            return sliding.is_none();
+            None => return sliding.is_none(),
         };
         part.mine = part.mine.saturating_add_signed(s.delta);
-        entry.touched = true;
         true
     }
 

@@ -120,6 +120,15 @@ impl Entry {
         }
     }
 
+    /// This node's part of the window starting at `start`, while it holds one: the current
+    /// window's, or the one before's not yet confirmed.
+    pub(super) fn part_of(&mut self, start: u64) -> Option<&mut Part> {
+        if self.current.start == start {
+            return Some(&mut self.current);
+        }
+        self.late.as_mut().filter(|l| l.start == start)
+    }
+
     /// Whether Redis holds everything this node counted.
     pub(super) fn confirmed(&self) -> bool {
         self.current.unconfirmed() == 0 && self.late.is_none()
