@@ -448,12 +448,17 @@ fn two_nodes_on_one_redis_admit_exactly_the_quota_to_64_concurrent_clients() {
              key global;
              algorithm gcra;
              rate 100/h;
+             on_store_error deny;
            }"#,
     );
     let url = redis.url();
+    // Exactness is about counting, not about a loaded machine: a call slower than the
+    // default 50 ms would be answered by the fail mode. With `deny`, a slow call could only
+    // show as fewer admissions, never as more.
     let env = [
         ("TOLLGATE_ENV", "prod"),
         ("TOLLGATE_REDIS_URL", url.as_str()),
+        ("TOLLGATE_STORE_TIMEOUT_MS", "5000"),
     ];
     let (_a, grpc_a) = serve_grpc(dir.path(), &env);
     let (_b, grpc_b) = serve_grpc(dir.path(), &env);
