@@ -52,6 +52,9 @@ pub struct Settings {
     pub redis_tls: Option<crate::store::redis::RedisTls>,
     /// Where `redis_tls` was read from: watched, so that rotated certificates are picked up.
     pub redis_tls_files: Option<crate::store::redis::RedisTlsFiles>,
+    /// The sentinels' password (`redis+sentinel://` URLs; the URL's credentials are the
+    /// master's).
+    pub redis_sentinel_password: Option<crate::store::redis::Password>,
     /// Per-call store timeout, in milliseconds.
     pub store_timeout_ms: u64,
     /// Whose clock the Redis store counts with: this node's, or Redis's (`TIME`).
@@ -206,6 +209,7 @@ impl Settings {
             redis_url: None,
             redis_tls: None,
             redis_tls_files: None,
+            redis_sentinel_password: None,
             store_timeout_ms: 50,
             store_clock: StoreClock::Local,
             expected_nodes: 1,

@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use prometheus::{
-    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 use crate::pipeline::{Admitted, Completion, DetectionSink, Done, Observer};
@@ -46,7 +47,7 @@ pub struct Metrics {
     redis: RedisFamilies,
     reloads: IntCounterVec,
     active_bans: IntGauge,
-    plan: prometheus::IntGaugeVec,
+    plan: IntGaugeVec,
     export: ExportFamilies,
     anomalies: IntCounterVec,
     usage: IntCounterVec,
@@ -59,6 +60,8 @@ struct RedisFamilies {
     syncs_ok: IntCounter,
     syncs_failed: IntCounter,
     local_first_keys: IntGauge,
+    master: IntGaugeVec,
+    master_switches: IntCounter,
 }
 
 impl RedisFamilies {
@@ -87,7 +90,24 @@ impl RedisFamilies {
                 "tollgate_local_first_keys",
                 "Keys of local-first limits (sync every) this node decides.",
             ),
+            master: gauge_vec(
+                registry,
+                "tollgate_redis_master_info",
+                "1 for the Redis master in use, as the sentinels name it (Sentinel only).",
+                &["address"],
+            ),
+            master_switches: counter(
+                registry,
+                "tollgate_redis_master_switches_total",
+                "Times the sentinels named another Redis master and this node followed.",
+            ),
         }
+    }
+
+    fn update_master(&self, sentinel: &crate::store::SentinelMaster) {
+        self.master.reset();
+        self.master.with_label_values(&[&sentinel.master]).set(1);
+        catch_up(&self.master_switches, sentinel.switches);
     }
 
     fn update(&self, calls: &crate::store::RedisCalls) {
@@ -205,6 +225,14 @@ fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
     g
 }
 
+fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("a valid metric");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("registered once");
+    g
+}
+
 fn histogram(registry: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
     let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
         .expect("a valid metric");
@@ -285,14 +313,12 @@ impl Metrics {
             "tollgate_active_bans",
             "Runtime denylist entries (bans) in force on this node.",
         );
-        let plan = prometheus::IntGaugeVec::new(
-            Opts::new("tollgate_plan_info", "The plan serving (1), by version."),
+        let plan = gauge_vec(
+            &registry,
+            "tollgate_plan_info",
+            "The plan serving (1), by version.",
             &["version"],
-        )
-        .expect("a valid metric");
-        registry
-            .register(Box::new(plan.clone()))
-            .expect("registered once");
+        );
         let export = ExportFamilies::new(&registry);
         let anomalies = counter_vec(
             &registry,
@@ -410,6 +436,9 @@ impl Metrics {
         catch_up(&self.memory_evictions, scrape.evictions);
         if let Some(calls) = &scrape.store.redis {
             self.redis.update(calls);
+        }
+        if let Some(sentinel) = &scrape.store.sentinel {
+            self.redis.update_master(sentinel);
         }
         if let Some((ok, error)) = scrape.reloads {
             catch_up(&self.reloads.with_label_values(&["ok"]), ok);

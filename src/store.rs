@@ -415,7 +415,8 @@ impl<S: AdminStore> AdminStore for std::sync::Arc<S> {
 /// What a store says of itself (`GET /admin/diagnostics`).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct StoreHealth {
-    /// `memory`, `redis` or `redis-cluster` (`other` for stores outside Tollgate).
+    /// `memory`, `redis`, `redis-cluster` or `redis-sentinel` (`other` for stores outside
+    /// Tollgate).
     pub kind: &'static str,
     /// Keys held in this process, expired ones included until swept (the memory store).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -433,6 +434,18 @@ pub struct StoreHealth {
     /// Redis: what the batch calls and local-first syncs did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis: Option<RedisCalls>,
+    /// Redis behind Sentinel: the master in use.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sentinel: Option<SentinelMaster>,
+}
+
+/// The master a Sentinel-watched Redis store uses.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
+pub struct SentinelMaster {
+    /// Its `host:port`, as the sentinels name it.
+    pub master: String,
+    /// Times the sentinels named another master and this node followed.
+    pub switches: u64,
 }
 
 /// What a Redis store's calls did since it started.
@@ -460,6 +473,7 @@ impl Default for StoreHealth {
             breakers_open: 0,
             tls_rotations: None,
             redis: None,
+            sentinel: None,
         }
     }
 }

@@ -64,6 +64,7 @@ settings! {
     redis_tls_ca_file: String,
     redis_tls_cert_file: String,
     redis_tls_key_file: String,
+    redis_sentinel_password: String,
     store_timeout_ms: u64,
     store_clock: String,
     expected_nodes: u64,

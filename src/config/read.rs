@@ -182,14 +182,31 @@ impl Settings {
             if !REDIS_SCHEMES.iter().any(|s| url.starts_with(s)) {
                 p.add(
                     "redis_url",
-                    "not a Redis URL: use `redis://host:port/db`, `redis+cluster://host:port,host:port` (`rediss` for TLS) or `unix:///path/to/redis.sock`".to_owned(),
+                    "not a Redis URL: use `redis://host:port/db`, `redis+cluster://host:port,host:port`, `redis+sentinel://host:port,host:port/service` (`rediss` for TLS) or `unix:///path/to/redis.sock`".to_owned(),
                 );
+            } else if let Err(e) = crate::store::redis::check_url(url) {
+                p.add("redis_url", e.to_string());
             } else if url.ends_with("#insecure") {
                 p.add(
                     "redis_url",
                     "certificate checks cannot be turned off (`#insecure`): give the CA in `redis_tls_ca_file`".to_owned(),
                 );
             }
+        }
+        self.redis_sentinel_password = raw
+            .redis_sentinel_password
+            .take()
+            .map(crate::store::redis::Password::new);
+        if self.redis_sentinel_password.is_some()
+            && !self
+                .redis_url
+                .as_deref()
+                .is_some_and(|u| u.contains("+sentinel://"))
+        {
+            p.add(
+                "redis_sentinel_password",
+                "applies to Sentinel only: use a `redis+sentinel://` redis_url".to_owned(),
+            );
         }
         (self.redis_tls, self.redis_tls_files) = redis_tls(
             self.redis_url.as_deref(),
@@ -343,6 +360,8 @@ const REDIS_SCHEMES: &[&str] = &[
     "rediss://",
     "redis+cluster://",
     "rediss+cluster://",
+    "redis+sentinel://",
+    "rediss+sentinel://",
     "unix://",
     "redis+unix://",
 ];

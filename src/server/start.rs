@@ -172,6 +172,7 @@ pub fn redis_options(settings: &Settings) -> RedisOptions {
         deny_cache: (settings.deny_cache_keys > 0).then_some(settings.deny_cache_keys),
         tls: settings.redis_tls.clone(),
         batch_max: settings.redis_batch_max,
+        sentinel_password: settings.redis_sentinel_password.clone(),
     }
 }
 

@@ -28,6 +28,7 @@ mod breaker;
 mod cluster;
 mod connect;
 mod local;
+mod sentinel;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -42,8 +43,9 @@ use breaker::Breaker;
 pub use breaker::BreakerSettings;
 pub use cluster::slot;
 use connect::{Connection, open};
-pub use connect::{RedisOptions, RedisTls, RedisTlsFiles};
+pub use connect::{Password, RedisOptions, RedisTls, RedisTlsFiles};
 use local::LocalFirst;
+use sentinel::Follower;
 
 use super::deny::DenyCache;
 use super::{BatchResult, Op, Settlement, Store, StoreError};
@@ -64,9 +66,10 @@ pub struct RedisStore {
     link: Arc<Link>,
     /// Where it connects (with any password: never shown).
     url: String,
-    undo: Script,
     options: RedisOptions,
-    breakers: Box<[Breaker]>,
+    breakers: Arc<[Breaker]>,
+    /// Behind Sentinel: the master in use, followed.
+    sentinel: Option<Arc<Follower>>,
     batchers: Batchers,
     /// Local-first limits' counts (`sync every`).
     local: Arc<LocalFirst>,
@@ -98,6 +101,12 @@ fn backend(e: redis::RedisError) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
+/// Whether `url` is a Redis URL Tollgate can connect with (its form only: nothing is
+/// reached); what is wrong with it.
+pub fn check_url(url: &str) -> Result<(), StoreError> {
+    connect::target(url).map(drop)
+}
+
 impl RedisStore {
     /// Connects to `url` with the default options, all within `timeout` (which is also the
     /// per-call timeout).
@@ -116,20 +125,29 @@ impl RedisStore {
     /// Connects to `url` (see the module documentation for its forms), loads the scripts and
     /// checks that the server answers, all within `options.connect_timeout`.
     pub async fn connect_with(url: &str, options: RedisOptions) -> Result<Self, StoreError> {
-        let connection = open(url, &options, options.tls.as_ref()).await?;
+        let (connection, master) = open(url, &options, options.tls.as_ref()).await?;
         let cluster = matches!(connection, Connection::Cluster(_));
         let breakers = if cluster {
             CLUSTER_SLOTS / SLOTS_PER_BREAKER
         } else {
             1
         };
+        let sentinel = match (connect::target(url)?, master) {
+            (connect::Target::Sentinel(target), Some(master)) => {
+                Some(Arc::new(Follower::new(target, master, options.tls.clone())))
+            }
+            _ => None,
+        };
         let link = Arc::new(Link {
             connection: ArcSwap::from_pointee(connection),
             batch: Script::new(BATCH),
+            undo: Script::new(UNDO),
             timeout: options.timeout,
             server_time: options.server_time,
             calls: AtomicU64::new(0),
             requests: AtomicU64::new(0),
+            failed: sentinel.as_ref().map(|s| Arc::clone(&s.wake)),
+            swaps: AtomicU64::new(0),
         });
         let batchers = match (options.batch_max > 1, cluster) {
             (false, _) => Batchers::Off,
@@ -141,10 +159,10 @@ impl RedisStore {
         let store = RedisStore {
             link,
             url: url.to_owned(),
-            undo: Script::new(UNDO),
             breakers: (0..breakers)
                 .map(|_| Breaker::new(options.breaker))
                 .collect(),
+            sentinel,
             batchers,
             local: Arc::new(LocalFirst::new()),
             deny: options.deny_cache.map(DenyCache::new),
@@ -152,24 +170,18 @@ impl RedisStore {
             cached: AtomicU64::new(0),
             tls_rotations: AtomicU64::new(0),
         };
-        store.ready(&store.link.connection.load()).await?;
+        store
+            .link
+            .ready(&store.link.connection.load(), store.options.connect_timeout)
+            .await?;
+        if let Some(follower) = &store.sentinel {
+            follower.start(
+                Arc::downgrade(&store.link),
+                Arc::clone(&store.breakers),
+                store.options.clone(),
+            );
+        }
         Ok(store)
-    }
-
-    /// Loads both scripts (on every master of a Cluster) on `connection` and checks that the
-    /// store answers, within the connect timeout.
-    async fn ready(&self, connection: &Connection) -> Result<(), StoreError> {
-        let wait = self.options.connect_timeout;
-        tokio::time::timeout(wait, async {
-            let mut c = connection.clone();
-            self.link.batch.prepare_invoke().load_async(&mut c).await?;
-            self.undo.prepare_invoke().load_async(&mut c).await?;
-            redis::cmd("PING").query_async::<String>(&mut c).await
-        })
-        .await
-        .map_err(|_| StoreError::Timeout(wait))?
-        .map_err(backend)?;
-        Ok(())
     }
 
     /// Uses `tls` for the connections made from now on: connects with it, checks that the
@@ -181,9 +193,14 @@ impl RedisStore {
                 "TLS certificates apply to `rediss://` URLs only".to_owned(),
             ));
         }
-        let connection = open(&self.url, &self.options, Some(tls)).await?;
-        self.ready(&connection).await?;
-        self.link.connection.store(Arc::new(connection));
+        let (connection, _) = open(&self.url, &self.options, Some(tls)).await?;
+        self.link
+            .ready(&connection, self.options.connect_timeout)
+            .await?;
+        if let Some(follower) = &self.sentinel {
+            follower.set_tls(tls.clone());
+        }
+        self.link.swap(connection);
         self.tls_rotations.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -299,6 +316,8 @@ impl Store for RedisStore {
         super::StoreHealth {
             kind: if self.is_cluster() {
                 "redis-cluster"
+            } else if self.sentinel.is_some() {
+                "redis-sentinel"
             } else {
                 "redis"
             },
@@ -311,6 +330,10 @@ impl Store for RedisStore {
                 syncs: self.sync_calls().0,
                 sync_failures: self.sync_calls().1,
                 local_first_keys: self.local_first_keys(),
+            }),
+            sentinel: self.sentinel.as_ref().map(|s| super::SentinelMaster {
+                master: s.master(),
+                switches: s.switches(),
             }),
             ..super::StoreHealth::default()
         }

@@ -69,12 +69,21 @@ impl Redis {
 
     /// Starts one on a port (and with arguments) from `next`, trying again with new ones when
     /// the port turns out to be taken.
-    fn start_retrying(mut next: impl FnMut() -> (u16, Vec<String>)) -> Option<Redis> {
+    fn start_retrying(next: impl FnMut() -> (u16, Vec<String>)) -> Option<Redis> {
+        Self::start_retrying_with(None, next)
+    }
+
+    /// [`Redis::start_retrying`], with a configuration file's text (`sentinel`: a sentinel's,
+    /// run in sentinel mode).
+    fn start_retrying_with(
+        sentinel: Option<&str>,
+        mut next: impl FnMut() -> (u16, Vec<String>),
+    ) -> Option<Redis> {
         let mut last = String::new();
         for _ in 0..5 {
             let (port, extra) = next();
             let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-            match Self::launch(port, &extra)? {
+            match Self::launch(port, &extra, sentinel)? {
                 Ok(redis) => return Some(redis),
                 Err(why) => last = why,
             }
@@ -84,19 +93,26 @@ impl Redis {
 
     /// Starts one on `port` (e.g. again, after [`Redis::kill`]).
     pub fn start_on(port: u16, extra: &[&str]) -> Option<Redis> {
-        Some(Self::launch(port, extra)?.unwrap_or_else(|why| panic!("{why}")))
+        Some(Self::launch(port, extra, None)?.unwrap_or_else(|why| panic!("{why}")))
     }
 
     /// Runs `redis-server` on `port` and waits until it answers — itself, not another test's
     /// server that took the port first.
-    fn launch(port: u16, extra: &[&str]) -> Option<Result<Redis, String>> {
+    fn launch(port: u16, extra: &[&str], sentinel: Option<&str>) -> Option<Result<Redis, String>> {
         let binary = binary("redis-server")?;
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let dir =
             std::env::temp_dir().join(format!("tollgate-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
+        let mut command = Command::new(binary);
+        if let Some(config) = sentinel {
+            // A sentinel rewrites its configuration file: it must be one of its own.
+            let file = dir.join("sentinel.conf");
+            std::fs::write(&file, config).unwrap();
+            command.arg(file).arg("--sentinel");
+        }
         let child = super::process::spawn(
-            Command::new(binary)
+            command
                 .args([
                     "--port",
                     &port.to_string(),
@@ -147,6 +163,20 @@ impl Redis {
                 Err(why)
             }
         })
+    }
+
+    /// Starts a sentinel on a free port, watching `master` as `service`: quorum 2, down after
+    /// `down_after_ms` without an answer.
+    pub fn start_sentinel(master: SocketAddr, service: &str, down_after_ms: u64) -> Option<Redis> {
+        let config = format!(
+            "sentinel monitor {service} {} {} 2\n\
+             sentinel down-after-milliseconds {service} {down_after_ms}\n\
+             sentinel failover-timeout {service} 10000\n\
+             sentinel parallel-syncs {service} 2\n",
+            master.ip(),
+            master.port()
+        );
+        Self::start_retrying_with(Some(&config), || (super::free_port(), Vec::new()))
     }
 
     /// `redis://127.0.0.1:PORT`
@@ -371,4 +401,74 @@ fn owns(node: &Redis, slot: u16) -> bool {
                 matches!((start, end), (Some(a), Some(b)) if a <= slot && slot <= b)
             })
     })
+}
+
+/// A master with two replicas and three sentinels watching them, on this machine.
+pub struct Sentinels {
+    /// The servers; the first was the master at the start.
+    pub servers: Vec<Redis>,
+    pub sentinels: Vec<Redis>,
+}
+
+/// The name the sentinels watch the master under.
+pub const SERVICE: &str = "tollgate";
+
+impl Sentinels {
+    /// Starts them and waits until the replicas are in sync and every sentinel knows both
+    /// replicas and the other two sentinels (a failover needs them to agree).
+    pub fn start(down_after_ms: u64) -> Option<Sentinels> {
+        let master = Redis::start()?;
+        let port = master.addr.port().to_string();
+        let mut servers = vec![master];
+        for _ in 0..2 {
+            servers.push(Redis::start_with(&["--replicaof", "127.0.0.1", &port])?);
+        }
+        let sentinels = (0..3)
+            .map(|_| Redis::start_sentinel(servers[0].addr, SERVICE, down_after_ms))
+            .collect::<Option<Vec<_>>>()?;
+        let set = Sentinels { servers, sentinels };
+        wait_for("the replicas did not sync", || {
+            set.servers[1..].iter().all(|r| {
+                r.cli(&["INFO", "replication"])
+                    .contains("master_link_status:up")
+            })
+        });
+        wait_for("the sentinels did not find each other", || {
+            set.sentinels.iter().all(|s| {
+                let fields = s.cli(&["SENTINEL", "MASTER", SERVICE]);
+                let field = |name: &str| {
+                    let mut lines = fields.lines();
+                    lines.find(|l| *l == name)?;
+                    lines.next().map(str::to_owned)
+                };
+                field("num-slaves").as_deref() == Some("2")
+                    && field("num-other-sentinels").as_deref() == Some("2")
+            })
+        });
+        Some(set)
+    }
+
+    /// `redis+sentinel://` with the three sentinels.
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self.sentinels.iter().map(|s| s.addr.to_string()).collect();
+        format!("redis+sentinel://{}/{SERVICE}", hosts.join(","))
+    }
+
+    /// The master, as the first sentinel names it now.
+    pub fn master(&self) -> SocketAddr {
+        let said = self.sentinels[0].cli(&["SENTINEL", "GET-MASTER-ADDR-BY-NAME", SERVICE]);
+        let mut lines = said.lines();
+        let (ip, port) = (lines.next().unwrap_or(""), lines.next().unwrap_or(""));
+        format!("{ip}:{port}")
+            .parse()
+            .unwrap_or_else(|_| panic!("no master named: {said:?}"))
+    }
+
+    /// The server at `addr`.
+    pub fn server(&mut self, addr: SocketAddr) -> &mut Redis {
+        self.servers
+            .iter_mut()
+            .find(|s| s.addr == addr)
+            .expect("one of the servers")
+    }
 }

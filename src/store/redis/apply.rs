@@ -39,19 +39,39 @@ impl RedisStore {
         slot: u16,
         now: Timestamp,
     ) -> Result<BatchResult, StoreError> {
+        // After a connection loss the failed call left a fresh connection attempt, which the
+        // next call (the probe, once the breaker is open) makes.
+        self.guarded(slot, now, async {
+            let reply = self.send(Encoded::new(ops, group, now), slot).await?;
+            parse(&reply, ops, group, now)
+        })
+        .await
+    }
+
+    /// Runs `call` through the breaker of `slot`: refused at once while it is open, its
+    /// outcome recorded — but not the failure of a connection swapped out meanwhile (a
+    /// master Sentinel replaced): the breaker is about the one in use.
+    pub(super) async fn guarded<T>(
+        &self,
+        slot: u16,
+        now: Timestamp,
+        call: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
         let breaker = self.breaker(slot);
         let probe = match breaker.permit(now) {
-            Permit::Refuse => return Err(StoreError::CircuitOpen),
+            Permit::Refuse => {
+                self.link.failing();
+                return Err(StoreError::CircuitOpen);
+            }
             Permit::Probe => true,
             Permit::Call => false,
         };
-        let answer = self.send(Encoded::new(ops, group, now), slot).await;
-        // After a connection loss the failed call left a fresh connection attempt, which the
-        // next call (the probe, once the breaker is open) makes.
-        let result = answer.and_then(|reply| parse(&reply, ops, group, now));
+        let connection = self.link.generation();
+        let result = call.await;
         match &result {
             Ok(_) => breaker.success(probe),
-            Err(_) => breaker.failure(now, probe),
+            Err(_) if self.link.generation() == connection => breaker.failure(now, probe),
+            Err(_) => {}
         }
         result
     }
@@ -93,19 +113,10 @@ impl RedisStore {
             }
         }
         let calls = groups.iter().map(|(slot, group)| async move {
-            let breaker = self.breaker(*slot);
-            let probe = match breaker.permit(now) {
-                Permit::Refuse => return Err(StoreError::CircuitOpen),
-                Permit::Probe => true,
-                Permit::Call => false,
-            };
             let request = Encoded::settlements(settlements, group, now);
-            let answer = self.send(request, *slot).await;
-            match &answer {
-                Ok(_) => breaker.success(probe),
-                Err(_) => breaker.failure(now, probe),
-            }
-            answer.map(drop)
+            self.guarded(*slot, now, self.send(request, *slot))
+                .await
+                .map(drop)
         });
         futures_util::future::join_all(calls)
             .await

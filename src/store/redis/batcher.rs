@@ -15,7 +15,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use redis::{Cmd, Script};
 use smallvec::SmallVec;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::{Connection, backend, eval, params};
 use crate::clock::Timestamp;
@@ -31,6 +31,8 @@ const SETTLE: u64 = 40;
 pub(super) struct Link {
     pub(super) connection: ArcSwap<Connection>,
     pub(super) batch: Script,
+    /// Gives back what one Cluster slot group consumed when another rejected.
+    pub(super) undo: Script,
     pub(super) timeout: Duration,
     /// Redis's clock instead of each request's.
     pub(super) server_time: bool,
@@ -38,19 +40,65 @@ pub(super) struct Link {
     pub(super) calls: AtomicU64,
     /// Requests those calls decided.
     pub(super) requests: AtomicU64,
+    /// Rung when a call fails: behind Sentinel, the master may have changed.
+    pub(super) failed: Option<Arc<Notify>>,
+    /// Times the connection was swapped.
+    pub(super) swaps: AtomicU64,
 }
 
 impl Link {
+    /// Puts `connection` in use (calls in flight finish on the old one).
+    pub(super) fn swap(&self, connection: Connection) {
+        self.connection.store(Arc::new(connection));
+        self.swaps.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Which connection is in use: it changes with every [`Link::swap`].
+    pub(super) fn generation(&self) -> u64 {
+        self.swaps.load(Ordering::Acquire)
+    }
+
     /// Runs `f` on a connection within the timeout.
     pub(super) async fn call<T>(
         &self,
         f: impl AsyncFnOnce(&mut Connection) -> redis::RedisResult<T>,
     ) -> Result<T, StoreError> {
         let mut connection = (**self.connection.load()).clone();
-        tokio::time::timeout(self.timeout, f(&mut connection))
+        let result = tokio::time::timeout(self.timeout, f(&mut connection))
             .await
-            .map_err(|_| StoreError::Timeout(self.timeout))?
-            .map_err(backend)
+            .map_err(|_| StoreError::Timeout(self.timeout))
+            .and_then(|answer| answer.map_err(backend));
+        if result.is_err() {
+            self.failing();
+        }
+        result
+    }
+
+    /// Says that a call failed or was refused (the breaker open): behind Sentinel, ask the
+    /// sentinels whether the master changed.
+    pub(super) fn failing(&self) {
+        if let Some(failed) = &self.failed {
+            failed.notify_one();
+        }
+    }
+
+    /// Loads both scripts on `connection` (on every master of a Cluster) and checks that it
+    /// answers, within `wait`.
+    pub(super) async fn ready(
+        &self,
+        connection: &Connection,
+        wait: Duration,
+    ) -> Result<(), StoreError> {
+        tokio::time::timeout(wait, async {
+            let mut c = connection.clone();
+            self.batch.prepare_invoke().load_async(&mut c).await?;
+            self.undo.prepare_invoke().load_async(&mut c).await?;
+            redis::cmd("PING").query_async::<String>(&mut c).await
+        })
+        .await
+        .map_err(|_| StoreError::Timeout(wait))?
+        .map_err(backend)?;
+        Ok(())
     }
 
     /// One call of the batch script for `requests`: the answer of each, in order. Keys are

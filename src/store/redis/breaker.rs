@@ -114,6 +114,12 @@ impl Breaker {
         }
     }
 
+    /// Closes the breaker and forgets the failures: what they were about is gone (Sentinel
+    /// named another master).
+    pub(crate) fn close(&self) {
+        self.success(true);
+    }
+
     /// The call failed at `now`.
     pub(crate) fn failure(&self, now: Timestamp, probe: bool) {
         if probe {

@@ -20,7 +20,7 @@ impl RedisStore {
     /// rejected). Best effort: a failure is logged, and the counts expire with their window.
     async fn undo_group(&self, ops: &[Op<'_>], group: &[usize], now: Timestamp) {
         let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.undo.get_hash()).arg(group.len());
+        cmd.arg(self.link.undo.get_hash()).arg(group.len());
         for &i in group {
             cmd.arg(ops[i].key);
         }
@@ -36,7 +36,7 @@ impl RedisStore {
                 .arg(p3);
         }
         if let Err(error) = self
-            .call(async |c| eval::<i64>(c, &self.undo, &cmd).await)
+            .call(async |c| eval::<i64>(c, &self.link.undo, &cmd).await)
             .await
         {
             tracing::warn!(%error, "could not give back a rejected request's counts in another Cluster slot; they expire with their window");

@@ -8,6 +8,7 @@ use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Value};
 
+use super::sentinel::SentinelTarget;
 use super::{BreakerSettings, backend};
 use crate::store::StoreError;
 
@@ -31,6 +32,30 @@ pub struct RedisOptions {
     /// to their server (Cluster: their slot) is in flight wait for it and go out together in
     /// the next one. 1: every request is its own call, sent at once.
     pub batch_max: usize,
+    /// The sentinels' password, for `redis+sentinel://` URLs whose sentinels require one (the
+    /// URL's credentials are the master's).
+    pub sentinel_password: Option<Password>,
+}
+
+/// A password: shown as `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Password(String);
+
+impl Password {
+    /// Wraps `text`.
+    pub fn new(text: impl Into<String>) -> Self {
+        Password(text.into())
+    }
+
+    pub(super) fn reveal(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Password {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
 }
 
 /// Certificates for TLS to Redis, in PEM.
@@ -53,7 +78,7 @@ impl std::fmt::Debug for RedisTls {
 }
 
 impl RedisTls {
-    fn certificates(&self) -> redis::TlsCertificates {
+    pub(super) fn certificates(&self) -> redis::TlsCertificates {
         redis::TlsCertificates {
             client_tls: self
                 .client
@@ -159,6 +184,7 @@ impl Default for RedisOptions {
             deny_cache: Some(100_000),
             tls: None,
             batch_max: 64,
+            sentinel_password: None,
         }
     }
 }
@@ -198,12 +224,13 @@ impl ConnectionLike for Connection {
     }
 }
 
-/// A connection to `url` with `tls` (for `rediss` URLs), within `options.connect_timeout`.
+/// A connection to `url` with `tls` (for `rediss` URLs), within `options.connect_timeout`;
+/// behind Sentinel, also the master's `host:port`.
 pub(super) async fn open(
     url: &str,
     options: &RedisOptions,
     tls: Option<&RedisTls>,
-) -> Result<Connection, StoreError> {
+) -> Result<(Connection, Option<String>), StoreError> {
     let wait = options.connect_timeout;
     let secure = url.starts_with("rediss");
     let tls = tls.filter(|_| secure);
@@ -220,15 +247,11 @@ pub(super) async fn open(
                     None => redis::Client::open(url.as_str()),
                 }
                 .map_err(backend)?;
-                // Reconnection is the breaker's job: one attempt per call.
-                let config = ConnectionManagerConfig::new()
-                    .set_number_of_retries(0)
-                    .set_connection_timeout(Some(wait))
-                    .set_response_timeout(None);
-                ConnectionManager::new_with_config(client, config)
-                    .await
-                    .map(Connection::Single)
-                    .map_err(backend)
+                Ok((manager(client, options).await?, None))
+            }
+            Target::Sentinel(target) => {
+                let (connection, master) = super::sentinel::open(&target, options, tls).await?;
+                Ok((connection, Some(master)))
             }
             Target::Cluster(seeds) => {
                 let mut builder = ClusterClientBuilder::new(seeds);
@@ -246,7 +269,7 @@ pub(super) async fn open(
                 client
                     .get_async_connection()
                     .await
-                    .map(Connection::Cluster)
+                    .map(|c| (Connection::Cluster(c), None))
                     .map_err(backend)
             }
         }
@@ -256,17 +279,41 @@ pub(super) async fn open(
         .map_err(|_| StoreError::Timeout(wait))?
 }
 
-/// Where a URL points: one server, or a Cluster's seed nodes.
+/// A multiplexed connection to one server that reconnects after errors (one attempt per
+/// call: reconnecting is the breaker's job).
+pub(super) async fn manager(
+    client: redis::Client,
+    options: &RedisOptions,
+) -> Result<Connection, StoreError> {
+    let config = ConnectionManagerConfig::new()
+        .set_number_of_retries(0)
+        .set_connection_timeout(Some(options.connect_timeout))
+        .set_response_timeout(None);
+    ConnectionManager::new_with_config(client, config)
+        .await
+        .map(Connection::Single)
+        .map_err(backend)
+}
+
+/// Where a URL points: one server, a Cluster's seed nodes, or the sentinels of a master.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Target {
     Single(String),
     Cluster(Vec<String>),
+    Sentinel(SentinelTarget),
 }
 
 /// `redis://…` (or `rediss://…`, `unix://…`) names one server;
 /// `redis+cluster://[auth@]h1:p1,h2:p2` (or `rediss+cluster://…`) a Cluster, by any of its
-/// nodes.
+/// nodes; `redis+sentinel://[auth@]h1:p1,h2:p2/service[/db]` (or `rediss+sentinel://…`) the
+/// master the sentinels `h1:p1`… name `service`.
 pub(super) fn target(url: &str) -> Result<Target, StoreError> {
+    if let Some(rest) = url.strip_prefix("redis+sentinel://") {
+        return SentinelTarget::parse(rest, false).map(Target::Sentinel);
+    }
+    if let Some(rest) = url.strip_prefix("rediss+sentinel://") {
+        return SentinelTarget::parse(rest, true).map(Target::Sentinel);
+    }
     let (scheme, rest) = if let Some(rest) = url.strip_prefix("redis+cluster://") {
         ("redis", rest)
     } else if let Some(rest) = url.strip_prefix("rediss+cluster://") {

@@ -1,0 +1,322 @@
+//! Redis behind Sentinel: the master discovered through the sentinels (the `redis` crate's
+//! [`SentinelClient`], which also checks that the server it names says `ROLE master`), and
+//! followed when they fail it over.
+//!
+//! Following needs no subscription: after a failover the old master is either gone (calls
+//! fail) or demoted (writes answer `READONLY`), so every failed call wakes a re-query, at most
+//! one per [`REQUERY_GAP`]; a re-query every [`POLL`] also catches a switch nothing failed
+//! on. When the sentinels name another master, a connection to it is opened and checked
+//! before it is swapped in, and the breakers are closed: the failures they counted were the
+//! old master's.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use redis::ConnectionAddr;
+use redis::sentinel::{SentinelClientBuilder, SentinelServerType};
+use tokio::sync::Notify;
+
+use super::breaker::Breaker;
+use super::connect::{Connection, RedisOptions, RedisTls, manager};
+use super::{Link, backend};
+use crate::store::StoreError;
+
+/// The longest a switch nothing failed on goes unnoticed.
+pub(super) const POLL: Duration = Duration::from_secs(1);
+/// The shortest time between two re-queries woken by failures.
+const REQUERY_GAP: Duration = Duration::from_millis(100);
+
+/// `redis+sentinel://[user:pass@]host:port[,host:port…]/service[/db]`, read.
+#[derive(Clone, PartialEq, Eq)]
+pub(super) struct SentinelTarget {
+    /// The sentinels, as `(host, port)`.
+    pub(super) sentinels: Vec<(String, u16)>,
+    /// The name the sentinels monitor the master under.
+    pub(super) service: String,
+    pub(super) db: i64,
+    /// The master's credentials (the URL's); the sentinels' come from
+    /// [`RedisOptions::sentinel_password`].
+    pub(super) username: Option<String>,
+    pub(super) password: Option<String>,
+    /// `rediss+sentinel://`: TLS to the sentinels and to the master.
+    pub(super) tls: bool,
+}
+
+impl std::fmt::Debug for SentinelTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SentinelTarget")
+            .field("sentinels", &self.sentinels)
+            .field("service", &self.service)
+            .field("db", &self.db)
+            .field("tls", &self.tls)
+            .finish_non_exhaustive()
+    }
+}
+
+fn invalid(why: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(format!("{why}"))
+}
+
+fn decoded(text: &str) -> Result<String, StoreError> {
+    percent_encoding::percent_decode_str(text)
+        .decode_utf8()
+        .map(|s| s.into_owned())
+        .map_err(|_| invalid("the credentials of a `redis+sentinel://` URL are not UTF-8"))
+}
+
+impl SentinelTarget {
+    /// Reads what follows `redis+sentinel://` (`tls`: `rediss+sentinel://`).
+    pub(super) fn parse(rest: &str, tls: bool) -> Result<SentinelTarget, StoreError> {
+        const FORM: &str = "use `redis+sentinel://[user:pass@]host:port[,host:port…]/service[/db]`";
+        let (auth, rest) = match rest.rfind('@') {
+            Some(at) => (Some(&rest[..at]), &rest[at + 1..]),
+            None => (None, rest),
+        };
+        let (hosts, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let sentinels = hosts
+            .split(',')
+            .map(str::trim)
+            .filter(|h| !h.is_empty())
+            .map(|h| {
+                let (host, port) = h
+                    .rsplit_once(':')
+                    .map_or((h, Some(26_379)), |(host, port)| (host, port.parse().ok()));
+                match port {
+                    Some(port) if !host.is_empty() => Ok((host.to_owned(), port)),
+                    _ => Err(invalid(format_args!("`{h}` is not a sentinel's host:port"))),
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if sentinels.is_empty() {
+            return Err(invalid(format_args!("no sentinel in the URL: {FORM}")));
+        }
+        let mut parts = path.trim_end_matches('/').split('/');
+        let service = parts.next().filter(|s| !s.is_empty());
+        let Some(service) = service else {
+            return Err(invalid(format_args!(
+                "the URL names no service (the master's name in the sentinels): {FORM}"
+            )));
+        };
+        let db = match parts.next() {
+            None => 0,
+            Some(db) => db
+                .parse()
+                .map_err(|_| invalid(format_args!("`{db}` is not a database number: {FORM}")))?,
+        };
+        if parts.next().is_some() {
+            return Err(invalid(format_args!("too many path segments: {FORM}")));
+        }
+        let (username, password) = match auth {
+            None => (None, None),
+            Some(auth) => match auth.split_once(':') {
+                Some((user, pass)) => (
+                    Some(decoded(user)?).filter(|u| !u.is_empty()),
+                    Some(decoded(pass)?),
+                ),
+                None => (Some(decoded(auth)?), None),
+            },
+        };
+        Ok(SentinelTarget {
+            sentinels,
+            service: decoded(service)?,
+            db,
+            username,
+            password,
+            tls,
+        })
+    }
+
+    /// Asks the sentinels for the master (and checks its role): a client for it, and its
+    /// `host:port`.
+    pub(super) async fn discover(
+        &self,
+        options: &RedisOptions,
+        tls: Option<&RedisTls>,
+    ) -> Result<(redis::Client, String), StoreError> {
+        let addresses = self.sentinels.iter().map(|(host, port)| {
+            if self.tls {
+                ConnectionAddr::TcpTls {
+                    host: host.clone(),
+                    port: *port,
+                    insecure: false,
+                    tls_params: None,
+                }
+            } else {
+                ConnectionAddr::Tcp(host.clone(), *port)
+            }
+        });
+        let mut builder =
+            SentinelClientBuilder::new(addresses, &self.service, SentinelServerType::Master)
+                .map_err(backend)?
+                .set_client_to_redis_db(self.db);
+        if let Some(user) = &self.username {
+            builder = builder.set_client_to_redis_username(user);
+        }
+        if let Some(pass) = &self.password {
+            builder = builder.set_client_to_redis_password(pass);
+        }
+        if let Some(pass) = &options.sentinel_password {
+            builder = builder.set_client_to_sentinel_password(pass.reveal());
+        }
+        if self.tls {
+            builder = builder.set_client_to_redis_tls_mode(redis::TlsMode::Secure);
+            if let Some(tls) = tls {
+                builder = builder
+                    .set_client_to_redis_certificates(tls.certificates())
+                    .set_client_to_sentinel_certificates(tls.certificates());
+            }
+        }
+        let mut client = builder.build().map_err(backend)?;
+        let wait = options.connect_timeout;
+        let master = tokio::time::timeout(wait, client.async_get_client())
+            .await
+            .map_err(|_| StoreError::Timeout(wait))?
+            .map_err(backend)?;
+        let address = master.get_connection_info().addr().to_string();
+        Ok((master, address))
+    }
+}
+
+/// What following a master keeps: which one is in use, how often it changed, and the wake-up
+/// failed calls ring.
+#[derive(Debug)]
+pub(super) struct Follower {
+    target: SentinelTarget,
+    master: ArcSwap<String>,
+    switches: AtomicU64,
+    /// The certificates in use (replaced when they rotate).
+    tls: ArcSwap<Option<RedisTls>>,
+    pub(super) wake: Arc<Notify>,
+}
+
+impl Follower {
+    pub(super) fn new(target: SentinelTarget, master: String, tls: Option<RedisTls>) -> Self {
+        Follower {
+            target,
+            master: ArcSwap::from_pointee(master),
+            switches: AtomicU64::new(0),
+            tls: ArcSwap::from_pointee(tls),
+            wake: Arc::new(Notify::new()),
+        }
+    }
+
+    /// The master in use, `host:port`.
+    pub(super) fn master(&self) -> String {
+        self.master.load().as_ref().clone()
+    }
+
+    /// How many times another master was put in use.
+    pub(super) fn switches(&self) -> u64 {
+        self.switches.load(Ordering::Relaxed)
+    }
+
+    /// Discovers with `tls` from now on.
+    pub(super) fn set_tls(&self, tls: RedisTls) {
+        self.tls.store(Arc::new(Some(tls)));
+    }
+
+    /// Follows the master until the store is dropped: a re-query when woken (at most one per
+    /// [`REQUERY_GAP`]) or every [`POLL`].
+    pub(super) fn start(
+        self: &Arc<Self>,
+        link: Weak<Link>,
+        breakers: Arc<[Breaker]>,
+        options: RedisOptions,
+    ) {
+        let follower = Arc::clone(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = follower.wake.notified() => {}
+                    () = tokio::time::sleep(POLL) => {}
+                }
+                let Some(link) = link.upgrade() else { return };
+                if let Err(e) = follower.follow(&link, &breakers, &options).await {
+                    tracing::debug!(error = %e, "asking the sentinels for the master failed");
+                }
+                drop(link);
+                tokio::time::sleep(REQUERY_GAP).await;
+            }
+        });
+    }
+
+    /// One re-query: when the sentinels name another master, a connection to it, checked,
+    /// swapped in.
+    async fn follow(
+        &self,
+        link: &Link,
+        breakers: &[Breaker],
+        options: &RedisOptions,
+    ) -> Result<(), StoreError> {
+        let tls = self.tls.load_full();
+        let (client, address) = self.target.discover(options, tls.as_ref().as_ref()).await?;
+        if address == **self.master.load() {
+            return Ok(());
+        }
+        let connection = manager(client, options).await?;
+        link.ready(&connection, options.connect_timeout).await?;
+        let was = self.master.swap(Arc::new(address.clone()));
+        link.swap(connection);
+        for breaker in breakers {
+            breaker.close();
+        }
+        self.switches.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(master = %address, was = %was, "Redis master switched (Sentinel)");
+        Ok(())
+    }
+}
+
+/// Opens a connection to the master `target` names now: the connection and the master's
+/// address.
+pub(super) async fn open(
+    target: &SentinelTarget,
+    options: &RedisOptions,
+    tls: Option<&RedisTls>,
+) -> Result<(Connection, String), StoreError> {
+    let (client, address) = target.discover(options, tls).await?;
+    Ok((manager(client, options).await?, address))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(url: &str) -> Result<SentinelTarget, StoreError> {
+        SentinelTarget::parse(url, false)
+    }
+
+    #[test]
+    fn urls_name_the_sentinels_the_service_and_the_database() {
+        let t = parse("u:p%40ss@a:1, b:2/mymaster/3").unwrap();
+        assert_eq!(t.sentinels, [("a".to_owned(), 1), ("b".to_owned(), 2)]);
+        assert_eq!(t.service, "mymaster");
+        assert_eq!(t.db, 3);
+        assert_eq!(t.username.as_deref(), Some("u"));
+        assert_eq!(t.password.as_deref(), Some("p@ss"));
+        let t = parse(":secret@a/m").unwrap();
+        assert_eq!(t.sentinels, [("a".to_owned(), 26_379)], "the default port");
+        assert_eq!(
+            (t.username.as_deref(), t.password.as_deref()),
+            (None, Some("secret"))
+        );
+        assert_eq!(t.db, 0);
+        assert!(!format!("{t:?}").contains("secret"), "never shown");
+    }
+
+    #[test]
+    fn what_a_sentinel_url_lacks_is_said() {
+        for (url, says) in [
+            ("a:1", "names no service"),
+            ("a:1/", "names no service"),
+            ("/m", "no sentinel"),
+            ("a:x/m", "`a:x` is not a sentinel's host:port"),
+            ("a:1/m/x", "`x` is not a database number"),
+            ("a:1/m/0/9", "too many path segments"),
+        ] {
+            let e = parse(url).unwrap_err().to_string();
+            assert!(e.contains(says), "{url}: {e}");
+        }
+    }
+}
