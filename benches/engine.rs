@@ -261,6 +261,7 @@ fn memory_cap(c: &mut Criterion) {
             ban: None,
             lease: LeaseId(0),
             sync: None,
+            global: None,
         };
         store.apply_now(&[op], now);
     };

@@ -370,5 +370,6 @@ fn one(key: &str, quota: Quota) -> Op<'_> {
         ban: None,
         lease: LeaseId(0),
         sync: None,
+        global: None,
     }
 }

@@ -4,6 +4,7 @@
 
 mod raw;
 mod read;
+mod regions;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -55,6 +56,8 @@ pub struct Settings {
     /// The sentinels' password (`redis+sentinel://` URLs; the URL's credentials are the
     /// master's).
     pub redis_sentinel_password: Option<crate::store::redis::Password>,
+    /// This node's region and the others, for limits counted across regions (`global;`).
+    pub regions: Option<crate::store::redis::RegionSettings>,
     /// Per-call store timeout, in milliseconds.
     pub store_timeout_ms: u64,
     /// Whose clock the Redis store counts with: this node's, or Redis's (`TIME`).
@@ -191,6 +194,7 @@ impl Settings {
         settings.read_server(&mut raw, &mut problems);
         settings.read_analytics(&mut raw, &mut problems);
         settings.read_store(&mut raw, &mut problems);
+        settings.read_regions(&mut raw, &mut problems);
         settings.read_identity(&mut raw, &mut problems);
         settings.read_headers(&mut raw, &mut problems);
         settings.check_production(&mut problems);
@@ -210,6 +214,7 @@ impl Settings {
             redis_tls: None,
             redis_tls_files: None,
             redis_sentinel_password: None,
+            regions: None,
             store_timeout_ms: 50,
             store_clock: StoreClock::Local,
             expected_nodes: 1,

@@ -145,13 +145,22 @@ fn explain_limit(
         why,
         key: chosen.map(|s| s.key.to_string()),
         tier,
-        rate: match limit.sync {
-            Some(every) => format!(
+        rate: match (limit.sync, limit.global) {
+            (Some(every), _) => format!(
                 "{}, local-first (synced every {})",
                 describe_value(value),
                 human(every)
             ),
-            None => describe_value(value),
+            (None, Some(partition)) => format!(
+                "{}, across regions (on partition: {})",
+                describe_value(value),
+                match partition {
+                    crate::plan::OnPartition::Share => "share",
+                    crate::plan::OnPartition::Local => "local",
+                    crate::plan::OnPartition::Deny => "deny",
+                }
+            ),
+            (None, None) => describe_value(value),
         },
         usage: limit
             .usage

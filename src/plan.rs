@@ -227,6 +227,9 @@ pub struct Limit {
     /// Local-first (`sync every …`): each node decides from its own count and the last
     /// global one, and sends its counts to the store once per this interval.
     pub sync: Option<Duration>,
+    /// Counted across regions (`global;`), and what it does while its region has not heard
+    /// from another.
+    pub global: Option<OnPartition>,
     /// The header values that depend on the limit and its quota only, made once: one per
     /// value of its rate (per tier, in the table's order), `None` for a value without a
     /// quota (`unlimited`, `blocked`).
@@ -386,6 +389,20 @@ pub enum StoreErrorMode {
     Deny,
     /// Count it in this node's memory instead.
     Local,
+}
+
+/// What a `global` limit does while its region has not heard from another one for
+/// `region_partition_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnPartition {
+    /// Count each silent region as having used at least its share of the quota: the regions
+    /// together stay within the quota, each within its share.
+    Share,
+    /// Go on with the silent regions' last known counts: each region may admit up to the
+    /// whole quota.
+    Local,
+    /// Refuse the limit's requests until the region hears from every other one again.
+    Deny,
 }
 
 /// A safelist: a request meeting any condition skips every limit.

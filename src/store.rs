@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use crate::clock::Timestamp;
 use crate::limiter::{Decision, LeaseId, Quota, State};
+use crate::plan::OnPartition;
 use crate::plan::key::{BAN_SUFFIX, CounterKey};
 
 pub use any::AnyStore;
@@ -40,6 +41,10 @@ pub struct Op<'a> {
     /// the last global count it read, and send the counts once per this interval. Stores
     /// that are local anyway (memory) decide it exactly.
     pub sync: Option<Duration>,
+    /// Counted across regions: a store whose region has peers decides it on the region's
+    /// count plus the last counts the other regions sent, and by this mode while one of
+    /// them is silent. Stores without peers decide it as any other operation.
+    pub global: Option<OnPartition>,
 }
 
 /// A reservation settled once the request's response said what it used (see
@@ -434,6 +439,9 @@ pub struct StoreHealth {
     /// Redis: what the batch calls and local-first syncs did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis: Option<RedisCalls>,
+    /// Limits counted across regions: this region, and what it hears of the others.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub regions: Option<redis::RegionsHealth>,
     /// Redis behind Sentinel: the master in use.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sentinel: Option<SentinelMaster>,
@@ -473,6 +481,7 @@ impl Default for StoreHealth {
             breakers_open: 0,
             tls_rotations: None,
             redis: None,
+            regions: None,
             sentinel: None,
         }
     }

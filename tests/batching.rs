@@ -114,6 +114,7 @@ async fn check_case(
                         ban: None,
                         lease: LeaseId(0),
                         sync: None,
+                        global: None,
                     })
                     .collect();
                 stores[r.caller].apply(&ops, now).await

@@ -133,6 +133,7 @@ async fn every_algorithm(redis: &RedisStore) {
                 ban: None,
                 lease: LeaseId(i),
                 sync: None,
+                global: None,
             };
             let m = apply(&memory, &[op], now).await;
             let r = apply(redis, &[op], now).await;
@@ -182,6 +183,7 @@ async fn settlements(redis: &RedisStore) {
                     ban: None,
                     lease: LeaseId(i),
                     sync: None,
+                    global: None,
                 };
                 let m = apply(&memory, &[op], now).await;
                 let r = apply(redis, &[op], now).await;
@@ -250,6 +252,7 @@ async fn every_algorithm_in_one_batch(redis: &RedisStore) {
                 ban: (q == 1 || q == 4).then(|| Duration::from_micros(1 + steps.next(900_000))),
                 lease: LeaseId(i),
                 sync: None,
+                global: None,
             })
             .collect();
         let m = apply(&memory, &ops, now).await;
@@ -294,6 +297,7 @@ async fn batches_and_bans(redis: &RedisStore, large_key: &str) {
                 ban,
                 lease: LeaseId(1),
                 sync: None,
+                global: None,
             },
             Op {
                 key: large_key,
@@ -303,6 +307,7 @@ async fn batches_and_bans(redis: &RedisStore, large_key: &str) {
                 ban: None,
                 lease: LeaseId(1),
                 sync: None,
+                global: None,
             },
             Op {
                 key: "b:{c}:shadow",
@@ -312,6 +317,7 @@ async fn batches_and_bans(redis: &RedisStore, large_key: &str) {
                 ban: None,
                 lease: LeaseId(1),
                 sync: None,
+                global: None,
             },
         ]
     };

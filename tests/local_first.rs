@@ -576,6 +576,7 @@ async fn settlements_count_what_was_used_before_and_after_the_sync() {
         ban: None,
         lease: LeaseId(0),
         sync: Some(Duration::from_millis(50)),
+        global: None,
     };
     let t0 = Timestamp::from_secs(START);
     let settle = |delta| Settlement {
@@ -640,6 +641,7 @@ async fn a_node_behind_the_window_redis_holds_keeps_its_count() {
             ban: None,
             lease: LeaseId(0),
             sync: Some(Duration::from_millis(50)),
+            global: None,
         };
         // Two windows apart, so that the sliding window's "window before" does not apply.
         let t_behind = Timestamp::from_secs(START);

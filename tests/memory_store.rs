@@ -26,6 +26,7 @@ fn op(key: &str, quota: Quota) -> Op<'_> {
         ban: None,
         lease: LeaseId(0),
         sync: None,
+        global: None,
     }
 }
 

@@ -237,6 +237,7 @@ async fn the_deny_cache_answers_a_flood_without_round_trips() {
         ban: None,
         lease: LeaseId(1),
         sync: None,
+        global: None,
     };
     let t0 = Timestamp::from_secs(START);
     for _ in 0..5 {
@@ -296,6 +297,7 @@ async fn the_deny_cache_never_hides_what_might_fit() {
         ban: None,
         lease: LeaseId(1),
         sync: None,
+        global: None,
     };
     let t0 = Timestamp::from_secs(START);
     assert!(redis.apply(&[op(3, true)], t0).await.unwrap().admitted);
@@ -341,6 +343,7 @@ async fn admin_operations<S: ServedStore>(store: &S) {
             ban: Some(Duration::from_secs(60)),
             lease: LeaseId(1),
             sync: None,
+            global: None,
         };
         assert!(store.apply(&[op], now).await.unwrap().admitted);
     }
@@ -424,6 +427,7 @@ async fn the_server_time_option_counts_on_redis_s_clock() {
         ban: None,
         lease: LeaseId(1),
         sync: None,
+        global: None,
     };
     // The engine's clock is years behind; the window must still be Redis's current one.
     let stale = Timestamp::from_secs(START);

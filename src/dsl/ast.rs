@@ -201,6 +201,10 @@ pub enum Setting {
     Authorize(Spanned<String>),
     /// `sync every 50ms;`
     Sync(Spanned<DurationLit>),
+    /// `global;`
+    Global(Span),
+    /// `on_partition name;`
+    OnPartition(Ident),
     /// `replaces a, b;`
     Replaces(Spanned<Vec<Ident>>),
 }

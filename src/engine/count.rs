@@ -11,7 +11,7 @@ use super::{Deciding, Engine};
 use crate::clock::Clock;
 use crate::limiter::{Decision, LeaseId, Quota};
 use crate::plan::select::{Charge, Selected};
-use crate::plan::{Limit, Mode, StoreErrorMode};
+use crate::plan::{Limit, Mode, OnPartition, StoreErrorMode};
 use crate::store::{BatchResult, Op, Store, StoreError};
 use crate::verdict::{Counted, Lease, LimitReport, Outcome, Reservation, StoreCall, StoreFailure};
 
@@ -24,6 +24,7 @@ pub(super) struct Pending {
     enforce: bool,
     ban: Option<Duration>,
     sync: Option<Duration>,
+    global: Option<OnPartition>,
 }
 
 impl<S: Store, C: Clock> Engine<S, C> {
@@ -180,6 +181,7 @@ pub(super) fn charge<'p>(
                 enforce: limit.mode == Mode::Enforce,
                 ban: limit.on_exceed.ban,
                 sync: limit.sync,
+                global: limit.global,
             });
             (
                 quota.algorithm(),
@@ -234,6 +236,7 @@ pub(super) fn ops<'a>(
             ban: p.ban,
             lease,
             sync: p.sync,
+            global: p.global,
         })
         .collect()
 }

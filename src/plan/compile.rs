@@ -16,8 +16,8 @@ use super::key::{KeyPart, KeySource, KeySpec, is_secret_header, is_secret_name};
 use super::route::{PatternId, RouteIndex, Template};
 use super::{
     Anomaly, AnomalyActions, Authorize, CedarImport, Cost, Counts, DenyRule, Detector, Limit,
-    LimitRate, ListRule, MissingKey, Mode, OnExceed, Pick, Plan, PlanVersion, PolicyHeaders,
-    SoftAction, SoftStep, StoreErrorMode, TierSource, TierTable, TierValue,
+    LimitRate, ListRule, MissingKey, Mode, OnExceed, OnPartition, Pick, Plan, PlanVersion,
+    PolicyHeaders, SoftAction, SoftStep, StoreErrorMode, TierSource, TierTable, TierValue,
 };
 use crate::diagnostic::{PolicyError, PolicyErrors, Span};
 use crate::dsl::ast::{self, Spanned};
@@ -32,6 +32,7 @@ mod limits;
 mod lists;
 mod names;
 mod rates;
+mod regions;
 mod settings;
 mod tiers;
 mod usage;
@@ -63,6 +64,11 @@ const STORE_ERROR_MODES: Keywords<StoreErrorMode> = &[
     ("allow", StoreErrorMode::Allow),
     ("deny", StoreErrorMode::Deny),
     ("local", StoreErrorMode::Local),
+];
+const PARTITION_MODES: Keywords<OnPartition> = &[
+    ("share", OnPartition::Share),
+    ("local", OnPartition::Local),
+    ("deny", OnPartition::Deny),
 ];
 const MISSING_KEY_MODES: Keywords<MissingKey> = &[
     ("ip", MissingKey::Ip),
@@ -209,6 +215,12 @@ struct Settings<'a> {
     replaces: Option<&'a Spanned<Vec<ast::Ident>>>,
     /// Whether `sync every` was written in `defaults` (it is set per limit).
     sync_in_defaults: bool,
+    /// `global;`, and whether it was written in `defaults` (it is set per limit).
+    global: Option<Span>,
+    global_in_defaults: bool,
+    on_partition: Option<&'a ast::Ident>,
+    /// Whether `on_partition` was written in the limit itself.
+    on_partition_explicit: bool,
     /// Whether `on_store_error` was written in the limit itself.
     on_store_error_explicit: bool,
 }

@@ -173,6 +173,7 @@ pub fn redis_options(settings: &Settings) -> RedisOptions {
         tls: settings.redis_tls.clone(),
         batch_max: settings.redis_batch_max,
         sentinel_password: settings.redis_sentinel_password.clone(),
+        regions: settings.regions.clone(),
     }
 }
 

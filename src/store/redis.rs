@@ -28,6 +28,7 @@ mod breaker;
 mod cluster;
 mod connect;
 mod local;
+mod region;
 mod sentinel;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,6 +46,8 @@ pub use cluster::slot;
 use connect::{Connection, open};
 pub use connect::{Password, RedisOptions, RedisTls, RedisTlsFiles};
 use local::LocalFirst;
+use region::Regions;
+pub use region::{Peer, PeerHealth, RegionSettings, RegionsHealth};
 use sentinel::Follower;
 
 use super::deny::DenyCache;
@@ -70,6 +73,8 @@ pub struct RedisStore {
     breakers: Arc<[Breaker]>,
     /// Behind Sentinel: the master in use, followed.
     sentinel: Option<Arc<Follower>>,
+    /// Limits counted across regions: the exchange with the other regions.
+    regions: Option<Arc<Regions>>,
     batchers: Batchers,
     /// Local-first limits' counts (`sync every`).
     local: Arc<LocalFirst>,
@@ -163,6 +168,10 @@ impl RedisStore {
                 .map(|_| Breaker::new(options.breaker))
                 .collect(),
             sentinel,
+            regions: options
+                .regions
+                .clone()
+                .map(|r| Arc::new(Regions::new(r, &options))),
             batchers,
             local: Arc::new(LocalFirst::new()),
             deny: options.deny_cache.map(DenyCache::new),
@@ -174,6 +183,9 @@ impl RedisStore {
             .link
             .ready(&store.link.connection.load(), store.options.connect_timeout)
             .await?;
+        if let Some(regions) = &store.regions {
+            regions.start(Arc::downgrade(&store.link), cluster);
+        }
         if let Some(follower) = &store.sentinel {
             follower.start(
                 Arc::downgrade(&store.link),
@@ -246,6 +258,18 @@ impl RedisStore {
     /// totals back, now — what the background sync does every interval.
     pub async fn sync_now(&self) -> Result<(), StoreError> {
         self.local.sync_now(&self.link, self.is_cluster()).await
+    }
+
+    /// Exchanges the counts of global limits with the other regions now, and waits for the
+    /// pushes — what the background exchange does every `region_sync_ms`.
+    pub async fn exchange_now(&self) -> Result<(), StoreError> {
+        let Some(regions) = &self.regions else {
+            return Ok(());
+        };
+        for push in regions.exchange(&self.link, self.is_cluster()).await? {
+            let _ = push.await;
+        }
+        Ok(())
     }
 
     /// Requests answered from the local deny cache, without a round trip.
@@ -331,6 +355,7 @@ impl Store for RedisStore {
                 sync_failures: self.sync_calls().1,
                 local_first_keys: self.local_first_keys(),
             }),
+            regions: self.regions.as_ref().map(|r| r.health()),
             sentinel: self.sentinel.as_ref().map(|s| super::SentinelMaster {
                 master: s.master(),
                 switches: s.switches(),

@@ -15,6 +15,7 @@ pub mod caddy;
 pub mod clickhouse;
 #[cfg(feature = "envoy")]
 pub mod envoy;
+pub mod netem;
 pub mod nginx;
 pub mod process;
 pub mod redis;

@@ -342,6 +342,8 @@ impl Builder<'_> {
             Rule::rate_stmt => Setting::Rate(self.rate_value(next(&mut inner))),
             Rule::lease_stmt => Setting::Lease(self.duration(next(&mut inner))),
             Rule::sync_stmt => Setting::Sync(self.duration(next(&mut inner))),
+            Rule::global_stmt => Setting::Global(span),
+            Rule::on_partition_stmt => Setting::OnPartition(self.ident(next(&mut inner))),
             Rule::replaces_stmt => {
                 Setting::Replaces(Spanned::new(inner.map(|p| self.ident(p)).collect(), span))
             }

@@ -245,6 +245,8 @@ fn describe(rule: Rule) -> &'static str {
         Rule::ban => "`ban`",
         Rule::mode_stmt => "`mode`",
         Rule::on_store_error_stmt => "`on_store_error`",
+        Rule::global_stmt => "`global`",
+        Rule::on_partition_stmt => "`on_partition`",
         Rule::on_missing_key_stmt => "`on_missing_key`",
         Rule::priority_stmt => "`priority`",
         Rule::counts_stmt => "`counts`",

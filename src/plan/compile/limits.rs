@@ -69,6 +69,7 @@ impl<'a> Compiler<'a> {
             (Some(_), Some(StoreErrorMode::Allow)) => Some(StoreErrorMode::Local),
             (_, mode) => mode,
         };
+        let global = self.global(f, &settings, algorithm, &mut ok);
         let priority = self.priority(f, settings.priority);
         let authorize = match settings.authorize {
             Some(action) => self.authorize(f, action),
@@ -101,6 +102,7 @@ impl<'a> Compiler<'a> {
             counts: counts?,
             authorize: authorize?,
             sync,
+            global: global?,
             headers,
             replaces: settings
                 .replaces
@@ -291,7 +293,8 @@ impl<'a> Compiler<'a> {
                     "`sync every` needs a window that counts, not `{}`",
                     a.name()
                 ),
-                "local-first applies to `fixed_window`, `sliding_window` and calendar quotas                  (`/day`, `/month`): their counts add up across nodes",
+                "local-first applies to fixed and sliding windows and to calendar quotas: \
+                 their counts add up across nodes",
             );
         }
         if settings.on_store_error_explicit
@@ -303,7 +306,8 @@ impl<'a> Compiler<'a> {
                 self,
                 "with `on_store_error allow`",
                 "a local-first limit does not fail open".to_owned(),
-                "without the store, each node counts its share of the quota (`on_store_error                  local`, the default here) or refuses (`on_store_error deny`)",
+                "without the store, each node counts its share of the quota (`on_store_error \
+                 local`, the default here) or refuses (`on_store_error deny`)",
             );
         }
         let micros = self.duration_micros(f, every, "sync every")?;
@@ -327,14 +331,16 @@ impl<'a> Compiler<'a> {
                 self,
                 "with a ban",
                 "a local-first limit's bans start only when this node sees the quota spent",
-                "a node may admit past the quota for up to one interval before the ban;                  keep limits that ban (logins, abuse) exact",
+                "a node may admit past the quota for up to one interval before the ban; \
+                 keep limits that ban (logins, abuse) exact",
             );
         }
         if algorithm == Some(Algorithm::Calendar) {
             warn(
                 self,
                 "a calendar quota",
-                "a local-first calendar quota may be exceeded by what the nodes admit in one                  interval",
+                "a local-first calendar quota may be exceeded by what the nodes admit in one \
+                 interval",
                 "quotas that are billed or promised (per day, per month) are usually kept exact",
             );
         }
@@ -489,6 +495,16 @@ impl<'a> Compiler<'a> {
                 settings.sync = Some(d);
                 settings.sync_in_defaults = !explicit;
                 ("sync", d.span)
+            }
+            ast::Setting::Global(span) => {
+                settings.global = Some(*span);
+                settings.global_in_defaults = !explicit;
+                ("global", *span)
+            }
+            ast::Setting::OnPartition(m) => {
+                settings.on_partition = Some(m);
+                settings.on_partition_explicit = explicit;
+                ("on_partition", m.span)
             }
         };
         if let Some(first) = seen.insert(name, span) {

@@ -42,7 +42,10 @@ impl RedisStore {
         // After a connection loss the failed call left a fresh connection attempt, which the
         // next call (the probe, once the breaker is open) makes.
         self.guarded(slot, now, async {
-            let reply = self.send(Encoded::new(ops, group, now), slot).await?;
+            let global = |op: &Op<'_>| self.regions.as_ref().and_then(|r| r.extra(op, now));
+            let reply = self
+                .send(Encoded::new(ops, group, now, global), slot)
+                .await?;
             parse(&reply, ops, group, now)
         })
         .await
@@ -182,6 +185,12 @@ impl RedisStore {
             if d.allowed || !op.enforce || matches!(op.quota, Quota::Concurrency(_)) {
                 continue;
             }
+            // A region partitioned off may refuse for what it assumes of the silent regions,
+            // which ends when they are heard again: not a known end.
+            let partitioned = self.regions.as_ref().is_some_and(|r| r.partitioned());
+            if op.global.is_some() && partitioned {
+                continue;
+            }
             let Some(wait) = d.retry_after.filter(|w| !w.is_zero()) else {
                 continue;
             };
@@ -298,6 +307,7 @@ impl RedisStore {
                 .iter()
                 .map(|&i| Op {
                     sync: None,
+                    global: None,
                     ..ops[i]
                 })
                 .collect();

@@ -15,6 +15,10 @@
 -- window; 4 token bucket: capacity, count, period; 5 GCRA: capacity, emission interval;
 -- 6 concurrency: max, lease; unused ones are 0), where its state key and its ban key (0:
 -- none) are in KEYS, and where its lease id is in ARGV (concurrency; else 0).
+-- A global limit (counted across regions, src/store/redis/region.rs) adds 80 to its code,
+-- and carries in place of the lease position what this region adds for silent regions
+-- (its partition mode); its window counts `o` too — the other regions' counts of the window
+-- `ow`, written by region/merge.lua.
 -- A settlement (a reservation settled after the response, src/limiter/settle.rs) is an
 -- operation with code algorithm + 40, the difference (used − reserved, negative: a refund) in
 -- place of the cost and the reservation's age (µs) in place of the ban; a request made of
@@ -62,19 +66,24 @@ local function cdiv(a, b) return fdiv(a + b - 1, b) end
 -- [6] t, each group read when an algorithm first needs it ([14] windows, [15] a bucket, [16]
 -- a GCRA); what to write at the end: [7] s and c, [8] p, [17] only what was added to c, [9] l
 -- and u, [10] t; its expiry: [11] 0 none, 1 PEXPIRE [12] ms, 2 keep at least [12] µs and else
--- extend to [13] µs; and [18] whether it is in `changed`.
+-- extend to [13] µs; [18] whether it is in `changed`; a global limit's [19] o and [20] ow,
+-- read once [21].
 local keys = {}
 local changed = {}
-local function load(k, algo)
+local function load(k, algo, global)
   local st = keys[k]
   if st == nil then
-    st = {nil, 0, 0, nil, nil, nil, false, false, false, false, 0, 0, 0, false, false, false, 0, false}
+    st = {nil, 0, 0, nil, nil, nil, false, false, false, false, 0, 0, 0, false, false, false, 0, false, 0, -1, false}
     keys[k] = st
   end
   if algo <= 3 then
     if not st[14] then
       local v = redis.call('HMGET', KEYS[k], 's', 'c', 'p')
       st[1], st[2], st[3], st[14] = tonumber(v[1]), tonumber(v[2]) or 0, tonumber(v[3]) or 0, true
+    end
+    if global and not st[21] then
+      local v = redis.call('HMGET', KEYS[k], 'o', 'ow')
+      st[19], st[20], st[21] = tonumber(v[1]) or 0, tonumber(v[2]) or -1, true
     end
   elseif algo == 4 then
     if not st[15] then
@@ -95,10 +104,11 @@ local bans = {}
 -- window (start, previous count, expiry); 4 a bucket (level, µs to full, life); 5 a GCRA TAT
 -- (tat, µs ahead, life); 6 a lease (expiry, the last lease's expiry).
 
-local function window(st, limit, start, stop, cost)
-  local count = 0
+-- `others`: what the other regions counted in this window, for a global limit (else 0).
+local function window(st, limit, start, stop, cost, others)
+  local count = others
   local same = st[1] == start
-  if same then count = st[2] end
+  if same then count = count + st[2] end
   local total = count + cost
   if total <= limit then
     if same then return 1, limit, limit - total, stop - now, -1, 1, 0, 0, 0 end
@@ -106,7 +116,16 @@ local function window(st, limit, start, stop, cost)
   end
   local retry = -1
   if cost <= limit then retry = stop - now end
-  return 0, limit, limit - count, stop - now, retry, 0, 0, 0, 0
+  local remaining = limit - count
+  if remaining < 0 then remaining = 0 end
+  return 0, limit, remaining, stop - now, retry, 0, 0, 0, 0
+end
+
+-- A global limit's others in the window starting at `start`: what the other regions sent for
+-- it, plus what this region adds for the silent ones.
+local function others_in(st, start, extra)
+  if st[20] == start then return st[19] + extra end
+  return extra
 end
 
 -- When the estimate, with `count` weighted by what is left of its window, leaves `room`.
@@ -332,6 +351,9 @@ for _ = 1, requests do
     local code, cost, ban, p1, p2, p3, key_at, ban_at, lease_at
     code, cost, ban, p1, p2, p3, key_at, ban_at, lease_at, pos =
       struct.unpack('<ddddddddd', ARGV[1], pos)
+    -- A global limit: what this region adds for silent regions, where a lease would be.
+    local global, extra = code >= 80, 0
+    if global then code, extra, lease_at = code - 80, lease_at, 0 end
     local algo, enforce = code % 10, code % 20 >= 10
     local c = (i - 1) * 7
     local banned_until = 0
@@ -357,12 +379,16 @@ for _ = 1, requests do
     elseif algo == 6 then
       ok, limit, remaining, reset, retry, kind, wa, wb, wc = concurrency(KEYS[key_at], p1, p2)
     else
-      st = load(key_at, algo)
+      st = load(key_at, algo, global)
       if algo == 1 then
         local start = now - now % p2
-        ok, limit, remaining, reset, retry, kind, wa, wb, wc = window(st, p1, start, start + p2, cost)
+        local others = 0
+        if global then others = others_in(st, start, extra) end
+        ok, limit, remaining, reset, retry, kind, wa, wb, wc = window(st, p1, start, start + p2, cost, others)
       elseif algo == 2 then
-        ok, limit, remaining, reset, retry, kind, wa, wb, wc = window(st, p1, p2, p3, cost)
+        local others = 0
+        if global then others = others_in(st, p2, extra) end
+        ok, limit, remaining, reset, retry, kind, wa, wb, wc = window(st, p1, p2, p3, cost, others)
       elseif algo == 3 then
         ok, limit, remaining, reset, retry, kind, wa, wb, wc = sliding(st, p1, p2, cost)
       elseif algo == 4 then

@@ -120,12 +120,13 @@ impl Link {
                 }
                 push(keys.position(request.key(op.key)));
                 push(op.ban_key.map_or(0.0, |k| keys.position(request.key(k))));
-                match op.lease {
-                    Some(lease) => {
+                match (op.lease, op.extra) {
+                    (Some(lease), _) => {
                         leases.push(lease);
                         push(exact(1 + leases.len() as u64));
                     }
-                    None => push(0.0),
+                    (None, Some(extra)) => push(exact(extra)),
+                    (None, None) => push(0.0),
                 }
             }
         }
@@ -231,7 +232,12 @@ struct EncodedOp {
     key: usize,
     ban_key: Option<usize>,
     lease: Option<u64>,
+    /// A global limit's addition for silent regions (its code carries [`GLOBAL`]).
+    extra: Option<u64>,
 }
+
+/// Added to an algorithm's code for a limit counted across regions (`batch.lua`).
+const GLOBAL: u64 = 80;
 
 impl Encoded {
     /// A request at `now` with nothing in it yet, room for `key_bytes` of keys.
@@ -253,8 +259,14 @@ impl Encoded {
         self.key_ends.len() - 1
     }
 
-    /// The operations `group` of `ops`, decided at `now`.
-    pub(super) fn new(ops: &[Op<'_>], group: &[usize], now: Timestamp) -> Self {
+    /// The operations `group` of `ops`, decided at `now`; `global` says what a limit counted
+    /// across regions adds for silent regions (`None`: an operation of this region alone).
+    pub(super) fn new(
+        ops: &[Op<'_>],
+        group: &[usize],
+        now: Timestamp,
+        global: impl Fn(&Op<'_>) -> Option<u64>,
+    ) -> Self {
         let key_bytes: usize = group.iter().map(|&i| ops[i].key.len() + 4).sum();
         let mut encoded = Encoded::empty(now, 2 * key_bytes);
         for &i in group {
@@ -264,7 +276,11 @@ impl Encoded {
                 .ban
                 .map(|_| encoded.add_key(&[op.key.as_bytes(), BAN_SUFFIX.as_bytes()]));
             let [algorithm, p1, p2, p3] = params(&op.quota, now);
-            let code = algorithm + 10 * u64::from(op.enforce) + 20 * u64::from(op.ban.is_some());
+            let extra = global(op);
+            let code = algorithm
+                + 10 * u64::from(op.enforce)
+                + 20 * u64::from(op.ban.is_some())
+                + if extra.is_some() { GLOBAL } else { 0 };
             let ban = op
                 .ban
                 .map_or(0, |b| u64::try_from(b.as_micros()).unwrap_or(u64::MAX));
@@ -273,6 +289,7 @@ impl Encoded {
                 key,
                 ban_key,
                 lease: matches!(op.quota, Quota::Concurrency(_)).then_some(op.lease.0),
+                extra,
             });
         }
         encoded
@@ -305,6 +322,7 @@ impl Encoded {
                 key,
                 ban_key: None,
                 lease: None,
+                extra: None,
             });
         }
         encoded

@@ -35,6 +35,9 @@ pub struct RedisOptions {
     /// The sentinels' password, for `redis+sentinel://` URLs whose sentinels require one (the
     /// URL's credentials are the master's).
     pub sentinel_password: Option<Password>,
+    /// This node's region and the other regions, for limits counted across regions
+    /// (`global;`); `None`: one region.
+    pub regions: Option<super::RegionSettings>,
 }
 
 /// A password: shown as `***`.
@@ -185,6 +188,7 @@ impl Default for RedisOptions {
             tls: None,
             batch_max: 64,
             sentinel_password: None,
+            regions: None,
         }
     }
 }

@@ -1,0 +1,475 @@
+//! Limits counted across regions (`global;`). A region is the nodes that share one Redis (or
+//! Cluster): within it a global limit is decided exactly, as any other. Across regions, each
+//! region is one component of a per-key grow-only counter: every `region_sync_ms`, each node
+//! reads its region's count of every global key it used (`region/read.lua`) and writes it
+//! into every other region's Redis (`region/merge.lua`: the later window wins, and in one
+//! window the larger count, so pushes sent twice, late or out of order are harmless). The
+//! batch script adds what the other regions sent (`o`) to the region's own count.
+//!
+//! - **Steady state.** What a region does not know yet is what the others admitted since
+//!   their last push reached it: at most one interval plus the one-way latency of their
+//!   admissions. With R regions admitting `rate` each, the regions together admit at most
+//!   `(R − 1) × rate × (interval + latency)` past the quota, and never more than R × quota
+//!   (a region never admits more than the quota on its own).
+//! - **Partition.** Every push also writes the time it arrived, on the receiving Redis's
+//!   clock (`region/heard.lua`), so no two machines' clocks are compared. A region that has
+//!   not heard from another for `region_partition_ms` counts it by the limit's
+//!   `on_partition`: `share` — as having used at least its share of the quota (so the
+//!   regions together stay within it, each within its share); `local` — at its last known
+//!   count; `deny` — refuse.
+//! - **Healing.** Components are cumulative per window, not deltas: after a partition the
+//!   next push carries the whole count, and nothing is counted twice.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use redis::Script;
+
+use super::cluster::slot;
+use super::connect::{Connection, RedisOptions, open};
+use super::{Link, backend, params};
+use crate::clock::Timestamp;
+use crate::limiter::Quota;
+use crate::plan::OnPartition;
+use crate::store::{Op, StoreError};
+
+/// The hash in each region's Redis of when every other region last wrote into it.
+const HEARD: &str = "tollgate:regions:heard";
+/// What a `deny` partition adds to the others' count: more than any quota.
+const REFUSE: u64 = 1 << 50;
+/// Pushes to one region in flight at once (a slow or cut-off region is not piled up on).
+const IN_FLIGHT: u64 = 4;
+
+/// This node's region, and the others it exchanges counts with.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RegionSettings {
+    /// This region's name.
+    pub name: String,
+    /// Its weight in the quota's shares (`on_partition share`).
+    pub weight: u64,
+    /// The other regions.
+    pub peers: Vec<Peer>,
+    /// How often counts are exchanged.
+    pub interval: Duration,
+    /// How long a region may stay silent before it is partitioned off.
+    pub partition_after: Duration,
+}
+
+/// Another region: its name, its Redis, its weight.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Peer {
+    /// Its name.
+    pub name: String,
+    /// Its Redis (any URL form; with credentials: never shown).
+    pub url: String,
+    /// Its weight in the quota's shares.
+    pub weight: u64,
+}
+
+impl std::fmt::Debug for RegionSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let peers: Vec<&str> = self.peers.iter().map(|p| p.name.as_str()).collect();
+        f.debug_struct("RegionSettings")
+            .field("name", &self.name)
+            .field("peers", &peers)
+            .field("interval", &self.interval)
+            .field("partition_after", &self.partition_after)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What an operator reads of the exchange (`/admin/diagnostics`, metrics).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RegionsHealth {
+    /// This region.
+    pub region: String,
+    /// Global keys this node exchanges.
+    pub keys: usize,
+    /// Each other region.
+    pub peers: Vec<PeerHealth>,
+}
+
+/// One other region, as this node sees it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PeerHealth {
+    /// Its name.
+    pub name: String,
+    /// Whether it has not written into this region's Redis for `region_partition_ms`.
+    pub partitioned: bool,
+    /// Pushes to it that were answered, and that failed.
+    pub pushes: u64,
+    /// Of those, the ones that failed or timed out.
+    pub push_failures: u64,
+}
+
+/// A global key this node counted in, and how.
+struct Tracked {
+    quota: Quota,
+    used: Timestamp,
+}
+
+struct PeerState {
+    settings: Peer,
+    connection: arc_swap::ArcSwapOption<Connection>,
+    partitioned: AtomicBool,
+    in_flight: AtomicU64,
+    pushes: AtomicU64,
+    failures: AtomicU64,
+}
+
+/// The exchange of one store's global counts with the other regions.
+pub(super) struct Regions {
+    settings: RegionSettings,
+    options: RedisOptions,
+    peers: Box<[PeerState]>,
+    /// Whether any peer is partitioned off (the fast path reads this alone).
+    any_partitioned: AtomicBool,
+    keys: Mutex<HashMap<Box<str>, Tracked>>,
+    /// The other regions' components per key, as last read: window start, count per peer.
+    components: Mutex<HashMap<Box<str>, Vec<(u64, u64)>>>,
+    /// When this node first read its Redis's clock (µs): peers not heard since are silent
+    /// from then on.
+    started: AtomicU64,
+    /// The latest time a global operation was decided at (the engine's clock, µs): windows
+    /// are the engine's, heartbeats the Redis's.
+    latest: AtomicU64,
+    read: Script,
+    merge: Script,
+    heard: Script,
+}
+
+impl Regions {
+    pub(super) fn new(settings: RegionSettings, options: &RedisOptions) -> Self {
+        let peers = settings
+            .peers
+            .iter()
+            .map(|p| PeerState {
+                settings: p.clone(),
+                connection: arc_swap::ArcSwapOption::empty(),
+                partitioned: AtomicBool::new(false),
+                in_flight: AtomicU64::new(0),
+                pushes: AtomicU64::new(0),
+                failures: AtomicU64::new(0),
+            })
+            .collect();
+        Regions {
+            settings,
+            options: options.clone(),
+            peers,
+            any_partitioned: AtomicBool::new(false),
+            keys: Mutex::new(HashMap::new()),
+            components: Mutex::new(HashMap::new()),
+            started: AtomicU64::new(0),
+            latest: AtomicU64::new(0),
+            read: Script::new(include_str!("region/read.lua")),
+            merge: Script::new(include_str!("region/merge.lua")),
+            heard: Script::new(include_str!("region/heard.lua")),
+        }
+    }
+
+    /// What a global operation adds to the other regions' count at `now`, by its partition
+    /// mode (0 while every region is heard from); `None` for an operation of this region
+    /// alone. Remembers the key for the exchange.
+    pub(super) fn extra(&self, op: &Op<'_>, now: Timestamp) -> Option<u64> {
+        let mode = op.global?;
+        self.latest.fetch_max(now.as_micros(), Ordering::Relaxed);
+        {
+            let mut keys = self.keys.lock();
+            match keys.get_mut(op.key) {
+                Some(tracked) => tracked.used = now,
+                None => {
+                    let tracked = Tracked {
+                        quota: op.quota,
+                        used: now,
+                    };
+                    keys.insert(op.key.into(), tracked);
+                }
+            }
+        }
+        if !self.any_partitioned.load(Ordering::Relaxed) {
+            return Some(0);
+        }
+        Some(match mode {
+            OnPartition::Local => 0,
+            OnPartition::Deny => REFUSE,
+            OnPartition::Share => {
+                let (start, _, limit) = window(&op.quota, now);
+                let components = self.components.lock();
+                let known = components.get(op.key);
+                self.peers
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, p)| p.partitioned.load(Ordering::Relaxed))
+                    .map(|(i, p)| {
+                        let counted = known
+                            .and_then(|k| k.get(i))
+                            .filter(|(s, _)| *s == start)
+                            .map_or(0, |(_, c)| *c);
+                        self.share(limit, p.settings.weight).saturating_sub(counted)
+                    })
+                    .sum()
+            }
+        })
+    }
+
+    /// Whether any other region is partitioned off now.
+    pub(super) fn partitioned(&self) -> bool {
+        self.any_partitioned.load(Ordering::Relaxed)
+    }
+
+    /// A region's share of `limit`, by its weight.
+    fn share(&self, limit: u64, weight: u64) -> u64 {
+        let total: u64 =
+            self.settings.weight + self.peers.iter().map(|p| p.settings.weight).sum::<u64>();
+        let share = u128::from(limit) * u128::from(weight) / u128::from(total.max(1));
+        u64::try_from(share).unwrap_or(u64::MAX)
+    }
+
+    pub(super) fn health(&self) -> RegionsHealth {
+        RegionsHealth {
+            region: self.settings.name.clone(),
+            keys: self.keys.lock().len(),
+            peers: self
+                .peers
+                .iter()
+                .map(|p| PeerHealth {
+                    name: p.settings.name.clone(),
+                    partitioned: p.partitioned.load(Ordering::Relaxed),
+                    pushes: p.pushes.load(Ordering::Relaxed),
+                    push_failures: p.failures.load(Ordering::Relaxed),
+                })
+                .collect(),
+        }
+    }
+
+    /// Exchanges every interval until the store is dropped.
+    pub(super) fn start(self: &Arc<Self>, link: Weak<Link>, cluster: bool) {
+        let regions = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(regions.settings.interval);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                let Some(link) = link.upgrade() else { return };
+                if let Err(error) = regions.exchange(&link, cluster).await {
+                    tracing::debug!(%error, "reading this region's global counts failed");
+                }
+            }
+        });
+    }
+
+    /// One exchange: who was heard from, this region's counts read, pushed to every peer.
+    /// The pushes go on in the background: their tasks are returned.
+    pub(super) async fn exchange(
+        self: &Arc<Self>,
+        link: &Link,
+        cluster: bool,
+    ) -> Result<Vec<tokio::task::JoinHandle<()>>, StoreError> {
+        self.listen(link).await?;
+        let now = self.latest.load(Ordering::Relaxed);
+        let keys = self.due(now);
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pushed = Vec::with_capacity(keys.len());
+        for group in by_slot(&keys, cluster) {
+            let mut cmd = self.read.prepare_invoke();
+            for &i in &group {
+                cmd.key(&*keys[i].0);
+            }
+            let reply: Vec<String> = link.call(async |c| cmd.invoke_async(c).await).await?;
+            let mut fields = reply.into_iter();
+            for &i in &group {
+                let (key, quota) = &keys[i];
+                let own = self.take_components(key, &mut fields);
+                if let Some((start, count)) = own {
+                    let (_, end, _) = window(quota, Timestamp::from_micros(start));
+                    let life_ms = end.saturating_sub(now) / 1000 + 1;
+                    pushed.push((key.clone(), start, count, life_ms));
+                }
+            }
+        }
+        let pushed = Arc::new(pushed);
+        Ok((0..self.peers.len())
+            .map(|i| {
+                let regions = Arc::clone(self);
+                let pushed = Arc::clone(&pushed);
+                tokio::spawn(async move { regions.push(i, &pushed).await })
+            })
+            .collect())
+    }
+
+    /// Reads who wrote into this region's Redis and when (on its clock); marks the silent
+    /// peers.
+    async fn listen(&self, link: &Link) -> Result<(), StoreError> {
+        let mut cmd = self.heard.prepare_invoke();
+        cmd.key(HEARD);
+        let reply: Vec<String> = link.call(async |c| cmd.invoke_async(c).await).await?;
+        let mut fields = reply.into_iter();
+        let now: u64 = fields.next().and_then(|t| t.parse().ok()).unwrap_or(0);
+        let started =
+            match self
+                .started
+                .compare_exchange(0, now, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => now,
+                Err(first) => first,
+            };
+        let mut heard: HashMap<String, u64> = HashMap::new();
+        while let (Some(name), Some(at)) = (fields.next(), fields.next()) {
+            heard.insert(name, at.parse().unwrap_or(0));
+        }
+        let silence = u64::try_from(self.settings.partition_after.as_micros()).unwrap_or(u64::MAX);
+        let mut any = false;
+        for p in self.peers.iter() {
+            let last = heard
+                .get(&p.settings.name)
+                .copied()
+                .unwrap_or(0)
+                .max(started);
+            let partitioned = now.saturating_sub(last) > silence;
+            let was = p.partitioned.swap(partitioned, Ordering::Relaxed);
+            if was != partitioned {
+                if partitioned {
+                    tracing::warn!(region = %p.settings.name, "no counts from this region: global limits follow on_partition");
+                } else {
+                    tracing::info!(region = %p.settings.name, "counts from this region again");
+                }
+            }
+            any |= partitioned;
+        }
+        self.any_partitioned.store(any, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The keys whose window is still current at `now` (the others are dropped), with their
+    /// quotas.
+    fn due(&self, now: u64) -> Vec<(Box<str>, Quota)> {
+        let now = Timestamp::from_micros(now);
+        let mut keys = self.keys.lock();
+        keys.retain(|_, t| window(&t.quota, t.used).1 > now.as_micros());
+        let mut components = self.components.lock();
+        components.retain(|k, _| keys.contains_key(k));
+        keys.iter().map(|(k, t)| (k.clone(), t.quota)).collect()
+    }
+
+    /// Reads one key's part of `read.lua`'s answer: keeps the other regions' components, and
+    /// returns this region's own window start and count (`None`: nothing counted).
+    fn take_components(
+        &self,
+        key: &str,
+        fields: &mut impl Iterator<Item = String>,
+    ) -> Option<(u64, u64)> {
+        let start = fields.next().and_then(|s| s.parse().ok());
+        let count = fields.next().and_then(|c| c.parse().ok());
+        let n: usize = fields.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+        let mut known = vec![(0, 0); self.peers.len()];
+        for _ in 0..n {
+            let (Some(name), Some(value)) = (fields.next(), fields.next()) else {
+                break;
+            };
+            let Some(i) = self.peers.iter().position(|p| p.settings.name == name) else {
+                continue;
+            };
+            if let Some((s, c)) = value.split_once(' ') {
+                known[i] = (s.parse().unwrap_or(0), c.parse().unwrap_or(0));
+            }
+        }
+        self.components.lock().insert(key.into(), known);
+        Some((start?, count?))
+    }
+
+    /// Writes `pushed` (key, window start, count, life in ms) into peer `i`'s Redis, and
+    /// says this region was heard from. Skipped while [`IN_FLIGHT`] pushes to it wait.
+    async fn push(&self, i: usize, pushed: &[(Box<str>, u64, u64, u64)]) {
+        let peer = &self.peers[i];
+        if peer.in_flight.fetch_add(1, Ordering::AcqRel) >= IN_FLIGHT {
+            peer.in_flight.fetch_sub(1, Ordering::AcqRel);
+            return;
+        }
+        let outcome = self.push_to(peer, pushed).await;
+        peer.in_flight.fetch_sub(1, Ordering::AcqRel);
+        peer.pushes.fetch_add(1, Ordering::Relaxed);
+        if let Err(error) = outcome {
+            peer.failures.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(region = %peer.settings.name, %error, "sending global counts failed");
+        }
+    }
+
+    async fn push_to(
+        &self,
+        peer: &PeerState,
+        pushed: &[(Box<str>, u64, u64, u64)],
+    ) -> Result<(), StoreError> {
+        let wait = self.options.connect_timeout;
+        let connection = match peer.connection.load_full() {
+            Some(c) => c,
+            None => {
+                let (c, _) =
+                    open(&peer.settings.url, &self.options, self.options.tls.as_ref()).await?;
+                let c = Arc::new(c);
+                peer.connection.store(Some(Arc::clone(&c)));
+                c
+            }
+        };
+        let cluster = matches!(*connection, Connection::Cluster(_));
+        let names: Vec<&str> = pushed.iter().map(|p| &*p.0).collect();
+        let calls = by_slot_names(&names, cluster).into_iter().map(|group| {
+            let mut cmd = self.merge.prepare_invoke();
+            cmd.arg(&self.settings.name);
+            for &i in &group {
+                let (key, start, count, life) = &pushed[i];
+                cmd.key(&**key).arg(*start).arg(*count).arg(*life);
+            }
+            let mut c = (*connection).clone();
+            async move { cmd.invoke_async::<i64>(&mut c).await.map(drop) }
+        });
+        let mut heard = self.heard.prepare_invoke();
+        heard.key(HEARD).arg(&self.settings.name);
+        let mut c = (*connection).clone();
+        let all = async {
+            futures_util::future::try_join_all(calls).await?;
+            heard.invoke_async::<Vec<String>>(&mut c).await.map(drop)
+        };
+        let result = tokio::time::timeout(wait, all)
+            .await
+            .map_err(|_| StoreError::Timeout(wait))?
+            .map_err(backend);
+        if result.is_err() {
+            // A fresh connection next time (the cluster client or manager may be stuck).
+            peer.connection.store(None);
+        }
+        result
+    }
+}
+
+/// A window quota's bounds at `now` and its limit: (start, end, limit), µs.
+fn window(quota: &Quota, now: Timestamp) -> (u64, u64, u64) {
+    match params(quota, now) {
+        [1, limit, w, _] => {
+            let start = now.as_micros() - now.as_micros() % w.max(1);
+            (start, start + w, limit)
+        }
+        [_, limit, start, end] => (start, end, limit),
+    }
+}
+
+/// `keys` grouped by Cluster slot (one group without a Cluster).
+fn by_slot(keys: &[(Box<str>, Quota)], cluster: bool) -> Vec<Vec<usize>> {
+    let names: Vec<&str> = keys.iter().map(|k| &*k.0).collect();
+    by_slot_names(&names, cluster)
+}
+
+fn by_slot_names(keys: &[&str], cluster: bool) -> Vec<Vec<usize>> {
+    let mut groups: std::collections::BTreeMap<u16, Vec<usize>> = Default::default();
+    for (i, key) in keys.iter().enumerate() {
+        groups
+            .entry(if cluster { slot(key) } else { 0 })
+            .or_default()
+            .push(i);
+    }
+    groups.into_values().collect()
+}
