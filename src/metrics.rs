@@ -62,6 +62,9 @@ struct RedisFamilies {
     local_first_keys: IntGauge,
     master: IntGaugeVec,
     master_switches: IntCounter,
+    region_partitioned: IntGaugeVec,
+    region_pushes: IntCounterVec,
+    region_keys: IntGauge,
 }
 
 impl RedisFamilies {
@@ -101,6 +104,41 @@ impl RedisFamilies {
                 "tollgate_redis_master_switches_total",
                 "Times the sentinels named another Redis master and this node followed.",
             ),
+            region_partitioned: gauge_vec(
+                registry,
+                "tollgate_region_partitioned",
+                "1 while another region has written nothing into this region's Redis for region_partition_ms (global limits follow on_partition).",
+                &["region"],
+            ),
+            region_pushes: counter_vec(
+                registry,
+                "tollgate_region_pushes_total",
+                "Exchanges of global counts sent to another region's Redis, by outcome (ok, error).",
+                &["region", "outcome"],
+            ),
+            region_keys: gauge(
+                registry,
+                "tollgate_region_keys",
+                "Keys of global limits (counted across regions) this node exchanges.",
+            ),
+        }
+    }
+
+    fn update_regions(&self, regions: &crate::store::redis::RegionsHealth) {
+        self.region_keys.set(gauge_value(regions.keys));
+        for peer in &regions.peers {
+            self.region_partitioned
+                .with_label_values(&[&peer.name])
+                .set(i64::from(peer.partitioned));
+            let ok = peer.pushes.saturating_sub(peer.push_failures);
+            catch_up(
+                &self.region_pushes.with_label_values(&[&peer.name, "ok"]),
+                ok,
+            );
+            catch_up(
+                &self.region_pushes.with_label_values(&[&peer.name, "error"]),
+                peer.push_failures,
+            );
         }
     }
 
@@ -439,6 +477,9 @@ impl Metrics {
         }
         if let Some(sentinel) = &scrape.store.sentinel {
             self.redis.update_master(sentinel);
+        }
+        if let Some(regions) = &scrape.store.regions {
+            self.redis.update_regions(regions);
         }
         if let Some((ok, error)) = scrape.reloads {
             catch_up(&self.reloads.with_label_values(&["ok"]), ok);

@@ -410,3 +410,107 @@ fn export_settings_are_read_and_checked() {
         ]
     );
 }
+
+#[test]
+fn region_settings_are_read_and_checked() {
+    let s = Settings::load_from(
+        &Flags::default(),
+        vars(&[
+            ("TOLLGATE_REDIS_URL", "redis://127.0.0.1:6379"),
+            ("TOLLGATE_REGION", "eu"),
+            (
+                "TOLLGATE_REGION_PEERS",
+                "us=redis://:secret@10.0.0.2:6379, ap=redis+cluster://10.0.0.3:7000,10.0.0.4:7000",
+            ),
+            ("TOLLGATE_REGION_WEIGHTS", "eu=2,us=1"),
+            ("TOLLGATE_REGION_SYNC_MS", "250"),
+        ]),
+    );
+    let regions = s.unwrap().regions.expect("regions");
+    assert_eq!(regions.name, "eu");
+    assert_eq!(regions.weight, 2);
+    let peers: Vec<(&str, u64)> = regions
+        .peers
+        .iter()
+        .map(|p| (p.name.as_str(), p.weight))
+        .collect();
+    assert_eq!(peers, [("us", 1), ("ap", 1)]);
+    assert_eq!(
+        regions.peers[1].url, "redis+cluster://10.0.0.3:7000,10.0.0.4:7000",
+        "in a comma-separated list, a Cluster's further hosts continue its URL"
+    );
+    assert_eq!(regions.interval, std::time::Duration::from_millis(250));
+    assert_eq!(
+        regions.partition_after,
+        std::time::Duration::from_secs(3),
+        "6 × 250 ms is below the 3 s floor"
+    );
+    assert!(
+        !format!("{regions:?}").contains("secret"),
+        "peer URLs are never shown"
+    );
+
+    for (pairs, key, says) in [
+        (
+            vec![("TOLLGATE_REGION_PEERS", "us=redis://h:1")],
+            "region_peers",
+            "needs `region`",
+        ),
+        (vec![("TOLLGATE_REGION", "eu")], "region", "set `redis_url`"),
+        (
+            vec![
+                ("TOLLGATE_REDIS_URL", "redis://h:1"),
+                ("TOLLGATE_REGION", "eu"),
+            ],
+            "region_peers",
+            "name the other regions",
+        ),
+        (
+            vec![
+                ("TOLLGATE_REDIS_URL", "redis://h:1"),
+                ("TOLLGATE_REGION", "eu"),
+                ("TOLLGATE_REGION_PEERS", "eu=redis://h:2"),
+            ],
+            "region_peers",
+            "`eu` is not a region name of its own",
+        ),
+        (
+            vec![
+                ("TOLLGATE_REDIS_URL", "redis://h:1"),
+                ("TOLLGATE_REGION", "eu"),
+                ("TOLLGATE_REGION_PEERS", "us=redis+sentinel://h:2"),
+            ],
+            "region_peers",
+            "names no service",
+        ),
+        (
+            vec![
+                ("TOLLGATE_REDIS_URL", "redis://h:1"),
+                ("TOLLGATE_REGION", "eu"),
+                ("TOLLGATE_REGION_PEERS", "us=redis://h:2"),
+                ("TOLLGATE_REGION_WEIGHTS", "mars=3"),
+            ],
+            "region_weights",
+            "`mars` is not a region",
+        ),
+        (
+            vec![
+                ("TOLLGATE_REDIS_URL", "redis://h:1"),
+                ("TOLLGATE_REGION", "eu"),
+                ("TOLLGATE_REGION_PEERS", "us=redis://h:2"),
+                ("TOLLGATE_REGION_SYNC_MS", "1000"),
+                ("TOLLGATE_REGION_PARTITION_MS", "1500"),
+            ],
+            "region_partition_ms",
+            "not between twice region_sync_ms",
+        ),
+    ] {
+        let error = Settings::load_from(&Flags::default(), vars(&pairs)).unwrap_err();
+        let problem = error
+            .0
+            .iter()
+            .find(|p| p.key == key)
+            .unwrap_or_else(|| panic!("no problem with {key}: {error}"));
+        assert!(problem.message.contains(says), "{key}: {}", problem.message);
+    }
+}

@@ -194,7 +194,7 @@ fn each_region_counts_its_own_and_what_the_others_sent_once() {
         for _ in 0..3 {
             regions.exchange_all().await;
         }
-        for r in 0..3 {
+        for (r, name) in NAMES.iter().enumerate() {
             let held = regions.held(r, "shared");
             let others: u64 = held
                 .iter()
@@ -202,7 +202,7 @@ fn each_region_counts_its_own_and_what_the_others_sent_once() {
                 .map(|(_, v)| v.split(' ').nth(1).unwrap().parse::<u64>().unwrap())
                 .sum();
             let own: u64 = held.get("c").map_or(0, |c| c.parse().unwrap());
-            assert_eq!(own + others, 100, "region {}: {held:?}", NAMES[r]);
+            assert_eq!(own + others, 100, "region {}: {held:?}", name);
             assert_eq!(held["o"], others.to_string());
         }
     });
@@ -266,8 +266,8 @@ fn a_partition_follows_on_partition_and_heals_without_counting_twice() {
         assert_eq!(regions.admit(2, "/local", 100).await, 80);
         assert_eq!(regions.admit(1, "/local", 100).await, 80);
         // `deny`: refused while a region is silent.
-        for r in 0..3 {
-            assert_eq!(regions.admit(r, "/deny", 10).await, 0, "{}", NAMES[r]);
+        for (r, name) in NAMES.iter().enumerate() {
+            assert_eq!(regions.admit(r, "/deny", 10).await, 0, "{}", name);
         }
 
         regions.isolate(2, false);
@@ -277,7 +277,7 @@ fn a_partition_follows_on_partition_and_heals_without_counting_twice() {
         assert_eq!(regions.admit(0, "/deny", 100).await, 80);
         regions.exchange_all().await;
         // Healed: every region holds every other's count once, and admits by the total.
-        for r in 0..3 {
+        for (r, name) in NAMES.iter().enumerate() {
             let held = regions.held(r, "share");
             let others: u64 = held
                 .iter()
@@ -285,7 +285,7 @@ fn a_partition_follows_on_partition_and_heals_without_counting_twice() {
                 .map(|(_, v)| v.split(' ').nth(1).unwrap().parse::<u64>().unwrap())
                 .sum();
             let own: u64 = held.get("c").map_or(0, |c| c.parse().unwrap());
-            assert_eq!(own + others, 90, "region {}: {held:?}", NAMES[r]);
+            assert_eq!(own + others, 90, "region {}: {held:?}", name);
             assert_eq!(regions.admit(r, "/share", 10).await, 0);
             assert_eq!(regions.admit(r, "/deny", 10).await, 0);
         }

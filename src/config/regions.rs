@@ -21,7 +21,21 @@ impl Settings {
     /// `region`, `region_peers`, `region_weights`, `region_sync_ms`, `region_partition_ms`.
     pub(super) fn read_regions(&mut self, raw: &mut Raw, p: &mut Problems) {
         let name = raw.region.take();
-        let peers = raw.region_peers.take().map(|l| l.items());
+        // In a comma-separated list, a Cluster URL's further hosts (`…,host:port`) are items
+        // without `=`: they continue the URL before them.
+        let peers = raw.region_peers.take().map(|l| {
+            let mut joined: Vec<String> = Vec::new();
+            for item in l.items() {
+                match joined.last_mut() {
+                    Some(last) if !item.contains('=') => {
+                        last.push(',');
+                        last.push_str(&item);
+                    }
+                    _ => joined.push(item),
+                }
+            }
+            joined
+        });
         let weights = raw.region_weights.take().map(|l| l.items());
         let sync_ms = raw.region_sync_ms.take();
         let partition_ms = raw.region_partition_ms.take();

@@ -105,7 +105,10 @@ pub struct PeerHealth {
     pub push_failures: u64,
 }
 
-/// A global key this node counted in, and how.
+/// Per key, each other region's component as last read: window start and count.
+type Components = HashMap<Box<str>, Vec<(u64, u64)>>;
+
+/// A global key this node counted in.
 struct Tracked {
     quota: Quota,
     used: Timestamp,
@@ -129,7 +132,7 @@ pub(super) struct Regions {
     any_partitioned: AtomicBool,
     keys: Mutex<HashMap<Box<str>, Tracked>>,
     /// The other regions' components per key, as last read: window start, count per peer.
-    components: Mutex<HashMap<Box<str>, Vec<(u64, u64)>>>,
+    components: Mutex<Components>,
     /// When this node first read its Redis's clock (µs): peers not heard since are silent
     /// from then on.
     started: AtomicU64,
