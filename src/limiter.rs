@@ -183,6 +183,18 @@ pub struct Outcome {
     pub expires_at: Timestamp,
 }
 
+/// A window's time for a request at `now` against a state counted from `start`: a request
+/// stamped before the window its key is already counting in (another node's clock a little
+/// behind, or a request that waited in a batch across the boundary) is decided in that
+/// window — never by starting the earlier window again, which would forget what the later
+/// one counted.
+fn not_before(now: Timestamp, start: Option<u64>) -> Timestamp {
+    match start {
+        Some(start) if start > now.as_micros() => Timestamp::from_micros(start),
+        _ => now,
+    }
+}
+
 /// Decides one request of weight `cost` against `state` (`None`: never seen or expired).
 ///
 /// `lease` identifies the request for concurrency limits, so that it can be released.
@@ -200,6 +212,7 @@ pub fn decide(
                 Some(State::Window(s)) => Some(s),
                 _ => None,
             };
+            let now = not_before(now, state.map(|s| s.start));
             let (start, end) = q.bounds(now);
             window::fixed(q.limit.get(), start, end, state, now, cost)
         }
@@ -208,6 +221,7 @@ pub fn decide(
                 Some(State::Window(s)) => Some(s),
                 _ => None,
             };
+            let now = not_before(now, state.map(|s| s.start));
             let (start, end) = period.bounds(now);
             window::fixed(limit.get(), start, end, state, now, cost)
         }
@@ -216,6 +230,7 @@ pub fn decide(
                 Some(State::Sliding(s)) => Some(s),
                 _ => None,
             };
+            let now = not_before(now, state.map(|s| s.start));
             window::sliding(q, state, now, cost)
         }
         Quota::TokenBucket(q) => {

@@ -85,6 +85,7 @@ async fn one_server_agrees_with_memory() {
     };
     let redis = store(&server.url()).await;
     every_algorithm(&redis).await;
+    late_requests(&redis).await;
     batches_and_bans(&redis, "b:{c}:large").await;
     every_algorithm_in_one_batch(&redis).await;
     settlements(&redis).await;
@@ -154,6 +155,45 @@ async fn every_algorithm(redis: &RedisStore) {
                     .await
                     .unwrap();
             }
+        }
+    }
+}
+
+/// Requests stamped up to 80 ms behind the clock, as from nodes whose clocks are a little
+/// apart: both stores decide them alike, in the window their key already counts in.
+async fn late_requests(redis: &RedisStore) {
+    let memory = MemoryStore::new();
+    let mut steps = Steps(0x2545_F491_4F6C_DD1D);
+    let windows = quotas().into_iter().filter(|q| {
+        matches!(
+            q,
+            Quota::FixedWindow(_) | Quota::SlidingWindow(_) | Quota::Calendar { .. }
+        )
+    });
+    for (q, quota) in windows.enumerate() {
+        let key = format!("late:{{client}}:q{q}");
+        let mut now = T0 + 86_400_000_000 - 3_000_000;
+        for i in 0..300u64 {
+            now += steps.next(100_000);
+            let stamped = now - steps.next(80_000);
+            let op = Op {
+                key: &key,
+                quota,
+                cost: 1 + steps.next(2),
+                enforce: true,
+                ban: None,
+                lease: LeaseId(i),
+                sync: None,
+                global: None,
+            };
+            let m = apply(&memory, &[op], stamped).await;
+            let r = apply(redis, &[op], stamped).await;
+            assert_eq!(
+                m,
+                r,
+                "{} differs at step {i} (stamped {stamped})",
+                quota.algorithm()
+            );
         }
     }
 }

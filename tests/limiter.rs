@@ -317,6 +317,35 @@ proptest! {
         prop_assert!(per_window.values().all(|n| *n <= limit));
     }
 
+    /// Requests stamped up to 50 ms behind the clock (nodes' clocks apart, a wait in a batch
+    /// across a boundary) never start an earlier window again: every window, counted by the
+    /// state that holds it, admits at most the limit.
+    #[test]
+    fn late_requests_never_reopen_an_earlier_window(
+        limit in 1u64..30, window_ms in 1u64..500, steps in steps(),
+        lateness in prop::collection::vec(0u64..50_000, 600),
+    ) {
+        let q = fixed(limit, window_ms * MS);
+        let mut now = T0;
+        let mut state: Option<State> = None;
+        let mut per_window = std::collections::HashMap::<u64, u64>::new();
+        for (i, (after, cost)) in steps.into_iter().enumerate() {
+            now += after;
+            let stamped = now.saturating_sub(lateness[i % lateness.len()]).max(T0);
+            let out = decide(&q, state.as_ref(), Timestamp::from_micros(stamped), cost, LeaseId(0));
+            if out.decision.allowed {
+                let State::Window(w) = out.state else { unreachable!() };
+                prop_assert!(
+                    state.as_ref().is_none_or(|s| matches!(s, State::Window(p) if p.start <= w.start)),
+                    "a window never goes back"
+                );
+                *per_window.entry(w.start).or_default() += cost;
+                state = Some(out.state);
+            }
+        }
+        prop_assert!(per_window.values().all(|n| *n <= limit), "{per_window:?}");
+    }
+
     #[test]
     fn retry_after_is_exact(
         which in 0usize..4, limit in 1u64..10, window_ms in 1u64..3_000, steps in steps(),

@@ -344,10 +344,13 @@ for _ = 1, requests do
   local n
   now, n, pos = struct.unpack('<dd', ARGV[1], pos)
   if clock then now = clock end
+  -- The request's time; an operation may decide at a later one (a key in a later window).
+  local stamped = now
   -- This request's answer: its length at `top + 1`, admitted at `base`, then its operations.
   local base = top + 2
   local admitted = true
   for i = 1, n do
+    now = stamped
     local code, cost, ban, p1, p2, p3, key_at, ban_at, lease_at
     code, cost, ban, p1, p2, p3, key_at, ban_at, lease_at, pos =
       struct.unpack('<ddddddddd', ARGV[1], pos)
@@ -380,15 +383,23 @@ for _ = 1, requests do
       ok, limit, remaining, reset, retry, kind, wa, wb, wc = concurrency(KEYS[key_at], p1, p2)
     else
       st = load(key_at, algo, global)
+      -- A request stamped before the window its key already counts in (another node's clock a
+      -- little behind, a wait in a batch across the boundary) is decided in that window, never
+      -- by starting the earlier one again (src/limiter.rs, `not_before`).
+      if algo <= 3 and st[1] ~= nil and st[1] > now then now = st[1] end
       if algo == 1 then
         local start = now - now % p2
         local others = 0
         if global then others = others_in(st, start, extra) end
         ok, limit, remaining, reset, retry, kind, wa, wb, wc = window(st, p1, start, start + p2, cost, others)
       elseif algo == 2 then
+        -- The period the node computed, or the later one its key is in (its end estimated by
+        -- the period's length: a boundary case of microseconds).
+        local start, stop = p2, p3
+        if st[1] ~= nil and st[1] > start then start, stop = st[1], st[1] + (p3 - p2) end
         local others = 0
-        if global then others = others_in(st, p2, extra) end
-        ok, limit, remaining, reset, retry, kind, wa, wb, wc = window(st, p1, p2, p3, cost, others)
+        if global then others = others_in(st, start, extra) end
+        ok, limit, remaining, reset, retry, kind, wa, wb, wc = window(st, p1, start, stop, cost, others)
       elseif algo == 3 then
         ok, limit, remaining, reset, retry, kind, wa, wb, wc = sliding(st, p1, p2, cost)
       elseif algo == 4 then
@@ -406,6 +417,7 @@ for _ = 1, requests do
     writes[w + 1], writes[w + 2], writes[w + 3], writes[w + 4] = kind, wa, wb, wc
     if ok == 0 and enforce then admitted = false end
   end
+  now = stamped
 
   if admitted then out[base] = 1 else out[base] = 0 end
   local short = admitted
