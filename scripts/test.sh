@@ -73,7 +73,7 @@ check_leftovers() {
 # The main suite last, so that its summary closes the output.
 status=0
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --all-features --no-fail-fast || status=$?
+  cargo nextest run --config-file scripts/nextest.toml --all-features --no-fail-fast || status=$?
 else
   cargo test --all-features --lib --bins --tests --no-fail-fast || status=$?
 fi

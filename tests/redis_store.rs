@@ -216,6 +216,44 @@ async fn bucket_and_gcra_keys_expire_soon_after_they_are_full_again() {
     }
 }
 
+/// A window's key outlives its window by a margin — the window's length, at most 10 s, the
+/// longest a request may wait for its call — so that a request stamped in the window but
+/// decided just after it finds the window's count rather than an expired key it would take for
+/// an empty window (found by tests/regions_bound.rs: a loaded node's late requests re-opened a
+/// spent window).
+#[tokio::test]
+async fn window_keys_outlive_their_window_by_the_longest_wait() {
+    let Some(server) = Redis::start() else {
+        return;
+    };
+    // START is a minute boundary: each window starts now.
+    let clock = ManualClock::new(Timestamp::from_secs(START));
+    let engine = Engine::with_clock(
+        plan(
+            r#"limit fixed { match { route GET "/fixed"; } key ip; algorithm fixed_window; rate 5/min; }
+               limit short { match { route GET "/short"; } key ip; algorithm fixed_window; rate 5/2s; }
+               limit sliding { match { route GET "/sliding"; } key ip; algorithm sliding_window; rate 5/min; }"#,
+        ),
+        store(&server.url(), options()).await,
+        clock.clone(),
+    );
+    for (path, window_ms, margin_ms) in [
+        ("/fixed", 60_000u64, 10_000u64),
+        ("/short", 2_000, 2_000),
+        // A sliding key's count matters for two windows.
+        ("/sliding", 120_000, 10_000),
+    ] {
+        let v = engine.decide(&get(path)).await;
+        assert!(v.is_allowed());
+        let ttl: u64 = server.cli(&["PTTL", &v.reports[0].key]).trim().parse().unwrap();
+        let expected = window_ms + margin_ms;
+        assert!(
+            ttl + 1_000 >= expected && ttl <= expected + 2,
+            "{path}: the key lives {ttl} ms, expected {expected}"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // The deny cache
 

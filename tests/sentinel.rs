@@ -29,23 +29,26 @@ fn serve(set: &Sentinels) -> (Serving, SocketAddr, tempfile::TempDir) {
         ),
     )
     .unwrap();
-    let admin: SocketAddr = format!("127.0.0.1:{}", support::free_port())
-        .parse()
-        .unwrap();
-    let (url, admin_text, policies) = (
-        set.url(),
-        admin.to_string(),
-        dir.path().display().to_string(),
-    );
-    let serving = Serving::start(&[
-        ("TOLLGATE_ENV", "prod"),
-        ("TOLLGATE_REDIS_URL", &url),
-        ("TOLLGATE_KEY_SECRET", SECRET),
-        ("TOLLGATE_POLICIES", &policies),
-        ("TOLLGATE_ADMIN_LISTEN", &admin_text),
-        ("TOLLGATE_ADMIN_TOKEN", TOKEN),
-        ("TOLLGATE_STORE_TIMEOUT_MS", "200"),
-    ]);
+    let (url, policies) = (set.url(), dir.path().display().to_string());
+    let admin = std::cell::Cell::new(None);
+    let serving = Serving::start_retrying(|| {
+        let port: SocketAddr = format!("127.0.0.1:{}", support::free_port())
+            .parse()
+            .unwrap();
+        admin.set(Some(port));
+        [
+            ("TOLLGATE_ENV", "prod"),
+            ("TOLLGATE_REDIS_URL", url.as_str()),
+            ("TOLLGATE_KEY_SECRET", SECRET),
+            ("TOLLGATE_POLICIES", policies.as_str()),
+            ("TOLLGATE_ADMIN_LISTEN", &port.to_string()),
+            ("TOLLGATE_ADMIN_TOKEN", TOKEN),
+            ("TOLLGATE_STORE_TIMEOUT_MS", "200"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .to_vec()
+    });
+    let admin = admin.get().expect("an admin port");
     (serving, admin, dir)
 }
 

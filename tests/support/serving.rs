@@ -26,7 +26,33 @@ pub struct Serving {
 }
 
 impl Serving {
+    /// Starts it, listening on a free port; panics with its log when it exits.
     pub fn start(env: &[(&str, &str)]) -> Serving {
+        Self::try_start(env).unwrap_or_else(|log| panic!("{log}"))
+    }
+
+    /// Starts it with `env` and a free port to listen on, on a port that is free still:
+    /// another process may take a port between the probe and the bind, and then it is
+    /// tried again (`env` from `settings()` each time, for ports of the caller's own).
+    pub fn start_retrying(settings: impl Fn() -> Vec<(String, String)>) -> Serving {
+        let mut last = String::new();
+        for _ in 0..5 {
+            let owned = settings();
+            let env: Vec<(&str, &str)> = owned
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            match Self::try_start(&env) {
+                Ok(serving) => return serving,
+                Err(log) if log.contains("Address already in use") => last = log,
+                Err(log) => panic!("{log}"),
+            }
+        }
+        panic!("no free port after five tries:\n{last}");
+    }
+
+    /// Starts it; what it logged when it exited instead of listening.
+    pub fn try_start(env: &[(&str, &str)]) -> Result<Serving, String> {
         let addr: SocketAddr = format!("127.0.0.1:{}", super::free_port()).parse().unwrap();
         let listen = addr.to_string();
         let mut all = env.to_vec();
@@ -42,14 +68,14 @@ impl Serving {
         for _ in 0..1000 {
             if let Ok(Some(status)) = child.try_wait() {
                 let log = log.join().unwrap_or_default();
-                panic!("tollgate exited with {status}:\n{log}");
+                return Err(format!("tollgate exited with {status}:\n{log}"));
             }
             if std::net::TcpStream::connect(addr).is_ok() {
-                return Serving {
+                return Ok(Serving {
                     addr,
                     child: Some(child),
                     log: Some(log),
-                };
+                });
             }
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -242,6 +242,14 @@ end
 local function expire_in(st, ms)
   st[11], st[12] = 1, ms
 end
+-- How long a window's key outlives the window (µs): its length, at most 10 s — the longest
+-- a request may wait for its store call (`store_timeout_ms`). A request stamped in the window
+-- but decided just after it (a wait in a batch, a loaded node) then still finds the window's
+-- count, instead of an expired key it would take for an empty window.
+local function margin(w)
+  if w > 10000000 then return 10000000 end
+  return w
+end
 -- Or at least `need` µs from now, extended to `life` µs when it would end sooner.
 local function keep(st, need, life)
   if st[11] ~= 1 then st[11], st[12], st[13] = 2, need, life end
@@ -266,7 +274,7 @@ local function settle(k, algo, delta, counted, p1, p2, p3)
       st[2], st[17] = new, st[17] + (new - count)
     else
       st[1], st[2], st[7] = start, new, true
-      expire_in(st, cdiv(stop - now, 1000) + 1)
+      expire_in(st, cdiv(stop - now + margin(stop - start), 1000) + 1)
     end
   elseif algo == 3 then
     local w = p2
@@ -291,7 +299,7 @@ local function settle(k, algo, delta, counted, p1, p2, p3)
     end
     touch(k, st)
     st[1], st[3], st[2], st[7], st[8] = start, prev, cur, true, true
-    expire_in(st, cdiv(start + 2 * w - now, 1000) + 1)
+    expire_in(st, cdiv(start + 2 * w - now + margin(w), 1000) + 1)
   elseif algo == 4 then
     local capacity, count, period = p1, p2, p3
     local full = capacity * period
@@ -438,11 +446,11 @@ for _ = 1, requests do
       elseif kind == 2 then
         touch(at[c + 1], st)
         st[1], st[2], st[7] = wa, cost, true
-        expire_in(st, cdiv(wb - now, 1000) + 1)
+        expire_in(st, cdiv(wb - now + margin(wb - wa), 1000) + 1)
       elseif kind == 3 then
         touch(at[c + 1], st)
         st[1], st[3], st[2], st[7], st[8] = wa, wb, cost, true, true
-        expire_in(st, cdiv(wc - now, 1000) + 1)
+        expire_in(st, cdiv(wc - now + margin(fdiv(wc - wa, 2)), 1000) + 1)
       elseif kind == 4 then
         touch(at[c + 1], st)
         st[4], st[5], st[9] = wa, now, true

@@ -223,12 +223,11 @@ impl Regions {
         self.any_partitioned.load(Ordering::Relaxed)
     }
 
-    /// A region's share of `limit`, by its weight.
+    /// A region's share of `limit`, by its weight among all the regions'.
     fn share(&self, limit: u64, weight: u64) -> u64 {
-        let total: u64 =
+        let total =
             self.settings.weight + self.peers.iter().map(|p| p.settings.weight).sum::<u64>();
-        let share = u128::from(limit) * u128::from(weight) / u128::from(total.max(1));
-        u64::try_from(share).unwrap_or(u64::MAX)
+        share(limit, weight, total)
     }
 
     pub(super) fn health(&self) -> RegionsHealth {
@@ -290,7 +289,9 @@ impl Regions {
                 let own = self.take_components(key, &mut fields);
                 if let Some((start, count)) = own {
                     let (_, end, _) = window(quota, Timestamp::from_micros(start));
-                    let life_ms = end.saturating_sub(now) / 1000 + 1;
+                    // As long as the region's own key: the window and a margin (batch.lua).
+                    let margin = end.saturating_sub(start).min(10_000_000);
+                    let life_ms = (end.saturating_sub(now) + margin) / 1000 + 1;
                     pushed.push((key.clone(), start, count, life_ms));
                 }
             }
@@ -449,6 +450,13 @@ impl Regions {
     }
 }
 
+/// `limit × weight ÷ total`, rounded down: the shares of all regions add up to at most the
+/// limit.
+fn share(limit: u64, weight: u64, total: u64) -> u64 {
+    let share = u128::from(limit) * u128::from(weight) / u128::from(total.max(1));
+    u64::try_from(share).unwrap_or(u64::MAX)
+}
+
 /// A window quota's bounds at `now` and its limit: (start, end, limit), µs.
 fn window(quota: &Quota, now: Timestamp) -> (u64, u64, u64) {
     match params(quota, now) {
@@ -475,4 +483,37 @@ fn by_slot_names(keys: &[&str], cluster: bool) -> Vec<Vec<usize>> {
             .push(i);
     }
     groups.into_values().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_follow_the_weights_and_never_add_up_past_the_limit() {
+        assert_eq!(share(90, 1, 3), 30);
+        assert_eq!(share(100, 2, 4), 50, "eu=2 of eu=2, us=1, ap=1");
+        assert_eq!(share(100, 1, 4), 25);
+        for limit in [1, 7, 100, 1_000_003] {
+            for weights in [[1, 1, 1], [2, 1, 1], [5, 3, 1], [1000, 1, 1]] {
+                let total: u64 = weights.iter().sum();
+                let all: u64 = weights.iter().map(|w| share(limit, *w, total)).sum();
+                assert!(all <= limit, "{limit} {weights:?}: {all}");
+            }
+        }
+        assert_eq!(share(u64::MAX, 3, 3), u64::MAX, "no overflow");
+    }
+
+    #[test]
+    fn windows_are_the_quotas_own() {
+        use std::num::NonZeroU64;
+        let q = Quota::FixedWindow(crate::limiter::WindowQuota {
+            limit: NonZeroU64::new(10).unwrap(),
+            window: NonZeroU64::new(2_000_000).unwrap(),
+        });
+        assert_eq!(
+            window(&q, Timestamp::from_micros(7_500_000)),
+            (6_000_000, 8_000_000, 10)
+        );
+    }
 }
