@@ -245,7 +245,11 @@ async fn window_keys_outlive_their_window_by_the_longest_wait() {
     ] {
         let v = engine.decide(&get(path)).await;
         assert!(v.is_allowed());
-        let ttl: u64 = server.cli(&["PTTL", &v.reports[0].key]).trim().parse().unwrap();
+        let ttl: u64 = server
+            .cli(&["PTTL", &v.reports[0].key])
+            .trim()
+            .parse()
+            .unwrap();
         let expected = window_ms + margin_ms;
         assert!(
             ttl + 1_000 >= expected && ttl <= expected + 2,

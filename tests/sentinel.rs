@@ -211,3 +211,71 @@ fn a_sentinel_url_without_its_service_is_a_located_setting_error() {
         "the password is never shown: {stderr}"
     );
 }
+
+/// `rediss+sentinel://`: the sentinel and the master it names are reached over TLS, both
+/// checked against the CA in `redis_tls_ca_file`.
+#[test]
+fn over_tls_the_sentinels_and_the_master_they_name_are_reached_with_the_ca() {
+    let certs = support::tls::Certs::generate();
+    let Some(master) = support::redis::Redis::start_tls(&certs, false) else {
+        return;
+    };
+    let master_tls: SocketAddr = format!("127.0.0.1:{}", master.tls_port.unwrap())
+        .parse()
+        .unwrap();
+    let Some(sentinel) = support::redis::Redis::start_sentinel_with(
+        master_tls,
+        support::redis::SERVICE,
+        1000,
+        1,
+        Some(&certs),
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("tls.rl"),
+        "limit counted { match { route ANY \"/c/**\"; } key global; algorithm fixed_window; \
+         rate 10/h; on_store_error deny; }",
+    )
+    .unwrap();
+    let url = format!(
+        "rediss+sentinel://127.0.0.1:{}/{}",
+        sentinel.tls_port.unwrap(),
+        support::redis::SERVICE
+    );
+    let (policies, ca) = (
+        dir.path().display().to_string(),
+        certs.path("ca.pem").display().to_string(),
+    );
+    let admin = std::cell::Cell::new(None);
+    let serving = Serving::start_retrying(|| {
+        let port: SocketAddr = format!("127.0.0.1:{}", support::free_port())
+            .parse()
+            .unwrap();
+        admin.set(Some(port));
+        [
+            ("TOLLGATE_ENV", "prod"),
+            ("TOLLGATE_REDIS_URL", url.as_str()),
+            ("TOLLGATE_REDIS_TLS_CA_FILE", ca.as_str()),
+            ("TOLLGATE_KEY_SECRET", SECRET),
+            ("TOLLGATE_POLICIES", policies.as_str()),
+            ("TOLLGATE_ADMIN_LISTEN", &port.to_string()),
+            ("TOLLGATE_ADMIN_TOKEN", TOKEN),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .to_vec()
+    });
+    let admin = admin.get().expect("an admin port");
+    let diagnostics = admin_get(admin, "/admin/diagnostics").json();
+    assert_eq!(diagnostics["store"]["kind"], "redis-sentinel");
+    assert_eq!(
+        diagnostics["store"]["sentinel"]["master"],
+        master_tls.to_string(),
+        "the master's TLS address, as the sentinel names it"
+    );
+    // Counted on the master: the answers count down, and the master holds the count.
+    assert_eq!(check(serving.addr), Some(9));
+    assert_eq!(check(serving.addr), Some(8));
+    assert_eq!(master.calls("evalsha"), 2);
+}

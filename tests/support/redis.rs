@@ -168,15 +168,34 @@ impl Redis {
     /// Starts a sentinel on a free port, watching `master` as `service`: quorum 2, down after
     /// `down_after_ms` without an answer.
     pub fn start_sentinel(master: SocketAddr, service: &str, down_after_ms: u64) -> Option<Redis> {
+        Self::start_sentinel_with(master, service, down_after_ms, 2, None)
+    }
+
+    /// [`Redis::start_sentinel`] with a quorum, and optionally a TLS port too (certificates
+    /// from `certs`; it then reaches the master over TLS: give the master's TLS address).
+    pub fn start_sentinel_with(
+        master: SocketAddr,
+        service: &str,
+        down_after_ms: u64,
+        quorum: u32,
+        certs: Option<&super::tls::Certs>,
+    ) -> Option<Redis> {
         let config = format!(
-            "sentinel monitor {service} {} {} 2\n\
+            "sentinel monitor {service} {} {} {quorum}\n\
              sentinel down-after-milliseconds {service} {down_after_ms}\n\
              sentinel failover-timeout {service} 10000\n\
              sentinel parallel-syncs {service} 2\n",
             master.ip(),
             master.port()
         );
-        Self::start_retrying_with(Some(&config), || (super::free_port(), Vec::new()))
+        Self::start_retrying_with(Some(&config), || {
+            let mut args = Vec::new();
+            if let Some(certs) = certs {
+                args.extend(certs.redis_args(super::free_port(), false));
+                args.extend(["--tls-replication".to_owned(), "yes".to_owned()]);
+            }
+            (super::free_port(), args)
+        })
     }
 
     /// `redis://127.0.0.1:PORT`
