@@ -155,13 +155,7 @@ impl Regions {
 
     /// What region `r`'s Redis holds for `limit`'s key: field → value.
     fn held(&self, r: usize, limit: &str) -> std::collections::HashMap<String, String> {
-        let out = self.servers[r].cli(&["HGETALL", &format!("regions:{{global}}:{limit}")]);
-        let lines: Vec<&str> = out.lines().collect();
-        lines
-            .chunks(2)
-            .filter(|p| p.len() == 2)
-            .map(|p| (p[0].to_owned(), p[1].to_owned()))
-            .collect()
+        self.servers[r].hash(&format!("regions:{{global}}:{limit}"))
     }
 }
 
@@ -196,12 +190,7 @@ fn each_region_counts_its_own_and_what_the_others_sent_once() {
         }
         for (r, name) in NAMES.iter().enumerate() {
             let held = regions.held(r, "shared");
-            let others: u64 = held
-                .iter()
-                .filter(|(f, _)| f.starts_with("g:"))
-                .map(|(_, v)| v.split(' ').nth(1).unwrap().parse::<u64>().unwrap())
-                .sum();
-            let own: u64 = held.get("c").map_or(0, |c| c.parse().unwrap());
+            let (own, others) = support::redis::components(&held);
             assert_eq!(own + others, 100, "region {}: {held:?}", name);
             assert_eq!(held["o"], others.to_string());
         }
@@ -279,12 +268,7 @@ fn a_partition_follows_on_partition_and_heals_without_counting_twice() {
         // Healed: every region holds every other's count once, and admits by the total.
         for (r, name) in NAMES.iter().enumerate() {
             let held = regions.held(r, "share");
-            let others: u64 = held
-                .iter()
-                .filter(|(f, _)| f.starts_with("g:"))
-                .map(|(_, v)| v.split(' ').nth(1).unwrap().parse::<u64>().unwrap())
-                .sum();
-            let own: u64 = held.get("c").map_or(0, |c| c.parse().unwrap());
+            let (own, others) = support::redis::components(&held);
             assert_eq!(own + others, 90, "region {}: {held:?}", name);
             assert_eq!(regions.admit(r, "/share", 10).await, 0);
             assert_eq!(regions.admit(r, "/deny", 10).await, 0);

@@ -60,14 +60,7 @@ fn decided_in(sent: u64, answered: u64, reset: u64) -> u64 {
 }
 
 fn admin_get(admin: SocketAddr, path: &str) -> serde_json::Value {
-    let auth = format!("Bearer {TOKEN}");
-    for _ in 0..500 {
-        if std::net::TcpStream::connect(admin).is_ok() {
-            return support::send(admin, "GET", path, &[("Authorization", &auth)], b"").json();
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("no admin listener on {admin}");
+    support::serving::admin_get(admin, TOKEN, path).json()
 }
 
 /// Whether every node of region `r` sees every other region as `partitioned`, or (`None`)
@@ -160,30 +153,19 @@ fn three_regions_of_two_nodes_stay_within_the_stated_bound() {
             .collect();
         let (url, peers) = (servers[r].url(), peers.join(","));
         for _ in 0..2 {
-            let admin = std::cell::Cell::new(None);
-            let serving = Serving::start_retrying(|| {
-                let port: SocketAddr = format!("127.0.0.1:{}", support::free_port())
-                    .parse()
-                    .unwrap();
-                admin.set(Some(port));
-                [
-                    ("TOLLGATE_ENV", "prod"),
-                    ("TOLLGATE_REDIS_URL", url.as_str()),
-                    ("TOLLGATE_KEY_SECRET", SECRET),
-                    ("TOLLGATE_POLICIES", policies.as_str()),
-                    ("TOLLGATE_ADMIN_LISTEN", &port.to_string()),
-                    ("TOLLGATE_ADMIN_TOKEN", TOKEN),
-                    // Decisions are about the exchange, not a loaded machine's local calls.
-                    ("TOLLGATE_STORE_TIMEOUT_MS", "2000"),
-                    ("TOLLGATE_REGION", NAMES[r]),
-                    ("TOLLGATE_REGION_PEERS", peers.as_str()),
-                    ("TOLLGATE_REGION_SYNC_MS", &SYNC_MS.to_string()),
-                    ("TOLLGATE_REGION_PARTITION_MS", &PARTITION_MS.to_string()),
-                ]
-                .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                .to_vec()
-            });
-            let admin = admin.get().expect("an admin port");
+            let (serving, admin) = Serving::start_with_admin(&[
+                ("TOLLGATE_ENV", "prod"),
+                ("TOLLGATE_REDIS_URL", &url),
+                ("TOLLGATE_KEY_SECRET", SECRET),
+                ("TOLLGATE_POLICIES", &policies),
+                ("TOLLGATE_ADMIN_TOKEN", TOKEN),
+                // Decisions are about the exchange, not a loaded machine's local calls.
+                ("TOLLGATE_STORE_TIMEOUT_MS", "2000"),
+                ("TOLLGATE_REGION", NAMES[r]),
+                ("TOLLGATE_REGION_PEERS", &peers),
+                ("TOLLGATE_REGION_SYNC_MS", &SYNC_MS.to_string()),
+                ("TOLLGATE_REGION_PARTITION_MS", &PARTITION_MS.to_string()),
+            ]);
             nodes.push(Node { serving, admin });
         }
     }
@@ -303,19 +285,8 @@ fn three_regions_of_two_nodes_stay_within_the_stated_bound() {
         return;
     }
     let view = |r: usize| {
-        let held = servers[r].cli(&["HGETALL", "g:{global}:all"]);
-        let lines: Vec<String> = held.lines().map(str::to_owned).collect();
-        let mut view = 0;
-        for pair in lines.chunks(2).filter(|p| p.len() == 2) {
-            match pair[0].as_str() {
-                "c" => view += pair[1].parse::<u64>().unwrap(),
-                f if f.starts_with("g:") => {
-                    view += pair[1].split_once(' ').unwrap().1.parse::<u64>().unwrap();
-                }
-                _ => {}
-            }
-        }
-        view
+        let (own, others) = support::redis::components(&servers[r].hash("g:{global}:all"));
+        own + others
     };
     // The last pushes land within an interval and two one-way latencies.
     for _ in 0..100 {

@@ -229,6 +229,17 @@ impl Redis {
         cli(self.addr.port(), args)
     }
 
+    /// A hash's fields and values (`HGETALL`).
+    pub fn hash(&self, key: &str) -> std::collections::HashMap<String, String> {
+        let out = self.cli(&["HGETALL", key]);
+        let lines: Vec<&str> = out.lines().collect();
+        lines
+            .chunks(2)
+            .filter(|p| p.len() == 2)
+            .map(|p| (p[0].to_owned(), p[1].to_owned()))
+            .collect()
+    }
+
     /// The `calls` of one command from `INFO commandstats` (e.g. `evalsha`).
     pub fn calls(&self, command: &str) -> u64 {
         let info = self.cli(&["INFO", "commandstats"]);
@@ -490,4 +501,16 @@ impl Sentinels {
             .find(|s| s.addr == addr)
             .expect("one of the servers")
     }
+}
+
+/// A global limit's key as a region's Redis holds it: the region's own count (`c`), and the
+/// sum of the counts the other regions sent (`g:<region>` = "<window start> <count>").
+pub fn components(hash: &std::collections::HashMap<String, String>) -> (u64, u64) {
+    let own = hash.get("c").map_or(0, |c| c.parse().unwrap());
+    let others = hash
+        .iter()
+        .filter(|(field, _)| field.starts_with("g:"))
+        .map(|(_, value)| value.split_once(' ').unwrap().1.parse::<u64>().unwrap())
+        .sum();
+    (own, others)
 }

@@ -51,6 +51,23 @@ impl Serving {
         panic!("no free port after five tries:\n{last}");
     }
 
+    /// Starts it with `env` and an admin listener (on a free port, retried like the main
+    /// one): the server and the admin address.
+    pub fn start_with_admin(env: &[(&str, &str)]) -> (Serving, SocketAddr) {
+        let admin = std::cell::Cell::new(None);
+        let serving = Self::start_retrying(|| {
+            let port: SocketAddr = format!("127.0.0.1:{}", super::free_port()).parse().unwrap();
+            admin.set(Some(port));
+            let mut all: Vec<(String, String)> = env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect();
+            all.push(("TOLLGATE_ADMIN_LISTEN".to_owned(), port.to_string()));
+            all
+        });
+        (serving, admin.get().expect("an admin port"))
+    }
+
     /// Starts it; what it logged when it exited instead of listening.
     pub fn try_start(env: &[(&str, &str)]) -> Result<Serving, String> {
         let addr: SocketAddr = format!("127.0.0.1:{}", super::free_port()).parse().unwrap();
@@ -108,4 +125,17 @@ impl Serving {
             super::process::signal_group(child, signal);
         }
     }
+}
+
+/// `GET path` on an admin listener with `token`, once it listens (it starts just after the
+/// main one).
+pub fn admin_get(admin: SocketAddr, token: &str, path: &str) -> super::Reply {
+    let auth = format!("Bearer {token}");
+    for _ in 0..500 {
+        if std::net::TcpStream::connect(admin).is_ok() {
+            return super::send(admin, "GET", path, &[("Authorization", &auth)], b"");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("no admin listener on {admin}");
 }

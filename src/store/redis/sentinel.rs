@@ -1,5 +1,5 @@
-//! Redis behind Sentinel: the master discovered through the sentinels (the `redis` crate's
-//! [`SentinelClient`], which also checks that the server it names says `ROLE master`), and
+//! Redis behind Sentinel: the master discovered through the sentinels (asked in order, the
+//! server they name checked with `ROLE`, as Sentinel's guidelines for clients describe), and
 //! followed when they fail it over.
 //!
 //! Following needs no subscription: after a failover the old master is either gone (calls
@@ -14,12 +14,10 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use redis::ConnectionAddr;
-use redis::sentinel::{SentinelClientBuilder, SentinelServerType};
 use tokio::sync::Notify;
 
 use super::breaker::Breaker;
-use super::connect::{Connection, RedisOptions, RedisTls, manager};
+use super::connect::{Connection, Password, RedisOptions, RedisTls, manager};
 use super::{Link, backend};
 use crate::store::StoreError;
 
@@ -128,54 +126,110 @@ impl SentinelTarget {
         })
     }
 
-    /// Asks the sentinels for the master (and checks its role): a client for it, and its
-    /// `host:port`.
+    /// Asks the sentinels, in order, for the master (`SENTINEL GET-MASTER-ADDR-BY-NAME`) and
+    /// checks that the server named says it is one (`ROLE`), as Sentinel's guidelines for
+    /// clients describe: a client for it, and its `host:port`. (The `redis` crate's Sentinel
+    /// client reads `SENTINEL MASTERS` instead and skips a master still flagged down, which
+    /// after a failover can be a second after the sentinels name the new one: measured by
+    /// `tests/sentinel.rs`.)
     pub(super) async fn discover(
         &self,
         options: &RedisOptions,
         tls: Option<&RedisTls>,
     ) -> Result<(redis::Client, String), StoreError> {
-        let addresses = self.sentinels.iter().map(|(host, port)| {
-            if self.tls {
-                ConnectionAddr::TcpTls {
-                    host: host.clone(),
-                    port: *port,
-                    insecure: false,
-                    tls_params: None,
-                }
-            } else {
-                ConnectionAddr::Tcp(host.clone(), *port)
-            }
-        });
-        let mut builder =
-            SentinelClientBuilder::new(addresses, &self.service, SentinelServerType::Master)
-                .map_err(backend)?
-                .set_client_to_redis_db(self.db);
-        if let Some(user) = &self.username {
-            builder = builder.set_client_to_redis_username(user);
-        }
-        if let Some(pass) = &self.password {
-            builder = builder.set_client_to_redis_password(pass);
-        }
-        if let Some(pass) = &options.sentinel_password {
-            builder = builder.set_client_to_sentinel_password(pass.reveal());
-        }
-        if self.tls {
-            builder = builder.set_client_to_redis_tls_mode(redis::TlsMode::Secure);
-            if let Some(tls) = tls {
-                builder = builder
-                    .set_client_to_redis_certificates(tls.certificates())
-                    .set_client_to_sentinel_certificates(tls.certificates());
-            }
-        }
-        let mut client = builder.build().map_err(backend)?;
         let wait = options.connect_timeout;
-        let master = tokio::time::timeout(wait, client.async_get_client())
-            .await
-            .map_err(|_| StoreError::Timeout(wait))?
-            .map_err(backend)?;
-        let address = master.get_connection_info().addr().to_string();
-        Ok((master, address))
+        tokio::time::timeout(wait, async {
+            let mut last = invalid("no sentinel answered");
+            for (host, sentinel_port) in &self.sentinels {
+                let sentinel = self.client(host, *sentinel_port, None, options, tls)?;
+                let named: Result<Option<(String, u16)>, _> = async {
+                    let mut c = sentinel.get_multiplexed_async_connection().await?;
+                    redis::cmd("SENTINEL")
+                        .arg("GET-MASTER-ADDR-BY-NAME")
+                        .arg(&self.service)
+                        .query_async(&mut c)
+                        .await
+                }
+                .await;
+                let (ip, port) = match named {
+                    Ok(Some(address)) => address,
+                    Ok(None) => {
+                        last = invalid(format_args!(
+                            "sentinel {host}:{sentinel_port} knows no master `{}`",
+                            self.service
+                        ));
+                        continue;
+                    }
+                    Err(e) => {
+                        last = backend(e);
+                        continue;
+                    }
+                };
+                let master = self.client(&ip, port, Some(self.db), options, tls)?;
+                let mut c = master
+                    .get_multiplexed_async_connection()
+                    .await
+                    .map_err(backend)?;
+                let role: Vec<redis::Value> = redis::cmd("ROLE")
+                    .query_async(&mut c)
+                    .await
+                    .map_err(backend)?;
+                let is_master = matches!(
+                    role.first(),
+                    Some(redis::Value::BulkString(b)) if b.as_slice() == b"master"
+                );
+                if is_master {
+                    return Ok((master, format!("{ip}:{port}")));
+                }
+                last = invalid(format_args!(
+                    "{ip}:{port}, the master sentinel {host}:{sentinel_port} names, is not one (yet)"
+                ));
+            }
+            Err(last)
+        })
+        .await
+        .map_err(|_| StoreError::Timeout(wait))?
+    }
+
+    /// A client for `host:port`: the master (`db`: with the URL's credentials and database)
+    /// or a sentinel (`None`: with `redis_sentinel_password`), over TLS for `rediss+sentinel`.
+    fn client(
+        &self,
+        host: &str,
+        port: u16,
+        db: Option<i64>,
+        options: &RedisOptions,
+        tls: Option<&RedisTls>,
+    ) -> Result<redis::Client, StoreError> {
+        use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
+        let encode = |text: &str| utf8_percent_encode(text, NON_ALPHANUMERIC).to_string();
+        let (user, password) = match db {
+            Some(_) => (self.username.as_deref(), self.password.as_deref()),
+            None => (
+                None,
+                options.sentinel_password.as_ref().map(Password::reveal),
+            ),
+        };
+        let auth = match (user, password) {
+            (None, None) => String::new(),
+            (user, password) => format!(
+                "{}:{}@",
+                user.map(encode).unwrap_or_default(),
+                password.map(encode).unwrap_or_default()
+            ),
+        };
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        let host = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host.to_owned()
+        };
+        let url = format!("{scheme}://{auth}{host}:{port}/{}", db.unwrap_or(0));
+        match tls.filter(|_| self.tls) {
+            Some(tls) => redis::Client::build_with_tls(url.as_str(), tls.certificates()),
+            None => redis::Client::open(url.as_str()),
+        }
+        .map_err(backend)
     }
 }
 
