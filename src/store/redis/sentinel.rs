@@ -360,6 +360,34 @@ mod tests {
     }
 
     #[test]
+    fn the_master_gets_the_urls_credentials_and_the_sentinels_their_own() {
+        let t = parse("us%3Aer:p%40ss%2F@a:1/m/2").unwrap();
+        let options = RedisOptions {
+            sentinel_password: Some(Password::new("sentinel secret")),
+            ..RedisOptions::default()
+        };
+        let master = t
+            .client("10.0.0.9", 6380, Some(t.db), &options, None)
+            .unwrap();
+        let info = master.get_connection_info();
+        assert_eq!(info.addr().to_string(), "10.0.0.9:6380");
+        let settings = info.redis_settings();
+        assert_eq!(settings.username(), Some("us:er"));
+        assert_eq!(settings.password(), Some("p@ss/"));
+        assert_eq!(settings.db(), 2);
+        let sentinel = t.client("a", 1, None, &options, None).unwrap();
+        let settings = sentinel.get_connection_info().redis_settings();
+        assert_eq!(settings.username(), None);
+        assert_eq!(settings.password(), Some("sentinel secret"));
+        assert_eq!(settings.db(), 0);
+        let v6 = t.client("::1", 6379, Some(0), &RedisOptions::default(), None);
+        assert_eq!(
+            v6.unwrap().get_connection_info().addr().to_string(),
+            "::1:6379"
+        );
+    }
+
+    #[test]
     fn what_a_sentinel_url_lacks_is_said() {
         for (url, says) in [
             ("a:1", "names no service"),
