@@ -5,6 +5,7 @@
 //! these functions under a lock, and the Redis store runs the same arithmetic in Lua. All
 //! state is integers (microseconds, counts) so that both agree exactly.
 
+pub mod adaptive;
 pub mod bucket;
 pub mod concurrency;
 mod settle;
