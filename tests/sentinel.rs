@@ -30,25 +30,14 @@ fn serve(set: &Sentinels) -> (Serving, SocketAddr, tempfile::TempDir) {
     )
     .unwrap();
     let (url, policies) = (set.url(), dir.path().display().to_string());
-    let admin = std::cell::Cell::new(None);
-    let serving = Serving::start_retrying(|| {
-        let port: SocketAddr = format!("127.0.0.1:{}", support::free_port())
-            .parse()
-            .unwrap();
-        admin.set(Some(port));
-        [
-            ("TOLLGATE_ENV", "prod"),
-            ("TOLLGATE_REDIS_URL", url.as_str()),
-            ("TOLLGATE_KEY_SECRET", SECRET),
-            ("TOLLGATE_POLICIES", policies.as_str()),
-            ("TOLLGATE_ADMIN_LISTEN", &port.to_string()),
-            ("TOLLGATE_ADMIN_TOKEN", TOKEN),
-            ("TOLLGATE_STORE_TIMEOUT_MS", "200"),
-        ]
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .to_vec()
-    });
-    let admin = admin.get().expect("an admin port");
+    let (serving, admin) = Serving::start_with_admin(&[
+        ("TOLLGATE_ENV", "prod"),
+        ("TOLLGATE_REDIS_URL", &url),
+        ("TOLLGATE_KEY_SECRET", SECRET),
+        ("TOLLGATE_POLICIES", &policies),
+        ("TOLLGATE_ADMIN_TOKEN", TOKEN),
+        ("TOLLGATE_STORE_TIMEOUT_MS", "200"),
+    ]);
     (serving, admin, dir)
 }
 
@@ -65,15 +54,7 @@ fn check(addr: SocketAddr) -> Option<u64> {
 }
 
 fn admin_get(admin: SocketAddr, path: &str) -> support::Reply {
-    let auth = format!("Bearer {TOKEN}");
-    // The admin listener starts just after the main one.
-    for _ in 0..500 {
-        if std::net::TcpStream::connect(admin).is_ok() {
-            return support::send(admin, "GET", path, &[("Authorization", &auth)], b"");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("no admin listener on {admin}");
+    support::serving::admin_get(admin, TOKEN, path)
 }
 
 /// What one client thread saw: when each request was sent, and whether it was counted.
@@ -256,25 +237,14 @@ fn over_tls_the_sentinels_and_the_master_they_name_are_reached_with_the_ca() {
         dir.path().display().to_string(),
         certs.path("ca.pem").display().to_string(),
     );
-    let admin = std::cell::Cell::new(None);
-    let serving = Serving::start_retrying(|| {
-        let port: SocketAddr = format!("127.0.0.1:{}", support::free_port())
-            .parse()
-            .unwrap();
-        admin.set(Some(port));
-        [
-            ("TOLLGATE_ENV", "prod"),
-            ("TOLLGATE_REDIS_URL", url.as_str()),
-            ("TOLLGATE_REDIS_TLS_CA_FILE", ca.as_str()),
-            ("TOLLGATE_KEY_SECRET", SECRET),
-            ("TOLLGATE_POLICIES", policies.as_str()),
-            ("TOLLGATE_ADMIN_LISTEN", &port.to_string()),
-            ("TOLLGATE_ADMIN_TOKEN", TOKEN),
-        ]
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .to_vec()
-    });
-    let admin = admin.get().expect("an admin port");
+    let (serving, admin) = Serving::start_with_admin(&[
+        ("TOLLGATE_ENV", "prod"),
+        ("TOLLGATE_REDIS_URL", &url),
+        ("TOLLGATE_REDIS_TLS_CA_FILE", &ca),
+        ("TOLLGATE_KEY_SECRET", SECRET),
+        ("TOLLGATE_POLICIES", &policies),
+        ("TOLLGATE_ADMIN_TOKEN", TOKEN),
+    ]);
     let diagnostics = admin_get(admin, "/admin/diagnostics").json();
     assert_eq!(diagnostics["store"]["kind"], "redis-sentinel");
     assert_eq!(
