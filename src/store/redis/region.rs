@@ -30,7 +30,7 @@ use redis::Script;
 
 use super::cluster::slot;
 use super::connect::{Connection, RedisOptions, open};
-use super::{Link, backend, params};
+use super::{Link, backend};
 use crate::clock::Timestamp;
 use crate::limiter::Quota;
 use crate::plan::OnPartition;
@@ -458,14 +458,15 @@ fn share(limit: u64, weight: u64, total: u64) -> u64 {
 }
 
 /// A window quota's bounds at `now` and its limit: (start, end, limit), µs.
+/// (The language counts `global` limits in fixed windows and calendar quotas only; anything
+/// else is a window of its own instant.)
 fn window(quota: &Quota, now: Timestamp) -> (u64, u64, u64) {
-    match params(quota, now) {
-        [1, limit, w, _] => {
-            let start = now.as_micros() - now.as_micros() % w.max(1);
-            (start, start + w, limit)
-        }
-        [_, limit, start, end] => (start, end, limit),
-    }
+    let ((start, end), limit) = match *quota {
+        Quota::FixedWindow(q) => (q.bounds(now), q.limit.get()),
+        Quota::Calendar { limit, period } => (period.bounds(now), limit.get()),
+        other => ((now.as_micros(), now.as_micros()), other.policy().0),
+    };
+    (start, end, limit)
 }
 
 /// `keys` grouped by Cluster slot (one group without a Cluster).
