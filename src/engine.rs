@@ -4,6 +4,7 @@
 //! then tiers and keys, then one atomic [`Store::apply`] for every limit that applies, then
 //! soft thresholds, shadow mode and priorities decide what the client sees.
 
+mod adaptive;
 mod count;
 mod runtime;
 mod settle;
@@ -20,6 +21,7 @@ use crate::clock::{Clock, SystemClock, Timestamp};
 use crate::plan::select::{Scope, Selection, select};
 use crate::plan::{Counts, KeyHasher, Limit, Mode, Plan, SoftAction};
 use crate::request::RequestCtx;
+use crate::store::adaptive::{Controllers, Ticket};
 use crate::store::runtime::RuntimeLists;
 use crate::store::{MemoryStore, Store, StoreError};
 use crate::verdict::{
@@ -46,6 +48,8 @@ pub struct Engine<S, C = SystemClock> {
     runtime: ArcSwap<RuntimeLists>,
     /// How many there are: requests skip the lists without loading them when none.
     runtime_len: AtomicU64,
+    /// The adaptive limits' controllers, per limit and key.
+    adaptive: Controllers,
 }
 
 impl<S: std::fmt::Debug, C: std::fmt::Debug> std::fmt::Debug for Engine<S, C> {
@@ -83,6 +87,7 @@ impl<S: Store, C: Clock> Engine<S, C> {
             lease_counter: AtomicU64::new(0),
             runtime: ArcSwap::from_pointee(RuntimeLists::default()),
             runtime_len: AtomicU64::new(0),
+            adaptive: Controllers::default(),
         }
     }
 
@@ -246,12 +251,17 @@ impl<S: Store, C: Clock> Engine<S, C> {
         if d.early.is_none() {
             d.early = self.runtime_key_action(&d.reports, now);
         }
+        if d.early.is_none() && !d.blocked {
+            self.decide_adaptive(d);
+        }
     }
 
     /// The verdict: the action (a rejection, a soft action or allow), the runtime marks.
     fn end(&self, request: &RequestCtx, d: &mut Deciding<'_>) -> Verdict {
         let mut reports = std::mem::take(&mut d.reports);
         let mut leases = std::mem::take(&mut d.leases);
+        let mut tickets = std::mem::take(&mut d.tickets);
+        self::adaptive::overrule(&mut reports, &d.overruled);
         let action = match (d.early.take(), d.unavailable.take()) {
             (Some(action), _) => {
                 reports.clear();
@@ -272,6 +282,8 @@ impl<S: Store, C: Clock> Engine<S, C> {
         let goes_on = matches!(action, Action::Allow | Action::Warn | Action::Delay(_));
         if !goes_on {
             leases.clear();
+            // Given back as they drop: the request never reaches the upstream.
+            tickets.clear();
         }
         let reservations = if goes_on {
             self.reservations(d, &reports)
@@ -283,6 +295,7 @@ impl<S: Store, C: Clock> Engine<S, C> {
             action,
             reports,
             leases,
+            adaptive: tickets,
             reservations,
             skipped: std::mem::take(&mut d.skipped),
             plan_version: d.plan.plan_version(),
@@ -330,6 +343,10 @@ struct Deciding<'p> {
     /// A limit refuses without counting (a blocked tier, a missing key refused).
     blocked: bool,
     leases: Vec<Lease>,
+    /// What adaptive limits admitted the request with.
+    tickets: Vec<Arc<Ticket>>,
+    /// Limits counted in the store whose admission control refused the request.
+    overruled: SmallVec<[usize; 2]>,
     skipped: Vec<SkippedLimit>,
     store_call: Option<StoreCall>,
     /// The limit that fails closed, when the store failed.
@@ -349,6 +366,8 @@ impl<'p> Deciding<'p> {
             applied: SmallVec::new(),
             blocked: false,
             leases: Vec::new(),
+            tickets: Vec::new(),
+            overruled: SmallVec::new(),
             skipped: Vec::new(),
             store_call: None,
             unavailable: None,

@@ -198,6 +198,7 @@ impl<S: Store, C: Clock> Pipeline<S, C> {
         let finish = if completions.is_empty()
             && verdict.leases.is_empty()
             && verdict.reservations.is_empty()
+            && verdict.adaptive.is_empty()
         {
             Finishing::nothing()
         } else {
@@ -321,6 +322,7 @@ impl<S: Store, C: Clock> Admission<S, C> {
         Held {
             leases: std::mem::take(&mut self.verdict.leases),
             reservations: std::mem::take(&mut self.verdict.reservations),
+            tickets: std::mem::take(&mut self.verdict.adaptive),
         }
     }
 }

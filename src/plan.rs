@@ -4,6 +4,7 @@
 //! into one [`RouteIndex`], and reports every problem of the whole file set at once. A
 //! [`Plan`] is immutable; a new version replaces it whole.
 
+pub mod adaptive;
 mod compile;
 pub mod condition;
 mod cost;
@@ -230,6 +231,8 @@ pub struct Limit {
     /// Counted across regions (`global;`), and what it does while its region has not heard
     /// from another.
     pub global: Option<OnPartition>,
+    /// What it decides in each node's memory (adaptive concurrency, admission control).
+    pub adaptive: Option<Arc<adaptive::Adaptive>>,
     /// The header values that depend on the limit and its quota only, made once: one per
     /// value of its rate (per tier, in the table's order), `None` for a value without a
     /// quota (`unlimited`, `blocked`).

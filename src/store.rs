@@ -4,6 +4,7 @@
 //! operation is decided, and unless an enforcing one rejects, all of them are consumed;
 //! otherwise none is. The design lets a networked store do the whole batch in one round trip.
 
+pub mod adaptive;
 mod any;
 pub mod deny;
 pub mod memory;

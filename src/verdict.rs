@@ -107,6 +107,8 @@ pub enum Counted {
     Local,
     /// Not at all: the store failed and the limit fails open (`on_store_error allow`).
     Skipped,
+    /// In this node's memory by design: an adaptive concurrency limit, admission control.
+    Node,
     /// Refused by the tier's `blocked` value, without counting.
     Blocked,
     /// Refused without counting: the request has no value for the limit's key and the
@@ -347,6 +349,9 @@ pub struct Verdict {
     pub reports: Vec<LimitReport>,
     /// Concurrency leases to give back when the request ends.
     pub leases: Vec<Lease>,
+    /// What the adaptive limits that admitted the request learn from when it ends (its slot
+    /// in flight is held until then).
+    pub adaptive: Vec<Arc<crate::store::adaptive::Ticket>>,
     /// Reservations to settle when the request ends.
     pub reservations: Vec<Reservation>,
     /// Limits that matched but did not apply (`on_missing_key skip`), and why.

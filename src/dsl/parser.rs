@@ -10,6 +10,7 @@ use crate::diagnostic::{PolicyError, SourceFile};
 mod build;
 mod conditions;
 mod errors;
+mod tuning;
 
 use self::build::Builder;
 use self::errors::syntax_error;

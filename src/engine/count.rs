@@ -191,6 +191,15 @@ pub(super) fn charge<'p>(
                 cost,
             )
         }
+        Charge::Node => {
+            let adaptive = limit.adaptive.as_ref();
+            let algorithm = if adaptive.is_some_and(|a| a.concurrency.is_some()) {
+                "adaptive_concurrency"
+            } else {
+                "admission_control"
+            };
+            (algorithm, (0, 0), Counted::Node, true, 1)
+        }
         Charge::Blocked => ("blocked", (0, 0), Counted::Blocked, false, 0),
         Charge::Refused => ("refused", (0, 0), Counted::Refused, false, 0),
     };

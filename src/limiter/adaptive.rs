@@ -19,9 +19,31 @@ use crate::clock::Timestamp;
 /// How a [`ConcurrencyLimit`] moves.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Method {
-    /// Gradient2: `gradient = clamp(0.5, 1, tolerance × long RTT ÷ short RTT)`,
-    /// `new = limit × gradient + queue`, and the limit moves by `smoothing` towards it.
+    /// Envoy's adaptive concurrency: the no-load latency (`min RTT`) is measured with the
+    /// limit held at `min_concurrency`, again every `min_rtt_every`; between measurements,
+    /// once per `interval`, the median latency of the interval gives
+    /// `gradient = clamp(0.5, 2, min RTT × tolerance ÷ sample RTT)` and
+    /// `new = limit × gradient + √limit` (an interval with an overload failure: 0.5), and
+    /// the limit moves by `smoothing` towards it.
     Gradient {
+        /// How much slower than the no-load latency requests may get (Envoy's `1 + buffer`;
+        /// 1.25).
+        tolerance: f64,
+        /// The share of the way to the new limit taken per interval (0.2): without it the
+        /// limit swings between two values around the knee.
+        smoothing: f64,
+        /// How often the limit moves (100 ms).
+        interval: Duration,
+        /// How often the no-load latency is measured again (30 s, plus up to 15 % jitter).
+        min_rtt_every: Duration,
+        /// How many requests the measurement takes (50).
+        min_rtt_requests: u32,
+        /// The limit while it measures (3).
+        min_concurrency: u32,
+    },
+    /// Netflix's Gradient2: `gradient = clamp(0.5, 1, tolerance × long RTT ÷ short RTT)`,
+    /// `new = limit × gradient + queue`, and the limit moves by `smoothing` towards it.
+    Gradient2 {
         /// How much slower than the long-term latency the current one may be before the limit
         /// shrinks (Netflix's default: 1.5).
         tolerance: f64,
@@ -51,6 +73,8 @@ pub enum Method {
 /// One admitted request, as the second phase saw it end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Sample {
+    /// When it ended.
+    pub at: Timestamp,
     /// How long it took.
     pub latency: Duration,
     /// Requests in flight when it started (itself included).
@@ -66,9 +90,25 @@ pub struct ConcurrencyLimit {
     min: f64,
     max: f64,
     limit: f64,
-    /// Gradient: the long-term latency, µs (an exponential average); Vegas: the lowest seen.
+    /// Gradient: the no-load latency, µs; Gradient2: the long-term latency, µs (an
+    /// exponential average); Vegas: the lowest seen.
     baseline: Option<f64>,
     samples: u64,
+    /// Gradient: the no-load measurement under way (latencies, µs), or the interval's
+    /// samples.
+    measuring: Option<Vec<f64>>,
+    interval: Interval,
+}
+
+/// Gradient: the interval being sampled.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Interval {
+    /// Its end, µs (0: not started).
+    ends: u64,
+    latencies: Vec<f64>,
+    dropped: bool,
+    /// When the no-load latency is measured again, µs.
+    next_min_rtt: u64,
 }
 
 impl ConcurrencyLimit {
@@ -83,12 +123,23 @@ impl ConcurrencyLimit {
             limit: f64::from(initial).clamp(min, max),
             baseline: None,
             samples: 0,
+            // The gradient method measures the no-load latency first.
+            measuring: matches!(method, Method::Gradient { .. }).then(Vec::new),
+            interval: Interval::default(),
         }
     }
 
     /// The limit now: how many requests may be in flight.
     pub fn limit(&self) -> u32 {
-        self.limit.floor() as u32
+        match (self.method, &self.measuring) {
+            (
+                Method::Gradient {
+                    min_concurrency, ..
+                },
+                Some(_),
+            ) => min_concurrency.max(1),
+            _ => self.limit.floor() as u32,
+        }
     }
 
     /// Takes one finished request into account.
@@ -100,8 +151,74 @@ impl ConcurrencyLimit {
             Method::Gradient {
                 tolerance,
                 smoothing,
+                interval,
+                min_rtt_every,
+                min_rtt_requests,
+                min_concurrency,
+            } => {
+                let at = sample.at.as_micros();
+                if let Some(latencies) = self.measuring.as_mut() {
+                    // Only requests sent at the measuring concurrency tell the no-load latency.
+                    if !sample.dropped && sample.in_flight <= min_concurrency.max(1) {
+                        latencies.push(rtt);
+                    }
+                    if latencies.len() >= min_rtt_requests.max(1) as usize {
+                        self.baseline = Some(median(latencies));
+                        self.measuring = None;
+                        // Up to 15 % later, so that nodes started together do not measure
+                        // together (a spread from the samples seen, not a clock).
+                        let jitter = (self.samples.wrapping_mul(2_654_435_761) % 1_000) as f64;
+                        let every = min_rtt_every.as_micros() as f64 * (1.0 + 0.15 * jitter / 1e3);
+                        self.interval = Interval {
+                            next_min_rtt: at + every as u64,
+                            ..Interval::default()
+                        };
+                    }
+                    return;
+                }
+                let iv = &mut self.interval;
+                let mut next = self.limit;
+                if iv.ends == 0 {
+                    iv.ends = at + interval.as_micros() as u64;
+                } else if at >= iv.ends {
+                    if let (Some(min_rtt), false) =
+                        (self.baseline, iv.latencies.is_empty() && !iv.dropped)
+                    {
+                        let gradient = if iv.dropped {
+                            0.5
+                        } else {
+                            (min_rtt * tolerance / median(&mut iv.latencies)).clamp(0.5, 2.0)
+                        };
+                        let target = self.limit * gradient + self.limit.sqrt();
+                        next = self.limit * (1.0 - smoothing) + target * smoothing;
+                    }
+                    iv.latencies.clear();
+                    iv.dropped = false;
+                    iv.ends = at + interval.as_micros() as u64;
+                    if at >= iv.next_min_rtt {
+                        self.measuring = Some(Vec::new());
+                    }
+                }
+                if sample.dropped {
+                    iv.dropped = true;
+                } else {
+                    iv.latencies.push(rtt);
+                }
+                next
+            }
+            Method::Gradient2 {
+                tolerance,
+                smoothing,
                 long_window,
             } => {
+                if sample.dropped {
+                    // An overload failure says nothing of latency (it may come back at once):
+                    // the limit moves as if the gradient were at its floor.
+                    let target = self.limit * 0.5 + self.limit.sqrt();
+                    self.limit = (self.limit * (1.0 - smoothing) + target * smoothing)
+                        .clamp(self.min, self.max);
+                    return;
+                }
                 let window = f64::from(long_window.max(1));
                 let long = match self.baseline {
                     // The first samples average plainly, then exponentially.
@@ -115,7 +232,7 @@ impl ConcurrencyLimit {
                 // limit can recover (Gradient2's drift correction).
                 let long = if long / rtt > 2.0 { long * 0.95 } else { long };
                 self.baseline = Some(long);
-                if in_flight < self.limit / 2.0 && !sample.dropped {
+                if in_flight < self.limit / 2.0 {
                     // Limited by the application, not the upstream: nothing learnt.
                     return;
                 }
@@ -155,6 +272,12 @@ impl ConcurrencyLimit {
         };
         self.limit = next.clamp(self.min, self.max);
     }
+}
+
+/// The median of `values` (reordered), µs.
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_unstable_by(f64::total_cmp);
+    values[values.len() / 2]
 }
 
 /// Envoy's admission control over a sliding window of outcomes.
@@ -253,6 +376,7 @@ mod tests {
 
     fn sample(latency_ms: u64, in_flight: u32, dropped: bool) -> Sample {
         Sample {
+            at: Timestamp::from_micros(0),
             latency: ms(latency_ms),
             in_flight,
             dropped,
@@ -261,7 +385,7 @@ mod tests {
 
     #[test]
     fn gradient_grows_by_its_queue_while_latency_holds_and_shrinks_by_the_gradient() {
-        let method = Method::Gradient {
+        let method = Method::Gradient2 {
             tolerance: 1.5,
             smoothing: 1.0,
             long_window: 100,
@@ -297,7 +421,7 @@ mod tests {
 
     #[test]
     fn gradient_learns_nothing_when_the_application_is_the_limit() {
-        let method = Method::Gradient {
+        let method = Method::Gradient2 {
             tolerance: 1.5,
             smoothing: 0.2,
             long_window: 600,
@@ -311,7 +435,7 @@ mod tests {
 
     #[test]
     fn gradient_smooths_and_stays_within_its_bounds() {
-        let method = Method::Gradient {
+        let method = Method::Gradient2 {
             tolerance: 1.5,
             smoothing: 0.2,
             long_window: 600,

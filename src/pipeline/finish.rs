@@ -16,6 +16,7 @@ use super::meter::Meter;
 use super::{Completion, Done, Ended, Pipeline, Settled};
 use crate::clock::{Clock, Timestamp};
 use crate::store::Store;
+use crate::store::adaptive::Ticket;
 use crate::verdict::{Lease, Reservation};
 
 /// What an admitted request holds until it ends: concurrency leases to give back,
@@ -24,11 +25,12 @@ use crate::verdict::{Lease, Reservation};
 pub(super) struct Held {
     pub(super) leases: Vec<Lease>,
     pub(super) reservations: Vec<Reservation>,
+    pub(super) tickets: Vec<Arc<Ticket>>,
 }
 
 impl Held {
     fn is_empty(&self) -> bool {
-        self.leases.is_empty() && self.reservations.is_empty()
+        self.leases.is_empty() && self.reservations.is_empty() && self.tickets.is_empty()
     }
 }
 
@@ -119,9 +121,15 @@ impl<S: Store, C: Clock> Finishing<S, C> {
 impl<S: Store, C: Clock> Pending<S, C> {
     fn run(self, status: u16, ended: Ended, held: Held, said: Vec<Option<u64>>) {
         let engine = Arc::clone(self.pipeline.engine());
+        let now = engine.now();
+        let latency = now.saturating_since(self.started);
+        // The adaptive limits learn first: the slot is free for the next request at once.
+        for ticket in &held.tickets {
+            ticket.finish(now, status, latency, ended == Ended::Answered);
+        }
         let done = Done {
             status,
-            latency: engine.now().saturating_since(self.started),
+            latency,
             ended,
             usage: held
                 .reservations
@@ -138,7 +146,7 @@ impl<S: Store, C: Clock> Pending<S, C> {
         for completion in self.completions {
             completion.completed(&done);
         }
-        if held.is_empty() {
+        if held.leases.is_empty() && held.reservations.is_empty() {
             return;
         }
         let mut work = Box::pin(async move {

@@ -24,6 +24,7 @@ use crate::dsl::ast::{self, Spanned};
 use crate::dsl::{ParsedFile, PolicySet};
 use crate::limiter::{BucketQuota, CalendarPeriod, ConcurrencyQuota, Quota, WindowQuota};
 
+mod adaptive;
 mod conditions;
 mod envoy;
 mod imports;
@@ -54,6 +55,7 @@ const ALGORITHMS: Keywords<Algorithm> = &[
     ("gcra", Algorithm::Gcra),
     ("concurrency", Algorithm::Concurrency),
     ("quota", Algorithm::Calendar),
+    ("adaptive_concurrency", Algorithm::AdaptiveConcurrency),
 ];
 const MODES: Keywords<Mode> = &[
     ("enforce", Mode::Enforce),
@@ -167,6 +169,8 @@ enum Algorithm {
     Gcra,
     Concurrency,
     Calendar,
+    /// Decided in each node's memory, by a limit that follows the upstream's latency.
+    AdaptiveConcurrency,
 }
 
 impl Algorithm {
@@ -175,6 +179,14 @@ impl Algorithm {
             .iter()
             .find(|(_, a)| *a == self)
             .map_or("", |(w, _)| *w)
+    }
+
+    /// Whether the algorithm counts requests in flight, one each, until they end.
+    fn counts_in_flight(self) -> bool {
+        matches!(
+            self,
+            Algorithm::Concurrency | Algorithm::AdaptiveConcurrency
+        )
     }
 
     /// The longest window or period the algorithm supports, in microseconds.

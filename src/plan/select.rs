@@ -110,6 +110,9 @@ pub enum Charge {
         /// What the request costs.
         cost: u64,
     },
+    /// Nothing counted in the store: the limit is decided in the node's memory only
+    /// (adaptive concurrency, admission control: [`Limit::adaptive`]).
+    Node,
     /// Refuse without counting: the tier's value is `blocked`.
     Blocked,
     /// Refuse without counting: the request has no value for the key
@@ -245,12 +248,14 @@ pub fn select_limits<'p>(
         let (value, tier, position) = tier_value(plan, limit, env);
         let overridden = request.descriptor.as_ref().and_then(|d| d.limit);
         let quota = match value {
-            TierValue::Unlimited => continue,
-            TierValue::Quota(q) => Some(match overridden {
+            // Nothing to count: only what the node decides, if anything.
+            TierValue::Unlimited if limit.adaptive.is_none() => continue,
+            TierValue::Unlimited => Ok(None),
+            TierValue::Quota(q) => Ok(Some(match overridden {
                 Some(o) => q.with_rate(o.requests, o.per_micros),
                 None => q,
-            }),
-            TierValue::Blocked => None,
+            })),
+            TierValue::Blocked => Err(()),
         };
         let mut refused = false;
         let mut key_missing = false;
@@ -279,8 +284,9 @@ pub fn select_limits<'p>(
         };
         let charge = match quota {
             _ if refused => Charge::Refused,
-            None => Charge::Blocked,
-            Some(quota) => Charge::Count {
+            Err(()) => Charge::Blocked,
+            Ok(None) => Charge::Node,
+            Ok(Some(quota)) => Charge::Count {
                 quota,
                 cost: cost(limit, quota, request, scope.amount),
             },

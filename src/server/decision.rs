@@ -105,8 +105,10 @@ pub(super) async fn check<S: Store, C: Clock>(
     // The caller holds the leases (`/v1/release`); the decision's own outcome is the answer.
     let mut admission = admission;
     admission.verdict.leases.clear();
-    // And the reservations: its `/v1/report` settles them.
+    // And the reservations: its `/v1/report` settles them; and the adaptive limits' slots,
+    // which its `/v1/report` gives back.
     admission.verdict.reservations.clear();
+    app.pipeline.engine().await_report(&mut admission.verdict);
     let status = admission.status();
     admission.complete(status);
     Ok(response)
@@ -222,6 +224,10 @@ pub(super) async fn report<S: ServedStore, C: Clock>(
         input.latency_ms,
     )
     .await;
+    let latency = input.latency_ms.map(std::time::Duration::from_millis);
+    app.pipeline
+        .engine()
+        .report_adaptive(&ctx, input.status, latency);
     let (watched, detected) = app.observers.anomalies.report(&ctx, input.status).await;
     let detected = detected
         .into_iter()

@@ -85,6 +85,7 @@ pub(super) async fn forward_auth<S: Store, C: Clock>(
     // response; never at this answer.
     let mut admission = admission;
     admission.verdict.reservations.clear();
+    app.pipeline.engine().await_report(&mut admission.verdict);
     admission.complete(status);
     response
 }

@@ -212,6 +212,8 @@ impl Builder<'_> {
                         Rule::when_stmt => {
                             LimitStmt::When(self.condition(next(&mut p.into_inner())))
                         }
+                        Rule::adaptive_block => LimitStmt::Adaptive(self.adaptive(p)),
+                        Rule::admission_block => LimitStmt::Admission(self.admission(p)),
                         _ => LimitStmt::Setting(self.setting(p)),
                     })
                     .collect();

@@ -2,6 +2,12 @@
 
 use super::*;
 
+/// The rate of a limit decided in each node's memory only: nothing counted in the store.
+static NODE_ONLY: Spanned<ast::RateValue> = Spanned {
+    node: ast::RateValue::Unlimited,
+    span: Span { start: 0, end: 0 },
+};
+
 impl<'a> Compiler<'a> {
     pub(super) fn limit(
         &mut self,
@@ -18,7 +24,7 @@ impl<'a> Compiler<'a> {
             .flat_map(|stmt| match stmt {
                 ast::LimitStmt::Match(block) => block.node.iter().collect(),
                 ast::LimitStmt::When(c) => vec![c],
-                ast::LimitStmt::Setting(_) => Vec::new(),
+                _ => Vec::new(),
             })
             .collect();
         let key = self.limit_key(f, &settings, &name.node, &written);
@@ -30,15 +36,32 @@ impl<'a> Compiler<'a> {
             let key_span = settings.key.map_or(name.span, |k| k.span);
             ok &= self.key_fits(f, key_span, key, for_descriptors);
         }
-        let Some(rate_value) = settings.rate else {
-            self.error_help(
-                f,
-                name.span,
-                format!("limit `{}` has no rate", name.node),
-                "no `rate`",
-                "add a rate such as `rate 100/min;`, or set one in `defaults`",
-            );
-            return None;
+        let adaptive_algorithm = settings
+            .algorithm
+            .is_some_and(|a| a.node == Algorithm::AdaptiveConcurrency.name());
+        let admission = block
+            .stmts
+            .iter()
+            .any(|s| matches!(s, ast::LimitStmt::Admission(_)));
+        if adaptive_algorithm {
+            ok &= self.no_written_rate(f, block);
+        }
+        let rate_value = match settings.rate {
+            // Decided in the node's memory: nothing to count in the store (a rate from
+            // `defaults` does not apply).
+            _ if adaptive_algorithm => &NODE_ONLY,
+            Some(rate) => rate,
+            None if admission => &NODE_ONLY,
+            None => {
+                self.error_help(
+                    f,
+                    name.span,
+                    format!("limit `{}` has no rate", name.node),
+                    "no `rate`",
+                    "add a rate such as `rate 100/min;`, or set one in `defaults`",
+                );
+                return None;
+            }
         };
         let algorithm = self.algorithm(f, &settings, rate_value);
         let lease = self.lease(f, &settings, algorithm, &name.node, &mut ok);
@@ -70,6 +93,7 @@ impl<'a> Compiler<'a> {
             (_, mode) => mode,
         };
         let global = self.global(f, &settings, algorithm, &mut ok);
+        let adaptive = self.adaptive(f, block, algorithm, lease, for_descriptors, &mut ok);
         let priority = self.priority(f, settings.priority);
         let authorize = match settings.authorize {
             Some(action) => self.authorize(f, action),
@@ -103,6 +127,7 @@ impl<'a> Compiler<'a> {
             authorize: authorize?,
             sync,
             global: global?,
+            adaptive,
             headers,
             replaces: settings
                 .replaces
@@ -153,7 +178,7 @@ impl<'a> Compiler<'a> {
     ) -> Option<Counts> {
         let counts = self.keyword_or(f, settings.counts, "counts", COUNTS, Counts::Requests);
         if counts.is_some_and(|c| c != Counts::Requests)
-            && algorithm == Some(Algorithm::Concurrency)
+            && algorithm.is_some_and(Algorithm::counts_in_flight)
         {
             self.error_help(
                 f,
@@ -190,6 +215,7 @@ impl<'a> Compiler<'a> {
                     ok &= self.apply_setting(f, &mut settings, s, true, &mut seen);
                     &[]
                 }
+                ast::LimitStmt::Adaptive(_) | ast::LimitStmt::Admission(_) => &[],
             };
             for c in written {
                 match self.condition(f, c) {
@@ -359,7 +385,7 @@ impl<'a> Compiler<'a> {
         let Some(lease) = settings.lease else {
             return DEFAULT_LEASE;
         };
-        if algorithm.is_some_and(|a| a != Algorithm::Concurrency) {
+        if algorithm.is_some_and(|a| !a.counts_in_flight()) {
             self.error_help(
                 f,
                 lease.span,

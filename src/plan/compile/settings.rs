@@ -9,7 +9,7 @@ impl<'a> Compiler<'a> {
         cost: &Spanned<ast::CostExpr>,
         algorithm: Algorithm,
     ) -> Option<Cost> {
-        if algorithm == Algorithm::Concurrency {
+        if algorithm.counts_in_flight() {
             self.error_help(
                 f,
                 cost.span,

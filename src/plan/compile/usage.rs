@@ -60,7 +60,7 @@ impl<'a> Compiler<'a> {
                     );
                     return None;
                 }
-                if algorithm == Algorithm::Concurrency {
+                if algorithm.counts_in_flight() {
                     // The same problem as any cost on a concurrency limit.
                     return self.cost(f, cost, algorithm).map(|c| (c, None));
                 }
