@@ -51,6 +51,9 @@ pub struct LimitExplanation {
     /// For a cost its response says (`cost response …`): what the request reserves, and
     /// how what it used is read.
     pub usage: Option<String>,
+    /// For an adaptive limit, where it stands on the node that explains (its current
+    /// limit, in flight, admission control's refusals); `None` offline.
+    pub now: Option<String>,
 }
 
 /// Explains `request` against `plan`.
@@ -160,8 +163,12 @@ fn explain_limit(
                     crate::plan::OnPartition::Deny => "deny",
                 }
             ),
-            (None, None) => describe_value(value),
+            (None, None) => match &limit.adaptive {
+                Some(adaptive) => describe_adaptive(adaptive, value),
+                None => describe_value(value),
+            },
         },
+        now: None,
         usage: limit
             .usage
             .as_ref()
@@ -315,6 +322,48 @@ pub fn describe_value(value: TierValue) -> String {
     }
 }
 
+/// An adaptive limit in words: its method and bounds, its admission control, and the rate it
+/// also counts, if any.
+fn describe_adaptive(adaptive: &crate::plan::adaptive::Adaptive, value: TierValue) -> String {
+    use crate::limiter::adaptive::Method;
+    let mut parts = Vec::new();
+    if value != TierValue::Unlimited {
+        parts.push(describe_value(value));
+    }
+    if let Some(c) = &adaptive.concurrency {
+        let method = match c.method {
+            Method::Gradient { tolerance, .. } => format!("gradient, tolerance {tolerance}"),
+            Method::Gradient2 { tolerance, .. } => format!("gradient2, tolerance {tolerance}"),
+            Method::Aimd { backoff, timeout } => {
+                format!("aimd, backoff {backoff}, timeout {}", human(timeout))
+            }
+            Method::Vegas { alpha, beta } => format!("vegas, alpha {alpha}, beta {beta}"),
+        };
+        parts.push(format!(
+            "adaptive concurrency ({method}): starts at {} in flight, within {}–{}, per node",
+            c.initial, c.min, c.max
+        ));
+    }
+    if let Some(a) = &adaptive.admission {
+        let statuses: Vec<String> = a
+            .success
+            .iter()
+            .map(|&(low, high)| match low == high {
+                true => low.to_string(),
+                false => format!("{low}–{high}"),
+            })
+            .collect();
+        parts.push(format!(
+            "admission control: refuses up to {}% while under {}% of answers over {} succeed (statuses {}), per node",
+            a.max_probability * 100.0,
+            a.threshold * 100.0,
+            human(a.window),
+            statuses.join(", ")
+        ));
+    }
+    parts.join("; ")
+}
+
 fn describe_quota(q: &Quota) -> String {
     let per = |micros: u64| human(Duration::from_micros(micros));
     match q {
@@ -396,6 +445,9 @@ impl fmt::Display for Explanation {
             }
             if let Some(authorization) = &l.authorization {
                 writeln!(f, "      authz {authorization}")?;
+            }
+            if let Some(now) = &l.now {
+                writeln!(f, "      now   {now}")?;
             }
             if let Some(usage) = &l.usage {
                 writeln!(f, "      usage {usage}")?;

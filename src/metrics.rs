@@ -7,6 +7,8 @@
 //! decision as it is admitted, and each anomaly acted on. Values kept elsewhere (breakers,
 //! memory keys, reloads, bans) are read when the registry is scraped ([`Metrics::render`]).
 
+mod adaptive;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,6 +53,7 @@ pub struct Metrics {
     export: ExportFamilies,
     anomalies: IntCounterVec,
     usage: IntCounterVec,
+    adaptive: adaptive::AdaptiveFamilies,
 }
 
 /// The Redis store's families (zero with the memory store).
@@ -364,6 +367,7 @@ impl Metrics {
             "Anomalies detected and acted on by this node, by anomaly block.",
             &["namespace", "anomaly"],
         );
+        let adaptive = adaptive::AdaptiveFamilies::new(&registry);
         let admitted = ["allow", "warn", "delay"].map(|o| requests.with_label_values(&[o, ""]));
         Metrics {
             registry,
@@ -385,6 +389,7 @@ impl Metrics {
             export,
             anomalies,
             usage,
+            adaptive,
         }
     }
 
@@ -489,6 +494,7 @@ impl Metrics {
         if let Some(stats) = scrape.export {
             self.export.update(stats);
         }
+        self.adaptive.update(&scrape.adaptive);
         self.plan.reset();
         self.plan.with_label_values(&[scrape.plan_version]).set(1);
         TextEncoder::new()
@@ -547,6 +553,8 @@ pub struct Scrape<'a> {
     pub plan_version: &'a str,
     /// What the ClickHouse exporter did (`None`: no export).
     pub export: Option<&'a crate::analytics::export::ExportStats>,
+    /// The adaptive limits on this node.
+    pub adaptive: Vec<crate::store::adaptive::Summary>,
 }
 
 /// Raises `counter` to `total`, a count kept elsewhere that only grows.

@@ -184,6 +184,7 @@ pub fn metrics_response<S: ServedStore, C: Clock>(
         active_bans,
         plan_version: plan.version(),
         export: observers.exporting.as_ref().map(|e| e.exporter().stats()),
+        adaptive: engine.adaptive_summary(),
     });
     (
         [(http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],

@@ -389,6 +389,7 @@ fn a_clickhouse_outage_is_spooled_and_delivered_exactly_once() {
             active_bans: 0,
             plan_version: "v",
             export: Some(stats),
+            adaptive: Vec::new(),
         });
         for line in [
             "tollgate_export_rows_spooled_total 300",
@@ -867,6 +868,7 @@ anomaly any { detect 1 in 1min; then alert "ops"; }
         active_bans: 0,
         plan_version: "v",
         export: None,
+        adaptive: Vec::new(),
     });
     assert!(!metrics.is_empty());
     for name in metrics {
@@ -1057,6 +1059,7 @@ limit calls { match { route ANY "/v1/**"; } key api_token; rate 1_000/min; }
         active_bans: 0,
         plan_version: "v",
         export: None,
+        adaptive: Vec::new(),
     });
     for line in [
         r#"tollgate_usage_units_total{limit="tokens",namespace="llm",phase="reserved"} 300"#,

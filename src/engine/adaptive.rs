@@ -81,6 +81,17 @@ impl<S: Store, C: Clock> Engine<S, C> {
         }
     }
 
+    /// Where the adaptive limit counting on `key` stands on this node, if it has been used.
+    pub fn adaptive_reading(&self, key: &str) -> Option<Reading> {
+        let controller = self.adaptive.find(key)?;
+        Some(controller.reading(self.clock.now()))
+    }
+
+    /// Each adaptive limit of this node, its keys summed up, as it is now.
+    pub fn adaptive_summary(&self) -> Vec<crate::store::adaptive::Summary> {
+        self.adaptive.summary(self.clock.now())
+    }
+
     /// Each adaptive controller of this node, by counter key, as it is at `now`.
     pub fn adaptive_readings(&self, now: Timestamp) -> Vec<(Box<str>, Reading)> {
         self.adaptive.snapshot(now)

@@ -420,6 +420,83 @@ mod tests {
     }
 
     #[test]
+    fn gradient_measures_the_no_load_latency_then_moves_by_envoys_formula_each_interval() {
+        let method = Method::Gradient {
+            tolerance: 1.25,
+            smoothing: 1.0,
+            interval: ms(100),
+            min_rtt_every: Duration::from_secs(30),
+            min_rtt_requests: 5,
+            min_concurrency: 3,
+        };
+        let t0 = 1_700_000_000_000_000u64;
+        let at = |ms: u64| Timestamp::from_micros(t0 + ms * 1_000);
+        let end = |t: u64, latency: u64, in_flight: u32, dropped: bool| Sample {
+            at: at(t),
+            latency: self::ms(latency),
+            in_flight,
+            dropped,
+        };
+        let mut c = ConcurrencyLimit::new(method, 40, 1, 1000);
+        assert_eq!(c.limit(), 3, "held at min_concurrency while it measures");
+        // Requests sent at a higher concurrency (before the measurement) do not count.
+        c.record(end(1, 50, 40, false));
+        for (i, latency) in [6, 4, 5, 9, 5].into_iter().enumerate() {
+            c.record(end(2 + i as u64, latency, 3, false));
+        }
+        assert_eq!(c.baseline, Some(5_000.0), "the median of 6, 4, 5, 9, 5 ms");
+        assert_eq!(c.limit(), 40, "back to where it was");
+        // The first sample opens the interval; the first one past its end closes it.
+        c.record(end(10, 10, 40, false));
+        c.record(end(50, 10, 40, false));
+        c.record(end(60, 20, 40, false));
+        // The sample that closes an interval belongs to the next one.
+        c.record(end(111, 1, 40, false));
+        // Median 10 ms: gradient = 5 × 1.25 ÷ 10 = 0.625; 40 × 0.625 + √40 = 31.32.
+        let expected = 40.0 * 0.625 + 40f64.sqrt();
+        assert!((c.limit - expected).abs() < 1e-9, "{}", c.limit);
+        // Faster than the no-load latency (1 ms): the gradient is capped at 2.
+        c.record(end(212, 1, 31, true));
+        let before = expected;
+        let expected = before * 2.0 + before.sqrt();
+        assert!((c.limit - expected).abs() < 1e-9, "{}", c.limit);
+        // An interval with an overload failure: gradient 0.5, whatever the latencies.
+        c.record(end(250, 1, 31, false));
+        c.record(end(313, 1, 31, false));
+        let before = expected;
+        let expected = before * 0.5 + before.sqrt();
+        assert!((c.limit - expected).abs() < 1e-9, "{}", c.limit);
+        // 30 s on (plus up to 15 %), an interval's end starts a new measurement.
+        c.record(end(35_000, 5, 10, false));
+        assert_eq!(c.limit(), 3, "measuring again");
+    }
+
+    #[test]
+    fn gradient_moves_by_its_smoothing() {
+        let method = Method::Gradient {
+            tolerance: 1.0,
+            smoothing: 0.2,
+            interval: ms(100),
+            min_rtt_every: Duration::from_secs(30),
+            min_rtt_requests: 1,
+            min_concurrency: 3,
+        };
+        let at = |ms: u64| Timestamp::from_micros(1_000_000 + ms * 1_000);
+        let mut c = ConcurrencyLimit::new(method, 100, 1, 1000);
+        let end = |t: u64, latency: u64, in_flight: u32| Sample {
+            at: at(t),
+            latency: self::ms(latency),
+            in_flight,
+            dropped: false,
+        };
+        c.record(end(0, 10, 1));
+        c.record(end(1, 20, 100));
+        c.record(end(102, 20, 100));
+        // gradient 0.5: target 50 + 10 = 60; a fifth of the way from 100: 92.
+        assert!((c.limit - 92.0).abs() < 1e-9, "{}", c.limit);
+    }
+
+    #[test]
     fn gradient_learns_nothing_when_the_application_is_the_limit() {
         let method = Method::Gradient2 {
             tolerance: 1.5,

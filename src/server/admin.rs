@@ -14,7 +14,8 @@
 //! - `GET|POST|DELETE /admin/lists`: runtime safelist and denylist entries (addresses or
 //!   networks, for a time or until removed: a ban is a denylist entry that ends), shared by
 //!   every node through the store;
-//! - `GET /admin/diagnostics`: the store's health and latency, memory evictions, the build.
+//! - `GET /admin/diagnostics`: the store's health and latency, memory evictions, where the
+//!   adaptive limits stand on this node, the build.
 
 use axum::middleware::Next;
 use subtle::ConstantTimeEq;
@@ -210,7 +211,14 @@ async fn explain<S: ServedStore, C: Clock>(
     let ctx = check_ctx(input, &state.identifier)
         .map_err(|problem| Refused::new(problem, &request_id))?;
     let plan = state.engine.plan();
-    let explanation = crate::explain::explain(&plan, &ctx, state.engine.key_hasher());
+    let mut explanation = crate::explain::explain(&plan, &ctx, state.engine.key_hasher());
+    for limit in &mut explanation.limits {
+        limit.now = limit
+            .key
+            .as_deref()
+            .and_then(|key| state.engine.adaptive_reading(key))
+            .map(|r| r.to_string());
+    }
     Ok(axum::Json(serde_json::json!({
         "plan_version": plan.version(),
         "explanation": explanation.to_string(),
@@ -363,6 +371,7 @@ async fn diagnostics<S: ServedStore, C: Clock>(
     axum::Json(serde_json::json!({
         "store": store,
         "memory_evictions": state.engine.evictions(),
+        "adaptive": state.engine.adaptive_summary(),
         "plan_version": state.engine.plan().version(),
         "build": { "version": env!("CARGO_PKG_VERSION") },
     }))

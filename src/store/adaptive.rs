@@ -70,6 +70,36 @@ impl Controllers {
         all
     }
 
+    /// Each limit's controllers summed up, by namespace and limit.
+    pub fn summary(&self, now: Timestamp) -> Vec<Summary> {
+        let mut by_limit: std::collections::BTreeMap<(String, String), Summary> =
+            std::collections::BTreeMap::new();
+        for (key, reading) in self.snapshot(now) {
+            let Some(parts) = crate::plan::key::CounterKey::parse(&key) else {
+                continue;
+            };
+            let entry = by_limit
+                .entry((parts.namespace.to_owned(), parts.limit.to_owned()))
+                .or_insert_with(|| Summary {
+                    namespace: parts.namespace.to_owned(),
+                    limit: parts.limit.to_owned(),
+                    keys: 0,
+                    lowest: None,
+                    highest: None,
+                    in_flight: 0,
+                    reject_probability: 0.0,
+                });
+            entry.keys += 1;
+            entry.in_flight += u64::from(reading.in_flight);
+            if let Some(limit) = reading.limit {
+                entry.lowest = Some(entry.lowest.map_or(limit, |l: u32| l.min(limit)));
+                entry.highest = Some(entry.highest.map_or(limit, |h: u32| h.max(limit)));
+            }
+            entry.reject_probability = entry.reject_probability.max(reading.reject_probability);
+        }
+        by_limit.into_values().collect()
+    }
+
     /// Drops the controllers of keys the plan no longer has (`keep` says which it has).
     pub fn retain(&self, mut keep: impl FnMut(&str, &Adaptive) -> bool) {
         self.map.retain(|key, c| keep(key, &c.spec));
@@ -103,6 +133,42 @@ pub struct Reading {
     /// Requests in flight.
     pub in_flight: u32,
     /// The probability admission control refuses a request now (0 without it).
+    pub reject_probability: f64,
+}
+
+impl std::fmt::Display for Reading {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(limit) = self.limit {
+            write!(f, "limit {limit}, ")?;
+        }
+        write!(f, "{} in flight", self.in_flight)?;
+        if self.reject_probability > 0.0 {
+            write!(
+                f,
+                ", admission control refusing {:.1}%",
+                self.reject_probability * 100.0
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// One adaptive limit on this node, all its keys together.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Summary {
+    /// The limit's namespace.
+    pub namespace: String,
+    /// The limit.
+    pub limit: String,
+    /// Keys it has a controller for.
+    pub keys: usize,
+    /// The lowest concurrency limit among its keys (none: admission control only).
+    pub lowest: Option<u32>,
+    /// The highest.
+    pub highest: Option<u32>,
+    /// Requests in flight, all keys.
+    pub in_flight: u64,
+    /// Admission control's highest refusal probability among its keys.
     pub reject_probability: f64,
 }
 
