@@ -191,16 +191,24 @@ impl<S: Store, C: Clock> End<S, C> {
 
 pin_project! {
     /// A response body that completes its request when it ends, or when dropped first.
-    struct FinishBody<B, S: Store, C: Clock> {
+    struct FinishBody<B: http_body::Body, S: Store, C: Clock> {
         #[pin]
         inner: B,
         end: Option<End<S, C>>,
     }
 
-    impl<B, S: Store, C: Clock> PinnedDrop for FinishBody<B, S, C> {
+    impl<B: http_body::Body, S: Store, C: Clock> PinnedDrop for FinishBody<B, S, C> {
         fn drop(this: Pin<&mut Self>) {
-            if let Some(end) = this.project().end.take() {
-                end.run(Ended::ClientGone);
+            let this = this.project();
+            if let Some(end) = this.end.take() {
+                // A body that says it has ended (an empty one, say) is dropped by the server
+                // without being polled to its end: it was answered in full all the same.
+                let ended = if this.inner.is_end_stream() {
+                    Ended::Answered
+                } else {
+                    Ended::ClientGone
+                };
+                end.run(ended);
             }
         }
     }

@@ -370,3 +370,137 @@ impl Drop for Ticket {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limiter::adaptive::Method;
+    use crate::plan::adaptive::AdaptiveConcurrency;
+
+    fn spec(initial: u32, lease: Duration) -> Arc<Adaptive> {
+        Arc::new(Adaptive {
+            concurrency: Some(AdaptiveConcurrency {
+                method: Method::Aimd {
+                    backoff: 0.5,
+                    timeout: Duration::from_secs(1),
+                },
+                initial,
+                min: 1,
+                max: 100,
+            }),
+            admission: None,
+            lease,
+        })
+    }
+
+    fn at(ms: u64) -> Timestamp {
+        Timestamp::from_micros(1_000_000_000 + ms * 1_000)
+    }
+
+    fn admitted(answer: Answer) -> Arc<Ticket> {
+        match answer {
+            Answer::Admitted(ticket, _, None) => ticket,
+            other => panic!("refused: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn slots_are_held_until_the_end_and_given_back_by_a_finish_or_a_drop() {
+        let controllers = Controllers::default();
+        let c = controllers.get("ns:{global}:a", &spec(2, Duration::from_secs(60)), at(0));
+        let first = admitted(c.admit(at(0), true, 0.5));
+        let second = admitted(c.admit(at(1), true, 0.5));
+        assert!(matches!(
+            c.admit(at(2), true, 0.5),
+            Answer::Refused(_, Refusal::Concurrency)
+        ));
+        // Shadow mode admits and counts what it would refuse.
+        let shadow = match c.admit(at(2), false, 0.5) {
+            Answer::Admitted(ticket, reading, Some(Refusal::Concurrency)) => {
+                assert_eq!(reading.in_flight, 3);
+                ticket
+            }
+            other => panic!("{other:?}"),
+        };
+        drop(shadow);
+        // A failure halves the AIMD limit (2 → 1) and frees its slot.
+        first.finish(at(10), 503, Duration::from_millis(10), true);
+        assert_eq!(c.reading(at(10)).limit, Some(1));
+        assert_eq!(c.reading(at(10)).in_flight, 1);
+        // Finishing twice changes nothing; dropping a finished ticket neither.
+        first.finish(at(11), 503, Duration::from_millis(10), true);
+        drop(first);
+        assert_eq!(c.reading(at(11)).in_flight, 1);
+        // A client gone away frees the slot and teaches nothing.
+        second.finish(at(12), 499, Duration::from_secs(5), false);
+        assert_eq!(
+            c.reading(at(12)),
+            Reading {
+                limit: Some(1),
+                in_flight: 0,
+                reject_probability: 0.0
+            }
+        );
+    }
+
+    #[test]
+    fn slots_awaiting_a_report_are_given_back_by_it_oldest_first_or_by_the_lease() {
+        let controllers = Controllers::default();
+        let c = controllers.get("ns:{global}:a", &spec(3, Duration::from_secs(10)), at(0));
+        for t in [0, 1_000, 2_000] {
+            admitted(c.admit(at(t), true, 0.5)).await_report(at(t));
+        }
+        assert_eq!(c.reading(at(2_000)).in_flight, 3);
+        assert!(matches!(c.admit(at(2_001), true, 0.5), Answer::Refused(..)));
+        // A report gives one back and teaches the limit (AIMD: + 1 while busy).
+        c.reported(at(3_000), 200, Some(Duration::from_millis(5)));
+        assert_eq!(
+            c.reading(at(3_000)),
+            Reading {
+                limit: Some(4),
+                in_flight: 2,
+                reject_probability: 0.0
+            }
+        );
+        // The slot taken at 1 s lapses at 11 s; the one taken at 2 s at 12 s.
+        assert_eq!(c.reading(at(10_999)).in_flight, 2);
+        assert_eq!(c.reading(at(11_000)).in_flight, 1);
+        assert_eq!(c.reading(at(12_000)).in_flight, 0);
+        // A report with no slot left to give back still teaches.
+        c.reported(at(12_500), 503, None);
+        assert_eq!(c.reading(at(12_500)).in_flight, 0);
+    }
+
+    #[test]
+    fn a_reload_keeps_a_controller_unless_its_limit_changed() {
+        let controllers = Controllers::default();
+        let a = spec(5, Duration::from_secs(60));
+        let c = controllers.get("ns:{global}:a", &a, at(0));
+        let held = admitted(c.admit(at(0), true, 0.5));
+        held.finish(at(1), 503, Duration::from_millis(1), true);
+        assert_eq!(c.reading(at(1)).limit, Some(2), "5 × 0.5 = 2.5");
+        // The same block in a new plan: the same controller, what it learnt kept.
+        let same = controllers.get("ns:{global}:a", &spec(5, Duration::from_secs(60)), at(2));
+        assert!(Arc::ptr_eq(&c, &same));
+        // A changed block: a new controller from the new bounds.
+        let changed = controllers.get("ns:{global}:a", &spec(7, Duration::from_secs(60)), at(3));
+        assert_eq!(changed.reading(at(3)).limit, Some(7));
+        assert_eq!(controllers.summary(at(3)).len(), 1);
+    }
+
+    #[test]
+    fn a_full_table_makes_room_by_dropping_idle_controllers() {
+        let controllers = Controllers::default();
+        let s = spec(5, Duration::from_secs(60));
+        let busy = controllers.get("ns:{busy}:a", &s, at(0));
+        let _held = admitted(busy.admit(at(0), true, 0.5));
+        for i in 0..MAX_CONTROLLERS * 2 {
+            controllers.get(&format!("ns:{{k{i}}}:a"), &s, at(1));
+        }
+        assert!(controllers.map.len() <= controllers.map.max_keys());
+        assert!(
+            controllers.find("ns:{busy}:a").is_some(),
+            "a controller with requests in flight stays"
+        );
+    }
+}

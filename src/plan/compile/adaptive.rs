@@ -55,9 +55,10 @@ const BOUNDS: [Knob; 3] = [
     knob("min", Kind::Count, 1.0, (1.0, 1_000_000.0)),
     knob("max", Kind::Count, 1_000.0, (1.0, 1_000_000.0)),
 ];
-const GRADIENT: [Knob; 6] = [
+const GRADIENT: [Knob; 7] = [
     knob("tolerance", Kind::Factor, 1.25, (1.0, 100.0)),
     knob("smoothing", Kind::Share, 0.2, (0.01, 1.0)),
+    knob("percentile", Kind::Share, 0.9, (0.01, 1.0)),
     knob("interval", Kind::Time, 0.1, (0.001, 60.0)),
     knob("min_rtt_every", Kind::Time, 30.0, (1.0, 86_400.0)),
     knob("min_rtt_requests", Kind::Count, 50.0, (1.0, 100_000.0)),
@@ -382,16 +383,17 @@ impl<'a> Compiler<'a> {
     }
 }
 
-/// The gradient method from its tuning values: tolerance, smoothing, interval, min RTT
-/// interval and requests, min concurrency.
+/// The gradient method from its tuning values: tolerance, smoothing, percentile, interval,
+/// min RTT interval and requests, min concurrency.
 fn gradient(values: &[f64]) -> Method {
     Method::Gradient {
         tolerance: values[0],
         smoothing: values[1],
-        interval: Duration::from_secs_f64(values[2]),
-        min_rtt_every: Duration::from_secs_f64(values[3]),
-        min_rtt_requests: values[4] as u32,
-        min_concurrency: values[5] as u32,
+        percentile: values[2],
+        interval: Duration::from_secs_f64(values[3]),
+        min_rtt_every: Duration::from_secs_f64(values[4]),
+        min_rtt_requests: values[5] as u32,
+        min_concurrency: values[6] as u32,
     }
 }
 
