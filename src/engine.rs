@@ -142,6 +142,7 @@ impl<S: Store, C: Clock> Engine<S, C> {
 
     /// Replaces the plan; requests already being decided finish with the old one.
     pub fn swap_plan(&self, plan: Plan) -> Arc<Plan> {
+        self.prune_adaptive(&plan);
         self.plan.swap(Arc::new(plan))
     }
 

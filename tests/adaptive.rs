@@ -7,6 +7,8 @@
 //! The upstream: 5 ms, plus 1 ms per request in flight above 20; past 50 in flight it answers
 //! 503 at once. Clients send again 1 ms after an answer, 10 ms after a refusal.
 
+mod support;
+
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::sync::Arc;
@@ -389,4 +391,125 @@ fn admission_control_refuses_in_proportion_to_failures_and_stops_when_they_stop(
         0.0,
         "nothing refused a window after"
     );
+}
+
+const CHECKED: &str = r#"
+limit upstream {
+  match { route ANY "/api/**"; }
+  key global;
+  algorithm adaptive_concurrency;
+  adaptive aimd { initial 2; min 1; max 10; backoff 50%; timeout 1s; }
+  admission { min_requests 1000; }
+  lease 1h;
+}
+"#;
+
+/// `/v1/check` and forward-auth take a slot each, held until the request's `/v1/report`;
+/// the report teaches the limit (AIMD: halved by a 503).
+#[test]
+fn checks_and_forward_auth_hold_slots_until_their_reports() {
+    let server = support::InProcess::start(CHECKED, tollgate::middleware::HttpOptions::default());
+    let request =
+        serde_json::json!({"method": "GET", "path": "/api/orders", "client_ip": "198.51.100.7"});
+    let check = || server.check(&request);
+    let forward_auth = || {
+        server.send(
+            "GET",
+            "/v1/auth",
+            &[
+                ("X-Forwarded-Method", "GET"),
+                ("X-Forwarded-Uri", "/api/orders"),
+            ],
+            b"",
+        )
+    };
+    let report = |status: u16, latency: Option<u64>| {
+        let mut body = serde_json::json!({"request": request, "status": status});
+        if let Some(ms) = latency {
+            body["latency_ms"] = ms.into();
+        }
+        let reply = server.send("POST", "/v1/report", &[], body.to_string().as_bytes());
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    };
+    assert_eq!(check().json()["allowed"], true);
+    assert_eq!(forward_auth().status, 200);
+    // Two in flight of a limit of 2: the third is refused, without taking a slot.
+    let refused = check();
+    assert_eq!(refused.json()["allowed"], false);
+    assert_eq!(refused.json()["policy"], "upstream");
+    assert_eq!(forward_auth().status, 429);
+    // A report gives one slot back, and AIMD adds one while half the limit is busy: 3.
+    report(200, Some(5));
+    assert_eq!(forward_auth().status, 200);
+    assert_eq!(check().json()["allowed"], true);
+    assert_eq!(check().json()["allowed"], false, "3 in flight of 3");
+    // A 503 reported with its latency halves the limit (1.5: 1) and frees a slot: 2 of 1.
+    report(503, Some(5));
+    assert_eq!(check().json()["allowed"], false);
+    // A report without a latency frees a slot and teaches the concurrency limit nothing.
+    report(200, None);
+    assert_eq!(check().json()["allowed"], false, "1 in flight of 1");
+    report(200, None);
+    assert_eq!(check().json()["allowed"], true, "the last slot given back");
+}
+
+/// In shadow mode an adaptive limit reports what it would refuse and admits it, counting it
+/// in flight.
+#[test]
+fn shadow_mode_reports_refusals_and_admits() {
+    let policy = CHECKED.replace("lease 1h;", "lease 1h; mode shadow;");
+    let (node, _clock) = node(&policy);
+    let request =
+        RequestCtx::new(Method::GET, "/api/orders").with_client_ip([198, 51, 100, 7].into());
+    let admissions: Vec<_> = (0..3)
+        .map(|i| node.admit_now(&request, format!("r{i}"), None).unwrap())
+        .collect();
+    assert!(admissions.iter().all(|a| a.verdict.is_allowed()));
+    let third = &admissions[2].verdict;
+    assert_eq!(third.shadow_rejections().count(), 1, "{:?}", third.reports);
+    assert_eq!(third.reports[0].algorithm, "adaptive_concurrency");
+    let summary = node.engine().adaptive_summary();
+    assert_eq!(summary[0].in_flight, 3, "all three went on, all counted");
+    drop(admissions);
+    assert_eq!(
+        node.engine().adaptive_summary()[0].in_flight,
+        0,
+        "dropped: the client went away"
+    );
+}
+
+/// A reload keeps what a limit learnt when its adaptive parts are unchanged, and drops the
+/// controllers of limits it removed or changed.
+#[test]
+fn a_reload_keeps_or_drops_the_controllers() {
+    let (node, _clock) = node(CHECKED);
+    let request =
+        RequestCtx::new(Method::GET, "/api/orders").with_client_ip([198, 51, 100, 7].into());
+    let admission = node.admit_now(&request, "r".into(), None).unwrap();
+    // A 503: AIMD halves the limit, 2 → 1.
+    admission.complete(503);
+    let limit = |node: &Arc<Node>| {
+        node.engine()
+            .adaptive_summary()
+            .first()
+            .and_then(|s| s.lowest)
+    };
+    assert_eq!(limit(&node), Some(1));
+    let compiled =
+        |policy: &str| compile(&PolicySet::from_sources([("adaptive.rl", policy)])).unwrap();
+    // The same limit, another priority: what it learnt is kept.
+    node.engine().swap_plan(compiled(
+        &CHECKED.replace("lease 1h;", "lease 1h; priority 5;"),
+    ));
+    assert_eq!(limit(&node), Some(1));
+    // Its adaptive block changed: dropped, and started again from the new bounds when used.
+    node.engine()
+        .swap_plan(compiled(&CHECKED.replace("initial 2;", "initial 3;")));
+    assert!(node.engine().adaptive_summary().is_empty());
+    let admission = node.admit_now(&request, "r".into(), None).unwrap();
+    assert_eq!(limit(&node), Some(3));
+    drop(admission);
+    // The limit removed: dropped.
+    node.engine().swap_plan(compiled(NO_LIMIT));
+    assert!(node.engine().adaptive_summary().is_empty());
 }

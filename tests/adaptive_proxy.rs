@@ -21,7 +21,7 @@ mod support;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::extract::State;
 use http::{Request, StatusCode};
@@ -31,7 +31,11 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tollgate::middleware::HttpOptions;
 use tollgate::store::MemoryStore;
-use tollgate::{Engine, PolicySet, compile};
+use tollgate::{Clock, Engine, PolicySet, SystemClock, Timestamp, compile};
+
+fn now() -> Timestamp {
+    SystemClock.now()
+}
 
 const CLIENTS: usize = 200;
 /// How long a client waits after a refusal or a failure before it sends again.
@@ -145,16 +149,16 @@ async fn load(addr: SocketAddr, clients: usize, length: Duration) -> Measured {
     let client: Client<HttpConnector, Empty<bytes::Bytes>> = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(clients)
         .build(connector);
-    let start = Instant::now();
-    let measure_from = start + length / 2;
+    let start = now();
+    let measure_from = start.saturating_add(length / 2);
     let tasks: Vec<_> = (0..clients)
         .map(|_| {
             let client = client.clone();
             tokio::spawn(async move {
                 let (mut ok, mut failed, mut refused, mut latencies) =
                     (0u64, 0u64, 0u64, Vec::new());
-                while start.elapsed() < length {
-                    let sent = Instant::now();
+                while now().saturating_since(start) < length {
+                    let sent = now();
                     let request = Request::get(format!("http://{addr}/api/orders"))
                         .body(Empty::new())
                         .unwrap();
@@ -166,7 +170,7 @@ async fn load(addr: SocketAddr, clients: usize, length: Duration) -> Measured {
                         }
                         Err(_) => StatusCode::BAD_GATEWAY,
                     };
-                    let took = sent.elapsed();
+                    let took = now().saturating_since(sent);
                     let counted = sent >= measure_from;
                     let wait = match status {
                         StatusCode::OK => {
@@ -279,12 +283,14 @@ fn an_adaptive_limit_protects_an_overloaded_upstream_through_the_proxy() {
             async move {
                 let mut lowest_seen = u32::MAX;
                 let mut recovered = None;
-                let started = Instant::now();
+                let started = now();
                 let (mut struggled_at, mut healthy_since) = (None, None);
-                while started.elapsed() < length / 3 + Duration::from_secs(2) + Duration::from_secs(5) {
+                while now().saturating_since(started)
+                    < length / 3 + Duration::from_secs(2) + Duration::from_secs(5)
+                {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     let limit = lowest_limit(&engine).unwrap_or(0);
-                    let t = started.elapsed();
+                    let t = now().saturating_since(started);
                     if t >= length / 3 && t < length / 3 + Duration::from_secs(2) {
                         lowest_seen = lowest_seen.min(limit);
                         struggled_at.get_or_insert(t);
@@ -304,6 +310,8 @@ fn an_adaptive_limit_protects_an_overloaded_upstream_through_the_proxy() {
         println!("struggling: lowest limit {struggling_limit}; back to 80 % of {settled} after {recovered:?}; that phase: {during:?}");
 
         assert!((10..=45).contains(&settled), "settled near the knee (20 to 25): {settled}");
+        assert_eq!(without.refused, 0.0, "nothing limits the plain proxy");
+        assert!(with.refused > 0.0, "the adaptive limit refuses what the upstream cannot take");
         assert!(with.goodput > without.goodput, "goodput {} vs {} without a limit", with.goodput, without.goodput);
         assert!(
             with.failures < without.failures / 10.0,

@@ -1085,3 +1085,67 @@ fn flags_and_tarpits_through_the_admin_api_on_redis() {
         "flag|192.0.2.0/24"
     );
 }
+
+/// Where an adaptive limit stands on the node: `/admin/diagnostics`, `/metrics` and
+/// `/admin/explain` (whose offline words `tollgate explain` shares) agree.
+#[test]
+fn adaptive_limits_show_where_they_stand() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("shop.rl"),
+        r#"namespace "shop";
+limit upstream {
+  match { route GET "/api/**"; }
+  key global;
+  algorithm adaptive_concurrency;
+  adaptive aimd { initial 2; max 10; }
+  admission { threshold 90%; }
+}
+"#,
+    )
+    .unwrap();
+    let (app, pipeline) = admin_with_pipeline(dir.path(), async || MemoryStore::new());
+    let request = RequestCtx::new(Method::GET, "/api/x").with_client_ip([203, 0, 113, 9].into());
+    let held = app.block_on(pipeline.admit(&request, "held".to_owned(), None));
+    assert!(held.verdict.is_allowed());
+
+    let diagnostics = call(&app, "GET", "/admin/diagnostics", b"");
+    support::assert_conforms_to(SPEC, &diagnostics, "Diagnostics");
+    let adaptive = &diagnostics.json()["adaptive"][0];
+    assert_eq!(adaptive["limit"], "upstream");
+    assert_eq!(adaptive["namespace"], "shop");
+    assert_eq!(adaptive["lowest"], 2);
+    assert_eq!(adaptive["in_flight"], 1);
+    assert_eq!(adaptive["reject_probability"], 0.0);
+
+    let metrics = call(&app, "GET", "/metrics", b"").text();
+    assert!(
+        metrics.contains(r#"tollgate_adaptive_limit{limit="upstream",namespace="shop"} 2"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"tollgate_adaptive_in_flight{limit="upstream",namespace="shop"} 1"#)
+    );
+
+    let explained = call(
+        &app,
+        "POST",
+        "/admin/explain",
+        json!({ "method": "GET", "path": "/api/x", "client_ip": "203.0.113.9" })
+            .to_string()
+            .as_bytes(),
+    );
+    let words = explained.json()["explanation"].as_str().unwrap().to_owned();
+    assert!(words.contains("adaptive concurrency (aimd, backoff 0.9, timeout 5s): starts at 2 in flight, within 1–10, per node"), "{words}");
+    assert!(
+        words.contains(
+            "admission control: refuses up to 80% while under 90% of answers over 30s succeed"
+        ),
+        "{words}"
+    );
+    assert!(words.contains("now   limit 2, 1 in flight"), "{words}");
+
+    held.complete(200);
+    let after = call(&app, "GET", "/admin/diagnostics", b"").json();
+    assert_eq!(after["adaptive"][0]["in_flight"], 0);
+}

@@ -5,8 +5,10 @@ use std::fmt;
 pub use crate::diagnostic::Span;
 
 mod cost;
+mod tuning;
 
 pub use self::cost::{AmountSource, CostExpr, ReserveExpr, UsageDefault, UsageTerm};
+pub use self::tuning::{AdaptiveBlock, AdmissionBlock, StatusRange, Tuning, TuningValue};
 
 /// A node and the place it was written.
 #[derive(Clone, PartialEq, Eq)]
@@ -374,46 +376,6 @@ pub enum LimitStmt {
     Adaptive(Spanned<AdaptiveBlock>),
     /// `admission { … }`
     Admission(Spanned<AdmissionBlock>),
-}
-
-/// `adaptive gradient { initial 20; min 5; max 200; }`
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AdaptiveBlock {
-    /// `gradient`, `aimd` or `vegas`.
-    pub method: Ident,
-    /// Its tuning, in order.
-    pub tuning: Vec<Tuning>,
-}
-
-/// `admission { success when status in [200..499]; threshold 95%; }`
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AdmissionBlock {
-    /// The statuses that count as a success, as written (`200..499` is `(200, 499)`).
-    pub success: Option<Spanned<Vec<Spanned<(u64, u64)>>>>,
-    /// Its tuning, in order.
-    pub tuning: Vec<Tuning>,
-}
-
-/// `name value;` inside an `adaptive` or `admission` block.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Tuning {
-    /// What is tuned.
-    pub name: Ident,
-    /// Its value.
-    pub value: Spanned<TuningValue>,
-}
-
-/// A tuning value as written.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TuningValue {
-    /// `20`
-    Number(u64),
-    /// `1.5`, as written.
-    Decimal(String),
-    /// `20%`
-    Percent(u64),
-    /// `500ms`
-    Duration(DurationLit),
 }
 
 /// A condition on a request.

@@ -81,6 +81,17 @@ impl<S: Store, C: Clock> Engine<S, C> {
         }
     }
 
+    /// Drops the controllers `plan` has no use for: of limits it no longer has, or whose
+    /// adaptive parts it changed (they would start again anyway).
+    pub(super) fn prune_adaptive(&self, plan: &crate::plan::Plan) {
+        self.adaptive.retain(|key, spec| {
+            crate::plan::key::CounterKey::parse(key)
+                .and_then(|parts| plan.limit(parts.limit))
+                .and_then(|limit| limit.adaptive.as_deref())
+                .is_some_and(|kept| kept == spec)
+        });
+    }
+
     /// Where the adaptive limit counting on `key` stands on this node, if it has been used.
     pub fn adaptive_reading(&self, key: &str) -> Option<Reading> {
         let controller = self.adaptive.find(key)?;
