@@ -84,20 +84,6 @@ async fn answer(State(up): State<Arc<Upstream>>) -> StatusCode {
     status
 }
 
-async fn serve(router: axum::Router) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .await
-        .unwrap();
-    });
-    addr
-}
-
 /// The proxy in front of `upstream`, with metrics.
 async fn proxy(
     policy: &str,
@@ -123,7 +109,7 @@ async fn proxy(
         )
     });
     (
-        serve(tollgate::server::router(state)).await,
+        support::serve_router(tollgate::server::router(state)).await,
         engine,
         observers,
     )
@@ -239,7 +225,7 @@ fn an_adaptive_limit_protects_an_overloaded_upstream_through_the_proxy() {
             struggling: AtomicBool::new(false),
             scale,
         });
-        let upstream = serve(
+        let upstream = support::serve_router(
             axum::Router::new()
                 .route("/api/orders", axum::routing::get(answer))
                 .with_state(Arc::clone(&up)),

@@ -86,20 +86,6 @@ async fn completions(headers: HeaderMap) -> Response<Body> {
         .unwrap()
 }
 
-async fn serve(router: axum::Router) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .await
-        .unwrap();
-    });
-    addr
-}
-
 /// A `tollgate serve --upstream` node on `store`, at the standing `clock`.
 async fn node<S: ServedStore>(
     policy: &str,
@@ -120,7 +106,10 @@ async fn node<S: ServedStore>(
         )),
         ..tollgate::server::AppState::new(Arc::clone(&engine), observers, HttpOptions::default())
     });
-    (serve(tollgate::server::router(state)).await, engine)
+    (
+        support::serve_router(tollgate::server::router(state)).await,
+        engine,
+    )
 }
 
 /// What one run measured.
@@ -244,9 +233,10 @@ async fn measure<S: ServedStore>(
     mut stores: impl AsyncFnMut() -> (S, S),
     sync: impl AsyncFn(&Engine<S, ManualClock>, &Engine<S, ManualClock>),
 ) {
-    let upstream =
-        serve(axum::Router::new().route("/v1/chat/completions", axum::routing::post(completions)))
-            .await;
+    let upstream = support::serve_router(
+        axum::Router::new().route("/v1/chat/completions", axum::routing::post(completions)),
+    )
+    .await;
     for (run, reserve) in [MAX_USAGE, MEAN_USAGE].into_iter().enumerate() {
         // Each run in a window of its own, later than the one before.
         let clock = ManualClock::new(Timestamp::from_secs(START + 60 * run as u64));

@@ -531,3 +531,19 @@ pub fn assert_conforms_to(path: &str, reply: &Reply, name: &str) {
         "{name} does not match {path}: {errors:?}\n{value:#}"
     );
 }
+
+/// Serves `router` on a free port of 127.0.0.1 in the current runtime, with each request's
+/// peer address; the address.
+pub async fn serve_router(router: axum::Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await
+        .unwrap();
+    });
+    addr
+}
