@@ -311,9 +311,40 @@ impl Rt {
     }
 }
 
+/// What an adaptive limit costs a request against a fixed limit on the same route and key,
+/// both through the pipeline's two phases (admitted, then completed with 200: the adaptive
+/// limit's slot taken, then given back with what it learnt).
+fn adaptive(c: &mut Criterion) {
+    const WINDOW: &str = r#"
+limit upstream { match { route ANY "/api/**"; } key global; algorithm fixed_window; rate 1_000_000_000/day; }
+"#;
+    const ADAPTIVE: &str = r#"
+limit upstream { match { route ANY "/api/**"; } key global; algorithm adaptive_concurrency; }
+"#;
+    const BOTH: &str = r#"
+limit upstream {
+  match { route ANY "/api/**"; } key global; algorithm adaptive_concurrency;
+  admission { }
+}
+"#;
+    let rt = Rt;
+    let req = request();
+    let mut group = c.benchmark_group("adaptive");
+    for (name, policy) in [
+        ("fixed_window", WINDOW),
+        ("adaptive_gradient", ADAPTIVE),
+        ("adaptive_gradient_and_admission", BOTH),
+    ] {
+        let p = pipeline(policy, Vec::new());
+        group.bench_function(name, |b| b.iter(|| admit(&rt, &p, &req)));
+    }
+    group.finish();
+}
+
 criterion_group!(
     benches,
     decide,
+    adaptive,
     limits_per_request,
     routes,
     ip_lists,

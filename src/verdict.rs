@@ -375,13 +375,16 @@ impl Verdict {
     }
 
     /// The report headers should show: the rejecting limit when rejected, else the most
-    /// restrictive enforced limit (least remaining, then longest reset).
+    /// restrictive enforced limit (least remaining, then longest reset). Admission control
+    /// alone counts nothing down: it is never the headline of an admitted request.
     pub fn headline(&self) -> Option<&LimitReport> {
         if let Action::Reject { limit, .. } = &self.action {
             return self.reports.iter().find(|r| &r.limit == limit);
         }
+        let counts_down = |r: &&LimitReport| r.counted != Counted::Node || r.decision.limit > 0;
         self.reports
             .iter()
+            .filter(counts_down)
             .filter(|r| r.mode == Mode::Enforce && r.counted != Counted::Skipped)
             .min_by(|a, b| {
                 a.decision

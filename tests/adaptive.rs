@@ -513,3 +513,35 @@ fn a_reload_keeps_or_drops_the_controllers() {
     node.engine().swap_plan(compiled(NO_LIMIT));
     assert!(node.engine().adaptive_summary().is_empty());
 }
+
+/// Admission control alone counts nothing down: its report (limit 0) never becomes the
+/// rate-limit headers of an admitted request; an adaptive concurrency limit shows its
+/// current limit and what is left of it, as a concurrency limit does.
+#[test]
+fn admission_control_alone_never_heads_the_rate_limit_headers() {
+    let policy = r#"
+limit errors { match { route ANY "/api/**"; } key global; admission { } }
+limit per_client { match { route ANY "/api/**"; } key ip; algorithm fixed_window; rate 100/min; }
+"#;
+    let server = support::InProcess::start(policy, tollgate::middleware::HttpOptions::default());
+    let request =
+        serde_json::json!({"method": "GET", "path": "/api/orders", "client_ip": "198.51.100.7"});
+    let reply = server.check(&request).json();
+    assert_eq!(reply["policy"], "per_client");
+    assert_eq!(reply["limit"], 100);
+    assert_eq!(reply["remaining"], 99);
+    let alone = support::InProcess::start(
+        r#"limit errors { match { route ANY "/api/**"; } key global; admission { } }"#,
+        tollgate::middleware::HttpOptions::default(),
+    );
+    let reply = alone.check(&request).json();
+    assert_eq!(reply["allowed"], true);
+    assert!(reply.get("limit").is_none(), "no headline: {reply}");
+    let adaptive = support::InProcess::start(CHECKED, tollgate::middleware::HttpOptions::default());
+    let reply = adaptive.check(&request).json();
+    assert_eq!(
+        (reply["limit"].clone(), reply["remaining"].clone()),
+        (2.into(), 1.into()),
+        "{reply}"
+    );
+}
