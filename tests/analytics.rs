@@ -868,7 +868,16 @@ anomaly any { detect 1 in 1min; then alert "ops"; }
         active_bans: 0,
         plan_version: "v",
         export: None,
-        adaptive: Vec::new(),
+        // An adaptive limit, so that its families are exported.
+        adaptive: vec![tollgate::store::adaptive::Summary {
+            namespace: "shop".into(),
+            limit: "upstream".into(),
+            keys: 1,
+            lowest: Some(20),
+            highest: Some(20),
+            in_flight: 3,
+            reject_probability: 0.25,
+        }],
     });
     assert!(!metrics.is_empty());
     for name in metrics {
