@@ -545,3 +545,36 @@ limit per_client { match { route ANY "/api/**"; } key ip; algorithm fixed_window
         "{reply}"
     );
 }
+
+/// An adaptive limit's ClickHouse row names its algorithm, carries its current limit as the
+/// quota and what is left of it, and the status the client got.
+#[test]
+fn the_exported_row_carries_the_current_limit() {
+    use tollgate::analytics::rows::{EventContext, RowShape, event};
+    let (node, clock) = node(CHECKED);
+    let request = RequestCtx::new(Method::GET, "/api/orders").with_client_ip([198, 51, 100, 7].into());
+    let admission = node.admit_now(&request, "r".into(), None).unwrap();
+    let name: Arc<str> = Arc::from("node-1");
+    let shape = RowShape {
+        sample_allows: 1.0,
+        ..RowShape::default()
+    };
+    let cx = EventContext {
+        request_id: "r",
+        node: &name,
+        hasher: node.engine().key_hasher(),
+        now: clock.now(),
+        shape: &shape,
+        status: 200,
+    };
+    let mut event = event(&admission.verdict, &request, &cx).expect("not sampled out");
+    event.set_status(502);
+    let mut rows = Vec::new();
+    event.into_rows(&mut rows);
+    assert_eq!(rows.len(), 1);
+    let row = &rows[0];
+    assert_eq!(&*row.limit_name, "upstream");
+    assert_eq!(row.algorithm, "adaptive_concurrency");
+    assert_eq!((row.quota, row.remaining), (2, 1), "a limit of 2, one in flight");
+    assert_eq!(row.status, 502);
+}
