@@ -397,6 +397,42 @@ fn gradient(values: &[f64]) -> Method {
     }
 }
 
+impl<'a> Compiler<'a> {
+    /// What a limit decided in the node only cannot do: ban (it refuses because the
+    /// upstream is full, not because of the client; nothing is counted per client), and —
+    /// admission control alone, which counts nothing down — soft thresholds.
+    pub(super) fn node_only_settings(
+        &mut self,
+        f: usize,
+        settings: &Settings<'a>,
+        concurrency: bool,
+        limit: &str,
+    ) -> bool {
+        let mut ok = true;
+        if let Some(ban) = settings.on_exceed.and_then(|e| e.node.ban.as_ref()) {
+            self.error_help(
+                f,
+                ban.span,
+                format!("limit `{limit}` is adaptive: it cannot ban"),
+                "a ban",
+                "it refuses because the upstream is full or failing, not because of who asks; ban with a rate limit or an anomaly block",
+            );
+            ok = false;
+        }
+        if let (Some(soft), false) = (settings.soft, concurrency) {
+            self.error_help(
+                f,
+                soft.span,
+                format!("limit `{limit}` is admission control alone, which counts nothing down: `soft` has no share to act at"),
+                "soft thresholds",
+                "put `soft` on a limit with a rate, or on an `adaptive_concurrency` limit (its share is in flight ÷ its limit)",
+            );
+            ok = false;
+        }
+        ok
+    }
+}
+
 impl Compiler<'_> {
     /// An adaptive concurrency limit moves its own limit: a `rate` written in it is an error.
     pub(super) fn no_written_rate(&mut self, f: usize, block: &ast::LimitBlock) -> bool {

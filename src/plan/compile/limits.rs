@@ -46,6 +46,9 @@ impl<'a> Compiler<'a> {
         if adaptive_algorithm {
             ok &= self.no_written_rate(f, block);
         }
+        if adaptive_algorithm || (admission && settings.rate.is_none()) {
+            ok &= self.node_only_settings(f, &settings, adaptive_algorithm, &name.node);
+        }
         let rate_value = match settings.rate {
             // Decided in the node's memory: nothing to count in the store (a rate from
             // `defaults` does not apply).

@@ -66,3 +66,15 @@ limit for_envoy {
   rate 10/s;
   admission { threshold 90%; }
 }
+
+limit banning {
+  match { route ANY "/i"; }
+  algorithm adaptive_concurrency;
+  on_exceed reject 503 ban 5min;
+}
+
+limit soft_admission {
+  match { route ANY "/j"; }
+  admission { }
+  soft warn at 80%;
+}
