@@ -552,7 +552,8 @@ limit per_client { match { route ANY "/api/**"; } key ip; algorithm fixed_window
 fn the_exported_row_carries_the_current_limit() {
     use tollgate::analytics::rows::{EventContext, RowShape, event};
     let (node, clock) = node(CHECKED);
-    let request = RequestCtx::new(Method::GET, "/api/orders").with_client_ip([198, 51, 100, 7].into());
+    let request =
+        RequestCtx::new(Method::GET, "/api/orders").with_client_ip([198, 51, 100, 7].into());
     let admission = node.admit_now(&request, "r".into(), None).unwrap();
     let name: Arc<str> = Arc::from("node-1");
     let shape = RowShape {
@@ -575,6 +576,10 @@ fn the_exported_row_carries_the_current_limit() {
     let row = &rows[0];
     assert_eq!(&*row.limit_name, "upstream");
     assert_eq!(row.algorithm, "adaptive_concurrency");
-    assert_eq!((row.quota, row.remaining), (2, 1), "a limit of 2, one in flight");
+    assert_eq!(
+        (row.quota, row.remaining),
+        (2, 1),
+        "a limit of 2, one in flight"
+    );
     assert_eq!(row.status, 502);
 }

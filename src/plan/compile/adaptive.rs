@@ -419,6 +419,18 @@ impl<'a> Compiler<'a> {
             );
             ok = false;
         }
+        if let (Some(mode), true) = (settings.on_store_error, settings.on_store_error_explicit) {
+            self.error_help(
+                f,
+                mode.span,
+                format!(
+                    "limit `{limit}` is decided in each node's memory: it has no store to fail"
+                ),
+                "never used",
+                "drop `on_store_error`: this limit never calls the store",
+            );
+            ok = false;
+        }
         if let (Some(soft), false) = (settings.soft, concurrency) {
             self.error_help(
                 f,

@@ -84,6 +84,18 @@ impl<'a> Compiler<'a> {
         };
         let (mode, on_store_error, on_missing_key) = self.limit_modes(f, &settings);
         let counts = self.counts(f, &settings, algorithm, &name.span, &mut ok);
+        if let (true, Some(word)) = (admission, settings.counts)
+            && word.node != "requests"
+        {
+            self.error_help(
+                f,
+                word.span,
+                "admission control counts requests",
+                "not requests",
+                "it learns from each request's answer; a message or a chunk of bytes has none",
+            );
+            ok = false;
+        }
         if let (Some((_, Some(usage))), Some(cost)) = (&costs, settings.cost) {
             let hits = usage.reads_hits();
             ok &= self.usage_applies(f, cost.span, counts, for_descriptors, hits);

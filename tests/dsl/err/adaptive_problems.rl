@@ -78,3 +78,16 @@ limit soft_admission {
   admission { }
   soft warn at 80%;
 }
+
+limit storeless {
+  match { route ANY "/k"; }
+  algorithm adaptive_concurrency;
+  on_store_error deny;
+}
+
+limit admission_per_message {
+  match { route ANY "/l"; }
+  rate 10/s;
+  counts messages;
+  admission { }
+}
