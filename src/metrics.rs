@@ -68,6 +68,7 @@ struct RedisFamilies {
     region_partitioned: IntGaugeVec,
     region_pushes: IntCounterVec,
     region_keys: IntGauge,
+    region_keys_untracked: IntCounter,
 }
 
 impl RedisFamilies {
@@ -124,11 +125,17 @@ impl RedisFamilies {
                 "tollgate_region_keys",
                 "Keys of global limits (counted across regions) this node exchanges.",
             ),
+            region_keys_untracked: counter(
+                registry,
+                "tollgate_region_keys_untracked_total",
+                "Keys of global limits this node counted but did not exchange: its table of 100,000 keys was full.",
+            ),
         }
     }
 
     fn update_regions(&self, regions: &crate::store::redis::RegionsHealth) {
         self.region_keys.set(gauge_value(regions.keys));
+        catch_up(&self.region_keys_untracked, regions.keys_untracked);
         for peer in &regions.peers {
             self.region_partitioned
                 .with_label_values(&[&peer.name])

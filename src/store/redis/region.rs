@@ -88,6 +88,9 @@ pub struct RegionsHealth {
     pub region: String,
     /// Global keys this node exchanges.
     pub keys: usize,
+    /// Global keys this node counted but could not exchange, its table being full (100,000
+    /// keys), since start.
+    pub keys_untracked: u64,
     /// Each other region.
     pub peers: Vec<PeerHealth>,
 }
@@ -114,6 +117,45 @@ struct Tracked {
     used: Timestamp,
 }
 
+/// The most global keys a node exchanges at once. A `global` limit keyed by client, sprayed
+/// with new clients, would otherwise grow the table and every exchange without bound; past
+/// the cap new keys are decided on their region's count plus what the other regions sent,
+/// but this node does not send them (they are counted in `untracked`) until ended windows
+/// make room.
+pub(super) const MAX_GLOBAL_KEYS: usize = 100_000;
+
+/// The global keys this node exchanges, capped.
+struct Tracking {
+    keys: HashMap<Box<str>, Tracked>,
+    max: usize,
+    /// Keys not tracked because the table was full, since start.
+    untracked: u64,
+}
+
+impl Tracking {
+    fn new(max: usize) -> Self {
+        Tracking {
+            keys: HashMap::new(),
+            max,
+            untracked: 0,
+        }
+    }
+
+    /// Notes that `key` was counted at `now`; false when the table is full.
+    fn track(&mut self, key: &str, quota: Quota, now: Timestamp) -> bool {
+        if let Some(tracked) = self.keys.get_mut(key) {
+            tracked.used = now;
+            return true;
+        }
+        if self.keys.len() >= self.max {
+            self.untracked += 1;
+            return false;
+        }
+        self.keys.insert(key.into(), Tracked { quota, used: now });
+        true
+    }
+}
+
 struct PeerState {
     settings: Peer,
     connection: arc_swap::ArcSwapOption<Connection>,
@@ -130,7 +172,7 @@ pub(super) struct Regions {
     peers: Box<[PeerState]>,
     /// Whether any peer is partitioned off (the fast path reads this alone).
     any_partitioned: AtomicBool,
-    keys: Mutex<HashMap<Box<str>, Tracked>>,
+    keys: Mutex<Tracking>,
     /// The other regions' components per key, as last read: window start, count per peer.
     components: Mutex<Components>,
     /// When this node first read its Redis's clock (µs): peers not heard since are silent
@@ -163,7 +205,7 @@ impl Regions {
             options: options.clone(),
             peers,
             any_partitioned: AtomicBool::new(false),
-            keys: Mutex::new(HashMap::new()),
+            keys: Mutex::new(Tracking::new(MAX_GLOBAL_KEYS)),
             components: Mutex::new(HashMap::new()),
             started: AtomicU64::new(0),
             latest: AtomicU64::new(0),
@@ -179,19 +221,7 @@ impl Regions {
     pub(super) fn extra(&self, op: &Op<'_>, now: Timestamp) -> Option<u64> {
         let mode = op.global?;
         self.latest.fetch_max(now.as_micros(), Ordering::Relaxed);
-        {
-            let mut keys = self.keys.lock();
-            match keys.get_mut(op.key) {
-                Some(tracked) => tracked.used = now,
-                None => {
-                    let tracked = Tracked {
-                        quota: op.quota,
-                        used: now,
-                    };
-                    keys.insert(op.key.into(), tracked);
-                }
-            }
-        }
+        self.keys.lock().track(op.key, op.quota, now);
         if !self.any_partitioned.load(Ordering::Relaxed) {
             return Some(0);
         }
@@ -231,9 +261,14 @@ impl Regions {
     }
 
     pub(super) fn health(&self) -> RegionsHealth {
+        let (keys, keys_untracked) = {
+            let tracking = self.keys.lock();
+            (tracking.keys.len(), tracking.untracked)
+        };
         RegionsHealth {
             region: self.settings.name.clone(),
-            keys: self.keys.lock().len(),
+            keys,
+            keys_untracked,
             peers: self
                 .peers
                 .iter()
@@ -353,7 +388,8 @@ impl Regions {
     /// quotas.
     fn due(&self, now: u64) -> Vec<(Box<str>, Quota)> {
         let now = Timestamp::from_micros(now);
-        let mut keys = self.keys.lock();
+        let mut tracking = self.keys.lock();
+        let keys = &mut tracking.keys;
         keys.retain(|_, t| window(&t.quota, t.used).1 > now.as_micros());
         let mut components = self.components.lock();
         components.retain(|k, _| keys.contains_key(k));
@@ -503,6 +539,26 @@ mod tests {
             }
         }
         assert_eq!(share(u64::MAX, 3, 3), u64::MAX, "no overflow");
+    }
+
+    #[test]
+    fn the_exchanged_keys_are_capped_and_make_room_as_windows_end() {
+        use std::num::NonZeroU64;
+        let q = Quota::FixedWindow(crate::limiter::WindowQuota {
+            limit: NonZeroU64::new(10).unwrap(),
+            window: NonZeroU64::new(1_000_000).unwrap(),
+        });
+        let at = Timestamp::from_micros;
+        let mut t = Tracking::new(2);
+        assert!(t.track("a", q, at(100)));
+        assert!(t.track("b", q, at(200)));
+        assert!(!t.track("c", q, at(300)), "full: not tracked");
+        assert!(t.track("a", q, at(400)), "a key already tracked stays so");
+        assert_eq!((t.keys.len(), t.untracked), (2, 1));
+        // The windows end: the exchange drops the keys, and there is room again.
+        t.keys.retain(|_, k| window(&k.quota, k.used).1 > 1_000_000);
+        assert!(t.track("c", q, at(1_000_100)));
+        assert_eq!(t.keys.len(), 1);
     }
 
     #[test]
