@@ -164,12 +164,9 @@ fn run(
         }
     }
     let window = (seconds - seconds / 2) as f64;
-    latencies.sort_unstable();
     measured.goodput = good as f64 / window;
     measured.failures = failed as f64 / window;
-    measured.p99_ms = latencies
-        .get(latencies.len().saturating_sub(1) * 99 / 100)
-        .map_or(0.0, |&us| us as f64 / 1_000.0);
+    measured.p99_ms = support::p99_ms(&mut latencies);
     measured.limit = measured.limits.last().map(|l| l.1);
     measured
 }

@@ -187,15 +187,12 @@ async fn load(addr: SocketAddr, clients: usize, length: Duration) -> Measured {
         (ok, failed, refused) = (ok + o, failed + f, refused + r);
         latencies.extend(l);
     }
-    latencies.sort_unstable();
     let seconds = (length - length / 2).as_secs_f64();
     Measured {
         goodput: ok as f64 / seconds,
         failures: failed as f64 / seconds,
         refused: refused as f64 / seconds,
-        p99_ms: latencies
-            .get(latencies.len().saturating_sub(1) * 99 / 100)
-            .map_or(0.0, |&us| us as f64 / 1e3),
+        p99_ms: support::p99_ms(&mut latencies),
     }
 }
 

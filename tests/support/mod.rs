@@ -547,3 +547,11 @@ pub async fn serve_router(router: axum::Router) -> SocketAddr {
     });
     addr
 }
+
+/// The 99th percentile of `latencies_us` (sorted here; nearest rank below), in ms; 0 for none.
+pub fn p99_ms(latencies_us: &mut [u64]) -> f64 {
+    latencies_us.sort_unstable();
+    latencies_us
+        .get(latencies_us.len().saturating_sub(1) * 99 / 100)
+        .map_or(0.0, |&us| us as f64 / 1e3)
+}

@@ -381,23 +381,7 @@ impl<'a> Compiler<'a> {
         }
         Some(v)
     }
-}
 
-/// The gradient method from its tuning values: tolerance, smoothing, percentile, interval,
-/// min RTT interval and requests, min concurrency.
-fn gradient(values: &[f64]) -> Method {
-    Method::Gradient {
-        tolerance: values[0],
-        smoothing: values[1],
-        percentile: values[2],
-        interval: Duration::from_secs_f64(values[3]),
-        min_rtt_every: Duration::from_secs_f64(values[4]),
-        min_rtt_requests: values[5] as u32,
-        min_concurrency: values[6] as u32,
-    }
-}
-
-impl<'a> Compiler<'a> {
     /// What a limit decided in the node only cannot do: ban (it refuses because the
     /// upstream is full, not because of the client; nothing is counted per client), and —
     /// admission control alone, which counts nothing down — soft thresholds.
@@ -443,9 +427,7 @@ impl<'a> Compiler<'a> {
         }
         ok
     }
-}
 
-impl Compiler<'_> {
     /// An adaptive concurrency limit moves its own limit: a `rate` written in it is an error.
     pub(super) fn no_written_rate(&mut self, f: usize, block: &ast::LimitBlock) -> bool {
         let written = block.stmts.iter().find_map(|s| match s {
@@ -463,5 +445,19 @@ impl Compiler<'_> {
             "it moves between the bounds of its `adaptive` block: `adaptive gradient { initial 20; min 5; max 200; }`",
         );
         false
+    }
+}
+
+/// The gradient method from its tuning values: tolerance, smoothing, percentile, interval,
+/// min RTT interval and requests, min concurrency.
+fn gradient(values: &[f64]) -> Method {
+    Method::Gradient {
+        tolerance: values[0],
+        smoothing: values[1],
+        percentile: values[2],
+        interval: Duration::from_secs_f64(values[3]),
+        min_rtt_every: Duration::from_secs_f64(values[4]),
+        min_rtt_requests: values[5] as u32,
+        min_concurrency: values[6] as u32,
     }
 }
